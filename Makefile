@@ -1,0 +1,31 @@
+# The ways in: `make demo` runs a local network with transactions going through; `make test` runs every test.
+VENV := .venv
+PYTHON := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+SEEDS ?= 1000
+REPLICAS ?= 4,7
+
+.PHONY: test demo sim lint bench clean
+
+$(INSTALLED): pyproject.toml
+	test -x $(PYTHON) || python3 -m venv $(VENV)
+	$(PYTHON) -m pip install --quiet --upgrade pip
+	$(PYTHON) -m pip install --quiet -e '.[test]'
+	touch $(INSTALLED)
+
+test: $(INSTALLED)
+	$(VENV)/bin/ruff check ledger node client tests
+	$(VENV)/bin/pytest -q
+
+demo: $(INSTALLED)
+	$(VENV)/bin/ledger-node demo
+
+# A longer sweep than CI runs: `make sim SEEDS=5000`, or replay one seed: `make sim SEED=42`.
+sim: $(INSTALLED)
+	$(VENV)/bin/ledger-node simulate --replicas $(REPLICAS) $(if $(SEED),--seed $(SEED),--seeds $(SEEDS))
+
+lint: $(INSTALLED)
+	$(VENV)/bin/ruff check ledger node client tests
+
+clean:
+	rm -rf $(VENV) demo-net .pytest_cache .ruff_cache .hypothesis

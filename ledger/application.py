@@ -1,0 +1,144 @@
+"""The replicated application: a deterministic state machine of accounts and a key-value namespace."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from ledger.crypto import PUBLIC_KEY_SIZE
+from ledger.encoding import CodecError, encode, expect_bytes, expect_int, expect_list, expect_text
+from ledger.transactions import KEY_LENGTH_MAX, Put, Transaction, TransactionResult, Transfer
+
+# The state digest is a multiset hash: the sum, modulo 2**1024, of a 1024-bit hash of every entry
+# (in the spirit of Bellare-Micciancio AdHash / Facebook's LtHash). Updating one entry costs one
+# hash and two big-integer additions, so the digest is cheap per block however large the state
+# grows, and it depends only on the state, not the history, so a snapshot can be checked against it.
+_DIGEST_MODULUS = 1 << 1024
+_ENTRY_HASH_SIZE = 128
+
+
+class Application(Protocol):
+    """What the ledger needs from an application; another one can replace the default."""
+
+    def check(self, transaction: Transaction) -> str | None:
+        """A cheap pre-check before ordering: a reason to refuse now, or None."""
+
+    def execute_block(self, transactions: list[Transaction]) -> list[TransactionResult]:
+        """Apply the transactions in order; failures are results, never exceptions."""
+
+    def state_digest(self) -> bytes: ...
+
+    def query(self, kind: str, argument: Any) -> Any: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    balance: int
+    nonce: int
+
+
+def _entry_hash(namespace: str, key: Any, value: Any) -> int:
+    return int.from_bytes(hashlib.shake_256(encode([namespace, key, value])).digest(_ENTRY_HASH_SIZE))
+
+
+class AccountsApplication:
+    """Account balances moved by transfers, plus a key-value namespace written by puts.
+
+    A transaction executes only with the sender's next nonce, so a replayed or duplicated
+    transaction can never execute twice; it is recorded as failed instead.
+    """
+
+    def __init__(self, genesis_balances: dict[bytes, int]) -> None:
+        self._accounts: dict[bytes, Account] = {}
+        self._values: dict[str, str] = {}
+        self._digest_sum = 0
+        for account, balance in sorted(genesis_balances.items()):
+            self._set_account(account, Account(balance, 0))
+
+    # Entries are updated through these two methods only, so the digest can never drift from the state.
+    def _set_account(self, account: bytes, new: Account) -> None:
+        old = self._accounts.get(account)
+        if old is not None:
+            self._digest_sum -= _entry_hash("account", account, [old.balance, old.nonce])
+        self._digest_sum += _entry_hash("account", account, [new.balance, new.nonce])
+        self._digest_sum %= _DIGEST_MODULUS
+        self._accounts[account] = new
+
+    def _set_value(self, key: str, value: str) -> None:
+        old = self._values.get(key)
+        if old is not None:
+            self._digest_sum -= _entry_hash("value", key, old)
+        self._digest_sum += _entry_hash("value", key, value)
+        self._digest_sum %= _DIGEST_MODULUS
+        self._values[key] = value
+
+    def account(self, account: bytes) -> Account:
+        return self._accounts.get(account, Account(0, 0))
+
+    def check(self, transaction: Transaction) -> str | None:
+        expected = self.account(transaction.sender).nonce
+        if transaction.nonce < expected:
+            return f"nonce {transaction.nonce} already used (next is {expected})"
+        return None
+
+    def execute_block(self, transactions: list[Transaction]) -> list[TransactionResult]:
+        return [self._execute(transaction) for transaction in transactions]
+
+    def _execute(self, transaction: Transaction) -> TransactionResult:
+        sender = self.account(transaction.sender)
+        if transaction.nonce != sender.nonce:
+            return TransactionResult(False, f"bad nonce {transaction.nonce}, expected {sender.nonce}")
+        operation = transaction.operation
+        if isinstance(operation, Transfer):
+            if operation.amount > sender.balance:
+                self._set_account(transaction.sender, Account(sender.balance, sender.nonce + 1))
+                return TransactionResult(
+                    False, f"insufficient funds: balance {sender.balance}, amount {operation.amount}"
+                )
+            self._set_account(
+                transaction.sender, Account(sender.balance - operation.amount, sender.nonce + 1)
+            )
+            recipient = self.account(operation.recipient)
+            self._set_account(
+                operation.recipient, Account(recipient.balance + operation.amount, recipient.nonce)
+            )
+            return TransactionResult(True)
+        if isinstance(operation, Put):
+            self._set_account(transaction.sender, Account(sender.balance, sender.nonce + 1))
+            self._set_value(operation.key, operation.value)
+            return TransactionResult(True)
+        raise AssertionError(f"unknown operation {operation!r}")
+
+    def state_digest(self) -> bytes:
+        return hashlib.sha256(self._digest_sum.to_bytes(_ENTRY_HASH_SIZE)).digest()
+
+    def query(self, kind: str, argument: Any) -> Any:
+        """Answer a read. Raises CodecError for a malformed query (the caller reports it)."""
+        if kind == "account":
+            account = self.account(expect_bytes(argument, "account", PUBLIC_KEY_SIZE))
+            return [account.balance, account.nonce]
+        if kind == "get":
+            return self._values.get(expect_text(argument, "key", KEY_LENGTH_MAX))
+        raise CodecError(f"query kind {kind!r} is unknown")
+
+    def snapshot(self) -> list[Any]:
+        """The whole state as plain data, for state transfer at a checkpoint."""
+        accounts = [[key, value.balance, value.nonce] for key, value in sorted(self._accounts.items())]
+        values = [[key, value] for key, value in sorted(self._values.items())]
+        return [accounts, values]
+
+    @classmethod
+    def from_snapshot(cls, plain: Any) -> AccountsApplication:
+        accounts, values = expect_list(plain, "snapshot", length=2)
+        application = cls({})
+        for item in expect_list(accounts, "snapshot accounts", length_max=1 << 24):
+            key, balance, nonce = expect_list(item, "snapshot account", length=3)
+            application._set_account(
+                expect_bytes(key, "account", PUBLIC_KEY_SIZE),
+                Account(expect_int(balance, "balance"), expect_int(nonce, "nonce")),
+            )
+        for item in expect_list(values, "snapshot values", length_max=1 << 24):
+            key, value = expect_list(item, "snapshot value", length=2)
+            application._set_value(expect_text(key, "key", KEY_LENGTH_MAX), expect_text(value, "value"))
+        return application

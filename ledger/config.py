@@ -1,0 +1,382 @@
+"""Network, replica and client configuration: loading with validation, and generating a network."""
+
+from __future__ import annotations
+
+import shutil
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ledger.blocks import REPLICAS_MAX, genesis_hash
+from ledger.crypto import SigningKey, parse_public_key, write_key_file
+
+REPLICAS_MIN = 4
+
+
+class ConfigError(ValueError):
+    """A configuration is invalid; the message names the file and the field."""
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaInfo:
+    replica_id: int
+    public_key: bytes
+    address: Address
+    client_address: Address
+
+
+@dataclass(frozen=True, slots=True)
+class ProtocolSettings:
+    batch_size_max: int = 500
+    batch_wait_ms: int = 5
+    window_size: int = 64
+    request_timeout_ms: int = 2000
+    view_change_timeout_ms: int = 3000
+    checkpoint_interval: int = 64
+    status_interval_ms: int = 500
+    frame_size_max: int = 8 * 1024 * 1024
+    client_connections_max: int = 256
+
+
+_PROTOCOL_LIMITS: dict[str, tuple[int, int]] = {
+    "batch_size_max": (1, 10_000),
+    "batch_wait_ms": (0, 60_000),
+    "window_size": (1, 10_000),
+    "request_timeout_ms": (10, 600_000),
+    "view_change_timeout_ms": (10, 600_000),
+    "checkpoint_interval": (1, 100_000),
+    "status_interval_ms": (10, 60_000),
+    "frame_size_max": (64 * 1024, 256 * 1024 * 1024),
+    "client_connections_max": (1, 100_000),
+}
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    """What every replica and client of one network agrees on."""
+
+    network_id: str
+    replicas: tuple[ReplicaInfo, ...]
+    protocol: ProtocolSettings
+    genesis_balances: dict[bytes, int]
+
+    @property
+    def replica_count(self) -> int:
+        return len(self.replicas)
+
+    @property
+    def faults_tolerated(self) -> int:
+        """f: the most traitors the network survives, floor((n - 1) / 3)."""
+        return (self.replica_count - 1) // 3
+
+    @property
+    def quorum(self) -> int:
+        """ceil((n + f + 1) / 2): any two quorums share an honest replica; 2f + 1 when n = 3f + 1."""
+        return (self.replica_count + self.faults_tolerated + 2) // 2
+
+    @property
+    def reply_quorum(self) -> int:
+        """f + 1 matching replies: at least one of them is from an honest replica."""
+        return self.faults_tolerated + 1
+
+    @property
+    def replica_keys(self) -> tuple[bytes, ...]:
+        return tuple(replica.public_key for replica in self.replicas)
+
+    @property
+    def genesis_hash(self) -> bytes:
+        return genesis_hash(self.network_id, self.replica_keys, self.genesis_balances)
+
+    def primary(self, view: int) -> int:
+        return view % self.replica_count
+
+
+@dataclass(frozen=True)
+class ReplicaConfig:
+    network: NetworkConfig
+    replica_id: int
+    key_path: Path
+    data_dir: Path
+    path: Path
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    network: NetworkConfig
+    key_path: Path
+    path: Path
+
+
+# ---- reading ----
+
+
+class _Fields:
+    """Typed access to one TOML table that names the file and field in every error."""
+
+    def __init__(self, source: str, table: Any, prefix: str) -> None:
+        if not isinstance(table, dict):
+            raise ConfigError(f"{source}: [{prefix}] must be a table")
+        self.source, self.table, self.prefix = source, table, prefix
+
+    def _name(self, key: str) -> str:
+        return f"{self.source}: {self.prefix}.{key}" if self.prefix else f"{self.source}: {key}"
+
+    def has(self, key: str) -> bool:
+        return key in self.table
+
+    def integer(self, key: str, minimum: int, maximum: int, default: int | None = None) -> int:
+        if key not in self.table:
+            if default is None:
+                raise ConfigError(f"{self._name(key)}: missing")
+            return default
+        value = self.table[key]
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(f"{self._name(key)}: expected an integer, found {value!r}")
+        if not minimum <= value <= maximum:
+            raise ConfigError(f"{self._name(key)}: {value} is outside [{minimum}, {maximum}]")
+        return value
+
+    def text(self, key: str, default: str | None = None) -> str:
+        if key not in self.table:
+            if default is None:
+                raise ConfigError(f"{self._name(key)}: missing")
+            return default
+        value = self.table[key]
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{self._name(key)}: expected non-empty text, found {value!r}")
+        return value
+
+    def public_key(self, key: str) -> bytes:
+        try:
+            return parse_public_key(self.text(key))
+        except ValueError as error:
+            raise ConfigError(f"{self._name(key)}: {error}") from None
+
+    def address(self, key: str) -> Address:
+        return parse_address(self.text(key), self._name(key))
+
+    def table_list(self, key: str) -> list[Any]:
+        value = self.table.get(key, [])
+        if not isinstance(value, list):
+            raise ConfigError(f"{self._name(key)}: expected a list of tables")
+        return value
+
+
+def parse_address(text: str, name: str) -> Address:
+    host, separator, port_text = text.rpartition(":")
+    if not separator or not host or not port_text.isdigit():
+        raise ConfigError(f"{name}: expected HOST:PORT, found {text!r}")
+    port = int(port_text)
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"{name}: port {port} is outside [1, 65535]")
+    return Address(host.strip("[]"), port)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as file:
+            return tomllib.load(file)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read: {error.strerror}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path}: not valid TOML: {error}") from None
+
+
+def _protocol_settings(source: str, table: Any) -> ProtocolSettings:
+    fields = _Fields(source, table if table is not None else {}, "protocol")
+    defaults = ProtocolSettings()
+    unknown = set(fields.table) - set(_PROTOCOL_LIMITS)
+    if unknown:
+        raise ConfigError(f"{source}: protocol.{sorted(unknown)[0]}: unknown setting")
+    values = {
+        name: fields.integer(name, low, high, getattr(defaults, name)) for name, (low, high) in _PROTOCOL_LIMITS.items()
+    }
+    return ProtocolSettings(**values)
+
+
+def _genesis_balances(source: str, table: Any) -> dict[bytes, int]:
+    fields = _Fields(source, table if table is not None else {}, "genesis")
+    balances: dict[bytes, int] = {}
+    for index, entry in enumerate(fields.table_list("accounts")):
+        account = _Fields(source, entry, f"genesis.accounts[{index}]")
+        key = account.public_key("public_key")
+        if key in balances:
+            raise ConfigError(f"{source}: genesis.accounts[{index}].public_key: listed twice")
+        balances[key] = account.integer("balance", 0, 2**62)
+    return balances
+
+
+def _network(source: str, document: dict[str, Any]) -> NetworkConfig:
+    network = _Fields(source, document.get("network"), "network")
+    network_id = network.text("id")
+    entries = _Fields(source, document, "").table_list("replicas")
+    if len(entries) < REPLICAS_MIN:
+        raise ConfigError(f"{source}: replicas: {len(entries)} listed, at least {REPLICAS_MIN} needed")
+    if len(entries) > REPLICAS_MAX:
+        raise ConfigError(f"{source}: replicas: {len(entries)} listed, at most {REPLICAS_MAX} allowed")
+    replicas = []
+    for index, entry in enumerate(entries):
+        fields = _Fields(source, entry, f"replicas[{index}]")
+        replica_id = fields.integer("id", 0, REPLICAS_MAX - 1)
+        if replica_id != index:
+            raise ConfigError(f"{source}: replicas[{index}].id: expected {index} (ids are 0..n-1 in order)")
+        replicas.append(
+            ReplicaInfo(replica_id, fields.public_key("public_key"), fields.address("address"), fields.address("client_address"))
+        )
+    if len({replica.public_key for replica in replicas}) != len(replicas):
+        raise ConfigError(f"{source}: replicas: two replicas share a public key")
+    return NetworkConfig(
+        network_id,
+        tuple(replicas),
+        _protocol_settings(source, document.get("protocol")),
+        _genesis_balances(source, document.get("genesis")),
+    )
+
+
+def load_replica_config(path: Path) -> ReplicaConfig:
+    document = _read_toml(path)
+    network = _network(str(path), document)
+    replica = _Fields(str(path), document.get("replica"), "replica")
+    replica_id = replica.integer("id", 0, network.replica_count - 1)
+    base = path.parent
+    return ReplicaConfig(
+        network,
+        replica_id,
+        base / replica.text("key_file"),
+        base / replica.text("data_dir", f"data/replica-{replica_id}"),
+        path,
+    )
+
+
+def load_client_config(path: Path) -> ClientConfig:
+    document = _read_toml(path)
+    network = _network(str(path), document)
+    client = _Fields(str(path), document.get("client", {}), "client")
+    return ClientConfig(network, path.parent / client.text("key_file", "client.key"), path)
+
+
+# ---- generating a network from a template ----
+
+
+@dataclass(frozen=True)
+class Template:
+    network_id: str
+    addresses: tuple[tuple[Address, Address], ...]
+    protocol: ProtocolSettings
+    client_balance: int
+    extra_balances: dict[bytes, int]
+
+
+def template_for(replica_count: int, network_id: str | None = None, host: str = "127.0.0.1", base_port: int = 7100) -> Template:
+    if replica_count < REPLICAS_MIN:
+        raise ConfigError(f"--replicas: {replica_count} replicas cannot tolerate a fault; at least {REPLICAS_MIN} needed")
+    if replica_count > REPLICAS_MAX:
+        raise ConfigError(f"--replicas: at most {REPLICAS_MAX} replicas are supported")
+    if not 1 <= base_port <= 65535 - 2 * replica_count:
+        raise ConfigError(f"--base-port: {base_port} leaves no room for {replica_count} replicas")
+    addresses = tuple(
+        (Address(host, base_port + 2 * index), Address(host, base_port + 2 * index + 1)) for index in range(replica_count)
+    )
+    return Template(network_id or f"local-{replica_count}", addresses, ProtocolSettings(), 1_000_000, {})
+
+
+def load_template(path: Path, host: str | None = None, base_port: int | None = None) -> Template:
+    source = str(path)
+    document = _read_toml(path)
+    network = _Fields(source, document.get("network"), "network")
+    network_id = network.text("id")
+    if network.has("addresses"):
+        raw = network.table["addresses"]
+        if not isinstance(raw, list) or not all(isinstance(item, str) for item in raw):
+            raise ConfigError(f"{source}: network.addresses: expected a list of \"HOST:PORT\" strings")
+        if len(raw) < REPLICAS_MIN:
+            raise ConfigError(f"{source}: network.addresses: {len(raw)} replicas, at least {REPLICAS_MIN} needed")
+        peers = [parse_address(item, f"{source}: network.addresses[{index}]") for index, item in enumerate(raw)]
+        addresses = tuple((peer, Address(peer.host, peer.port + 1)) for peer in peers)
+    else:
+        count = network.integer("replicas", 0, REPLICAS_MAX)
+        if count < REPLICAS_MIN:
+            raise ConfigError(f"{source}: network.replicas: {count} replicas cannot tolerate a fault; at least {REPLICAS_MIN} needed")
+        generated = template_for(
+            count, network_id, host or network.text("host", "127.0.0.1"), base_port or network.integer("base_port", 1, 65000, 7100)
+        )
+        addresses = generated.addresses
+    genesis = _Fields(source, document.get("genesis", {}), "genesis")
+    return Template(
+        network_id,
+        addresses,
+        _protocol_settings(source, document.get("protocol")),
+        genesis.integer("client_balance", 0, 2**62, 1_000_000),
+        _genesis_balances(source, document.get("genesis")),
+    )
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return str(value)
+
+
+def _network_toml(template: Template, keys: list[bytes], balances: dict[bytes, int]) -> str:
+    lines = ["[network]", f"id = {_toml_value(template.network_id)}", "", "[protocol]"]
+    for name in _PROTOCOL_LIMITS:
+        lines.append(f"{name} = {getattr(template.protocol, name)}")
+    for index, ((address, client_address), key) in enumerate(zip(template.addresses, keys, strict=True)):
+        lines += [
+            "",
+            "[[replicas]]",
+            f"id = {index}",
+            f'public_key = "{key.hex()}"',
+            f'address = "{address}"',
+            f'client_address = "{client_address}"',
+        ]
+    for account, balance in sorted(balances.items()):
+        lines += ["", "[[genesis.accounts]]", f'public_key = "{account.hex()}"', f"balance = {balance}"]
+    return "\n".join(lines) + "\n"
+
+
+def write_network(template: Template, out: Path, force: bool = False) -> list[Path]:
+    """Create keys and configs for every replica and one client; returns the files written."""
+    if out.exists() and any(out.iterdir()):
+        if not force:
+            raise ConfigError(f"{out}: already exists and is not empty (use --force to replace it)")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    replica_keys = [SigningKey.generate() for _ in template.addresses]
+    client_key = SigningKey.generate()
+    balances = dict(template.extra_balances)
+    balances[client_key.public_key] = balances.get(client_key.public_key, 0) + template.client_balance
+    shared = _network_toml(template, [key.public_key for key in replica_keys], balances)
+    written: list[Path] = []
+    for index, key in enumerate(replica_keys):
+        key_path = out / f"replica-{index}.key"
+        write_key_file(key_path, key)
+        config_path = out / f"replica-{index}.toml"
+        header = (
+            f"# Replica {index} of network {template.network_id}: run it with\n"
+            f"#   ledger-node run {config_path.name}\n"
+            f'[replica]\nid = {index}\nkey_file = "{key_path.name}"\ndata_dir = "data/replica-{index}"\n\n'
+        )
+        config_path.write_text(header + shared)
+        written += [config_path, key_path]
+    write_key_file(out / "client.key", client_key)
+    client_header = (
+        f"# A client of network {template.network_id}: use it with\n"
+        f"#   ledger-client -c client.toml status\n"
+        '[client]\nkey_file = "client.key"\n\n'
+    )
+    (out / "client.toml").write_text(client_header + shared)
+    written += [out / "client.toml", out / "client.key"]
+    return written

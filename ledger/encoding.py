@@ -1,0 +1,128 @@
+"""Canonical CBOR encoding and the validators every decoder uses before trusting a value."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, NoReturn
+
+import cbor2
+
+# Anything larger is refused before cbor2 sees it; frames have their own, smaller limits.
+ENCODED_SIZE_MAX = 64 * 1024 * 1024
+NESTING_DEPTH_MAX = 32
+INTEGER_MAX = 2**63 - 1
+
+
+class CodecError(ValueError):
+    """Raised for any input that is not a well-formed, in-range encoding of the expected object."""
+
+
+def encode(value: Any) -> bytes:
+    """Deterministic CBOR (RFC 8949 canonical): the same value always gives the same bytes."""
+    return cbor2.dumps(value, canonical=True)
+
+
+def digest(data: bytes) -> bytes:
+    """The one hash function of the ledger: SHA-256."""
+    return hashlib.sha256(data).digest()
+
+
+def _refuse_tag(decoder: Any, tag: Any) -> NoReturn:
+    raise CodecError(f"CBOR tag {tag.tag} is not allowed")
+
+
+def decode(data: bytes) -> Any:
+    """Decode CBOR made only of ints, byte strings, text, arrays, maps, booleans and null.
+
+    Any failure, whatever cbor2 raises underneath, becomes a CodecError.
+    """
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise CodecError("expected bytes")
+    if len(data) > ENCODED_SIZE_MAX:
+        raise CodecError(f"encoding of {len(data)} bytes exceeds {ENCODED_SIZE_MAX}")
+    try:
+        value = cbor2.loads(
+            bytes(data),
+            tag_hook=_refuse_tag,
+            semantic_decoders={},
+            allow_indefinite=False,
+            allow_duplicate_keys=False,
+            max_depth=NESTING_DEPTH_MAX,
+        )
+    except CodecError:
+        raise
+    except Exception as error:  # cbor2 raises several types, and RecursionError/MemoryError too
+        raise CodecError(f"malformed CBOR: {error}") from None
+    _check_plain(value, 0)
+    return value
+
+
+def _check_plain(value: Any, depth: int) -> None:
+    if depth > NESTING_DEPTH_MAX:
+        raise CodecError("nesting too deep")
+    if value is None or isinstance(value, bool | int | bytes | str):
+        return
+    if isinstance(value, list):
+        for item in value:
+            _check_plain(item, depth + 1)
+        return
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str | int):
+                raise CodecError("map keys must be text or integers")
+            _check_plain(item, depth + 1)
+        return
+    raise CodecError(f"CBOR value of type {type(value).__name__} is not allowed")
+
+
+# Validators: each returns the value with its precise type, or raises CodecError naming the field.
+
+
+def expect_int(value: Any, name: str, minimum: int = 0, maximum: int = INTEGER_MAX) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise CodecError(f"{name}: expected an integer")
+    if not minimum <= value <= maximum:
+        raise CodecError(f"{name}: {value} is outside [{minimum}, {maximum}]")
+    return value
+
+
+def expect_bytes(value: Any, name: str, length: int | None = None, length_max: int = 1 << 20) -> bytes:
+    if not isinstance(value, bytes):
+        raise CodecError(f"{name}: expected bytes")
+    if length is not None and len(value) != length:
+        raise CodecError(f"{name}: expected {length} bytes, got {len(value)}")
+    if len(value) > length_max:
+        raise CodecError(f"{name}: {len(value)} bytes exceeds {length_max}")
+    return value
+
+
+def expect_text(value: Any, name: str, length_max: int = 1 << 16) -> str:
+    if not isinstance(value, str):
+        raise CodecError(f"{name}: expected text")
+    if len(value) > length_max:
+        raise CodecError(f"{name}: {len(value)} characters exceeds {length_max}")
+    return value
+
+
+def expect_bool(value: Any, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise CodecError(f"{name}: expected a boolean")
+    return value
+
+
+def expect_list(value: Any, name: str, length: int | None = None, length_max: int = 1 << 16) -> list[Any]:
+    if not isinstance(value, list):
+        raise CodecError(f"{name}: expected an array")
+    if length is not None and len(value) != length:
+        raise CodecError(f"{name}: expected {length} items, got {len(value)}")
+    if len(value) > length_max:
+        raise CodecError(f"{name}: {len(value)} items exceeds {length_max}")
+    return value
+
+
+def expect_dict(value: Any, name: str, length_max: int = 1 << 16) -> dict[Any, Any]:
+    if not isinstance(value, dict):
+        raise CodecError(f"{name}: expected a map")
+    if len(value) > length_max:
+        raise CodecError(f"{name}: {len(value)} entries exceeds {length_max}")
+    return value

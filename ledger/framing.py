@@ -1,0 +1,36 @@
+"""Length-prefixed frames with a hard size limit, decoded without doing any IO (sans-IO)."""
+
+from __future__ import annotations
+
+FRAME_HEADER_SIZE = 4
+FRAME_SIZE_MAX_DEFAULT = 8 * 1024 * 1024
+
+
+class FrameError(ValueError):
+    """The peer announced a frame larger than allowed; the connection should be closed."""
+
+
+def frame(payload: bytes) -> bytes:
+    return len(payload).to_bytes(FRAME_HEADER_SIZE, "big") + payload
+
+
+class FrameDecoder:
+    """Feed it bytes as they arrive; take whole frames out. Buffers at most one frame."""
+
+    def __init__(self, frame_size_max: int = FRAME_SIZE_MAX_DEFAULT) -> None:
+        self._buffer = bytearray()
+        self._frame_size_max = frame_size_max
+
+    def feed(self, data: bytes) -> list[bytes]:
+        self._buffer += data
+        frames: list[bytes] = []
+        while len(self._buffer) >= FRAME_HEADER_SIZE:
+            size = int.from_bytes(self._buffer[:FRAME_HEADER_SIZE], "big")
+            if size > self._frame_size_max:
+                raise FrameError(f"frame of {size} bytes exceeds the limit of {self._frame_size_max}")
+            end = FRAME_HEADER_SIZE + size
+            if len(self._buffer) < end:
+                break
+            frames.append(bytes(self._buffer[FRAME_HEADER_SIZE:end]))
+            del self._buffer[:end]
+        return frames

@@ -1,0 +1,495 @@
+"""Every message on the wire, replica-to-replica and client-to-replica, with its validating decoder.
+
+A message is encoded as a CBOR array: its tag, then its fields. Signed messages sign the canonical
+encoding of their fields (signature excluded) under a domain naming the network and message type.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from ledger.blocks import (
+    BLOCK_TRANSACTIONS_MAX,
+    HASH_SIZE,
+    REPLICAS_MAX,
+    Block,
+    batch_digest,
+    commit_signed_bytes,
+)
+from ledger.crypto import PUBLIC_KEY_SIZE, SIGNATURE_SIZE
+from ledger.encoding import (
+    CodecError,
+    decode,
+    encode,
+    expect_bool,
+    expect_bytes,
+    expect_int,
+    expect_list,
+    expect_text,
+)
+from ledger.merkle import merkle_root
+from ledger.transactions import Transaction, TransactionResult
+
+BLOCKS_PER_RESPONSE_MAX = 64
+SUBSCRIBE_ACCOUNTS_MAX = 1024
+QUERY_KIND_LENGTH_MAX = 32
+
+
+def _replica(value: Any, name: str) -> int:
+    return expect_int(value, name, 0, REPLICAS_MAX - 1)
+
+
+def _hash(value: Any, name: str) -> bytes:
+    return expect_bytes(value, name, HASH_SIZE)
+
+
+def _signature(value: Any, name: str) -> bytes:
+    return expect_bytes(value, name, SIGNATURE_SIZE)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """An ordered batch of requests as first proposed by `proposer` in `view` (the block's body)."""
+
+    view: int
+    proposer: int
+    timestamp_ms: int
+    transactions: tuple[Transaction, ...]
+    digest: bytes = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        root = merkle_root([transaction.transaction_id for transaction in self.transactions])
+        object.__setattr__(self, "digest", batch_digest(self.view, self.proposer, self.timestamp_ms, root))
+
+    def to_plain(self) -> list[Any]:
+        return [self.view, self.proposer, self.timestamp_ms, [t.to_plain() for t in self.transactions]]
+
+    @classmethod
+    def from_plain(cls, plain: Any) -> Batch:
+        items = expect_list(plain, "batch", length=4)
+        transactions = tuple(
+            Transaction.from_plain(item)
+            for item in expect_list(items[3], "batch transactions", length_max=BLOCK_TRANSACTIONS_MAX)
+        )
+        return cls(
+            expect_int(items[0], "batch view"),
+            _replica(items[1], "batch proposer"),
+            expect_int(items[2], "batch timestamp"),
+            transactions,
+        )
+
+
+# ---- PBFT protocol messages (replica to replica), all signed ----
+
+
+@dataclass(frozen=True)
+class PrePrepare:
+    TAG: ClassVar[str] = "pre-prepare"
+    view: int
+    sequence: int
+    batch: Batch
+    replica_id: int
+    signature: bytes = b""
+
+    def signed_bytes(self) -> bytes:
+        return encode([self.view, self.sequence, self.batch.digest, self.replica_id])
+
+    def fields(self) -> list[Any]:
+        return [self.view, self.sequence, self.batch.to_plain(), self.replica_id, self.signature]
+
+    @classmethod
+    def from_fields(cls, items: list[Any]) -> PrePrepare:
+        expect_list(items, "pre-prepare", length=5)
+        return cls(
+            expect_int(items[0], "view"),
+            expect_int(items[1], "sequence", 1),
+            Batch.from_plain(items[2]),
+            _replica(items[3], "replica"),
+            _signature(items[4], "signature"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Prepare:
+    TAG: ClassVar[str] = "prepare"
+    view: int
+    sequence: int
+    digest: bytes
+    replica_id: int
+    signature: bytes = b""
+
+    def signed_bytes(self) -> bytes:
+        return encode([self.view, self.sequence, self.digest, self.replica_id])
+
+    def fields(self) -> list[Any]:
+        return [self.view, self.sequence, self.digest, self.replica_id, self.signature]
+
+    @classmethod
+    def from_fields(cls, items: list[Any]) -> Prepare:
+        expect_list(items, cls.TAG, length=5)
+        return cls(
+            expect_int(items[0], "view"),
+            expect_int(items[1], "sequence", 1),
+            _hash(items[2], "digest"),
+            _replica(items[3], "replica"),
+            _signature(items[4], "signature"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Commit:
+    TAG: ClassVar[str] = "commit"
+    view: int
+    sequence: int
+    digest: bytes
+    replica_id: int
+    signature: bytes = b""
+
+    def signed_bytes(self) -> bytes:
+        # Shared with certificate checks: a stored block's COMMITs verify exactly as on the wire.
+        return commit_signed_bytes(self.view, self.sequence, self.digest, self.replica_id)
+
+    def fields(self) -> list[Any]:
+        return [self.view, self.sequence, self.digest, self.replica_id, self.signature]
+
+    @classmethod
+    def from_fields(cls, items: list[Any]) -> Commit:
+        expect_list(items, cls.TAG, length=5)
+        return cls(
+            expect_int(items[0], "view"),
+            expect_int(items[1], "sequence", 1),
+            _hash(items[2], "digest"),
+            _replica(items[3], "replica"),
+            _signature(items[4], "signature"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    """A replica's progress, sent periodically so a peer that is behind knows to fetch blocks."""
+
+    TAG: ClassVar[str] = "status"
+    replica_id: int
+    view: int
+    height: int
+
+    def fields(self) -> list[Any]:
+        return [self.replica_id, self.view, self.height]
+
+    @classmethod
+    def from_fields(cls, items: list[Any]) -> Status:
+        expect_list(items, cls.TAG, length=3)
+        return cls(_replica(items[0], "replica"), expect_int(items[1], "view"), expect_int(items[2], "height"))
+
+
+@dataclass(frozen=True, slots=True)
+class FetchBlocks:
+    TAG: ClassVar[str] = "fetch-blocks"
+    from_height: int
+    count: int
+
+    def fields(self) -> list[Any]:
+        return [self.from_height, self.count]
+
+    @classmethod
+    def from_fields(cls, items: list[Any]) -> FetchBlocks:
+        expect_list(items, cls.TAG, length=2)
+        return cls(expect_int(items[0], "from height", 1), expect_int(items[1], "count", 1, BLOCKS_PER_RESPONSE_MAX))
+
+
+@dataclass(frozen=True, slots=True)
+class Blocks:
+    TAG: ClassVar[str] = "blocks"
+    blocks: tuple[Block, ...]
+
+    def fields(self) -> list[Any]:
+        return [[block.to_plain() for block in self.blocks]]
+
+    @classmethod
+    def from_fields(cls, items: list[Any]) -> Blocks:
+        expect_list(items, cls.TAG, length=1)
+        plain = expect_list(items[0], "blocks", length_max=BLOCKS_PER_RESPONSE_MAX)
+        return cls(tuple(Block.from_plain(item) for item in plain))
+
+
+# ---- replica connection handshake ----
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    TAG: ClassVar[str] = "hello"
+    network_id: str
+    replica_id: int
+    challenge: bytes
+
+    def fields(self) -> list[Any]:
+        return [self.network_id, self.replica_id, self.challenge]
+
+    @classmethod
+    def from_fields(cls, items: list[Any]) -> Hello:
+        expect_list(items, cls.TAG, length=3)
+        return cls(
+            expect_text(items[0], "network id", 128),
+            _replica(items[1], "replica"),
+            expect_bytes(items[2], "challenge", 32),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class HelloProof:
+    TAG: ClassVar[str] = "hello-proof"
+    signature: bytes
+
+    def fields(self) -> list[Any]:
+        return [self.signature]
+
+    @classmethod
+    def from_fields(cls, items: list[Any]) -> HelloProof:
+        expect_list(items, cls.TAG, length=1)
+        return cls(_signature(items[0], "signature"))
+
+
+def handshake_signed_bytes(challenge: bytes, signer_id: int, verifier_id: int) -> bytes:
+    return encode([challenge, signer_id, verifier_id])
+
+
+# ---- client messages ----
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    TAG: ClassVar[str] = "request"
+    transaction: Transaction
+
+    def fields(self) -> list[Any]:
+        return [self.transaction.to_plain()]
+
+    @classmethod
+    def from_fields(cls, items: list[Any]) -> Request:
+        expect_list(items, cls.TAG, length=1)
+        return cls(Transaction.from_plain(items[0]))
+
+
+@dataclass(frozen=True, slots=True)
+class Subscribe:
+    """Ask a replica to send this connection the REPLYs for transactions from these accounts."""
+
+    TAG: ClassVar[str] = "subscribe"
+    accounts: tuple[bytes, ...]
+
+    def fields(self) -> list[Any]:
+        return [list(self.accounts)]
+
+    @classmethod
+    def from_fields(cls, items: list[Any]) -> Subscribe:
+        expect_list(items, cls.TAG, length=1)
+        accounts = expect_list(items[0], "accounts", length_max=SUBSCRIBE_ACCOUNTS_MAX)
+        return cls(tuple(expect_bytes(item, "account", PUBLIC_KEY_SIZE) for item in accounts))
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A replica's signed statement of where and how a transaction executed."""
+
+    TAG: ClassVar[str] = "reply"
+    replica_id: int
+    view: int
+    transaction_id: bytes
+    result: TransactionResult
+    height: int
+    block_hash: bytes
+    index: int
+    signature: bytes = b""
+
+    def signed_bytes(self) -> bytes:
+        return encode(self.fields()[:-1])
+
+    def matching_key(self) -> tuple[Any, ...]:
+        """What f+1 replies must agree on (the replica id and view may differ)."""
+        return (self.transaction_id, self.result, self.height, self.block_hash, self.index)
+
+    def fields(self) -> list[Any]:
+        return [
+            self.replica_id,
+            self.view,
+            self.transaction_id,
+            self.result.to_plain(),
+            self.height,
+            self.block_hash,
+            self.index,
+            self.signature,
+        ]
+
+    @classmethod
+    def from_fields(cls, items: list[Any]) -> Reply:
+        expect_list(items, cls.TAG, length=8)
+        return cls(
+            _replica(items[0], "replica"),
+            expect_int(items[1], "view"),
+            _hash(items[2], "transaction id"),
+            TransactionResult.from_plain(items[3]),
+            expect_int(items[4], "height", 1),
+            _hash(items[5], "block hash"),
+            expect_int(items[6], "index", 0, BLOCK_TRANSACTIONS_MAX),
+            _signature(items[7], "signature"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    """A read. Kinds: the application's ('account', 'get') and the ledger's ('transaction')."""
+
+    TAG: ClassVar[str] = "query"
+    query_id: int
+    kind: str
+    argument: Any
+
+    def fields(self) -> list[Any]:
+        return [self.query_id, self.kind, self.argument]
+
+    @classmethod
+    def from_fields(cls, items: list[Any]) -> Query:
+        expect_list(items, cls.TAG, length=3)
+        argument = items[2]
+        if not isinstance(argument, bytes | str | int) or isinstance(argument, bool):
+            raise CodecError("query argument: expected bytes, text or an integer")
+        return cls(expect_int(items[0], "query id"), expect_text(items[1], "query kind", QUERY_KIND_LENGTH_MAX), argument)
+
+
+@dataclass(frozen=True, slots=True)
+class QueryReply:
+    TAG: ClassVar[str] = "query-reply"
+    query_id: int
+    replica_id: int
+    height: int
+    result: Any
+    error: str
+    signature: bytes = b""
+
+    def signed_bytes(self) -> bytes:
+        return encode(self.fields()[:-1])
+
+    def fields(self) -> list[Any]:
+        return [self.query_id, self.replica_id, self.height, self.result, self.error, self.signature]
+
+    @classmethod
+    def from_fields(cls, items: list[Any]) -> QueryReply:
+        expect_list(items, cls.TAG, length=6)
+        return cls(
+            expect_int(items[0], "query id"),
+            _replica(items[1], "replica"),
+            expect_int(items[2], "height"),
+            items[3],
+            expect_text(items[4], "error", 1024),
+            _signature(items[5], "signature"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class StatusQuery:
+    TAG: ClassVar[str] = "status-query"
+    query_id: int
+
+    def fields(self) -> list[Any]:
+        return [self.query_id]
+
+    @classmethod
+    def from_fields(cls, items: list[Any]) -> StatusQuery:
+        expect_list(items, cls.TAG, length=1)
+        return cls(expect_int(items[0], "query id"))
+
+
+@dataclass(frozen=True, slots=True)
+class StatusReply:
+    TAG: ClassVar[str] = "status-reply"
+    query_id: int
+    replica_id: int
+    view: int
+    primary: int
+    height: int
+    last_block_hash: bytes
+    stable_checkpoint: int
+    view_changing: bool
+
+    def fields(self) -> list[Any]:
+        return [
+            self.query_id,
+            self.replica_id,
+            self.view,
+            self.primary,
+            self.height,
+            self.last_block_hash,
+            self.stable_checkpoint,
+            self.view_changing,
+        ]
+
+    @classmethod
+    def from_fields(cls, items: list[Any]) -> StatusReply:
+        expect_list(items, cls.TAG, length=8)
+        return cls(
+            expect_int(items[0], "query id"),
+            _replica(items[1], "replica"),
+            expect_int(items[2], "view"),
+            _replica(items[3], "primary"),
+            expect_int(items[4], "height"),
+            _hash(items[5], "last block hash"),
+            expect_int(items[6], "stable checkpoint"),
+            expect_bool(items[7], "view changing"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorReply:
+    """Sent to a client whose message was refused, so it can say why instead of waiting."""
+
+    TAG: ClassVar[str] = "error"
+    reason: str
+
+    def fields(self) -> list[Any]:
+        return [self.reason]
+
+    @classmethod
+    def from_fields(cls, items: list[Any]) -> ErrorReply:
+        expect_list(items, cls.TAG, length=1)
+        return cls(expect_text(items[0], "reason", 1024))
+
+
+# Read-only after import: the closed set of message types a decoder accepts.
+MESSAGE_TYPES: dict[str, Any] = {
+    message_type.TAG: message_type
+    for message_type in (
+        PrePrepare,
+        Prepare,
+        Commit,
+        Status,
+        FetchBlocks,
+        Blocks,
+        Hello,
+        HelloProof,
+        Request,
+        Subscribe,
+        Reply,
+        Query,
+        QueryReply,
+        StatusQuery,
+        StatusReply,
+        ErrorReply,
+    )
+}
+
+
+def encode_message(message: Any) -> bytes:
+    return encode([message.TAG, *message.fields()])
+
+
+def decode_message(data: bytes) -> Any:
+    """Decode and validate one message; anything malformed raises CodecError."""
+    items = decode(data)
+    if not isinstance(items, list) or not items:
+        raise CodecError("message: expected a non-empty array")
+    tag = items[0]
+    message_type = MESSAGE_TYPES.get(tag) if isinstance(tag, str) else None
+    if message_type is None:
+        raise CodecError(f"message: unknown tag {tag!r}")
+    return message_type.from_fields(items[1:])

@@ -1,0 +1,167 @@
+"""The replica's durable store on SQLite (WAL): blocks, a transaction index, and its own signed messages.
+
+Every write is one SQLite transaction, so a crash leaves either all of a block (with its index
+entries) or none of it. synchronous=FULL makes a write durable before the call returns, which is
+what lets a replica send a signed message only after it is on disk.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from ledger.blocks import Block, ChainError, verify_chain_segment
+from ledger.encoding import CodecError
+
+SCHEMA_VERSION = 1
+_SCHEMA = """
+create table if not exists meta (key text primary key, value blob not null);
+create table if not exists blocks (height integer primary key, hash blob not null, data blob not null);
+create table if not exists transactions (
+    transaction_id blob primary key, height integer not null, position integer not null);
+create table if not exists signed_messages (
+    kind text not null, view integer not null, sequence integer not null, data blob not null,
+    primary key (kind, view, sequence));
+"""
+
+
+class StoreError(RuntimeError):
+    """The store cannot be opened or its contents fail verification; the message says why."""
+
+
+class BlockStore:
+    """One replica's blocks and protocol records. Not thread-safe: one owner at a time."""
+
+    def __init__(self, connection: sqlite3.Connection, path: Path, genesis: bytes) -> None:
+        self._connection = connection
+        self.path = path
+        self.genesis = genesis
+        self._height, self._last_hash = self._read_tip()
+
+    @classmethod
+    def open(cls, path: Path, genesis: bytes, verify: bool = True) -> BlockStore:
+        """Open (creating if new) the store for the chain whose block 1 has parent `genesis`."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            connection.execute("pragma journal_mode=wal")
+            connection.execute("pragma synchronous=full")
+            connection.executescript(_SCHEMA)
+            stored_genesis = connection.execute("select value from meta where key='genesis'").fetchone()
+            if stored_genesis is None:
+                with connection:
+                    connection.execute("insert into meta values ('genesis', ?)", (genesis,))
+                    connection.execute("insert into meta values ('schema', ?)", (SCHEMA_VERSION,))
+            elif stored_genesis[0] != genesis:
+                raise StoreError(f"{path}: this store belongs to a different network (genesis differs)")
+        except sqlite3.DatabaseError as error:
+            raise StoreError(f"{path}: not a readable ledger store: {error}") from None
+        store = cls(connection, path, genesis)
+        if verify:
+            store.verify()
+        return store
+
+    def close(self) -> None:
+        self._connection.close()
+
+    def _read_tip(self) -> tuple[int, bytes | None]:
+        row = self._connection.execute("select height, hash from blocks order by height desc limit 1").fetchone()
+        return (0, None) if row is None else (row[0], row[1])
+
+    @property
+    def height(self) -> int:
+        return self._height
+
+    @property
+    def last_hash(self) -> bytes:
+        return self._last_hash if self._last_hash is not None else self.genesis
+
+    def verify(self, batch_size: int = 256) -> None:
+        """Check every stored block links to the one before and matches its own header."""
+        parent_hash, parent_height = self.genesis, 0
+        count = self._connection.execute("select count(*) from blocks").fetchone()[0]
+        if count != self._height:
+            raise StoreError(f"{self.path}: {count} blocks stored but the highest is {self._height}: blocks are missing")
+        try:
+            while parent_height < self._height:
+                blocks = self.blocks(parent_height + 1, batch_size)
+                verify_chain_segment(blocks, parent_hash, parent_height)
+                for block in blocks:
+                    stored_hash = self._connection.execute(
+                        "select hash from blocks where height=?", (block.height,)
+                    ).fetchone()[0]
+                    if stored_hash != block.block_hash:
+                        raise ChainError(f"block {block.height}: stored hash does not match its header")
+                parent_hash, parent_height = blocks[-1].block_hash, blocks[-1].height
+        except (ChainError, CodecError) as error:
+            raise StoreError(f"{self.path}: store fails verification: {error}") from None
+
+    def append(self, blocks: Iterable[Block]) -> None:
+        """Append blocks that extend the tip, atomically: all of them are stored or none."""
+        blocks = list(blocks)
+        if not blocks:
+            return
+        verify_chain_segment(blocks, self.last_hash, self._height)
+        with self._connection:
+            self._connection.execute("begin")
+            for block in blocks:
+                self._connection.execute(
+                    "insert into blocks values (?, ?, ?)", (block.height, block.block_hash, block.encode())
+                )
+                self._connection.executemany(
+                    "insert or ignore into transactions values (?, ?, ?)",
+                    [(transaction.transaction_id, block.height, index) for index, transaction in enumerate(block.transactions)],
+                )
+        self._height, self._last_hash = blocks[-1].height, blocks[-1].block_hash
+
+    def block(self, height: int) -> Block | None:
+        row = self._connection.execute("select data from blocks where height=?", (height,)).fetchone()
+        return None if row is None else Block.decode(row[0])
+
+    def blocks(self, from_height: int, count: int) -> list[Block]:
+        rows = self._connection.execute(
+            "select data from blocks where height>=? order by height limit ?", (from_height, count)
+        ).fetchall()
+        return [Block.decode(row[0]) for row in rows]
+
+    def iterate_blocks(self, from_height: int = 1, batch_size: int = 256) -> Iterator[Block]:
+        height = from_height
+        while height <= self._height:
+            batch = self.blocks(height, batch_size)
+            if not batch:
+                return
+            yield from batch
+            height = batch[-1].height + 1
+
+    def locate_transaction(self, transaction_id: bytes) -> tuple[int, int] | None:
+        row = self._connection.execute(
+            "select height, position from transactions where transaction_id=?", (transaction_id,)
+        ).fetchone()
+        return None if row is None else (row[0], row[1])
+
+    # Own signed protocol messages, kept until their sequence is in a stored block.
+
+    def save_messages(self, records: Iterable[tuple[str, int, int, bytes]]) -> None:
+        records = list(records)
+        if records:
+            with self._connection:
+                self._connection.execute("begin")
+                self._connection.executemany("insert or replace into signed_messages values (?, ?, ?, ?)", records)
+
+    def load_messages(self) -> list[tuple[str, int, int, bytes]]:
+        return self._connection.execute(
+            "select kind, view, sequence, data from signed_messages order by sequence, view"
+        ).fetchall()
+
+    def prune_messages(self, through_sequence: int) -> None:
+        with self._connection:
+            self._connection.execute("delete from signed_messages where sequence <= ?", (through_sequence,))
+
+    def get_meta(self, key: str) -> bytes | None:
+        row = self._connection.execute("select value from meta where key=?", (key,)).fetchone()
+        return None if row is None else row[0]
+
+    def set_meta(self, key: str, value: bytes) -> None:
+        with self._connection:
+            self._connection.execute("insert or replace into meta values (?, ?)", (key, value))

@@ -1,0 +1,146 @@
+"""`ledger-node`: create a network, run one replica, run a whole local network, simulate, demo."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from ledger.config import ConfigError, load_template, template_for, write_network
+
+EXAMPLES = """\
+examples:
+  ledger-node init configs/local-4.toml --out net        write keys and configs for 4 replicas
+  ledger-node init --replicas 7 --out net7               the same from a generated template
+  ledger-node up net                                     run every replica of net on this machine
+  ledger-node run net/replica-2.toml                     run one replica (one per host)
+  ledger-node simulate --seeds 500                       seeded simulation sweep
+  ledger-node demo                                       the whole tour in one command
+"""
+
+
+def _replica_counts(text: str) -> list[int]:
+    try:
+        counts = [int(item) for item in text.split(",") if item]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers like 4,7, got {text!r}") from None
+    if not counts or any(count < 4 for count in counts):
+        raise argparse.ArgumentTypeError("every replica count must be at least 4")
+    return counts
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ledger-node",
+        description="Run replicas of a PBFT ledger: n = 3f+1 replicas survive f traitors.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="log verbosity (default: info)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    init = commands.add_parser("init", help="write keys and configs for a new network", description="Write DIR/replica-<i>.toml and .key for every replica, plus DIR/client.toml and client.key.")
+    init.add_argument("template", nargs="?", type=Path, help="network template, e.g. configs/local-4.toml")
+    init.add_argument("--replicas", type=int, help="generate a template for this many replicas (at least 4) instead")
+    init.add_argument("--out", type=Path, required=True, help="directory to create")
+    init.add_argument("--force", action="store_true", help="replace DIR if it exists")
+    init.add_argument("--host", help="override the template's host for every replica")
+    init.add_argument("--base-port", type=int, help="override the template's first port (replica i uses base+2i and base+2i+1)")
+
+    run = commands.add_parser("run", help="run one replica", description="Run one replica until Ctrl-C or SIGTERM.")
+    run.add_argument("config", type=Path, help="the replica's config, e.g. net/replica-0.toml")
+
+    up = commands.add_parser("up", help="run every replica of a network directory on this machine", description="Start each DIR/replica-<i>.toml as a child process; Ctrl-C or SIGTERM stops them all.")
+    up.add_argument("directory", type=Path, help="directory written by `ledger-node init`")
+    up.add_argument("--only", type=str, help="comma-separated replica ids to start (default: all)")
+
+    simulate = commands.add_parser("simulate", help="run the deterministic simulator", description="Run seeded simulations with message loss, delay, duplication and reordering; every failure prints its seed.")
+    simulate.add_argument("--seeds", type=int, default=100, help="number of seeds to run, starting at --first (default: 100)")
+    simulate.add_argument("--first", type=int, default=0, help="first seed (default: 0)")
+    simulate.add_argument("--seed", type=int, help="replay exactly this seed")
+    simulate.add_argument("--replicas", type=_replica_counts, default=[4, 7], help="replica counts, e.g. 4,7 (default)")
+
+    demo = commands.add_parser("demo", help="init, start a 4-replica network, submit transactions, verify, stop", description="The main job in one command.")
+    demo.add_argument("--dir", type=Path, default=Path("demo-net"), help="working directory (default: demo-net, replaced)")
+    demo.add_argument("--base-port", type=int, default=7100, help="first port (default: 7100)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    arguments = parser.parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, arguments.log_level.upper()),
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        if arguments.command == "init":
+            return command_init(arguments)
+        if arguments.command == "simulate":
+            return command_simulate(arguments)
+        if arguments.command == "run":
+            from node.runtime import run_replica_main
+
+            return run_replica_main(arguments.config)
+        if arguments.command == "up":
+            from node.launcher import run_network_main
+
+            only = None if arguments.only is None else [int(item) for item in arguments.only.split(",")]
+            return run_network_main(arguments.directory, only, arguments.log_level)
+        if arguments.command == "demo":
+            from node.demo import run_demo
+
+            return run_demo(arguments.dir, arguments.base_port)
+    except ConfigError as error:
+        print(f"ledger-node: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    parser.error(f"unknown command {arguments.command}")
+    return 2
+
+
+def command_init(arguments: argparse.Namespace) -> int:
+    if (arguments.template is None) == (arguments.replicas is None):
+        raise ConfigError("init: give either a TEMPLATE file or --replicas N")
+    if arguments.template is not None:
+        template = load_template(arguments.template, arguments.host, arguments.base_port)
+    else:
+        template = template_for(arguments.replicas, None, arguments.host or "127.0.0.1", arguments.base_port or 7100)
+    written = write_network(template, arguments.out, arguments.force)
+    count = len(template.addresses)
+    faults = (count - 1) // 3
+    print(f"wrote network {template.network_id!r}: {count} replicas, tolerates f={faults}, {len(written)} files in {arguments.out}")
+    print(f"start it with:  ledger-node up {arguments.out}")
+    print(f"then try:       ledger-client -c {arguments.out / 'client.toml'} status")
+    return 0
+
+
+def command_simulate(arguments: argparse.Namespace) -> int:
+    from node.simulator import Scenario, SimulationFailure, run_simulation
+
+    seeds = [arguments.seed] if arguments.seed is not None else list(range(arguments.first, arguments.first + arguments.seeds))
+    total = len(seeds) * len(arguments.replicas)
+    done = 0
+    failures = 0
+    for replica_count in arguments.replicas:
+        for seed in seeds:
+            try:
+                report = run_simulation(Scenario.from_seed(seed, replica_count))
+            except SimulationFailure as error:
+                failures += 1
+                print(f"FAIL {error}\n  replay: ledger-node simulate --seed {seed} --replicas {replica_count}", flush=True)
+            else:
+                if arguments.seed is not None:
+                    print(report)
+            done += 1
+            if done % 50 == 0 or done == total:
+                print(f"{done}/{total} runs, {failures} failed", flush=True)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
