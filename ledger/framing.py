@@ -1,9 +1,12 @@
-"""Length-prefixed frames with a hard size limit, decoded without doing any IO (sans-IO)."""
+"""Length-prefixed frames with a hard size limit: a sans-IO decoder and a thin Trio stream wrapper."""
 
 from __future__ import annotations
 
+import trio
+
 FRAME_HEADER_SIZE = 4
 FRAME_SIZE_MAX_DEFAULT = 8 * 1024 * 1024
+RECEIVE_CHUNK_SIZE = 256 * 1024
 
 
 class FrameError(ValueError):
@@ -34,3 +37,24 @@ class FrameDecoder:
             frames.append(bytes(self._buffer[FRAME_HEADER_SIZE:end]))
             del self._buffer[:end]
         return frames
+
+
+class FramedStream:
+    """A trio stream carrying frames; reading stops with FrameError on an oversized frame."""
+
+    def __init__(self, stream: trio.abc.Stream, frame_size_max: int) -> None:
+        self.stream = stream
+        self.decoder = FrameDecoder(frame_size_max)
+        self.ready: list[bytes] = []
+
+    async def receive(self) -> bytes | None:
+        """The next frame, or None at end of stream."""
+        while not self.ready:
+            data = await self.stream.receive_some(RECEIVE_CHUNK_SIZE)
+            if not data:
+                return None
+            self.ready.extend(self.decoder.feed(data))
+        return self.ready.pop(0)
+
+    async def send(self, payload: bytes) -> None:
+        await self.stream.send_all(frame(payload))

@@ -441,18 +441,22 @@ class StatusReply:
 
 @dataclass(frozen=True, slots=True)
 class ErrorReply:
-    """Sent to a client whose message was refused, so it can say why instead of waiting."""
+    """Sent to a client whose message was refused, so it can say why instead of waiting.
+
+    Unsigned and so not proof of anything: a client trusts a refusal only from f + 1 replicas.
+    """
 
     TAG: ClassVar[str] = "error"
+    transaction_id: bytes
     reason: str
 
     def fields(self) -> list[Any]:
-        return [self.reason]
+        return [self.transaction_id, self.reason]
 
     @classmethod
     def from_fields(cls, items: list[Any]) -> ErrorReply:
-        expect_list(items, cls.TAG, length=1)
-        return cls(expect_text(items[0], "reason", 1024))
+        expect_list(items, cls.TAG, length=2)
+        return cls(expect_bytes(items[0], "transaction id", length_max=HASH_SIZE), expect_text(items[1], "reason", 1024))
 
 
 # Read-only after import: the closed set of message types a decoder accepts.

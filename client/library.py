@@ -1,0 +1,530 @@
+"""The client library: submit transactions and read state, trusting only f + 1 (or a quorum of) signed replies.
+
+    async with open_client("net/client.toml") as client:
+        receipt = await client.transfer(recipient, 10)
+
+`SyncClient` wraps the same for scripts that do not use Trio.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import trio
+
+from client.quorum import QueryQuorum, Receipt, ReplyQuorum
+from ledger.application import AccountsApplication
+from ledger.blocks import Block, ChainError, verify_certificate, verify_chain_segment
+from ledger.config import ClientConfig, load_client_config
+from ledger.crypto import PublicKeyCache, SigningKey, read_key_file
+from ledger.encoding import CodecError
+from ledger.framing import FramedStream, FrameError
+from ledger.messages import (
+    BLOCKS_PER_RESPONSE_MAX,
+    Blocks,
+    ErrorReply,
+    FetchBlocks,
+    Query,
+    QueryReply,
+    Reply,
+    Request,
+    StatusQuery,
+    StatusReply,
+    Subscribe,
+    decode_message,
+    encode_message,
+)
+from ledger.transactions import Operation, Put, Transaction, Transfer, sign_transaction
+
+CONNECT_BACKOFF_S = (0.05, 1.0)
+SEND_QUEUE_MAX = 1024
+T = TypeVar("T")
+
+
+class ClientError(Exception):
+    """Base of the errors a client call can raise."""
+
+
+class NetworkUnavailable(ClientError):
+    """Not enough replicas answered in time."""
+
+
+class TransactionRejected(ClientError):
+    """f + 1 replicas refused the transaction before ordering it (e.g. a used nonce)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaStatus:
+    replica_id: int
+    reachable: bool
+    view: int = 0
+    primary: int = 0
+    height: int = 0
+    last_block_hash: bytes = b""
+    stable_checkpoint: int = 0
+    view_changing: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ChainReport:
+    replica_id: int
+    height: int
+    last_block_hash: bytes
+    transactions: int
+
+
+class ReplicaLink:
+    """A connection to one replica's client port, re-dialled in the background whenever it drops."""
+
+    def __init__(self, client: Client, replica_id: int) -> None:
+        self.client = client
+        self.replica_id = replica_id
+        self.address = client.network.replicas[replica_id].client_address
+        self.send_channel, self.receive_channel = trio.open_memory_channel[bytes](SEND_QUEUE_MAX)
+        self.connected = trio.Event()
+
+    def send(self, message: Any) -> None:
+        try:
+            self.send_channel.send_nowait(encode_message(message))
+        except trio.WouldBlock:
+            pass  # the caller's retry covers a dropped message
+
+    async def run(self) -> None:
+        backoff = CONNECT_BACKOFF_S[0]
+        while True:
+            try:
+                stream = await trio.open_tcp_stream(self.address.host, self.address.port)
+            except OSError:
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, CONNECT_BACKOFF_S[1])
+                continue
+            backoff = CONNECT_BACKOFF_S[0]
+            framed = FramedStream(stream, self.client.network.protocol.frame_size_max)
+            try:
+                async with stream, trio.open_nursery() as nursery:
+                    await framed.send(encode_message(Subscribe(tuple(self.client.accounts))))
+                    self.connected.set()
+                    nursery.start_soon(self._write, framed)
+                    await self._read(framed)
+                    nursery.cancel_scope.cancel()
+            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, FrameError):
+                pass
+            self.connected = trio.Event()
+            await trio.sleep(backoff)
+
+    async def _write(self, framed: FramedStream) -> None:
+        async for payload in self.receive_channel:
+            await framed.send(payload)
+
+    async def _read(self, framed: FramedStream) -> None:
+        while True:
+            data = await framed.receive()
+            if data is None:
+                return
+            try:
+                message = decode_message(data)
+            except CodecError:
+                self.client.ignored_messages += 1
+                continue
+            self.client._dispatch(self.replica_id, message)
+
+
+class Client:
+    """Talks to every replica of one network. Create it with `open_client`."""
+
+    def __init__(self, config: ClientConfig, key: SigningKey | None) -> None:
+        self.config = config
+        self.network = config.network
+        self.key = key
+        self.accounts: list[bytes] = [key.public_key] if key is not None else []
+        self.signatures = PublicKeyCache()
+        self.links = [ReplicaLink(self, replica.replica_id) for replica in self.network.replicas]
+        self.query_ids = itertools.count(1)
+        self.view = 0
+        self.next_nonce: int | None = None
+        self.ignored_messages = 0
+        self._in_flight: dict[bytes, Transaction] = {}
+        self._replies: dict[bytes, tuple[ReplyQuorum, trio.MemorySendChannel[Any], dict[int, str]]] = {}
+        self._queries: dict[int, Callable[[int, Any], None]] = {}
+        self._blocks: dict[int, trio.MemorySendChannel[Blocks]] = {}
+        self.timeout_s = self.network.protocol.request_timeout_ms / 1000
+
+    @property
+    def primary(self) -> int:
+        return self.network.primary(self.view)
+
+    # ---- incoming ----
+
+    def _dispatch(self, replica_id: int, message: Any) -> None:
+        if isinstance(message, Reply):
+            waiting = self._replies.get(message.transaction_id)
+            if waiting is None:
+                return
+            quorum, channel, _ = waiting
+            if message.replica_id != replica_id:
+                self.ignored_messages += 1
+                return
+            receipt = quorum.add(message)
+            if receipt is not None:
+                self.view = max(self.view, receipt.view)
+                self._deliver(channel, receipt)
+        elif isinstance(message, ErrorReply):
+            waiting = self._replies.get(message.transaction_id)
+            if waiting is not None:
+                refusals = waiting[2]
+                refusals[replica_id] = message.reason
+                # Only f + 1 refusals can be trusted: at least one comes from an honest replica.
+                if len(refusals) >= self.network.reply_quorum:
+                    self._deliver(waiting[1], TransactionRejected(message.reason))
+                elif replica_id == self.primary:
+                    self._broadcast(Request(self._transaction_for(message.transaction_id)))
+        elif isinstance(message, QueryReply | StatusReply):
+            handler = self._queries.get(message.query_id)
+            if handler is not None:
+                handler(replica_id, message)
+        elif isinstance(message, Blocks):
+            channel = self._blocks.get(replica_id)
+            if channel is not None:
+                try:
+                    channel.send_nowait(message)
+                except trio.WouldBlock:
+                    pass
+
+    @staticmethod
+    def _deliver(channel: trio.MemorySendChannel[Any], outcome: Any) -> None:
+        """Hand the first outcome to the waiting caller; later ones (more replies) are surplus."""
+        try:
+            channel.send_nowait(outcome)
+        except trio.WouldBlock:
+            pass
+
+    def _transaction_for(self, transaction_id: bytes) -> Transaction:
+        return self._in_flight[transaction_id]
+
+    def _broadcast(self, message: Any) -> None:
+        for link in self.links:
+            link.send(message)
+
+    # ---- transactions ----
+
+    async def submit(self, transaction: Transaction, deadline_s: float = 30.0) -> Receipt:
+        """Send a signed transaction; return once f + 1 replicas sent matching signed replies.
+
+        The request goes to the primary first; if no receipt arrives within the request
+        timeout it goes to every replica, as in PBFT, so a silent primary cannot hide it.
+        """
+        transaction_id = transaction.transaction_id
+        send_channel, receive_channel = trio.open_memory_channel[Any](1)
+        quorum = ReplyQuorum(self.network, transaction_id, self.signatures.verify)
+        self._replies[transaction_id] = (quorum, send_channel, {})
+        self._in_flight[transaction_id] = transaction
+        try:
+            with trio.move_on_after(deadline_s):
+                self.links[self.primary].send(Request(transaction))
+                while True:
+                    with trio.move_on_after(self.timeout_s):
+                        outcome = await receive_channel.receive()
+                        if isinstance(outcome, Exception):
+                            raise outcome
+                        return outcome
+                    self._broadcast(Request(transaction))
+            replied = sorted(quorum.replied)
+            raise NetworkUnavailable(
+                f"no {self.network.reply_quorum} matching replies within {deadline_s:g}s "
+                f"(replies from replicas {replied or 'none'})"
+            )
+        finally:
+            del self._replies[transaction_id]
+            del self._in_flight[transaction_id]
+
+    def _require_key(self) -> SigningKey:
+        if self.key is None:
+            raise ClientError("this client has no key: give --key FILE or a client.key next to the config")
+        return self.key
+
+    async def sign(self, operation: Operation) -> Transaction:
+        key = self._require_key()
+        if self.next_nonce is None:
+            self.next_nonce = (await self.account(key.public_key))[1]
+        transaction = sign_transaction(self.network.network_id, key, self.next_nonce, operation)
+        self.next_nonce += 1
+        return transaction
+
+    async def execute(self, operation: Operation) -> Receipt:
+        transaction = await self.sign(operation)
+        try:
+            receipt = await self.submit(transaction)
+        except ClientError:
+            self.next_nonce = None  # unknown whether it executed: ask the network next time
+            raise
+        if not receipt.result.ok and receipt.result.reason.startswith("bad nonce"):
+            self.next_nonce = None
+        return receipt
+
+    async def transfer(self, recipient: bytes, amount: int) -> Receipt:
+        return await self.execute(Transfer(recipient, amount))
+
+    async def put(self, key: str, value: str) -> Receipt:
+        return await self.execute(Put(key, value))
+
+    # ---- reads ----
+
+    async def query(self, kind: str, argument: Any, deadline_s: float = 15.0) -> QueryReply:
+        """Ask every replica; return the answer a quorum of them signed identically."""
+        with trio.move_on_after(deadline_s):
+            while True:
+                query_id = next(self.query_ids)
+                quorum = QueryQuorum(self.network, query_id, check=self.signatures.verify)
+                send_channel, receive_channel = trio.open_memory_channel[QueryReply | None](1)
+
+                def handle(replica_id: int, message: Any, quorum: QueryQuorum = quorum, channel: Any = send_channel) -> None:
+                    if not isinstance(message, QueryReply) or message.replica_id != replica_id:
+                        return
+                    answer = quorum.add(message)
+                    if answer is not None or quorum.exhausted:
+                        try:
+                            channel.send_nowait(answer)
+                        except trio.WouldBlock:
+                            pass
+
+                self._queries[query_id] = handle
+                try:
+                    self._broadcast(Query(query_id, kind, argument))
+                    with trio.move_on_after(self.timeout_s):
+                        answer = await receive_channel.receive()
+                        if answer is not None:
+                            if answer.error:
+                                raise ClientError(answer.error)
+                            return answer
+                        # Replicas at different heights disagreed; ask again shortly.
+                        await trio.sleep(0.05)
+                finally:
+                    del self._queries[query_id]
+        raise NetworkUnavailable(f"no {self.network.quorum} matching answers within {deadline_s:g}s")
+
+    async def account(self, account: bytes | None = None) -> tuple[int, int]:
+        """(balance, next nonce) of an account (default: this client's)."""
+        reply = await self.query("account", account if account is not None else self._require_key().public_key)
+        balance, nonce = reply.result
+        return balance, nonce
+
+    async def get(self, key: str) -> str | None:
+        return (await self.query("get", key)).result
+
+    async def locate(self, transaction_id: bytes) -> tuple[int, int] | None:
+        result = (await self.query("transaction", transaction_id)).result
+        return None if result is None else (result[0], result[1])
+
+    async def status(self, wait_s: float = 2.0) -> list[ReplicaStatus]:
+        """Each replica's own report of its progress (unverified: for operators, not for trust)."""
+        query_id = next(self.query_ids)
+        answers: dict[int, StatusReply] = {}
+        everyone = trio.Event()
+
+        def handle(replica_id: int, message: Any) -> None:
+            if isinstance(message, StatusReply) and message.replica_id == replica_id:
+                answers[replica_id] = message
+                if len(answers) == self.network.replica_count:
+                    everyone.set()
+
+        self._queries[query_id] = handle
+        try:
+            self._broadcast(StatusQuery(query_id))
+            with trio.move_on_after(wait_s):
+                await everyone.wait()
+        finally:
+            del self._queries[query_id]
+        statuses = []
+        for replica in self.network.replicas:
+            answer = answers.get(replica.replica_id)
+            if answer is None:
+                statuses.append(ReplicaStatus(replica.replica_id, False))
+            else:
+                statuses.append(
+                    ReplicaStatus(
+                        replica.replica_id,
+                        True,
+                        answer.view,
+                        answer.primary,
+                        answer.height,
+                        answer.last_block_hash,
+                        answer.stable_checkpoint,
+                        answer.view_changing,
+                    )
+                )
+        return statuses
+
+    async def wait_until_ready(self, replicas: int | None = None, deadline_s: float = 30.0) -> None:
+        """Wait until `replicas` (default: all) answer a status request."""
+        wanted = replicas if replicas is not None else self.network.replica_count
+        with trio.move_on_after(deadline_s):
+            while sum(status.reachable for status in await self.status(wait_s=0.5)) < wanted:
+                await trio.sleep(0.05)
+            return
+        raise NetworkUnavailable(f"fewer than {wanted} replicas answered within {deadline_s:g}s")
+
+    # ---- blocks and chain verification ----
+
+    async def fetch_blocks(self, replica_id: int, from_height: int, count: int = BLOCKS_PER_RESPONSE_MAX) -> list[Block]:
+        """Blocks as one replica serves them: unverified until their certificates are checked."""
+        send_channel, receive_channel = trio.open_memory_channel[Blocks](1)
+        self._blocks[replica_id] = send_channel
+        try:
+            self.links[replica_id].send(FetchBlocks(from_height, min(count, BLOCKS_PER_RESPONSE_MAX)))
+            with trio.move_on_after(self.timeout_s * 2):
+                return list((await receive_channel.receive()).blocks)
+            raise NetworkUnavailable(f"replica {replica_id} did not answer a block request")
+        finally:
+            del self._blocks[replica_id]
+
+    def verify_block(self, block: Block) -> None:
+        verify_certificate(
+            block.header,
+            block.certificate,
+            self.network.network_id,
+            self.network.replica_keys,
+            self.network.quorum,
+            self.signatures.verify,
+        )
+
+    async def block(self, height: int) -> Block:
+        """A block whose commit certificate verifies, from whichever replica has it."""
+        problems = []
+        for replica_id in [self.primary, *[r for r in range(self.network.replica_count) if r != self.primary]]:
+            try:
+                blocks = await self.fetch_blocks(replica_id, height, 1)
+            except NetworkUnavailable as error:
+                problems.append(str(error))
+                continue
+            if blocks and blocks[0].height == height:
+                try:
+                    self.verify_block(blocks[0])
+                except ChainError as error:
+                    problems.append(f"replica {replica_id}: {error}")
+                    continue
+                return blocks[0]
+        raise ClientError(f"no replica served a verifiable block {height}" + (f" ({'; '.join(problems)})" if problems else ""))
+
+    async def verify_chain(self, replica_id: int, progress: Callable[[int], None] | None = None) -> ChainReport:
+        """Download one replica's whole chain and check it, trusting that replica for nothing.
+
+        Every link, every transactions root, every commit certificate (against the configured
+        public keys), and every state digest and result, by re-executing all blocks from genesis.
+        Raises ChainError naming the first bad block.
+        """
+        application = AccountsApplication(self.network.genesis_balances)
+        parent_hash, height, transactions = self.network.genesis_hash, 0, 0
+        while True:
+            blocks = await self.fetch_blocks(replica_id, height + 1)
+            if not blocks:
+                break
+            verify_chain_segment(blocks, parent_hash, height)
+            for block in blocks:
+                self.verify_block(block)
+                results = application.execute_block(list(block.transactions))
+                if tuple(results) != block.results:
+                    raise ChainError(f"block {block.height}: stored results differ from re-execution")
+                if application.state_digest() != block.header.state_digest:
+                    raise ChainError(f"block {block.height}: state digest differs from re-execution")
+                transactions += len(block.transactions)
+            parent_hash, height = blocks[-1].block_hash, blocks[-1].height
+            if progress is not None:
+                progress(height)
+        return ChainReport(replica_id, height, parent_hash, transactions)
+
+
+@asynccontextmanager
+async def open_client(config_path: Path | str, key_path: Path | str | None = None) -> AsyncIterator[Client]:
+    """Connect to every replica of the network in `config_path` (a client.toml).
+
+    The key is `key_path`, else the config's key_file; a missing key allows reads only.
+    """
+    config = load_client_config(Path(config_path))
+    path = Path(key_path) if key_path is not None else config.key_path
+    key = read_key_file(path) if key_path is not None or path.exists() else None
+    client = Client(config, key)
+    async with trio.open_nursery() as nursery:
+        for link in client.links:
+            nursery.start_soon(link.run)
+        try:
+            yield client
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+class SyncClient:
+    """The same client for code without Trio: each call blocks until its answer.
+
+        with SyncClient("net/client.toml") as client:
+            print(client.transfer(recipient, 5))
+    """
+
+    def __init__(self, config_path: Path | str, key_path: Path | str | None = None) -> None:
+        self._config_path = config_path
+        self._key_path = key_path
+        self._ready = threading.Event()
+        self._failure: BaseException | None = None
+        self._client: Client | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._stop: trio.Event | None = None
+        self._thread = threading.Thread(target=self._thread_main, name="ledger-client", daemon=True)
+
+    def __enter__(self) -> SyncClient:
+        self._thread.start()
+        self._ready.wait()
+        if self._failure is not None:
+            raise self._failure
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._token is not None and self._stop is not None:
+            trio.from_thread.run_sync(self._stop.set, trio_token=self._token)
+        self._thread.join()
+
+    def _thread_main(self) -> None:
+        async def main() -> None:
+            try:
+                async with open_client(self._config_path, self._key_path) as client:
+                    self._client = client
+                    self._token = trio.lowlevel.current_trio_token()
+                    self._stop = trio.Event()
+                    self._ready.set()
+                    await self._stop.wait()
+            except BaseException as error:  # handed to the calling thread
+                self._failure = error
+                self._ready.set()
+
+        trio.run(main)
+
+    def _call(self, function: Callable[..., Any], *arguments: Any) -> Any:
+        assert self._token is not None
+        return trio.from_thread.run(function, *arguments, trio_token=self._token)
+
+    @property
+    def client(self) -> Client:
+        assert self._client is not None
+        return self._client
+
+    def transfer(self, recipient: bytes, amount: int) -> Receipt:
+        return self._call(self.client.transfer, recipient, amount)
+
+    def put(self, key: str, value: str) -> Receipt:
+        return self._call(self.client.put, key, value)
+
+    def submit(self, transaction: Transaction) -> Receipt:
+        return self._call(self.client.submit, transaction)
+
+    def get(self, key: str) -> str | None:
+        return self._call(self.client.get, key)
+
+    def account(self, account: bytes | None = None) -> tuple[int, int]:
+        return self._call(self.client.account, account)
+
+    def status(self) -> list[ReplicaStatus]:
+        return self._call(self.client.status)

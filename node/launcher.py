@@ -1,0 +1,117 @@
+"""`ledger-node up DIR`: run every replica of a network directory as child processes on this machine."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import trio
+
+from ledger.config import ConfigError, ReplicaConfig, load_replica_config
+
+STOP_GRACE_S = 10.0
+READY_DEADLINE_S = 30.0
+
+
+def find_replica_configs(directory: Path, only: list[int] | None) -> list[ReplicaConfig]:
+    if not directory.is_dir():
+        raise ConfigError(f"{directory}: no such directory (create one with `ledger-node init`)")
+    paths = sorted(directory.glob("replica-*.toml"), key=lambda path: int(path.stem.split("-")[1]) if path.stem.split("-")[1].isdigit() else -1)
+    if not paths:
+        raise ConfigError(f"{directory}: no replica-<i>.toml files (create them with `ledger-node init`)")
+    configs = [load_replica_config(path) for path in paths]
+    if only is not None:
+        unknown = set(only) - {config.replica_id for config in configs}
+        if unknown:
+            raise ConfigError(f"--only: no replica {sorted(unknown)[0]} in {directory}")
+        configs = [config for config in configs if config.replica_id in only]
+    return configs
+
+
+async def _wait_listening(config: ReplicaConfig) -> bool:
+    address = config.network.replicas[config.replica_id].client_address
+    with trio.move_on_after(READY_DEADLINE_S):
+        while True:
+            try:
+                stream = await trio.open_tcp_stream(address.host, address.port)
+            except OSError:
+                await trio.sleep(0.05)
+                continue
+            await stream.aclose()
+            return True
+    return False
+
+
+async def run_network(directory: Path, only: list[int] | None, log_level: str) -> int:
+    configs = find_replica_configs(directory, only)
+    network = configs[0].network
+    logs = directory / "logs"
+    logs.mkdir(exist_ok=True)
+    print(
+        f"starting {len(configs)} of {network.replica_count} replicas of {network.network_id!r} "
+        f"(tolerates f={network.faults_tolerated}); logs in {logs}/",
+        flush=True,
+    )
+    processes: dict[int, trio.Process] = {}
+    exit_codes: dict[int, int] = {}
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def supervise(config: ReplicaConfig) -> None:
+                log_path = logs / f"replica-{config.replica_id}.log"
+                with log_path.open("ab") as log_file:
+                    process = await trio.lowlevel.open_process(
+                        [sys.executable, "-m", "node.cli", "--log-level", log_level, "run", str(config.path)],
+                        stdout=log_file,
+                        stderr=subprocess.STDOUT,
+                        stdin=subprocess.DEVNULL,
+                    )
+                processes[config.replica_id] = process
+                nursery.start_soon(report_ready, config, process)
+                code = await process.wait()
+                exit_codes[config.replica_id] = code
+                if not stopping.is_set():
+                    print(f"replica {config.replica_id} exited with code {code}; see {log_path}", flush=True)
+
+            async def report_ready(config: ReplicaConfig, process: trio.Process) -> None:
+                replica = network.replicas[config.replica_id]
+                if await _wait_listening(config):
+                    print(
+                        f"replica {config.replica_id}  pid {process.pid:<7}  peers {replica.address}  "
+                        f"clients {replica.client_address}  log {logs / f'replica-{config.replica_id}.log'}",
+                        flush=True,
+                    )
+                elif process.returncode is None:
+                    print(f"replica {config.replica_id} is not answering after {READY_DEADLINE_S:g}s", flush=True)
+
+            stopping = trio.Event()
+            for config in configs:
+                nursery.start_soon(supervise, config)
+            print(f"Ctrl-C stops every replica; submit with: ledger-client -c {directory / 'client.toml'} status", flush=True)
+
+            async def stop_all() -> None:
+                stopping.set()
+                for process in processes.values():
+                    if process.returncode is None:
+                        process.send_signal(signal.SIGTERM)
+                with trio.move_on_after(STOP_GRACE_S):
+                    for process in processes.values():
+                        await process.wait()
+                for replica_id, process in processes.items():
+                    if process.returncode is None:
+                        print(f"replica {replica_id} did not stop in {STOP_GRACE_S:g}s; killing it", flush=True)
+                        process.kill()
+
+            async for signal_number in signals:
+                print(f"\n{signal.Signals(signal_number).name}: stopping all replicas", flush=True)
+                await stop_all()
+                break
+            nursery.cancel_scope.cancel()
+    print("all replicas stopped", flush=True)
+    return 0
+
+
+def run_network_main(directory: Path, only: list[int] | None, log_level: str) -> int:
+    return trio.run(run_network, directory, only, log_level)

@@ -1,0 +1,208 @@
+"""Replica-to-replica connections over TCP: signed handshakes, length-prefixed frames, bounded queues.
+
+Each replica dials every peer and uses that connection only to send; it accepts connections only
+to receive. One direction per connection keeps reconnection simple: no tie-breaking is needed
+when two replicas dial each other at once. Frames queued for a disconnected peer are dropped
+when its bounded queue is full; the protocol retransmits what matters.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+
+from ledger.config import NetworkConfig
+from ledger.crypto import SigningKey, signing_domain, verify_signature
+from ledger.encoding import CodecError
+from ledger.framing import FramedStream, FrameError
+from ledger.messages import (
+    Hello,
+    HelloProof,
+    decode_message,
+    encode_message,
+    handshake_signed_bytes,
+)
+
+PEER_QUEUE_FRAMES_MAX = 8192
+HANDSHAKE_TIMEOUT_S = 5.0
+DIAL_BACKOFF_S = (0.05, 2.0)
+
+log = logging.getLogger("node.transport")
+
+
+class HandshakeError(Exception):
+    """The peer is not who the configuration says, or did not finish the handshake."""
+
+
+async def receive_message(framed: FramedStream) -> Any:
+    data = await framed.receive()
+    if data is None:
+        raise HandshakeError("connection closed")
+    return decode_message(data)
+
+
+class PeerTransport:
+    """Dials and accepts the other replicas of one network on behalf of replica `replica_id`."""
+
+    def __init__(
+        self,
+        network: NetworkConfig,
+        replica_id: int,
+        key: SigningKey,
+        deliver: Callable[[int, Any], Awaitable[None]],
+    ) -> None:
+        self.network = network
+        self.replica_id = replica_id
+        self.key = key
+        self.deliver = deliver
+        self.domain = signing_domain(network.network_id, "handshake")
+        self.frame_size_max = network.protocol.frame_size_max
+        self.queues: dict[int, tuple[trio.MemorySendChannel[bytes], trio.MemoryReceiveChannel[bytes]]] = {
+            peer.replica_id: trio.open_memory_channel[bytes](PEER_QUEUE_FRAMES_MAX)
+            for peer in network.replicas
+            if peer.replica_id != replica_id
+        }
+        self.connected_out: set[int] = set()
+        self.connected_in: set[int] = set()
+        self.dropped_frames = 0
+        self.bad_frames = 0
+
+    # ---- sending ----
+
+    def send(self, to: int | None, message: Any) -> None:
+        """Queue a message for one peer, or all peers when `to` is None; never blocks."""
+        payload = encode_message(message)
+        targets = self.queues if to is None else ([to] if to in self.queues else [])
+        for target in targets:
+            try:
+                self.queues[target][0].send_nowait(payload)
+            except trio.WouldBlock:
+                self.dropped_frames += 1
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        own = self.network.replicas[self.replica_id].address
+        listeners = await trio.open_tcp_listeners(own.port, host=own.host)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.serve_listeners, self._accept, listeners)
+            for peer in self.queues:
+                nursery.start_soon(self._dial_forever, peer)
+            task_status.started()
+
+    async def _dial_forever(self, peer: int) -> None:
+        address = self.network.replicas[peer].address
+        backoff = DIAL_BACKOFF_S[0]
+        _, queue = self.queues[peer]
+        while True:
+            try:
+                stream = await trio.open_tcp_stream(address.host, address.port)
+            except OSError:
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, DIAL_BACKOFF_S[1])
+                continue
+            try:
+                async with stream:
+                    framed = FramedStream(stream, self.frame_size_max)
+                    with trio.fail_after(HANDSHAKE_TIMEOUT_S):
+                        await self._handshake_as_dialer(framed, peer)
+                    backoff = DIAL_BACKOFF_S[0]
+                    self.connected_out.add(peer)
+                    log.info("connected to replica %d at %s", peer, address)
+                    await self._pump(framed, queue)
+            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as error:
+                log.debug("connection to replica %d lost: %s", peer, error)
+            except (HandshakeError, CodecError, FrameError) as error:
+                log.warning("handshake with replica %d at %s failed: %s", peer, address, error)
+            if peer in self.connected_out:
+                self.connected_out.discard(peer)
+                log.info("disconnected from replica %d", peer)
+            await trio.sleep(backoff)
+            backoff = min(backoff * 2, DIAL_BACKOFF_S[1])
+
+    async def _pump(self, framed: FramedStream, queue: trio.MemoryReceiveChannel[bytes]) -> None:
+        """Write queued frames until the connection breaks; the peer never writes after the handshake."""
+        async with trio.open_nursery() as nursery:
+
+            async def watch_for_close() -> None:
+                await framed.receive()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watch_for_close)
+            async for payload in queue:
+                await framed.send(payload)
+
+    async def _handshake_as_dialer(self, framed: FramedStream, peer: int) -> None:
+        challenge = os.urandom(32)
+        await framed.send(encode_message(Hello(self.network.network_id, self.replica_id, challenge)))
+        hello = await receive_message(framed)
+        proof = await receive_message(framed)
+        if not isinstance(hello, Hello) or not isinstance(proof, HelloProof):
+            raise HandshakeError("unexpected message during handshake")
+        if hello.network_id != self.network.network_id or hello.replica_id != peer:
+            raise HandshakeError(f"peer answered as replica {hello.replica_id} of {hello.network_id!r}")
+        expected = handshake_signed_bytes(challenge, peer, self.replica_id)
+        if not verify_signature(self.network.replicas[peer].public_key, self.domain, expected, proof.signature):
+            raise HandshakeError(f"peer does not hold replica {peer}'s key")
+        signature = self.key.sign(self.domain, handshake_signed_bytes(hello.challenge, self.replica_id, peer))
+        await framed.send(encode_message(HelloProof(signature)))
+
+    # ---- receiving ----
+
+    async def _accept(self, stream: trio.SocketStream) -> None:
+        framed = FramedStream(stream, self.frame_size_max)
+        peer: int | None = None
+        try:
+            async with stream:
+                with trio.fail_after(HANDSHAKE_TIMEOUT_S):
+                    peer = await self._handshake_as_acceptor(framed)
+                self.connected_in.add(peer)
+                await self._receive_loop(framed, peer)
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        except trio.TooSlowError:
+            log.warning("an incoming connection did not finish the handshake in time")
+        except (HandshakeError, CodecError) as error:
+            log.warning("refused an incoming connection: %s", error)
+        except FrameError as error:
+            self.bad_frames += 1
+            log.warning("dropped replica %s: %s", peer, error)
+        finally:
+            if peer is not None:
+                self.connected_in.discard(peer)
+
+    async def _handshake_as_acceptor(self, framed: FramedStream) -> int:
+        hello = await receive_message(framed)
+        if not isinstance(hello, Hello):
+            raise HandshakeError("expected a hello")
+        if hello.network_id != self.network.network_id:
+            raise HandshakeError(f"peer belongs to network {hello.network_id!r}")
+        peer = hello.replica_id
+        if peer >= self.network.replica_count or peer == self.replica_id:
+            raise HandshakeError(f"unknown replica {peer}")
+        challenge = os.urandom(32)
+        signature = self.key.sign(self.domain, handshake_signed_bytes(hello.challenge, self.replica_id, peer))
+        await framed.send(encode_message(Hello(self.network.network_id, self.replica_id, challenge)))
+        await framed.send(encode_message(HelloProof(signature)))
+        proof = await receive_message(framed)
+        expected = handshake_signed_bytes(challenge, peer, self.replica_id)
+        if not isinstance(proof, HelloProof) or not verify_signature(
+            self.network.replicas[peer].public_key, self.domain, expected, proof.signature
+        ):
+            raise HandshakeError(f"peer claiming to be replica {peer} does not hold its key")
+        return peer
+
+    async def _receive_loop(self, framed: FramedStream, peer: int) -> None:
+        while True:
+            data = await framed.receive()
+            if data is None:
+                return
+            try:
+                message = decode_message(data)
+            except CodecError as error:
+                self.bad_frames += 1
+                log.warning("dropped a malformed message from replica %d: %s", peer, error)
+                continue
+            await self.deliver(peer, message)

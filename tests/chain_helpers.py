@@ -1,0 +1,140 @@
+"""Builders for the ledger tests: deterministic keys, signed transactions and certified chains."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from ledger.blocks import (
+    Block,
+    BlockHeader,
+    CommitCertificate,
+    commit_domain,
+    commit_signed_bytes,
+    genesis_hash,
+)
+from ledger.crypto import SigningKey
+from ledger.merkle import merkle_root
+from ledger.transactions import Put, Transaction, TransactionResult, Transfer, sign_transaction
+
+
+def deterministic_key(label: str) -> SigningKey:
+    """A signing key derived from a label, so every run signs the same bytes."""
+    return SigningKey.from_private_bytes(hashlib.sha256(label.encode()).digest())
+
+
+@dataclass(frozen=True)
+class LedgerNetwork:
+    """A made-up network: its id, its replicas' keys and one funded client."""
+
+
+    network_id: str
+    replica_signing_keys: tuple[SigningKey, ...]
+    client_key: SigningKey
+    client_balance: int = 1_000_000
+    balances: dict[bytes, int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "balances", {self.client_key.public_key: self.client_balance})
+
+    @property
+    def replica_keys(self) -> tuple[bytes, ...]:
+        return tuple(key.public_key for key in self.replica_signing_keys)
+
+    @property
+    def replica_count(self) -> int:
+        return len(self.replica_signing_keys)
+
+    @property
+    def faults_tolerated(self) -> int:
+        return (self.replica_count - 1) // 3
+
+    @property
+    def quorum(self) -> int:
+        return (self.replica_count + self.faults_tolerated + 2) // 2
+
+    @property
+    def genesis(self) -> bytes:
+        return genesis_hash(self.network_id, self.replica_keys, self.balances)
+
+
+def make_network(network_id: str = "test-net", replica_count: int = 4) -> LedgerNetwork:
+    replica_keys = tuple(deterministic_key(f"{network_id}/replica-{index}") for index in range(replica_count))
+    return LedgerNetwork(network_id, replica_keys, deterministic_key(f"{network_id}/client"))
+
+
+def make_transactions(network: LedgerNetwork, first_nonce: int, count: int) -> list[Transaction]:
+    """Alternating puts and transfers from the network's client, with consecutive nonces."""
+    recipient = deterministic_key(f"{network.network_id}/recipient").public_key
+    transactions = []
+    for nonce in range(first_nonce, first_nonce + count):
+        if nonce % 2:
+            operation: Put | Transfer = Transfer(recipient, 1 + nonce % 7)
+        else:
+            operation = Put(f"key-{nonce % 5}", f"value-{nonce}")
+        transactions.append(sign_transaction(network.network_id, network.client_key, nonce, operation))
+    return transactions
+
+
+def sign_certificate(
+    network: LedgerNetwork,
+    header: BlockHeader,
+    signers: Sequence[int] | None = None,
+    view: int | None = None,
+    network_id: str | None = None,
+) -> CommitCertificate:
+    """COMMIT signatures over the header's batch by `signers` (default: the first quorum)."""
+    certificate_view = header.view if view is None else view
+    domain = commit_domain(network.network_id if network_id is None else network_id)
+    chosen = range(network.quorum) if signers is None else signers
+    signatures = tuple(
+        (
+            replica_id,
+            network.replica_signing_keys[replica_id].sign(
+                domain, commit_signed_bytes(certificate_view, header.height, header.batch_digest(), replica_id)
+            ),
+        )
+        for replica_id in chosen
+    )
+    return CommitCertificate(certificate_view, signatures)
+
+
+def build_block(
+    network: LedgerNetwork,
+    parent_hash: bytes,
+    height: int,
+    transactions: Sequence[Transaction],
+    view: int = 0,
+    timestamp_ms: int | None = None,
+) -> Block:
+    header = BlockHeader(
+        height=height,
+        view=view,
+        proposer=view % network.replica_count,
+        parent_hash=parent_hash,
+        transactions_root=merkle_root([transaction.transaction_id for transaction in transactions]),
+        state_digest=hashlib.sha256(b"state %d" % height).digest(),
+        timestamp_ms=1_700_000_000_000 + height if timestamp_ms is None else timestamp_ms,
+    )
+    results = tuple(TransactionResult(True) for _ in transactions)
+    return Block(header, tuple(transactions), results, sign_certificate(network, header))
+
+
+def build_chain(
+    network: LedgerNetwork,
+    count: int,
+    transactions_per_block: int = 3,
+    parent_hash: bytes | None = None,
+    parent_height: int = 0,
+) -> list[Block]:
+    """`count` certified blocks extending (parent_height, parent_hash), genesis by default."""
+    blocks: list[Block] = []
+    parent = network.genesis if parent_hash is None else parent_hash
+    for height in range(parent_height + 1, parent_height + count + 1):
+        first_nonce = (height - 1) * transactions_per_block
+        transactions = make_transactions(network, first_nonce, transactions_per_block)
+        block = build_block(network, parent, height, transactions, view=height % 3)
+        blocks.append(block)
+        parent = block.block_hash
+    return blocks
