@@ -113,8 +113,8 @@ class ReplicaLink:
                     nursery.start_soon(self._write, framed)
                     await self._read(framed)
                     nursery.cancel_scope.cancel()
-            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, FrameError):
-                pass
+            except* (OSError, trio.BrokenResourceError, trio.ClosedResourceError, FrameError):
+                pass  # reconnect below
             self.connected = trio.Event()
             await trio.sleep(backoff)
 
@@ -449,13 +449,20 @@ async def open_client(config_path: Path | str, key_path: Path | str | None = Non
     path = Path(key_path) if key_path is not None else config.key_path
     key = read_key_file(path) if key_path is not None or path.exists() else None
     client = Client(config, key)
+    failure: Exception | None = None
     async with trio.open_nursery() as nursery:
         for link in client.links:
             nursery.start_soon(link.run)
         try:
             yield client
+        except Exception as error:
+            # Re-raised below, outside the nursery, so callers see the error itself rather
+            # than an ExceptionGroup wrapping it.
+            failure = error
         finally:
             nursery.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
 
 
 class SyncClient:

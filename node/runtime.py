@@ -240,10 +240,13 @@ class ReplicaRuntime:
                 nursery.start_soon(self._write_client, framed, receive_channel)
                 await self._read_client(framed, connection)
                 nursery.cancel_scope.cancel()
-        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        except FrameError as error:
-            log.warning("dropped a client: %s", error)
+        except* (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the client went away
+        except* FrameError as group:
+            log.warning("dropped a client: %s", group.exceptions[0])
+        except* Exception as group:
+            # A bug in serving one client must not take the replica down with it.
+            log.error("internal error serving a client", exc_info=group)
         finally:
             self.clients.discard(connection)
             for account in connection.accounts:
@@ -354,14 +357,26 @@ async def serve_replica(config: ReplicaConfig) -> None:
         log.info("replica %d stopped at height %d", config.replica_id, runtime.store.height)
 
 
+def first_leaf(error: BaseException) -> BaseException:
+    """The first real exception inside (possibly nested) exception groups."""
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error
+
+
 def run_replica_main(config_path: Path) -> int:
     try:
         config = load_replica_config(config_path)
         trio.run(serve_replica, config)
-    except (ConfigError, StartupError) as error:
-        print(f"ledger-node: {error}", file=sys.stderr)
-        return 2
-    except OSError as error:
-        print(f"ledger-node: cannot listen: {error}", file=sys.stderr)
-        return 2
+    except BaseException as group:  # noqa: BLE001 - unwrapped to one clear line below
+        error = first_leaf(group)
+        if isinstance(error, ConfigError | StartupError):
+            print(f"ledger-node: {error}", file=sys.stderr)
+            return 2
+        if isinstance(error, OSError):
+            print(f"ledger-node: cannot listen: {error}", file=sys.stderr)
+            return 2
+        if isinstance(error, KeyboardInterrupt):
+            return 130
+        raise
     return 0

@@ -112,10 +112,10 @@ class PeerTransport:
                     self.connected_out.add(peer)
                     log.info("connected to replica %d at %s", peer, address)
                     await self._pump(framed, queue)
-            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as error:
-                log.debug("connection to replica %d lost: %s", peer, error)
-            except (HandshakeError, CodecError, FrameError) as error:
-                log.warning("handshake with replica %d at %s failed: %s", peer, address, error)
+            except* (OSError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as group:
+                log.debug("connection to replica %d lost: %s", peer, group.exceptions[0])
+            except* (HandshakeError, CodecError, FrameError) as group:
+                log.warning("handshake with replica %d at %s failed: %s", peer, address, group.exceptions[0])
             if peer in self.connected_out:
                 self.connected_out.discard(peer)
                 log.info("disconnected from replica %d", peer)
@@ -160,15 +160,15 @@ class PeerTransport:
                     peer = await self._handshake_as_acceptor(framed)
                 self.connected_in.add(peer)
                 await self._receive_loop(framed, peer)
-        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+        except* (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
             pass
-        except trio.TooSlowError:
+        except* trio.TooSlowError:
             log.warning("an incoming connection did not finish the handshake in time")
-        except (HandshakeError, CodecError) as error:
-            log.warning("refused an incoming connection: %s", error)
-        except FrameError as error:
+        except* (HandshakeError, CodecError) as group:
+            log.warning("refused an incoming connection: %s", group.exceptions[0])
+        except* FrameError as group:
             self.bad_frames += 1
-            log.warning("dropped replica %s: %s", peer, error)
+            log.warning("dropped replica %s: %s", peer, group.exceptions[0])
         finally:
             if peer is not None:
                 self.connected_in.discard(peer)

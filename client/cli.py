@@ -1,0 +1,387 @@
+"""`ledger-client`: submit transactions and read the ledger from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from client.library import Client, ClientError, NetworkUnavailable, TransactionRejected, open_client
+from client.quorum import Receipt
+from ledger.blocks import Block, ChainError, prove_transaction
+from ledger.config import ConfigError
+from ledger.crypto import KeyFileError, SigningKey, parse_public_key, read_key_file, write_key_file
+from ledger.transactions import AMOUNT_MAX, KEY_LENGTH_MAX, VALUE_LENGTH_MAX, Put, Transfer
+
+EXIT_OK = 0
+EXIT_FAILED = 1  # the transaction executed but failed, or was refused
+EXIT_USAGE = 2  # bad arguments, config or key
+EXIT_UNAVAILABLE = 3  # not enough replicas answered
+EXIT_INVALID_CHAIN = 4  # verification found a bad block
+
+EXAMPLES = """\
+examples:
+  ledger-client -c net/client.toml status
+  ledger-client -c net/client.toml transfer 3f1c...e9 25
+  ledger-client -c net/client.toml put greeting hello
+  ledger-client -c net/client.toml get greeting
+  ledger-client -c net/client.toml balance
+  ledger-client -c net/client.toml block 1
+  ledger-client -c net/client.toml verify --replica 2
+  ledger-client keygen --out alice.key
+  ledger-client -c net/client.toml --key alice.key balance
+
+exit codes: 0 ok, 1 transaction failed or refused, 2 bad arguments or config,
+            3 network unavailable, 4 chain verification failed
+"""
+
+
+class UsageError(Exception):
+    """A command-line argument is wrong; the message says which."""
+
+
+def _account(text: str) -> bytes:
+    """An account: 64 hex digits, or the path of a key file whose public key is meant."""
+    if len(text) == 64:
+        try:
+            return parse_public_key(text, "account")
+        except ValueError as error:
+            raise UsageError(str(error)) from None
+    path = Path(text)
+    if path.exists():
+        try:
+            return read_key_file(path).public_key
+        except KeyFileError as error:
+            raise UsageError(str(error)) from None
+    raise UsageError(f"account {text!r}: expected 64 hex digits or a key file")
+
+
+def _amount(text: str) -> int:
+    try:
+        amount = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not 1 <= amount <= AMOUNT_MAX:
+        raise argparse.ArgumentTypeError(f"must be between 1 and {AMOUNT_MAX}")
+    return amount
+
+
+def _height(text: str) -> int:
+    try:
+        height = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a block height, got {text!r}") from None
+    if height < 1:
+        raise argparse.ArgumentTypeError("heights start at 1")
+    return height
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ledger-client",
+        description="Talk to a PBFT ledger network: a result counts only when f+1 replicas signed it.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "-c",
+        "--config",
+        type=Path,
+        default=Path(os.environ.get("LEDGER_CLIENT_CONFIG", "client.toml")),
+        help="the network's client.toml (default: $LEDGER_CLIENT_CONFIG or ./client.toml)",
+    )
+    parser.add_argument("--key", dest="key_file", type=Path, help="act as the account of this key file (default: the config's client.key)")
+    parser.add_argument("--json", action="store_true", help="print JSON for programs instead of text")
+    parser.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the network (default: 30)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    transfer = commands.add_parser("transfer", help="move funds to another account")
+    transfer.add_argument("to", help="recipient: 64 hex digits or a key file")
+    transfer.add_argument("amount", type=_amount, help="a positive whole number")
+    put = commands.add_parser("put", help="set a key to a value")
+    put.add_argument("key", help=f"up to {KEY_LENGTH_MAX} characters")
+    put.add_argument("value", help=f"up to {VALUE_LENGTH_MAX} characters")
+    get = commands.add_parser("get", help="read a key (a quorum of replicas must agree)")
+    get.add_argument("key")
+    balance = commands.add_parser("balance", help="an account's balance and next nonce (default: yours)")
+    balance.add_argument("account", nargs="?", help="64 hex digits or a key file")
+    block = commands.add_parser("block", help="show a block and check its commit certificate")
+    block.add_argument("height", type=_height)
+    transaction = commands.add_parser("tx", help="find a transaction by id and check its proof")
+    transaction.add_argument("transaction_id", help="64 hex digits")
+    commands.add_parser("status", help="each replica's view, primary, height and last block")
+    verify = commands.add_parser("verify", help="download one replica's chain and check all of it")
+    verify.add_argument("--replica", type=int, default=0, help="which replica to download from (default: 0)")
+    keygen = commands.add_parser("keygen", help="create a new account key file")
+    keygen.add_argument("--out", type=Path, required=True, help="where to write the key (mode 0600)")
+    keygen.add_argument("--force", action="store_true", help="overwrite an existing file")
+    commands.add_parser("whoami", help="the account (public key) this client acts as")
+    return parser
+
+
+def _short(data: bytes) -> str:
+    return data.hex()[:16]
+
+
+class Output:
+    def __init__(self, as_json: bool) -> None:
+        self.as_json = as_json
+
+    def emit(self, data: dict[str, Any], text: str) -> None:
+        print(json.dumps(data, sort_keys=True) if self.as_json else text, flush=True)
+
+
+def receipt_data(receipt: Receipt) -> dict[str, Any]:
+    return {
+        "transaction_id": receipt.transaction_id.hex(),
+        "ok": receipt.result.ok,
+        "reason": receipt.result.reason,
+        "height": receipt.height,
+        "block_hash": receipt.block_hash.hex(),
+        "index": receipt.index,
+        "confirmed_by": list(receipt.replicas),
+    }
+
+
+def receipt_text(receipt: Receipt, client: Client, what: str) -> str:
+    outcome = "committed" if receipt.result.ok else f"FAILED ({receipt.result.reason})"
+    replicas = ", ".join(str(replica) for replica in receipt.replicas)
+    return (
+        f"{what}: {outcome}\n"
+        f"  transaction {receipt.transaction_id.hex()}\n"
+        f"  block {receipt.height} (hash {_short(receipt.block_hash)}), index {receipt.index}\n"
+        f"  confirmed by replicas {replicas}: {len(receipt.replicas)} matching signed replies, f+1 = {client.network.reply_quorum} needed"
+    )
+
+
+def block_data(block: Block) -> dict[str, Any]:
+    header = block.header
+    return {
+        "height": header.height,
+        "hash": header.block_hash.hex(),
+        "parent_hash": header.parent_hash.hex(),
+        "view": header.view,
+        "proposer": header.proposer,
+        "transactions_root": header.transactions_root.hex(),
+        "state_digest": header.state_digest.hex(),
+        "timestamp_ms": header.timestamp_ms,
+        "certificate": None
+        if block.certificate is None
+        else {"view": block.certificate.view, "signers": [replica for replica, _ in block.certificate.signatures]},
+        "transactions": [
+            {
+                "id": transaction.transaction_id.hex(),
+                "sender": transaction.sender.hex(),
+                "nonce": transaction.nonce,
+                "operation": describe_operation(transaction.operation),
+                "ok": result.ok,
+                "reason": result.reason,
+            }
+            for transaction, result in zip(block.transactions, block.results, strict=True)
+        ],
+    }
+
+
+def describe_operation(operation: Any) -> str:
+    if isinstance(operation, Transfer):
+        return f"transfer {operation.amount} to {operation.recipient.hex()}"
+    if isinstance(operation, Put):
+        return f"put {operation.key!r} = {operation.value!r}"
+    return repr(operation)
+
+
+def block_text(block: Block) -> str:
+    data = block_data(block)
+    signers = ", ".join(str(s) for s in data["certificate"]["signers"]) if data["certificate"] else "none"
+    lines = [
+        f"block {data['height']}  hash {data['hash']}",
+        f"  parent {data['parent_hash']}",
+        f"  proposed in view {data['view']} by replica {data['proposer']}, timestamp {data['timestamp_ms']} ms",
+        f"  transactions root {_short(block.header.transactions_root)}, state digest {_short(block.header.state_digest)}",
+        f"  commit certificate: view {block.certificate.view if block.certificate else '-'}, signed by replicas {signers} (verified)",
+        f"  {len(block.transactions)} transaction(s):",
+    ]
+    for item in data["transactions"]:
+        outcome = "ok" if item["ok"] else f"failed: {item['reason']}"
+        lines.append(f"    {item['id'][:16]}  from {item['sender'][:16]}  nonce {item['nonce']}  {item['operation']}  -> {outcome}")
+    return "\n".join(lines)
+
+
+async def run_command(arguments: argparse.Namespace, output: Output) -> int:
+    async with open_client(arguments.config, arguments.key_file) as client:
+        with trio.fail_after(arguments.timeout + 5):
+            return await dispatch(arguments, client, output)
+
+
+async def dispatch(arguments: argparse.Namespace, client: Client, output: Output) -> int:
+    command = arguments.command
+    if command == "transfer":
+        recipient = _account(arguments.to)
+        receipt = await client.execute(Transfer(recipient, arguments.amount))
+        output.emit(receipt_data(receipt), receipt_text(receipt, client, f"transfer {arguments.amount} to {_short(recipient)}"))
+        return EXIT_OK if receipt.result.ok else EXIT_FAILED
+    if command == "put":
+        receipt = await client.execute(Put(arguments.key, arguments.value))
+        output.emit(receipt_data(receipt), receipt_text(receipt, client, f"put {arguments.key!r}"))
+        return EXIT_OK if receipt.result.ok else EXIT_FAILED
+    if command == "get":
+        reply = await client.query("get", arguments.key, arguments.timeout)
+        shown = "(not set)" if reply.result is None else reply.result
+        output.emit({"key": arguments.key, "value": reply.result, "height": reply.height}, f"{arguments.key} = {shown}   (height {reply.height})")
+        return EXIT_OK
+    if command == "balance":
+        account = _account(arguments.account) if arguments.account else client._require_key().public_key
+        balance, nonce = await client.account(account)
+        output.emit(
+            {"account": account.hex(), "balance": balance, "nonce": nonce},
+            f"account {account.hex()}\n  balance {balance}\n  next nonce {nonce}",
+        )
+        return EXIT_OK
+    if command == "whoami":
+        account = client._require_key().public_key
+        output.emit({"account": account.hex()}, account.hex())
+        return EXIT_OK
+    if command == "block":
+        block = await client.block(arguments.height)
+        output.emit(block_data(block), block_text(block))
+        return EXIT_OK
+    if command == "tx":
+        try:
+            transaction_id = bytes.fromhex(arguments.transaction_id)
+        except ValueError:
+            raise UsageError("transaction id: expected 64 hex digits") from None
+        if len(transaction_id) != 32:
+            raise UsageError("transaction id: expected 64 hex digits")
+        location = await client.locate(transaction_id)
+        if location is None:
+            output.emit({"transaction_id": transaction_id.hex(), "found": False}, "no such transaction in the ledger (a quorum of replicas agree)")
+            return EXIT_FAILED
+        height, index = location
+        block = await client.block(height)
+        proof = prove_transaction(block, index)
+        proof.verify(client.network.network_id, client.network.replica_keys, client.network.quorum)
+        transaction, result = block.transactions[index], block.results[index]
+        data = {
+            "transaction_id": transaction_id.hex(),
+            "found": True,
+            "height": height,
+            "index": index,
+            "block_hash": block.block_hash.hex(),
+            "sender": transaction.sender.hex(),
+            "nonce": transaction.nonce,
+            "operation": describe_operation(transaction.operation),
+            "ok": result.ok,
+            "reason": result.reason,
+        }
+        output.emit(
+            data,
+            f"transaction {transaction_id.hex()}\n  {describe_operation(transaction.operation)}\n"
+            f"  from {transaction.sender.hex()} nonce {transaction.nonce}\n  result: {result.describe()}\n"
+            f"  in block {height} (hash {_short(block.block_hash)}) at index {index}; Merkle proof and commit certificate verified",
+        )
+        return EXIT_OK
+    if command == "status":
+        statuses = await client.status(wait_s=min(arguments.timeout, 2.0))
+        data = {
+            "network": client.network.network_id,
+            "replicas": [
+                {
+                    "replica": status.replica_id,
+                    "reachable": status.reachable,
+                    "view": status.view,
+                    "primary": status.primary,
+                    "height": status.height,
+                    "last_block_hash": status.last_block_hash.hex(),
+                    "stable_checkpoint": status.stable_checkpoint,
+                    "view_change_in_progress": status.view_changing,
+                }
+                for status in statuses
+            ],
+        }
+        lines = [
+            f"network {client.network.network_id!r}: n={client.network.replica_count}, f={client.network.faults_tolerated}, quorum={client.network.quorum}",
+            f"{'replica':>7}  {'state':<11} {'view':>5} {'primary':>7} {'height':>7}  {'checkpoint':>10}  last block",
+        ]
+        for status in statuses:
+            if not status.reachable:
+                lines.append(f"{status.replica_id:>7}  {'unreachable':<11}")
+                continue
+            state = "view-change" if status.view_changing else "normal"
+            lines.append(
+                f"{status.replica_id:>7}  {state:<11} {status.view:>5} {status.primary:>7} {status.height:>7}  "
+                f"{status.stable_checkpoint:>10}  {_short(status.last_block_hash)}"
+            )
+        output.emit(data, "\n".join(lines))
+        reachable = sum(status.reachable for status in statuses)
+        return EXIT_OK if reachable >= client.network.quorum else EXIT_UNAVAILABLE
+    if command == "verify":
+        if not 0 <= arguments.replica < client.network.replica_count:
+            raise UsageError(f"--replica: expected 0..{client.network.replica_count - 1}")
+
+        def progress(height: int) -> None:
+            if not output.as_json:
+                print(f"  verified through block {height}", file=sys.stderr, flush=True)
+
+        report = await client.verify_chain(arguments.replica, progress)
+        output.emit(
+            {
+                "replica": report.replica_id,
+                "height": report.height,
+                "last_block_hash": report.last_block_hash.hex(),
+                "transactions": report.transactions,
+                "valid": True,
+            },
+            f"chain of replica {report.replica_id} verified: {report.height} blocks, {report.transactions} transactions, "
+            f"every link, certificate and state digest checked; last block {_short(report.last_block_hash)}",
+        )
+        return EXIT_OK
+    raise UsageError(f"unknown command {command}")
+
+
+def command_keygen(arguments: argparse.Namespace, output: Output) -> int:
+    if arguments.out.exists() and not arguments.force:
+        raise UsageError(f"{arguments.out}: already exists (use --force to overwrite)")
+    key = SigningKey.generate()
+    write_key_file(arguments.out, key)
+    output.emit(
+        {"account": key.public_key.hex(), "key_file": str(arguments.out)},
+        f"wrote {arguments.out}\naccount {key.public_key.hex()}",
+    )
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    arguments = parser.parse_args(argv)
+    output = Output(arguments.json)
+    try:
+        if arguments.command == "keygen":
+            return command_keygen(arguments, output)
+        return trio.run(run_command, arguments, output)
+    except (UsageError, ConfigError, KeyFileError) as error:
+        print(f"ledger-client: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except TransactionRejected as error:
+        print(f"ledger-client: transaction refused: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    except (NetworkUnavailable, trio.TooSlowError) as error:
+        print(f"ledger-client: network unavailable: {error or 'timed out'}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except ChainError as error:
+        print(f"ledger-client: verification FAILED: {error}", file=sys.stderr)
+        return EXIT_INVALID_CHAIN
+    except ClientError as error:
+        print(f"ledger-client: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
