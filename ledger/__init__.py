@@ -1,0 +1,1 @@
+"""The ledger data: encoding, keys, transactions, blocks, the application, storage, configs."""

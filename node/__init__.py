@@ -1,0 +1,1 @@
+"""The replica: pure PBFT core, simulator, Trio runtime, transport, launcher and CLI."""

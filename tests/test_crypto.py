@@ -1,0 +1,162 @@
+"""Tests of Ed25519 keys, key files and domain-separated signatures."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+from chain_helpers import deterministic_key
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from ledger.crypto import (
+    PUBLIC_KEY_SIZE,
+    SIGNATURE_SIZE,
+    KeyFileError,
+    PublicKeyCache,
+    SigningKey,
+    parse_public_key,
+    read_key_file,
+    signing_domain,
+    verify_signature,
+    write_key_file,
+)
+
+KEYS = [deterministic_key(f"crypto-{index}") for index in range(3)]
+OBJECT_TYPES = ["transaction", "pre-prepare", "prepare", "commit", "reply", "query-reply", "handshake"]
+
+network_ids = st.text(min_size=1, max_size=24).filter(lambda text: "\x00" not in text)
+object_types = st.sampled_from(OBJECT_TYPES)
+messages = st.binary(max_size=200)
+
+
+@given(network_ids, object_types, network_ids, object_types)
+def test_domains_differ_and_none_is_a_prefix_of_another(
+    first_network: str, first_type: str, second_network: str, second_type: str
+) -> None:
+    assume((first_network, first_type) != (second_network, second_type))
+    first = signing_domain(first_network, first_type)
+    second = signing_domain(second_network, second_type)
+    assert first != second
+    assert not first.startswith(second)
+    assert not second.startswith(first)
+
+
+@given(
+    key_index=st.integers(0, len(KEYS) - 1),
+    network_id=network_ids,
+    object_type=object_types,
+    other_network_id=network_ids,
+    other_object_type=object_types,
+    message=messages,
+)
+@settings(max_examples=60)
+def test_a_signature_for_one_domain_fails_in_another(
+    key_index: int,
+    network_id: str,
+    object_type: str,
+    other_network_id: str,
+    other_object_type: str,
+    message: bytes,
+) -> None:
+    assume((network_id, object_type) != (other_network_id, other_object_type))
+    key = KEYS[key_index]
+    domain = signing_domain(network_id, object_type)
+    signature = key.sign(domain, message)
+    assert verify_signature(key.public_key, domain, message, signature)
+    assert not verify_signature(key.public_key, signing_domain(other_network_id, other_object_type), message, signature)
+
+
+@given(message=messages, position=st.integers(0, 10_000), flip=st.integers(1, 255))
+@settings(max_examples=60)
+def test_tampered_message_or_signature_fails(message: bytes, position: int, flip: int) -> None:
+    key = KEYS[0]
+    domain = signing_domain("net", "commit")
+    signature = key.sign(domain, message)
+    if message:
+        tampered_message = bytearray(message)
+        tampered_message[position % len(message)] ^= flip
+        assert not verify_signature(key.public_key, domain, bytes(tampered_message), signature)
+    assert not verify_signature(key.public_key, domain, message + b"\x00", signature)
+    tampered_signature = bytearray(signature)
+    tampered_signature[position % SIGNATURE_SIZE] ^= flip
+    assert not verify_signature(key.public_key, domain, message, bytes(tampered_signature))
+    assert not verify_signature(KEYS[1].public_key, domain, message, signature)
+
+
+@given(public_key=st.binary(max_size=40), signature=st.binary(max_size=70), message=messages)
+@settings(max_examples=100)
+def test_verification_of_garbage_returns_false_and_never_raises(
+    public_key: bytes, signature: bytes, message: bytes
+) -> None:
+    domain = signing_domain("net", "reply")
+    assert verify_signature(public_key, domain, message, signature) is False
+    assert PublicKeyCache().verify(public_key, domain, message, signature) is False
+
+
+def test_public_key_cache_agrees_with_verify_signature() -> None:
+    cache = PublicKeyCache(size_max=2)
+    domain = signing_domain("net", "prepare")
+    for key in KEYS * 2:
+        signature = key.sign(domain, b"message")
+        assert cache.verify(key.public_key, domain, b"message", signature)
+        assert not cache.verify(key.public_key, domain, b"other", signature)
+        assert not cache.verify(key.public_key, signing_domain("net", "commit"), b"message", signature)
+
+
+def test_signing_is_deterministic_and_keys_round_trip() -> None:
+    key = KEYS[0]
+    domain = signing_domain("net", "commit")
+    assert key.sign(domain, b"block") == key.sign(domain, b"block")
+    again = SigningKey.from_private_bytes(key.private_bytes())
+    assert again.public_key == key.public_key
+    assert len(key.public_key) == PUBLIC_KEY_SIZE
+    assert len(key.sign(domain, b"block")) == SIGNATURE_SIZE
+    assert SigningKey.generate().public_key != SigningKey.generate().public_key
+
+
+def test_key_file_is_private_and_reads_back(tmp_path: Path) -> None:
+    path = tmp_path / "replica.key"
+    previous_umask = os.umask(0)
+    try:
+        write_key_file(path, KEYS[2])
+    finally:
+        os.umask(previous_umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert read_key_file(path).public_key == KEYS[2].public_key
+    write_key_file(path, KEYS[1])  # overwriting keeps the mode and replaces the key
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert read_key_file(path).public_key == KEYS[1].public_key
+    assert [entry.name for entry in tmp_path.iterdir()] == ["replica.key"]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("", "not a pbft-ledger key file"),
+        ("some other file\n" + "00" * 32 + "\n", "not a pbft-ledger key file"),
+        ("pbft-ledger ed25519 private key v1\nxyz\n", "not hexadecimal"),
+        ("pbft-ledger ed25519 private key v1\n" + "00" * 31 + "\n", "must be 32 bytes"),
+    ],
+)
+def test_bad_key_files_raise_key_file_error(tmp_path: Path, content: str, message: str) -> None:
+    path = tmp_path / "bad.key"
+    path.write_text(content)
+    with pytest.raises(KeyFileError, match=message):
+        read_key_file(path)
+
+
+def test_missing_key_file_raises_key_file_error(tmp_path: Path) -> None:
+    with pytest.raises(KeyFileError, match="cannot read"):
+        read_key_file(tmp_path / "absent.key")
+
+
+def test_parse_public_key() -> None:
+    key = KEYS[0].public_key
+    assert parse_public_key(key.hex()) == key
+    with pytest.raises(ValueError, match="not hexadecimal"):
+        parse_public_key("zz" * 32)
+    with pytest.raises(ValueError, match="expected 32 bytes"):
+        parse_public_key(key.hex()[:-2])
