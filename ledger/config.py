@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import tomllib
 from dataclasses import dataclass
@@ -12,6 +13,9 @@ from ledger.blocks import REPLICAS_MAX, genesis_hash
 from ledger.crypto import SigningKey, parse_public_key, write_key_file
 
 REPLICAS_MIN = 4
+NETWORK_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+# Transfers conserve the total, so bounding the genesis total bounds every balance forever.
+SUPPLY_MAX = 2**62
 
 
 class ConfigError(ValueError):
@@ -156,6 +160,14 @@ class _Fields:
             raise ConfigError(f"{self._name(key)}: expected non-empty text, found {value!r}")
         return value
 
+    def network_id(self, key: str) -> str:
+        value = self.text(key)
+        if not NETWORK_ID_PATTERN.fullmatch(value):
+            raise ConfigError(
+                f"{self._name(key)}: {value!r} must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+            )
+        return value
+
     def public_key(self, key: str) -> bytes:
         try:
             return parse_public_key(self.text(key))
@@ -214,13 +226,15 @@ def _genesis_balances(source: str, table: Any) -> dict[bytes, int]:
         key = account.public_key("public_key")
         if key in balances:
             raise ConfigError(f"{source}: genesis.accounts[{index}].public_key: listed twice")
-        balances[key] = account.integer("balance", 0, 2**62)
+        balances[key] = account.integer("balance", 0, SUPPLY_MAX)
+    if sum(balances.values()) > SUPPLY_MAX:
+        raise ConfigError(f"{source}: genesis.accounts: balances add up to more than {SUPPLY_MAX}")
     return balances
 
 
 def _network(source: str, document: dict[str, Any]) -> NetworkConfig:
     network = _Fields(source, document.get("network"), "network")
-    network_id = network.text("id")
+    network_id = network.network_id("id")
     entries = _Fields(source, document, "").table_list("replicas")
     if len(entries) < REPLICAS_MIN:
         raise ConfigError(f"{source}: replicas: {len(entries)} listed, at least {REPLICAS_MIN} needed")
@@ -280,6 +294,8 @@ class Template:
 
 
 def template_for(replica_count: int, network_id: str | None = None, host: str = "127.0.0.1", base_port: int = 7100) -> Template:
+    if network_id is not None and not NETWORK_ID_PATTERN.fullmatch(network_id):
+        raise ConfigError(f"network id {network_id!r} must be 1-64 letters, digits, '.', '_' or '-'")
     if replica_count < REPLICAS_MIN:
         raise ConfigError(f"--replicas: {replica_count} replicas cannot tolerate a fault; at least {REPLICAS_MIN} needed")
     if replica_count > REPLICAS_MAX:
@@ -296,7 +312,7 @@ def load_template(path: Path, host: str | None = None, base_port: int | None = N
     source = str(path)
     document = _read_toml(path)
     network = _Fields(source, document.get("network"), "network")
-    network_id = network.text("id")
+    network_id = network.network_id("id")
     if network.has("addresses"):
         raw = network.table["addresses"]
         if not isinstance(raw, list) or not all(isinstance(item, str) for item in raw):
@@ -304,6 +320,9 @@ def load_template(path: Path, host: str | None = None, base_port: int | None = N
         if len(raw) < REPLICAS_MIN:
             raise ConfigError(f"{source}: network.addresses: {len(raw)} replicas, at least {REPLICAS_MIN} needed")
         peers = [parse_address(item, f"{source}: network.addresses[{index}]") for index, item in enumerate(raw)]
+        for index, peer in enumerate(peers):
+            if peer.port >= 65535:
+                raise ConfigError(f"{source}: network.addresses[{index}]: port {peer.port} leaves no room for the client port (port + 1)")
         addresses = tuple((peer, Address(peer.host, peer.port + 1)) for peer in peers)
     else:
         count = network.integer("replicas", 0, REPLICAS_MAX)
@@ -314,13 +333,11 @@ def load_template(path: Path, host: str | None = None, base_port: int | None = N
         )
         addresses = generated.addresses
     genesis = _Fields(source, document.get("genesis", {}), "genesis")
-    return Template(
-        network_id,
-        addresses,
-        _protocol_settings(source, document.get("protocol")),
-        genesis.integer("client_balance", 0, 2**62, 1_000_000),
-        _genesis_balances(source, document.get("genesis")),
-    )
+    client_balance = genesis.integer("client_balance", 0, SUPPLY_MAX, 1_000_000)
+    extra_balances = _genesis_balances(source, document.get("genesis"))
+    if client_balance + sum(extra_balances.values()) > SUPPLY_MAX:
+        raise ConfigError(f"{source}: genesis: balances add up to more than {SUPPLY_MAX}")
+    return Template(network_id, addresses, _protocol_settings(source, document.get("protocol")), client_balance, extra_balances)
 
 
 def _toml_value(value: Any) -> str:
@@ -349,6 +366,8 @@ def _network_toml(template: Template, keys: list[bytes], balances: dict[bytes, i
 
 def write_network(template: Template, out: Path, force: bool = False) -> list[Path]:
     """Create keys and configs for every replica and one client; returns the files written."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out}: exists and is not a directory")
     if out.exists() and any(out.iterdir()):
         if not force:
             raise ConfigError(f"{out}: already exists and is not empty (use --force to replace it)")

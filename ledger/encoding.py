@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import io
+from collections.abc import Iterator, Mapping
 from typing import Any, NoReturn
 
 import cbor2
@@ -31,8 +33,35 @@ def _refuse_tag(decoder: Any, tag: Any) -> NoReturn:
     raise CodecError(f"CBOR tag {tag.tag} is not allowed")
 
 
+class _RefuseEveryTag(Mapping[int, Any]):
+    """cbor2 decodes some tags itself (bignums, shared references, dates...) unless told otherwise.
+
+    Shared references (tags 28/29) in particular let a few hundred bytes expand into an
+    exponentially large structure. Our encoding uses no tags at all, so every one is refused.
+    """
+
+    def __getitem__(self, tag: int) -> Any:
+        def refuse(*arguments: Any) -> NoReturn:
+            raise CodecError(f"CBOR tag {tag} is not allowed")
+
+        return refuse
+
+    def __contains__(self, tag: object) -> bool:
+        return True
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
+
+
+_NO_TAGS = _RefuseEveryTag()
+
+
 def decode(data: bytes) -> Any:
-    """Decode CBOR made only of ints, byte strings, text, arrays, maps, booleans and null.
+    """Decode exactly one CBOR item made only of ints, byte strings, text, arrays, maps, booleans
+    and null, with nothing after it.
 
     Any failure, whatever cbor2 raises underneath, becomes a CodecError.
     """
@@ -40,19 +69,22 @@ def decode(data: bytes) -> Any:
         raise CodecError("expected bytes")
     if len(data) > ENCODED_SIZE_MAX:
         raise CodecError(f"encoding of {len(data)} bytes exceeds {ENCODED_SIZE_MAX}")
+    stream = io.BytesIO(data)
     try:
-        value = cbor2.loads(
-            bytes(data),
+        value = cbor2.CBORDecoder(
+            stream,
             tag_hook=_refuse_tag,
-            semantic_decoders={},
+            semantic_decoders=_NO_TAGS,
             allow_indefinite=False,
             allow_duplicate_keys=False,
             max_depth=NESTING_DEPTH_MAX,
-        )
+        ).decode()
     except CodecError:
         raise
     except Exception as error:  # cbor2 raises several types, and RecursionError/MemoryError too
         raise CodecError(f"malformed CBOR: {error}") from None
+    if stream.tell() != len(data):
+        raise CodecError(f"{len(data) - stream.tell()} unexpected bytes after the CBOR item")
     _check_plain(value, 0)
     return value
 

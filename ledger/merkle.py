@@ -20,6 +20,12 @@ def node_hash(left: bytes, right: bytes) -> bytes:
     return hashlib.sha256(b"\x01" + left + right).digest()
 
 
+def sized_root(tree_root: bytes, leaf_count: int) -> bytes:
+    """The published root binds the leaf count: with promoted odd nodes, leaf 2 of 3 and leaf 1
+    of 2 share a path, so without the count a proof could claim the wrong position."""
+    return hashlib.sha256(b"\x02" + leaf_count.to_bytes(8, "big") + tree_root).digest()
+
+
 def merkle_root(leaves: list[bytes]) -> bytes:
     if not leaves:
         return EMPTY_ROOT
@@ -29,7 +35,7 @@ def merkle_root(leaves: list[bytes]) -> bytes:
         if len(level) % 2:
             paired.append(level[-1])
         level = paired
-    return level[0]
+    return sized_root(level[0], len(leaves))
 
 
 def merkle_proof(leaves: list[bytes], index: int) -> list[bytes]:
@@ -53,7 +59,7 @@ def merkle_proof(leaves: list[bytes], index: int) -> list[bytes]:
 
 def verify_merkle_proof(leaf: bytes, index: int, leaf_count: int, proof: list[bytes], root: bytes) -> bool:
     """True only if `leaf` sits at `index` of a tree of `leaf_count` leaves with this root."""
-    if not 0 <= index < leaf_count:
+    if not 0 <= index < leaf_count or leaf_count >= 1 << 32:
         return False
     current = leaf_hash(leaf)
     position = index
@@ -68,4 +74,4 @@ def verify_merkle_proof(leaf: bytes, index: int, leaf_count: int, proof: list[by
             current = node_hash(other, current) if position % 2 else node_hash(current, other)
         position //= 2
         width = (width + 1) // 2
-    return not remaining and current == root
+    return not remaining and sized_root(current, leaf_count) == root

@@ -34,6 +34,7 @@ from ledger.transactions import Transaction, TransactionResult
 BLOCKS_PER_RESPONSE_MAX = 64
 SUBSCRIBE_ACCOUNTS_MAX = 1024
 QUERY_KIND_LENGTH_MAX = 32
+PREPARED_CERTIFICATES_MAX = 4096
 
 
 def _replica(value: Any, name: str) -> int:
@@ -97,6 +98,11 @@ class PrePrepare:
 
     def fields(self) -> list[Any]:
         return [self.view, self.sequence, self.batch.to_plain(), self.replica_id, self.signature]
+
+    @property
+    def header(self) -> PrePrepareHeader:
+        """The signed part: the batch enters only through its digest."""
+        return PrePrepareHeader(self.view, self.sequence, self.batch.digest, self.replica_id, self.signature)
 
     @classmethod
     def from_fields(cls, items: list[Any]) -> PrePrepare:
@@ -163,6 +169,246 @@ class Commit:
             _replica(items[3], "replica"),
             _signature(items[4], "signature"),
         )
+
+
+@dataclass(frozen=True, slots=True)
+class PrePrepareHeader:
+    """A PRE-PREPARE without its batch. Same signature as the full message, a fraction of the size:
+    view changes and NEW-VIEWs carry these, and replicas fetch batches they lack by digest."""
+
+    view: int
+    sequence: int
+    digest: bytes
+    replica_id: int
+    signature: bytes = b""
+
+    def signed_bytes(self) -> bytes:
+        return encode([self.view, self.sequence, self.digest, self.replica_id])
+
+    def to_plain(self) -> list[Any]:
+        return [self.view, self.sequence, self.digest, self.replica_id, self.signature]
+
+    @classmethod
+    def from_plain(cls, plain: Any) -> PrePrepareHeader:
+        items = expect_list(plain, "pre-prepare header", length=5)
+        return cls(
+            expect_int(items[0], "view"),
+            expect_int(items[1], "sequence", 1),
+            _hash(items[2], "digest"),
+            _replica(items[3], "replica"),
+            _signature(items[4], "signature"),
+        )
+
+
+def _signature_list(plain: Any, name: str) -> tuple[tuple[int, bytes], ...]:
+    entries = []
+    for entry in expect_list(plain, name, length_max=REPLICAS_MAX):
+        replica_id, signature = expect_list(entry, name, length=2)
+        entries.append((_replica(replica_id, name), _signature(signature, name)))
+    return tuple(entries)
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedCertificate:
+    """Proof that a batch was prepared: the primary's pre-prepare plus quorum - 1 backup PREPAREs."""
+
+    pre_prepare: PrePrepareHeader
+    prepares: tuple[tuple[int, bytes], ...]
+
+    @property
+    def view(self) -> int:
+        return self.pre_prepare.view
+
+    @property
+    def sequence(self) -> int:
+        return self.pre_prepare.sequence
+
+    @property
+    def digest(self) -> bytes:
+        return self.pre_prepare.digest
+
+    def to_plain(self) -> list[Any]:
+        return [self.pre_prepare.to_plain(), [[replica_id, signature] for replica_id, signature in self.prepares]]
+
+    @classmethod
+    def from_plain(cls, plain: Any) -> PreparedCertificate:
+        items = expect_list(plain, "prepared certificate", length=2)
+        return cls(PrePrepareHeader.from_plain(items[0]), _signature_list(items[1], "prepares"))
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedRecord:
+    """What a replica keeps on disk for a prepared slot: the certificate and the batch itself."""
+
+    TAG: ClassVar[str] = "prepared-record"
+    certificate: PreparedCertificate
+    batch: Batch
+
+    def fields(self) -> list[Any]:
+        return [self.certificate.to_plain(), self.batch.to_plain()]
+
+    @classmethod
+    def from_fields(cls, items: list[Any]) -> PreparedRecord:
+        expect_list(items, cls.TAG, length=2)
+        return cls(PreparedCertificate.from_plain(items[0]), Batch.from_plain(items[1]))
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """A replica's signed statement of the state after executing `sequence`."""
+
+    TAG: ClassVar[str] = "checkpoint"
+    sequence: int
+    state_digest: bytes
+    block_hash: bytes
+    replica_id: int
+    signature: bytes = b""
+
+    def signed_bytes(self) -> bytes:
+        return checkpoint_signed_bytes(self.sequence, self.state_digest, self.block_hash, self.replica_id)
+
+    def fields(self) -> list[Any]:
+        return [self.sequence, self.state_digest, self.block_hash, self.replica_id, self.signature]
+
+    @classmethod
+    def from_fields(cls, items: list[Any]) -> Checkpoint:
+        expect_list(items, cls.TAG, length=5)
+        return cls(
+            expect_int(items[0], "sequence", 1),
+            _hash(items[1], "state digest"),
+            _hash(items[2], "block hash"),
+            _replica(items[3], "replica"),
+            _signature(items[4], "signature"),
+        )
+
+
+def checkpoint_signed_bytes(sequence: int, state_digest: bytes, block_hash: bytes, replica_id: int) -> bytes:
+    return encode([sequence, state_digest, block_hash, replica_id])
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointCertificate:
+    """A quorum of matching CHECKPOINTs: the state at `sequence` is stable and certified."""
+
+    TAG: ClassVar[str] = "checkpoint-certificate"
+    sequence: int
+    state_digest: bytes
+    block_hash: bytes
+    signatures: tuple[tuple[int, bytes], ...]
+
+    def fields(self) -> list[Any]:
+        return [self.sequence, self.state_digest, self.block_hash, [[r, s] for r, s in self.signatures]]
+
+    @classmethod
+    def from_fields(cls, items: list[Any]) -> CheckpointCertificate:
+        expect_list(items, cls.TAG, length=4)
+        return cls(
+            expect_int(items[0], "sequence", 1),
+            _hash(items[1], "state digest"),
+            _hash(items[2], "block hash"),
+            _signature_list(items[3], "checkpoint signatures"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ViewChange:
+    """VIEW-CHANGE: 'I leave for `new_view`; here is my stable checkpoint and what I prepared above it.'"""
+
+    TAG: ClassVar[str] = "view-change"
+    new_view: int
+    checkpoint: CheckpointCertificate | None
+    prepared: tuple[PreparedCertificate, ...]
+    replica_id: int
+    signature: bytes = b""
+
+    def signed_bytes(self) -> bytes:
+        return encode(self.fields()[:-1])
+
+    def fields(self) -> list[Any]:
+        return [
+            self.new_view,
+            None if self.checkpoint is None else self.checkpoint.fields(),
+            [certificate.to_plain() for certificate in self.prepared],
+            self.replica_id,
+            self.signature,
+        ]
+
+    @property
+    def checkpoint_sequence(self) -> int:
+        return 0 if self.checkpoint is None else self.checkpoint.sequence
+
+    @classmethod
+    def from_fields(cls, items: list[Any]) -> ViewChange:
+        expect_list(items, cls.TAG, length=5)
+        checkpoint = None if items[1] is None else CheckpointCertificate.from_fields(expect_list(items[1], "checkpoint"))
+        prepared = tuple(
+            PreparedCertificate.from_plain(item) for item in expect_list(items[2], "prepared", length_max=PREPARED_CERTIFICATES_MAX)
+        )
+        return cls(expect_int(items[0], "new view", 1), checkpoint, prepared, _replica(items[3], "replica"), _signature(items[4], "signature"))
+
+
+@dataclass(frozen=True, slots=True)
+class NewView:
+    """NEW-VIEW from the new primary: the view-changes it used and the pre-prepares they imply.
+
+    It needs no signature of its own: each view-change and each pre-prepare inside is signed, and
+    every backup recomputes the pre-prepares from the view-changes before accepting it.
+    """
+
+    TAG: ClassVar[str] = "new-view"
+    view: int
+    view_changes: tuple[ViewChange, ...]
+    pre_prepares: tuple[PrePrepareHeader, ...]
+    replica_id: int
+
+    def fields(self) -> list[Any]:
+        return [
+            self.view,
+            [view_change.fields() for view_change in self.view_changes],
+            [header.to_plain() for header in self.pre_prepares],
+            self.replica_id,
+        ]
+
+    @classmethod
+    def from_fields(cls, items: list[Any]) -> NewView:
+        expect_list(items, cls.TAG, length=4)
+        view_changes = tuple(
+            ViewChange.from_fields(expect_list(item, "view change")) for item in expect_list(items[1], "view changes", length_max=REPLICAS_MAX)
+        )
+        headers = tuple(
+            PrePrepareHeader.from_plain(item) for item in expect_list(items[2], "pre-prepares", length_max=PREPARED_CERTIFICATES_MAX)
+        )
+        return cls(expect_int(items[0], "view", 1), view_changes, headers, _replica(items[3], "replica"))
+
+
+@dataclass(frozen=True, slots=True)
+class FetchBatch:
+    """Ask peers for the batch with this digest (known from a NEW-VIEW, content not yet seen)."""
+
+    TAG: ClassVar[str] = "fetch-batch"
+    digest: bytes
+
+    def fields(self) -> list[Any]:
+        return [self.digest]
+
+    @classmethod
+    def from_fields(cls, items: list[Any]) -> FetchBatch:
+        expect_list(items, cls.TAG, length=1)
+        return cls(_hash(items[0], "digest"))
+
+
+@dataclass(frozen=True, slots=True)
+class BatchContent:
+    TAG: ClassVar[str] = "batch"
+    batch: Batch
+
+    def fields(self) -> list[Any]:
+        return [self.batch.to_plain()]
+
+    @classmethod
+    def from_fields(cls, items: list[Any]) -> BatchContent:
+        expect_list(items, cls.TAG, length=1)
+        return cls(Batch.from_plain(items[0]))
 
 
 @dataclass(frozen=True, slots=True)
@@ -466,6 +712,13 @@ MESSAGE_TYPES: dict[str, Any] = {
         PrePrepare,
         Prepare,
         Commit,
+        PreparedRecord,
+        Checkpoint,
+        CheckpointCertificate,
+        ViewChange,
+        NewView,
+        FetchBatch,
+        BatchContent,
         Status,
         FetchBlocks,
         Blocks,

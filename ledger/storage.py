@@ -43,6 +43,7 @@ class BlockStore:
     def open(cls, path: Path, genesis: bytes, verify: bool = True) -> BlockStore:
         """Open (creating if new) the store for the chain whose block 1 has parent `genesis`."""
         path.parent.mkdir(parents=True, exist_ok=True)
+        connection: sqlite3.Connection | None = None
         try:
             connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             connection.execute("pragma journal_mode=wal")
@@ -55,11 +56,17 @@ class BlockStore:
                     connection.execute("insert into meta values ('schema', ?)", (SCHEMA_VERSION,))
             elif stored_genesis[0] != genesis:
                 raise StoreError(f"{path}: this store belongs to a different network (genesis differs)")
+            store = cls(connection, path, genesis)
+            if verify:
+                store.verify()
         except sqlite3.DatabaseError as error:
+            if connection is not None:
+                connection.close()
             raise StoreError(f"{path}: not a readable ledger store: {error}") from None
-        store = cls(connection, path, genesis)
-        if verify:
-            store.verify()
+        except StoreError:
+            if connection is not None:
+                connection.close()
+            raise
         return store
 
     def close(self) -> None:
@@ -154,9 +161,22 @@ class BlockStore:
             "select kind, view, sequence, data from signed_messages order by sequence, view"
         ).fetchall()
 
-    def prune_messages(self, through_sequence: int) -> None:
+    def prune_messages(self, through_sequence: int, view: int, log_kinds: Iterable[str]) -> None:
+        """Drop records the protocol no longer needs: log kinds at or below the stable checkpoint,
+        older stable-checkpoint certificates, and view-change records of earlier views."""
+        kinds = list(log_kinds)
+        marks = ",".join("?" * len(kinds))
         with self._connection:
-            self._connection.execute("delete from signed_messages where sequence <= ?", (through_sequence,))
+            self._connection.execute("begin")
+            self._connection.execute(
+                f"delete from signed_messages where kind in ({marks}) and sequence <= ?", (*kinds, through_sequence)
+            )
+            self._connection.execute(
+                "delete from signed_messages where kind = 'stable-checkpoint' and sequence < ?", (through_sequence,)
+            )
+            self._connection.execute(
+                "delete from signed_messages where kind in ('view-change', 'new-view') and view < ?", (view,)
+            )
 
     def get_meta(self, key: str) -> bytes | None:
         row = self._connection.execute("select value from meta where key=?", (key,)).fetchone()

@@ -4,13 +4,19 @@ Nothing here touches sockets, clocks, threads or randomness. The runtime (or the
 `receive_request`, `receive_message` and `tick`, then `take_effects`, and carries the effects out
 in order: persist, send, store blocks, reply. A replica never sends a signed message that is not
 yet durable, so restarting an honest replica can never make it sign two things for one slot.
+
+Protocol map (Castro & Liskov, TOCS 2002, the variant with signatures):
+  normal case      _propose, _on_pre_prepare, _on_prepare, _on_commit, _execute_ready
+  checkpoints      _make_checkpoint, _on_checkpoint, _make_stable (garbage collection, watermarks)
+  view changes     _start_view_change, _on_view_change, _send_new_view, _on_new_view, _enter_view
+  catching up      _on_status_interval, _fetch_blocks, _on_blocks, FetchBatch/BatchContent
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from ledger.application import AccountsApplication
@@ -29,14 +35,23 @@ from ledger.merkle import merkle_root
 from ledger.messages import (
     BLOCKS_PER_RESPONSE_MAX,
     Batch,
+    BatchContent,
     Blocks,
+    Checkpoint,
+    CheckpointCertificate,
     Commit,
+    FetchBatch,
     FetchBlocks,
+    NewView,
     Prepare,
+    PreparedCertificate,
+    PreparedRecord,
     PrePrepare,
+    PrePrepareHeader,
     Reply,
     Request,
     Status,
+    ViewChange,
 )
 from ledger.transactions import Transaction, transaction_domain
 
@@ -45,6 +60,10 @@ SignatureCheck = Callable[[bytes, bytes, bytes, bytes], bool]
 # Bounds on what one replica holds in memory, whatever its peers and clients do.
 PENDING_REQUESTS_MAX = 100_000
 VERIFIED_CACHE_MAX = 200_000
+TIMEOUT_DOUBLINGS_MAX = 6
+
+# Kinds of durable records. The first group is garbage collected at the stable checkpoint.
+LOG_KINDS = ("pre-prepare", "prepare", "commit", "prepared", "checkpoint")
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,12 +76,21 @@ class Send:
 
 @dataclass(frozen=True, slots=True)
 class Persist:
-    """Make this own signed message durable before any Send that follows it."""
+    """Make this record durable before any Send that follows it."""
 
     kind: str
     view: int
     sequence: int
     message: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Prune:
+    """Durable records may go: log kinds at or below `through_sequence`, and the
+    stable-checkpoint, view-change and new-view records older than the ones in force."""
+
+    through_sequence: int
+    view: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,11 +107,14 @@ class Effects:
     send: list[Send] = field(default_factory=list)
     blocks: list[Block] = field(default_factory=list)
     replies: list[ClientReply] = field(default_factory=list)
+    prune: Prune | None = None
     request_errors: list[tuple[bytes, str]] = field(default_factory=list)
     events: list[str] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.persist or self.send or self.blocks or self.replies or self.request_errors or self.events)
+        return bool(
+            self.persist or self.send or self.blocks or self.replies or self.prune or self.request_errors or self.events
+        )
 
 
 @dataclass
@@ -92,17 +123,46 @@ class Slot:
 
     sequence: int
     view: int
-    pre_prepare: PrePrepare | None = None
+    pre_prepare: PrePrepareHeader | None = None
+    batch: Batch | None = None
     prepares: dict[int, Prepare] = field(default_factory=dict)
     commits: dict[int, Commit] = field(default_factory=dict)
     own_prepare: Prepare | None = None
     own_commit: Commit | None = None
+    prepared: bool = False
     committed: bool = False
     last_sent_ms: int = 0
 
     @property
     def digest(self) -> bytes | None:
-        return None if self.pre_prepare is None else self.pre_prepare.batch.digest
+        return None if self.pre_prepare is None else self.pre_prepare.digest
+
+
+def null_batch(view: int, primary: int) -> Batch:
+    """The empty batch a new primary assigns to a sequence number nobody prepared."""
+    return Batch(view, primary, 0, ())
+
+
+def new_view_assignments(view: int, primary: int, view_changes: Iterable[ViewChange]) -> tuple[int, list[tuple[int, bytes]]]:
+    """PBFT's rule for the pre-prepares of a NEW-VIEW, recomputed identically by every backup.
+
+    Start after the highest stable checkpoint among the view-changes. For each later sequence
+    number, re-propose the digest prepared in the highest view; fill gaps with null batches.
+    Returns (that checkpoint's sequence, [(sequence, digest), ...]).
+    """
+    view_changes = list(view_changes)
+    low = max((view_change.checkpoint_sequence for view_change in view_changes), default=0)
+    chosen: dict[int, PreparedCertificate] = {}
+    for view_change in view_changes:
+        for certificate in view_change.prepared:
+            if certificate.sequence <= low:
+                continue
+            best = chosen.get(certificate.sequence)
+            if best is None or certificate.view > best.view:
+                chosen[certificate.sequence] = certificate
+    high = max(chosen, default=low)
+    empty = null_batch(view, primary).digest
+    return low, [(sequence, chosen[sequence].digest if sequence in chosen else empty) for sequence in range(low + 1, high + 1)]
 
 
 class ReplicaCore:
@@ -116,7 +176,7 @@ class ReplicaCore:
         application: AccountsApplication,
         height: int = 0,
         last_block_hash: bytes | None = None,
-        restored_messages: list[Any] | None = None,
+        restored_records: list[tuple[str, Any]] | None = None,
         check_signature: SignatureCheck | None = None,
     ) -> None:
         self.network = network
@@ -125,20 +185,41 @@ class ReplicaCore:
         self.application = application
         self.settings = network.protocol
         self.replica_count = network.replica_count
+        self.faults = network.faults_tolerated
         self.quorum = network.quorum
         self.replica_keys = network.replica_keys
         self.check_signature: SignatureCheck = check_signature or PublicKeyCache().verify
         self.domains = {
-            kind: signing_domain(network.network_id, kind) for kind in ("pre-prepare", "prepare", "commit", "reply")
+            kind: signing_domain(network.network_id, kind)
+            for kind in ("pre-prepare", "prepare", "commit", "checkpoint", "view-change", "reply")
         }
         self.transaction_domain = transaction_domain(network.network_id)
+        # L in the paper: how far above the stable checkpoint sequence numbers are accepted.
+        self.log_size = max(self.settings.window_size, 2 * self.settings.checkpoint_interval)
 
         self.view = 0
+        self.view_active = True
         self.height = height
         self.last_block_hash = last_block_hash if last_block_hash is not None else network.genesis_hash
         self.next_sequence = height + 1
-        self.slots: dict[int, Slot] = {}
+        self.low = 0  # the stable checkpoint's sequence: the low watermark
+        self.stable_checkpoint: CheckpointCertificate | None = None
         self.now_ms = 0
+
+        self.slots: dict[int, Slot] = {}
+        self.prepared: dict[int, PreparedRecord] = {}  # highest-view prepared certificate per sequence
+        self.batches: dict[bytes, Batch] = {}  # batch contents by digest, for sequences above low
+        self.checkpoints: dict[int, dict[int, Checkpoint]] = {}
+        self.own_checkpoints: dict[int, Checkpoint] = {}
+        self.signed: dict[tuple[str, int, int], Any] = {}  # what this replica signed, by (kind, view, sequence)
+        self.latest_view_changes: dict[int, ViewChange] = {}  # per replica, its highest valid VIEW-CHANGE
+        self.verified_view_changes: set[bytes] = set()
+        self.own_view_change: ViewChange | None = None
+        self.new_view: NewView | None = None
+        self.view_change_started_ms = 0
+        self.view_change_attempts = 0
+        self.request_timer_started_ms: int | None = None
+        self.missing_batches: dict[bytes, int] = {}  # digest -> when last asked
 
         # Requests not yet executed: at the primary, waiting to be proposed; at a backup, watched.
         self.pending: OrderedDict[bytes, Transaction] = OrderedDict()
@@ -147,6 +228,7 @@ class ReplicaCore:
         self.verified: OrderedDict[bytes, None] = OrderedDict()
 
         self.peer_heights: dict[int, int] = {}
+        self.peer_views: dict[int, int] = {}
         self.fetch_sent_ms: int | None = None
         self.fetch_peer_cursor = 0
         self.height_at_last_status = height
@@ -154,8 +236,8 @@ class ReplicaCore:
 
         self.counters: dict[str, int] = {}
         self.effects = Effects()
-        for message in restored_messages or []:
-            self._restore(message)
+        if restored_records:
+            self._restore(restored_records)
 
     # ---- queries about the state ----
 
@@ -167,6 +249,10 @@ class ReplicaCore:
     def is_primary(self) -> bool:
         return self.primary == self.replica_id
 
+    @property
+    def high(self) -> int:
+        return self.low + self.log_size
+
     def take_effects(self) -> Effects:
         effects, self.effects = self.effects, Effects()
         return effects
@@ -176,37 +262,103 @@ class ReplicaCore:
         if detail:
             self.effects.events.append(f"rejected: {reason}: {detail}")
 
+    def _timeout_ms(self) -> int:
+        return self.settings.view_change_timeout_ms << min(self.view_change_attempts, TIMEOUT_DOUBLINGS_MAX)
+
+    # ---- signing: the one place that enforces "never sign two things for one slot" ----
+
+    def _sign_once(
+        self, kind: str, view: int, sequence: int, message: Any, digest: bytes | None, persist: bool = True
+    ) -> Any:
+        """Sign and persist `message`, or return what was already signed for (kind, view, sequence).
+
+        An honest replica must never sign two different digests for one (view, sequence); if the
+        protocol logic ever asked for that, it is our bug, and the assertion stops the replica
+        before it can equivocate.
+        """
+        key = (kind, view, sequence)
+        existing = self.signed.get(key)
+        if existing is not None:
+            existing_digest = existing.header.digest if isinstance(existing, PrePrepare) else getattr(existing, "digest", None)
+            assert digest is None or existing_digest == digest, f"refusing to equivocate on {key}"
+            return existing
+        signature = self.key.sign(self.domains[kind], message.signed_bytes())
+        signed = _with_signature(message, signature)
+        self.signed[key] = signed
+        if persist:
+            self.effects.persist.append(Persist(kind, view, sequence, signed))
+        return signed
+
     # ---- restart ----
 
-    def _restore(self, message: Any) -> None:
-        """Re-adopt an own signed message from disk: it will be re-sent, never contradicted."""
-        if message.sequence <= self.height or message.view != self.view:
-            return
-        slot = self._slot(message.sequence)
-        if isinstance(message, PrePrepare):
-            slot.pre_prepare = message
-            self.next_sequence = max(self.next_sequence, message.sequence + 1)
-            self.proposed.update(t.transaction_id for t in message.batch.transactions)
-        elif isinstance(message, Prepare):
-            slot.own_prepare = message
-            slot.prepares[self.replica_id] = message
-        elif isinstance(message, Commit):
-            slot.own_commit = message
-            slot.commits[self.replica_id] = message
+    def _restore(self, records: list[tuple[str, Any]]) -> None:
+        """Resume from durable records: adopt own signed messages again, never contradict them."""
+        new_views: list[NewView] = []
+        for kind, message in records:
+            if kind == "stable-checkpoint":
+                if message.sequence > self.low:
+                    self.stable_checkpoint, self.low = message, message.sequence
+            elif kind == "prepared":
+                self._remember_prepared(message)
+            elif kind == "new-view":
+                new_views.append(message)
+            elif kind == "view-change":
+                if self.own_view_change is None or message.new_view > self.own_view_change.new_view:
+                    self.own_view_change = message
+            elif kind == "checkpoint":
+                self.own_checkpoints[message.sequence] = message
+                self.checkpoints.setdefault(message.sequence, {})[self.replica_id] = message
+            elif kind in ("pre-prepare", "prepare", "commit"):
+                self.signed[(kind, message.view, message.sequence)] = message
+                if isinstance(message, PrePrepare):
+                    self.batches[message.batch.digest] = message.batch
+        self._garbage_collect()
+        latest_new_view = max(new_views, key=lambda new_view: new_view.view, default=None)
+        view_change_view = self.own_view_change.new_view if self.own_view_change is not None else 0
+        signed_view = max((view for _, view, _ in self.signed), default=0)
+        if latest_new_view is not None and latest_new_view.view >= view_change_view:
+            for header in latest_new_view.pre_prepares if latest_new_view.replica_id == self.replica_id else ():
+                self.signed[("pre-prepare", header.view, header.sequence)] = header
+            self._enter_view(latest_new_view)
+        elif view_change_view > 0:
+            self.view, self.view_active = view_change_view, False
+        self.view = max(self.view, signed_view)
+        self.next_sequence = max(
+            [self.height + 1, self.low + 1]
+            + [sequence + 1 for kind, view, sequence in self.signed if kind == "pre-prepare" and view == self.view]
+        )
+        for _kind, view, sequence in sorted(self.signed):
+            if view == self.view and sequence > self.low:
+                self._slot(sequence)
+        # Re-sent on the first status interval: peers may never have received them.
+        for slot in self.slots.values():
+            slot.last_sent_ms = -self.settings.status_interval_ms
 
     # ---- events ----
 
     def tick(self, now_ms: int) -> None:
-        """Logical time advances; cut batches, retransmit stalled slots, exchange status."""
+        """Logical time advances: cut batches, check timers, retransmit, exchange status."""
         self.now_ms = max(self.now_ms, now_ms)
-        if self.is_primary:
-            self._propose_batches()
+        if self.view_active:
+            if self.is_primary:
+                self._propose_batches()
+            elif (
+                self.request_timer_started_ms is not None
+                and self.now_ms - self.request_timer_started_ms >= self._timeout_ms()
+            ):
+                self.effects.events.append(
+                    f"request timer expired in view {self.view}: suspecting primary {self.primary}"
+                )
+                self._start_view_change(self.view + 1)
+        elif self.now_ms - self.view_change_started_ms >= self._timeout_ms():
+            self.effects.events.append(f"view change to {self.view} timed out; trying view {self.view + 1}")
+            self._start_view_change(self.view + 1)
         if self.now_ms - self.last_status_ms >= self.settings.status_interval_ms:
             self.last_status_ms = self.now_ms
             self._on_status_interval()
 
     def receive_request(self, transaction: Transaction) -> None:
-        """A client's signed transaction, straight from the client or forwarded by a backup."""
+        """A client's signed transaction, straight from the client or relayed by a backup."""
         transaction_id = transaction.transaction_id
         if transaction_id in self.pending or transaction_id in self.proposed:
             return
@@ -225,39 +377,51 @@ class ReplicaCore:
         self.pending[transaction_id] = transaction
         self.pending_since_ms[transaction_id] = self.now_ms
         if self.is_primary:
-            if self._unproposed_count() >= self.settings.batch_size_max:
+            if self.view_active and len(self.pending) >= self.settings.batch_size_max:
                 self._propose_batches()
         else:
-            # PBFT: a backup that hears of a request relays it to the primary, in case the
-            # client could not reach it.
+            # PBFT: a backup that hears of a request relays it to the primary, in case the client
+            # could not reach it, and starts its timer: if the request is not executed in time,
+            # the primary is suspected and replaced.
             self.effects.send.append(Send(self.primary, Request(transaction)))
+            if self.request_timer_started_ms is None:
+                self.request_timer_started_ms = self.now_ms
 
     def receive_message(self, sender: int, message: Any) -> None:
-        """A message from authenticated peer `sender` (signatures are still checked here)."""
+        """A message from authenticated peer `sender` (signatures inside are still checked here)."""
         if isinstance(message, Prepare):
             self._on_prepare(message)
         elif isinstance(message, Commit):
             self._on_commit(message)
         elif isinstance(message, PrePrepare):
             self._on_pre_prepare(message)
+        elif isinstance(message, Checkpoint):
+            self._on_checkpoint(message)
         elif isinstance(message, Request):
             self.receive_request(message.transaction)
         elif isinstance(message, Status):
             self._on_status(sender, message)
-        elif isinstance(message, FetchBlocks):
-            pass  # answered by the host from its store; never reaches the core
         elif isinstance(message, Blocks):
             self._on_blocks(sender, message)
+        elif isinstance(message, ViewChange):
+            self._on_view_change(sender, message)
+        elif isinstance(message, NewView):
+            self._on_new_view(message)
+        elif isinstance(message, FetchBatch):
+            batch = self._find_batch(message.digest)
+            if batch is not None:
+                self.effects.send.append(Send(sender, BatchContent(batch)))
+        elif isinstance(message, BatchContent):
+            self._on_batch_content(message.batch)
+        elif isinstance(message, FetchBlocks):
+            pass  # answered by the host from its store; never reaches the core
         else:
             self._reject("unexpected message type", type(message).__name__)
 
     # ---- the primary ----
 
-    def _unproposed_count(self) -> int:
-        return len(self.pending)
-
     def _propose_batches(self) -> None:
-        while self.pending and self.next_sequence <= self.height + self.settings.window_size:
+        while self.pending and self.next_sequence <= min(self.high, self.height + self.settings.window_size):
             oldest = next(iter(self.pending))
             waited = self.now_ms - self.pending_since_ms[oldest]
             if len(self.pending) < self.settings.batch_size_max and waited < self.settings.batch_wait_ms:
@@ -266,38 +430,56 @@ class ReplicaCore:
             while self.pending and len(transactions) < self.settings.batch_size_max:
                 transaction_id, transaction = self.pending.popitem(last=False)
                 self.pending_since_ms.pop(transaction_id, None)
+                # Already in a batch of this view, or its nonce was used since it arrived.
+                if transaction_id in self.proposed or self.application.check(transaction) is not None:
+                    continue
                 self.proposed.add(transaction_id)
                 transactions.append(transaction)
-            self._propose(Batch(self.view, self.replica_id, self.now_ms, tuple(transactions)))
+            if transactions:
+                self._propose(Batch(self.view, self.replica_id, self.now_ms, tuple(transactions)))
 
     def _propose(self, batch: Batch) -> None:
         sequence = self.next_sequence
         self.next_sequence += 1
-        unsigned = PrePrepare(self.view, sequence, batch, self.replica_id)
-        pre_prepare = PrePrepare(
-            self.view, sequence, batch, self.replica_id, self.key.sign(self.domains["pre-prepare"], unsigned.signed_bytes())
+        pre_prepare = self._sign_once(
+            "pre-prepare", self.view, sequence, PrePrepare(self.view, sequence, batch, self.replica_id), batch.digest
         )
+        self.batches[batch.digest] = batch
         slot = self._slot(sequence)
-        slot.pre_prepare = pre_prepare
+        slot.pre_prepare, slot.batch = pre_prepare.header, batch
         slot.last_sent_ms = self.now_ms
-        self.effects.persist.append(Persist("pre-prepare", self.view, sequence, pre_prepare))
         self.effects.send.append(Send(None, pre_prepare))
         self._advance(slot)
 
     # ---- normal-case messages ----
 
     def _slot(self, sequence: int) -> Slot:
+        """The slot for `sequence` in the current view, seeded with whatever this replica signed."""
         slot = self.slots.get(sequence)
-        if slot is None or slot.view != self.view:
-            slot = Slot(sequence, self.view, last_sent_ms=self.now_ms)
-            self.slots[sequence] = slot
+        if slot is not None and slot.view == self.view:
+            return slot
+        slot = Slot(sequence, self.view, last_sent_ms=self.now_ms)
+        self.slots[sequence] = slot
+        signed_pre_prepare = self.signed.get(("pre-prepare", self.view, sequence))
+        if signed_pre_prepare is not None:
+            header = signed_pre_prepare.header if isinstance(signed_pre_prepare, PrePrepare) else signed_pre_prepare
+            slot.pre_prepare = header
+            slot.batch = self._find_batch(header.digest)
+        own_prepare = self.signed.get(("prepare", self.view, sequence))
+        if own_prepare is not None:
+            slot.own_prepare = own_prepare
+            slot.prepares[self.replica_id] = own_prepare
+        own_commit = self.signed.get(("commit", self.view, sequence))
+        if own_commit is not None:
+            slot.own_commit = own_commit
+            slot.commits[self.replica_id] = own_commit
         return slot
 
-    def _in_window(self, view: int, sequence: int) -> bool:
-        if view != self.view:
+    def _accepts(self, view: int, sequence: int) -> bool:
+        if view != self.view or not self.view_active:
             self._reject("wrong view")
             return False
-        if not self.height < sequence <= self.height + 2 * self.settings.window_size:
+        if not self.low < sequence <= self.high:
             self._reject("outside watermarks")
             return False
         return True
@@ -323,15 +505,18 @@ class ReplicaCore:
         return valid
 
     def _on_pre_prepare(self, message: PrePrepare) -> None:
-        if not self._in_window(message.view, message.sequence):
+        if not self._accepts(message.view, message.sequence):
             return
         if message.replica_id != self.network.primary(message.view):
             self._reject("pre-prepare not from the primary", f"replica {message.replica_id}")
             return
         slot = self._slot(message.sequence)
+        digest = message.batch.digest
         if slot.pre_prepare is not None:
-            if slot.pre_prepare.batch.digest != message.batch.digest:
+            if slot.pre_prepare.digest != digest:
                 self._reject("conflicting pre-prepare", f"view {message.view} sequence {message.sequence}")
+            elif slot.batch is None:
+                self._adopt_batch(message.batch)  # the content of a NEW-VIEW assignment
             return
         if not self._signed_by("pre-prepare", message):
             self._reject("bad pre-prepare signature", f"sequence {message.sequence}")
@@ -340,14 +525,14 @@ class ReplicaCore:
         if problem is not None:
             self._reject("invalid batch", problem)
             return
-        slot.pre_prepare = message
+        slot.pre_prepare, slot.batch = message.header, message.batch
+        self.batches[digest] = message.batch
         for transaction in message.batch.transactions:
             self.proposed.add(transaction.transaction_id)
-        # Votes that arrived before the pre-prepare with a different digest never count.
-        digest = message.batch.digest
+        # Votes that arrived before the pre-prepare with another digest never count.
         slot.prepares = {r: p for r, p in slot.prepares.items() if p.digest == digest}
         slot.commits = {r: c for r, c in slot.commits.items() if c.digest == digest}
-        if slot.own_prepare is None and not self.is_primary:
+        if not self.is_primary:
             self._send_prepare(slot)
         self._advance(slot)
 
@@ -367,23 +552,20 @@ class ReplicaCore:
         return None
 
     def _send_prepare(self, slot: Slot) -> None:
-        assert slot.pre_prepare is not None and slot.own_prepare is None
-        unsigned = Prepare(slot.view, slot.sequence, slot.pre_prepare.batch.digest, self.replica_id)
-        prepare = Prepare(
-            unsigned.view,
-            unsigned.sequence,
-            unsigned.digest,
-            self.replica_id,
-            self.key.sign(self.domains["prepare"], unsigned.signed_bytes()),
+        assert slot.pre_prepare is not None
+        if slot.own_prepare is not None:
+            return
+        digest = slot.pre_prepare.digest
+        prepare = self._sign_once(
+            "prepare", slot.view, slot.sequence, Prepare(slot.view, slot.sequence, digest, self.replica_id), digest
         )
         slot.own_prepare = prepare
         slot.prepares[self.replica_id] = prepare
         slot.last_sent_ms = self.now_ms
-        self.effects.persist.append(Persist("prepare", slot.view, slot.sequence, prepare))
         self.effects.send.append(Send(None, prepare))
 
     def _on_prepare(self, message: Prepare) -> None:
-        if not self._in_window(message.view, message.sequence):
+        if not self._accepts(message.view, message.sequence):
             return
         if message.replica_id == self.network.primary(message.view):
             self._reject("prepare from the primary")
@@ -401,7 +583,7 @@ class ReplicaCore:
         self._advance(slot)
 
     def _on_commit(self, message: Commit) -> None:
-        if not self._in_window(message.view, message.sequence):
+        if not self._accepts(message.view, message.sequence):
             return
         slot = self._slot(message.sequence)
         if message.replica_id in slot.commits:
@@ -419,39 +601,92 @@ class ReplicaCore:
         """The pre-prepare plus matching prepares from quorum - 1 distinct backups."""
         if slot.pre_prepare is None:
             return False
-        digest = slot.pre_prepare.batch.digest
-        votes = sum(1 for prepare in slot.prepares.values() if prepare.digest == digest)
-        return votes >= self.quorum - 1
+        digest = slot.pre_prepare.digest
+        return sum(1 for prepare in slot.prepares.values() if prepare.digest == digest) >= self.quorum - 1
 
     def is_committed(self, slot: Slot) -> bool:
         """Prepared, plus matching commits from a quorum of distinct replicas."""
-        if not self.is_prepared(slot):
+        if not slot.prepared:
             return False
         digest = slot.digest
         return sum(1 for commit in slot.commits.values() if commit.digest == digest) >= self.quorum
 
     def _advance(self, slot: Slot) -> None:
-        if slot.own_commit is None and self.is_prepared(slot):
+        if not slot.prepared and self.is_prepared(slot):
+            slot.prepared = True
+            self._record_prepared(slot)
             self._send_commit(slot)
-        if not slot.committed and self.is_committed(slot):
+        if slot.prepared and not slot.committed and self.is_committed(slot):
             slot.committed = True
             self._execute_ready()
 
+    def _record_prepared(self, slot: Slot) -> None:
+        """Keep (durably) the proof that this slot prepared: view changes must carry it forward."""
+        assert slot.pre_prepare is not None
+        digest = slot.pre_prepare.digest
+        prepares = tuple(
+            sorted((replica_id, prepare.signature) for replica_id, prepare in slot.prepares.items() if prepare.digest == digest)
+        )
+        batch = slot.batch if slot.batch is not None else self._find_batch(digest)
+        if batch is None:
+            return  # kept once the content arrives (see _adopt_batch)
+        record = PreparedRecord(PreparedCertificate(slot.pre_prepare, prepares[: self.quorum - 1]), batch)
+        if self._remember_prepared(record):
+            self.effects.persist.append(Persist("prepared", slot.view, slot.sequence, record))
+
+    def _remember_prepared(self, record: PreparedRecord) -> bool:
+        sequence = record.certificate.sequence
+        if sequence <= self.low:
+            return False
+        existing = self.prepared.get(sequence)
+        if existing is not None and existing.certificate.view >= record.certificate.view:
+            return False
+        self.prepared[sequence] = record
+        self.batches[record.batch.digest] = record.batch
+        return True
+
     def _send_commit(self, slot: Slot) -> None:
         assert slot.pre_prepare is not None
-        unsigned = Commit(slot.view, slot.sequence, slot.pre_prepare.batch.digest, self.replica_id)
-        commit = Commit(
-            unsigned.view,
-            unsigned.sequence,
-            unsigned.digest,
-            self.replica_id,
-            self.key.sign(self.domains["commit"], unsigned.signed_bytes()),
+        if slot.own_commit is not None:
+            return
+        digest = slot.pre_prepare.digest
+        commit = self._sign_once(
+            "commit", slot.view, slot.sequence, Commit(slot.view, slot.sequence, digest, self.replica_id), digest
         )
         slot.own_commit = commit
         slot.commits[self.replica_id] = commit
         slot.last_sent_ms = self.now_ms
-        self.effects.persist.append(Persist("commit", slot.view, slot.sequence, commit))
         self.effects.send.append(Send(None, commit))
+
+    # ---- batch contents ----
+
+    def _find_batch(self, digest: bytes) -> Batch | None:
+        batch = self.batches.get(digest)
+        if batch is None and digest == null_batch(self.view, self.primary).digest:
+            batch = null_batch(self.view, self.primary)
+        return batch
+
+    def _adopt_batch(self, batch: Batch) -> None:
+        digest = batch.digest
+        self.batches[digest] = batch
+        self.missing_batches.pop(digest, None)
+        for slot in self.slots.values():
+            if slot.digest == digest and slot.batch is None:
+                slot.batch = batch
+                for transaction in batch.transactions:
+                    self.proposed.add(transaction.transaction_id)
+                if slot.prepared and slot.sequence not in self.prepared:
+                    self._record_prepared(slot)
+        self._execute_ready()
+
+    def _on_batch_content(self, batch: Batch) -> None:
+        if batch.digest not in self.missing_batches:
+            return  # unasked for, or already known: never trusted blindly
+        for transaction in batch.transactions:
+            if not self._transaction_signature_valid(transaction):
+                self._reject("invalid batch", "a fetched batch has a bad client signature")
+                return
+        self._adopt_batch(batch)
 
     # ---- execution ----
 
@@ -461,11 +696,20 @@ class ReplicaCore:
             slot = self.slots.get(self.height + 1)
             if slot is None or not slot.committed or slot.pre_prepare is None:
                 return
-            digest = slot.pre_prepare.batch.digest
+            if slot.batch is None:
+                self._ask_for_batch(slot.pre_prepare.digest)
+                return
+            digest = slot.pre_prepare.digest
             signatures = tuple(
                 sorted((replica_id, commit.signature) for replica_id, commit in slot.commits.items() if commit.digest == digest)
             )
-            self._execute_batch(slot.pre_prepare.batch, CommitCertificate(slot.view, signatures))
+            self._execute_batch(slot.batch, CommitCertificate(slot.view, signatures))
+
+    def _ask_for_batch(self, digest: bytes) -> None:
+        asked = self.missing_batches.get(digest)
+        if asked is None or self.now_ms - asked >= self.settings.status_interval_ms:
+            self.missing_batches[digest] = self.now_ms
+            self.effects.send.append(Send(None, FetchBatch(digest)))
 
     def _execute_batch(self, batch: Batch, certificate: CommitCertificate) -> Block:
         height = self.height + 1
@@ -484,77 +728,374 @@ class ReplicaCore:
         self.height = height
         self.last_block_hash = header.block_hash
         self.next_sequence = max(self.next_sequence, height + 1)
-        self.slots.pop(height, None)
         self.effects.blocks.append(block)
+        senders = set()
         for index, transaction in enumerate(transactions):
             transaction_id = transaction.transaction_id
+            senders.add(transaction.sender)
             self.pending.pop(transaction_id, None)
             self.pending_since_ms.pop(transaction_id, None)
             self.proposed.discard(transaction_id)
             self.effects.replies.append(ClientReply(transaction.sender, self.signed_reply(block, index)))
+        self._drop_stale_requests(senders)
+        # Progress: the timer restarts for what is still pending, and the back-off resets.
+        self.view_change_attempts = 0
+        self.request_timer_started_ms = self.now_ms if self.pending and not self.is_primary else None
+        if height % self.settings.checkpoint_interval == 0:
+            self._make_checkpoint()
         return block
+
+    def _drop_stale_requests(self, senders: set[bytes]) -> None:
+        """Watched requests whose nonce is now used can never execute; stop waiting for them."""
+        if not senders or not self.pending:
+            return
+        stale = [
+            transaction_id
+            for transaction_id, transaction in self.pending.items()
+            if transaction.sender in senders and self.application.check(transaction) is not None
+        ]
+        for transaction_id in stale:
+            del self.pending[transaction_id]
+            self.pending_since_ms.pop(transaction_id, None)
 
     def signed_reply(self, block: Block, index: int) -> Reply:
         """This replica's signed REPLY for transaction `index` of a block (new or from the store)."""
         unsigned = Reply(
             self.replica_id, self.view, block.transactions[index].transaction_id, block.results[index], block.height, block.block_hash, index
         )
-        return Reply(
-            unsigned.replica_id,
-            unsigned.view,
-            unsigned.transaction_id,
-            unsigned.result,
-            unsigned.height,
-            unsigned.block_hash,
-            unsigned.index,
-            self.key.sign(self.domains["reply"], unsigned.signed_bytes()),
-        )
+        return _with_signature(unsigned, self.key.sign(self.domains["reply"], unsigned.signed_bytes()))
 
-    # ---- catching up: status exchange and block fetching ----
+    # ---- checkpoints and garbage collection ----
+
+    def _make_checkpoint(self) -> None:
+        unsigned = Checkpoint(self.height, self.application.state_digest(), self.last_block_hash, self.replica_id)
+        checkpoint = _with_signature(unsigned, self.key.sign(self.domains["checkpoint"], unsigned.signed_bytes()))
+        self.own_checkpoints[self.height] = checkpoint
+        self.effects.persist.append(Persist("checkpoint", 0, self.height, checkpoint))
+        self.effects.send.append(Send(None, checkpoint))
+        self._count_checkpoint(checkpoint)
+
+    def _on_checkpoint(self, message: Checkpoint) -> None:
+        if message.sequence <= self.low or message.sequence % self.settings.checkpoint_interval:
+            return
+        if message.sequence > self.low + 4 * self.log_size:
+            self._reject("checkpoint too far ahead")
+            return
+        if message.replica_id in self.checkpoints.get(message.sequence, {}):
+            return
+        if not self._signed_by("checkpoint", message):
+            self._reject("bad checkpoint signature", f"replica {message.replica_id}")
+            return
+        self._count_checkpoint(message)
+
+    def _count_checkpoint(self, checkpoint: Checkpoint) -> None:
+        votes = self.checkpoints.setdefault(checkpoint.sequence, {})
+        votes.setdefault(checkpoint.replica_id, checkpoint)
+        matching = [
+            vote for vote in votes.values()
+            if (vote.state_digest, vote.block_hash) == (checkpoint.state_digest, checkpoint.block_hash)
+        ]
+        if len(matching) >= self.quorum and checkpoint.sequence > self.low:
+            certificate = CheckpointCertificate(
+                checkpoint.sequence,
+                checkpoint.state_digest,
+                checkpoint.block_hash,
+                tuple(sorted((vote.replica_id, vote.signature) for vote in matching)),
+            )
+            self._make_stable(certificate)
+
+    def _make_stable(self, certificate: CheckpointCertificate) -> None:
+        """A quorum certified the state at this sequence: it is the new low watermark."""
+        self.stable_checkpoint = certificate
+        self.low = certificate.sequence
+        self.effects.persist.append(Persist("stable-checkpoint", 0, certificate.sequence, certificate))
+        self.effects.prune = Prune(certificate.sequence, self.view)
+        self._garbage_collect()
+        if self.height < self.low:
+            # The others moved past us: our slots up to there are gone, so fetch certified blocks.
+            self._fetch_blocks()
+        elif self.is_primary and self.view_active:
+            self._propose_batches()
+
+    def _garbage_collect(self) -> None:
+        low = self.low
+        self.next_sequence = max(self.next_sequence, low + 1)
+        for table in (self.slots, self.prepared, self.checkpoints, self.own_checkpoints):
+            for sequence in [sequence for sequence in table if sequence <= low]:
+                del table[sequence]
+        for key in [key for key in self.signed if key[2] <= low]:
+            del self.signed[key]
+        live = {slot.digest for slot in self.slots.values()} | {record.batch.digest for record in self.prepared.values()}
+        for digest in [digest for digest in self.batches if digest not in live]:
+            del self.batches[digest]
+
+    # ---- view changes ----
+
+    def _start_view_change(self, new_view: int) -> None:
+        """Leave the current view: stop normal-case work and announce what we prepared."""
+        if new_view <= self.view and not (new_view == self.view and not self.view_active):
+            return
+        self.effects.events.append(f"view change: moving to view {new_view} (primary {self.network.primary(new_view)})")
+        self.view = new_view
+        self.view_active = False
+        self.view_change_started_ms = self.now_ms
+        self.view_change_attempts += 1
+        self.request_timer_started_ms = None
+        self.new_view = None
+        self.slots.clear()
+        self.proposed.clear()
+        unsigned = ViewChange(
+            new_view,
+            self.stable_checkpoint,
+            tuple(self.prepared[sequence].certificate for sequence in sorted(self.prepared)),
+            self.replica_id,
+        )
+        view_change = _with_signature(unsigned, self.key.sign(self.domains["view-change"], unsigned.signed_bytes()))
+        self.own_view_change = view_change
+        self.latest_view_changes[self.replica_id] = view_change
+        self.effects.persist.append(Persist("view-change", new_view, 0, view_change))
+        self.effects.send.append(Send(None, view_change))
+        self._try_new_view()
+
+    def _view_change_problem(self, message: ViewChange) -> str | None:
+        """Why a VIEW-CHANGE is invalid, or None. Checks every signature it carries."""
+        if message.signature in self.verified_view_changes:
+            return None
+        if not self._signed_by("view-change", message):
+            return "bad signature"
+        checkpoint = message.checkpoint
+        if checkpoint is not None:
+            problem = self._checkpoint_certificate_problem(checkpoint)
+            if problem is not None:
+                return problem
+        low = message.checkpoint_sequence
+        sequences: set[int] = set()
+        for certificate in message.prepared:
+            sequence = certificate.sequence
+            if not low < sequence <= low + self.log_size or sequence in sequences:
+                return f"prepared certificate for sequence {sequence} outside ({low}, {low + self.log_size}] or repeated"
+            sequences.add(sequence)
+            if certificate.view >= message.new_view:
+                return "prepared certificate from a view not older than the new one"
+            problem = self._prepared_certificate_problem(certificate)
+            if problem is not None:
+                return problem
+        if len(self.verified_view_changes) > 4 * self.replica_count:
+            self.verified_view_changes.clear()
+        self.verified_view_changes.add(message.signature)
+        return None
+
+    def _checkpoint_certificate_problem(self, certificate: CheckpointCertificate) -> str | None:
+        if certificate.sequence % self.settings.checkpoint_interval:
+            return "checkpoint certificate for a sequence that is not a checkpoint"
+        signers = set()
+        for replica_id, signature in certificate.signatures:
+            if replica_id in signers or replica_id >= self.replica_count:
+                return "checkpoint certificate repeats or invents a signer"
+            message = Checkpoint(certificate.sequence, certificate.state_digest, certificate.block_hash, replica_id, signature)
+            if not self._signed_by("checkpoint", message):
+                return f"checkpoint certificate: bad signature from replica {replica_id}"
+            signers.add(replica_id)
+        if len(signers) < self.quorum:
+            return "checkpoint certificate without a quorum"
+        return None
+
+    def _prepared_certificate_problem(self, certificate: PreparedCertificate) -> str | None:
+        header = certificate.pre_prepare
+        primary = self.network.primary(header.view)
+        if header.replica_id != primary or not self._signed_by("pre-prepare", header):
+            return f"prepared certificate: pre-prepare for sequence {header.sequence} not signed by primary {primary}"
+        signers = set()
+        for replica_id, signature in certificate.prepares:
+            if replica_id in signers or replica_id == primary or replica_id >= self.replica_count:
+                return "prepared certificate repeats a signer or counts the primary"
+            if not self._signed_by("prepare", Prepare(header.view, header.sequence, header.digest, replica_id, signature)):
+                return f"prepared certificate: bad prepare signature from replica {replica_id}"
+            signers.add(replica_id)
+        if len(signers) < self.quorum - 1:
+            return "prepared certificate without enough prepares"
+        return None
+
+    def _on_view_change(self, sender: int, message: ViewChange) -> None:
+        if message.new_view < self.view:
+            return
+        if message.new_view == self.view and self.view_active:
+            # A replica that missed our NEW-VIEW is still asking for this view: answer it.
+            if self.is_primary and self.new_view is not None:
+                self.effects.send.append(Send(message.replica_id, self.new_view))
+            return
+        current = self.latest_view_changes.get(message.replica_id)
+        if current is not None and current.new_view >= message.new_view:
+            return
+        problem = self._view_change_problem(message)
+        if problem is not None:
+            self._reject("invalid view-change", f"from replica {message.replica_id}: {problem}")
+            return
+        self.latest_view_changes[message.replica_id] = message
+        # PBFT liveness rule: f + 1 replicas want a higher view, so at least one honest one does;
+        # join the lowest view among the f + 1 highest instead of waiting for our own timer.
+        higher = sorted(
+            (view_change.new_view for view_change in self.latest_view_changes.values() if view_change.new_view > self.view),
+            reverse=True,
+        )
+        if len(higher) >= self.faults + 1 and (self.view_active or higher[self.faults] > self.view):
+            self._start_view_change(higher[self.faults])
+        self._try_new_view()
+
+    def _try_new_view(self) -> None:
+        """The new primary sends NEW-VIEW once a quorum of replicas asked for its view."""
+        if self.view_active or not self.is_primary:
+            return
+        ready = sorted(
+            (view_change for view_change in self.latest_view_changes.values() if view_change.new_view == self.view),
+            key=lambda view_change: view_change.replica_id,
+        )
+        if len(ready) < self.quorum:
+            return
+        chosen = tuple(ready[: self.quorum])
+        _, assignments = new_view_assignments(self.view, self.replica_id, chosen)
+        # Made durable by the NEW-VIEW record that carries them, in the same write.
+        headers = tuple(
+            self._sign_once(
+                "pre-prepare", self.view, sequence, PrePrepareHeader(self.view, sequence, digest, self.replica_id), digest, persist=False
+            )
+            for sequence, digest in assignments
+        )
+        new_view = NewView(self.view, chosen, headers, self.replica_id)
+        self.effects.persist.append(Persist("new-view", self.view, 0, new_view))
+        self.effects.send.append(Send(None, new_view))
+        self._enter_view(new_view)
+
+    def _on_new_view(self, message: NewView) -> None:
+        if message.view < self.view or (message.view == self.view and self.view_active):
+            return
+        problem = self._new_view_problem(message)
+        if problem is not None:
+            self._reject("invalid new-view", f"view {message.view}: {problem}")
+            return
+        self.effects.persist.append(Persist("new-view", message.view, 0, message))
+        self._enter_view(message)
+
+    def _new_view_problem(self, message: NewView) -> str | None:
+        primary = self.network.primary(message.view)
+        if message.replica_id != primary:
+            return f"sent by replica {message.replica_id}, not the view's primary {primary}"
+        senders = set()
+        for view_change in message.view_changes:
+            if view_change.new_view != message.view or view_change.replica_id in senders:
+                return "a view-change is for another view or repeated"
+            problem = self._view_change_problem(view_change)
+            if problem is not None:
+                return f"view-change from replica {view_change.replica_id}: {problem}"
+            senders.add(view_change.replica_id)
+        if len(senders) < self.quorum:
+            return f"only {len(senders)} view-changes, {self.quorum} needed"
+        _, expected = new_view_assignments(message.view, primary, message.view_changes)
+        received = [(header.sequence, header.digest) for header in message.pre_prepares]
+        if received != expected:
+            return "its pre-prepares are not the ones its view-changes imply"
+        for header in message.pre_prepares:
+            if header.view != message.view or header.replica_id != primary or not self._signed_by("pre-prepare", header):
+                return f"pre-prepare for sequence {header.sequence} is not signed by the primary"
+        return None
+
+    def _enter_view(self, new_view: NewView) -> None:
+        """Start normal operation in the NEW-VIEW's view, with its pre-prepares as the first slots."""
+        self.view = new_view.view
+        self.view_active = True
+        self.new_view = new_view
+        self.slots.clear()
+        self.proposed.clear()
+        self.latest_view_changes = {r: vc for r, vc in self.latest_view_changes.items() if vc.new_view > self.view}
+        self.effects.events.append(f"entered view {self.view} (primary {self.primary})")
+        best_checkpoint = max(
+            (view_change.checkpoint for view_change in new_view.view_changes if view_change.checkpoint is not None),
+            key=lambda certificate: certificate.sequence,
+            default=None,
+        )
+        if best_checkpoint is not None and best_checkpoint.sequence > self.low:
+            self._make_stable(best_checkpoint)
+        highest = self.low
+        for header in new_view.pre_prepares:
+            highest = max(highest, header.sequence)
+            if header.sequence <= self.low:
+                continue
+            slot = self._slot(header.sequence)
+            slot.pre_prepare = header
+            slot.batch = self._find_batch(header.digest)
+            if slot.batch is not None:
+                self.proposed.update(transaction.transaction_id for transaction in slot.batch.transactions)
+            elif header.sequence > self.height:
+                self._ask_for_batch(header.digest)
+            if not self.is_primary:
+                self._send_prepare(slot)
+            self._advance(slot)
+        self.next_sequence = max(self.next_sequence, highest + 1, self.height + 1)
+        self.request_timer_started_ms = self.now_ms if self.pending and not self.is_primary else None
+
+    # ---- catching up: status, retransmission, block fetching ----
 
     def _on_status_interval(self) -> None:
         self.effects.send.append(Send(None, Status(self.replica_id, self.view, self.height)))
         stalled = self.height == self.height_at_last_status
         self.height_at_last_status = self.height
         self._retransmit()
+        self._follow_higher_views()
         best = max(self.peer_heights.values(), default=0)
         fetch_due = self.fetch_sent_ms is None or self.now_ms - self.fetch_sent_ms >= 2 * self.settings.status_interval_ms
-        far_behind = best > self.height + self.settings.window_size
-        if best > self.height and (stalled or far_behind) and fetch_due:
+        behind = self.height < self.low or best > self.height + self.settings.window_size
+        if best > self.height and (stalled or behind) and fetch_due:
             self._fetch_blocks()
+
+    def _follow_higher_views(self) -> None:
+        """f + 1 peers report a higher view: at least one honest replica is there, so go too."""
+        higher = sorted((view for view in self.peer_views.values() if view > self.view), reverse=True)
+        if len(higher) >= self.faults + 1:
+            self._start_view_change(higher[self.faults])
 
     def _fetch_blocks(self) -> None:
         # Rotate among the peers that claim to be ahead, so one lying or slow peer cannot stall us.
         ahead = [replica for replica, height in sorted(self.peer_heights.items()) if height > self.height]
         if not ahead:
-            return
+            ahead = [replica for replica in range(self.replica_count) if replica != self.replica_id]
         peer = ahead[self.fetch_peer_cursor % len(ahead)]
         self.fetch_peer_cursor += 1
         self.fetch_sent_ms = self.now_ms
         self.effects.send.append(Send(peer, FetchBlocks(self.height + 1, BLOCKS_PER_RESPONSE_MAX)))
 
     def _retransmit(self) -> None:
-        """Re-send own messages for slots that made no progress: lost messages must not stall us."""
+        """Re-send own messages that may have been lost; PBFT assumes eventual delivery."""
+        if not self.view_active:
+            if self.own_view_change is not None and self.own_view_change.new_view == self.view:
+                self.effects.send.append(Send(None, self.own_view_change))
+            return
+        checkpoint = max(self.own_checkpoints.items(), default=None)
+        if checkpoint is not None and checkpoint[0] > self.low:
+            self.effects.send.append(Send(None, checkpoint[1]))
         interval = self.settings.status_interval_ms
         for sequence in sorted(self.slots):
             slot = self.slots[sequence]
-            if slot.committed and sequence <= self.height:
-                continue
-            if self.now_ms - slot.last_sent_ms < interval:
+            if sequence <= self.height or self.now_ms - slot.last_sent_ms < interval:
                 continue
             slot.last_sent_ms = self.now_ms
-            if self.is_primary and slot.pre_prepare is not None:
-                self.effects.send.append(Send(None, slot.pre_prepare))
+            if self.is_primary and slot.pre_prepare is not None and slot.batch is not None:
+                header = slot.pre_prepare
+                self.effects.send.append(
+                    Send(None, PrePrepare(header.view, header.sequence, slot.batch, header.replica_id, header.signature))
+                )
             if slot.own_prepare is not None:
                 self.effects.send.append(Send(None, slot.own_prepare))
             if slot.own_commit is not None:
                 self.effects.send.append(Send(None, slot.own_commit))
+            if slot.pre_prepare is not None and slot.batch is None:
+                self._ask_for_batch(slot.pre_prepare.digest)
 
     def _on_status(self, sender: int, message: Status) -> None:
         if message.replica_id != sender:
             self._reject("status for another replica")
             return
         self.peer_heights[sender] = message.height
+        self.peer_views[sender] = message.view
 
     def _on_blocks(self, sender: int, message: Blocks) -> None:
         """Apply fetched blocks whose commit certificates verify; trust the sender for nothing.
@@ -588,14 +1129,18 @@ class ReplicaCore:
             applied += 1
         if applied:
             self.effects.events.append(f"caught up {applied} blocks from replica {sender}, height {self.height}")
-            self._prune_slots()
+            self.peer_heights[sender] = max(self.peer_heights.get(sender, 0), self.height)
             self._execute_ready()
+            if self.peer_heights.get(sender, 0) > self.height or self.height < self.low:
+                self._fetch_blocks()
 
-    def _prune_slots(self) -> None:
-        for sequence in [s for s in self.slots if s <= self.height]:
-            del self.slots[sequence]
-
-    # ---- reads ----
+    # ---- reads and status ----
 
     def query(self, kind: str, argument: Any) -> Any:
         return self.application.query(kind, argument)
+
+
+def _with_signature(message: Any, signature: bytes) -> Any:
+    """The same frozen message, signed."""
+    values = {item.name: getattr(message, item.name) for item in fields(message) if item.init and item.name != "signature"}
+    return type(message)(**values, signature=signature)

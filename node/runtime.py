@@ -21,11 +21,8 @@ from ledger.framing import FramedStream, FrameError
 from ledger.messages import (
     BLOCKS_PER_RESPONSE_MAX,
     Blocks,
-    Commit,
     ErrorReply,
     FetchBlocks,
-    Prepare,
-    PrePrepare,
     Query,
     QueryReply,
     Request,
@@ -36,7 +33,7 @@ from ledger.messages import (
     encode_message,
 )
 from ledger.storage import BlockStore, StoreError
-from node.core import Effects, ReplicaCore
+from node.core import LOG_KINDS, Effects, ReplicaCore
 from node.transport import PeerTransport
 
 EVENT_QUEUE_MAX = 10_000
@@ -93,10 +90,9 @@ class ReplicaRuntime:
             self.store = BlockStore.open(config.data_dir / "ledger.sqlite3", self.network.genesis_hash)
             application = AccountsApplication(self.network.genesis_balances)
             replay_chain(self.store, application)
-            restored = [decode_message(record[3]) for record in self.store.load_messages()]
+            restored = [(record[0], decode_message(record[3])) for record in self.store.load_messages()]
         except (StoreError, CodecError) as error:
-            raise StartupError(str(error)) from None
-        restored = [message for message in restored if isinstance(message, PrePrepare | Prepare | Commit)]
+            raise StartupError(f"{error} (the store is damaged: restore it from a backup or remove it to resync from peers)") from None
         self.core = ReplicaCore(
             self.network,
             config.replica_id,
@@ -198,8 +194,9 @@ class ReplicaRuntime:
             self.transport.send(send.to, send.message)
         if effects.blocks:
             self.store.append(effects.blocks)
-            self.store.prune_messages(self.store.height)
             self._log_progress()
+        if effects.prune is not None:
+            self.store.prune_messages(effects.prune.through_sequence, effects.prune.view, LOG_KINDS)
         for client_reply in effects.replies:
             for connection in self.subscribers.get(client_reply.account, ()):
                 connection.send(client_reply.reply)
@@ -336,8 +333,8 @@ class ReplicaRuntime:
             self.core.primary,
             self.core.height,
             self.core.last_block_hash,
-            0,
-            False,
+            self.core.low,
+            not self.core.view_active,
         )
 
 

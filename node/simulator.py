@@ -20,7 +20,7 @@ from ledger.config import Address, NetworkConfig, ProtocolSettings, ReplicaInfo
 from ledger.crypto import PublicKeyCache, SigningKey
 from ledger.messages import Blocks, FetchBlocks, PrePrepare, Reply
 from ledger.transactions import Put, Transaction, Transfer, sign_transaction
-from node.core import Effects, ReplicaCore
+from node.core import LOG_KINDS, Effects, Persist, Prune, ReplicaCore
 
 CoreFactory = Callable[..., ReplicaCore]
 
@@ -48,9 +48,15 @@ class Scenario:
     equivocating_primary: bool = False
     require_liveness: bool = True
     core_factory: CoreFactory = ReplicaCore
+    # Faulty replicas: (replica, from_ms, until_ms). All end by faults_until_ms, when the network heals.
+    crashes: tuple[tuple[int, int, int], ...] = ()
+    stalls: tuple[tuple[int, int, int], ...] = ()
+    partitions: tuple[tuple[int, int, int], ...] = ()
 
     @classmethod
-    def from_seed(cls, seed: int, replica_count: int = 4, **overrides: Any) -> Scenario:
+    def from_seed(cls, seed: int, replica_count: int = 4, faults: bool = True, **overrides: Any) -> Scenario:
+        """Draw the network's behaviour from the seed: loss, delay, duplication, and up to f faulty
+        replicas (the primary half the time) that crash and restart, stall, or are cut off."""
         draw = random.Random(f"scenario/{seed}")
         values: dict[str, Any] = dict(
             seed=seed,
@@ -60,16 +66,52 @@ class Scenario:
             delay_ms_min=draw.randint(0, 3),
             delay_ms_max=draw.choice([5, 20, 60]),
         )
+        if faults:
+            faulty_count = draw.randint(0, (replica_count - 1) // 3)
+            candidates = list(range(1, replica_count))
+            faulty = draw.sample(candidates, faulty_count)
+            if faulty and draw.random() < 0.5:
+                faulty[0] = 0  # the primary of view 0
+            horizon = values.get("faults_until_ms", cls.faults_until_ms)
+            crashes, stalls, partitions = [], [], []
+            for replica in faulty:
+                start = draw.randint(0, horizon // 2)
+                end = draw.randint(start + 1, horizon)
+                kind = draw.choice(["crash", "crash", "stall", "partition"])
+                {"crash": crashes, "stall": stalls, "partition": partitions}[kind].append((replica, start, end))
+            values.update(crashes=tuple(crashes), stalls=tuple(stalls), partitions=tuple(partitions))
         values.update(overrides)
         return cls(**values)
 
 
 @dataclass
 class SimulatedReplica:
+    """One replica: its core (replaced on restart) and its disk (records and chain) that survive."""
+
     core: ReplicaCore
     chain: list[Block] = field(default_factory=list)
-    disk: list[Any] = field(default_factory=list)
+    records: dict[tuple[str, int, int], Any] = field(default_factory=dict)
     transaction_ids: dict[bytes, tuple[int, int]] = field(default_factory=dict)
+    crashed: bool = False
+    paused_until_ms: int = 0
+    isolated: bool = False
+
+    def persist(self, record: Persist) -> None:
+        self.records[(record.kind, record.view, record.sequence)] = record.message
+
+    def prune(self, prune: Prune) -> None:
+        """The same rule as the SQLite store (ledger/storage.py prune_messages)."""
+        for key in list(self.records):
+            kind, view, sequence = key
+            if (
+                (kind in LOG_KINDS and sequence <= prune.through_sequence)
+                or (kind == "stable-checkpoint" and sequence < prune.through_sequence)
+                or (kind in ("view-change", "new-view") and view < prune.view)
+            ):
+                del self.records[key]
+
+    def restored_records(self) -> list[tuple[str, Any]]:
+        return [(key[0], self.records[key]) for key in sorted(self.records, key=lambda key: (key[2], key[1], key[0]))]
 
 
 @dataclass
@@ -93,6 +135,8 @@ class SimulationReport:
     receipts: int
     messages_sent: int
     messages_dropped: int
+    view: int
+    crashes: int
 
 
 def _key(seed: int, role: str, index: int) -> SigningKey:
@@ -105,7 +149,15 @@ def simulated_network(seed: int, replica_count: int, client_keys: list[SigningKe
         ReplicaInfo(index, key.public_key, Address("sim", 2 * index + 1), Address("sim", 2 * index + 2))
         for index, key in enumerate(keys)
     )
-    protocol = ProtocolSettings(batch_size_max=8, batch_wait_ms=5, window_size=8, status_interval_ms=100)
+    protocol = ProtocolSettings(
+        batch_size_max=8,
+        batch_wait_ms=5,
+        window_size=8,
+        checkpoint_interval=4,
+        status_interval_ms=100,
+        view_change_timeout_ms=500,
+        request_timeout_ms=400,
+    )
     balances = {key.public_key: 1_000 for key in client_keys}
     return NetworkConfig(f"sim-{seed}", replicas, protocol, balances), keys
 
@@ -119,25 +171,35 @@ class Simulation:
             scenario.seed, scenario.replica_count, [client.key for client in self.clients]
         )
         self.signatures = PublicKeyCache()
-        self.replicas = [self._new_replica(index) for index in range(scenario.replica_count)]
+        self.replicas = [SimulatedReplica(self._new_core(index, None)) for index in range(scenario.replica_count)]
         self.queue: list[tuple[int, int, str, Any]] = []
         self.counter = 0
         self.now_ms = 0
         self.steps = 0
         self.committed: dict[int, bytes] = {}
+        self.signed_digests: dict[tuple[int, str, int, int], bytes] = {}
         self.messages_sent = 0
         self.messages_dropped = 0
+        self.crash_count = 0
+        self.client_view = 0
         self.traitors = {0} if scenario.equivocating_primary else set()
 
-    def _new_replica(self, index: int) -> SimulatedReplica:
-        core = self.scenario.core_factory(
+    def _new_core(self, index: int, replica: SimulatedReplica | None) -> ReplicaCore:
+        """A fresh core; after a crash, rebuilt from the replica's disk exactly as the runtime does."""
+        application = AccountsApplication(self.network.genesis_balances)
+        chain = replica.chain if replica is not None else []
+        for block in chain:
+            application.execute_block(list(block.transactions))
+        return self.scenario.core_factory(
             self.network,
             index,
             self.replica_keys[index],
-            AccountsApplication(self.network.genesis_balances),
+            application,
+            len(chain),
+            chain[-1].block_hash if chain else None,
+            replica.restored_records() if replica is not None else None,
             check_signature=self.signatures.verify,
         )
-        return SimulatedReplica(core)
 
     def fail(self, text: str) -> SimulationFailure:
         return SimulationFailure(
@@ -172,6 +234,14 @@ class Simulation:
         for index in range(self.scenario.replica_count):
             self.schedule(index, "tick", index)
         self.schedule(0, "client-tick", None)
+        for replica, start, end in self.scenario.crashes:
+            self.schedule(start, "crash", replica)
+            self.schedule(end, "restart", replica)
+        for replica, start, end in self.scenario.stalls:
+            self.schedule(start, "stall", (replica, end))
+        for replica, start, end in self.scenario.partitions:
+            self.schedule(start, "isolate", replica)
+            self.schedule(end, "reconnect", replica)
         while self.queue:
             time_ms, _, kind, payload = heapq.heappop(self.queue)
             self.now_ms = time_ms
@@ -185,7 +255,8 @@ class Simulation:
             done = sum(len(client.receipts) for client in self.clients)
             wanted = self.scenario.clients * self.scenario.transactions_per_client
             heights = [len(replica.chain) for replica in self.replicas]
-            raise self.fail(f"liveness: {done}/{wanted} transactions confirmed, replica heights {heights}")
+            views = [replica.core.view for replica in self.replicas]
+            raise self.fail(f"liveness: {done}/{wanted} transactions confirmed, replica heights {heights}, views {views}")
         return SimulationReport(
             self.scenario.seed,
             self.scenario.replica_count,
@@ -195,11 +266,15 @@ class Simulation:
             sum(len(client.receipts) for client in self.clients),
             self.messages_sent,
             self.messages_dropped,
+            max(replica.core.view for replica in self.replicas),
+            self.crash_count,
         )
 
     def finished(self) -> bool:
         wanted = self.scenario.transactions_per_client
         if any(len(client.receipts) < wanted for client in self.clients):
+            return False
+        if self.faulty_period():
             return False
         heights = {len(self.replicas[index].chain) for index in self.honest()}
         return len(heights) == 1
@@ -207,38 +282,70 @@ class Simulation:
     def honest(self) -> list[int]:
         return [index for index in range(self.scenario.replica_count) if index not in self.traitors]
 
+    def reachable(self, index: int) -> bool:
+        replica = self.replicas[index]
+        return not replica.crashed and not replica.isolated
+
     def step(self, kind: str, payload: Any) -> None:
         if kind == "tick":
             index = payload
-            self.replicas[index].core.tick(self.now_ms)
-            self.apply(index)
+            replica = self.replicas[index]
+            if not replica.crashed and self.now_ms >= replica.paused_until_ms:
+                replica.core.tick(self.now_ms)
+                self.apply(index)
             self.schedule(self.scenario.tick_ms, "tick", index)
         elif kind == "deliver":
             sender, receiver, message = payload
-            core = self.replicas[receiver].core
+            replica = self.replicas[receiver]
+            if not self.reachable(receiver) or not self.reachable(sender):
+                self.messages_dropped += 1
+                return
+            if self.now_ms < replica.paused_until_ms:
+                self.schedule(replica.paused_until_ms - self.now_ms, kind, payload)
+                return
             if isinstance(message, FetchBlocks):
                 self.serve_fetch(receiver, sender, message)
                 return
-            core.tick(self.now_ms)
-            core.receive_message(sender, message)
+            replica.core.tick(self.now_ms)
+            replica.core.receive_message(sender, message)
             self.apply(receiver)
         elif kind == "request":
             receiver, transaction = payload
-            location = self.replicas[receiver].transaction_ids.get(transaction.transaction_id)
+            replica = self.replicas[receiver]
+            if not self.reachable(receiver):
+                return
+            if self.now_ms < replica.paused_until_ms:
+                self.schedule(replica.paused_until_ms - self.now_ms, kind, payload)
+                return
+            location = replica.transaction_ids.get(transaction.transaction_id)
             if location is not None:
                 # As the runtime does from its store: a request already executed gets its reply again.
                 height, position = location
-                block = self.replicas[receiver].chain[height - 1]
-                self.transmit("reply", self.replicas[receiver].core.signed_reply(block, position))
+                self.transmit("reply", replica.core.signed_reply(replica.chain[height - 1], position))
                 return
-            self.replicas[receiver].core.tick(self.now_ms)
-            self.replicas[receiver].core.receive_request(transaction)
+            replica.core.tick(self.now_ms)
+            replica.core.receive_request(transaction)
             self.apply(receiver)
         elif kind == "reply":
             self.on_reply(payload)
         elif kind == "client-tick":
             self.client_tick()
             self.schedule(self.scenario.tick_ms * 4, "client-tick", None)
+        elif kind == "crash":
+            # Whatever the core held in memory is lost; its disk (records and chain) survives.
+            self.replicas[payload].crashed = True
+            self.crash_count += 1
+        elif kind == "restart":
+            replica = self.replicas[payload]
+            replica.core = self._new_core(payload, replica)
+            replica.crashed = False
+        elif kind == "stall":
+            replica_index, until_ms = payload
+            self.replicas[replica_index].paused_until_ms = until_ms
+        elif kind == "isolate":
+            self.replicas[payload].isolated = True
+        elif kind == "reconnect":
+            self.replicas[payload].isolated = False
 
     def serve_fetch(self, server: int, requester: int, request: FetchBlocks) -> None:
         chain = self.replicas[server].chain
@@ -254,15 +361,30 @@ class Simulation:
         if index in self.traitors:
             effects = self.equivocate(index, effects)
         for record in effects.persist:
-            replica.disk.append(record.message)
+            self.check_signed_once(index, record)
+            replica.persist(record)
         for send in effects.send:
             targets = [send.to] if send.to is not None else [r for r in range(self.scenario.replica_count) if r != index]
             for target in targets:
                 self.transmit("deliver", (index, target, send.message))
         for block in effects.blocks:
             self.check_block(index, block)
+        if effects.prune is not None:
+            replica.prune(effects.prune)
         for reply in effects.replies:
             self.transmit("reply", reply.reply)
+
+    def check_signed_once(self, index: int, record: Persist) -> None:
+        """No honest replica signs two different pre-prepares, prepares or commits for one slot,
+        not even across crashes (the record of what it signed outlives its memory here)."""
+        if index in self.traitors or record.kind not in ("pre-prepare", "prepare", "commit"):
+            return
+        message = record.message
+        digest = message.header.digest if isinstance(message, PrePrepare) else message.digest
+        key = (index, record.kind, record.view, record.sequence)
+        previous = self.signed_digests.setdefault(key, digest)
+        if previous != digest:
+            raise self.fail(f"equivocation: replica {index} signed two {record.kind}s for view {record.view} sequence {record.sequence}")
 
     def equivocate(self, index: int, effects: Effects) -> Effects:
         """A traitor primary: every pre-prepare goes out in two versions, one to each half."""
@@ -308,10 +430,12 @@ class Simulation:
                 )
             except ChainError as error:
                 raise self.fail(f"certificate: replica {index}: {error}") from None
-        for transaction in block.transactions:
-            if transaction.transaction_id in replica.transaction_ids:
-                raise self.fail(f"exactly-once: replica {index} executed a transaction twice (block {block.height})")
-            replica.transaction_ids[transaction.transaction_id] = (block.height, block.transactions.index(transaction))
+        for position, (transaction, result) in enumerate(zip(block.transactions, block.results, strict=True)):
+            earlier = replica.transaction_ids.get(transaction.transaction_id)
+            if earlier is not None and result.ok:
+                raise self.fail(f"exactly-once: replica {index} executed a transaction twice (blocks {earlier[0]} and {block.height})")
+            if earlier is None:
+                replica.transaction_ids[transaction.transaction_id] = (block.height, position)
         replica.chain.append(block)
 
     # ---- the clients ----
@@ -331,8 +455,7 @@ class Simulation:
                 client.quorum = ReplyQuorum(self.network, transaction.transaction_id, self.signatures.verify)
                 client.submitted += 1
                 client.sent_at_ms = self.now_ms
-                primary = self.replicas[0].core.primary
-                self.transmit("request", (primary, transaction))
+                self.transmit("request", (self.network.primary(self.client_view), transaction))
             elif client.in_flight is not None and self.now_ms - client.sent_at_ms >= self.scenario.client_timeout_ms:
                 # PBFT: a client that waited too long sends its request to every replica.
                 client.sent_at_ms = self.now_ms
@@ -350,6 +473,7 @@ class Simulation:
                     client.in_flight = None
                     client.quorum = None
                     client.nonce += 1
+                    self.client_view = max(self.client_view, receipt.view)
 
 
 def run_simulation(scenario: Scenario) -> SimulationReport:

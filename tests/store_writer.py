@@ -1,7 +1,7 @@
-"""Crash-test helper: appends certified blocks to a ledger store until killed, printing each new height.
+"""Crash-test helper: appends certified blocks to a ledger store until killed, announcing each append."""
 
-Usage: python tests/store_writer.py STORE_PATH NETWORK_ID
-"""
+# Usage: python tests/store_writer.py STORE_PATH NETWORK_ID
+# Prints "opened H" once, then "appending H" just before and "appended H" just after each append.
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ def main() -> int:
         # One, two or three blocks per append, so a kill can land inside a multi-block transaction.
         count = 1 + store.height % 3
         blocks = build_chain(network, count, transactions_per_block=4, parent_hash=store.last_hash, parent_height=store.height)
+        print(f"appending {blocks[-1].height}", flush=True)
         store.append(blocks)
         print(f"appended {store.height}", flush=True)
     store.close()

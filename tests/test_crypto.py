@@ -33,6 +33,7 @@ messages = st.binary(max_size=200)
 
 
 @given(network_ids, object_types, network_ids, object_types)
+@settings(derandomize=True)
 def test_domains_differ_and_none_is_a_prefix_of_another(
     first_network: str, first_type: str, second_network: str, second_type: str
 ) -> None:
@@ -52,7 +53,7 @@ def test_domains_differ_and_none_is_a_prefix_of_another(
     other_object_type=object_types,
     message=messages,
 )
-@settings(max_examples=60)
+@settings(derandomize=True, max_examples=60)
 def test_a_signature_for_one_domain_fails_in_another(
     key_index: int,
     network_id: str,
@@ -70,7 +71,7 @@ def test_a_signature_for_one_domain_fails_in_another(
 
 
 @given(message=messages, position=st.integers(0, 10_000), flip=st.integers(1, 255))
-@settings(max_examples=60)
+@settings(derandomize=True, max_examples=60)
 def test_tampered_message_or_signature_fails(message: bytes, position: int, flip: int) -> None:
     key = KEYS[0]
     domain = signing_domain("net", "commit")
@@ -87,7 +88,7 @@ def test_tampered_message_or_signature_fails(message: bytes, position: int, flip
 
 
 @given(public_key=st.binary(max_size=40), signature=st.binary(max_size=70), message=messages)
-@settings(max_examples=100)
+@settings(derandomize=True, max_examples=100)
 def test_verification_of_garbage_returns_false_and_never_raises(
     public_key: bytes, signature: bytes, message: bytes
 ) -> None:

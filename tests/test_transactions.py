@@ -41,7 +41,7 @@ def signature_valid(transaction: Transaction, network_id: str = NETWORK_ID) -> b
 
 
 @given(sender_index=st.integers(0, 1), nonce=nonces, operation=operations)
-@settings(max_examples=60)
+@settings(derandomize=True, max_examples=60)
 def test_signed_transaction_round_trips_and_verifies(sender_index: int, nonce: int, operation: Any) -> None:
     transaction = sign_transaction(NETWORK_ID, SENDERS[sender_index], nonce, operation)
     assert signature_valid(transaction)
@@ -54,7 +54,7 @@ def test_signed_transaction_round_trips_and_verifies(sender_index: int, nonce: i
 
 
 @given(nonce=nonces, operation=operations, other_operation=operations, flip=st.integers(1, 255))
-@settings(max_examples=60)
+@settings(derandomize=True, max_examples=60)
 def test_tampered_transaction_fails_verification(
     nonce: int, operation: Any, other_operation: Any, flip: int
 ) -> None:
@@ -132,7 +132,7 @@ def test_boundary_values_are_accepted() -> None:
 
 
 @given(ok=st.booleans(), reason=st.text(max_size=256))
-@settings(max_examples=30)
+@settings(derandomize=True, max_examples=30)
 def test_transaction_result_round_trips(ok: bool, reason: str) -> None:
     result = TransactionResult(ok, reason)
     assert TransactionResult.from_plain(result.to_plain()) == result

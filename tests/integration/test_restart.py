@@ -1,0 +1,157 @@
+"""SIGTERM leaves every replica's store consistent, and `ledger-node up` again continues the same chain."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from client.library import Client, ClientError, open_client
+from client.quorum import Receipt
+from ledger.crypto import SigningKey, write_key_file
+from ledger.storage import BlockStore
+from ledger.transactions import Transfer
+
+from .local_network import LocalNetwork, fetch_chain, run_client_cli, wait_for_agreement
+
+pytestmark = pytest.mark.integration
+
+TRANSACTIONS_BEFORE_STOP = 20
+RECEIPTS_UNDER_LOAD = 10
+TRANSFER_AMOUNT = 3
+DEADLINE_S = 90.0
+
+
+async def stop_cleanly(network: LocalNetwork) -> None:
+    assert network.run is not None
+    run = network.run
+    exit_code = await network.stop()
+    assert exit_code == 0, network.diagnostics()
+    assert "all replicas stopped" in run.output, network.diagnostics()
+    assert not run.leaked_processes
+    for replica_id in range(network.replica_count):
+        assert f"replica {replica_id} stopped at height" in network.log_text(replica_id), network.diagnostics()
+
+
+def stored_chains(network: LocalNetwork) -> list[list[bytes]]:
+    """Each replica's stored block hashes; BlockStore.open verifies each store as it opens it."""
+    return [network.stored_block_hashes(replica_id) for replica_id in range(network.replica_count)]
+
+
+def assert_prefixes_agree(chains: list[list[bytes]]) -> None:
+    longest = max(chains, key=len)
+    for replica_id, chain in enumerate(chains):
+        assert chain == longest[: len(chain)], f"replica {replica_id}'s stored chain is not a prefix of the longest"
+
+
+async def verify_every_replica(network: LocalNetwork, height: int) -> None:
+    for replica_id in range(network.replica_count):
+        verify = await run_client_cli(network, "verify", "--replica", str(replica_id))
+        assert verify.exit_code == 0, verify.describe()
+        assert f"chain of replica {replica_id} verified: {height} blocks" in verify.stdout, verify.describe()
+
+
+async def test_stop_and_restart_continue_the_chain(network: LocalNetwork) -> None:
+    with trio.fail_after(DEADLINE_S):
+        async with open_client(network.client_config_path) as client:
+            await client.wait_until_ready()
+            receipts = [await client.put(f"before-{index}", str(index)) for index in range(TRANSACTIONS_BEFORE_STOP)]
+            assert all(receipt.result.ok for receipt in receipts)
+            recipient = SigningKey.generate().public_key
+            old_transaction = await client.sign(Transfer(recipient, TRANSFER_AMOUNT))
+            old_receipt = await client.submit(old_transaction)
+            assert old_receipt.result.ok
+            tip = await wait_for_agreement(client, minimum_height=old_receipt.height)
+
+        await stop_cleanly(network)
+        chains = stored_chains(network)
+        assert all(len(chain) == tip.height for chain in chains), [len(chain) for chain in chains]
+        assert all(chain == chains[0] for chain in chains)
+        assert chains[0][-1] == tip.last_block_hash
+
+        await network.start()
+        async with open_client(network.client_config_path) as client:
+            await client.wait_until_ready()
+            resumed = await wait_for_agreement(client)
+            assert (resumed.height, resumed.last_block_hash) == (tip.height, tip.last_block_hash)
+            assert await client.get(f"before-{TRANSACTIONS_BEFORE_STOP - 1}") == str(TRANSACTIONS_BEFORE_STOP - 1)
+
+            # A transaction from before the restart is still answered from the ledger, not re-executed.
+            again = await client.submit(old_transaction)
+            assert (again.height, again.index, again.block_hash, again.result) == (
+                old_receipt.height,
+                old_receipt.index,
+                old_receipt.block_hash,
+                old_receipt.result,
+            )
+            assert await client.account(recipient) == (TRANSFER_AMOUNT, 0)
+
+            after = await client.put("after-restart", "continued")
+            assert after.result.ok
+            assert after.height == tip.height + 1
+            final = await wait_for_agreement(client, minimum_height=after.height)
+            chain = await fetch_chain(client, 0)
+            assert [block.block_hash for block in chain[: tip.height]] == chains[0]
+            assert chain[tip.height].header.parent_hash == tip.last_block_hash
+        await verify_every_replica(network, final.height)
+
+        await stop_cleanly(network)
+        assert stored_chains(network) == [[block.block_hash for block in chain]] * network.replica_count
+
+
+async def submit_until_cancelled(client: Client, receipts: list[Receipt], enough: trio.Event) -> None:
+    """Put after put until cancelled; sets `enough` once RECEIPTS_UNDER_LOAD have been confirmed."""
+    index = 0
+    while True:
+        try:
+            receipt = await client.put(f"load-{index}", str(index))
+        except ClientError:
+            continue  # the network went down under us: keep trying until cancelled
+        receipts.append(receipt)
+        if len(receipts) >= RECEIPTS_UNDER_LOAD:
+            enough.set()
+        index += 1
+
+
+async def test_stop_under_load_leaves_consistent_stores_and_restart_catches_up(network: LocalNetwork) -> None:
+    with trio.fail_after(DEADLINE_S):
+        receipts: list[Receipt] = []
+        async with open_client(network.client_config_path) as client, trio.open_nursery() as nursery:
+            await client.wait_until_ready()
+            enough = trio.Event()
+            nursery.start_soon(submit_until_cancelled, client, receipts, enough)
+            await enough.wait()
+            # SIGTERM while transactions are in flight.
+            await stop_cleanly(network)
+            nursery.cancel_scope.cancel()
+
+        chains = stored_chains(network)
+        assert_prefixes_agree(chains)
+        confirmed_height = max(receipt.height for receipt in receipts)
+        # A receipt needs f + 1 replicas to have stored its block; at least one kept it.
+        assert max(len(chain) for chain in chains) >= confirmed_height
+        stopped_height = max(len(chain) for chain in chains)
+
+        await network.start()
+        # A fresh account, so no nonce is shared with transactions that were in flight at the stop.
+        key_path = network.directory / "fresh.key"
+        write_key_file(key_path, SigningKey.generate())
+        async with open_client(network.client_config_path, key_path) as client:
+            await client.wait_until_ready()
+            after = await client.put("after-restart", "continued")
+            assert after.result.ok
+            assert after.height > stopped_height
+            final = await wait_for_agreement(client, minimum_height=after.height)
+            chain = await fetch_chain(client, 0)
+            longest = max(chains, key=len)
+            assert [block.block_hash for block in chain[: len(longest)]] == longest
+            for receipt in receipts:
+                assert chain[receipt.height - 1].block_hash == receipt.block_hash
+        await verify_every_replica(network, final.height)
+
+        await stop_cleanly(network)
+        for replica_id in range(network.replica_count):
+            store = BlockStore.open(network.store_path(replica_id), network.network.genesis_hash)
+            try:
+                assert store.height == final.height
+            finally:
+                store.close()
