@@ -18,6 +18,16 @@ _DIGEST_MODULUS = 1 << 1024
 _ENTRY_HASH_SIZE = 128
 
 
+# The reason recorded for a transaction whose nonce was already used: a duplicate of one that
+# executed before (e.g. ordered twice across a view change). Replicas send no REPLY for it, so the
+# client only ever hears about the execution that counted.
+REPLAYED = "replayed:"
+
+
+def is_replay(result: TransactionResult) -> bool:
+    return not result.ok and result.reason.startswith(REPLAYED)
+
+
 class Application(Protocol):
     """What the ledger needs from an application; another one can replace the default."""
 
@@ -87,6 +97,8 @@ class AccountsApplication:
 
     def _execute(self, transaction: Transaction) -> TransactionResult:
         sender = self.account(transaction.sender)
+        if transaction.nonce < sender.nonce:
+            return TransactionResult(False, f"{REPLAYED} nonce {transaction.nonce} already used (next is {sender.nonce})")
         if transaction.nonce != sender.nonce:
             return TransactionResult(False, f"bad nonce {transaction.nonce}, expected {sender.nonce}")
         operation = transaction.operation

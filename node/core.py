@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from ledger.application import AccountsApplication
+from ledger.application import AccountsApplication, is_replay
 from ledger.blocks import (
     Block,
     BlockHeader,
@@ -736,7 +736,8 @@ class ReplicaCore:
             self.pending.pop(transaction_id, None)
             self.pending_since_ms.pop(transaction_id, None)
             self.proposed.discard(transaction_id)
-            self.effects.replies.append(ClientReply(transaction.sender, self.signed_reply(block, index)))
+            if not is_replay(results[index]):
+                self.effects.replies.append(ClientReply(transaction.sender, self.signed_reply(block, index)))
         self._drop_stale_requests(senders)
         # Progress: the timer restarts for what is still pending, and the back-off resets.
         self.view_change_attempts = 0
@@ -814,8 +815,6 @@ class ReplicaCore:
         if self.height < self.low:
             # The others moved past us: our slots up to there are gone, so fetch certified blocks.
             self._fetch_blocks()
-        elif self.is_primary and self.view_active:
-            self._propose_batches()
 
     def _garbage_collect(self) -> None:
         low = self.low
@@ -1008,6 +1007,8 @@ class ReplicaCore:
         self.proposed.clear()
         self.latest_view_changes = {r: vc for r, vc in self.latest_view_changes.items() if vc.new_view > self.view}
         self.effects.events.append(f"entered view {self.view} (primary {self.primary})")
+        # New proposals go after every sequence number the NEW-VIEW assigns.
+        self.next_sequence = max([self.next_sequence] + [header.sequence + 1 for header in new_view.pre_prepares])
         best_checkpoint = max(
             (view_change.checkpoint for view_change in new_view.view_changes if view_change.checkpoint is not None),
             key=lambda certificate: certificate.sequence,

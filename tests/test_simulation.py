@@ -10,7 +10,7 @@ from node.core import ReplicaCore
 from node.simulator import Scenario, SimulationFailure, run_simulation
 
 # CI runs this many seeds per replica count; `make sim SEEDS=N` runs a longer sweep.
-SEEDS = int(os.environ.get("SIMULATION_SEEDS", "300"))
+SEEDS = int(os.environ.get("SIMULATION_SEEDS", "500"))
 
 
 @pytest.mark.parametrize("replica_count", [4, 7])
@@ -68,4 +68,57 @@ def test_the_correct_quorum_rule_is_safe_under_an_equivocating_primary(replica_c
     """Safety holds; without view changes nothing commits, which is PBFT's cue to replace the primary."""
     for seed in range(5):
         scenario = Scenario.from_seed(seed, replica_count, equivocating_primary=True, require_liveness=False, time_limit_ms=3_000)
+        run_simulation(scenario)
+
+
+class WithoutStateTransfer(ReplicaCore):
+    """No block fetching: committed batches must survive view changes through the protocol alone."""
+
+    def _fetch_blocks(self) -> None:
+        return
+
+
+class ForgetsPreparedCertificates(WithoutStateTransfer):
+    """A deliberately broken view-change rule: VIEW-CHANGE messages carry no prepared certificates,
+    so a new primary can hand a sequence number that some replica already committed to a new batch."""
+
+    def _start_view_change(self, new_view: int) -> None:
+        self.prepared.clear()
+        super()._start_view_change(new_view)
+
+
+def primary_crash_scenarios(replica_count: int, core_factory: type[ReplicaCore]) -> list[Scenario]:
+    return [
+        Scenario.from_seed(
+            seed,
+            replica_count,
+            core_factory=core_factory,
+            loss_rate=0.2,
+            crashes=((0, 200 + seed * 13, 2_500),),
+            stalls=(),
+            partitions=(),
+            require_liveness=False,
+            time_limit_ms=6_000,
+        )
+        for seed in range(20)
+    ]
+
+
+@pytest.mark.parametrize("replica_count", [4, 7])
+def test_a_broken_view_change_rule_is_caught(replica_count: int) -> None:
+    caught = []
+    for scenario in primary_crash_scenarios(replica_count, ForgetsPreparedCertificates):
+        try:
+            run_simulation(scenario)
+        except SimulationFailure as failure:
+            assert f"seed {scenario.seed}" in str(failure)
+            assert "agreement" in str(failure) or "exactly-once" in str(failure)
+            caught.append(scenario.seed)
+    assert caught, "no seed exposed the broken view-change rule"
+
+
+@pytest.mark.parametrize("replica_count", [4, 7])
+def test_view_changes_alone_keep_committed_batches(replica_count: int) -> None:
+    """The same scenarios with the correct rule: safe even without state transfer to paper over gaps."""
+    for scenario in primary_crash_scenarios(replica_count, WithoutStateTransfer):
         run_simulation(scenario)

@@ -212,9 +212,14 @@ async def handshake_as(stream: trio.SocketStream, network_id: str, key: SigningK
 
 
 async def wait_for_log(network: LocalNetwork, replica_id: int, phrase: str, count: int = 1) -> None:
-    """Poll a replica's log until it reports `phrase` `count` times (the caller bounds the wait)."""
-    while network.log_text(replica_id).count(phrase) < count:
-        await trio.sleep(LOG_POLL_INTERVAL_S)
+    """Poll a replica's log until it reports `phrase` `count` times: its account of what it refused."""
+    try:
+        with trio.fail_after(EXCHANGE_DEADLINE_S):
+            while network.log_text(replica_id).count(phrase) < count:
+                await trio.sleep(LOG_POLL_INTERVAL_S)
+    except trio.TooSlowError:
+        found = network.log_text(replica_id).count(phrase)
+        raise AssertionError(f"replica {replica_id} logged {phrase!r} {found} times, expected {count}\n{network.diagnostics()}") from None
 
 
 async def test_authenticated_peer_sending_nonsense_does_not_crash_a_replica(network: LocalNetwork, client: Client) -> None:

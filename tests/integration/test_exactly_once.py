@@ -56,3 +56,33 @@ async def test_resubmitted_transaction_executes_once(network: LocalNetwork, clie
                 if included.transaction_id == transaction.transaction_id
             ]
             assert occurrences == [(first.height, first.index)], f"replica {replica_id}: {occurrences}"
+
+
+CONCURRENT_DEADLINE_S = 5.0
+
+
+@pytest.mark.xfail(
+    reason=(
+        "BUG: client/library.py Client.submit keys in-flight state by transaction id only: a second "
+        "submit of the same transaction while the first is in flight replaces the first's entry, so "
+        "the first waits out its whole deadline and then its cleanup raises KeyError"
+    ),
+    strict=True,
+)
+async def test_concurrent_resubmission_gets_the_same_receipt(network: LocalNetwork, client: Client) -> None:
+    transaction = await client.sign(Transfer(SigningKey.generate().public_key, AMOUNT))
+    receipts: list[Receipt] = []
+    errors: list[BaseException] = []
+
+    async def submit() -> None:
+        try:
+            receipts.append(await client.submit(transaction, deadline_s=CONCURRENT_DEADLINE_S))
+        except Exception as error:  # recorded: the assertion below says what went wrong
+            errors.append(error)
+
+    with trio.fail_after(DEADLINE_S):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(submit)
+            nursery.start_soon(submit)
+    assert not errors, f"a concurrent resubmission raised {errors!r}"
+    assert len(receipts) == 2 and placement(receipts[0]) == placement(receipts[1])
