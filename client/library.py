@@ -12,7 +12,7 @@ import itertools
 import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -27,6 +27,7 @@ from ledger.encoding import CodecError
 from ledger.framing import FramedStream, FrameError
 from ledger.messages import (
     BLOCKS_PER_RESPONSE_MAX,
+    SUBSCRIBE_ACCOUNTS_MAX,
     Blocks,
     ErrorReply,
     FetchBlocks,
@@ -79,6 +80,25 @@ class ChainReport:
     transactions: int
 
 
+@dataclass(eq=False)
+class Submission:
+    """One transaction in flight: its reply quorum, refusals heard, and the outcome once known.
+
+    Concurrent submits of the same transaction share one Submission and so one outcome.
+    """
+
+    transaction: Transaction
+    quorum: ReplyQuorum
+    refusals: dict[int, str] = field(default_factory=dict)
+    done: trio.Event = field(default_factory=trio.Event)
+    outcome: Receipt | ClientError | None = None
+
+    def finish(self, outcome: Receipt | ClientError) -> None:
+        if self.outcome is None:
+            self.outcome = outcome
+            self.done.set()
+
+
 class ReplicaLink:
     """A connection to one replica's client port, re-dialled in the background whenever it drops."""
 
@@ -108,7 +128,9 @@ class ReplicaLink:
             framed = FramedStream(stream, self.client.network.protocol.frame_size_max)
             try:
                 async with stream, trio.open_nursery() as nursery:
-                    await framed.send(encode_message(Subscribe(tuple(self.client.accounts))))
+                    accounts = self.client.accounts
+                    for start in range(0, len(accounts), SUBSCRIBE_ACCOUNTS_MAX):
+                        await framed.send(encode_message(Subscribe(tuple(accounts[start : start + SUBSCRIBE_ACCOUNTS_MAX]))))
                     self.connected.set()
                     nursery.start_soon(self._write, framed)
                     await self._read(framed)
@@ -149,8 +171,7 @@ class Client:
         self.view = 0
         self.next_nonce: int | None = None
         self.ignored_messages = 0
-        self._in_flight: dict[bytes, Transaction] = {}
-        self._replies: dict[bytes, tuple[ReplyQuorum, trio.MemorySendChannel[Any], dict[int, str]]] = {}
+        self._submissions: dict[bytes, Submission] = {}
         self._queries: dict[int, Callable[[int, Any], None]] = {}
         self._blocks: dict[int, trio.MemorySendChannel[Blocks]] = {}
         self.timeout_s = self.network.protocol.request_timeout_ms / 1000
@@ -163,27 +184,25 @@ class Client:
 
     def _dispatch(self, replica_id: int, message: Any) -> None:
         if isinstance(message, Reply):
-            waiting = self._replies.get(message.transaction_id)
-            if waiting is None:
+            submission = self._submissions.get(message.transaction_id)
+            if submission is None:
                 return
-            quorum, channel, _ = waiting
             if message.replica_id != replica_id:
                 self.ignored_messages += 1
                 return
-            receipt = quorum.add(message)
+            receipt = submission.quorum.add(message)
             if receipt is not None:
                 self.view = max(self.view, receipt.view)
-                self._deliver(channel, receipt)
+                submission.finish(receipt)
         elif isinstance(message, ErrorReply):
-            waiting = self._replies.get(message.transaction_id)
-            if waiting is not None:
-                refusals = waiting[2]
-                refusals[replica_id] = message.reason
+            submission = self._submissions.get(message.transaction_id)
+            if submission is not None:
+                submission.refusals[replica_id] = message.reason
                 # Only f + 1 refusals can be trusted: at least one comes from an honest replica.
-                if len(refusals) >= self.network.reply_quorum:
-                    self._deliver(waiting[1], TransactionRejected(message.reason))
+                if len(submission.refusals) >= self.network.reply_quorum:
+                    submission.finish(TransactionRejected(message.reason))
                 elif replica_id == self.primary:
-                    self._broadcast(Request(self._transaction_for(message.transaction_id)))
+                    self._broadcast(Request(submission.transaction))
         elif isinstance(message, QueryReply | StatusReply):
             handler = self._queries.get(message.query_id)
             if handler is not None:
@@ -195,17 +214,6 @@ class Client:
                     channel.send_nowait(message)
                 except trio.WouldBlock:
                     pass
-
-    @staticmethod
-    def _deliver(channel: trio.MemorySendChannel[Any], outcome: Any) -> None:
-        """Hand the first outcome to the waiting caller; later ones (more replies) are surplus."""
-        try:
-            channel.send_nowait(outcome)
-        except trio.WouldBlock:
-            pass
-
-    def _transaction_for(self, transaction_id: bytes) -> Transaction:
-        return self._in_flight[transaction_id]
 
     def _broadcast(self, message: Any) -> None:
         for link in self.links:
@@ -220,28 +228,46 @@ class Client:
         timeout it goes to every replica, as in PBFT, so a silent primary cannot hide it.
         """
         transaction_id = transaction.transaction_id
-        send_channel, receive_channel = trio.open_memory_channel[Any](1)
-        quorum = ReplyQuorum(self.network, transaction_id, self.signatures.verify)
-        self._replies[transaction_id] = (quorum, send_channel, {})
-        self._in_flight[transaction_id] = transaction
+        shared = self._submissions.get(transaction_id)
+        if shared is not None:
+            # The same transaction is already on its way: wait for the same outcome.
+            with trio.move_on_after(deadline_s):
+                await shared.done.wait()
+            return self._outcome(shared, deadline_s)
+        if transaction.sender not in self.accounts:
+            # Replicas send REPLYs to the connections that follow the sender's account.
+            self.accounts.append(transaction.sender)
+            self._broadcast(Subscribe((transaction.sender,)))
+        submission = Submission(transaction, ReplyQuorum(self.network, transaction_id, self.signatures.verify))
+        self._submissions[transaction_id] = submission
         try:
             with trio.move_on_after(deadline_s):
                 self.links[self.primary].send(Request(transaction))
                 while True:
                     with trio.move_on_after(self.timeout_s):
-                        outcome = await receive_channel.receive()
-                        if isinstance(outcome, Exception):
-                            raise outcome
-                        return outcome
+                        await submission.done.wait()
+                        break
                     self._broadcast(Request(transaction))
-            replied = sorted(quorum.replied)
-            raise NetworkUnavailable(
-                f"no {self.network.reply_quorum} matching replies within {deadline_s:g}s "
-                f"(replies from replicas {replied or 'none'})"
-            )
+            return self._outcome(submission, deadline_s)
         finally:
-            del self._replies[transaction_id]
-            del self._in_flight[transaction_id]
+            if submission.outcome is None:
+                submission.finish(self._timed_out(submission, deadline_s))
+            del self._submissions[transaction_id]
+
+    def _timed_out(self, submission: Submission, deadline_s: float) -> NetworkUnavailable:
+        replied = sorted(submission.quorum.replied)
+        return NetworkUnavailable(
+            f"no {self.network.reply_quorum} matching replies within {deadline_s:g}s "
+            f"(replies from replicas {replied or 'none'})"
+        )
+
+    def _outcome(self, submission: Submission, deadline_s: float) -> Receipt:
+        outcome = submission.outcome
+        if outcome is None:
+            raise self._timed_out(submission, deadline_s)
+        if isinstance(outcome, ClientError):
+            raise outcome
+        return outcome
 
     def _require_key(self) -> SigningKey:
         if self.key is None:

@@ -59,7 +59,7 @@ SignatureCheck = Callable[[bytes, bytes, bytes, bytes], bool]
 
 # Bounds on what one replica holds in memory, whatever its peers and clients do.
 PENDING_REQUESTS_MAX = 100_000
-VERIFIED_CACHE_MAX = 200_000
+VERIFIED_CACHE_MAX = 50_000
 TIMEOUT_DOUBLINGS_MAX = 6
 
 # Kinds of durable records. The first group is garbage collected at the stable checkpoint.
@@ -360,7 +360,13 @@ class ReplicaCore:
     def receive_request(self, transaction: Transaction) -> None:
         """A client's signed transaction, straight from the client or relayed by a backup."""
         transaction_id = transaction.transaction_id
-        if transaction_id in self.pending or transaction_id in self.proposed:
+        if transaction_id in self.pending:
+            return
+        if transaction_id in self.proposed:
+            # Already in a batch of this view that has not executed: a backup still times it, so a
+            # primary that pre-prepares a request and then lets it stall is replaced all the same.
+            if not self.is_primary and self.request_timer_started_ms is None:
+                self.request_timer_started_ms = self.now_ms
             return
         if len(self.pending) >= PENDING_REQUESTS_MAX:
             self._reject("request queue full")
@@ -741,10 +747,18 @@ class ReplicaCore:
         self._drop_stale_requests(senders)
         # Progress: the timer restarts for what is still pending, and the back-off resets.
         self.view_change_attempts = 0
-        self.request_timer_started_ms = self.now_ms if self.pending and not self.is_primary else None
+        self.request_timer_started_ms = self.now_ms if self._awaiting_execution() else None
         if height % self.settings.checkpoint_interval == 0:
             self._make_checkpoint()
         return block
+
+    def _awaiting_execution(self) -> bool:
+        """Whether a backup knows of requests or pre-prepared batches that have yet to execute."""
+        if self.is_primary:
+            return False
+        return bool(self.pending) or any(
+            slot.pre_prepare is not None and sequence > self.height for sequence, slot in self.slots.items()
+        )
 
     def _drop_stale_requests(self, senders: set[bytes]) -> None:
         """Watched requests whose nonce is now used can never execute; stop waiting for them."""
@@ -825,6 +839,9 @@ class ReplicaCore:
         for key in [key for key in self.signed if key[2] <= low]:
             del self.signed[key]
         live = {slot.digest for slot in self.slots.values()} | {record.batch.digest for record in self.prepared.values()}
+        # A primary's own pre-prepares above low keep their batch: it alone may hold it, and must
+        # be able to re-send it (this runs on restart too, before the slots are rebuilt).
+        live |= {message.batch.digest for message in self.signed.values() if isinstance(message, PrePrepare)}
         for digest in [digest for digest in self.batches if digest not in live]:
             del self.batches[digest]
 
@@ -1032,7 +1049,7 @@ class ReplicaCore:
                 self._send_prepare(slot)
             self._advance(slot)
         self.next_sequence = max(self.next_sequence, highest + 1, self.height + 1)
-        self.request_timer_started_ms = self.now_ms if self.pending and not self.is_primary else None
+        self.request_timer_started_ms = self.now_ms if self._awaiting_execution() else None
 
     # ---- catching up: status, retransmission, block fetching ----
 

@@ -55,24 +55,27 @@ async def run_network(directory: Path, only: list[int] | None, log_level: str) -
         flush=True,
     )
     processes: dict[int, trio.Process] = {}
-    exit_codes: dict[int, int] = {}
+    stopping = trio.Event()
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        # Spawn every replica before handling any signal: a Ctrl-C that arrives meanwhile waits in
+        # the receiver, so no replica can be started after the others were told to stop.
+        for config in configs:
+            log_path = logs / f"replica-{config.replica_id}.log"
+            with log_path.open("ab") as log_file:
+                processes[config.replica_id] = await trio.lowlevel.open_process(
+                    [sys.executable, "-m", "node.cli", "--log-level", log_level, "run", str(config.path)],
+                    stdout=log_file,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                )
+        print(f"Ctrl-C stops every replica; submit with: ledger-client -c {directory / 'client.toml'} status", flush=True)
         async with trio.open_nursery() as nursery:
 
-            async def supervise(config: ReplicaConfig) -> None:
-                log_path = logs / f"replica-{config.replica_id}.log"
-                with log_path.open("ab") as log_file:
-                    process = await trio.lowlevel.open_process(
-                        [sys.executable, "-m", "node.cli", "--log-level", log_level, "run", str(config.path)],
-                        stdout=log_file,
-                        stderr=subprocess.STDOUT,
-                        stdin=subprocess.DEVNULL,
-                    )
-                processes[config.replica_id] = process
+            async def supervise(config: ReplicaConfig, process: trio.Process) -> None:
                 nursery.start_soon(report_ready, config, process)
                 code = await process.wait()
-                exit_codes[config.replica_id] = code
                 if not stopping.is_set():
+                    log_path = logs / f"replica-{config.replica_id}.log"
                     print(f"replica {config.replica_id} exited with code {code}; see {log_path}", flush=True)
 
             async def report_ready(config: ReplicaConfig, process: trio.Process) -> None:
@@ -86,31 +89,33 @@ async def run_network(directory: Path, only: list[int] | None, log_level: str) -
                 elif process.returncode is None:
                     print(f"replica {config.replica_id} is not answering after {READY_DEADLINE_S:g}s", flush=True)
 
-            stopping = trio.Event()
             for config in configs:
-                nursery.start_soon(supervise, config)
-            print(f"Ctrl-C stops every replica; submit with: ledger-client -c {directory / 'client.toml'} status", flush=True)
-
-            async def stop_all() -> None:
-                stopping.set()
-                for process in processes.values():
-                    if process.returncode is None:
-                        process.send_signal(signal.SIGTERM)
-                with trio.move_on_after(STOP_GRACE_S):
-                    for process in processes.values():
-                        await process.wait()
-                for replica_id, process in processes.items():
-                    if process.returncode is None:
-                        print(f"replica {replica_id} did not stop in {STOP_GRACE_S:g}s; killing it", flush=True)
-                        process.kill()
+                nursery.start_soon(supervise, config, processes[config.replica_id])
 
             async for signal_number in signals:
                 print(f"\n{signal.Signals(signal_number).name}: stopping all replicas", flush=True)
-                await stop_all()
                 break
+            stopping.set()
             nursery.cancel_scope.cancel()
+        await _stop_all(processes)
     print("all replicas stopped", flush=True)
     return 0
+
+
+async def _stop_all(processes: dict[int, trio.Process]) -> None:
+    """SIGTERM every replica, wait for them, and SIGKILL any that outlast the grace period."""
+    with trio.CancelScope(shield=True):
+        for process in processes.values():
+            if process.returncode is None:
+                process.send_signal(signal.SIGTERM)
+        with trio.move_on_after(STOP_GRACE_S):
+            for process in processes.values():
+                await process.wait()
+        for replica_id, process in processes.items():
+            if process.returncode is None:
+                print(f"replica {replica_id} did not stop in {STOP_GRACE_S:g}s; killing it", flush=True)
+                process.kill()
+                await process.wait()
 
 
 def run_network_main(directory: Path, only: list[int] | None, log_level: str) -> int:

@@ -6,6 +6,7 @@ import logging
 import signal
 import sys
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ from node.core import LOG_KINDS, Effects, ReplicaCore
 from node.transport import PeerTransport
 
 EVENT_QUEUE_MAX = 10_000
+WAITING_REQUESTS_MAX = 10_000
 EVENTS_PER_ROUND_MAX = 512
 CLIENT_QUEUE_FRAMES_MAX = 4096
 SUBSCRIPTIONS_PER_CONNECTION_MAX = 4096
@@ -107,7 +109,8 @@ class ReplicaRuntime:
         self.transport = PeerTransport(self.network, config.replica_id, self.key, self._deliver_from_peer)
         self.clients: set[ClientConnection] = set()
         self.subscribers: dict[bytes, set[ClientConnection]] = {}
-        self.waiting_requests: dict[bytes, ClientConnection] = {}
+        # Which connection sent a request, so a refusal reaches it; oldest forgotten first.
+        self.waiting_requests: OrderedDict[bytes, ClientConnection] = OrderedDict()
         self.last_progress_log = 0.0
         self.logged_height = self.store.height
 
@@ -298,8 +301,9 @@ class ReplicaRuntime:
             if block is not None:
                 connection.send(self.core.signed_reply(block, index))
                 return
-        if len(self.waiting_requests) < EVENT_QUEUE_MAX:
-            self.waiting_requests[transaction.transaction_id] = connection
+        self.waiting_requests[transaction.transaction_id] = connection
+        if len(self.waiting_requests) > WAITING_REQUESTS_MAX:
+            self.waiting_requests.popitem(last=False)
         await self.events_send.send(("request", None, transaction))
 
     def _answer_query(self, query: Query) -> QueryReply:

@@ -61,14 +61,6 @@ async def test_resubmitted_transaction_executes_once(network: LocalNetwork, clie
 CONCURRENT_DEADLINE_S = 5.0
 
 
-@pytest.mark.xfail(
-    reason=(
-        "BUG: client/library.py Client.submit keys in-flight state by transaction id only: a second "
-        "submit of the same transaction while the first is in flight replaces the first's entry, so "
-        "the first waits out its whole deadline and then its cleanup raises KeyError"
-    ),
-    strict=True,
-)
 async def test_concurrent_resubmission_gets_the_same_receipt(network: LocalNetwork, client: Client) -> None:
     transaction = await client.sign(Transfer(SigningKey.generate().public_key, AMOUNT))
     receipts: list[Receipt] = []

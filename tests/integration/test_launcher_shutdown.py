@@ -9,18 +9,10 @@ from .local_network import START_DEADLINE_S, LocalNetwork
 
 pytestmark = pytest.mark.integration
 
-# The race is lost most of the time; several attempts make the outcome (and the xfail) certain.
+# The race is lost most of the time; several attempts make a regression certain to show.
 ATTEMPTS = 5
 
 
-@pytest.mark.xfail(
-    reason=(
-        "BUG: node/launcher.py stop_all() only signals replicas already in `processes`; replicas "
-        "still being spawned are never stopped (they outlive the launcher, which still prints "
-        "'all replicas stopped'), and stop_all can crash with 'dictionary changed size during iteration'"
-    ),
-    strict=True,
-)
 async def test_sigterm_while_replicas_start_stops_every_replica(initialised_network: LocalNetwork) -> None:
     problems: list[str] = []
     for attempt in range(ATTEMPTS):

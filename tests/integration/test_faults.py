@@ -1,0 +1,148 @@
+"""Surviving faults with real processes: a killed or stopped primary, restarted backups, repeated
+crashes of f replicas, and flat memory over a long run."""
+
+from __future__ import annotations
+
+import random
+import signal
+from pathlib import Path
+
+import pytest
+import trio
+
+from client.library import Client
+
+from .local_network import fetch_chain, wait_for_agreement
+from .replica_processes import (
+    Load,
+    ReplicaProcesses,
+    connected_client,
+    replica_processes,
+    resident_memory_bytes,
+)
+
+pytestmark = pytest.mark.integration
+
+FAULT_DEADLINE_S = 120.0
+
+
+async def assert_chains_hold(client: Client, replicas: ReplicaProcesses, acknowledged: list[bytes]) -> None:
+    """Every replica serves the same chain, and it holds every acknowledged transaction."""
+    status = await wait_for_agreement(client, deadline_s=60)
+    chains = [await fetch_chain(client, replica_id) for replica_id in range(replicas.replica_count)]
+    hashes = {tuple(block.block_hash for block in chain) for chain in chains}
+    assert len(hashes) == 1, "replicas serve different chains"
+    assert len(chains[0]) == status.height
+    in_chain = {transaction.transaction_id for block in chains[0] for transaction in block.transactions}
+    lost = [transaction_id.hex() for transaction_id in acknowledged if transaction_id not in in_chain]
+    assert not lost, f"acknowledged transactions missing from the chain: {lost[:5]}"
+
+
+async def test_killing_the_primary_under_load_changes_view_and_loses_nothing(tmp_path: Path, replica_count: int) -> None:
+    async with replica_processes(tmp_path / "net", replica_count) as replicas, connected_client(replicas) as client:
+        with trio.fail_after(FAULT_DEADLINE_S):
+            load = Load(client, writers=8)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(load.run, 400)
+                await load.wait_for(100)
+                await replicas.kill(0)  # the primary of view 0
+                acknowledged_before = len(load.receipts)
+                await load.wait_for(acknowledged_before + 100)
+            statuses = await client.status()
+            live = [status for status in statuses if status.reachable]
+            assert len(live) == replica_count - 1
+            assert all(status.view >= 1 and status.primary != 0 for status in live), statuses
+            assert any(receipt.view >= 1 for receipt in load.receipts)
+            # The killed primary comes back and catches up; then every chain must match.
+            await replicas.start(0)
+            await assert_chains_hold(client, replicas, [receipt.transaction_id for receipt in load.receipts])
+
+
+async def test_a_stopped_primary_is_replaced_and_follows_the_new_view(tmp_path: Path, replica_count: int) -> None:
+    async with replica_processes(tmp_path / "net", replica_count) as replicas, connected_client(replicas) as client:
+        with trio.fail_after(FAULT_DEADLINE_S):
+            await client.put("before", "stop")
+            replicas.signal(0, signal.SIGSTOP)
+            receipt = await client.put("during", "stop")  # longer than the view-change timeout
+            assert receipt.view >= 1
+            replicas.signal(0, signal.SIGCONT)
+            final = await client.put("after", "continue")
+            status = await wait_for_agreement(client, minimum_height=final.height, deadline_s=60)
+            statuses = await client.status()
+            assert statuses[0].view == status.view >= 1, "the old primary did not follow the new view"
+            assert not statuses[0].view_changing
+
+
+async def test_a_restarted_backup_catches_up_by_state_transfer(tmp_path: Path, replica_count: int) -> None:
+    async with replica_processes(tmp_path / "net", replica_count) as replicas, connected_client(replicas) as client:
+        with trio.fail_after(FAULT_DEADLINE_S):
+            backup = replica_count - 1
+            checkpoint_interval = replicas.network.protocol.checkpoint_interval
+            await client.put("warm", "up")
+            await replicas.kill(backup)
+            # Sequential puts: one block each, 2K + 3 of them, so stable checkpoints move past the backup.
+            last = None
+            for index in range(2 * checkpoint_interval + 3):
+                last = await client.put(f"key-{index}", str(index))
+            assert last is not None
+            statuses = await client.status()
+            assert min(status.stable_checkpoint for status in statuses if status.reachable) >= checkpoint_interval
+            await replicas.start(backup)
+            await wait_for_agreement(client, minimum_height=last.height, deadline_s=60)
+            chains = [await fetch_chain(client, replica_id) for replica_id in range(replica_count)]
+            assert len({tuple(block.block_hash for block in chain) for chain in chains}) == 1
+            assert "caught up" in replicas.log_path(backup).read_text()
+
+
+async def test_f_replicas_crashing_twenty_times_lose_nothing(tmp_path: Path, replica_count: int) -> None:
+    generator = random.Random(replica_count)
+    faults = (replica_count - 1) // 3
+    async with replica_processes(tmp_path / "net", replica_count) as replicas, connected_client(replicas) as client:
+        with trio.fail_after(4 * FAULT_DEADLINE_S):
+            load = Load(client, writers=6)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(load.run, 6 * 2000)
+                for _ in range(20):
+                    victims = generator.sample(range(replica_count), faults)
+                    await load.wait_for(len(load.receipts) + generator.randint(1, 15))
+                    for victim in victims:
+                        await replicas.kill(victim)
+                    await load.wait_for(len(load.receipts) + generator.randint(1, 15))
+                    for victim in victims:
+                        await replicas.start(victim)
+                nursery.cancel_scope.cancel()
+            acknowledged = [receipt.transaction_id for receipt in load.receipts]
+            await assert_chains_hold(client, replicas, acknowledged)
+        for replica_id in range(replica_count):
+            result = await run_verify(replicas, replica_id)
+            assert result.exit_code == 0, result.describe()
+
+
+async def run_verify(replicas: ReplicaProcesses, replica_id: int):  # noqa: ANN201 - CommandResult
+    from .local_network import CLIENT_COMMAND, run_command
+
+    return await run_command([*CLIENT_COMMAND, "-c", str(replicas.client_config_path), "verify", "--replica", str(replica_id)])
+
+
+MEMORY_BOUND_BYTES = 256 * 1024 * 1024
+LONG_RUN_TRANSACTIONS = 20_000
+
+
+@pytest.mark.parametrize("replica_count", [4], ids=["n4"])
+async def test_memory_stays_bounded_over_twenty_thousand_transactions(tmp_path: Path, replica_count: int) -> None:
+    """Every replica stays under MEMORY_BOUND_BYTES of resident memory for the whole run."""
+    async with replica_processes(tmp_path / "net", replica_count) as replicas, connected_client(replicas) as client:
+        with trio.fail_after(600):
+            load = Load(client, writers=100)
+            peaks = dict.fromkeys(range(replica_count), 0)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(load.run, LONG_RUN_TRANSACTIONS)
+                for milestone in range(2_000, LONG_RUN_TRANSACTIONS + 1, 2_000):
+                    await load.wait_for(milestone)
+                    for replica_id in range(replica_count):
+                        peaks[replica_id] = max(peaks[replica_id], resident_memory_bytes(replicas.pid(replica_id)))
+            assert len(load.receipts) == LONG_RUN_TRANSACTIONS
+            for replica_id, peak in peaks.items():
+                assert peak < MEMORY_BOUND_BYTES, f"replica {replica_id} peaked at {peak / 2**20:.0f} MiB"
+            statuses = await client.status()
+            assert all(status.stable_checkpoint > 0 for status in statuses)
