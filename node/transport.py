@@ -78,6 +78,11 @@ class PeerTransport:
         payload = encode_message(message)
         targets = self.queues if to is None else ([to] if to in self.queues else [])
         for target in targets:
+            if target not in self.connected_out:
+                # Like a real network, a peer that is down misses what is sent meanwhile; it
+                # recovers through retransmission and state transfer, not a stale backlog.
+                self.dropped_frames += 1
+                continue
             try:
                 self.queues[target][0].send_nowait(payload)
             except trio.WouldBlock:
@@ -119,6 +124,11 @@ class PeerTransport:
             if peer in self.connected_out:
                 self.connected_out.discard(peer)
                 log.info("disconnected from replica %d", peer)
+            while True:
+                try:
+                    queue.receive_nowait()
+                except trio.WouldBlock:
+                    break
             await trio.sleep(backoff)
             backoff = min(backoff * 2, DIAL_BACKOFF_S[1])
 

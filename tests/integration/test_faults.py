@@ -12,7 +12,13 @@ import trio
 
 from client.library import Client
 
-from .local_network import fetch_chain, wait_for_agreement
+from .local_network import (
+    CLIENT_COMMAND,
+    CommandResult,
+    fetch_chain,
+    run_command,
+    wait_for_agreement,
+)
 from .replica_processes import (
     Load,
     ReplicaProcesses,
@@ -118,13 +124,13 @@ async def test_f_replicas_crashing_twenty_times_lose_nothing(tmp_path: Path, rep
             assert result.exit_code == 0, result.describe()
 
 
-async def run_verify(replicas: ReplicaProcesses, replica_id: int):  # noqa: ANN201 - CommandResult
-    from .local_network import CLIENT_COMMAND, run_command
-
+async def run_verify(replicas: ReplicaProcesses, replica_id: int) -> CommandResult:
     return await run_command([*CLIENT_COMMAND, "-c", str(replicas.client_config_path), "verify", "--replica", str(replica_id)])
 
 
-MEMORY_BOUND_BYTES = 256 * 1024 * 1024
+MEMORY_BOUND_BYTES = 128 * 1024 * 1024
+# After warm-up the state stops growing (100 writers, one key each), so memory must stay flat.
+MEMORY_GROWTH_AFTER_WARMUP_MAX_BYTES = 24 * 1024 * 1024
 LONG_RUN_TRANSACTIONS = 20_000
 
 
@@ -135,14 +141,21 @@ async def test_memory_stays_bounded_over_twenty_thousand_transactions(tmp_path: 
         with trio.fail_after(600):
             load = Load(client, writers=100)
             peaks = dict.fromkeys(range(replica_count), 0)
+            warm: dict[int, int] = {}
             async with trio.open_nursery() as nursery:
                 await nursery.start(load.run, LONG_RUN_TRANSACTIONS)
                 for milestone in range(2_000, LONG_RUN_TRANSACTIONS + 1, 2_000):
                     await load.wait_for(milestone)
                     for replica_id in range(replica_count):
-                        peaks[replica_id] = max(peaks[replica_id], resident_memory_bytes(replicas.pid(replica_id)))
+                        resident = resident_memory_bytes(replicas.pid(replica_id))
+                        peaks[replica_id] = max(peaks[replica_id], resident)
+                        if milestone >= 4_000:
+                            warm.setdefault(replica_id, resident)
             assert len(load.receipts) == LONG_RUN_TRANSACTIONS
+            print("peak resident memory per replica (MiB):", {r: round(peak / 2**20) for r, peak in peaks.items()})
             for replica_id, peak in peaks.items():
                 assert peak < MEMORY_BOUND_BYTES, f"replica {replica_id} peaked at {peak / 2**20:.0f} MiB"
+                growth = peak - warm[replica_id]
+                assert growth < MEMORY_GROWTH_AFTER_WARMUP_MAX_BYTES, f"replica {replica_id} grew {growth / 2**20:.0f} MiB after warm-up"
             statuses = await client.status()
             assert all(status.stable_checkpoint > 0 for status in statuses)
