@@ -24,6 +24,10 @@ demo: $(INSTALLED)
 sim: $(INSTALLED)
 	$(VENV)/bin/ledger-node simulate --replicas $(REPLICAS) $(if $(SEED),--seed $(SEED),--seeds $(SEEDS))
 
+# Throughput and latency of a local 4-replica network (timings live here, never in tests).
+bench: $(INSTALLED)
+	$(PYTHON) -m client.bench $(BENCH_ARGS)
+
 lint: $(INSTALLED)
 	$(VENV)/bin/ruff check ledger node client tests
 

@@ -16,6 +16,7 @@ from chain_helpers import build_chain, make_network, make_transactions
 
 from ledger.blocks import ChainError, verify_certificate
 from ledger.storage import BlockStore, StoreError
+from node.core import LOG_KINDS
 
 NETWORK = make_network("storage-net")
 CHAIN = build_chain(NETWORK, 6, transactions_per_block=3)
@@ -223,8 +224,25 @@ def test_signed_messages_and_meta(store_path: Path) -> None:
         store.save_messages([("prepare", 0, 2, b"p2 again")])
         store.save_messages([])
         assert store.load_messages() == [("commit", 0, 1, b"c1"), ("commit", 1, 1, b"c1v1"), ("prepare", 0, 2, b"p2 again")]
-        store.prune_messages(1)
-        assert store.load_messages() == [("prepare", 0, 2, b"p2 again")]
+        store.save_messages(
+            [
+                ("stable-checkpoint", 0, 1, b"cp1"),
+                ("stable-checkpoint", 0, 2, b"cp2"),
+                ("view-change", 1, 0, b"vc1"),
+                ("new-view", 2, 0, b"nv2"),
+            ]
+        )
+        store.prune_messages(1, 2, LOG_KINDS)
+        # Log kinds at or below the checkpoint go, older certificates and views go; the rest stays.
+        assert store.load_messages() == [
+            ("new-view", 2, 0, b"nv2"),
+            ("stable-checkpoint", 0, 1, b"cp1"),
+            ("prepare", 0, 2, b"p2 again"),
+            ("stable-checkpoint", 0, 2, b"cp2"),
+        ]
+        store.prune_messages(2, 2, LOG_KINDS)
+        assert store.load_messages() == [("new-view", 2, 0, b"nv2"), ("stable-checkpoint", 0, 2, b"cp2")]
+        store.save_messages([("prepare", 0, 3, b"p2 again")])
         assert store.get_meta("view") is None
         store.set_meta("view", b"\x03")
         store.set_meta("view", b"\x04")
@@ -233,7 +251,7 @@ def test_signed_messages_and_meta(store_path: Path) -> None:
     store = BlockStore.open(store_path, NETWORK.genesis)
     try:
         assert store.get_meta("view") == b"\x04"
-        assert store.load_messages() == [("prepare", 0, 2, b"p2 again")]
+        assert store.load_messages()[-1] == ("prepare", 0, 3, b"p2 again")
     finally:
         store.close()
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import random
 import signal
+import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ from client.library import Client
 
 from .local_network import (
     CLIENT_COMMAND,
+    NODE_COMMAND,
     CommandResult,
     fetch_chain,
     run_command,
@@ -159,3 +162,36 @@ async def test_memory_stays_bounded_over_twenty_thousand_transactions(tmp_path: 
                 assert growth < MEMORY_GROWTH_AFTER_WARMUP_MAX_BYTES, f"replica {replica_id} grew {growth / 2**20:.0f} MiB after warm-up"
             statuses = await client.status()
             assert all(status.stable_checkpoint > 0 for status in statuses)
+
+
+def truncate_store(path: Path) -> None:
+    size = path.stat().st_size
+    with path.open("r+b") as file:
+        file.truncate(size // 2)
+
+
+def tamper_with_a_block(path: Path) -> None:
+    connection = sqlite3.connect(path)
+    with connection:
+        (data,) = connection.execute("select data from blocks where height = 2").fetchone()
+        flipped = bytearray(data)
+        flipped[len(flipped) // 2] ^= 0x01
+        connection.execute("update blocks set data = ? where height = 2", (bytes(flipped),))
+    connection.close()
+
+
+@pytest.mark.parametrize("replica_count", [4], ids=["n4"])
+@pytest.mark.parametrize("damage", [truncate_store, tamper_with_a_block], ids=["truncated", "tampered"])
+async def test_a_damaged_store_is_detected_at_start(tmp_path: Path, replica_count: int, damage: Callable[[Path], None]) -> None:
+    async with replica_processes(tmp_path / "net", replica_count) as replicas, connected_client(replicas) as client:
+        with trio.fail_after(FAULT_DEADLINE_S):
+            for index in range(40):
+                await client.put(f"key-{index}", "value")
+            await wait_for_agreement(client, minimum_height=40)
+    store = tmp_path / "net" / "data" / "replica-1" / "ledger.sqlite3"
+    damage(store)
+    result = await run_command([*NODE_COMMAND, "run", str(tmp_path / "net" / "replica-1.toml")], 60)
+    assert result.exit_code != 0, result.describe()
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "ledger.sqlite3" in lines[0], result.describe()
+    assert "Traceback" not in result.stderr
