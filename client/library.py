@@ -132,7 +132,7 @@ class ReplicaLink:
                     for start in range(0, len(accounts), SUBSCRIBE_ACCOUNTS_MAX):
                         await framed.send(encode_message(Subscribe(tuple(accounts[start : start + SUBSCRIBE_ACCOUNTS_MAX]))))
                     self.connected.set()
-                    nursery.start_soon(self._write, framed)
+                    nursery.start_soon(framed.pump, self.receive_channel)
                     await self._read(framed)
                     nursery.cancel_scope.cancel()
             except* (OSError, trio.BrokenResourceError, trio.ClosedResourceError, FrameError):
@@ -140,9 +140,6 @@ class ReplicaLink:
             self.connected = trio.Event()
             await trio.sleep(backoff)
 
-    async def _write(self, framed: FramedStream) -> None:
-        async for payload in self.receive_channel:
-            await framed.send(payload)
 
     async def _read(self, framed: FramedStream) -> None:
         while True:

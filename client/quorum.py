@@ -40,23 +40,38 @@ class ReplyQuorum:
         self.transaction_id = transaction_id
         self.check = check
         self.domain = signing_domain(network.network_id, "reply")
-        self.replied: set[int] = set()
+        self.replied: set[int] = set()  # replicas whose reply verified
         self.groups: dict[tuple[Any, ...], list[Reply]] = {}
+        self.unverified: dict[int, Reply] = {}  # at most one per replica: its latest
         self.ignored = 0
 
     def add(self, reply: Reply) -> Receipt | None:
+        """Signatures are checked lazily, only once matching replies could reach f + 1: usually
+        exactly f + 1 checks per transaction, however many replicas answer. An unverified reply
+        holds no place: a forged one is dropped when checked, and never blocks a genuine one."""
         if (
             reply.transaction_id != self.transaction_id
             or reply.replica_id >= self.network.replica_count
             or reply.replica_id in self.replied
-            or not self.check(self.network.replica_keys[reply.replica_id], self.domain, reply.signed_bytes(), reply.signature)
         ):
             self.ignored += 1
             return None
-        self.replied.add(reply.replica_id)
-        group = self.groups.setdefault(reply.matching_key(), [])
-        group.append(reply)
-        if len(group) < self.network.reply_quorum:
+        self.unverified[reply.replica_id] = reply
+        key = reply.matching_key()
+        verified = self.groups.setdefault(key, [])
+        candidates = [waiting for waiting in self.unverified.values() if waiting.matching_key() == key]
+        needed = self.network.reply_quorum
+        if len(verified) + len(candidates) < needed:
+            return None
+        for candidate in candidates:
+            del self.unverified[candidate.replica_id]
+            public_key = self.network.replica_keys[candidate.replica_id]
+            if self.check(public_key, self.domain, candidate.signed_bytes(), candidate.signature):
+                verified.append(candidate)
+                self.replied.add(candidate.replica_id)
+            else:
+                self.ignored += 1
+        if len(verified) < needed:
             return None
         return Receipt(
             reply.transaction_id,
@@ -64,8 +79,8 @@ class ReplyQuorum:
             reply.height,
             reply.block_hash,
             reply.index,
-            tuple(sorted(r.replica_id for r in group)),
-            max(r.view for r in group),
+            tuple(sorted(r.replica_id for r in verified)),
+            max(r.view for r in verified),
         )
 
 

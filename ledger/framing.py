@@ -58,3 +58,16 @@ class FramedStream:
 
     async def send(self, payload: bytes) -> None:
         await self.stream.send_all(frame(payload))
+
+    async def pump(self, channel: trio.MemoryReceiveChannel[bytes], frames_per_write_max: int = 256) -> None:
+        """Write every payload from `channel`, coalescing what is already queued into one write:
+        a replica replying to a batch sends one segment to a client, not one syscall per reply."""
+        async for payload in channel:
+            chunks = [frame(payload)]
+            while len(chunks) < frames_per_write_max:
+                try:
+                    chunks.append(frame(channel.receive_nowait()))
+                except trio.WouldBlock:
+                    break
+            await self.stream.send_all(b"".join(chunks))
+

@@ -34,7 +34,10 @@ class BlockStore:
     """One replica's blocks and protocol records. Not thread-safe: one owner at a time."""
 
     def __init__(self, connection: sqlite3.Connection, path: Path, genesis: bytes) -> None:
+        # Two connections: the writer may commit from a worker thread (so an fsync never stalls
+        # the event loop) while reads go on through the reader; WAL lets them run side by side.
         self._connection = connection
+        self._reader = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self.path = path
         self.genesis = genesis
         self._height, self._last_hash = self._read_tip()
@@ -70,10 +73,11 @@ class BlockStore:
         return store
 
     def close(self) -> None:
+        self._reader.close()
         self._connection.close()
 
     def _read_tip(self) -> tuple[int, bytes | None]:
-        row = self._connection.execute("select height, hash from blocks order by height desc limit 1").fetchone()
+        row = self._reader.execute("select height, hash from blocks order by height desc limit 1").fetchone()
         return (0, None) if row is None else (row[0], row[1])
 
     @property
@@ -87,7 +91,7 @@ class BlockStore:
     def verify(self, batch_size: int = 256) -> None:
         """Check every stored block links to the one before and matches its own header."""
         parent_hash, parent_height = self.genesis, 0
-        count = self._connection.execute("select count(*) from blocks").fetchone()[0]
+        count = self._reader.execute("select count(*) from blocks").fetchone()[0]
         if count != self._height:
             raise StoreError(f"{self.path}: {count} blocks stored but the highest is {self._height}: blocks are missing")
         try:
@@ -95,7 +99,7 @@ class BlockStore:
                 blocks = self.blocks(parent_height + 1, batch_size)
                 verify_chain_segment(blocks, parent_hash, parent_height)
                 for block in blocks:
-                    stored_hash = self._connection.execute(
+                    stored_hash = self._reader.execute(
                         "select hash from blocks where height=?", (block.height,)
                     ).fetchone()[0]
                     if stored_hash != block.block_hash:
@@ -106,12 +110,25 @@ class BlockStore:
 
     def append(self, blocks: Iterable[Block]) -> None:
         """Append blocks that extend the tip, atomically: all of them are stored or none."""
-        blocks = list(blocks)
-        if not blocks:
+        self.write_round([], blocks)
+
+    def write_round(
+        self,
+        records: Iterable[tuple[str, int, int, bytes]],
+        blocks: Iterable[Block],
+        prune: tuple[int, int, Iterable[str]] | None = None,
+    ) -> None:
+        """One durable transaction for one round of a replica's work: its signed records, the
+        blocks it committed, and the pruning of records it no longer needs. All or nothing."""
+        records, blocks = list(records), list(blocks)
+        if not records and not blocks and prune is None:
             return
-        verify_chain_segment(blocks, self.last_hash, self._height)
+        if blocks:
+            verify_chain_segment(blocks, self.last_hash, self._height)
         with self._connection:
             self._connection.execute("begin")
+            if records:
+                self._connection.executemany("insert or replace into signed_messages values (?, ?, ?, ?)", records)
             for block in blocks:
                 self._connection.execute(
                     "insert into blocks values (?, ?, ?)", (block.height, block.block_hash, block.encode())
@@ -120,14 +137,17 @@ class BlockStore:
                     "insert or ignore into transactions values (?, ?, ?)",
                     [(transaction.transaction_id, block.height, index) for index, transaction in enumerate(block.transactions)],
                 )
-        self._height, self._last_hash = blocks[-1].height, blocks[-1].block_hash
+            if prune is not None:
+                self._prune(*prune)
+        if blocks:
+            self._height, self._last_hash = blocks[-1].height, blocks[-1].block_hash
 
     def block(self, height: int) -> Block | None:
-        row = self._connection.execute("select data from blocks where height=?", (height,)).fetchone()
+        row = self._reader.execute("select data from blocks where height=?", (height,)).fetchone()
         return None if row is None else Block.decode(row[0])
 
     def blocks(self, from_height: int, count: int) -> list[Block]:
-        rows = self._connection.execute(
+        rows = self._reader.execute(
             "select data from blocks where height>=? order by height limit ?", (from_height, count)
         ).fetchall()
         return [Block.decode(row[0]) for row in rows]
@@ -142,7 +162,7 @@ class BlockStore:
             height = batch[-1].height + 1
 
     def locate_transaction(self, transaction_id: bytes) -> tuple[int, int] | None:
-        row = self._connection.execute(
+        row = self._reader.execute(
             "select height, position from transactions where transaction_id=?", (transaction_id,)
         ).fetchone()
         return None if row is None else (row[0], row[1])
@@ -150,36 +170,31 @@ class BlockStore:
     # Own signed protocol messages, kept until their sequence is in a stored block.
 
     def save_messages(self, records: Iterable[tuple[str, int, int, bytes]]) -> None:
-        records = list(records)
-        if records:
-            with self._connection:
-                self._connection.execute("begin")
-                self._connection.executemany("insert or replace into signed_messages values (?, ?, ?, ?)", records)
+        self.write_round(records, [])
 
     def load_messages(self) -> list[tuple[str, int, int, bytes]]:
-        return self._connection.execute(
+        return self._reader.execute(
             "select kind, view, sequence, data from signed_messages order by sequence, view"
         ).fetchall()
 
     def prune_messages(self, through_sequence: int, view: int, log_kinds: Iterable[str]) -> None:
+        self.write_round([], [], (through_sequence, view, log_kinds))
+
+    def _prune(self, through_sequence: int, view: int, log_kinds: Iterable[str]) -> None:
         """Drop records the protocol no longer needs: log kinds at or below the stable checkpoint,
         older stable-checkpoint certificates, and view-change records of earlier views."""
         kinds = list(log_kinds)
         marks = ",".join("?" * len(kinds))
-        with self._connection:
-            self._connection.execute("begin")
-            self._connection.execute(
-                f"delete from signed_messages where kind in ({marks}) and sequence <= ?", (*kinds, through_sequence)
-            )
-            self._connection.execute(
-                "delete from signed_messages where kind = 'stable-checkpoint' and sequence < ?", (through_sequence,)
-            )
-            self._connection.execute(
-                "delete from signed_messages where kind in ('view-change', 'new-view') and view < ?", (view,)
-            )
+        self._connection.execute(
+            f"delete from signed_messages where kind in ({marks}) and sequence <= ?", (*kinds, through_sequence)
+        )
+        self._connection.execute(
+            "delete from signed_messages where kind = 'stable-checkpoint' and sequence < ?", (through_sequence,)
+        )
+        self._connection.execute("delete from signed_messages where kind in ('view-change', 'new-view') and view < ?", (view,))
 
     def get_meta(self, key: str) -> bytes | None:
-        row = self._connection.execute("select value from meta where key=?", (key,)).fetchone()
+        row = self._reader.execute("select value from meta where key=?", (key,)).fetchone()
         return None if row is None else row[0]
 
     def set_meta(self, key: str, value: bytes) -> None:

@@ -157,7 +157,7 @@ class ReplicaRuntime:
                         break
                     self._handle(event)
             self.core.tick(now_ms())
-            self._carry_out(self.core.take_effects())
+            await self._carry_out(self.core.take_effects())
             await trio.sleep(0)
 
     def _handle(self, event: tuple[str, Any, Any]) -> None:
@@ -185,21 +185,22 @@ class ReplicaRuntime:
             blocks.append(block)
         return blocks
 
-    def _carry_out(self, effects: Effects) -> None:
-        """Persist, then send, then store blocks, then reply: the order that keeps restarts safe."""
+    async def _carry_out(self, effects: Effects) -> None:
+        """Persist (records and blocks, one transaction), then send, then reply: the order that
+        keeps restarts safe. The write runs on a worker thread, so its fsync does not stall the
+        connections; events arriving meanwhile wait in the queue and make the next round bigger."""
         if not effects:
             return
-        if effects.persist:
-            self.store.save_messages(
+        if effects.persist or effects.blocks or effects.prune is not None:
+            records = [
                 (record.kind, record.view, record.sequence, encode_message(record.message)) for record in effects.persist
-            )
+            ]
+            prune = None if effects.prune is None else (effects.prune.through_sequence, effects.prune.view, LOG_KINDS)
+            await trio.to_thread.run_sync(self.store.write_round, records, effects.blocks, prune)
+            if effects.blocks:
+                self._log_progress()
         for send in effects.send:
             self.transport.send(send.to, send.message)
-        if effects.blocks:
-            self.store.append(effects.blocks)
-            self._log_progress()
-        if effects.prune is not None:
-            self.store.prune_messages(effects.prune.through_sequence, effects.prune.view, LOG_KINDS)
         for client_reply in effects.replies:
             for connection in self.subscribers.get(client_reply.account, ()):
                 connection.send(client_reply.reply)
@@ -209,7 +210,10 @@ class ReplicaRuntime:
             if connection is not None:
                 connection.send(ErrorReply(transaction_id, reason))
         for line in effects.events:
-            log.warning("%s", line) if line.startswith("rejected") else log.info("%s", line)
+            if line.startswith("rejected"):
+                log.warning("%s", line)
+            else:
+                log.info("%s", line)
 
     def _log_progress(self) -> None:
         moment = time.monotonic()
@@ -237,7 +241,7 @@ class ReplicaRuntime:
         framed = FramedStream(stream, self.network.protocol.frame_size_max)
         try:
             async with stream, trio.open_nursery() as nursery:
-                nursery.start_soon(self._write_client, framed, receive_channel)
+                nursery.start_soon(framed.pump, receive_channel)
                 await self._read_client(framed, connection)
                 nursery.cancel_scope.cancel()
         except* (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
@@ -256,9 +260,6 @@ class ReplicaRuntime:
                     if not followers:
                         del self.subscribers[account]
 
-    async def _write_client(self, framed: FramedStream, receive_channel: trio.MemoryReceiveChannel[bytes]) -> None:
-        async for payload in receive_channel:
-            await framed.send(payload)
 
     def _subscribe(self, connection: ClientConnection, account: bytes) -> None:
         if account in connection.accounts or len(connection.accounts) >= SUBSCRIPTIONS_PER_CONNECTION_MAX:

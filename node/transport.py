@@ -141,8 +141,7 @@ class PeerTransport:
                 nursery.cancel_scope.cancel()
 
             nursery.start_soon(watch_for_close)
-            async for payload in queue:
-                await framed.send(payload)
+            await framed.pump(queue)
 
     async def _handshake_as_dialer(self, framed: FramedStream, peer: int) -> None:
         challenge = os.urandom(32)
