@@ -205,6 +205,7 @@ def block_text(block: Block) -> str:
         f"  proposed in view {data['view']} by replica {data['proposer']}, timestamp {data['timestamp_ms']} ms",
         f"  transactions root {_short(block.header.transactions_root)}, state digest {_short(block.header.state_digest)}",
         f"  commit certificate: view {block.certificate.view if block.certificate else '-'}, signed by replicas {signers} (verified)",
+        "  block hash vouched for by f+1 replicas' signed answers (covers results and state digest)",
         f"  {len(block.transactions)} transaction(s):",
     ]
     for item in data["transactions"]:
@@ -283,7 +284,8 @@ async def dispatch(arguments: argparse.Namespace, client: Client, output: Output
             data,
             f"transaction {transaction_id.hex()}\n  {describe_operation(transaction.operation)}\n"
             f"  from {transaction.sender.hex()} nonce {transaction.nonce}\n  result: {result.describe()}\n"
-            f"  in block {height} (hash {_short(block.block_hash)}) at index {index}; Merkle proof and commit certificate verified",
+            f"  in block {height} (hash {_short(block.block_hash)}) at index {index}; Merkle proof, commit certificate\n"
+            f"  and block hash (vouched for by f+1 replicas, it covers the result) verified",
         )
         return EXIT_OK
     if command == "status":

@@ -20,11 +20,17 @@ import trio
 
 from client.quorum import QueryQuorum, Receipt, ReplyQuorum
 from ledger.application import AccountsApplication
-from ledger.blocks import Block, ChainError, verify_certificate, verify_chain_segment
+from ledger.blocks import (
+    Block,
+    ChainError,
+    verify_block_contents,
+    verify_certificate,
+    verify_chain_segment,
+)
 from ledger.config import ClientConfig, load_client_config
-from ledger.crypto import PublicKeyCache, SigningKey, read_key_file
+from ledger.crypto import PublicKeyCache, SigningKey, read_key_file, signing_domain
 from ledger.encoding import CodecError
-from ledger.framing import FramedStream, FrameError
+from ledger.framing import FramedStream, FrameError, FrameQueue
 from ledger.messages import (
     BLOCKS_PER_RESPONSE_MAX,
     SUBSCRIBE_ACCOUNTS_MAX,
@@ -106,14 +112,11 @@ class ReplicaLink:
         self.client = client
         self.replica_id = replica_id
         self.address = client.network.replicas[replica_id].client_address
-        self.send_channel, self.receive_channel = trio.open_memory_channel[bytes](SEND_QUEUE_MAX)
+        self.queue = FrameQueue(SEND_QUEUE_MAX, 2 * client.network.protocol.frame_size_max)
         self.connected = trio.Event()
 
     def send(self, message: Any) -> None:
-        try:
-            self.send_channel.send_nowait(encode_message(message))
-        except trio.WouldBlock:
-            pass  # the caller's retry covers a dropped message
+        self.queue.put(encode_message(message))  # if full, the caller's retry covers it
 
     async def run(self) -> None:
         backoff = CONNECT_BACKOFF_S[0]
@@ -132,7 +135,7 @@ class ReplicaLink:
                     for start in range(0, len(accounts), SUBSCRIBE_ACCOUNTS_MAX):
                         await framed.send(encode_message(Subscribe(tuple(accounts[start : start + SUBSCRIBE_ACCOUNTS_MAX]))))
                     self.connected.set()
-                    nursery.start_soon(framed.pump, self.receive_channel)
+                    nursery.start_soon(self.queue.pump, framed)
                     await self._read(framed)
                     nursery.cancel_scope.cancel()
             except* (OSError, trio.BrokenResourceError, trio.ClosedResourceError, FrameError):
@@ -416,8 +419,63 @@ class Client:
             self.signatures.verify,
         )
 
+    async def confirmed_block_hash(self, height: int, deadline_s: float = 15.0) -> tuple[bytes, tuple[int, ...]]:
+        """The hash of block `height` as f + 1 replicas sign it (so at least one honest replica
+        does), and which replicas those were. Replicas that lack the block yet are not counted."""
+        with trio.move_on_after(deadline_s):
+            while True:
+                query_id = next(self.query_ids)
+                votes: dict[bytes, set[int]] = {}
+                answered: set[int] = set()
+                decided: trio.MemorySendChannel[tuple[bytes, tuple[int, ...]] | None]
+                decided, outcome = trio.open_memory_channel(1)
+                domain = signing_domain(self.network.network_id, "query-reply")
+
+                def handle(
+                    replica_id: int,
+                    message: Any,
+                    votes: dict[bytes, set[int]] = votes,
+                    answered: set[int] = answered,
+                    decided: trio.MemorySendChannel[Any] = decided,
+                    domain: bytes = domain,
+                ) -> None:
+                    if not isinstance(message, QueryReply) or message.replica_id != replica_id or replica_id in answered:
+                        return
+                    if not self.signatures.verify(self.network.replica_keys[replica_id], domain, message.signed_bytes(), message.signature):
+                        return
+                    answered.add(replica_id)
+                    if isinstance(message.result, bytes):
+                        voters = votes.setdefault(message.result, set())
+                        voters.add(replica_id)
+                        if len(voters) >= self.network.reply_quorum:
+                            self._offer(decided, (message.result, tuple(sorted(voters))))
+                            return
+                    if len(answered) == self.network.replica_count:
+                        self._offer(decided, None)
+
+                self._queries[query_id] = handle
+                try:
+                    self._broadcast(Query(query_id, "block-hash", height))
+                    with trio.move_on_after(self.timeout_s):
+                        answer = await outcome.receive()
+                        if answer is not None:
+                            return answer
+                        await trio.sleep(0.05)  # not enough replicas have it yet
+                finally:
+                    del self._queries[query_id]
+        raise NetworkUnavailable(f"fewer than {self.network.reply_quorum} replicas vouch for a block {height}")
+
+    @staticmethod
+    def _offer(channel: trio.MemorySendChannel[Any], value: Any) -> None:
+        try:
+            channel.send_nowait(value)
+        except trio.WouldBlock:
+            pass
+
     async def block(self, height: int) -> Block:
-        """A block whose commit certificate verifies, from whichever replica has it."""
+        """Block `height`: its commit certificate verifies against the replicas' keys, and its hash
+        (which covers its results and state digest) is the one f + 1 replicas sign."""
+        expected_hash, _ = await self.confirmed_block_hash(height)
         problems = []
         for replica_id in [self.primary, *[r for r in range(self.network.replica_count) if r != self.primary]]:
             try:
@@ -428,8 +486,12 @@ class Client:
             if blocks and blocks[0].height == height:
                 try:
                     self.verify_block(blocks[0])
+                    verify_block_contents(blocks[0])
                 except ChainError as error:
                     problems.append(f"replica {replica_id}: {error}")
+                    continue
+                if blocks[0].block_hash != expected_hash:
+                    problems.append(f"replica {replica_id}: serves a block whose hash f+1 replicas do not vouch for")
                     continue
                 return blocks[0]
         raise ClientError(f"no replica served a verifiable block {height}" + (f" ({'; '.join(problems)})" if problems else ""))

@@ -30,6 +30,12 @@ class ChainError(ValueError):
     """A block or chain segment fails verification; the message says which block and why."""
 
 
+def results_root(results: Sequence[TransactionResult]) -> bytes:
+    """The header commits to every result, so a block hash that f+1 replicas vouch for vouches
+    for the results too (the commit certificate covers only the batch)."""
+    return merkle_root([digest(encode(result.to_plain())) for result in results])
+
+
 def batch_digest(view: int, proposer: int, timestamp_ms: int, transactions_root: bytes) -> bytes:
     """What PRE-PREPAREs, PREPAREs and COMMITs agree on for one sequence number.
 
@@ -50,6 +56,7 @@ class BlockHeader:
     proposer: int
     parent_hash: bytes
     transactions_root: bytes
+    results_root: bytes
     state_digest: bytes
     timestamp_ms: int
     block_hash: bytes = field(init=False, repr=False, compare=False)
@@ -64,21 +71,23 @@ class BlockHeader:
             self.proposer,
             self.parent_hash,
             self.transactions_root,
+            self.results_root,
             self.state_digest,
             self.timestamp_ms,
         ]
 
     @classmethod
     def from_plain(cls, plain: Any) -> BlockHeader:
-        items = expect_list(plain, "header", length=7)
+        items = expect_list(plain, "header", length=8)
         return cls(
             height=expect_int(items[0], "header height"),
             view=expect_int(items[1], "header view"),
             proposer=expect_int(items[2], "header proposer", 0, REPLICAS_MAX - 1),
             parent_hash=expect_bytes(items[3], "header parent hash", HASH_SIZE),
             transactions_root=expect_bytes(items[4], "header transactions root", HASH_SIZE),
-            state_digest=expect_bytes(items[5], "header state digest", HASH_SIZE),
-            timestamp_ms=expect_int(items[6], "header timestamp"),
+            results_root=expect_bytes(items[5], "header results root", HASH_SIZE),
+            state_digest=expect_bytes(items[6], "header state digest", HASH_SIZE),
+            timestamp_ms=expect_int(items[7], "header timestamp"),
         )
 
     def batch_digest(self) -> bytes:
@@ -203,6 +212,8 @@ def verify_block_contents(block: Block) -> None:
         raise ChainError(f"block {header.height}: transactions do not match the transactions root")
     if len(block.results) != len(block.transactions):
         raise ChainError(f"block {header.height}: {len(block.results)} results for {len(block.transactions)} transactions")
+    if results_root(block.results) != header.results_root:
+        raise ChainError(f"block {header.height}: results do not match the results root")
     if len(set(block.transaction_ids())) != len(block.transactions):
         raise ChainError(f"block {header.height}: a transaction appears twice")
 

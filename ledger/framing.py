@@ -59,15 +59,49 @@ class FramedStream:
     async def send(self, payload: bytes) -> None:
         await self.stream.send_all(frame(payload))
 
-    async def pump(self, channel: trio.MemoryReceiveChannel[bytes], frames_per_write_max: int = 256) -> None:
-        """Write every payload from `channel`, coalescing what is already queued into one write:
-        a replica replying to a batch sends one segment to a client, not one syscall per reply."""
-        async for payload in channel:
-            chunks = [frame(payload)]
+
+class FrameQueue:
+    """Payloads waiting to be written to one connection, bounded in count and in bytes.
+
+    Bytes matter: a peer that asks for blocks and never reads must not make us buffer gigabytes.
+    `put` never blocks; it refuses (returns False) when the queue is full, and the caller counts it.
+    """
+
+    def __init__(self, frames_max: int, bytes_max: int) -> None:
+        self._send, self._receive = trio.open_memory_channel[bytes](frames_max)
+        self.bytes_max = bytes_max
+        self.queued_bytes = 0
+
+    def put(self, payload: bytes) -> bool:
+        if self.queued_bytes + len(payload) > self.bytes_max:
+            return False
+        try:
+            self._send.send_nowait(payload)
+        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+            return False
+        self.queued_bytes += len(payload)
+        return True
+
+    def _take(self, payload: bytes) -> bytes:
+        self.queued_bytes -= len(payload)
+        return frame(payload)
+
+    def clear(self) -> None:
+        while True:
+            try:
+                self._take(self._receive.receive_nowait())
+            except trio.WouldBlock:
+                return
+
+    async def pump(self, framed: FramedStream, frames_per_write_max: int = 256) -> None:
+        """Write everything queued, coalescing what is already waiting into one write: a replica
+        replying to a batch sends one segment to a client, not one syscall per reply."""
+        async for payload in self._receive:
+            chunks = [self._take(payload)]
             while len(chunks) < frames_per_write_max:
                 try:
-                    chunks.append(frame(channel.receive_nowait()))
+                    chunks.append(self._take(self._receive.receive_nowait()))
                 except trio.WouldBlock:
                     break
-            await self.stream.send_all(b"".join(chunks))
+            await framed.stream.send_all(b"".join(chunks))
 

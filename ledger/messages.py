@@ -238,19 +238,23 @@ class PreparedCertificate:
 
 @dataclass(frozen=True, slots=True)
 class PreparedRecord:
-    """What a replica keeps on disk for a prepared slot: the certificate and the batch itself."""
+    """What a replica keeps on disk for a prepared slot: the certificate, and the batch if known.
+
+    The certificate alone is what a view change needs, so it is made durable before the COMMIT
+    goes out even when the batch content has not arrived yet.
+    """
 
     TAG: ClassVar[str] = "prepared-record"
     certificate: PreparedCertificate
-    batch: Batch
+    batch: Batch | None
 
     def fields(self) -> list[Any]:
-        return [self.certificate.to_plain(), self.batch.to_plain()]
+        return [self.certificate.to_plain(), None if self.batch is None else self.batch.to_plain()]
 
     @classmethod
     def from_fields(cls, items: list[Any]) -> PreparedRecord:
         expect_list(items, cls.TAG, length=2)
-        return cls(PreparedCertificate.from_plain(items[0]), Batch.from_plain(items[1]))
+        return cls(PreparedCertificate.from_plain(items[0]), None if items[1] is None else Batch.from_plain(items[1]))
 
 
 @dataclass(frozen=True, slots=True)
@@ -446,17 +450,22 @@ class FetchBlocks:
 
 @dataclass(frozen=True, slots=True)
 class Blocks:
+    """Blocks for a replica or client that asked, with the server's stable checkpoint certificate
+    so a replica that caught up can move its low watermark too."""
+
     TAG: ClassVar[str] = "blocks"
     blocks: tuple[Block, ...]
+    checkpoint: CheckpointCertificate | None = None
 
     def fields(self) -> list[Any]:
-        return [[block.to_plain() for block in self.blocks]]
+        return [[block.to_plain() for block in self.blocks], None if self.checkpoint is None else self.checkpoint.fields()]
 
     @classmethod
     def from_fields(cls, items: list[Any]) -> Blocks:
-        expect_list(items, cls.TAG, length=1)
+        expect_list(items, cls.TAG, length=2)
         plain = expect_list(items[0], "blocks", length_max=BLOCKS_PER_RESPONSE_MAX)
-        return cls(tuple(Block.from_plain(item) for item in plain))
+        checkpoint = None if items[1] is None else CheckpointCertificate.from_fields(expect_list(items[1], "checkpoint"))
+        return cls(tuple(Block.from_plain(item) for item in plain), checkpoint)
 
 
 # ---- replica connection handshake ----
@@ -496,8 +505,13 @@ class HelloProof:
         return cls(_signature(items[0], "signature"))
 
 
-def handshake_signed_bytes(challenge: bytes, signer_id: int, verifier_id: int) -> bytes:
-    return encode([challenge, signer_id, verifier_id])
+def handshake_signed_bytes(role: str, dialer_challenge: bytes, acceptor_challenge: bytes, dialer_id: int, acceptor_id: int) -> bytes:
+    """What each side of a replica handshake signs: its role and the whole transcript.
+
+    Naming the role and both fresh challenges means a proof one side gives can never be replayed
+    as the other side's proof, nor relayed into another connection (no signing oracle).
+    """
+    return encode(["handshake", role, dialer_challenge, acceptor_challenge, dialer_id, acceptor_id])
 
 
 # ---- client messages ----

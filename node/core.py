@@ -25,12 +25,14 @@ from ledger.blocks import (
     BlockHeader,
     ChainError,
     CommitCertificate,
+    results_root,
     verify_block_contents,
     verify_certificate,
 )
 from ledger.config import NetworkConfig
 from ledger.crypto import PublicKeyCache, SigningKey, signing_domain
-from ledger.encoding import CodecError
+from ledger.encoding import CodecError, encode
+from ledger.encoding import digest as fingerprint_of
 from ledger.merkle import merkle_root
 from ledger.messages import (
     BLOCKS_PER_RESPONSE_MAX,
@@ -216,8 +218,11 @@ class ReplicaCore:
         self.verified_view_changes: set[bytes] = set()
         self.own_view_change: ViewChange | None = None
         self.new_view: NewView | None = None
-        self.view_change_started_ms = 0
+        self.view_change_started_ms: int | None = None  # when a quorum of VIEW-CHANGEs arrived
         self.view_change_attempts = 0
+        # PBFT's request timer: started for one request a backup waits for, restarted only when
+        # that request executes, so a primary cannot starve one client by serving others.
+        self.timed_request: bytes | None = None
         self.request_timer_started_ms: int | None = None
         self.missing_batches: dict[bytes, int] = {}  # digest -> when last asked
 
@@ -322,6 +327,8 @@ class ReplicaCore:
             self._enter_view(latest_new_view)
         elif view_change_view > 0:
             self.view, self.view_active = view_change_view, False
+            assert self.own_view_change is not None
+            self.latest_view_changes[self.replica_id] = self.own_view_change
         self.view = max(self.view, signed_view)
         self.next_sequence = max(
             [self.height + 1, self.low + 1]
@@ -350,7 +357,9 @@ class ReplicaCore:
                     f"request timer expired in view {self.view}: suspecting primary {self.primary}"
                 )
                 self._start_view_change(self.view + 1)
-        elif self.now_ms - self.view_change_started_ms >= self._timeout_ms():
+        elif self.view_change_started_ms is not None and self.now_ms - self.view_change_started_ms >= self._timeout_ms():
+            # PBFT: the NEW-VIEW timer runs only once a quorum asked for this view; a replica
+            # alone (cut off, say) keeps asking for the same view instead of running ahead.
             self.effects.events.append(f"view change to {self.view} timed out; trying view {self.view + 1}")
             self._start_view_change(self.view + 1)
         if self.now_ms - self.last_status_ms >= self.settings.status_interval_ms:
@@ -360,13 +369,7 @@ class ReplicaCore:
     def receive_request(self, transaction: Transaction) -> None:
         """A client's signed transaction, straight from the client or relayed by a backup."""
         transaction_id = transaction.transaction_id
-        if transaction_id in self.pending:
-            return
-        if transaction_id in self.proposed:
-            # Already in a batch of this view that has not executed: a backup still times it, so a
-            # primary that pre-prepares a request and then lets it stall is replaced all the same.
-            if not self.is_primary and self.request_timer_started_ms is None:
-                self.request_timer_started_ms = self.now_ms
+        if transaction_id in self.pending or (self.is_primary and transaction_id in self.proposed):
             return
         if len(self.pending) >= PENDING_REQUESTS_MAX:
             self._reject("request queue full")
@@ -387,11 +390,11 @@ class ReplicaCore:
                 self._propose_batches()
         else:
             # PBFT: a backup that hears of a request relays it to the primary, in case the client
-            # could not reach it, and starts its timer: if the request is not executed in time,
-            # the primary is suspected and replaced.
-            self.effects.send.append(Send(self.primary, Request(transaction)))
-            if self.request_timer_started_ms is None:
-                self.request_timer_started_ms = self.now_ms
+            # could not reach it (unless it already saw it in a pre-prepare), and times it: if it
+            # is not executed in time, the primary is suspected and replaced.
+            if transaction_id not in self.proposed:
+                self.effects.send.append(Send(self.primary, Request(transaction)))
+            self._refresh_request_timer()
 
     def receive_message(self, sender: int, message: Any) -> None:
         """A message from authenticated peer `sender` (signatures inside are still checked here)."""
@@ -518,6 +521,10 @@ class ReplicaCore:
             return
         slot = self._slot(message.sequence)
         digest = message.batch.digest
+        if slot.pre_prepare is None and slot.own_prepare is not None and slot.own_prepare.digest != digest:
+            # After a restart: we prepared another batch for this slot before; stay with it.
+            self._reject("conflicting pre-prepare", f"view {message.view} sequence {message.sequence}")
+            return
         if slot.pre_prepare is not None:
             if slot.pre_prepare.digest != digest:
                 self._reject("conflicting pre-prepare", f"view {message.view} sequence {message.sequence}")
@@ -634,8 +641,8 @@ class ReplicaCore:
             sorted((replica_id, prepare.signature) for replica_id, prepare in slot.prepares.items() if prepare.digest == digest)
         )
         batch = slot.batch if slot.batch is not None else self._find_batch(digest)
-        if batch is None:
-            return  # kept once the content arrives (see _adopt_batch)
+        # Durable before the COMMIT that follows: a view change must carry this certificate
+        # forward even if the batch content is still being fetched.
         record = PreparedRecord(PreparedCertificate(slot.pre_prepare, prepares[: self.quorum - 1]), batch)
         if self._remember_prepared(record):
             self.effects.persist.append(Persist("prepared", slot.view, slot.sequence, record))
@@ -645,10 +652,14 @@ class ReplicaCore:
         if sequence <= self.low:
             return False
         existing = self.prepared.get(sequence)
-        if existing is not None and existing.certificate.view >= record.certificate.view:
-            return False
+        if existing is not None:
+            newer = record.certificate.view > existing.certificate.view
+            completes = record.certificate.view == existing.certificate.view and existing.batch is None and record.batch is not None
+            if not (newer or completes):
+                return False
         self.prepared[sequence] = record
-        self.batches[record.batch.digest] = record.batch
+        if record.batch is not None:
+            self.batches[record.batch.digest] = record.batch
         return True
 
     def _send_commit(self, slot: Slot) -> None:
@@ -681,8 +692,8 @@ class ReplicaCore:
                 slot.batch = batch
                 for transaction in batch.transactions:
                     self.proposed.add(transaction.transaction_id)
-                if slot.prepared and slot.sequence not in self.prepared:
-                    self._record_prepared(slot)
+                if slot.prepared:
+                    self._record_prepared(slot)  # now with its batch
         self._execute_ready()
 
     def _on_batch_content(self, batch: Batch) -> None:
@@ -727,6 +738,7 @@ class ReplicaCore:
             proposer=batch.proposer,
             parent_hash=self.last_block_hash,
             transactions_root=merkle_root([t.transaction_id for t in transactions]),
+            results_root=results_root(results),
             state_digest=self.application.state_digest(),
             timestamp_ms=batch.timestamp_ms,
         )
@@ -745,20 +757,23 @@ class ReplicaCore:
             if not is_replay(results[index]):
                 self.effects.replies.append(ClientReply(transaction.sender, self.signed_reply(block, index)))
         self._drop_stale_requests(senders)
-        # Progress: the timer restarts for what is still pending, and the back-off resets.
-        self.view_change_attempts = 0
-        self.request_timer_started_ms = self.now_ms if self._awaiting_execution() else None
+        if self.view_active:
+            self.view_change_attempts = 0  # progress in this view: the back-off resets
+        self._refresh_request_timer()
         if height % self.settings.checkpoint_interval == 0:
             self._make_checkpoint()
         return block
 
-    def _awaiting_execution(self) -> bool:
-        """Whether a backup knows of requests or pre-prepared batches that have yet to execute."""
-        if self.is_primary:
-            return False
-        return bool(self.pending) or any(
-            slot.pre_prepare is not None and sequence > self.height for sequence, slot in self.slots.items()
-        )
+    def _refresh_request_timer(self) -> None:
+        """Keep timing the request the timer runs for while it is pending; once it executed (or
+        there is none), time the oldest pending request from now."""
+        if self.is_primary or not self.view_active or not self.pending:
+            self.timed_request, self.request_timer_started_ms = None, None
+            return
+        if self.timed_request in self.pending and self.request_timer_started_ms is not None:
+            return
+        self.timed_request = next(iter(self.pending))
+        self.request_timer_started_ms = self.now_ms
 
     def _drop_stale_requests(self, senders: set[bytes]) -> None:
         """Watched requests whose nonce is now used can never execute; stop waiting for them."""
@@ -838,12 +853,16 @@ class ReplicaCore:
                 del table[sequence]
         for key in [key for key in self.signed if key[2] <= low]:
             del self.signed[key]
-        live = {slot.digest for slot in self.slots.values()} | {record.batch.digest for record in self.prepared.values()}
+        live = {slot.digest for slot in self.slots.values()} | {
+            record.batch.digest for record in self.prepared.values() if record.batch is not None
+        }
         # A primary's own pre-prepares above low keep their batch: it alone may hold it, and must
         # be able to re-send it (this runs on restart too, before the slots are rebuilt).
         live |= {message.batch.digest for message in self.signed.values() if isinstance(message, PrePrepare)}
         for digest in [digest for digest in self.batches if digest not in live]:
             del self.batches[digest]
+        for digest in [digest for digest in self.missing_batches if digest not in live]:
+            del self.missing_batches[digest]
 
     # ---- view changes ----
 
@@ -854,8 +873,9 @@ class ReplicaCore:
         self.effects.events.append(f"view change: moving to view {new_view} (primary {self.network.primary(new_view)})")
         self.view = new_view
         self.view_active = False
-        self.view_change_started_ms = self.now_ms
+        self.view_change_started_ms = None
         self.view_change_attempts += 1
+        self.timed_request = None
         self.request_timer_started_ms = None
         self.new_view = None
         self.slots.clear()
@@ -871,11 +891,20 @@ class ReplicaCore:
         self.latest_view_changes[self.replica_id] = view_change
         self.effects.persist.append(Persist("view-change", new_view, 0, view_change))
         self.effects.send.append(Send(None, view_change))
+        self._check_view_change_quorum()
         self._try_new_view()
+
+    def _check_view_change_quorum(self) -> None:
+        if self.view_active or self.view_change_started_ms is not None:
+            return
+        asking = sum(1 for view_change in self.latest_view_changes.values() if view_change.new_view == self.view)
+        if asking >= self.quorum:
+            self.view_change_started_ms = self.now_ms
 
     def _view_change_problem(self, message: ViewChange) -> str | None:
         """Why a VIEW-CHANGE is invalid, or None. Checks every signature it carries."""
-        if message.signature in self.verified_view_changes:
+        fingerprint = fingerprint_of(encode(message.fields()))
+        if fingerprint in self.verified_view_changes:
             return None
         if not self._signed_by("view-change", message):
             return "bad signature"
@@ -898,7 +927,9 @@ class ReplicaCore:
                 return problem
         if len(self.verified_view_changes) > 4 * self.replica_count:
             self.verified_view_changes.clear()
-        self.verified_view_changes.add(message.signature)
+        # Keyed by the whole message, signature included: a signature copied onto altered
+        # content must be checked again (and fail), never waved through.
+        self.verified_view_changes.add(fingerprint)
         return None
 
     def _checkpoint_certificate_problem(self, certificate: CheckpointCertificate) -> str | None:
@@ -937,7 +968,7 @@ class ReplicaCore:
             return
         if message.new_view == self.view and self.view_active:
             # A replica that missed our NEW-VIEW is still asking for this view: answer it.
-            if self.is_primary and self.new_view is not None:
+            if self.is_primary and self.new_view is not None and self._signed_by("view-change", message):
                 self.effects.send.append(Send(message.replica_id, self.new_view))
             return
         current = self.latest_view_changes.get(message.replica_id)
@@ -948,6 +979,7 @@ class ReplicaCore:
             self._reject("invalid view-change", f"from replica {message.replica_id}: {problem}")
             return
         self.latest_view_changes[message.replica_id] = message
+        self._check_view_change_quorum()
         # PBFT liveness rule: f + 1 replicas want a higher view, so at least one honest one does;
         # join the lowest view among the f + 1 highest instead of waiting for our own timer.
         higher = sorted(
@@ -1025,7 +1057,7 @@ class ReplicaCore:
         self.latest_view_changes = {r: vc for r, vc in self.latest_view_changes.items() if vc.new_view > self.view}
         self.effects.events.append(f"entered view {self.view} (primary {self.primary})")
         # New proposals go after every sequence number the NEW-VIEW assigns.
-        self.next_sequence = max([self.next_sequence] + [header.sequence + 1 for header in new_view.pre_prepares])
+        self.next_sequence = max([self.height + 1, self.low + 1] + [header.sequence + 1 for header in new_view.pre_prepares])
         best_checkpoint = max(
             (view_change.checkpoint for view_change in new_view.view_changes if view_change.checkpoint is not None),
             key=lambda certificate: certificate.sequence,
@@ -1048,8 +1080,11 @@ class ReplicaCore:
             if not self.is_primary:
                 self._send_prepare(slot)
             self._advance(slot)
-        self.next_sequence = max(self.next_sequence, highest + 1, self.height + 1)
-        self.request_timer_started_ms = self.now_ms if self._awaiting_execution() else None
+        # Proposals continue right after the NEW-VIEW's assignments: a number left over from an
+        # earlier view would leave a gap nobody fills.
+        self.next_sequence = max(highest + 1, self.height + 1, self.low + 1)
+        self.timed_request, self.request_timer_started_ms = None, None
+        self._refresh_request_timer()
 
     # ---- catching up: status, retransmission, block fetching ----
 
@@ -1135,7 +1170,7 @@ class ReplicaCore:
                 )
             except (ChainError, CodecError) as error:
                 self._reject("bad fetched block", f"from replica {sender}: {error}")
-                return
+                break
             header = block.header
             batch = Batch(header.view, header.proposer, header.timestamp_ms, block.transactions)
             assert block.certificate is not None
@@ -1145,6 +1180,15 @@ class ReplicaCore:
                     f"fetched block {block.height} from replica {sender} claims another state; using our own execution"
                 )
             applied += 1
+        checkpoint = message.checkpoint
+        if checkpoint is not None and checkpoint.sequence > self.low:
+            # Peers stop re-sending CHECKPOINTs once stable for them; the certificate lets a
+            # replica that caught up by fetching move its watermarks as well.
+            problem = self._checkpoint_certificate_problem(checkpoint)
+            if problem is None:
+                self._make_stable(checkpoint)
+            else:
+                self._reject("bad checkpoint certificate", f"from replica {sender}: {problem}")
         if applied:
             self.effects.events.append(f"caught up {applied} blocks from replica {sender}, height {self.height}")
             self.peer_heights[sender] = max(self.peer_heights.get(sender, 0), self.height)

@@ -18,7 +18,7 @@ from ledger.blocks import Block
 from ledger.config import ConfigError, ReplicaConfig, load_replica_config
 from ledger.crypto import KeyFileError, read_key_file, signing_domain
 from ledger.encoding import CodecError
-from ledger.framing import FramedStream, FrameError
+from ledger.framing import FramedStream, FrameError, FrameQueue
 from ledger.messages import (
     BLOCKS_PER_RESPONSE_MAX,
     Blocks,
@@ -67,15 +67,13 @@ def replay_chain(store: BlockStore, application: AccountsApplication) -> None:
 class ClientConnection:
     """One client's connection: a bounded queue of frames to write, and the accounts it follows."""
 
-    send_channel: trio.MemorySendChannel[bytes]
+    queue: FrameQueue
     accounts: set[bytes] = field(default_factory=set)
     dropped: int = 0
 
     def send(self, message: Any) -> None:
-        try:
-            self.send_channel.send_nowait(encode_message(message))
-        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
-            self.dropped += 1
+        if not self.queue.put(encode_message(message)):
+            self.dropped += 1  # a client that does not read loses replies; it retries
 
 
 class ReplicaRuntime:
@@ -173,7 +171,7 @@ class ReplicaRuntime:
     def _serve_fetch(self, peer: int, request: FetchBlocks) -> None:
         blocks = self._blocks_for_response(request)
         if blocks:
-            self.transport.send(peer, Blocks(tuple(blocks)))
+            self.transport.send(peer, Blocks(tuple(blocks), self.core.stable_checkpoint))
 
     def _blocks_for_response(self, request: FetchBlocks) -> list[Block]:
         budget = self.network.protocol.frame_size_max // 2
@@ -235,13 +233,13 @@ class ReplicaRuntime:
             log.warning("refused a client connection: %d already open", len(self.clients))
             await stream.aclose()
             return
-        send_channel, receive_channel = trio.open_memory_channel[bytes](CLIENT_QUEUE_FRAMES_MAX)
-        connection = ClientConnection(send_channel)
+        frame_size_max = self.network.protocol.frame_size_max
+        connection = ClientConnection(FrameQueue(CLIENT_QUEUE_FRAMES_MAX, 2 * frame_size_max))
         self.clients.add(connection)
         framed = FramedStream(stream, self.network.protocol.frame_size_max)
         try:
             async with stream, trio.open_nursery() as nursery:
-                nursery.start_soon(framed.pump, receive_channel)
+                nursery.start_soon(connection.queue.pump, framed)
                 await self._read_client(framed, connection)
                 nursery.cancel_scope.cancel()
         except* (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
@@ -287,7 +285,12 @@ class ReplicaRuntime:
             elif isinstance(message, StatusQuery):
                 connection.send(self._status(message.query_id))
             elif isinstance(message, FetchBlocks):
-                connection.send(Blocks(tuple(self._blocks_for_response(message))))
+                # One response's worth may wait at a time: a client that asks and never reads
+                # gets nothing more, instead of filling our memory.
+                if connection.queue.queued_bytes < self.network.protocol.frame_size_max // 2:
+                    connection.send(Blocks(tuple(self._blocks_for_response(message)), self.core.stable_checkpoint))
+                else:
+                    connection.dropped += 1
             else:
                 connection.send(ErrorReply(b"", f"unexpected message {message.TAG!r} from a client"))
 
@@ -316,6 +319,11 @@ class ReplicaRuntime:
                     raise CodecError("transaction query: expected a transaction id")
                 location = self.store.locate_transaction(query.argument)
                 result = None if location is None else list(location)
+            elif query.kind == "block-hash":
+                if not isinstance(query.argument, int) or query.argument < 1:
+                    raise CodecError("block-hash query: expected a height")
+                block = self.store.block(query.argument) if query.argument <= self.store.height else None
+                result = None if block is None else block.block_hash
             else:
                 result = self.core.query(query.kind, query.argument)
         except CodecError as problem:

@@ -351,7 +351,7 @@ class Simulation:
         chain = self.replicas[server].chain
         blocks = tuple(chain[request.from_height - 1 : request.from_height - 1 + request.count])
         if blocks:
-            self.transmit("deliver", (server, requester, Blocks(blocks)))
+            self.transmit("deliver", (server, requester, Blocks(blocks, self.replicas[server].core.stable_checkpoint)))
 
     # ---- carrying out effects, and the invariants ----
 

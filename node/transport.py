@@ -18,7 +18,7 @@ import trio
 from ledger.config import NetworkConfig
 from ledger.crypto import SigningKey, signing_domain, verify_signature
 from ledger.encoding import CodecError
-from ledger.framing import FramedStream, FrameError
+from ledger.framing import FramedStream, FrameError, FrameQueue
 from ledger.messages import (
     Hello,
     HelloProof,
@@ -28,6 +28,7 @@ from ledger.messages import (
 )
 
 PEER_QUEUE_FRAMES_MAX = 8192
+PEER_QUEUE_FRAMES_OF_MAX_SIZE = 4  # a peer's queue holds at most this many maximum-size frames' bytes
 HANDSHAKE_TIMEOUT_S = 5.0
 DIAL_BACKOFF_S = (0.05, 2.0)
 
@@ -61,8 +62,8 @@ class PeerTransport:
         self.deliver = deliver
         self.domain = signing_domain(network.network_id, "handshake")
         self.frame_size_max = network.protocol.frame_size_max
-        self.queues: dict[int, tuple[trio.MemorySendChannel[bytes], trio.MemoryReceiveChannel[bytes]]] = {
-            peer.replica_id: trio.open_memory_channel[bytes](PEER_QUEUE_FRAMES_MAX)
+        self.queues: dict[int, FrameQueue] = {
+            peer.replica_id: FrameQueue(PEER_QUEUE_FRAMES_MAX, PEER_QUEUE_FRAMES_OF_MAX_SIZE * self.frame_size_max)
             for peer in network.replicas
             if peer.replica_id != replica_id
         }
@@ -83,9 +84,7 @@ class PeerTransport:
                 # recovers through retransmission and state transfer, not a stale backlog.
                 self.dropped_frames += 1
                 continue
-            try:
-                self.queues[target][0].send_nowait(payload)
-            except trio.WouldBlock:
+            if not self.queues[target].put(payload):
                 self.dropped_frames += 1
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -100,7 +99,7 @@ class PeerTransport:
     async def _dial_forever(self, peer: int) -> None:
         address = self.network.replicas[peer].address
         backoff = DIAL_BACKOFF_S[0]
-        _, queue = self.queues[peer]
+        queue = self.queues[peer]
         while True:
             try:
                 stream = await trio.open_tcp_stream(address.host, address.port)
@@ -124,15 +123,11 @@ class PeerTransport:
             if peer in self.connected_out:
                 self.connected_out.discard(peer)
                 log.info("disconnected from replica %d", peer)
-            while True:
-                try:
-                    queue.receive_nowait()
-                except trio.WouldBlock:
-                    break
+            queue.clear()
             await trio.sleep(backoff)
             backoff = min(backoff * 2, DIAL_BACKOFF_S[1])
 
-    async def _pump(self, framed: FramedStream, queue: trio.MemoryReceiveChannel[bytes]) -> None:
+    async def _pump(self, framed: FramedStream, queue: FrameQueue) -> None:
         """Write queued frames until the connection breaks; the peer never writes after the handshake."""
         async with trio.open_nursery() as nursery:
 
@@ -141,7 +136,7 @@ class PeerTransport:
                 nursery.cancel_scope.cancel()
 
             nursery.start_soon(watch_for_close)
-            await framed.pump(queue)
+            await queue.pump(framed)
 
     async def _handshake_as_dialer(self, framed: FramedStream, peer: int) -> None:
         challenge = os.urandom(32)
@@ -152,10 +147,12 @@ class PeerTransport:
             raise HandshakeError("unexpected message during handshake")
         if hello.network_id != self.network.network_id or hello.replica_id != peer:
             raise HandshakeError(f"peer answered as replica {hello.replica_id} of {hello.network_id!r}")
-        expected = handshake_signed_bytes(challenge, peer, self.replica_id)
+        expected = handshake_signed_bytes("accept", challenge, hello.challenge, self.replica_id, peer)
         if not verify_signature(self.network.replicas[peer].public_key, self.domain, expected, proof.signature):
             raise HandshakeError(f"peer does not hold replica {peer}'s key")
-        signature = self.key.sign(self.domain, handshake_signed_bytes(hello.challenge, self.replica_id, peer))
+        signature = self.key.sign(
+            self.domain, handshake_signed_bytes("dial", challenge, hello.challenge, self.replica_id, peer)
+        )
         await framed.send(encode_message(HelloProof(signature)))
 
     # ---- receiving ----
@@ -192,11 +189,13 @@ class PeerTransport:
         if peer >= self.network.replica_count or peer == self.replica_id:
             raise HandshakeError(f"unknown replica {peer}")
         challenge = os.urandom(32)
-        signature = self.key.sign(self.domain, handshake_signed_bytes(hello.challenge, self.replica_id, peer))
+        signature = self.key.sign(
+            self.domain, handshake_signed_bytes("accept", hello.challenge, challenge, peer, self.replica_id)
+        )
         await framed.send(encode_message(Hello(self.network.network_id, self.replica_id, challenge)))
         await framed.send(encode_message(HelloProof(signature)))
         proof = await receive_message(framed)
-        expected = handshake_signed_bytes(challenge, peer, self.replica_id)
+        expected = handshake_signed_bytes("dial", hello.challenge, challenge, peer, self.replica_id)
         if not isinstance(proof, HelloProof) or not verify_signature(
             self.network.replicas[peer].public_key, self.domain, expected, proof.signature
         ):

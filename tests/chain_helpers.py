@@ -13,6 +13,7 @@ from ledger.blocks import (
     commit_domain,
     commit_signed_bytes,
     genesis_hash,
+    results_root,
 )
 from ledger.crypto import SigningKey
 from ledger.merkle import merkle_root
@@ -108,16 +109,17 @@ def build_block(
     view: int = 0,
     timestamp_ms: int | None = None,
 ) -> Block:
+    results = tuple(TransactionResult(True) for _ in transactions)
     header = BlockHeader(
         height=height,
         view=view,
         proposer=view % network.replica_count,
         parent_hash=parent_hash,
         transactions_root=merkle_root([transaction.transaction_id for transaction in transactions]),
+        results_root=results_root(results),
         state_digest=hashlib.sha256(b"state %d" % height).digest(),
         timestamp_ms=1_700_000_000_000 + height if timestamp_ms is None else timestamp_ms,
     )
-    results = tuple(TransactionResult(True) for _ in transactions)
     return Block(header, tuple(transactions), results, sign_certificate(network, header))
 
 

@@ -161,3 +161,15 @@ def test_parse_public_key() -> None:
         parse_public_key("zz" * 32)
     with pytest.raises(ValueError, match="expected 32 bytes"):
         parse_public_key(key.hex()[:-2])
+
+
+def test_handshake_proofs_name_their_role_so_one_cannot_stand_in_for_the_other() -> None:
+    """An acceptor's proof (signed before it knows who dialed) is never a valid dialer proof."""
+    from ledger.messages import handshake_signed_bytes
+
+    dialer_challenge, acceptor_challenge = b"d" * 32, b"a" * 32
+    accept = handshake_signed_bytes("accept", dialer_challenge, acceptor_challenge, 1, 2)
+    dial = handshake_signed_bytes("dial", dialer_challenge, acceptor_challenge, 1, 2)
+    assert accept != dial
+    # A relayed challenge pair in the other direction gives different bytes as well.
+    assert handshake_signed_bytes("dial", acceptor_challenge, dialer_challenge, 2, 1) not in (accept, dial)

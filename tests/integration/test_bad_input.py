@@ -207,7 +207,7 @@ async def handshake_as(stream: trio.SocketStream, network_id: str, key: SigningK
     hello, _ = received
     assert isinstance(hello, Hello) and hello.replica_id == target
     domain = signing_domain(network_id, "handshake")
-    proof = HelloProof(key.sign(domain, handshake_signed_bytes(hello.challenge, claimed, target)))
+    proof = HelloProof(key.sign(domain, handshake_signed_bytes("dial", challenge, hello.challenge, claimed, target)))
     await stream.send_all(frame(encode_message(proof)))
 
 
