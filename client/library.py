@@ -50,6 +50,7 @@ from ledger.messages import (
 from ledger.transactions import Operation, Put, Transaction, Transfer, sign_transaction
 
 CONNECT_BACKOFF_S = (0.05, 1.0)
+TRANSIENT_REFUSAL = "replica busy"
 SEND_QUEUE_MAX = 1024
 T = TypeVar("T")
 
@@ -197,6 +198,8 @@ class Client:
         elif isinstance(message, ErrorReply):
             submission = self._submissions.get(message.transaction_id)
             if submission is not None:
+                if message.reason.startswith(TRANSIENT_REFUSAL):
+                    return  # e.g. a full queue: the request may still execute, so keep waiting
                 submission.refusals[replica_id] = message.reason
                 # Only f + 1 refusals can be trusted: at least one comes from an honest replica.
                 if len(submission.refusals) >= self.network.reply_quorum:

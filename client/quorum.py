@@ -80,7 +80,8 @@ class ReplyQuorum:
             reply.block_hash,
             reply.index,
             tuple(sorted(r.replica_id for r in verified)),
-            max(r.view for r in verified),
+            # The lowest view in the group: a traitor cannot point the client at a far-off primary.
+            min(r.view for r in verified),
         )
 
 
