@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -56,6 +57,7 @@ async def run_network(directory: Path, only: list[int] | None, log_level: str) -
     )
     processes: dict[int, trio.Process] = {}
     stopping = trio.Event()
+    all_exited = trio.Event()
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         # Spawn every replica before handling any signal: a Ctrl-C that arrives meanwhile waits in
         # the receiver, so no replica can be started after the others were told to stop.
@@ -77,6 +79,9 @@ async def run_network(directory: Path, only: list[int] | None, log_level: str) -
                 if not stopping.is_set():
                     log_path = logs / f"replica-{config.replica_id}.log"
                     print(f"replica {config.replica_id} exited with code {code}; see {log_path}", flush=True)
+                    if all(other.returncode is not None for other in processes.values()):
+                        print("every replica has exited; stopping", flush=True)
+                        all_exited.set()
 
             async def report_ready(config: ReplicaConfig, process: trio.Process) -> None:
                 replica = network.replicas[config.replica_id]
@@ -92,12 +97,24 @@ async def run_network(directory: Path, only: list[int] | None, log_level: str) -
             for config in configs:
                 nursery.start_soon(supervise, config, processes[config.replica_id])
 
-            async for signal_number in signals:
-                print(f"\n{signal.Signals(signal_number).name}: stopping all replicas", flush=True)
-                break
+            async def wait_for_signal() -> None:
+                async for signal_number in signals:
+                    print(f"\n{signal.Signals(signal_number).name}: stopping all replicas", flush=True)
+                    return
+
+            async with trio.open_nursery() as waiters:
+                # Whichever comes first: Ctrl-C/SIGTERM, or every replica gone by itself.
+                async def first(wait: Any) -> None:
+                    await wait()
+                    waiters.cancel_scope.cancel()
+
+                waiters.start_soon(first, wait_for_signal)
+                waiters.start_soon(first, all_exited.wait)
             stopping.set()
             nursery.cancel_scope.cancel()
         await _stop_all(processes)
+    if all_exited.is_set():
+        return 1
     print("all replicas stopped", flush=True)
     return 0
 
