@@ -117,8 +117,14 @@ class PrePrepare:
 
 
 @dataclass(frozen=True, slots=True)
-class Prepare:
-    TAG: ClassVar[str] = "prepare"
+class Vote:
+    """A replica's signed vote for the batch digest at (view, sequence): PREPARE or COMMIT.
+
+    Both sign the same layout under different domains, so one can never pass for the other; a
+    stored block's COMMITs verify exactly as they did on the wire.
+    """
+
+    TAG: ClassVar[str] = ""
     view: int
     sequence: int
     digest: bytes
@@ -126,13 +132,13 @@ class Prepare:
     signature: bytes = b""
 
     def signed_bytes(self) -> bytes:
-        return encode([self.view, self.sequence, self.digest, self.replica_id])
+        return commit_signed_bytes(self.view, self.sequence, self.digest, self.replica_id)
 
     def fields(self) -> list[Any]:
         return [self.view, self.sequence, self.digest, self.replica_id, self.signature]
 
     @classmethod
-    def from_fields(cls, items: list[Any]) -> Prepare:
+    def from_fields(cls, items: list[Any]) -> Any:
         expect_list(items, cls.TAG, length=5)
         return cls(
             expect_int(items[0], "view"),
@@ -144,31 +150,13 @@ class Prepare:
 
 
 @dataclass(frozen=True, slots=True)
-class Commit:
+class Prepare(Vote):
+    TAG: ClassVar[str] = "prepare"
+
+
+@dataclass(frozen=True, slots=True)
+class Commit(Vote):
     TAG: ClassVar[str] = "commit"
-    view: int
-    sequence: int
-    digest: bytes
-    replica_id: int
-    signature: bytes = b""
-
-    def signed_bytes(self) -> bytes:
-        # Shared with certificate checks: a stored block's COMMITs verify exactly as on the wire.
-        return commit_signed_bytes(self.view, self.sequence, self.digest, self.replica_id)
-
-    def fields(self) -> list[Any]:
-        return [self.view, self.sequence, self.digest, self.replica_id, self.signature]
-
-    @classmethod
-    def from_fields(cls, items: list[Any]) -> Commit:
-        expect_list(items, cls.TAG, length=5)
-        return cls(
-            expect_int(items[0], "view"),
-            expect_int(items[1], "sequence", 1),
-            _hash(items[2], "digest"),
-            _replica(items[3], "replica"),
-            _signature(items[4], "signature"),
-        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -565,17 +565,20 @@ class ReplicaCore:
         return None
 
     def _send_prepare(self, slot: Slot) -> None:
+        if slot.own_prepare is None:
+            slot.own_prepare = self._vote(Prepare, slot)
+            slot.prepares[self.replica_id] = slot.own_prepare
+
+    def _vote(self, kind: type[Prepare] | type[Commit], slot: Slot) -> Any:
+        """Sign (once), persist and broadcast this replica's PREPARE or COMMIT for the slot."""
         assert slot.pre_prepare is not None
-        if slot.own_prepare is not None:
-            return
         digest = slot.pre_prepare.digest
-        prepare = self._sign_once(
-            "prepare", slot.view, slot.sequence, Prepare(slot.view, slot.sequence, digest, self.replica_id), digest
+        vote = self._sign_once(
+            kind.TAG, slot.view, slot.sequence, kind(slot.view, slot.sequence, digest, self.replica_id), digest
         )
-        slot.own_prepare = prepare
-        slot.prepares[self.replica_id] = prepare
         slot.last_sent_ms = self.now_ms
-        self.effects.send.append(Send(None, prepare))
+        self.effects.send.append(Send(None, vote))
+        return vote
 
     def _on_prepare(self, message: Prepare) -> None:
         if not self._accepts(message.view, message.sequence):
@@ -663,17 +666,9 @@ class ReplicaCore:
         return True
 
     def _send_commit(self, slot: Slot) -> None:
-        assert slot.pre_prepare is not None
-        if slot.own_commit is not None:
-            return
-        digest = slot.pre_prepare.digest
-        commit = self._sign_once(
-            "commit", slot.view, slot.sequence, Commit(slot.view, slot.sequence, digest, self.replica_id), digest
-        )
-        slot.own_commit = commit
-        slot.commits[self.replica_id] = commit
-        slot.last_sent_ms = self.now_ms
-        self.effects.send.append(Send(None, commit))
+        if slot.own_commit is None:
+            slot.own_commit = self._vote(Commit, slot)
+            slot.commits[self.replica_id] = slot.own_commit
 
     # ---- batch contents ----
 
