@@ -150,11 +150,3 @@ def expect_list(value: Any, name: str, length: int | None = None, length_max: in
     if len(value) > length_max:
         raise CodecError(f"{name}: {len(value)} items exceeds {length_max}")
     return value
-
-
-def expect_dict(value: Any, name: str, length_max: int = 1 << 16) -> dict[Any, Any]:
-    if not isinstance(value, dict):
-        raise CodecError(f"{name}: expected a map")
-    if len(value) > length_max:
-        raise CodecError(f"{name}: {len(value)} entries exceeds {length_max}")
-    return value

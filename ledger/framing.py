@@ -23,14 +23,22 @@ class FrameDecoder:
     def __init__(self, frame_size_max: int = FRAME_SIZE_MAX_DEFAULT) -> None:
         self._buffer = bytearray()
         self._frame_size_max = frame_size_max
+        self._error: FrameError | None = None
 
     def feed(self, data: bytes) -> list[bytes]:
+        """Whole frames completed by `data`. An oversized frame raises FrameError, after the
+        valid frames before it have been handed out (on the next call if some were)."""
+        if self._error is not None:
+            raise self._error
         self._buffer += data
         frames: list[bytes] = []
         while len(self._buffer) >= FRAME_HEADER_SIZE:
             size = int.from_bytes(self._buffer[:FRAME_HEADER_SIZE], "big")
             if size > self._frame_size_max:
-                raise FrameError(f"frame of {size} bytes exceeds the limit of {self._frame_size_max}")
+                self._error = FrameError(f"frame of {size} bytes exceeds the limit of {self._frame_size_max}")
+                if frames:
+                    break
+                raise self._error
             end = FRAME_HEADER_SIZE + size
             if len(self._buffer) < end:
                 break
@@ -54,6 +62,8 @@ class FramedStream:
             if not data:
                 return None
             self.ready.extend(self.decoder.feed(data))
+            if not self.ready:
+                self.decoder.feed(b"")  # raises a pending FrameError
         return self.ready.pop(0)
 
     async def send(self, payload: bytes) -> None:

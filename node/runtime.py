@@ -43,6 +43,7 @@ EVENTS_PER_ROUND_MAX = 512
 CLIENT_QUEUE_FRAMES_MAX = 4096
 SUBSCRIPTIONS_PER_CONNECTION_MAX = 4096
 PROGRESS_LOG_INTERVAL_S = 5.0
+REJECTIONS_LOGGED_PER_SECOND = 20
 
 log = logging.getLogger("node.replica")
 
@@ -110,6 +111,9 @@ class ReplicaRuntime:
         # Which connection sent a request, so a refusal reaches it; oldest forgotten first.
         self.waiting_requests: OrderedDict[bytes, ClientConnection] = OrderedDict()
         self.last_progress_log = 0.0
+        self.rejection_log_second = 0
+        self.rejections_logged = 0
+        self.rejections_suppressed = 0
         self.logged_height = self.store.height
 
     # ---- lifecycle ----
@@ -208,10 +212,24 @@ class ReplicaRuntime:
             if connection is not None:
                 connection.send(ErrorReply(transaction_id, reason))
         for line in effects.events:
-            if line.startswith("rejected"):
-                log.warning("%s", line)
-            else:
+            if not line.startswith("rejected"):
                 log.info("%s", line)
+            elif self._rejection_log_allowed():
+                log.warning("%s", line)
+
+    def _rejection_log_allowed(self) -> bool:
+        """At most REJECTIONS_LOGGED_PER_SECOND lines a second: a noisy peer cannot flood the log.
+        The core still counts every rejection by reason."""
+        second = int(time.monotonic())
+        if second != self.rejection_log_second:
+            if self.rejections_suppressed:
+                log.warning("%d more rejected messages not logged in the last second", self.rejections_suppressed)
+            self.rejection_log_second, self.rejections_logged, self.rejections_suppressed = second, 0, 0
+        if self.rejections_logged < REJECTIONS_LOGGED_PER_SECOND:
+            self.rejections_logged += 1
+            return True
+        self.rejections_suppressed += 1
+        return False
 
     def _log_progress(self) -> None:
         moment = time.monotonic()

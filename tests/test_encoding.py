@@ -373,3 +373,14 @@ def test_transactions_round_trip_byte_for_byte() -> None:
         assert decoded == transaction
         assert decoded.encoded == transaction.encoded
         assert decoded.transaction_id == transaction.transaction_id
+
+
+def test_frames_before_an_oversized_one_are_still_delivered() -> None:
+    from ledger.framing import FrameDecoder, FrameError, frame
+
+    decoder = FrameDecoder(frame_size_max=64 * 1024)
+    data = frame(b"first") + frame(b"second") + (10**9).to_bytes(4, "big") + b"xx"
+    assert decoder.feed(data) == [b"first", b"second"]
+    with pytest.raises(FrameError):
+        decoder.feed(b"")
+    assert FrameDecoder().feed(frame(b"a")[:3]) == []
