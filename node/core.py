@@ -682,6 +682,11 @@ class ReplicaCore:
         digest = batch.digest
         self.batches[digest] = batch
         self.missing_batches.pop(digest, None)
+        for sequence, record in list(self.prepared.items()):
+            if record.batch is None and record.certificate.digest == digest:
+                completed = PreparedRecord(record.certificate, batch)
+                self.prepared[sequence] = completed
+                self.effects.persist.append(Persist("prepared", record.certificate.view, sequence, completed))
         for slot in self.slots.values():
             if slot.digest == digest and slot.batch is None:
                 slot.batch = batch
@@ -848,12 +853,13 @@ class ReplicaCore:
                 del table[sequence]
         for key in [key for key in self.signed if key[2] <= low]:
             del self.signed[key]
-        live = {slot.digest for slot in self.slots.values()} | {
-            record.batch.digest for record in self.prepared.values() if record.batch is not None
-        }
-        # A primary's own pre-prepares above low keep their batch: it alone may hold it, and must
-        # be able to re-send it (this runs on restart too, before the slots are rebuilt).
-        live |= {message.batch.digest for message in self.signed.values() if isinstance(message, PrePrepare)}
+        # A batch stays while anything above low may still need its content: a slot, a prepared
+        # certificate, anything this replica signed (a primary alone may hold its batch and must
+        # re-send it; this also runs on restart, before slots are rebuilt), or the NEW-VIEW in force.
+        live = {slot.digest for slot in self.slots.values()} | {record.certificate.digest for record in self.prepared.values()}
+        live |= {message.batch.digest if isinstance(message, PrePrepare) else message.digest for message in self.signed.values()}
+        if self.new_view is not None:
+            live |= {header.digest for header in self.new_view.pre_prepares if header.sequence > low}
         for digest in [digest for digest in self.batches if digest not in live]:
             del self.batches[digest]
         for digest in [digest for digest in self.missing_batches if digest not in live]:
@@ -892,7 +898,9 @@ class ReplicaCore:
     def _check_view_change_quorum(self) -> None:
         if self.view_active or self.view_change_started_ms is not None:
             return
-        asking = sum(1 for view_change in self.latest_view_changes.values() if view_change.new_view == self.view)
+        # A replica that already moved on to a later view still asked for this one: count it, or
+        # lost messages could leave the others short of a quorum for good.
+        asking = sum(1 for view_change in self.latest_view_changes.values() if view_change.new_view >= self.view)
         if asking >= self.quorum:
             self.view_change_started_ms = self.now_ms
 
