@@ -1,0 +1,137 @@
+"""Hand-driven schedules that once stalled correct replicas for good; each must now make progress."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from typing import Any
+
+from ledger.application import AccountsApplication
+from ledger.crypto import PublicKeyCache, SigningKey
+from ledger.messages import Checkpoint, Commit, Prepare, PrePrepare, ViewChange
+from ledger.transactions import Put, Transaction, sign_transaction
+from node.core import ReplicaCore
+from node.simulator import simulated_network
+
+Drop = Callable[[int, int, Any], bool]
+
+
+class Network:
+    """Four cores, a message queue the test filters by hand, and a logical clock."""
+
+    def __init__(self) -> None:
+        self.client = SigningKey.from_private_bytes(hashlib.sha256(b"regression client").digest())
+        self.config, keys = simulated_network(1, 4, [self.client])
+        signatures = PublicKeyCache()
+        self.cores = [
+            ReplicaCore(self.config, index, keys[index], AccountsApplication(self.config.genesis_balances), check_signature=signatures.verify)
+            for index in range(4)
+        ]
+        self.queue: list[tuple[int, int, Any]] = []
+        self.down: set[int] = set()
+        self.now_ms = 0
+        self.heights = [0, 0, 0, 0]
+
+    def collect(self, index: int) -> None:
+        effects = self.cores[index].take_effects()
+        for send in effects.send:
+            targets = [send.to] if send.to is not None else [other for other in range(4) if other != index]
+            self.queue.extend((index, target, send.message) for target in targets)
+        self.heights[index] += len(effects.blocks)
+
+    def drop(self, rule: Drop) -> None:
+        self.queue = [entry for entry in self.queue if not rule(*entry)]
+
+    def deliver(self, rule: Drop | None = None) -> None:
+        if rule is not None:
+            self.drop(rule)
+        pending, self.queue = self.queue, []
+        for sender, receiver, message in pending:
+            if sender in self.down or receiver in self.down:
+                continue
+            self.cores[receiver].tick(self.now_ms)
+            self.cores[receiver].receive_message(sender, message)
+            self.collect(receiver)
+
+    def tick(self, step_ms: int) -> None:
+        self.now_ms += step_ms
+        for index, core in enumerate(self.cores):
+            if index not in self.down:
+                core.tick(self.now_ms)
+                self.collect(index)
+
+    def run(self, total_ms: int, step_ms: int = 100) -> None:
+        for _ in range(total_ms // step_ms):
+            self.tick(step_ms)
+            self.deliver()
+
+    def submit(self, nonce: int) -> Transaction:
+        transaction = sign_transaction(self.config.network_id, self.client, nonce, Put("key", str(nonce)))
+        self.cores[0].receive_request(transaction)
+        self.collect(0)
+        return transaction
+
+    def start_view_change(self, replicas: tuple[int, ...], view: int) -> None:
+        for index in replicas:
+            self.cores[index]._start_view_change(view)
+            self.collect(index)
+
+
+def test_lost_view_changes_do_not_leave_replicas_waiting_forever() -> None:
+    """The primary of view 1 is down; replica 0 reaches a quorum for view 1, times out and moves
+    to view 2, while view-1 VIEW-CHANGEs to replicas 2 and 3 were lost. Replica 0's later message
+    must still count toward their quorum, or nobody ever starts the NEW-VIEW timer."""
+    network = Network()
+    network.down = {1}
+    network.start_view_change((0, 2, 3), 1)
+
+    def lost(sender: int, receiver: int, message: Any) -> bool:
+        return (
+            isinstance(message, ViewChange)
+            and message.new_view == 1
+            and ((sender == 3 and receiver == 2) or (sender == 0 and receiver in (2, 3)))
+        )
+
+    while network.cores[0].view == 1:
+        network.deliver(lost)
+        network.tick(50)
+        network.drop(lost)
+    network.run(60_000)
+    views = {network.cores[index].view for index in (0, 2, 3)}
+    assert len(views) == 1 and views.pop() >= 2
+    assert all(network.cores[index].view_active for index in (0, 2, 3))
+
+
+def test_a_batch_reproposed_after_a_checkpoint_jump_is_not_garbage_collected() -> None:
+    """Backups that prepared sequence 5 without reaching 'prepared' adopt a newer stable checkpoint
+    while entering the new view; the batch the NEW-VIEW re-proposes must survive that clean-up."""
+    network = Network()
+
+    def checkpoints_to_one_and_two(sender: int, receiver: int, message: Any) -> bool:
+        return isinstance(message, Checkpoint) and receiver in (1, 2)
+
+    for nonce in range(4):
+        network.submit(nonce)
+        network.tick(10)
+        for _ in range(5):
+            network.deliver(checkpoints_to_one_and_two)
+    assert network.heights == [4, 4, 4, 4]
+
+    def only_the_primary_prepares(sender: int, receiver: int, message: Any) -> bool:
+        return (
+            (isinstance(message, PrePrepare) and receiver == 3)
+            or (isinstance(message, Prepare | Commit) and receiver != 0)
+            or checkpoints_to_one_and_two(sender, receiver, message)
+        )
+
+    network.submit(4)
+    network.tick(10)
+    for _ in range(5):
+        network.deliver(only_the_primary_prepares)
+    assert 5 in network.cores[0].prepared and 5 not in network.cores[1].prepared
+    network.start_view_change((0, 1, 2, 3), 1)
+    network.deliver(only_the_primary_prepares)
+    network.down = {0}  # the old primary says nothing more
+    network.run(60_000)
+    for index in (1, 2, 3):
+        assert network.cores[index].height == 5, f"replica {index} stalled at {network.cores[index].height}"
