@@ -31,6 +31,16 @@ def _replica_counts(text: str) -> list[int]:
     return counts
 
 
+def _replica_ids(text: str) -> list[int]:
+    try:
+        ids = [int(item) for item in text.split(",") if item]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected replica ids like 0,2, got {text!r}") from None
+    if not ids or any(replica_id < 0 for replica_id in ids):
+        raise argparse.ArgumentTypeError(f"expected replica ids like 0,2, got {text!r}")
+    return ids
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ledger-node",
@@ -54,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = commands.add_parser("up", help="run every replica of a network directory on this machine", description="Start each DIR/replica-<i>.toml as a child process; Ctrl-C or SIGTERM stops them all.")
     up.add_argument("directory", type=Path, help="directory written by `ledger-node init`")
-    up.add_argument("--only", type=str, help="comma-separated replica ids to start (default: all)")
+    up.add_argument("--only", type=_replica_ids, help="comma-separated replica ids to start, e.g. 0,2 (default: all)")
 
     simulate = commands.add_parser("simulate", help="run the deterministic simulator", description="Run seeded simulations with message loss, delay, duplication and reordering; every failure prints its seed.")
     simulate.add_argument("--seeds", type=int, default=100, help="number of seeds to run, starting at --first (default: 100)")
@@ -88,8 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if arguments.command == "up":
             from node.launcher import run_network_main
 
-            only = None if arguments.only is None else [int(item) for item in arguments.only.split(",")]
-            return run_network_main(arguments.directory, only, arguments.log_level)
+            return run_network_main(arguments.directory, arguments.only, arguments.log_level)
         if arguments.command == "demo":
             from node.demo import run_demo
 
