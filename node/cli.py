@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ledger.config import ConfigError, load_template, template_for, write_network
@@ -21,24 +21,19 @@ examples:
 """
 
 
-def _replica_counts(text: str) -> list[int]:
-    try:
-        counts = [int(item) for item in text.split(",") if item]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected numbers like 4,7, got {text!r}") from None
-    if not counts or any(count < 4 for count in counts):
-        raise argparse.ArgumentTypeError("every replica count must be at least 4")
-    return counts
+def _number_list(minimum: int, example: str) -> Callable[[str], list[int]]:
+    """An argparse type for comma-separated whole numbers, each at least `minimum`."""
 
+    def parse(text: str) -> list[int]:
+        try:
+            numbers = [int(item) for item in text.split(",") if item]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected numbers like {example}, got {text!r}") from None
+        if not numbers or any(number < minimum for number in numbers):
+            raise argparse.ArgumentTypeError(f"expected numbers like {example}, each at least {minimum}, got {text!r}")
+        return numbers
 
-def _replica_ids(text: str) -> list[int]:
-    try:
-        ids = [int(item) for item in text.split(",") if item]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected replica ids like 0,2, got {text!r}") from None
-    if not ids or any(replica_id < 0 for replica_id in ids):
-        raise argparse.ArgumentTypeError(f"expected replica ids like 0,2, got {text!r}")
-    return ids
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,13 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = commands.add_parser("up", help="run every replica of a network directory on this machine", description="Start each DIR/replica-<i>.toml as a child process; Ctrl-C or SIGTERM stops them all.")
     up.add_argument("directory", type=Path, help="directory written by `ledger-node init`")
-    up.add_argument("--only", type=_replica_ids, help="comma-separated replica ids to start, e.g. 0,2 (default: all)")
+    up.add_argument("--only", type=_number_list(0, "0,2"), help="comma-separated replica ids to start, e.g. 0,2 (default: all)")
 
     simulate = commands.add_parser("simulate", help="run the deterministic simulator", description="Run seeded simulations with message loss, delay, duplication and reordering; every failure prints its seed.")
     simulate.add_argument("--seeds", type=int, default=100, help="number of seeds to run, starting at --first (default: 100)")
     simulate.add_argument("--first", type=int, default=0, help="first seed (default: 0)")
     simulate.add_argument("--seed", type=int, help="replay exactly this seed")
-    simulate.add_argument("--replicas", type=_replica_counts, default=[4, 7], help="replica counts, e.g. 4,7 (default)")
+    simulate.add_argument("--replicas", type=_number_list(4, "4,7"), default=[4, 7], help="replica counts, e.g. 4,7 (default)")
 
     demo = commands.add_parser("demo", help="init, start a 4-replica network, submit transactions, verify, stop", description="The main job in one command.")
     demo.add_argument("--dir", type=Path, default=Path("demo-net"), help="working directory (default: demo-net, replaced)")
