@@ -26,9 +26,10 @@ from ledger.blocks import (
     verify_block_contents,
     verify_certificate,
     verify_chain_segment,
+    verify_execution,
 )
 from ledger.config import ClientConfig, load_client_config
-from ledger.crypto import PublicKeyCache, SigningKey, read_key_file, signing_domain
+from ledger.crypto import PublicKeyCache, SigningKey, read_key_file
 from ledger.encoding import CodecError
 from ledger.framing import FramedStream, FrameError, FrameQueue
 from ledger.messages import (
@@ -114,7 +115,6 @@ class ReplicaLink:
         self.replica_id = replica_id
         self.address = client.network.replicas[replica_id].client_address
         self.queue = FrameQueue(SEND_QUEUE_MAX, 2 * client.network.protocol.frame_size_max)
-        self.connected = trio.Event()
 
     def send(self, message: Any) -> None:
         self.queue.put(encode_message(message))  # if full, the caller's retry covers it
@@ -135,13 +135,11 @@ class ReplicaLink:
                     accounts = self.client.accounts
                     for start in range(0, len(accounts), SUBSCRIBE_ACCOUNTS_MAX):
                         await framed.send(encode_message(Subscribe(tuple(accounts[start : start + SUBSCRIBE_ACCOUNTS_MAX]))))
-                    self.connected.set()
                     nursery.start_soon(self.queue.pump, framed)
                     await self._read(framed)
                     nursery.cancel_scope.cancel()
             except* (OSError, trio.BrokenResourceError, trio.ClosedResourceError, FrameError):
                 pass  # reconnect below
-            self.connected = trio.Event()
             await trio.sleep(backoff)
 
 
@@ -304,12 +302,21 @@ class Client:
 
     # ---- reads ----
 
-    async def query(self, kind: str, argument: Any, deadline_s: float = 15.0) -> QueryReply:
-        """Ask every replica; return the answer a quorum of them signed identically."""
+    async def query(
+        self,
+        kind: str,
+        argument: Any,
+        deadline_s: float = 15.0,
+        needed: int | None = None,
+        counts: Callable[[QueryReply], bool] | None = None,
+    ) -> QueryReply:
+        """Ask every replica; return the answer `needed` of them (default: a quorum) signed
+        identically, counting only answers `counts` accepts."""
+        needed = needed if needed is not None else self.network.quorum
         with trio.move_on_after(deadline_s):
             while True:
                 query_id = next(self.query_ids)
-                quorum = QueryQuorum(self.network, query_id, check=self.signatures.verify)
+                quorum = QueryQuorum(self.network, query_id, needed, self.signatures.verify, counts)
                 send_channel, receive_channel = trio.open_memory_channel[QueryReply | None](1)
 
                 def handle(replica_id: int, message: Any, quorum: QueryQuorum = quorum, channel: Any = send_channel) -> None:
@@ -320,7 +327,7 @@ class Client:
                         try:
                             channel.send_nowait(answer)
                         except trio.WouldBlock:
-                            pass
+                            pass  # the first outcome is the one that counts
 
                 self._queries[query_id] = handle
                 try:
@@ -335,7 +342,7 @@ class Client:
                         await trio.sleep(0.05)
                 finally:
                     del self._queries[query_id]
-        raise NetworkUnavailable(f"no {self.network.quorum} matching answers within {deadline_s:g}s")
+        raise NetworkUnavailable(f"no {needed} matching answers to {kind!r} within {deadline_s:g}s")
 
     async def account(self, account: bytes | None = None) -> tuple[int, int]:
         """(balance, next nonce) of an account (default: this client's)."""
@@ -422,63 +429,22 @@ class Client:
             self.signatures.verify,
         )
 
-    async def confirmed_block_hash(self, height: int, deadline_s: float = 15.0) -> tuple[bytes, tuple[int, ...]]:
+    async def confirmed_block_hash(self, height: int, deadline_s: float = 15.0) -> bytes:
         """The hash of block `height` as f + 1 replicas sign it (so at least one honest replica
-        does), and which replicas those were. Replicas that lack the block yet are not counted."""
-        with trio.move_on_after(deadline_s):
-            while True:
-                query_id = next(self.query_ids)
-                votes: dict[bytes, set[int]] = {}
-                answered: set[int] = set()
-                decided: trio.MemorySendChannel[tuple[bytes, tuple[int, ...]] | None]
-                decided, outcome = trio.open_memory_channel(1)
-                domain = signing_domain(self.network.network_id, "query-reply")
-
-                def handle(
-                    replica_id: int,
-                    message: Any,
-                    votes: dict[bytes, set[int]] = votes,
-                    answered: set[int] = answered,
-                    decided: trio.MemorySendChannel[Any] = decided,
-                    domain: bytes = domain,
-                ) -> None:
-                    if not isinstance(message, QueryReply) or message.replica_id != replica_id or replica_id in answered:
-                        return
-                    if not self.signatures.verify(self.network.replica_keys[replica_id], domain, message.signed_bytes(), message.signature):
-                        return
-                    answered.add(replica_id)
-                    if isinstance(message.result, bytes):
-                        voters = votes.setdefault(message.result, set())
-                        voters.add(replica_id)
-                        if len(voters) >= self.network.reply_quorum:
-                            self._offer(decided, (message.result, tuple(sorted(voters))))
-                            return
-                    if len(answered) == self.network.replica_count:
-                        self._offer(decided, None)
-
-                self._queries[query_id] = handle
-                try:
-                    self._broadcast(Query(query_id, "block-hash", height))
-                    with trio.move_on_after(self.timeout_s):
-                        answer = await outcome.receive()
-                        if answer is not None:
-                            return answer
-                        await trio.sleep(0.05)  # not enough replicas have it yet
-                finally:
-                    del self._queries[query_id]
-        raise NetworkUnavailable(f"fewer than {self.network.reply_quorum} replicas vouch for a block {height}")
-
-    @staticmethod
-    def _offer(channel: trio.MemorySendChannel[Any], value: Any) -> None:
-        try:
-            channel.send_nowait(value)
-        except trio.WouldBlock:
-            pass
+        does). Replicas that lack the block yet are not counted."""
+        reply = await self.query(
+            "block-hash",
+            height,
+            deadline_s,
+            needed=self.network.reply_quorum,
+            counts=lambda reply: isinstance(reply.result, bytes),
+        )
+        return reply.result
 
     async def block(self, height: int) -> Block:
         """Block `height`: its commit certificate verifies against the replicas' keys, and its hash
         (which covers its results and state digest) is the one f + 1 replicas sign."""
-        expected_hash, _ = await self.confirmed_block_hash(height)
+        expected_hash = await self.confirmed_block_hash(height)
         problems = []
         for replica_id in [self.primary, *[r for r in range(self.network.replica_count) if r != self.primary]]:
             try:
@@ -515,11 +481,7 @@ class Client:
             verify_chain_segment(blocks, parent_hash, height)
             for block in blocks:
                 self.verify_block(block)
-                results = application.execute_block(list(block.transactions))
-                if tuple(results) != block.results:
-                    raise ChainError(f"block {block.height}: stored results differ from re-execution")
-                if application.state_digest() != block.header.state_digest:
-                    raise ChainError(f"block {block.height}: state digest differs from re-execution")
+                verify_execution(application, block)
                 transactions += len(block.transactions)
             parent_hash, height = blocks[-1].block_hash, blocks[-1].height
             if progress is not None:

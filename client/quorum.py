@@ -92,11 +92,20 @@ class QueryQuorum:
     when every replica answered and no answer reached the quorum.
     """
 
-    def __init__(self, network: NetworkConfig, query_id: int, needed: int | None = None, check: SignatureCheck = verify_signature) -> None:
+    def __init__(
+        self,
+        network: NetworkConfig,
+        query_id: int,
+        needed: int | None = None,
+        check: SignatureCheck = verify_signature,
+        counts: Callable[[QueryReply], bool] | None = None,
+    ) -> None:
         self.network = network
         self.query_id = query_id
         self.needed = needed if needed is not None else network.quorum
         self.check = check
+        # Answers that are valid but must not count toward an answer (e.g. "I lack that block").
+        self.counts = counts
         self.domain = signing_domain(network.network_id, "query-reply")
         self.replied: set[int] = set()
         self.groups: dict[bytes, list[QueryReply]] = {}
@@ -112,6 +121,8 @@ class QueryQuorum:
             self.ignored += 1
             return None
         self.replied.add(reply.replica_id)
+        if self.counts is not None and not self.counts(reply):
+            return None
         group = self.groups.setdefault(encode([reply.result, reply.error]), [])
         group.append(reply)
         if len(group) >= self.needed:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from ledger.crypto import SIGNATURE_SIZE, signing_domain, verify_signature
 from ledger.encoding import (
@@ -216,6 +216,25 @@ def verify_block_contents(block: Block) -> None:
         raise ChainError(f"block {header.height}: results do not match the results root")
     if len(set(block.transaction_ids())) != len(block.transactions):
         raise ChainError(f"block {header.height}: a transaction appears twice")
+
+
+class Executes(Protocol):
+    """What re-executing a block needs from an application (see ledger/application.py)."""
+
+    def execute_block(self, transactions: list[Transaction]) -> list[TransactionResult]: ...
+
+    def state_digest(self) -> bytes: ...
+
+
+def verify_execution(application: Executes, block: Block) -> None:
+    """Execute the block's transactions and raise ChainError unless the results and the state
+    digest are the ones the block records: how a replica replays its own store and how a client
+    checks a chain it trusts for nothing."""
+    results = application.execute_block(list(block.transactions))
+    if tuple(results) != block.results:
+        raise ChainError(f"block {block.height}: stored results differ from re-execution")
+    if application.state_digest() != block.header.state_digest:
+        raise ChainError(f"block {block.height}: state digest differs from re-execution")
 
 
 def verify_chain_segment(blocks: Sequence[Block], parent_hash: bytes, parent_height: int) -> None:

@@ -57,10 +57,12 @@ class Batch:
     proposer: int
     timestamp_ms: int
     transactions: tuple[Transaction, ...]
+    transactions_root: bytes = field(init=False, repr=False, compare=False)
     digest: bytes = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         root = merkle_root([transaction.transaction_id for transaction in self.transactions])
+        object.__setattr__(self, "transactions_root", root)
         object.__setattr__(self, "digest", batch_digest(self.view, self.proposer, self.timestamp_ms, root))
 
     def to_plain(self) -> list[Any]:

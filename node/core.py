@@ -33,7 +33,6 @@ from ledger.config import NetworkConfig
 from ledger.crypto import PublicKeyCache, SigningKey, signing_domain
 from ledger.encoding import CodecError, encode
 from ledger.encoding import digest as fingerprint_of
-from ledger.merkle import merkle_root
 from ledger.messages import (
     BLOCKS_PER_RESPONSE_MAX,
     Batch,
@@ -737,7 +736,7 @@ class ReplicaCore:
             view=batch.view,
             proposer=batch.proposer,
             parent_hash=self.last_block_hash,
-            transactions_root=merkle_root([t.transaction_id for t in transactions]),
+            transactions_root=batch.transactions_root,
             results_root=results_root(results),
             state_digest=self.application.state_digest(),
             timestamp_ms=batch.timestamp_ms,

@@ -14,7 +14,7 @@ from typing import Any
 import trio
 
 from ledger.application import AccountsApplication
-from ledger.blocks import Block
+from ledger.blocks import Block, ChainError, verify_execution
 from ledger.config import ConfigError, ReplicaConfig, load_replica_config
 from ledger.crypto import KeyFileError, read_key_file, signing_domain
 from ledger.encoding import CodecError
@@ -59,9 +59,10 @@ def now_ms() -> int:
 def replay_chain(store: BlockStore, application: AccountsApplication) -> None:
     """Re-execute every stored block, checking results and state digests match what was stored."""
     for block in store.iterate_blocks():
-        results = application.execute_block(list(block.transactions))
-        if tuple(results) != block.results or application.state_digest() != block.header.state_digest:
-            raise StoreError(f"{store.path}: block {block.height} does not re-execute to its stored state")
+        try:
+            verify_execution(application, block)
+        except ChainError as error:
+            raise StoreError(f"{store.path}: {error}") from None
 
 
 @dataclass(eq=False)

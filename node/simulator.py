@@ -15,7 +15,7 @@ from typing import Any
 
 from client.quorum import Receipt, ReplyQuorum
 from ledger.application import AccountsApplication
-from ledger.blocks import Block, ChainError, verify_certificate
+from ledger.blocks import Block, ChainError, verify_certificate, verify_execution
 from ledger.config import Address, NetworkConfig, ProtocolSettings, ReplicaInfo
 from ledger.crypto import PublicKeyCache, SigningKey
 from ledger.messages import Blocks, FetchBlocks, PrePrepare, Reply
@@ -189,7 +189,7 @@ class Simulation:
         application = AccountsApplication(self.network.genesis_balances)
         chain = replica.chain if replica is not None else []
         for block in chain:
-            application.execute_block(list(block.transactions))
+            verify_execution(application, block)
         return self.scenario.core_factory(
             self.network,
             index,

@@ -12,9 +12,9 @@ from ledger.blocks import (
     CommitCertificate,
     commit_domain,
     commit_signed_bytes,
-    genesis_hash,
     results_root,
 )
+from ledger.config import Address, NetworkConfig, ProtocolSettings, ReplicaInfo
 from ledger.crypto import SigningKey
 from ledger.merkle import merkle_root
 from ledger.transactions import Put, Transaction, TransactionResult, Transfer, sign_transaction
@@ -40,24 +40,33 @@ class LedgerNetwork:
         object.__setattr__(self, "balances", {self.client_key.public_key: self.client_balance})
 
     @property
+    def config(self) -> NetworkConfig:
+        """The same network as the product describes it: f, quorum and genesis come from there."""
+        replicas = tuple(
+            ReplicaInfo(index, key.public_key, Address("127.0.0.1", 1 + 2 * index), Address("127.0.0.1", 2 + 2 * index))
+            for index, key in enumerate(self.replica_signing_keys)
+        )
+        return NetworkConfig(self.network_id, replicas, ProtocolSettings(), self.balances)
+
+    @property
     def replica_keys(self) -> tuple[bytes, ...]:
-        return tuple(key.public_key for key in self.replica_signing_keys)
+        return self.config.replica_keys
 
     @property
     def replica_count(self) -> int:
-        return len(self.replica_signing_keys)
+        return self.config.replica_count
 
     @property
     def faults_tolerated(self) -> int:
-        return (self.replica_count - 1) // 3
+        return self.config.faults_tolerated
 
     @property
     def quorum(self) -> int:
-        return (self.replica_count + self.faults_tolerated + 2) // 2
+        return self.config.quorum
 
     @property
     def genesis(self) -> bytes:
-        return genesis_hash(self.network_id, self.replica_keys, self.balances)
+        return self.config.genesis_hash
 
 
 def make_network(network_id: str = "test-net", replica_count: int = 4) -> LedgerNetwork:
