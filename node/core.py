@@ -15,7 +15,7 @@ Protocol map (Castro & Liskov, TOCS 2002, the variant with signatures):
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -31,8 +31,7 @@ from ledger.blocks import (
 )
 from ledger.config import NetworkConfig
 from ledger.crypto import PublicKeyCache, SigningKey, signing_domain
-from ledger.encoding import CodecError, encode
-from ledger.encoding import digest as fingerprint_of
+from ledger.encoding import CodecError
 from ledger.messages import (
     BLOCKS_PER_RESPONSE_MAX,
     Batch,
@@ -55,6 +54,8 @@ from ledger.messages import (
     ViewChange,
 )
 from ledger.transactions import Transaction, transaction_domain
+from node.certificates import CertificateChecks, SignatureMemo
+from node.new_view import NULL_BATCH, new_view_assignments
 
 SignatureCheck = Callable[[bytes, bytes, bytes, bytes], bool]
 
@@ -139,33 +140,6 @@ class Slot:
         return None if self.pre_prepare is None else self.pre_prepare.digest
 
 
-def null_batch(view: int, primary: int) -> Batch:
-    """The empty batch a new primary assigns to a sequence number nobody prepared."""
-    return Batch(view, primary, 0, ())
-
-
-def new_view_assignments(view: int, primary: int, view_changes: Iterable[ViewChange]) -> tuple[int, list[tuple[int, bytes]]]:
-    """PBFT's rule for the pre-prepares of a NEW-VIEW, recomputed identically by every backup.
-
-    Start after the highest stable checkpoint among the view-changes. For each later sequence
-    number, re-propose the digest prepared in the highest view; fill gaps with null batches.
-    Returns (that checkpoint's sequence, [(sequence, digest), ...]).
-    """
-    view_changes = list(view_changes)
-    low = max((view_change.checkpoint_sequence for view_change in view_changes), default=0)
-    chosen: dict[int, PreparedCertificate] = {}
-    for view_change in view_changes:
-        for certificate in view_change.prepared:
-            if certificate.sequence <= low:
-                continue
-            best = chosen.get(certificate.sequence)
-            if best is None or certificate.view > best.view:
-                chosen[certificate.sequence] = certificate
-    high = max(chosen, default=low)
-    empty = null_batch(view, primary).digest
-    return low, [(sequence, chosen[sequence].digest if sequence in chosen else empty) for sequence in range(low + 1, high + 1)]
-
-
 class ReplicaCore:
     """One replica's PBFT state machine. Deterministic: same events in, same effects out."""
 
@@ -197,6 +171,8 @@ class ReplicaCore:
         self.transaction_domain = transaction_domain(network.network_id)
         # L in the paper: how far above the stable checkpoint sequence numbers are accepted.
         self.log_size = max(self.settings.window_size, 2 * self.settings.checkpoint_interval)
+        self.signatures = SignatureMemo(self.check_signature)
+        self.certificates = CertificateChecks(network, self.domains, self.signatures.verify, self.log_size)
 
         self.view = 0
         self.view_active = True
@@ -214,7 +190,6 @@ class ReplicaCore:
         self.own_checkpoints: dict[int, Checkpoint] = {}
         self.signed: dict[tuple[str, int, int], Any] = {}  # what this replica signed, by (kind, view, sequence)
         self.latest_view_changes: dict[int, ViewChange] = {}  # per replica, its highest valid VIEW-CHANGE
-        self.verified_view_changes: set[bytes] = set()
         self.own_view_change: ViewChange | None = None
         self.new_view: NewView | None = None
         self.view_change_started_ms: int | None = None  # when a quorum of VIEW-CHANGEs arrived
@@ -492,13 +467,6 @@ class ReplicaCore:
             return False
         return True
 
-    def _signed_by(self, kind: str, message: Any) -> bool:
-        if message.replica_id >= self.replica_count:
-            return False
-        return self.check_signature(
-            self.replica_keys[message.replica_id], self.domains[kind], message.signed_bytes(), message.signature
-        )
-
     def _transaction_signature_valid(self, transaction: Transaction) -> bool:
         transaction_id = transaction.transaction_id
         if transaction_id in self.verified:
@@ -530,7 +498,7 @@ class ReplicaCore:
             elif slot.batch is None:
                 self._adopt_batch(message.batch)  # the content of a NEW-VIEW assignment
             return
-        if not self._signed_by("pre-prepare", message):
+        if not self.certificates.signed_by("pre-prepare", message):
             self._reject("bad pre-prepare signature", f"sequence {message.sequence}")
             return
         problem = self._batch_problem(message)
@@ -591,7 +559,7 @@ class ReplicaCore:
         if slot.digest is not None and message.digest != slot.digest:
             self._reject("prepare for another digest", f"replica {message.replica_id} sequence {message.sequence}")
             return
-        if not self._signed_by("prepare", message):
+        if not self.certificates.signed_by("prepare", message):
             self._reject("bad prepare signature", f"replica {message.replica_id}")
             return
         slot.prepares[message.replica_id] = message
@@ -606,7 +574,7 @@ class ReplicaCore:
         if slot.digest is not None and message.digest != slot.digest:
             self._reject("commit for another digest", f"replica {message.replica_id} sequence {message.sequence}")
             return
-        if not self._signed_by("commit", message):
+        if not self.certificates.signed_by("commit", message):
             self._reject("bad commit signature", f"replica {message.replica_id}")
             return
         slot.commits[message.replica_id] = message
@@ -672,10 +640,9 @@ class ReplicaCore:
     # ---- batch contents ----
 
     def _find_batch(self, digest: bytes) -> Batch | None:
-        batch = self.batches.get(digest)
-        if batch is None and digest == null_batch(self.view, self.primary).digest:
-            batch = null_batch(self.view, self.primary)
-        return batch
+        if digest == NULL_BATCH.digest:
+            return NULL_BATCH
+        return self.batches.get(digest)
 
     def _adopt_batch(self, batch: Batch) -> None:
         digest = batch.digest
@@ -812,7 +779,7 @@ class ReplicaCore:
             return
         if message.replica_id in self.checkpoints.get(message.sequence, {}):
             return
-        if not self._signed_by("checkpoint", message):
+        if not self.certificates.signed_by("checkpoint", message):
             self._reject("bad checkpoint signature", f"replica {message.replica_id}")
             return
         self._count_checkpoint(message)
@@ -903,80 +870,18 @@ class ReplicaCore:
         if asking >= self.quorum:
             self.view_change_started_ms = self.now_ms
 
-    def _view_change_problem(self, message: ViewChange) -> str | None:
-        """Why a VIEW-CHANGE is invalid, or None. Checks every signature it carries."""
-        fingerprint = fingerprint_of(encode(message.fields()))
-        if fingerprint in self.verified_view_changes:
-            return None
-        if not self._signed_by("view-change", message):
-            return "bad signature"
-        checkpoint = message.checkpoint
-        if checkpoint is not None:
-            problem = self._checkpoint_certificate_problem(checkpoint)
-            if problem is not None:
-                return problem
-        low = message.checkpoint_sequence
-        sequences: set[int] = set()
-        for certificate in message.prepared:
-            sequence = certificate.sequence
-            if not low < sequence <= low + self.log_size or sequence in sequences:
-                return f"prepared certificate for sequence {sequence} outside ({low}, {low + self.log_size}] or repeated"
-            sequences.add(sequence)
-            if certificate.view >= message.new_view:
-                return "prepared certificate from a view not older than the new one"
-            problem = self._prepared_certificate_problem(certificate)
-            if problem is not None:
-                return problem
-        if len(self.verified_view_changes) > 4 * self.replica_count:
-            self.verified_view_changes.clear()
-        # Keyed by the whole message, signature included: a signature copied onto altered
-        # content must be checked again (and fail), never waved through.
-        self.verified_view_changes.add(fingerprint)
-        return None
-
-    def _checkpoint_certificate_problem(self, certificate: CheckpointCertificate) -> str | None:
-        if certificate.sequence % self.settings.checkpoint_interval:
-            return "checkpoint certificate for a sequence that is not a checkpoint"
-        signers = set()
-        for replica_id, signature in certificate.signatures:
-            if replica_id in signers or replica_id >= self.replica_count:
-                return "checkpoint certificate repeats or invents a signer"
-            message = Checkpoint(certificate.sequence, certificate.state_digest, certificate.block_hash, replica_id, signature)
-            if not self._signed_by("checkpoint", message):
-                return f"checkpoint certificate: bad signature from replica {replica_id}"
-            signers.add(replica_id)
-        if len(signers) < self.quorum:
-            return "checkpoint certificate without a quorum"
-        return None
-
-    def _prepared_certificate_problem(self, certificate: PreparedCertificate) -> str | None:
-        header = certificate.pre_prepare
-        primary = self.network.primary(header.view)
-        if header.replica_id != primary or not self._signed_by("pre-prepare", header):
-            return f"prepared certificate: pre-prepare for sequence {header.sequence} not signed by primary {primary}"
-        signers = set()
-        for replica_id, signature in certificate.prepares:
-            if replica_id in signers or replica_id == primary or replica_id >= self.replica_count:
-                return "prepared certificate repeats a signer or counts the primary"
-            if not self._signed_by("prepare", Prepare(header.view, header.sequence, header.digest, replica_id, signature)):
-                return f"prepared certificate: bad prepare signature from replica {replica_id}"
-            signers.add(replica_id)
-        if len(signers) < self.quorum - 1:
-            return "prepared certificate without enough prepares"
-        return None
-
     def _on_view_change(self, sender: int, message: ViewChange) -> None:
         if message.new_view < self.view:
             return
         if message.new_view == self.view and self.view_active:
             # A replica that missed our NEW-VIEW is still asking for this view: answer it.
-            if self.is_primary and self.new_view is not None and self._signed_by("view-change", message):
+            if self.is_primary and self.new_view is not None and self.certificates.signed_by("view-change", message):
                 self.effects.send.append(Send(message.replica_id, self.new_view))
             return
         current = self.latest_view_changes.get(message.replica_id)
         if current is not None and current.new_view >= message.new_view:
             return
-        problem = self._view_change_problem(message)
+        problem = self.certificates.view_change_problem(message)
         if problem is not None:
             self._reject("invalid view-change", f"from replica {message.replica_id}: {problem}")
             return
@@ -1003,7 +908,7 @@ class ReplicaCore:
         if len(ready) < self.quorum:
             return
         chosen = tuple(ready[: self.quorum])
-        _, assignments = new_view_assignments(self.view, self.replica_id, chosen)
+        _, assignments = new_view_assignments(chosen)
         # Made durable by the NEW-VIEW record that carries them, in the same write.
         headers = tuple(
             self._sign_once(
@@ -1034,18 +939,18 @@ class ReplicaCore:
         for view_change in message.view_changes:
             if view_change.new_view != message.view or view_change.replica_id in senders:
                 return "a view-change is for another view or repeated"
-            problem = self._view_change_problem(view_change)
+            problem = self.certificates.view_change_problem(view_change)
             if problem is not None:
                 return f"view-change from replica {view_change.replica_id}: {problem}"
             senders.add(view_change.replica_id)
         if len(senders) < self.quorum:
             return f"only {len(senders)} view-changes, {self.quorum} needed"
-        _, expected = new_view_assignments(message.view, primary, message.view_changes)
+        _, expected = new_view_assignments(message.view_changes)
         received = [(header.sequence, header.digest) for header in message.pre_prepares]
         if received != expected:
             return "its pre-prepares are not the ones its view-changes imply"
         for header in message.pre_prepares:
-            if header.view != message.view or header.replica_id != primary or not self._signed_by("pre-prepare", header):
+            if header.view != message.view or header.replica_id != primary or not self.certificates.signed_by("pre-prepare", header):
                 return f"pre-prepare for sequence {header.sequence} is not signed by the primary"
         return None
 
@@ -1168,7 +1073,7 @@ class ReplicaCore:
             try:
                 verify_block_contents(block)
                 verify_certificate(
-                    block.header, block.certificate, self.network.network_id, self.replica_keys, self.quorum, self.check_signature
+                    block.header, block.certificate, self.network.network_id, self.replica_keys, self.quorum, self.signatures.verify
                 )
             except (ChainError, CodecError) as error:
                 self._reject("bad fetched block", f"from replica {sender}: {error}")
@@ -1186,7 +1091,7 @@ class ReplicaCore:
         if checkpoint is not None and checkpoint.sequence > self.low:
             # Peers stop re-sending CHECKPOINTs once stable for them; the certificate lets a
             # replica that caught up by fetching move its watermarks as well.
-            problem = self._checkpoint_certificate_problem(checkpoint)
+            problem = self.certificates.checkpoint_certificate_problem(checkpoint)
             if problem is None:
                 self._make_stable(checkpoint)
             else:

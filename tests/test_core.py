@@ -39,9 +39,8 @@ from node.core import (
     Persist,
     Prune,
     ReplicaCore,
-    new_view_assignments,
-    null_batch,
 )
+from node.new_view import NULL_BATCH, new_view_assignments
 from node.simulator import _key, simulated_network
 
 # Four replicas (f = 1, quorum 3) with the simulator's settings: batches of at most 8 cut after
@@ -670,7 +669,7 @@ def test_view_change_carries_a_prepared_batch_into_the_new_view_and_commits_it()
 
 def reassigned(view_changes: tuple[ViewChange, ...], view: int = 1, primary: int = 1) -> tuple[PrePrepareHeader, ...]:
     """The pre-prepares these view-changes imply, signed by the new primary."""
-    _, assignments = new_view_assignments(view, primary, view_changes)
+    _, assignments = new_view_assignments(view_changes)
     return tuple(
         sign(PrePrepareHeader(view, sequence, digest, primary), primary, "pre-prepare") for sequence, digest in assignments
     )
@@ -679,7 +678,7 @@ def reassigned(view_changes: tuple[ViewChange, ...], view: int = 1, primary: int
 FORGED_NEW_VIEWS: dict[str, tuple[Callable[[NewView], NewView], str]] = {
     "a prepared batch replaced by a null one": (
         lambda genuine: dataclasses.replace(
-            genuine, pre_prepares=(sign(PrePrepareHeader(1, 1, null_batch(1, 1).digest, 1), 1, "pre-prepare"),)
+            genuine, pre_prepares=(sign(PrePrepareHeader(1, 1, NULL_BATCH.digest, 1), 1, "pre-prepare"),)
         ),
         "not the ones its view-changes imply",
     ),
@@ -691,7 +690,7 @@ FORGED_NEW_VIEWS: dict[str, tuple[Callable[[NewView], NewView], str]] = {
         lambda genuine: dataclasses.replace(
             genuine,
             pre_prepares=genuine.pre_prepares
-            + (sign(PrePrepareHeader(1, 2, null_batch(1, 1).digest, 1), 1, "pre-prepare"),),
+            + (sign(PrePrepareHeader(1, 2, NULL_BATCH.digest, 1), 1, "pre-prepare"),),
         ),
         "not the ones its view-changes imply",
     ),

@@ -1,0 +1,132 @@
+"""Checks of signed PBFT evidence (votes, prepared and checkpoint certificates, VIEW-CHANGEs), pure.
+
+Every signature is checked through one bounded memo of signatures that verified: a certificate
+travels in many messages (each VIEW-CHANGE, each NEW-VIEW that carries it, each re-signed copy a
+traitor sends), and must cost its Ed25519 checks once, not once per message that carries it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+from ledger.config import NetworkConfig
+from ledger.messages import (
+    Checkpoint,
+    CheckpointCertificate,
+    Prepare,
+    PreparedCertificate,
+    ViewChange,
+)
+
+SignatureCheck = Callable[[bytes, bytes, bytes, bytes], bool]
+
+VERIFIED_SIGNATURES_MAX = 65_536
+
+
+class SignatureMemo:
+    """Ed25519 checks, remembering (bounded, oldest forgotten first) the ones that verified.
+
+    Only successes are kept: a flood of forged signatures cannot push genuine ones out faster
+    than it costs the flooder, and a forged signature is never mistaken for a checked one (the
+    key is a SHA-256 over the public key, signature, domain and message, fixed sizes first).
+    """
+
+    def __init__(self, check: SignatureCheck, entries_max: int = VERIFIED_SIGNATURES_MAX) -> None:
+        self.check = check
+        self.entries_max = entries_max
+        self.verified: OrderedDict[bytes, None] = OrderedDict()
+        self.checks = 0  # Ed25519 verifications actually run (the rest were remembered)
+
+    def verify(self, public_key: bytes, domain: bytes, message: bytes, signature: bytes) -> bool:
+        key = hashlib.sha256(
+            public_key + signature + len(domain).to_bytes(4, "big") + domain + message
+        ).digest()
+        if key in self.verified:
+            self.verified.move_to_end(key)
+            return True
+        self.checks += 1
+        if not self.check(public_key, domain, message, signature):
+            return False
+        self.verified[key] = None
+        if len(self.verified) > self.entries_max:
+            self.verified.popitem(last=False)
+        return True
+
+
+class CertificateChecks:
+    """Says what is wrong with a piece of signed evidence, or None when it holds."""
+
+    def __init__(self, network: NetworkConfig, domains: dict[str, bytes], verify: SignatureCheck, log_size: int) -> None:
+        self.network = network
+        self.domains = domains
+        self.verify = verify
+        self.log_size = log_size
+        self.replica_count = network.replica_count
+        self.quorum = network.quorum
+        self.checkpoint_interval = network.protocol.checkpoint_interval
+
+    def signed_by(self, kind: str, message: Any) -> bool:
+        """`message` carries a valid signature of the replica it names, in the `kind` domain."""
+        if message.replica_id >= self.replica_count:
+            return False
+        return self.verify(
+            self.network.replica_keys[message.replica_id], self.domains[kind], message.signed_bytes(), message.signature
+        )
+
+    def checkpoint_certificate_problem(self, certificate: CheckpointCertificate) -> str | None:
+        if certificate.sequence % self.checkpoint_interval:
+            return "checkpoint certificate for a sequence that is not a checkpoint"
+        signers = set()
+        for replica_id, signature in certificate.signatures:
+            if replica_id in signers or replica_id >= self.replica_count:
+                return "checkpoint certificate repeats or invents a signer"
+            message = Checkpoint(certificate.sequence, certificate.state_digest, certificate.block_hash, replica_id, signature)
+            if not self.signed_by("checkpoint", message):
+                return f"checkpoint certificate: bad signature from replica {replica_id}"
+            signers.add(replica_id)
+        if len(signers) < self.quorum:
+            return "checkpoint certificate without a quorum"
+        return None
+
+    def prepared_certificate_problem(self, certificate: PreparedCertificate) -> str | None:
+        header = certificate.pre_prepare
+        primary = self.network.primary(header.view)
+        if header.replica_id != primary or not self.signed_by("pre-prepare", header):
+            return f"prepared certificate: pre-prepare for sequence {header.sequence} not signed by primary {primary}"
+        signers = set()
+        for replica_id, signature in certificate.prepares:
+            if replica_id in signers or replica_id == primary or replica_id >= self.replica_count:
+                return "prepared certificate repeats a signer or counts the primary"
+            if not self.signed_by("prepare", Prepare(header.view, header.sequence, header.digest, replica_id, signature)):
+                return f"prepared certificate: bad prepare signature from replica {replica_id}"
+            signers.add(replica_id)
+        if len(signers) < self.quorum - 1:
+            return "prepared certificate without enough prepares"
+        return None
+
+    def view_change_problem(self, message: ViewChange) -> str | None:
+        """Why a VIEW-CHANGE is invalid, or None. Checks every signature it carries (each one
+        costs an Ed25519 check only the first time it is seen, in any message)."""
+        if not self.signed_by("view-change", message):
+            return "bad signature"
+        checkpoint = message.checkpoint
+        if checkpoint is not None:
+            problem = self.checkpoint_certificate_problem(checkpoint)
+            if problem is not None:
+                return problem
+        low = message.checkpoint_sequence
+        sequences: set[int] = set()
+        for certificate in message.prepared:
+            sequence = certificate.sequence
+            if not low < sequence <= low + self.log_size or sequence in sequences:
+                return f"prepared certificate for sequence {sequence} outside ({low}, {low + self.log_size}] or repeated"
+            sequences.add(sequence)
+            if certificate.view >= message.new_view:
+                return "prepared certificate from a view not older than the new one"
+            problem = self.prepared_certificate_problem(certificate)
+            if problem is not None:
+                return problem
+        return None

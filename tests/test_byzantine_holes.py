@@ -1,0 +1,110 @@
+"""Attacks a replica holding its own valid key (or a hostile client) could make on the core; each
+test reproduced its hole before the fix, driving `ReplicaCore` directly."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from core_network import Network
+
+from ledger.crypto import PublicKeyCache, SigningKey
+from ledger.messages import Commit, Prepare, PrePrepare, ViewChange
+from ledger.transactions import Put, sign_transaction
+from node.core import ReplicaCore
+from node.new_view import NULL_BATCH
+
+
+def test_a_reproposed_null_batch_of_an_earlier_view_is_found_and_committed() -> None:
+    """Hole 1: a replica prepared view 1's null batch at sequence 1 while the PREPAREs to everyone
+    else were lost; its VIEW-CHANGE carries that certificate into view 2, whose NEW-VIEW re-proposes
+    null(1). Only the current view's null batch used to be recognised, so every replica committed
+    sequence 1 and then asked for its content forever, in every later view too."""
+    network = Network()
+    first = network.submit(0)
+    network.tick(10)  # the primary proposes it at sequence 1
+
+    # Sequence 1 reaches nobody; then the primary proposes a second batch at sequence 2.
+    network.drop(lambda sender, receiver, message: isinstance(message, PrePrepare) and message.sequence == 1)
+    network.cores[0].receive_request(sign_transaction(network.config.network_id, network.other, 0, Put("key", "other")))
+    network.collect(0)
+    network.tick(10)
+
+    def sequence_two_prepares_only(sender: int, receiver: int, message: Any) -> bool:
+        return isinstance(message, Commit) or (isinstance(message, PrePrepare | Prepare) and message.sequence == 1)
+
+    for _ in range(5):
+        network.deliver(sequence_two_prepares_only)
+    assert all(2 in network.cores[index].prepared for index in range(3))
+    assert not any(1 in network.cores[index].prepared for index in range(3))
+
+    # View 1: sequence 1 becomes null(1); its PREPAREs reach only replica 3, which alone prepares it.
+    network.start_view_change((0, 1, 2, 3), 1)
+    null_one = NULL_BATCH.digest
+
+    def null_prepares_only_to_three(sender: int, receiver: int, message: Any) -> bool:
+        late = isinstance(message, Prepare | Commit) and message.sequence == 1 and message.view == 1
+        return (late and receiver != 3) or (isinstance(message, Commit) and message.view == 1)
+
+    for _ in range(6):
+        network.deliver(null_prepares_only_to_three)
+    assert all(network.cores[index].view == 1 and network.cores[index].view_active for index in range(3))
+    assert network.cores[3].prepared[1].certificate.digest == null_one
+    assert not any(1 in network.cores[index].prepared and network.cores[index].prepared[1].certificate.view == 1 for index in range(3))
+
+    # View 2 re-proposes null(1) at sequence 1 (replica 3's VIEW-CHANGE is among the quorum the
+    # new primary uses); everyone must find the batch and move on.
+    network.start_view_change((1, 2, 3), 2)
+    network.deliver()
+    assert any(header.digest == null_one for header in network.cores[2].new_view.pre_prepares)
+    network.down = {3}  # a traitor would never serve that batch's content: nobody else holds it
+    network.run(20_000)
+    for index in range(3):
+        core = network.cores[index]
+        assert core.view == 2 and core.view_active
+        assert core.height >= 2, f"replica {index} stalled at height {core.height}"
+        assert null_one not in core.missing_batches
+    # The first transaction never made it into a block; offered again, it executes.
+    network.cores[2].receive_request(first)
+    network.collect(2)
+    network.run(5_000)
+    assert all(network.cores[index].application.account(network.client.public_key).nonce == 1 for index in range(3))
+
+
+def resigned(message: ViewChange, new_view: int, key: SigningKey, domain: bytes) -> ViewChange:
+    unsigned = dataclasses.replace(message, new_view=new_view, signature=b"")
+    return dataclasses.replace(unsigned, signature=key.sign(domain, unsigned.signed_bytes()))
+
+
+def test_a_resigned_view_change_flood_costs_one_check_per_copy() -> None:
+    """Hole 6: a traitor re-signs one VIEW-CHANGE with new_view 1, 2, 3, ...; each copy made every
+    replica re-verify every certificate inside (72 ms per 31 KB message at n=4). Each certificate
+    must cost its Ed25519 checks once, whatever carries it."""
+    network = Network()
+    for nonce in range(3):
+        network.submit(nonce)
+        network.tick(10)
+        for _ in range(4):
+            network.deliver()
+    assert network.heights == [3, 3, 3, 3]
+    traitor = network.cores[3]
+    traitor._start_view_change(1)
+    [genuine] = [send.message for send in traitor.take_effects().send if isinstance(send.message, ViewChange)]
+    assert len(genuine.prepared) == 3
+
+    checks = 0
+    verifier = PublicKeyCache()
+
+    def counting(public_key: bytes, domain: bytes, message: bytes, signature: bytes) -> bool:
+        nonlocal checks
+        checks += 1
+        return verifier.verify(public_key, domain, message, signature)
+
+    victim = ReplicaCore(network.config, 0, network.keys[0], network.cores[0].application, 3, network.cores[0].last_block_hash, check_signature=counting)
+    copies = 40
+    for new_view in range(1, copies + 1):
+        victim.receive_message(3, resigned(genuine, new_view, network.keys[3], traitor.domains["view-change"]))
+    assert victim.latest_view_changes[3].new_view == copies
+    certificate_signatures = sum(1 + len(certificate.prepares) for certificate in genuine.prepared)
+    # One check per copy for its own signature, plus each certificate signature once.
+    assert checks <= copies + certificate_signatures, checks
