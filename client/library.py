@@ -290,8 +290,6 @@ class Client:
         except ClientError:
             self.next_nonce = None  # unknown whether it executed: ask the network next time
             raise
-        if not receipt.result.ok and receipt.result.reason.startswith("bad nonce"):
-            self.next_nonce = None
         return receipt
 
     async def transfer(self, recipient: bytes, amount: int) -> Receipt:

@@ -23,9 +23,25 @@ _ENTRY_HASH_SIZE = 128
 # client only ever hears about the execution that counted.
 REPLAYED = "replayed:"
 
+# The reason recorded for a transaction ordered before an earlier nonce of its sender (a traitor
+# primary can order them so, or requests can simply arrive out of order). It is NOT a result: it
+# did not execute, may still execute once the nonces before it have, and so replicas sign no
+# REPLY for it and do not index it. Otherwise f + 1 signed "failed" replies would exist for a
+# transaction that executes later, and a client retrying the "failed" payment would pay twice.
+DEFERRED = "deferred:"
+
 
 def is_replay(result: TransactionResult) -> bool:
     return not result.ok and result.reason.startswith(REPLAYED)
+
+
+def is_deferred(result: TransactionResult) -> bool:
+    return not result.ok and result.reason.startswith(DEFERRED)
+
+
+def is_final(result: TransactionResult) -> bool:
+    """Whether this result is the transaction's outcome for good (its nonce is now used)."""
+    return not is_deferred(result)
 
 
 class Application(Protocol):
@@ -100,7 +116,7 @@ class AccountsApplication:
         if transaction.nonce < sender.nonce:
             return TransactionResult(False, f"{REPLAYED} nonce {transaction.nonce} already used (next is {sender.nonce})")
         if transaction.nonce != sender.nonce:
-            return TransactionResult(False, f"bad nonce {transaction.nonce}, expected {sender.nonce}")
+            return TransactionResult(False, f"{DEFERRED} nonce {transaction.nonce} is ahead of the next nonce {sender.nonce}")
         operation = transaction.operation
         if isinstance(operation, Transfer):
             if operation.amount > sender.balance:

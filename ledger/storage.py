@@ -11,6 +11,7 @@ import sqlite3
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from ledger.application import is_final
 from ledger.blocks import Block, ChainError, verify_chain_segment
 from ledger.encoding import CodecError
 
@@ -133,9 +134,15 @@ class BlockStore:
                 self._connection.execute(
                     "insert into blocks values (?, ?, ?)", (block.height, block.block_hash, block.encode())
                 )
+                # A transaction is found where its outcome became final: the first appearance
+                # that was not deferred (a deferred one may still execute in a later block).
                 self._connection.executemany(
                     "insert or ignore into transactions values (?, ?, ?)",
-                    [(transaction.transaction_id, block.height, index) for index, transaction in enumerate(block.transactions)],
+                    [
+                        (transaction.transaction_id, block.height, index)
+                        for index, (transaction, result) in enumerate(zip(block.transactions, block.results, strict=True))
+                        if is_final(result)
+                    ],
                 )
             if prune is not None:
                 self._prune(*prune)

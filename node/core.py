@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from ledger.application import AccountsApplication, is_replay
+from ledger.application import AccountsApplication, is_deferred, is_replay
 from ledger.blocks import (
     Block,
     BlockHeader,
@@ -419,7 +419,7 @@ class ReplicaCore:
                 self.proposed.add(transaction_id)
                 transactions.append(transaction)
             if transactions:
-                self._propose(Batch(self.view, self.replica_id, self.now_ms, tuple(transactions)))
+                self._propose(Batch(self.view, self.replica_id, self.now_ms, in_nonce_order(transactions)))
 
     def _propose(self, batch: Batch) -> None:
         sequence = self.next_sequence
@@ -720,7 +720,9 @@ class ReplicaCore:
             self.pending.pop(transaction_id, None)
             self.pending_since_ms.pop(transaction_id, None)
             self.proposed.discard(transaction_id)
-            if not is_replay(results[index]):
+            # Signed replies only for final outcomes: a client never holds f + 1 signatures on
+            # a "failure" that a later block could turn into an execution.
+            if not is_replay(results[index]) and not is_deferred(results[index]):
                 self.effects.replies.append(ClientReply(transaction.sender, self.signed_reply(block, index)))
         self._drop_stale_requests(senders)
         if self.view_active:
@@ -1107,6 +1109,20 @@ class ReplicaCore:
 
     def query(self, kind: str, argument: Any) -> Any:
         return self.application.query(kind, argument)
+
+
+def in_nonce_order(transactions: list[Transaction]) -> tuple[Transaction, ...]:
+    """The same transactions, each sender's in nonce order within the places its own took: requests
+    that arrived out of order would otherwise be deferred and wait for the client's retry."""
+    places: dict[bytes, list[int]] = {}
+    for position, transaction in enumerate(transactions):
+        places.setdefault(transaction.sender, []).append(position)
+    ordered = list(transactions)
+    for positions in places.values():
+        if len(positions) > 1:
+            for position, transaction in zip(positions, sorted((transactions[p] for p in positions), key=lambda t: t.nonce), strict=True):
+                ordered[position] = transaction
+    return tuple(ordered)
 
 
 def _with_signature(message: Any, signature: bytes) -> Any:

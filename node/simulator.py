@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from client.quorum import Receipt, ReplyQuorum
-from ledger.application import AccountsApplication
+from ledger.application import AccountsApplication, is_final
 from ledger.blocks import Block, ChainError, verify_certificate, verify_execution
 from ledger.config import Address, NetworkConfig, ProtocolSettings, ReplicaInfo
 from ledger.crypto import PublicKeyCache, SigningKey
@@ -434,7 +434,7 @@ class Simulation:
             earlier = replica.transaction_ids.get(transaction.transaction_id)
             if earlier is not None and result.ok:
                 raise self.fail(f"exactly-once: replica {index} executed a transaction twice (blocks {earlier[0]} and {block.height})")
-            if earlier is None:
+            if earlier is None and is_final(result):
                 replica.transaction_ids[transaction.transaction_id] = (block.height, position)
         replica.chain.append(block)
 

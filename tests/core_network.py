@@ -9,6 +9,7 @@ from typing import Any
 
 from ledger.application import AccountsApplication
 from ledger.crypto import PublicKeyCache, SigningKey
+from ledger.messages import Reply
 from ledger.transactions import Put, Transaction, sign_transaction
 from node.core import ReplicaCore
 from node.simulator import simulated_network
@@ -33,6 +34,7 @@ class Network:
         self.down: set[int] = set()
         self.now_ms = 0
         self.heights = [0, 0, 0, 0]
+        self.replies: list[Reply] = []
 
     def collect(self, index: int) -> None:
         effects = self.cores[index].take_effects()
@@ -40,6 +42,7 @@ class Network:
             targets = [send.to] if send.to is not None else [other for other in range(4) if other != index]
             self.queue.extend((index, target, send.message) for target in targets)
         self.heights[index] += len(effects.blocks)
+        self.replies.extend(client_reply.reply for client_reply in effects.replies)
 
     def drop(self, rule: Drop) -> None:
         self.queue = [entry for entry in self.queue if not rule(*entry)]

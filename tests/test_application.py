@@ -9,7 +9,7 @@ from chain_helpers import deterministic_key
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ledger.application import Account, AccountsApplication, is_replay
+from ledger.application import Account, AccountsApplication, is_deferred, is_final, is_replay
 from ledger.config import SUPPLY_MAX
 from ledger.crypto import SigningKey
 from ledger.encoding import INTEGER_MAX, CodecError, decode, encode
@@ -55,14 +55,15 @@ def test_put_writes_a_value_and_consumes_the_nonce() -> None:
     assert application.account(CAROL.public_key) == Account(0, 2)
 
 
-def test_bad_nonce_fails_without_consuming_the_nonce() -> None:
+def test_a_nonce_ahead_is_deferred_without_consuming_the_nonce() -> None:
     application = funded()
     digest_before = application.state_digest()
     results = application.execute_block(
         [signed(ALICE, 1, Transfer(BOB.public_key, 10)), signed(ALICE, 5, Put("key", "value"))]
     )
     assert [result.ok for result in results] == [False, False]
-    assert results[0].reason == "bad nonce 1, expected 0"
+    assert results[0].reason == "deferred: nonce 1 is ahead of the next nonce 0"
+    assert all(is_deferred(result) and not is_final(result) for result in results)
     assert application.account(ALICE.public_key) == Account(100, 0)
     assert application.query("get", "key") is None
     assert application.state_digest() == digest_before

@@ -8,9 +8,10 @@ from typing import Any
 
 from core_network import Network
 
+from client.quorum import ReplyQuorum
 from ledger.crypto import PublicKeyCache, SigningKey
-from ledger.messages import Commit, Prepare, PrePrepare, ViewChange
-from ledger.transactions import Put, sign_transaction
+from ledger.messages import Batch, Commit, Prepare, PrePrepare, Request, ViewChange
+from ledger.transactions import Put, Transaction, sign_transaction
 from node.core import ReplicaCore
 from node.new_view import NULL_BATCH
 
@@ -108,3 +109,81 @@ def test_a_resigned_view_change_flood_costs_one_check_per_copy() -> None:
     certificate_signatures = sum(1 + len(certificate.prepares) for certificate in genuine.prepared)
     # One check per copy for its own signature, plus each certificate signature once.
     assert checks <= copies + certificate_signatures, checks
+
+
+def signed_pre_prepare(network: Network, sequence: int, transactions: tuple[Transaction, ...], view: int = 0, timestamp_ms: int = 1) -> PrePrepare:
+    primary = network.config.primary(view)
+    unsigned = PrePrepare(view, sequence, Batch(view, primary, timestamp_ms, transactions), primary)
+    return dataclasses.replace(unsigned, signature=network.keys[primary].sign(network.cores[primary].domains["pre-prepare"], unsigned.signed_bytes()))
+
+
+def traitor_primary_proposes(network: Network, pre_prepares: list[PrePrepare]) -> None:
+    """Replica 0 is the traitor: its own core stays out, its signed pre-prepares reach the rest."""
+    network.down = {0}
+    for pre_prepare in pre_prepares:
+        for index in (1, 2, 3):
+            network.cores[index].tick(network.now_ms)
+            network.cores[index].receive_message(0, pre_prepare)
+            network.collect(index)
+    network.run(2_000)
+
+
+def test_a_failed_receipt_never_comes_true_later() -> None:
+    """Hole 2: a traitor primary orders a client's nonce-1 transaction before its nonce-0 one, so
+    every honest replica signed "failed: bad nonce" (an f+1 proof that it failed); then it orders
+    it again and it executes. A result signed by f+1 replicas must be final."""
+    network = Network()
+    first = sign_transaction(network.config.network_id, network.client, 0, Put("key", "first"))
+    second = sign_transaction(network.config.network_id, network.client, 1, Put("key", "second"))
+    traitor_primary_proposes(
+        network,
+        [signed_pre_prepare(network, 1, (second,)), signed_pre_prepare(network, 2, (first,)), signed_pre_prepare(network, 3, (second,))],
+    )
+    assert [network.cores[index].height for index in (1, 2, 3)] == [3, 3, 3]
+    outcomes: dict[bytes, set[tuple[bool, int]]] = {}
+    for reply in network.replies:
+        outcomes.setdefault(reply.transaction_id, set()).add((reply.result.ok, reply.height))
+    # Every honest replica signed one outcome per transaction, and the second one executed.
+    assert outcomes[second.transaction_id] == {(True, 3)}
+    assert outcomes[first.transaction_id] == {(True, 2)}
+    quorum = ReplyQuorum(network.config, second.transaction_id)
+    receipts = [receipt for reply in network.replies if (receipt := quorum.add(reply)) is not None]
+    assert receipts and all(receipt.result.ok for receipt in receipts)
+    assert network.cores[1].application.account(network.client.public_key).nonce == 2
+
+
+def test_a_relayed_reordering_by_a_traitor_backup_cannot_fail_a_transaction_either() -> None:
+    """Hole 2, second form: a traitor backup hands an honest primary the nonce-1 transaction first."""
+    network = Network()
+    first = sign_transaction(network.config.network_id, network.client, 0, Put("key", "first"))
+    second = sign_transaction(network.config.network_id, network.client, 1, Put("key", "second"))
+    network.cores[0].receive_message(3, Request(second))
+    network.collect(0)
+    network.tick(10)
+    network.deliver()
+    network.cores[0].receive_request(first)
+    network.collect(0)
+    network.run(3_000)
+    assert {reply.result.ok for reply in network.replies if reply.transaction_id == second.transaction_id} <= {True}
+    # The client retransmits what it has no receipt for; it then executes once.
+    network.cores[0].receive_request(second)
+    network.collect(0)
+    network.run(3_000)
+    results = {(reply.result.ok, reply.height) for reply in network.replies if reply.transaction_id == second.transaction_id}
+    assert len(results) == 1 and next(iter(results))[0]
+
+
+def test_an_honest_primary_orders_each_senders_requests_by_nonce_within_a_batch() -> None:
+    """Requests that arrive out of order share a batch in nonce order, so none is deferred."""
+    network = Network()
+    later = sign_transaction(network.config.network_id, network.client, 1, Put("key", "later"))
+    earlier = sign_transaction(network.config.network_id, network.client, 0, Put("key", "earlier"))
+    other = sign_transaction(network.config.network_id, network.other, 0, Put("other", "x"))
+    for transaction in (later, other, earlier):
+        network.cores[0].receive_request(transaction)
+    network.collect(0)
+    network.run(1_000)
+    assert network.cores[1].height == 1
+    assert {(reply.transaction_id, reply.result.ok) for reply in network.replies} == {
+        (transaction.transaction_id, True) for transaction in (later, other, earlier)
+    }

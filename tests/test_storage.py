@@ -14,7 +14,8 @@ import pytest
 import trio
 from chain_helpers import build_chain, make_network, make_transactions
 
-from ledger.blocks import ChainError, verify_certificate
+from ledger.blocks import Block, BlockHeader, ChainError, results_root, verify_certificate
+from ledger.crypto import SigningKey
 from ledger.storage import BlockStore, StoreError
 from node.core import LOG_KINDS
 
@@ -354,3 +355,31 @@ async def test_killed_writer_leaves_only_whole_blocks(tmp_path: Path) -> None:
         assert height >= progress.appended, "a block the writer reported as appended is missing"
         recovered = height
     assert recovered >= 20
+
+
+def test_a_deferred_appearance_is_not_where_a_transaction_is_found(tmp_path: Path) -> None:
+    """Hole 2: a transaction ordered ahead of its sender's earlier nonce is deferred (no outcome);
+    the index must point at the block where it later executed, so a retransmission is answered
+    with the final result, never the deferred one."""
+    from ledger.application import AccountsApplication
+    from ledger.messages import Batch
+    from ledger.transactions import Put, sign_transaction
+
+    network_id = "deferred-index"
+    client = SigningKey.from_private_bytes(bytes(32))
+    first = sign_transaction(network_id, client, 0, Put("key", "first"))
+    second = sign_transaction(network_id, client, 1, Put("key", "second"))
+    application = AccountsApplication({})
+    genesis = b"\\x00" * 32
+    blocks, parent = [], genesis
+    for height, transactions in enumerate([(second,), (first,), (second,)], start=1):
+        batch = Batch(0, 0, height, transactions)
+        results = application.execute_block(list(transactions))
+        header = BlockHeader(height, 0, 0, parent, batch.transactions_root, results_root(results), application.state_digest(), height)
+        blocks.append(Block(header, transactions, tuple(results), None))
+        parent = header.block_hash
+    store = BlockStore.open(tmp_path / "store.sqlite3", genesis)
+    store.append(blocks)
+    assert not blocks[0].results[0].ok and blocks[2].results[0].ok
+    assert store.locate_transaction(second.transaction_id) == (3, 0)
+    assert store.locate_transaction(first.transaction_id) == (2, 0)
