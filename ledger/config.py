@@ -50,6 +50,9 @@ class ProtocolSettings:
     status_interval_ms: int = 500
     frame_size_max: int = 8 * 1024 * 1024
     client_connections_max: int = 256
+    # A backup refuses a PRE-PREPARE whose batch timestamp lies further than this from its own
+    # clock: a primary cannot stamp blocks with whatever time it likes (0, 2**63 - 1, last year).
+    clock_skew_max_ms: int = 15_000
 
 
 _PROTOCOL_LIMITS: dict[str, tuple[int, int]] = {
@@ -62,6 +65,7 @@ _PROTOCOL_LIMITS: dict[str, tuple[int, int]] = {
     "status_interval_ms": (10, 60_000),
     "frame_size_max": (64 * 1024, 256 * 1024 * 1024),
     "client_connections_max": (1, 100_000),
+    "clock_skew_max_ms": (100, 86_400_000),
 }
 
 

@@ -153,6 +153,7 @@ class ReplicaCore:
         last_block_hash: bytes | None = None,
         restored_records: list[tuple[str, Any]] | None = None,
         check_signature: SignatureCheck | None = None,
+        last_timestamp_ms: int = 0,
     ) -> None:
         self.network = network
         self.replica_id = replica_id
@@ -179,6 +180,7 @@ class ReplicaCore:
         self.height = height
         self.last_block_hash = last_block_hash if last_block_hash is not None else network.genesis_hash
         self.next_sequence = height + 1
+        self.last_timestamp_ms = last_timestamp_ms  # the latest block timestamp in the chain
         self.low = 0  # the stable checkpoint's sequence: the low watermark
         self.stable_checkpoint: CheckpointCertificate | None = None
         self.now_ms = 0
@@ -419,7 +421,13 @@ class ReplicaCore:
                 self.proposed.add(transaction_id)
                 transactions.append(transaction)
             if transactions:
-                self._propose(Batch(self.view, self.replica_id, self.now_ms, in_nonce_order(transactions)))
+                self._propose(Batch(self.view, self.replica_id, self._proposal_timestamp(), in_nonce_order(transactions)))
+
+    def _proposal_timestamp(self) -> int:
+        """Our clock, but never before a batch already in the chain or in flight: backups refuse
+        a stamp that goes back (a previous primary's clock may have run ahead of ours)."""
+        in_flight = (slot.batch.timestamp_ms for slot in self.slots.values() if slot.batch is not None)
+        return max(self.now_ms, self.last_timestamp_ms, *in_flight)
 
     def _propose(self, batch: Batch) -> None:
         sequence = self.next_sequence
@@ -522,6 +530,9 @@ class ReplicaCore:
             return "batch does not name this view and primary"
         if len(batch.transactions) > self.settings.batch_size_max:
             return f"{len(batch.transactions)} transactions exceed the batch limit"
+        problem = self._timestamp_problem(message.sequence, batch.timestamp_ms)
+        if problem is not None:
+            return problem
         seen: set[bytes] = set()
         for transaction in batch.transactions:
             if transaction.transaction_id in seen:
@@ -529,6 +540,22 @@ class ReplicaCore:
             seen.add(transaction.transaction_id)
             if not self._transaction_signature_valid(transaction):
                 return "a transaction has a bad client signature"
+        return None
+
+    def _timestamp_problem(self, sequence: int, timestamp_ms: int) -> str | None:
+        """A new proposal's time must be near our clock and keep the chain's order. (Batches a
+        NEW-VIEW re-proposes were checked when first proposed and keep their time.)"""
+        skew_max = self.settings.clock_skew_max_ms
+        if abs(timestamp_ms - self.now_ms) > skew_max:
+            return f"timestamp {timestamp_ms} is more than {skew_max} ms from this replica's clock ({self.now_ms})"
+        if timestamp_ms < self.last_timestamp_ms:
+            return f"timestamp {timestamp_ms} is before the last block's ({self.last_timestamp_ms})"
+        for other, slot in self.slots.items():
+            batch = slot.batch
+            if batch is None or not batch.transactions or other == sequence:
+                continue
+            if (other < sequence and batch.timestamp_ms > timestamp_ms) or (other > sequence and batch.timestamp_ms < timestamp_ms):
+                return f"timestamp {timestamp_ms} is out of order with sequence {other}'s ({batch.timestamp_ms})"
         return None
 
     def _send_prepare(self, slot: Slot) -> None:
@@ -711,6 +738,7 @@ class ReplicaCore:
         block = Block(header, tuple(transactions), tuple(results), certificate)
         self.height = height
         self.last_block_hash = header.block_hash
+        self.last_timestamp_ms = max(self.last_timestamp_ms, batch.timestamp_ms)
         self.next_sequence = max(self.next_sequence, height + 1)
         self.effects.blocks.append(block)
         senders = set()

@@ -56,13 +56,17 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-def replay_chain(store: BlockStore, application: AccountsApplication) -> None:
-    """Re-execute every stored block, checking results and state digests match what was stored."""
+def replay_chain(store: BlockStore, application: AccountsApplication) -> int:
+    """Re-execute every stored block, checking results and state digests match what was stored.
+    Returns the latest block timestamp (new proposals must not go back before it)."""
+    latest_timestamp_ms = 0
     for block in store.iterate_blocks():
         try:
             verify_execution(application, block)
         except ChainError as error:
             raise StoreError(f"{store.path}: {error}") from None
+        latest_timestamp_ms = max(latest_timestamp_ms, block.header.timestamp_ms)
+    return latest_timestamp_ms
 
 
 @dataclass(eq=False)
@@ -91,7 +95,7 @@ class ReplicaRuntime:
         try:
             self.store = BlockStore.open(config.data_dir / "ledger.sqlite3", self.network.genesis_hash)
             application = AccountsApplication(self.network.genesis_balances)
-            replay_chain(self.store, application)
+            last_timestamp_ms = replay_chain(self.store, application)
             restored = [(record[0], decode_message(record[3])) for record in self.store.load_messages()]
         except (StoreError, CodecError) as error:
             raise StartupError(f"{error} (the store is damaged: restore it from a backup or remove it to resync from peers)") from None
@@ -103,6 +107,7 @@ class ReplicaRuntime:
             self.store.height,
             self.store.last_hash,
             restored,
+            last_timestamp_ms=last_timestamp_ms,
         )
         self.query_domain = signing_domain(self.network.network_id, "query-reply")
         self.events_send, self.events_receive = trio.open_memory_channel[tuple[str, Any, Any]](EVENT_QUEUE_MAX)

@@ -157,6 +157,7 @@ def simulated_network(seed: int, replica_count: int, client_keys: list[SigningKe
         status_interval_ms=100,
         view_change_timeout_ms=500,
         request_timeout_ms=400,
+        clock_skew_max_ms=5_000,
     )
     balances = {key.public_key: 1_000 for key in client_keys}
     return NetworkConfig(f"sim-{seed}", replicas, protocol, balances), keys
@@ -199,6 +200,7 @@ class Simulation:
             chain[-1].block_hash if chain else None,
             replica.restored_records() if replica is not None else None,
             check_signature=self.signatures.verify,
+            last_timestamp_ms=max((block.header.timestamp_ms for block in chain), default=0),
         )
 
     def fail(self, text: str) -> SimulationFailure:

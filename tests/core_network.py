@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ledger.application import AccountsApplication
+from ledger.blocks import Block
 from ledger.crypto import PublicKeyCache, SigningKey
 from ledger.messages import Reply
 from ledger.transactions import Put, Transaction, sign_transaction
@@ -35,6 +36,7 @@ class Network:
         self.now_ms = 0
         self.heights = [0, 0, 0, 0]
         self.replies: list[Reply] = []
+        self.blocks: list[list[Block]] = [[], [], [], []]
 
     def collect(self, index: int) -> None:
         effects = self.cores[index].take_effects()
@@ -42,6 +44,7 @@ class Network:
             targets = [send.to] if send.to is not None else [other for other in range(4) if other != index]
             self.queue.extend((index, target, send.message) for target in targets)
         self.heights[index] += len(effects.blocks)
+        self.blocks[index].extend(effects.blocks)
         self.replies.extend(client_reply.reply for client_reply in effects.replies)
 
     def drop(self, rule: Drop) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import pytest
 from core_network import Network
 
 from client.quorum import ReplyQuorum
@@ -187,3 +188,40 @@ def test_an_honest_primary_orders_each_senders_requests_by_nonce_within_a_batch(
     assert {(reply.transaction_id, reply.result.ok) for reply in network.replies} == {
         (transaction.transaction_id, True) for transaction in (later, other, earlier)
     }
+
+
+NOW_MS = 1_700_000_000_000
+
+
+@pytest.mark.parametrize(
+    "timestamp_ms",
+    [0, 2**63 - 1, NOW_MS - 3_000_000, NOW_MS + 3_000_000, NOW_MS - 1_000],
+    ids=["zero", "largest", "far past", "far future", "before the previous block"],
+)
+def test_a_pre_prepare_with_an_implausible_timestamp_is_refused(timestamp_ms: int) -> None:
+    """Hole 4: block timestamps were whatever the primary said (0 and 2**63 - 1 were committed).
+    Backups refuse a stamp further than clock_skew_max_ms from their clock, or before a block
+    they already hold; the last case is within the skew, so only the order catches it."""
+    network = Network()
+    assert network.config.protocol.clock_skew_max_ms > 3_000
+    network.tick(NOW_MS)
+    first = sign_transaction(network.config.network_id, network.client, 0, Put("key", "first"))
+    traitor_primary_proposes(network, [signed_pre_prepare(network, 1, (first,), timestamp_ms=NOW_MS)])
+    assert [network.cores[index].height for index in (1, 2, 3)] == [1, 1, 1]
+    second = sign_transaction(network.config.network_id, network.client, 1, Put("key", "second"))
+    refused_before = network.cores[1].counters.get("invalid batch", 0)
+    traitor_primary_proposes(network, [signed_pre_prepare(network, 2, (second,), timestamp_ms=timestamp_ms)])
+    assert [network.cores[index].height for index in (1, 2, 3)] == [1, 1, 1]
+    assert network.cores[1].counters.get("invalid batch", 0) == refused_before + 1
+
+
+def test_plausible_timestamps_are_accepted_and_never_go_back() -> None:
+    network = Network()
+    network.tick(NOW_MS)
+    for nonce in range(3):
+        network.cores[0].receive_request(sign_transaction(network.config.network_id, network.client, nonce, Put("key", str(nonce))))
+        network.collect(0)
+        network.run(1_000)
+    assert network.cores[1].height == 3
+    stamps = [block.header.timestamp_ms for block in network.blocks[1]]
+    assert stamps == sorted(stamps) and all(abs(stamp - NOW_MS) < 10_000 for stamp in stamps)

@@ -1035,7 +1035,7 @@ def test_checkpoint_quorum_makes_it_stable_moves_the_watermarks_and_collects_the
     core.receive_message(0, pre_prepare(interval, (put(9),)))
     core.receive_message(1, prepare(interval + HIGH + 1, DIGEST, replica=1))
     assert core.counters == {"bad checkpoint signature": 1, "outside watermarks": 2}
-    core.receive_message(0, pre_prepare(interval + HIGH, (put(interval),)))
+    core.receive_message(0, pre_prepare(interval + HIGH, (put(interval),), timestamp_ms=core.last_timestamp_ms))
     [own_prepare] = sent(core.take_effects(), Prepare)
     assert own_prepare.sequence == interval + HIGH
 
