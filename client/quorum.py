@@ -48,7 +48,11 @@ class ReplyQuorum:
     def add(self, reply: Reply) -> Receipt | None:
         """Signatures are checked lazily, only once matching replies could reach f + 1: usually
         exactly f + 1 checks per transaction, however many replicas answer. An unverified reply
-        holds no place: a forged one is dropped when checked, and never blocks a genuine one."""
+        holds no place: a forged one is dropped when checked, and never blocks a genuine one.
+
+        Memory stays bounded by the replica count whatever arrives: at most one unverified reply
+        per replica (its latest), and a group exists only once a reply in it verified, each
+        replica verifying at most once."""
         if (
             reply.transaction_id != self.transaction_id
             or reply.replica_id >= self.network.replica_count
@@ -58,7 +62,7 @@ class ReplyQuorum:
             return None
         self.unverified[reply.replica_id] = reply
         key = reply.matching_key()
-        verified = self.groups.setdefault(key, [])
+        verified = self.groups.get(key, [])
         candidates = [waiting for waiting in self.unverified.values() if waiting.matching_key() == key]
         needed = self.network.reply_quorum
         if len(verified) + len(candidates) < needed:
@@ -71,6 +75,8 @@ class ReplyQuorum:
                 self.replied.add(candidate.replica_id)
             else:
                 self.ignored += 1
+        if verified:
+            self.groups[key] = verified
         if len(verified) < needed:
             return None
         return Receipt(
