@@ -24,8 +24,10 @@ def signed_reply(replica_id: int, height: int = 5, reason: str = "") -> Reply:
     return dataclasses.replace(unsigned, signature=REPLICA_KEYS[replica_id].sign(domain, unsigned.signed_bytes()))
 
 
-def stored_entries(quorum: ReplyQuorum) -> int:
-    return len(quorum.groups) + sum(len(group) for group in quorum.groups.values()) + len(quorum.unverified)
+def within_replica_count(quorum: ReplyQuorum) -> bool:
+    """At most one group per verified replica, and one stored reply per replica (verified or not)."""
+    replies = sum(len(group) for group in quorum.groups.values()) + len(quorum.unverified)
+    return len(quorum.groups) <= NETWORK.replica_count and replies <= NETWORK.replica_count
 
 
 def test_forged_reply_flood_keeps_reply_quorum_memory_bounded_by_replica_count() -> None:
@@ -34,11 +36,11 @@ def test_forged_reply_flood_keeps_reply_quorum_memory_bounded_by_replica_count()
         replica_id = number % NETWORK.replica_count
         forged = Reply(replica_id, 0, TRANSACTION_ID, TransactionResult(False, f"forged {number}"), 5, BLOCK_HASH, 0, FORGED_SIGNATURE)
         assert quorum.add(forged) is None
-        assert stored_entries(quorum) <= NETWORK.replica_count
+        assert within_replica_count(quorum)
     # The flood held no replica's place: f + 1 genuine matching replies still make the receipt.
     receipt = None
     for replica_id in range(NETWORK.reply_quorum):
         receipt = quorum.add(signed_reply(replica_id))
     assert receipt is not None and receipt.height == 5
     assert receipt.replicas == tuple(range(NETWORK.reply_quorum))
-    assert stored_entries(quorum) <= NETWORK.replica_count
+    assert within_replica_count(quorum)
