@@ -9,7 +9,7 @@ from typing import Any
 from ledger.config import NetworkConfig
 from ledger.crypto import signing_domain, verify_signature
 from ledger.encoding import encode
-from ledger.messages import QueryReply, Reply
+from ledger.messages import Query, QueryReply, Reply
 from ledger.transactions import TransactionResult
 
 SignatureCheck = Callable[[bytes, bytes, bytes, bytes], bool]
@@ -92,34 +92,50 @@ class ReplyQuorum:
 
 
 class QueryQuorum:
-    """Collects signed QUERY-REPLYs until a quorum of replicas give the same answer.
+    """Collects signed QUERY-REPLYs to one query until `needed` replicas give the same answer.
 
-    Reads are not ordered, so replicas at different heights may differ; the caller retries
-    when every replica answered and no answer reached the quorum.
+    Only answers to exactly this query count: same id, and a signature over this query's digest
+    (which covers its kind, argument, min_height and fresh nonce), so an honest replica's answer
+    to another question, or to an earlier query with the same id, is ignored. Answers from state
+    below the query's min_height do not count either (the replica says it is behind, or lies).
+    Reads are not ordered, so replicas at different heights may differ; the caller asks again
+    once no answer can reach `needed` any more.
     """
 
     def __init__(
         self,
         network: NetworkConfig,
-        query_id: int,
+        query: Query,
         needed: int | None = None,
         check: SignatureCheck = verify_signature,
         counts: Callable[[QueryReply], bool] | None = None,
     ) -> None:
         self.network = network
-        self.query_id = query_id
+        self.query = query
         self.needed = needed if needed is not None else network.quorum
+        # With fewer than f + 1 the group could be traitors only, and vouched_height below has no honest anchor.
+        assert self.network.reply_quorum <= self.needed <= self.network.replica_count
         self.check = check
         # Answers that are valid but must not count toward an answer (e.g. "I lack that block").
         self.counts = counts
         self.domain = signing_domain(network.network_id, "query-reply")
         self.replied: set[int] = set()
+        self.behind: dict[int, int] = {}  # replica -> the height it reported below min_height
         self.groups: dict[bytes, list[QueryReply]] = {}
         self.ignored = 0
+        self.answer: QueryReply | None = None  # once decided, later replies change nothing
+        self.vouched_height = 0  # once answered: a height the answer is vouched for at (see below)
 
     def add(self, reply: QueryReply) -> QueryReply | None:
+        """The accepted answer once `needed` replicas signed it identically, else None.
+
+        The reply returned is the one whose height is `vouched_height`, so the height shown
+        with an answer is never one a traitor inflated."""
+        if self.answer is not None:
+            return None
         if (
-            reply.query_id != self.query_id
+            reply.query_id != self.query.query_id
+            or reply.query_digest != self.query.digest
             or reply.replica_id >= self.network.replica_count
             or reply.replica_id in self.replied
             or not self.check(self.network.replica_keys[reply.replica_id], self.domain, reply.signed_bytes(), reply.signature)
@@ -127,15 +143,32 @@ class QueryQuorum:
             self.ignored += 1
             return None
         self.replied.add(reply.replica_id)
+        if reply.height < self.query.min_height or reply.behind:
+            self.behind[reply.replica_id] = reply.height
+            return None
         if self.counts is not None and not self.counts(reply):
             return None
         group = self.groups.setdefault(encode([reply.result, reply.error]), [])
         group.append(reply)
-        if len(group) >= self.needed:
-            return max(group, key=lambda item: item.height)
-        return None
+        if len(group) < self.needed:
+            return None
+        # The (f + 1)-th highest height in the group. At most f members are traitors, so at least
+        # one of the f + 1 members at or above it is honest: some honest replica has reached it,
+        # and a read floor there can be met (all honest replicas catch up). In a group of 2f + 1
+        # (a quorum) it is also the (f + 1)-th lowest, so at least one honest member is at or below
+        # it: it is no higher than needed to cover some honest replica's answer, which every later
+        # read then reflects. (For a group of only f + 1, as block-hash reads use, it is the lowest
+        # height: still reachable; and a block hash, once certified, never changes.)
+        faults = self.network.faults_tolerated
+        ordered = sorted(group, key=lambda item: item.height)
+        chosen = ordered[len(ordered) - faults - 1]
+        self.answer, self.vouched_height = chosen, chosen.height
+        return chosen
 
     @property
     def exhausted(self) -> bool:
-        """Every replica answered and none of the answers can still reach the quorum."""
-        return len(self.replied) >= self.network.replica_count
+        """No answer can reach `needed` any more, even if every replica yet to answer agrees with the
+        largest group: time to ask again (the replicas that were behind may have caught up)."""
+        largest = max((len(group) for group in self.groups.values()), default=0)
+        waiting = self.network.replica_count - len(self.replied)
+        return largest + waiting < self.needed
