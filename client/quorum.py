@@ -113,8 +113,9 @@ class QueryQuorum:
         self.network = network
         self.query = query
         self.needed = needed if needed is not None else network.quorum
-        # With fewer than f + 1 the group could be traitors only, and vouched_height below has no honest anchor.
-        assert self.network.reply_quorum <= self.needed <= self.network.replica_count
+        if not network.reply_quorum <= self.needed <= network.replica_count:
+            # Fewer than f + 1 could all be traitors: such an "answer" would prove nothing.
+            raise ValueError(f"needed must be between f + 1 = {network.reply_quorum} and n = {network.replica_count}")
         self.check = check
         # Answers that are valid but must not count toward an answer (e.g. "I lack that block").
         self.counts = counts
@@ -152,13 +153,16 @@ class QueryQuorum:
         group.append(reply)
         if len(group) < self.needed:
             return None
-        # The (f + 1)-th highest height in the group. At most f members are traitors, so at least
-        # one of the f + 1 members at or above it is honest: some honest replica has reached it,
-        # and a read floor there can be met (all honest replicas catch up). In a group of 2f + 1
-        # (a quorum) it is also the (f + 1)-th lowest, so at least one honest member is at or below
-        # it: it is no higher than needed to cover some honest replica's answer, which every later
-        # read then reflects. (For a group of only f + 1, as block-hash reads use, it is the lowest
-        # height: still reachable; and a block hash, once certified, never changes.)
+        # The vouched height, which the client's read floor rises to: the (f + 1)-th highest height
+        # in the group. At most f members are traitors, who may report any height they like.
+        # - Reachable: at least one of the f + 1 members at or above it is honest, so some honest
+        #   replica has reached it, and all honest replicas catch up: a later read asked from this
+        #   floor can be answered (a traitor's inflated height could otherwise stall the client).
+        # - Sound: in a group of 2f + 1 (a quorum) it is also the (f + 1)-th lowest, so at least one
+        #   honest member is at or below it: the floor is at least the height of an honest replica
+        #   that gave this answer, so every later read comes from state no older than this answer's
+        #   (monotonic reads). For a group of only f + 1, as block-hash reads use, it is the lowest
+        #   height: still reachable, and a block hash, once certified, never changes anyway.
         faults = self.network.faults_tolerated
         ordered = sorted(group, key=lambda item: item.height)
         chosen = ordered[len(ordered) - faults - 1]

@@ -300,3 +300,8 @@ async def test_client_ignores_an_honest_answer_to_another_question_with_the_same
     ScriptedNetwork(client, answer)
     with trio.fail_after(10):
         assert await client.get("y") == "for y"
+
+
+def test_query_quorum_refuses_to_accept_fewer_than_f_plus_one_answers() -> None:
+    with pytest.raises(ValueError, match="f \\+ 1"):
+        QueryQuorum(NETWORK, Query(1, "get", "k", 0, NONCE), needed=FAULTS)
