@@ -31,6 +31,7 @@ examples:
   ledger-client -c net/client.toml transfer 3f1c...e9 25
   ledger-client -c net/client.toml put greeting hello
   ledger-client -c net/client.toml get greeting
+  ledger-client -c net/client.toml --min-height 7 get greeting   (7: the block a put printed)
   ledger-client -c net/client.toml balance
   ledger-client -c net/client.toml block 1
   ledger-client -c net/client.toml verify --replica 2
@@ -82,6 +83,16 @@ def _height(text: str) -> int:
     return height
 
 
+def _min_height(text: str) -> int:
+    try:
+        height = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a block height, got {text!r}") from None
+    if height < 0:
+        raise argparse.ArgumentTypeError("must be 0 or more")
+    return height
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ledger-client",
@@ -99,6 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--key", dest="key_file", type=Path, help="act as the account of this key file (default: the config's client.key)")
     parser.add_argument("--json", action="store_true", help="print JSON for programs instead of text")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the network (default: 30)")
+    parser.add_argument(
+        "--min-height",
+        type=_min_height,
+        default=0,
+        metavar="HEIGHT",
+        help="read only from state at least this high, e.g. the block a put or transfer printed, so this "
+        "read sees that write (within one run the client does this by itself; default: 0)",
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     transfer = commands.add_parser("transfer", help="move funds to another account")
@@ -216,6 +235,7 @@ def block_text(block: Block) -> str:
 
 async def run_command(arguments: argparse.Namespace, output: Output) -> int:
     async with open_client(arguments.config, arguments.key_file) as client:
+        client.raise_read_floor(arguments.min_height)
         with trio.fail_after(arguments.timeout + 5):
             return await dispatch(arguments, client, output)
 

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import itertools
+import secrets
 import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -34,6 +35,7 @@ from ledger.encoding import CodecError
 from ledger.framing import FramedStream, FrameError, FrameQueue
 from ledger.messages import (
     BLOCKS_PER_RESPONSE_MAX,
+    QUERY_NONCE_SIZE,
     SUBSCRIBE_ACCOUNTS_MAX,
     Blocks,
     ErrorReply,
@@ -51,6 +53,7 @@ from ledger.messages import (
 from ledger.transactions import Operation, Put, Transaction, Transfer, sign_transaction
 
 CONNECT_BACKOFF_S = (0.05, 1.0)
+QUERY_RETRY_S = (0.05, 1.0)  # first and longest pause before asking again when no answer reached a quorum
 TRANSIENT_REFUSAL = "replica busy"
 SEND_QUEUE_MAX = 1024
 T = TypeVar("T")
@@ -169,6 +172,10 @@ class Client:
         self.query_ids = itertools.count(1)
         self.view = 0
         self.next_nonce: int | None = None
+        # Every read is answered from state at least this high: the height of every receipt this
+        # client accepted and the vouched height of every answer it accepted (see QueryQuorum.add).
+        # So it reads its own confirmed writes, and never reads older state than it already saw.
+        self.read_floor = 0
         self.ignored_messages = 0
         self._submissions: dict[bytes, Submission] = {}
         self._queries: dict[int, Callable[[int, Any], None]] = {}
@@ -192,6 +199,8 @@ class Client:
             receipt = submission.quorum.add(message)
             if receipt is not None:
                 self.view = max(self.view, receipt.view)
+                # f + 1 signed it, so some honest replica is at this height: a floor all can reach.
+                self.raise_read_floor(receipt.height)
                 submission.finish(receipt)
         elif isinstance(message, ErrorReply):
             submission = self._submissions.get(message.transaction_id)
@@ -300,6 +309,10 @@ class Client:
 
     # ---- reads ----
 
+    def raise_read_floor(self, height: int) -> None:
+        """From now on, read only from state at least `height` high (e.g. a height a receipt showed)."""
+        self.read_floor = max(self.read_floor, height)
+
     async def query(
         self,
         kind: str,
@@ -309,12 +322,17 @@ class Client:
         counts: Callable[[QueryReply], bool] | None = None,
     ) -> QueryReply:
         """Ask every replica; return the answer `needed` of them (default: a quorum) signed
-        identically, counting only answers `counts` accepts."""
+        identically from state at or above this client's read floor, counting only answers
+        `counts` accepts. Replicas below the floor say so and are asked again shortly."""
         needed = needed if needed is not None else self.network.quorum
+        pause_s = QUERY_RETRY_S[0]
+        behind: dict[int, int] = {}
         with trio.move_on_after(deadline_s):
             while True:
-                query_id = next(self.query_ids)
-                quorum = QueryQuorum(self.network, query_id, needed, self.signatures.verify, counts)
+                # A fresh nonce per attempt: an answer to any other query, even one with this id
+                # (ids restart with every client), is signed over another digest and never counts.
+                query = Query(next(self.query_ids), kind, argument, self.read_floor, secrets.token_bytes(QUERY_NONCE_SIZE))
+                quorum = QueryQuorum(self.network, query, needed, self.signatures.verify, counts)
                 send_channel, receive_channel = trio.open_memory_channel[QueryReply | None](1)
 
                 def handle(replica_id: int, message: Any, quorum: QueryQuorum = quorum, channel: Any = send_channel) -> None:
@@ -327,20 +345,25 @@ class Client:
                         except trio.WouldBlock:
                             pass  # the first outcome is the one that counts
 
-                self._queries[query_id] = handle
+                self._queries[query.query_id] = handle
                 try:
-                    self._broadcast(Query(query_id, kind, argument))
+                    self._broadcast(query)
                     with trio.move_on_after(self.timeout_s):
                         answer = await receive_channel.receive()
                         if answer is not None:
+                            self.raise_read_floor(quorum.vouched_height)
                             if answer.error:
                                 raise ClientError(answer.error)
                             return answer
-                        # Replicas at different heights disagreed; ask again shortly.
-                        await trio.sleep(0.05)
+                    behind = quorum.behind
                 finally:
-                    del self._queries[query_id]
-        raise NetworkUnavailable(f"no {needed} matching answers to {kind!r} within {deadline_s:g}s")
+                    del self._queries[query.query_id]
+                # Replicas disagreed (at different heights) or were below the floor: ask again soon.
+                await trio.sleep(pause_s)
+                pause_s = min(pause_s * 2, QUERY_RETRY_S[1])
+        floor = f" at height {self.read_floor} or above" if self.read_floor else ""
+        lagging = f" (replicas {sorted(behind)} were below it)" if floor and behind else ""
+        raise NetworkUnavailable(f"no {needed} matching answers to {kind!r}{floor} within {deadline_s:g}s{lagging}")
 
     async def account(self, account: bytes | None = None) -> tuple[int, int]:
         """(balance, next nonce) of an account (default: this client's)."""

@@ -9,7 +9,7 @@ from typing import Any
 from ledger.config import NetworkConfig
 from ledger.crypto import signing_domain, verify_signature
 from ledger.encoding import encode
-from ledger.messages import QueryReply, Reply
+from ledger.messages import Query, QueryReply, Reply
 from ledger.transactions import TransactionResult
 
 SignatureCheck = Callable[[bytes, bytes, bytes, bytes], bool]
@@ -48,7 +48,11 @@ class ReplyQuorum:
     def add(self, reply: Reply) -> Receipt | None:
         """Signatures are checked lazily, only once matching replies could reach f + 1: usually
         exactly f + 1 checks per transaction, however many replicas answer. An unverified reply
-        holds no place: a forged one is dropped when checked, and never blocks a genuine one."""
+        holds no place: a forged one is dropped when checked, and never blocks a genuine one.
+
+        Memory stays bounded by the replica count whatever arrives: at most one unverified reply
+        per replica (its latest), and a group exists only once a reply in it verified, each
+        replica verifying at most once."""
         if (
             reply.transaction_id != self.transaction_id
             or reply.replica_id >= self.network.replica_count
@@ -58,7 +62,7 @@ class ReplyQuorum:
             return None
         self.unverified[reply.replica_id] = reply
         key = reply.matching_key()
-        verified = self.groups.setdefault(key, [])
+        verified = self.groups.get(key, [])
         candidates = [waiting for waiting in self.unverified.values() if waiting.matching_key() == key]
         needed = self.network.reply_quorum
         if len(verified) + len(candidates) < needed:
@@ -71,6 +75,8 @@ class ReplyQuorum:
                 self.replied.add(candidate.replica_id)
             else:
                 self.ignored += 1
+        if verified:
+            self.groups[key] = verified
         if len(verified) < needed:
             return None
         return Receipt(
@@ -86,34 +92,51 @@ class ReplyQuorum:
 
 
 class QueryQuorum:
-    """Collects signed QUERY-REPLYs until a quorum of replicas give the same answer.
+    """Collects signed QUERY-REPLYs to one query until `needed` replicas give the same answer.
 
-    Reads are not ordered, so replicas at different heights may differ; the caller retries
-    when every replica answered and no answer reached the quorum.
+    Only answers to exactly this query count: same id, and a signature over this query's digest
+    (which covers its kind, argument, min_height and fresh nonce), so an honest replica's answer
+    to another question, or to an earlier query with the same id, is ignored. Answers from state
+    below the query's min_height do not count either (the replica says it is behind, or lies).
+    Reads are not ordered, so replicas at different heights may differ; the caller asks again
+    once no answer can reach `needed` any more.
     """
 
     def __init__(
         self,
         network: NetworkConfig,
-        query_id: int,
+        query: Query,
         needed: int | None = None,
         check: SignatureCheck = verify_signature,
         counts: Callable[[QueryReply], bool] | None = None,
     ) -> None:
         self.network = network
-        self.query_id = query_id
+        self.query = query
         self.needed = needed if needed is not None else network.quorum
+        if not network.reply_quorum <= self.needed <= network.replica_count:
+            # Fewer than f + 1 could all be traitors: such an "answer" would prove nothing.
+            raise ValueError(f"needed must be between f + 1 = {network.reply_quorum} and n = {network.replica_count}")
         self.check = check
         # Answers that are valid but must not count toward an answer (e.g. "I lack that block").
         self.counts = counts
         self.domain = signing_domain(network.network_id, "query-reply")
         self.replied: set[int] = set()
+        self.behind: dict[int, int] = {}  # replica -> the height it reported below min_height
         self.groups: dict[bytes, list[QueryReply]] = {}
         self.ignored = 0
+        self.answer: QueryReply | None = None  # once decided, later replies change nothing
+        self.vouched_height = 0  # once answered: a height the answer is vouched for at (see below)
 
     def add(self, reply: QueryReply) -> QueryReply | None:
+        """The accepted answer once `needed` replicas signed it identically, else None.
+
+        The reply returned is the one whose height is `vouched_height`, so the height shown
+        with an answer is never one a traitor inflated."""
+        if self.answer is not None:
+            return None
         if (
-            reply.query_id != self.query_id
+            reply.query_id != self.query.query_id
+            or reply.query_digest != self.query.digest
             or reply.replica_id >= self.network.replica_count
             or reply.replica_id in self.replied
             or not self.check(self.network.replica_keys[reply.replica_id], self.domain, reply.signed_bytes(), reply.signature)
@@ -121,15 +144,35 @@ class QueryQuorum:
             self.ignored += 1
             return None
         self.replied.add(reply.replica_id)
+        if reply.height < self.query.min_height or reply.behind:
+            self.behind[reply.replica_id] = reply.height
+            return None
         if self.counts is not None and not self.counts(reply):
             return None
         group = self.groups.setdefault(encode([reply.result, reply.error]), [])
         group.append(reply)
-        if len(group) >= self.needed:
-            return max(group, key=lambda item: item.height)
-        return None
+        if len(group) < self.needed:
+            return None
+        # The vouched height, which the client's read floor rises to: the (f + 1)-th highest height
+        # in the group. At most f members are traitors, who may report any height they like.
+        # - Reachable: at least one of the f + 1 members at or above it is honest, so some honest
+        #   replica has reached it, and all honest replicas catch up: a later read asked from this
+        #   floor can be answered (a traitor's inflated height could otherwise stall the client).
+        # - Sound: in a group of 2f + 1 (a quorum) it is also the (f + 1)-th lowest, so at least one
+        #   honest member is at or below it: the floor is at least the height of an honest replica
+        #   that gave this answer, so every later read comes from state no older than this answer's
+        #   (monotonic reads). For a group of only f + 1, as block-hash reads use, it is the lowest
+        #   height: still reachable, and a block hash, once certified, never changes anyway.
+        faults = self.network.faults_tolerated
+        ordered = sorted(group, key=lambda item: item.height)
+        chosen = ordered[len(ordered) - faults - 1]
+        self.answer, self.vouched_height = chosen, chosen.height
+        return chosen
 
     @property
     def exhausted(self) -> bool:
-        """Every replica answered and none of the answers can still reach the quorum."""
-        return len(self.replied) >= self.network.replica_count
+        """No answer can reach `needed` any more, even if every replica yet to answer agrees with the
+        largest group: time to ask again (the replicas that were behind may have caught up)."""
+        largest = max((len(group) for group in self.groups.values()), default=0)
+        waiting = self.network.replica_count - len(self.replied)
+        return largest + waiting < self.needed

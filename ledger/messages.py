@@ -6,6 +6,7 @@ encoding of their fields (signature excluded) under a domain naming the network 
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -34,6 +35,8 @@ from ledger.transactions import Transaction, TransactionResult
 BLOCKS_PER_RESPONSE_MAX = 64
 SUBSCRIBE_ACCOUNTS_MAX = 1024
 QUERY_KIND_LENGTH_MAX = 32
+QUERY_NONCE_SIZE = 16
+QUERY_BEHIND = "behind:"  # how a QUERY-REPLY's error starts when the replica is below the query's min_height
 PREPARED_CERTIFICATES_MAX = 4096
 
 
@@ -588,29 +591,55 @@ class Reply:
 
 @dataclass(frozen=True, slots=True)
 class Query:
-    """A read. Kinds: the application's ('account', 'get') and the ledger's ('transaction')."""
+    """A read. Kinds: the application's ('account', 'get') and the ledger's ('transaction', 'block-hash').
+
+    `min_height` is the client's read floor: a replica answers only from state at least that high
+    (else it says it is behind), which gives the client read-your-writes and monotonic reads.
+    `nonce` is fresh random bytes per query, so an answer can never be replayed to another query,
+    even one with the same id: every signed answer covers the digest of the whole query.
+    """
 
     TAG: ClassVar[str] = "query"
     query_id: int
     kind: str
     argument: Any
+    min_height: int
+    nonce: bytes
+    digest: bytes = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        digest = hashlib.sha256(encode(["query", self.query_id, self.kind, self.argument, self.min_height, self.nonce])).digest()
+        object.__setattr__(self, "digest", digest)
 
     def fields(self) -> list[Any]:
-        return [self.query_id, self.kind, self.argument]
+        return [self.query_id, self.kind, self.argument, self.min_height, self.nonce]
 
     @classmethod
     def from_fields(cls, items: list[Any]) -> Query:
-        expect_list(items, cls.TAG, length=3)
+        expect_list(items, cls.TAG, length=5)
         argument = items[2]
         if not isinstance(argument, bytes | str | int) or isinstance(argument, bool):
             raise CodecError("query argument: expected bytes, text or an integer")
-        return cls(expect_int(items[0], "query id"), expect_text(items[1], "query kind", QUERY_KIND_LENGTH_MAX), argument)
+        return cls(
+            expect_int(items[0], "query id"),
+            expect_text(items[1], "query kind", QUERY_KIND_LENGTH_MAX),
+            argument,
+            expect_int(items[3], "query min height"),
+            expect_bytes(items[4], "query nonce", QUERY_NONCE_SIZE),
+        )
 
 
 @dataclass(frozen=True, slots=True)
 class QueryReply:
+    """A replica's signed answer to exactly one query: the signature covers the query's digest.
+
+    An answer from state below the query's `min_height` is not given; instead `error` starts with
+    QUERY_BEHIND and `height` is the replica's own (the client does not count it and asks again).
+    """
+
     TAG: ClassVar[str] = "query-reply"
     query_id: int
+    query_digest: bytes
     replica_id: int
     height: int
     result: Any
@@ -621,18 +650,23 @@ class QueryReply:
         return encode(self.fields()[:-1])
 
     def fields(self) -> list[Any]:
-        return [self.query_id, self.replica_id, self.height, self.result, self.error, self.signature]
+        return [self.query_id, self.query_digest, self.replica_id, self.height, self.result, self.error, self.signature]
+
+    @property
+    def behind(self) -> bool:
+        return self.error.startswith(QUERY_BEHIND)
 
     @classmethod
     def from_fields(cls, items: list[Any]) -> QueryReply:
-        expect_list(items, cls.TAG, length=6)
+        expect_list(items, cls.TAG, length=7)
         return cls(
             expect_int(items[0], "query id"),
-            _replica(items[1], "replica"),
-            expect_int(items[2], "height"),
-            items[3],
-            expect_text(items[4], "error", 1024),
-            _signature(items[5], "signature"),
+            _hash(items[1], "query digest"),
+            _replica(items[2], "replica"),
+            expect_int(items[3], "height"),
+            items[4],
+            expect_text(items[5], "error", 1024),
+            _signature(items[6], "signature"),
         )
 
 

@@ -153,6 +153,13 @@ class BlockStore:
         row = self._reader.execute("select data from blocks where height=?", (height,)).fetchone()
         return None if row is None else Block.decode(row[0])
 
+    def block_hash(self, height: int) -> bytes | None:
+        """The hash of a stored block, without decoding the block (verified against its header on open)."""
+        if height > self._height:
+            return None  # a row may be committed a moment before the tip moves: answer from the tip only
+        row = self._reader.execute("select hash from blocks where height=?", (height,)).fetchone()
+        return None if row is None else bytes(row[0])
+
     def blocks(self, from_height: int, count: int) -> list[Block]:
         rows = self._reader.execute(
             "select data from blocks where height>=? order by height limit ?", (from_height, count)

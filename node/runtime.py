@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import sys
@@ -35,6 +36,7 @@ from ledger.messages import (
 )
 from ledger.storage import BlockStore, StoreError
 from node.core import LOG_KINDS, Effects, ReplicaCore
+from node.queries import answer_query
 from node.transport import PeerTransport
 
 EVENT_QUEUE_MAX = 10_000
@@ -335,32 +337,8 @@ class ReplicaRuntime:
         await self.events_send.send(("request", None, transaction))
 
     def _answer_query(self, query: Query) -> QueryReply:
-        result: Any = None
-        error = ""
-        try:
-            if query.kind == "transaction":
-                if not isinstance(query.argument, bytes):
-                    raise CodecError("transaction query: expected a transaction id")
-                location = self.store.locate_transaction(query.argument)
-                result = None if location is None else list(location)
-            elif query.kind == "block-hash":
-                if not isinstance(query.argument, int) or query.argument < 1:
-                    raise CodecError("block-hash query: expected a height")
-                block = self.store.block(query.argument) if query.argument <= self.store.height else None
-                result = None if block is None else block.block_hash
-            else:
-                result = self.core.query(query.kind, query.argument)
-        except CodecError as problem:
-            error = str(problem)
-        unsigned = QueryReply(query.query_id, self.config.replica_id, self.core.height, result, error)
-        return QueryReply(
-            unsigned.query_id,
-            unsigned.replica_id,
-            unsigned.height,
-            unsigned.result,
-            unsigned.error,
-            self.key.sign(self.query_domain, unsigned.signed_bytes()),
-        )
+        unsigned = answer_query(query, self.config.replica_id, self.core.application, self.core.height, self.store)
+        return dataclasses.replace(unsigned, signature=self.key.sign(self.query_domain, unsigned.signed_bytes()))
 
     def _status(self, query_id: int) -> StatusReply:
         return StatusReply(

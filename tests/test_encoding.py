@@ -66,6 +66,7 @@ CHAIN = build_chain(NETWORK, 2, transactions_per_block=3)
 TRANSACTIONS = make_transactions(NETWORK, 0, 3)
 HASH = bytes(range(32))
 SIGNATURE = bytes(range(64))
+NONCE = bytes(range(16))
 
 SAMPLE_MESSAGES: list[Any] = [
     PrePrepare(view=2, sequence=7, batch=Batch(2, 2, 1234, tuple(TRANSACTIONS)), replica_id=2, signature=SIGNATURE),
@@ -88,9 +89,9 @@ SAMPLE_MESSAGES: list[Any] = [
         index=2,
         signature=SIGNATURE,
     ),
-    Query(query_id=9, kind="account", argument=NETWORK.client_key.public_key),
-    Query(query_id=10, kind="get", argument="key-1"),
-    QueryReply(query_id=9, replica_id=2, height=4, result=[10, 1], error="", signature=SIGNATURE),
+    Query(query_id=9, kind="account", argument=NETWORK.client_key.public_key, min_height=0, nonce=NONCE),
+    Query(query_id=10, kind="get", argument="key-1", min_height=7, nonce=NONCE),
+    QueryReply(query_id=9, query_digest=HASH, replica_id=2, height=4, result=[10, 1], error="", signature=SIGNATURE),
     StatusQuery(query_id=11),
     StatusReply(
         query_id=11,
@@ -270,6 +271,62 @@ def test_validators_check_type_and_range() -> None:
         expect_text(b"text", "name")
     with pytest.raises(CodecError, match="items: expected 2 items"):
         expect_list([1], "items", length=2)
+
+
+# ---- queries: the new fields are validated, and the digest covers the whole question ----
+
+GOOD_QUERY_FIELDS: list[Any] = [3, "get", "x", 5, NONCE]
+GOOD_QUERY_REPLY_FIELDS: list[Any] = [3, HASH, 1, 5, "value", "", SIGNATURE]
+
+
+@pytest.mark.parametrize(
+    ("position", "value"),
+    [
+        (3, -1),  # min height below 0
+        (3, "5"),
+        (3, True),
+        (3, 2**64),
+        (4, bytes(15)),  # nonce of the wrong size
+        (4, bytes(17)),
+        (4, "nonce"),
+        (4, None),
+    ],
+)
+def test_query_with_malformed_min_height_or_nonce_is_refused(position: int, value: Any) -> None:
+    fields = list(GOOD_QUERY_FIELDS)
+    fields[position] = value
+    with pytest.raises(CodecError):
+        decode_message(encode(["query", *fields]))
+
+
+def test_query_missing_the_new_fields_is_refused() -> None:
+    with pytest.raises(CodecError):
+        decode_message(encode(["query", 3, "get", "x"]))
+    with pytest.raises(CodecError):
+        decode_message(encode(["query", 3, "get", "x", 5]))
+
+
+@pytest.mark.parametrize("digest", [bytes(31), bytes(33), "digest", None, 7])
+def test_query_reply_with_malformed_query_digest_is_refused(digest: Any) -> None:
+    fields = list(GOOD_QUERY_REPLY_FIELDS)
+    fields[1] = digest
+    with pytest.raises(CodecError):
+        decode_message(encode(["query-reply", *fields]))
+    with pytest.raises(CodecError):
+        decode_message(encode(["query-reply", *fields[:1], *fields[2:]]))  # the old layout, without a digest
+
+
+def test_query_digest_covers_every_field_of_the_question() -> None:
+    query = Query(3, "get", "x", 5, NONCE)
+    assert decode_message(encode_message(query)).digest == query.digest
+    others = [
+        Query(4, "get", "x", 5, NONCE),
+        Query(3, "account", "x", 5, NONCE),
+        Query(3, "get", "y", 5, NONCE),
+        Query(3, "get", "x", 6, NONCE),
+        Query(3, "get", "x", 5, bytes(16)),
+    ]
+    assert len({query.digest, *(other.digest for other in others)}) == 1 + len(others)
 
 
 # ---- every decoder, fed random, truncated and mutated input ----

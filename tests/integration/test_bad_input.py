@@ -242,7 +242,7 @@ async def test_authenticated_peer_sending_nonsense_does_not_crash_a_replica(netw
                 encode_message(FetchBlocks(2**63 - 1, 64)),
                 encode_message(Blocks(())),
                 encode_message(Request(forged_transaction())),
-                encode_message(Query(1, "account", bytes(32))),  # client messages on a peer link
+                encode_message(Query(1, "account", bytes(32), 0, bytes(16))),  # client messages on a peer link
                 encode_message(StatusQuery(1)),
                 encode_message(Hello(network_id, claimed, bytes(32))),
                 # Last, so that once it is reported every message before it has been through the core.

@@ -118,3 +118,32 @@ async def test_transactions_from_library_and_cli_give_identical_verified_chains(
         verify = await run_client_cli(network, "verify", "--replica", str(replica_id))
         assert verify.exit_code == 0, verify.describe()
         assert f"chain of replica {replica_id} verified: {tip.height} blocks, 202 transactions" in verify.stdout, verify.describe()
+
+
+READ_YOUR_WRITES_ROUNDS = 20
+
+
+async def test_reads_right_after_confirmed_writes_see_them_from_library_and_cli(network: LocalNetwork, client: Client) -> None:
+    # The library: each get asks from the height of the put just confirmed, so it sees that put,
+    # however far behind the replicas outside the receipt's f + 1 are.
+    with trio.fail_after(WORKLOAD_DEADLINE_S):
+        for round_number in range(READ_YOUR_WRITES_ROUNDS):
+            receipt = await client.put("read-your-writes", f"round {round_number}")
+            assert receipt.result.ok, receipt
+            assert client.read_floor >= receipt.height
+            assert await client.get("read-your-writes") == f"round {round_number}"
+            # Its own account's nonce counts every put so far (no one else signs for this account).
+            assert (await client.account())[1] == round_number + 1
+
+    # The command line, a new process per command: the height a put printed carries the write over.
+    put = await run_client_cli(network, "--json", "put", "cli-read-your-writes", "written")
+    assert put.exit_code == 0, put.describe()
+    height = put.json()["height"]
+    get = await run_client_cli(network, "--json", "--min-height", str(height), "get", "cli-read-your-writes")
+    assert get.exit_code == 0, get.describe()
+    assert get.json()["value"] == "written" and get.json()["height"] >= height, get.describe()
+
+    # A floor no replica has reached: the read gives up naming it, instead of answering from older state.
+    unreachable = await run_client_cli(network, "--timeout", "2", "--min-height", str(height + 10_000), "get", "cli-read-your-writes")
+    assert unreachable.exit_code == 3, unreachable.describe()
+    assert f"at height {height + 10_000} or above" in unreachable.stderr, unreachable.describe()

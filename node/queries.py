@@ -1,0 +1,59 @@
+"""Answering a client's read, without IO: the same logic for the Trio runtime and the simulator."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from ledger.application import Application
+from ledger.encoding import CodecError
+from ledger.messages import QUERY_BEHIND, Query, QueryReply
+
+# Kinds answered from the stored ledger rather than the application's state.
+LEDGER_QUERY_KINDS = ("transaction", "block-hash")
+
+
+class LedgerIndex(Protocol):
+    """What answering a ledger query needs from the block store."""
+
+    @property
+    def height(self) -> int: ...
+
+    def locate_transaction(self, transaction_id: bytes) -> tuple[int, int] | None: ...
+
+    def block_hash(self, height: int) -> bytes | None: ...
+
+
+def answer_query(query: Query, replica_id: int, application: Application, application_height: int, ledger: LedgerIndex) -> QueryReply:
+    """The unsigned QUERY-REPLY for `query`; the caller signs it.
+
+    The reported height is the height of the state the answer was read from: the application's
+    for its kinds, the store's for ledger kinds (the store may trail the application by the round
+    being written). Below the query's min_height nothing is answered: a stale answer could hide
+    the client's own confirmed write. Answering "behind" at once, rather than holding the query
+    until the replica catches up, keeps the replica stateless per query, so a client asking for
+    a height that never comes costs it nothing; the client asks again shortly.
+    """
+    height = ledger.height if query.kind in LEDGER_QUERY_KINDS else application_height
+    result: Any = None
+    error = ""
+    if height < query.min_height:
+        error = f"{QUERY_BEHIND} height {height} below {query.min_height}"
+    else:
+        try:
+            result = _result(query, application, ledger)
+        except CodecError as problem:
+            error = str(problem)
+    return QueryReply(query.query_id, query.digest, replica_id, height, result, error)
+
+
+def _result(query: Query, application: Application, ledger: LedgerIndex) -> Any:
+    if query.kind == "transaction":
+        if not isinstance(query.argument, bytes):
+            raise CodecError("transaction query: expected a transaction id")
+        location = ledger.locate_transaction(query.argument)
+        return None if location is None else list(location)
+    if query.kind == "block-hash":
+        if not isinstance(query.argument, int) or query.argument < 1:
+            raise CodecError("block-hash query: expected a height")
+        return ledger.block_hash(query.argument) if query.argument <= ledger.height else None
+    return application.query(query.kind, query.argument)

@@ -1,0 +1,307 @@
+"""Sans-IO tests of the client's quorum logic: reply and query quorums, and the read floor."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from client.library import Client, NetworkUnavailable
+from client.quorum import QueryQuorum, ReplyQuorum
+from ledger.application import AccountsApplication
+from ledger.config import ClientConfig
+from ledger.crypto import PublicKeyCache, signing_domain
+from ledger.messages import QUERY_BEHIND, Query, QueryReply, Reply, Request
+from ledger.transactions import Put, TransactionResult, sign_transaction
+from node.queries import answer_query
+from node.simulator import _key, simulated_network
+
+SEED = 77
+CLIENT_KEY = _key(SEED, "client", 0)
+NETWORK, REPLICA_KEYS = simulated_network(SEED, 4, [CLIENT_KEY])
+FAULTS = NETWORK.faults_tolerated
+NONCE = bytes(range(16))
+SIGNATURES = PublicKeyCache()
+TRANSACTION_ID = bytes(range(32))
+BLOCK_HASH = bytes(range(32, 64))
+FORGED_SIGNATURE = bytes(64)
+
+
+def signed_reply(replica_id: int, height: int = 5, reason: str = "") -> Reply:
+    unsigned = Reply(replica_id, 0, TRANSACTION_ID, TransactionResult(not reason, reason), height, BLOCK_HASH, 0)
+    domain = signing_domain(NETWORK.network_id, "reply")
+    return dataclasses.replace(unsigned, signature=REPLICA_KEYS[replica_id].sign(domain, unsigned.signed_bytes()))
+
+
+def within_replica_count(quorum: ReplyQuorum) -> bool:
+    """At most one group per verified replica, and one stored reply per replica (verified or not)."""
+    replies = sum(len(group) for group in quorum.groups.values()) + len(quorum.unverified)
+    return len(quorum.groups) <= NETWORK.replica_count and replies <= NETWORK.replica_count
+
+
+def test_forged_reply_flood_keeps_reply_quorum_memory_bounded_by_replica_count() -> None:
+    quorum = ReplyQuorum(NETWORK, TRANSACTION_ID, SIGNATURES.verify)
+    for number in range(100_000):
+        replica_id = number % NETWORK.replica_count
+        forged = Reply(replica_id, 0, TRANSACTION_ID, TransactionResult(False, f"forged {number}"), 5, BLOCK_HASH, 0, FORGED_SIGNATURE)
+        assert quorum.add(forged) is None
+        assert within_replica_count(quorum)
+    # The flood held no replica's place: f + 1 genuine matching replies still make the receipt.
+    receipt = None
+    for replica_id in range(NETWORK.reply_quorum):
+        receipt = quorum.add(signed_reply(replica_id))
+    assert receipt is not None and receipt.height == 5
+    assert receipt.replicas == tuple(range(NETWORK.reply_quorum))
+    assert within_replica_count(quorum)
+
+
+# ---- the query quorum: only answers to exactly this question, from state at or above the floor ----
+
+
+@dataclass
+class FakeLedger:
+    """The store as answer_query sees it: a height, transaction locations and block hashes."""
+
+    height: int
+    locations: dict[bytes, tuple[int, int]] = field(default_factory=dict)
+
+    def locate_transaction(self, transaction_id: bytes) -> tuple[int, int] | None:
+        return self.locations.get(transaction_id)
+
+    def block_hash(self, height: int) -> bytes | None:
+        return bytes([height % 256]) * 32 if height <= self.height else None
+
+
+@dataclass
+class HonestReplica:
+    """A replica's readable state: the application at `height`, answered with the real query logic."""
+
+    replica_id: int
+    height: int
+    values: dict[str, str] = field(default_factory=dict)
+
+    def answer(self, query: Query) -> QueryReply:
+        application = AccountsApplication(NETWORK.genesis_balances)
+        for nonce, (key, value) in enumerate(sorted(self.values.items())):
+            application.execute_block([sign_transaction(NETWORK.network_id, CLIENT_KEY, nonce, Put(key, value))])
+        return sign_answer(answer_query(query, self.replica_id, application, self.height, FakeLedger(self.height)))
+
+
+def sign_answer(unsigned: QueryReply) -> QueryReply:
+    domain = signing_domain(NETWORK.network_id, "query-reply")
+    return dataclasses.replace(unsigned, signature=REPLICA_KEYS[unsigned.replica_id].sign(domain, unsigned.signed_bytes()))
+
+
+def traitor_answer(query: Query, replica_id: int, height: int, result: Any) -> QueryReply:
+    """What a traitor may send: anything at all, validly signed with its own key."""
+    return sign_answer(QueryReply(query.query_id, query.digest, replica_id, height, result, ""))
+
+
+def test_replica_behind_min_height_answers_behind_and_is_not_counted() -> None:
+    query = Query(1, "get", "k", 5, NONCE)
+    quorum = QueryQuorum(NETWORK, query, check=SIGNATURES.verify)
+    behind = HonestReplica(2, 4, {"k": "old"}).answer(query)
+    assert behind.error.startswith(QUERY_BEHIND) and behind.result is None and behind.height == 4
+    assert quorum.add(behind) is None
+    # A traitor claiming an answer from below the floor without saying "behind" does not count either.
+    assert quorum.add(traitor_answer(query, 0, 4, "old")) is None
+    assert quorum.groups == {} and quorum.behind == {2: 4, 0: 4}
+    # Two replicas left can no longer make a quorum of three: the client asks again at once.
+    assert quorum.exhausted
+    assert quorum.add(HonestReplica(1, 5, {"k": "new"}).answer(query)) is None
+    assert quorum.add(HonestReplica(3, 6, {"k": "new"}).answer(query)) is None
+
+
+def test_answers_at_or_above_min_height_form_the_answer_with_a_vouched_height() -> None:
+    query = Query(1, "get", "k", 5, NONCE)
+    quorum = QueryQuorum(NETWORK, query, check=SIGNATURES.verify)
+    # A traitor inflates its height to push the floor out of reach: the vouched height ignores it.
+    assert quorum.add(traitor_answer(query, 0, 10**9, "v")) is None
+    assert quorum.add(HonestReplica(1, 5, {"k": "v"}).answer(query)) is None
+    answer = quorum.add(HonestReplica(2, 7, {"k": "v"}).answer(query))
+    assert answer is not None and answer.result == "v"
+    # Heights 5, 7, 10**9: the (f + 1)-th lowest (= (f + 1)-th highest of 2f + 1) is 7, an honest one.
+    assert quorum.vouched_height == 7 and answer.height == 7
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        Query(1, "get", "x", 5, NONCE),  # another key, same id
+        Query(1, "get", "y", 5, bytes(16)),  # the same question asked before (another nonce), same id
+        Query(1, "account", "y", 5, NONCE),
+        Query(1, "get", "y", 4, NONCE),  # asked with a lower floor
+    ],
+    ids=["other-key", "other-nonce", "other-kind", "other-floor"],
+)
+def test_signed_answer_to_another_query_is_not_accepted(other: Query) -> None:
+    waiting = Query(1, "get", "y", 5, NONCE)
+    quorum = QueryQuorum(NETWORK, waiting, check=SIGNATURES.verify)
+    for replica_id in range(NETWORK.replica_count):
+        genuine = HonestReplica(replica_id, 5, {"x": "for x", "y": "stale"}).answer(other)
+        assert quorum.add(genuine) is None
+        # Relabelled with the digest the client waits for, the signature no longer verifies.
+        assert quorum.add(dataclasses.replace(genuine, query_digest=waiting.digest)) is None
+    assert quorum.replied == set() and quorum.ignored == 2 * NETWORK.replica_count
+    for replica_id in range(NETWORK.quorum):
+        answer = quorum.add(HonestReplica(replica_id, 5, {"y": "for y"}).answer(waiting))
+    assert answer is not None and answer.result == "for y"
+
+
+def test_answer_query_reads_ledger_kinds_at_the_store_height() -> None:
+    application = AccountsApplication(NETWORK.genesis_balances)
+    ledger = FakeLedger(3, {TRANSACTION_ID: (3, 1)})
+    # The application is at 4 while the store still writes block 4: ledger answers say height 3.
+    located = answer_query(Query(1, "transaction", TRANSACTION_ID, 3, NONCE), 0, application, 4, ledger)
+    assert (located.height, located.result, located.error) == (3, [3, 1], "")
+    behind = answer_query(Query(2, "block-hash", 4, 4, NONCE), 0, application, 4, ledger)
+    assert behind.height == 3 and behind.error.startswith(QUERY_BEHIND)
+    assert answer_query(Query(3, "get", "k", 4, NONCE), 0, application, 4, ledger).error == ""
+    malformed = answer_query(Query(4, "block-hash", "one", 0, NONCE), 0, application, 4, ledger)
+    assert malformed.error == "block-hash query: expected a height" and malformed.query_digest == Query(4, "block-hash", "one", 0, NONCE).digest
+
+
+# ---- the client library's read floor, over a scripted network ----
+
+
+Script = Callable[[int, Query, int], QueryReply | None]
+
+
+class ScriptedNetwork:
+    """Stands in for the client's replica connections: what it sends is answered by a script,
+    delivered through the client's own dispatch exactly as replies from the wire are."""
+
+    def __init__(self, client: Client, answer: Script, receipt_height: int = 5) -> None:
+        self.client = client
+        self.answer = answer
+        self.receipt_height = receipt_height
+        self.queries: list[Query] = []
+        client._broadcast = self.broadcast  # type: ignore[method-assign]
+        for link in client.links:
+            link.send = self.broadcast  # type: ignore[method-assign]
+
+    def broadcast(self, message: Any) -> None:
+        if isinstance(message, Request):
+            # Replicas 0 (a traitor, in the tests below) and 1 confirm the write: f + 1 = 2 replies.
+            transaction_id = message.transaction.transaction_id
+            for replica_id in range(NETWORK.reply_quorum):
+                self.client._dispatch(replica_id, signed_reply_for(transaction_id, replica_id, self.receipt_height))
+        elif isinstance(message, Query):
+            attempt = sum(1 for query in self.queries if query.kind == message.kind and query.argument == message.argument)
+            self.queries.append(message)
+            for replica_id in range(NETWORK.replica_count):
+                reply = self.answer(replica_id, message, attempt)
+                if reply is not None:
+                    self.client._dispatch(replica_id, reply)
+
+
+def scripted_client() -> Client:
+    config = ClientConfig(NETWORK, Path("unused.key"), Path("unused.toml"))
+    return Client(config, CLIENT_KEY)
+
+
+def signed_reply_for(transaction_id: bytes, replica_id: int, height: int) -> Reply:
+    unsigned = Reply(replica_id, 0, transaction_id, TransactionResult(True), height, BLOCK_HASH, 0)
+    domain = signing_domain(NETWORK.network_id, "reply")
+    return dataclasses.replace(unsigned, signature=REPLICA_KEYS[replica_id].sign(domain, unsigned.signed_bytes()))
+
+
+async def test_get_right_after_a_confirmed_put_reads_the_write_despite_a_traitor_and_two_slow_replicas(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    client = scripted_client()
+
+    def answer(replica_id: int, query: Query, attempt: int) -> QueryReply | None:
+        if query.kind == "account":
+            return HonestReplica(replica_id, 0).answer(query)
+        if replica_id == 0:
+            return traitor_answer(query, 0, query.min_height, None)  # denies the write, claims to be current
+        if replica_id == 1:
+            return HonestReplica(1, 5, {"k": "v"}).answer(query)
+        # Replicas 2 and 3 are honest but slow: at height 4 for the first two attempts.
+        return HonestReplica(replica_id, 4 if attempt < 2 else 5, {} if attempt < 2 else {"k": "v"}).answer(query)
+
+    network = ScriptedNetwork(client, answer, receipt_height=5)
+    with trio.fail_after(10):
+        receipt = await client.put("k", "v")
+    assert receipt.height == 5 and client.read_floor == 5
+    with trio.fail_after(10):
+        assert await client.get("k") == "v"
+    gets = [query for query in network.queries if query.kind == "get"]
+    assert [query.min_height for query in gets] == [5, 5, 5]
+    assert len({query.nonce for query in gets}) == len(gets)  # a fresh nonce every attempt
+    assert client.read_floor == 5
+
+
+async def test_reads_are_monotonic_the_floor_rises_to_the_vouched_height_of_each_answer(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    client = scripted_client()
+    heights = {0: 10**9, 1: 6, 2: 7, 3: 8}  # replica 0, a traitor, inflates its height
+
+    def answer(replica_id: int, query: Query, attempt: int) -> QueryReply | None:
+        if replica_id == 0:
+            return traitor_answer(query, 0, heights[0], "v" if query.kind == "get" else None)
+        return HonestReplica(replica_id, heights[replica_id], {"k": "v"}).answer(query)
+
+    network = ScriptedNetwork(client, answer)
+    with trio.fail_after(10):
+        await client.get("k")
+    # The first three answers to arrive (replicas 0, 1, 2 at 10**9, 6, 7): the (f + 1)-th lowest is 7.
+    assert client.read_floor == 7
+    # Every later read of any kind asks for height 7 or above: replica 1, still at 6, does not count.
+    with trio.fail_after(10):
+        assert await client.locate(TRANSACTION_ID) is None
+    assert network.queries[-1].min_height == 7 and network.queries[-1].kind == "transaction"
+    # Answered by replicas 0, 2, 3 at 10**9, 7, 8: the floor rises to 8, again an honest height.
+    assert client.read_floor == 8
+    asked = len(network.queries)
+    # Only replica 3 is at 8 yet: the block-hash read waits (asking again) until another catches up.
+    catch_up_after_attempts = 3
+
+    def catching_up(replica_id: int, query: Query, attempt: int) -> QueryReply | None:
+        if attempt >= catch_up_after_attempts:
+            heights[1] = 8
+        return answer(replica_id, query, attempt)
+
+    network.answer = catching_up
+    with trio.fail_after(10):
+        assert await client.confirmed_block_hash(7) == bytes([7]) * 32
+    block_hash_queries = network.queries[asked:]
+    assert len(block_hash_queries) == catch_up_after_attempts + 1
+    assert {query.min_height for query in block_hash_queries} == {8}
+
+
+async def test_a_floor_no_replica_reaches_ends_in_network_unavailable_naming_it(autojump_clock: trio.testing.MockClock) -> None:
+    client = scripted_client()
+    client.raise_read_floor(50)
+    ScriptedNetwork(client, lambda replica_id, query, attempt: HonestReplica(replica_id, 9).answer(query))
+    with pytest.raises(NetworkUnavailable, match="at height 50 or above.*replicas \\[0, 1, 2, 3\\] were below it"):
+        await client.query("get", "k", deadline_s=5)
+
+
+async def test_client_ignores_an_honest_answer_to_another_question_with_the_same_query_id(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    client = scripted_client()
+
+    def answer(replica_id: int, query: Query, attempt: int) -> QueryReply | None:
+        if attempt == 0:
+            # Someone on the path hands over honest answers to another question with this id.
+            other = Query(query.query_id, "get", "x", query.min_height, bytes(16))
+            client._dispatch(replica_id, HonestReplica(replica_id, 3, {"x": "for x", "y": "for x"}).answer(other))
+        return HonestReplica(replica_id, 3, {"y": "for y"}).answer(query)
+
+    ScriptedNetwork(client, answer)
+    with trio.fail_after(10):
+        assert await client.get("y") == "for y"
+
+
+def test_query_quorum_refuses_to_accept_fewer_than_f_plus_one_answers() -> None:
+    with pytest.raises(ValueError, match="f \\+ 1"):
+        QueryQuorum(NETWORK, Query(1, "get", "k", 0, NONCE), needed=FAULTS)
