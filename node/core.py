@@ -56,12 +56,13 @@ from ledger.messages import (
 from ledger.transactions import Transaction, transaction_domain
 from node.certificates import CertificateChecks, SignatureMemo
 from node.new_view import NULL_BATCH, new_view_assignments
+from node.requests import RequestQueue
 
 SignatureCheck = Callable[[bytes, bytes, bytes, bytes], bool]
 
 # Bounds on what one replica holds in memory, whatever its peers and clients do.
-PENDING_REQUESTS_MAX = 100_000
 VERIFIED_CACHE_MAX = 50_000
+RELAYS_PER_INTERVAL_MAX = 16  # waiting requests a backup re-relays to the primary per status interval
 TIMEOUT_DOUBLINGS_MAX = 6
 
 # Kinds of durable records. The first group is garbage collected at the stable checkpoint.
@@ -203,8 +204,7 @@ class ReplicaCore:
         self.missing_batches: dict[bytes, int] = {}  # digest -> when last asked
 
         # Requests not yet executed: at the primary, waiting to be proposed; at a backup, watched.
-        self.pending: OrderedDict[bytes, Transaction] = OrderedDict()
-        self.pending_since_ms: dict[bytes, int] = {}
+        self.pending = RequestQueue(self.replica_count)
         self.proposed: set[bytes] = set()
         self.verified: OrderedDict[bytes, None] = OrderedDict()
 
@@ -342,14 +342,15 @@ class ReplicaCore:
             self.last_status_ms = self.now_ms
             self._on_status_interval()
 
-    def receive_request(self, transaction: Transaction) -> None:
-        """A client's signed transaction, straight from the client or relayed by a backup."""
+    def receive_request(self, transaction: Transaction, relayed_by: int | None = None) -> None:
+        """A client's signed transaction, straight from a client or relayed by replica `relayed_by`."""
         transaction_id = transaction.transaction_id
         if transaction_id in self.pending or (self.is_primary and transaction_id in self.proposed):
             return
-        if len(self.pending) >= PENDING_REQUESTS_MAX:
-            self._reject("request queue full")
-            self.effects.request_errors.append((transaction_id, "replica busy: request queue full"))
+        busy = self.pending.refusal(transaction, relayed_by)
+        if busy is not None:
+            self._reject("request queue full" if relayed_by is None else "relayed requests over the relayer's share")
+            self.effects.request_errors.append((transaction_id, busy))
             return
         if not self._transaction_signature_valid(transaction):
             self._reject("bad client signature")
@@ -359,8 +360,7 @@ class ReplicaCore:
         if refusal is not None:
             self.effects.request_errors.append((transaction_id, refusal))
             return
-        self.pending[transaction_id] = transaction
-        self.pending_since_ms[transaction_id] = self.now_ms
+        self.pending.add(transaction, self.now_ms, relayed_by)
         if self.is_primary:
             if self.view_active and len(self.pending) >= self.settings.batch_size_max:
                 self._propose_batches()
@@ -383,7 +383,7 @@ class ReplicaCore:
         elif isinstance(message, Checkpoint):
             self._on_checkpoint(message)
         elif isinstance(message, Request):
-            self.receive_request(message.transaction)
+            self.receive_request(message.transaction, relayed_by=sender)
         elif isinstance(message, Status):
             self._on_status(sender, message)
         elif isinstance(message, Blocks):
@@ -407,14 +407,13 @@ class ReplicaCore:
 
     def _propose_batches(self) -> None:
         while self.pending and self.next_sequence <= min(self.high, self.height + self.settings.window_size):
-            oldest = next(iter(self.pending))
-            waited = self.now_ms - self.pending_since_ms[oldest]
+            waited = self.now_ms - self.pending.arrived_ms(self.pending.oldest_id())
             if len(self.pending) < self.settings.batch_size_max and waited < self.settings.batch_wait_ms:
                 return
             transactions = []
             while self.pending and len(transactions) < self.settings.batch_size_max:
-                transaction_id, transaction = self.pending.popitem(last=False)
-                self.pending_since_ms.pop(transaction_id, None)
+                transaction = self.pending.pop_oldest()
+                transaction_id = transaction.transaction_id
                 # Already in a batch of this view, or its nonce was used since it arrived.
                 if transaction_id in self.proposed or self.application.check(transaction) is not None:
                     continue
@@ -745,8 +744,7 @@ class ReplicaCore:
         for index, transaction in enumerate(transactions):
             transaction_id = transaction.transaction_id
             senders.add(transaction.sender)
-            self.pending.pop(transaction_id, None)
-            self.pending_since_ms.pop(transaction_id, None)
+            self.pending.remove(transaction_id)
             self.proposed.discard(transaction_id)
             # Signed replies only for final outcomes: a client never holds f + 1 signatures on
             # a "failure" that a later block could turn into an execution.
@@ -768,21 +766,17 @@ class ReplicaCore:
             return
         if self.timed_request in self.pending and self.request_timer_started_ms is not None:
             return
-        self.timed_request = next(iter(self.pending))
+        self.timed_request = self.pending.oldest_id()
         self.request_timer_started_ms = self.now_ms
 
     def _drop_stale_requests(self, senders: set[bytes]) -> None:
         """Watched requests whose nonce is now used can never execute; stop waiting for them."""
         if not senders or not self.pending:
             return
-        stale = [
-            transaction_id
-            for transaction_id, transaction in self.pending.items()
-            if transaction.sender in senders and self.application.check(transaction) is not None
-        ]
-        for transaction_id in stale:
-            del self.pending[transaction_id]
-            self.pending_since_ms.pop(transaction_id, None)
+        for sender in senders:
+            for transaction in self.pending.of_account(sender):
+                if self.application.check(transaction) is not None:
+                    self.pending.remove(transaction.transaction_id)
 
     def signed_reply(self, block: Block, index: int) -> Reply:
         """This replica's signed REPLY for transaction `index` of a block (new or from the store)."""
@@ -1062,6 +1056,12 @@ class ReplicaCore:
         checkpoint = max(self.own_checkpoints.items(), default=None)
         if checkpoint is not None and checkpoint[0] > self.low:
             self.effects.send.append(Send(None, checkpoint[1]))
+        if not self.is_primary:
+            # A relay is a message like any other: one lost on the way would let the request
+            # timer expire against a primary that never heard of the request.
+            for transaction in self.pending.oldest(RELAYS_PER_INTERVAL_MAX):
+                if transaction.transaction_id not in self.proposed:
+                    self.effects.send.append(Send(self.primary, Request(transaction)))
         interval = self.settings.status_interval_ms
         for sequence in sorted(self.slots):
             slot = self.slots[sequence]

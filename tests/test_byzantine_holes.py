@@ -4,6 +4,7 @@ test reproduced its hole before the fix, driving `ReplicaCore` directly."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from typing import Any
 
 import pytest
@@ -15,6 +16,7 @@ from ledger.messages import Batch, Commit, Prepare, PrePrepare, Request, ViewCha
 from ledger.transactions import Put, Transaction, sign_transaction
 from node.core import ReplicaCore
 from node.new_view import NULL_BATCH
+from node.requests import RequestQueue
 
 
 def test_a_reproposed_null_batch_of_an_earlier_view_is_found_and_committed() -> None:
@@ -225,3 +227,49 @@ def test_plausible_timestamps_are_accepted_and_never_go_back() -> None:
     assert network.cores[1].height == 3
     stamps = [block.header.timestamp_ms for block in network.blocks[1]]
     assert stamps == sorted(stamps) and all(abs(stamp - NOW_MS) < 10_000 for stamp in stamps)
+
+
+def test_one_lost_relay_does_not_make_a_backup_suspect_an_honest_primary() -> None:
+    """Hole 10c: a request a client gave only to a backup was relayed to the primary once; if that
+    one message was lost, the backup's timer expired and it voted the honest primary out."""
+    network = Network()
+    transaction = sign_transaction(network.config.network_id, network.client, 0, Put("key", "relayed"))
+    network.cores[1].receive_request(transaction)
+    network.collect(1)
+    network.drop(lambda sender, receiver, message: isinstance(message, Request))
+    network.run(3 * network.config.protocol.view_change_timeout_ms)
+    assert all(core.view == 0 for core in network.cores)
+    assert all(core.height == 1 for core in network.cores)
+
+
+def test_a_traitor_relaying_a_flood_fills_only_its_own_share_of_the_queue() -> None:
+    """Hole 10b: a traitor replica relaying valid requests from fresh accounts (they cost nothing)
+    filled the primary's whole queue; requests honest backups relayed were refused, their timers
+    expired, and the honest primary was voted out. (A small queue here; the rule is the same.)"""
+    network = Network()
+    primary = network.cores[0]
+    primary.pending = RequestQueue(4, requests_max=80)
+    primary.view_active = False  # hold proposals, so what the flood leaves waiting stays visible
+    flood = [
+        sign_transaction(network.config.network_id, SigningKey.from_private_bytes(hashlib.sha256(b"flood %d" % index).digest()), 0, Put("spam", str(index)))
+        for index in range(200)
+    ]
+    for transaction in flood:
+        primary.receive_message(3, Request(transaction))
+    assert len(primary.pending) == 80 // (2 * 4)
+    assert primary.counters["relayed requests over the relayer's share"] == 190
+    honest = sign_transaction(network.config.network_id, network.client, 0, Put("key", "honest"))
+    primary.take_effects()
+    primary.receive_message(1, Request(honest))
+    assert honest.transaction_id in primary.pending
+    assert not primary.take_effects().request_errors
+
+
+def test_one_account_cannot_queue_more_than_its_share() -> None:
+    network = Network()
+    core = network.cores[1]
+    for nonce in range(100):
+        core.receive_request(sign_transaction(network.config.network_id, network.client, nonce, Put("key", str(nonce))))
+    assert len(core.pending) == 64
+    errors = core.take_effects().request_errors
+    assert len(errors) == 36 and all(reason.startswith("replica busy") for _, reason in errors)
