@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ledger.config import NetworkConfig
+from ledger.crypto import PUBLIC_KEY_SIZE, SIGNATURE_SIZE
 from ledger.messages import (
     Checkpoint,
     CheckpointCertificate,
@@ -41,6 +42,8 @@ class SignatureMemo:
         self.checks = 0  # Ed25519 verifications actually run (the rest were remembered)
 
     def verify(self, public_key: bytes, domain: bytes, message: bytes, signature: bytes) -> bool:
+        if len(public_key) != PUBLIC_KEY_SIZE or len(signature) != SIGNATURE_SIZE:
+            return False  # and the fixed sizes keep the memo key below unambiguous
         key = hashlib.sha256(
             public_key + signature + len(domain).to_bytes(4, "big") + domain + message
         ).digest()
