@@ -16,8 +16,8 @@ from ledger.transactions import KEY_LENGTH_MAX, RESULT_REASON_LENGTH_MAX, VALUE_
 UTF8_BYTES_PER_CHARACTER_MAX = 4
 INTEGER_SIZE_MAX = 9  # a CBOR integer up to 2**64 - 1: one head byte and eight bytes
 # Frames from clients carry requests, subscriptions and queries: the largest is a Subscribe of
-# SUBSCRIBE_ACCOUNTS_MAX accounts (client_message_size_max() = 34,831 bytes); a Request with the
-# largest valid transaction is 17,539. 64 KiB covers both with room for small changes to Query.
+# SUBSCRIBE_ACCOUNTS_MAX accounts (client_message_size_max() = 34,830 bytes); a Request with the
+# largest valid transaction (17,529 bytes) is 17,538. 64 KiB covers both, with room for changes to Query.
 CLIENT_FRAME_SIZE_MAX = 64 * 1024
 
 
