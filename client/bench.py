@@ -90,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--writers", type=int, default=200, help="concurrent accounts submitting (default: 200)")
     parser.add_argument("--seconds", type=float, default=15.0, help="measured duration (default: 15)")
     parser.add_argument("--warmup", type=float, default=3.0, help="unmeasured warm-up (default: 3)")
-    parser.add_argument("--batch-size-max", type=int, default=500)
+    parser.add_argument("--batch-size-max", type=int, default=400)
     parser.add_argument("--batch-wait-ms", type=int, default=5)
     parser.add_argument("--base-port", type=int, default=7600)
     arguments = parser.parse_args(argv)

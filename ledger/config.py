@@ -5,12 +5,16 @@ from __future__ import annotations
 import re
 import shutil
 import tomllib
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from ledger import sizes
 from ledger.blocks import REPLICAS_MAX, genesis_hash
 from ledger.crypto import SigningKey, parse_public_key, write_key_file
+from ledger.encoding import ENCODED_SIZE_MAX
+from ledger.messages import PREPARED_CERTIFICATES_MAX
 
 REPLICAS_MIN = 4
 NETWORK_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -41,7 +45,8 @@ class ReplicaInfo:
 
 @dataclass(frozen=True, slots=True)
 class ProtocolSettings:
-    batch_size_max: int = 500
+    # 400 transactions of the largest valid size make a block of 7.4 MB: it fits the 8 MiB frame.
+    batch_size_max: int = 400
     batch_wait_ms: int = 5
     window_size: int = 64
     request_timeout_ms: int = 2000
@@ -50,6 +55,9 @@ class ProtocolSettings:
     status_interval_ms: int = 500
     frame_size_max: int = 8 * 1024 * 1024
     client_connections_max: int = 256
+    client_connections_per_address_max: int = 16
+    client_first_frame_timeout_ms: int = 5_000
+    client_idle_timeout_ms: int = 300_000
     # A backup refuses a PRE-PREPARE whose batch timestamp lies further than this from its own
     # clock: a primary cannot stamp blocks with whatever time it likes (0, 2**63 - 1, last year).
     clock_skew_max_ms: int = 15_000
@@ -63,10 +71,113 @@ _PROTOCOL_LIMITS: dict[str, tuple[int, int]] = {
     "view_change_timeout_ms": (10, 600_000),
     "checkpoint_interval": (1, 100_000),
     "status_interval_ms": (10, 60_000),
-    "frame_size_max": (64 * 1024, 256 * 1024 * 1024),
+    # The decoder refuses anything larger (ledger/encoding.py), so a larger frame could never be read.
+    "frame_size_max": (64 * 1024, ENCODED_SIZE_MAX),
     "client_connections_max": (1, 100_000),
+    "client_connections_per_address_max": (1, 100_000),
+    "client_first_frame_timeout_ms": (10, 600_000),
+    "client_idle_timeout_ms": (10, 86_400_000),
     "clock_skew_max_ms": (100, 86_400_000),
 }
+# Shrunk to fit, for large networks, when a configuration does not set them (see default_protocol).
+_LOG_SETTINGS = ("window_size", "checkpoint_interval")
+
+
+def faults_tolerated(replica_count: int) -> int:
+    """f: the most traitors n replicas survive, floor((n - 1) / 3)."""
+    return (replica_count - 1) // 3
+
+
+def quorum_size(replica_count: int) -> int:
+    """ceil((n + f + 1) / 2): any two quorums share an honest replica; 2f + 1 when n = 3f + 1."""
+    return (replica_count + faults_tolerated(replica_count) + 2) // 2
+
+
+# ---- what must fit in a frame (sizes from ledger/sizes.py) ----
+
+
+def _largest(fits: Callable[[int], bool], upper: int) -> int:
+    """The largest value in [1, upper] that fits (`fits` is monotonic), or 0 if none does."""
+    low, high = 0, upper
+    while low < high:
+        middle = (low + high + 1) // 2
+        if fits(middle):
+            low = middle
+        else:
+            high = middle - 1
+    return low
+
+
+def batch_messages_size_max(replica_count: int, batch_size_max: int, frame_size_max: int) -> int:
+    """The largest PRE-PREPARE or Blocks response a batch of that many of the largest valid transactions makes."""
+    return max(
+        sizes.pre_prepare_size_max(batch_size_max),
+        sizes.batch_content_size_max(batch_size_max),
+        sizes.blocks_size_max(replica_count, batch_size_max, frame_size_max),
+    )
+
+
+def view_change_messages_size_max(replica_count: int, log_size: int) -> int:
+    """The largest VIEW-CHANGE or NEW-VIEW when the log holds `log_size` sequences."""
+    faults, quorum = faults_tolerated(replica_count), quorum_size(replica_count)
+    return max(
+        sizes.view_change_size_max(replica_count, quorum, log_size),
+        sizes.new_view_size_max(replica_count, faults, quorum, log_size),
+    )
+
+
+def log_size_max(replica_count: int, frame_size_max: int) -> int:
+    """The largest max(window_size, 2 * checkpoint_interval) whose view-change messages fit a frame."""
+    return _largest(
+        lambda log_size: view_change_messages_size_max(replica_count, log_size) <= frame_size_max, PREPARED_CERTIFICATES_MAX
+    )
+
+
+def protocol_problem(replica_count: int, protocol: ProtocolSettings) -> str | None:
+    """Why some valid message of this network could outgrow its frames (and so be dropped, stalling
+    the protocol), with what to change; None when every one fits."""
+    frame = protocol.frame_size_max
+    batch = protocol.batch_size_max
+    batch_bytes = batch_messages_size_max(replica_count, batch, frame)
+    if batch_bytes > frame:
+        largest = _largest(lambda count: batch_messages_size_max(replica_count, count, frame) <= frame, batch)
+        return (
+            f"protocol.batch_size_max: {batch} transactions of the largest valid size make a block of up to {batch_bytes} "
+            f"bytes, over frame_size_max {frame}: set batch_size_max to at most {largest} or frame_size_max to at least {batch_bytes}"
+        )
+    log_size = sizes.log_size(protocol.window_size, protocol.checkpoint_interval)
+    if log_size > PREPARED_CERTIFICATES_MAX:
+        return (
+            f"protocol: max(window_size, 2 * checkpoint_interval) is {log_size}, over the {PREPARED_CERTIFICATES_MAX} "
+            "prepared certificates a VIEW-CHANGE may carry: lower window_size or checkpoint_interval"
+        )
+    view_change_bytes = view_change_messages_size_max(replica_count, log_size)
+    if view_change_bytes > frame:
+        largest = log_size_max(replica_count, frame)
+        if largest < 2:
+            needed = view_change_messages_size_max(replica_count, 2)
+            return f"protocol.frame_size_max: {frame} cannot hold a NEW-VIEW of {replica_count} replicas: set it to at least {needed}"
+        return (
+            f"protocol: with {replica_count} replicas a NEW-VIEW for max(window_size, 2 * checkpoint_interval) = {log_size} "
+            f"sequences may take {view_change_bytes} bytes, over frame_size_max {frame}: set window_size to at most {largest} "
+            f"and checkpoint_interval to at most {largest // 2}, or frame_size_max to at least {view_change_bytes}"
+        )
+    return None
+
+
+def default_protocol(replica_count: int, settings: ProtocolSettings | None = None, explicit: frozenset[str] = frozenset()) -> ProtocolSettings:
+    """The settings, with window_size and checkpoint_interval (unless `explicit`) lowered as far as
+    needed for this many replicas' view-change messages to fit the frame; unchanged when they fit."""
+    settings = settings if settings is not None else ProtocolSettings()
+    log_size = sizes.log_size(settings.window_size, settings.checkpoint_interval)
+    if view_change_messages_size_max(replica_count, log_size) <= settings.frame_size_max:
+        return settings
+    largest = log_size_max(replica_count, settings.frame_size_max)
+    if largest < 2:
+        return settings  # nothing fits: protocol_problem says what frame size is needed
+    window_size = settings.window_size if "window_size" in explicit else min(settings.window_size, largest)
+    checkpoint_interval = settings.checkpoint_interval if "checkpoint_interval" in explicit else min(settings.checkpoint_interval, largest // 2)
+    return replace(settings, window_size=window_size, checkpoint_interval=checkpoint_interval)
 
 
 @dataclass(frozen=True)
@@ -84,13 +195,11 @@ class NetworkConfig:
 
     @property
     def faults_tolerated(self) -> int:
-        """f: the most traitors the network survives, floor((n - 1) / 3)."""
-        return (self.replica_count - 1) // 3
+        return faults_tolerated(self.replica_count)
 
     @property
     def quorum(self) -> int:
-        """ceil((n + f + 1) / 2): any two quorums share an honest replica; 2f + 1 when n = 3f + 1."""
-        return (self.replica_count + self.faults_tolerated + 2) // 2
+        return quorum_size(self.replica_count)
 
     @property
     def reply_quorum(self) -> int:
@@ -210,7 +319,7 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid TOML: {error}") from None
 
 
-def _protocol_settings(source: str, table: Any) -> ProtocolSettings:
+def _protocol_settings(source: str, table: Any, replica_count: int) -> ProtocolSettings:
     fields = _Fields(source, table if table is not None else {}, "protocol")
     defaults = ProtocolSettings()
     unknown = set(fields.table) - set(_PROTOCOL_LIMITS)
@@ -219,7 +328,12 @@ def _protocol_settings(source: str, table: Any) -> ProtocolSettings:
     values = {
         name: fields.integer(name, low, high, getattr(defaults, name)) for name, (low, high) in _PROTOCOL_LIMITS.items()
     }
-    return ProtocolSettings(**values)
+    explicit = frozenset(name for name in _LOG_SETTINGS if fields.has(name))
+    settings = default_protocol(replica_count, ProtocolSettings(**values), explicit)
+    problem = protocol_problem(replica_count, settings)
+    if problem is not None:
+        raise ConfigError(f"{source}: {problem}")
+    return settings
 
 
 def _genesis_balances(source: str, table: Any) -> dict[bytes, int]:
@@ -258,7 +372,7 @@ def _network(source: str, document: dict[str, Any]) -> NetworkConfig:
     return NetworkConfig(
         network_id,
         tuple(replicas),
-        _protocol_settings(source, document.get("protocol")),
+        _protocol_settings(source, document.get("protocol"), len(replicas)),
         _genesis_balances(source, document.get("genesis")),
     )
 
@@ -309,7 +423,7 @@ def template_for(replica_count: int, network_id: str | None = None, host: str = 
     addresses = tuple(
         (Address(host, base_port + 2 * index), Address(host, base_port + 2 * index + 1)) for index in range(replica_count)
     )
-    return Template(network_id or f"local-{replica_count}", addresses, ProtocolSettings(), 1_000_000, {})
+    return Template(network_id or f"local-{replica_count}", addresses, default_protocol(replica_count), 1_000_000, {})
 
 
 def load_template(path: Path, host: str | None = None, base_port: int | None = None) -> Template:
@@ -341,7 +455,8 @@ def load_template(path: Path, host: str | None = None, base_port: int | None = N
     extra_balances = _genesis_balances(source, document.get("genesis"))
     if client_balance + sum(extra_balances.values()) > SUPPLY_MAX:
         raise ConfigError(f"{source}: genesis: balances add up to more than {SUPPLY_MAX}")
-    return Template(network_id, addresses, _protocol_settings(source, document.get("protocol")), client_balance, extra_balances)
+    protocol = _protocol_settings(source, document.get("protocol"), len(addresses))
+    return Template(network_id, addresses, protocol, client_balance, extra_balances)
 
 
 def _toml_value(value: Any) -> str:

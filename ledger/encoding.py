@@ -24,6 +24,17 @@ def encode(value: Any) -> bytes:
     return cbor2.dumps(value, canonical=True)
 
 
+def array_head(count: int) -> bytes:
+    """The canonical CBOR head of an array of `count` items: an array is this head, then its items'
+    encodings one after another, so an array of already-encoded items can be assembled without decoding them."""
+    if count < 24:
+        return bytes([0x80 | count])
+    for marker, width in ((0x98, 1), (0x99, 2), (0x9A, 4), (0x9B, 8)):
+        if count < 1 << (8 * width):
+            return bytes([marker]) + count.to_bytes(width, "big")
+    raise CodecError(f"array of {count} items is too long")
+
+
 def digest(data: bytes) -> bytes:
     """The one hash function of the ledger: SHA-256."""
     return hashlib.sha256(data).digest()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import trio
 
 FRAME_HEADER_SIZE = 4
@@ -50,15 +52,16 @@ class FrameDecoder:
 class FramedStream:
     """A trio stream carrying frames; reading stops with FrameError on an oversized frame."""
 
-    def __init__(self, stream: trio.abc.Stream, frame_size_max: int) -> None:
+    def __init__(self, stream: trio.abc.Stream, frame_size_max: int, receive_chunk_size: int = RECEIVE_CHUNK_SIZE) -> None:
         self.stream = stream
         self.decoder = FrameDecoder(frame_size_max)
         self.ready: list[bytes] = []
+        self.receive_chunk_size = receive_chunk_size
 
     async def receive(self) -> bytes | None:
         """The next frame, or None at end of stream."""
         while not self.ready:
-            data = await self.stream.receive_some(RECEIVE_CHUNK_SIZE)
+            data = await self.stream.receive_some(self.receive_chunk_size)
             if not data:
                 return None
             self.ready.extend(self.decoder.feed(data))
@@ -70,48 +73,93 @@ class FramedStream:
         await self.stream.send_all(frame(payload))
 
 
+class ByteBudget:
+    """A count of bytes held, never above `bytes_max`: one per queue, or shared by several queues."""
+
+    def __init__(self, bytes_max: int, parent: ByteBudget | None = None) -> None:
+        self.bytes_max = bytes_max
+        self.used = 0
+        self.parent = parent  # bytes taken here are taken from the parent too
+
+    def free(self) -> int:
+        own = self.bytes_max - self.used
+        return own if self.parent is None else min(own, self.parent.free())
+
+    def take(self, size: int) -> bool:
+        if self.used + size > self.bytes_max or (self.parent is not None and not self.parent.take(size)):
+            return False
+        self.used += size
+        return True
+
+    def give_back(self, size: int) -> None:
+        self.used -= size
+        assert self.used >= 0, "a budget was given back more than was taken"
+        if self.parent is not None:
+            self.parent.give_back(size)
+
+
 class FrameQueue:
     """Payloads waiting to be written to one connection, bounded in count and in bytes.
 
     Bytes matter: a peer that asks for blocks and never reads must not make us buffer gigabytes.
     `put` never blocks; it refuses (returns False) when the queue is full, and the caller counts it.
+    A payload's bytes are counted until it has been written, not merely taken off the queue, so
+    the bound covers what a stalled write holds too. A payload may be charged to another budget
+    (shared by several queues) instead of the queue's own.
     """
 
     def __init__(self, frames_max: int, bytes_max: int) -> None:
-        self._send, self._receive = trio.open_memory_channel[bytes](frames_max)
-        self.bytes_max = bytes_max
-        self.queued_bytes = 0
+        self._send, self._receive = trio.open_memory_channel[tuple[bytes, ByteBudget]](frames_max)
+        self.budget = ByteBudget(bytes_max)
 
-    def put(self, payload: bytes) -> bool:
-        if self.queued_bytes + len(payload) > self.bytes_max:
+    @property
+    def bytes_max(self) -> int:
+        return self.budget.bytes_max
+
+    @property
+    def queued_bytes(self) -> int:
+        return self.budget.used
+
+    def put(self, payload: bytes, budget: ByteBudget | None = None) -> bool:
+        charged = budget if budget is not None else self.budget
+        if not charged.take(len(payload)):
             return False
         try:
-            self._send.send_nowait(payload)
+            self._send.send_nowait((payload, charged))
         except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+            charged.give_back(len(payload))
             return False
-        self.queued_bytes += len(payload)
         return True
-
-    def _take(self, payload: bytes) -> bytes:
-        self.queued_bytes -= len(payload)
-        return frame(payload)
 
     def clear(self) -> None:
         while True:
             try:
-                self._take(self._receive.receive_nowait())
+                payload, charged = self._receive.receive_nowait()
             except trio.WouldBlock:
                 return
+            charged.give_back(len(payload))
 
-    async def pump(self, framed: FramedStream, frames_per_write_max: int = 256) -> None:
+    async def pump(self, framed: FramedStream, frames_per_write_max: int = 256, write_timeout_s: float = math.inf) -> None:
         """Write everything queued, coalescing what is already waiting into one write: a replica
-        replying to a batch sends one segment to a client, not one syscall per reply."""
-        async for payload in self._receive:
-            chunks = [self._take(payload)]
-            while len(chunks) < frames_per_write_max:
+        replying to a batch sends one segment to a client, not one syscall per reply. A write that
+        takes longer than `write_timeout_s` raises trio.TooSlowError."""
+        async for first in self._receive:
+            taken = [first]
+            while len(taken) < frames_per_write_max:
                 try:
-                    chunks.append(self._take(self._receive.receive_nowait()))
+                    taken.append(self._receive.receive_nowait())
                 except trio.WouldBlock:
                     break
-            await framed.stream.send_all(b"".join(chunks))
-
+            parts: list[bytes] = []
+            for payload, _ in taken:
+                parts += [len(payload).to_bytes(FRAME_HEADER_SIZE, "big"), payload]
+            data = b"".join(parts)
+            # Only the joined copy stays alive during the write; the budgets still count it.
+            charges = [(len(payload), charged) for payload, charged in taken]
+            del parts, taken, first
+            try:
+                with trio.fail_after(write_timeout_s):
+                    await framed.stream.send_all(data)
+            finally:
+                for size, charged in charges:
+                    charged.give_back(size)

@@ -21,6 +21,7 @@ from ledger.blocks import (
 from ledger.crypto import PUBLIC_KEY_SIZE, SIGNATURE_SIZE
 from ledger.encoding import (
     CodecError,
+    array_head,
     decode,
     encode,
     expect_bool,
@@ -459,6 +460,20 @@ class Blocks:
         plain = expect_list(items[0], "blocks", length_max=BLOCKS_PER_RESPONSE_MAX)
         checkpoint = None if items[1] is None else CheckpointCertificate.from_fields(expect_list(items[1], "checkpoint"))
         return cls(tuple(Block.from_plain(item) for item in plain), checkpoint)
+
+
+def encode_blocks_message(encoded_blocks: list[bytes], checkpoint: CheckpointCertificate | None) -> bytes:
+    """encode_message(Blocks(...)) for blocks already in their canonical encoding (as the store
+    keeps them): a response is assembled from stored bytes, never decoded and encoded again."""
+    return b"".join(
+        [
+            array_head(3),
+            encode(Blocks.TAG),
+            array_head(len(encoded_blocks)),
+            *encoded_blocks,
+            encode(None if checkpoint is None else checkpoint.fields()),
+        ]
+    )
 
 
 # ---- replica connection handshake ----

@@ -166,6 +166,23 @@ class BlockStore:
         ).fetchall()
         return [Block.decode(row[0]) for row in rows]
 
+    def encoded_blocks(self, from_height: int, count: int, bytes_budget: int) -> list[bytes]:
+        """Up to `count` blocks from `from_height` as stored (their canonical encoding), while their
+        total stays within `bytes_budget`; the first is returned whatever its size. Rows are read
+        one at a time, so blocks past the budget are never loaded."""
+        encoded: list[bytes] = []
+        total = 0
+        rows = self._reader.execute("select data from blocks where height>=? order by height limit ?", (from_height, count))
+        try:
+            for (data,) in rows:
+                total += len(data)
+                if encoded and total > bytes_budget:
+                    break
+                encoded.append(bytes(data))
+        finally:
+            rows.close()
+        return encoded
+
     def iterate_blocks(self, from_height: int = 1, batch_size: int = 256) -> Iterator[Block]:
         height = from_height
         while height <= self._height:

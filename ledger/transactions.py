@@ -19,6 +19,7 @@ from ledger.encoding import (
 
 KEY_LENGTH_MAX = 256
 VALUE_LENGTH_MAX = 4096
+RESULT_REASON_LENGTH_MAX = 256
 AMOUNT_MAX = 2**62
 
 
@@ -132,7 +133,7 @@ class TransactionResult:
         items = expect_list(plain, "result", length=2)
         if not isinstance(items[0], bool):
             raise CodecError("result ok: expected a boolean")
-        return cls(items[0], expect_text(items[1], "result reason", 256))
+        return cls(items[0], expect_text(items[1], "result reason", RESULT_REASON_LENGTH_MAX))
 
     def describe(self) -> str:
         return "ok" if self.ok else f"failed: {self.reason}"

@@ -15,14 +15,13 @@ from typing import Any
 import trio
 
 from ledger.application import AccountsApplication
-from ledger.blocks import Block, ChainError, verify_execution
-from ledger.config import ConfigError, ReplicaConfig, load_replica_config
+from ledger.blocks import ChainError, verify_execution
+from ledger.config import ConfigError, ProtocolSettings, ReplicaConfig, load_replica_config
 from ledger.crypto import KeyFileError, read_key_file, signing_domain
 from ledger.encoding import CodecError
-from ledger.framing import FramedStream, FrameError, FrameQueue
+from ledger.framing import ByteBudget, FramedStream, FrameError, FrameQueue
 from ledger.messages import (
     BLOCKS_PER_RESPONSE_MAX,
-    Blocks,
     ErrorReply,
     FetchBlocks,
     Query,
@@ -32,9 +31,12 @@ from ledger.messages import (
     StatusReply,
     Subscribe,
     decode_message,
+    encode_blocks_message,
     encode_message,
 )
+from ledger.sizes import CLIENT_FRAME_SIZE_MAX, blocks_response_budget, blocks_size_max
 from ledger.storage import BlockStore, StoreError
+from node.admission import ClientAdmission, address_key
 from node.core import LOG_KINDS, Effects, ReplicaCore
 from node.queries import answer_query
 from node.transport import PeerTransport
@@ -43,7 +45,22 @@ EVENT_QUEUE_MAX = 10_000
 WAITING_REQUESTS_MAX = 10_000
 EVENTS_PER_ROUND_MAX = 512
 CLIENT_QUEUE_FRAMES_MAX = 4096
-SUBSCRIPTIONS_PER_CONNECTION_MAX = 4096
+# What may wait to be written to one client, block responses aside: replies are a few hundred
+# bytes, so this is about a thousand of them. A client that does not read loses replies; it retries.
+CLIENT_QUEUE_BYTES_MAX = 128 * 1024
+# What one read from a client may take: with a frame limit of CLIENT_FRAME_SIZE_MAX, a connection
+# buffers at most a partial frame, one chunk and the frames cut from it.
+CLIENT_RECEIVE_CHUNK_SIZE = 16 * 1024
+# Block responses to clients (up to frame_size_max each) share one budget of this many responses
+# across all client connections, and one connection has at most one waiting.
+CLIENT_BLOCK_RESPONSES_MAX = 2
+# A client that does not take a write's bytes within this long is dropped: it cannot hold the
+# shared block budget (or its own) by not reading.
+CLIENT_WRITE_TIMEOUT_S = 30.0
+# Accounts one connection follows; each costs about 350 bytes of tables (measured with tracemalloc).
+SUBSCRIPTIONS_PER_CONNECTION_MAX = 256
+SUBSCRIPTION_BYTES_ESTIMATE = 400
+CONNECTION_OVERHEAD_BYTES_ESTIMATE = 16 * 1024  # socket, task, cancel scope, queue objects
 PROGRESS_LOG_INTERVAL_S = 5.0
 REJECTIONS_LOGGED_PER_SECOND = 20
 
@@ -56,6 +73,23 @@ class StartupError(RuntimeError):
 
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+def client_memory_bound_bytes(replica_count: int, protocol: ProtocolSettings) -> int:
+    """What all client connections together can make a replica hold, at most (estimates of
+    Python's object overheads included): per connection its receive buffers, its send budget and
+    its subscriptions; then the block responses' shared budget, and one transient copy of the
+    largest write (a write joins its frames before sending them)."""
+    # A partial frame in the decoder, plus the whole frames cut from the last chunk and not yet served.
+    receive = 2 * CLIENT_FRAME_SIZE_MAX + CLIENT_RECEIVE_CHUNK_SIZE
+    per_connection = (
+        receive
+        + CLIENT_QUEUE_BYTES_MAX
+        + SUBSCRIPTIONS_PER_CONNECTION_MAX * SUBSCRIPTION_BYTES_ESTIMATE
+        + CONNECTION_OVERHEAD_BYTES_ESTIMATE
+    )
+    blocks_response = blocks_size_max(replica_count, protocol.batch_size_max, protocol.frame_size_max)
+    return protocol.client_connections_max * per_connection + (CLIENT_BLOCK_RESPONSES_MAX + 1) * blocks_response
 
 
 def replay_chain(store: BlockStore, application: AccountsApplication) -> int:
@@ -76,12 +110,27 @@ class ClientConnection:
     """One client's connection: a bounded queue of frames to write, and the accounts it follows."""
 
     queue: FrameQueue
+    blocks_budget: ByteBudget  # its share of the block budget common to all clients
+    cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     accounts: set[bytes] = field(default_factory=set)
+    last_frame_s: float = field(default_factory=trio.current_time)
+    closed: bool = False
     dropped: int = 0
 
     def send(self, message: Any) -> None:
-        if not self.queue.put(encode_message(message)):
+        self.send_encoded(encode_message(message))
+
+    def send_encoded(self, payload: bytes, budget: ByteBudget | None = None) -> None:
+        if self.closed:
+            return  # gone; a waiting request may still name it
+        if not self.queue.put(payload, budget):
             self.dropped += 1  # a client that does not read loses replies; it retries
+
+    def close(self) -> None:
+        """Stop serving it and free what it had queued, even while something still refers to it."""
+        self.closed = True
+        self.cancel_scope.cancel()
+        self.queue.clear()
 
 
 class ReplicaRuntime:
@@ -114,7 +163,19 @@ class ReplicaRuntime:
         self.query_domain = signing_domain(self.network.network_id, "query-reply")
         self.events_send, self.events_receive = trio.open_memory_channel[tuple[str, Any, Any]](EVENT_QUEUE_MAX)
         self.transport = PeerTransport(self.network, config.replica_id, self.key, self._deliver_from_peer)
-        self.clients: set[ClientConnection] = set()
+        protocol = self.network.protocol
+        self.clients: ClientAdmission[ClientConnection] = ClientAdmission(
+            protocol.client_connections_max,
+            protocol.client_connections_per_address_max,
+            lambda connection: connection.last_frame_s,
+        )
+        # The largest Blocks response (ledger/sizes.py): what must fit before one is read from disk.
+        self.blocks_response_size_max = blocks_size_max(
+            self.network.replica_count, protocol.batch_size_max, protocol.frame_size_max
+        )
+        self.client_blocks_budget = ByteBudget(CLIENT_BLOCK_RESPONSES_MAX * self.blocks_response_size_max)
+        self.fetches_skipped = 0
+        self.clients_timed_out = 0
         self.subscribers: dict[bytes, set[ClientConnection]] = {}
         # Which connection sent a request, so a refusal reaches it; oldest forgotten first.
         self.waiting_requests: OrderedDict[bytes, ClientConnection] = OrderedDict()
@@ -142,6 +203,12 @@ class ReplicaRuntime:
                 self.store.height,
                 self.core.view,
                 self.network.faults_tolerated,
+            )
+            log.info(
+                "clients: at most %d connections, %d per address; they can make this replica hold at most about %d MiB",
+                self.network.protocol.client_connections_max,
+                self.network.protocol.client_connections_per_address_max,
+                client_memory_bound_bytes(self.network.replica_count, self.network.protocol) // 2**20,
             )
             task_status.started()
 
@@ -181,19 +248,23 @@ class ReplicaRuntime:
             self.core.receive_request(message)
 
     def _serve_fetch(self, peer: int, request: FetchBlocks) -> None:
-        blocks = self._blocks_for_response(request)
-        if blocks:
-            self.transport.send(peer, Blocks(tuple(blocks), self.core.stable_checkpoint))
+        # Read nothing from disk for a peer whose queue could not take the answer: it would be
+        # dropped anyway, and a peer asking faster than it reads must not make us work for nothing.
+        if not self.transport.has_room(peer, self.blocks_response_size_max):
+            self.fetches_skipped += 1
+            return
+        encoded = self._encoded_blocks(request)
+        if encoded:
+            self.transport.send_encoded(peer, encode_blocks_message(encoded, self.core.stable_checkpoint))
 
-    def _blocks_for_response(self, request: FetchBlocks) -> list[Block]:
-        budget = self.network.protocol.frame_size_max // 2
-        blocks: list[Block] = []
-        for block in self.store.blocks(request.from_height, min(request.count, BLOCKS_PER_RESPONSE_MAX)):
-            budget -= len(block.encode())
-            if blocks and budget < 0:
-                break
-            blocks.append(block)
-        return blocks
+    def _encoded_blocks(self, request: FetchBlocks) -> list[bytes]:
+        """The blocks of a Blocks answer as stored: each read once and never decoded or re-encoded
+        (encode_blocks_message assembles the message from them)."""
+        return self.store.encoded_blocks(
+            request.from_height,
+            min(request.count, BLOCKS_PER_RESPONSE_MAX),
+            blocks_response_budget(self.network.protocol.frame_size_max),
+        )
 
     async def _carry_out(self, effects: Effects) -> None:
         """Persist (records and blocks, one transaction), then send, then reply: the order that
@@ -255,35 +326,53 @@ class ReplicaRuntime:
     # ---- clients ----
 
     async def _serve_client(self, stream: trio.SocketStream) -> None:
-        if len(self.clients) >= self.network.protocol.client_connections_max:
-            log.warning("refused a client connection: %d already open", len(self.clients))
+        try:
+            address = address_key(str(stream.socket.getpeername()[0]))
+        except OSError:
+            await stream.aclose()
+            return  # already gone
+        connection = ClientConnection(
+            FrameQueue(CLIENT_QUEUE_FRAMES_MAX, CLIENT_QUEUE_BYTES_MAX),
+            ByteBudget(self.blocks_response_size_max, parent=self.client_blocks_budget),
+        )
+        admitted, evicted = self.clients.admit(connection, address)
+        if evicted is not None:
+            evicted.close()
+        if not admitted:
+            if self._rejection_log_allowed():
+                log.warning(
+                    "refused a client connection from %s: %d open from there, %d in all",
+                    address,
+                    self.clients.count(address),
+                    len(self.clients),
+                )
             await stream.aclose()
             return
-        frame_size_max = self.network.protocol.frame_size_max
-        connection = ClientConnection(FrameQueue(CLIENT_QUEUE_FRAMES_MAX, 2 * frame_size_max))
-        self.clients.add(connection)
-        framed = FramedStream(stream, self.network.protocol.frame_size_max)
+        # Frames from a client are requests and queries of a few KiB (ledger/sizes.py): a small
+        # limit keeps what one connection can make us buffer small.
+        framed = FramedStream(stream, CLIENT_FRAME_SIZE_MAX, receive_chunk_size=CLIENT_RECEIVE_CHUNK_SIZE)
         try:
-            async with stream, trio.open_nursery() as nursery:
-                nursery.start_soon(connection.queue.pump, framed)
-                await self._read_client(framed, connection)
-                nursery.cancel_scope.cancel()
-        except* (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # the client went away
+            with connection.cancel_scope:
+                async with stream, trio.open_nursery() as nursery:
+                    nursery.start_soon(connection.queue.pump, framed, 256, CLIENT_WRITE_TIMEOUT_S)
+                    await self._read_client(framed, connection)
+                    nursery.cancel_scope.cancel()
+        except* (OSError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
+            pass  # the client went away, or stopped reading
         except* FrameError as group:
             log.warning("dropped a client: %s", group.exceptions[0])
         except* Exception as group:
             # A bug in serving one client must not take the replica down with it.
             log.error("internal error serving a client", exc_info=group)
         finally:
-            self.clients.discard(connection)
+            connection.close()
+            self.clients.remove(connection)
             for account in connection.accounts:
                 followers = self.subscribers.get(account)
                 if followers is not None:
                     followers.discard(connection)
                     if not followers:
                         del self.subscribers[account]
-
 
     def _subscribe(self, connection: ClientConnection, account: bytes) -> None:
         if account in connection.accounts or len(connection.accounts) >= SUBSCRIPTIONS_PER_CONNECTION_MAX:
@@ -292,10 +381,20 @@ class ReplicaRuntime:
         self.subscribers.setdefault(account, set()).add(connection)
 
     async def _read_client(self, framed: FramedStream, connection: ClientConnection) -> None:
+        """Serve frames until the client closes, or sends no complete frame for too long: within
+        the first-frame timeout of connecting, then within the idle timeout of its last frame."""
+        protocol = self.network.protocol
+        timeout_s = protocol.client_first_frame_timeout_ms / 1000
         while True:
-            data = await framed.receive()
+            with trio.move_on_after(timeout_s) as waiting:
+                data = await framed.receive()
+            if waiting.cancelled_caught:
+                self.clients_timed_out += 1
+                return
             if data is None:
                 return
+            connection.last_frame_s = trio.current_time()
+            timeout_s = protocol.client_idle_timeout_ms / 1000
             try:
                 message = decode_message(data)
             except CodecError as error:
@@ -311,10 +410,11 @@ class ReplicaRuntime:
             elif isinstance(message, StatusQuery):
                 connection.send(self._status(message.query_id))
             elif isinstance(message, FetchBlocks):
-                # One response's worth may wait at a time: a client that asks and never reads
-                # gets nothing more, instead of filling our memory.
-                if connection.queue.queued_bytes < self.network.protocol.frame_size_max // 2:
-                    connection.send(Blocks(tuple(self._blocks_for_response(message)), self.core.stable_checkpoint))
+                # One response may wait per connection, and a few across all clients: a client
+                # that asks and never reads gets nothing more, and nothing is read from disk for it.
+                if connection.blocks_budget.free() >= self.blocks_response_size_max:
+                    payload = encode_blocks_message(self._encoded_blocks(message), self.core.stable_checkpoint)
+                    connection.send_encoded(payload, connection.blocks_budget)
                 else:
                     connection.dropped += 1
             else:

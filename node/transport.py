@@ -76,7 +76,14 @@ class PeerTransport:
 
     def send(self, to: int | None, message: Any) -> None:
         """Queue a message for one peer, or all peers when `to` is None; never blocks."""
-        payload = encode_message(message)
+        self.send_encoded(to, encode_message(message))
+
+    def has_room(self, peer: int, size: int) -> bool:
+        """Whether a payload of `size` bytes sent to `peer` now would be queued, not dropped."""
+        return peer in self.connected_out and peer in self.queues and self.queues[peer].budget.free() >= size
+
+    def send_encoded(self, to: int | None, payload: bytes) -> None:
+        """Queue an already-encoded message, as `send` does."""
         targets = self.queues if to is None else ([to] if to in self.queues else [])
         for target in targets:
             if target not in self.connected_out:

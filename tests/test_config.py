@@ -101,7 +101,7 @@ def test_init_local_4(tmp_path: Path) -> None:
     network = load_replica_config(out / "replica-2.toml").network
     assert [replica.address.port for replica in network.replicas] == [7100, 7102, 7104, 7106]
     assert [replica.client_address.port for replica in network.replicas] == [7101, 7103, 7105, 7107]
-    assert network.protocol.batch_size_max == 500
+    assert network.protocol.batch_size_max == 400
     assert network.protocol.frame_size_max == 8388608
     assert list(network.genesis_balances.values()) == [1_000_000]
 

@@ -50,6 +50,7 @@ class ReplicaProcesses:
 
     directory: Path
     replica_count: int
+    extra_protocol: str = ""  # more [protocol] lines for the template
     processes: dict[int, trio.Process] = field(default_factory=dict)
 
     @property
@@ -76,7 +77,7 @@ class ReplicaProcesses:
     async def initialise(self) -> None:
         template = self.directory.parent / f"faults-{self.replica_count}.toml"
         base_port = pick_base_port(self.replica_count, random.Random())
-        template.write_text(FAST_TEMPLATE.format(replica_count=self.replica_count, base_port=base_port))
+        template.write_text(FAST_TEMPLATE.format(replica_count=self.replica_count, base_port=base_port) + self.extra_protocol)
         result = await run_command([*NODE_COMMAND, "init", str(template), "--out", str(self.directory), "--force"])
         assert result.exit_code == 0, result.describe()
         (self.directory / "logs").mkdir(exist_ok=True)
@@ -135,8 +136,8 @@ class ReplicaProcesses:
 
 
 @asynccontextmanager
-async def replica_processes(directory: Path, replica_count: int) -> AsyncIterator[ReplicaProcesses]:
-    replicas = ReplicaProcesses(directory, replica_count)
+async def replica_processes(directory: Path, replica_count: int, extra_protocol: str = "") -> AsyncIterator[ReplicaProcesses]:
+    replicas = ReplicaProcesses(directory, replica_count, extra_protocol)
     await replicas.initialise()
     try:
         await replicas.start_all()
@@ -145,11 +146,12 @@ async def replica_processes(directory: Path, replica_count: int) -> AsyncIterato
         await replicas.stop_all()
 
 
-def resident_memory_bytes(pid: int) -> int:
+def resident_memory_bytes(pid: int, entry: str = "VmRSS") -> int:
+    """Resident memory now (VmRSS), or at its peak since the process started (VmHWM)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{entry}:"):
             return int(line.split()[1]) * 1024
-    raise AssertionError(f"no VmRSS for pid {pid}")
+    raise AssertionError(f"no {entry} for pid {pid}")
 
 
 @dataclass(eq=False)
