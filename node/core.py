@@ -405,7 +405,18 @@ class ReplicaCore:
 
     # ---- the primary ----
 
+    def _ready_to_propose(self) -> bool:
+        """A new primary proposes only once it holds every batch its view starts with and the
+        blocks up to the stable checkpoint: only then does it know every timestamp a backup may
+        hold, so a stamp of its own can never be refused for going back (which would be for good:
+        a signed PRE-PREPARE cannot be re-stamped)."""
+        if self.height < self.low:
+            return False
+        return all(slot.batch is not None for slot in self.slots.values() if slot.pre_prepare is not None)
+
     def _propose_batches(self) -> None:
+        if not self._ready_to_propose():
+            return
         while self.pending and self.next_sequence <= min(self.high, self.height + self.settings.window_size):
             waited = self.now_ms - self.pending.arrived_ms(self.pending.oldest_id())
             if len(self.pending) < self.settings.batch_size_max and waited < self.settings.batch_wait_ms:

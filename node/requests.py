@@ -25,12 +25,15 @@ class RequestQueue:
     def __init__(self, replica_count: int, requests_max: int = PENDING_REQUESTS_MAX, per_account_max: int = PENDING_PER_ACCOUNT_MAX) -> None:
         self.requests_max = requests_max
         self.per_account_max = per_account_max
-        # Half the queue is for requests relayed by replicas, split evenly among them; a client's
-        # own requests may use the whole queue.
+        # Half the queue is for requests handed to us by clients, half for requests relayed by
+        # replicas, split evenly among them: neither a client flood nor a relaying traitor can
+        # take the room the others need.
+        self.direct_max = max(1, requests_max // 2)
         self.per_relayer_max = max(1, requests_max // (2 * replica_count))
         self._requests: OrderedDict[bytes, tuple[Transaction, int, int | None]] = OrderedDict()
         self._per_account: dict[bytes, set[bytes]] = {}  # account -> its waiting transaction ids
         self._per_relayer: Counter[int] = Counter()
+        self._relayed = 0  # how many of the waiting requests replicas relayed
 
     def __len__(self) -> int:
         return len(self._requests)
@@ -47,6 +50,8 @@ class RequestQueue:
             return f"{BUSY}: request queue full"
         if len(self._per_account.get(transaction.sender, ())) >= self.per_account_max:
             return f"{BUSY}: {self.per_account_max} requests of this account already wait"
+        if relayed_by is None and len(self._requests) - self._relayed >= self.direct_max:
+            return f"{BUSY}: {self.direct_max} requests from clients already wait"
         if relayed_by is not None and self._per_relayer[relayed_by] >= self.per_relayer_max:
             return f"{BUSY}: replica {relayed_by} relayed {self.per_relayer_max} requests that still wait"
         return None
@@ -56,6 +61,7 @@ class RequestQueue:
         self._per_account.setdefault(transaction.sender, set()).add(transaction.transaction_id)
         if relayed_by is not None:
             self._per_relayer[relayed_by] += 1
+            self._relayed += 1
 
     def remove(self, transaction_id: bytes) -> Transaction | None:
         entry = self._requests.pop(transaction_id, None)
@@ -76,6 +82,7 @@ class RequestQueue:
         if not waiting:
             del self._per_account[transaction.sender]
         if relayed_by is not None:
+            self._relayed -= 1
             self._per_relayer[relayed_by] -= 1
             if not self._per_relayer[relayed_by]:
                 del self._per_relayer[relayed_by]

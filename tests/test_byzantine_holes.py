@@ -12,7 +12,16 @@ from core_network import Network
 
 from client.quorum import ReplyQuorum
 from ledger.crypto import PublicKeyCache, SigningKey
-from ledger.messages import Batch, Commit, Prepare, PrePrepare, Request, ViewChange
+from ledger.messages import (
+    Batch,
+    BatchContent,
+    Commit,
+    FetchBatch,
+    Prepare,
+    PrePrepare,
+    Request,
+    ViewChange,
+)
 from ledger.transactions import Put, Transaction, sign_transaction
 from node.core import ReplicaCore
 from node.new_view import NULL_BATCH
@@ -273,3 +282,57 @@ def test_one_account_cannot_queue_more_than_its_share() -> None:
     assert len(core.pending) == 64
     errors = core.take_effects().request_errors
     assert len(errors) == 36 and all(reason.startswith("replica busy") for _, reason in errors)
+
+
+def test_a_traitor_stamp_hidden_from_the_next_primary_does_not_get_it_voted_out() -> None:
+    """Found in review of hole 4: a traitor primary stamps a batch near the top of the allowed skew
+    and hides it from the next primary; the batch prepares elsewhere and view 1 re-proposes it. The
+    new primary, lacking that batch's content, stamped its first proposal with its own clock, and
+    backups refused it for good ("out of order"). A new primary now proposes only once it holds
+    every batch its view starts with, so it always knows the time it must not go below."""
+    network = Network()
+    skew = network.config.protocol.clock_skew_max_ms
+    network.tick(10_000)
+    traitor_transaction = sign_transaction(network.config.network_id, network.other, 0, Put("traitor", "x"))
+    high = signed_pre_prepare(network, 1, (traitor_transaction,), timestamp_ms=network.now_ms + skew - 1)
+    network.down = {0}
+    for index in (2, 3):  # hidden from replica 1, the next primary
+        network.cores[index].receive_message(0, high)
+        network.collect(index)
+    for _ in range(2):
+        network.deliver(lambda sender, receiver, message: isinstance(message, FetchBatch | BatchContent))
+    assert all(1 in network.cores[index].prepared for index in (2, 3))
+    honest = sign_transaction(network.config.network_id, network.client, 0, Put("key", "honest"))
+    for index in (1, 2, 3):
+        network.cores[index].receive_request(honest)
+        network.collect(index)
+    network.drop(lambda sender, receiver, message: receiver == 0)
+    network.start_view_change((1, 2, 3), 1)
+    network.deliver()
+    network.tick(10)
+    for _ in range(30):
+        network.tick(10)
+        network.deliver()
+    for index in (1, 2, 3):
+        core = network.cores[index]
+        assert (core.view, core.view_active) == (1, True)
+        assert core.height == 2, f"replica {index} at height {core.height}: {core.counters}"
+    assert "invalid batch" not in network.cores[2].counters
+
+
+def test_a_client_flood_straight_to_the_primary_leaves_room_for_relays() -> None:
+    """Found in review of hole 10b: a client's own requests could use the whole queue, so a hostile
+    client with fresh accounts filled it and an honest backup's relay was refused anyway."""
+    network = Network()
+    primary = network.cores[0]
+    primary.pending = RequestQueue(4, requests_max=80)
+    primary.view_active = False
+    accounts = [SigningKey.from_private_bytes(hashlib.sha256(b"flood account %d" % index).digest()) for index in range(2)]
+    for index in range(100):
+        primary.receive_request(sign_transaction(network.config.network_id, accounts[index // 64], index % 64, Put("spam", str(index))))
+    assert len(primary.pending) == 40
+    primary.take_effects()
+    honest = sign_transaction(network.config.network_id, network.client, 0, Put("key", "honest"))
+    primary.receive_message(1, Request(honest))
+    assert honest.transaction_id in primary.pending
+    assert not primary.take_effects().request_errors
