@@ -80,6 +80,7 @@ class ByteBudget:
         self.bytes_max = bytes_max
         self.used = 0
         self.parent = parent  # bytes taken here are taken from the parent too
+        self._released = trio.Event()  # set (and replaced) whenever bytes are given back
 
     def free(self) -> int:
         own = self.bytes_max - self.used
@@ -96,6 +97,17 @@ class ByteBudget:
         assert self.used >= 0, "a budget was given back more than was taken"
         if self.parent is not None:
             self.parent.give_back(size)
+        self._released.set()
+        self._released = trio.Event()
+
+    async def wait_for_room(self, size: int) -> None:
+        """Until `size` bytes are free here (and in every parent). Bytes given back anywhere below
+        the top budget reach it, so waiting on the top one sees every release that could help."""
+        top = self
+        while top.parent is not None:
+            top = top.parent
+        while self.free() < size:
+            await top._released.wait()
 
 
 class FrameQueue:

@@ -411,7 +411,11 @@ class ReplicaRuntime:
                 connection.send(self._status(message.query_id))
             elif isinstance(message, FetchBlocks):
                 # One response may wait per connection, and a few across all clients: a client
-                # that asks and never reads gets nothing more, and nothing is read from disk for it.
+                # that asks again before the last answer was written (it may read the answer
+                # before our write has returned) or while others hold the shared budget waits,
+                # reading nothing more meanwhile; nothing is read from disk until there is room.
+                with trio.move_on_after(CLIENT_WRITE_TIMEOUT_S):
+                    await connection.blocks_budget.wait_for_room(self.blocks_response_size_max)
                 if connection.blocks_budget.free() >= self.blocks_response_size_max:
                     payload = encode_blocks_message(self._encoded_blocks(message), self.core.stable_checkpoint)
                     connection.send_encoded(payload, connection.blocks_budget)

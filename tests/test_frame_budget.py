@@ -48,3 +48,26 @@ def test_clearing_a_queue_gives_every_budget_back() -> None:
     assert queue.put(b"x" * 10) and queue.put(b"y" * 20, shared)
     queue.clear()
     assert queue.queued_bytes == 0 and shared.used == 0
+
+
+async def test_waiting_for_room_ends_when_bytes_are_given_back_anywhere_below_the_top() -> None:
+    """A client that asks for blocks again as soon as it read the last answer may be served before
+    our write returned and gave the answer's bytes back: it must wait for them, not be dropped."""
+    shared = ByteBudget(100)
+    mine, other = ByteBudget(60, parent=shared), ByteBudget(60, parent=shared)
+    assert mine.take(50) and other.take(50)
+    served = trio.Event()
+
+    async def ask_again() -> None:
+        await mine.wait_for_room(60)
+        served.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ask_again)
+        await trio.testing.wait_all_tasks_blocked()
+        other.give_back(50)  # the shared budget has room now, but mine still holds 50 of its 60
+        await trio.testing.wait_all_tasks_blocked()
+        assert not served.is_set()
+        mine.give_back(50)
+        with trio.fail_after(5):
+            await served.wait()
