@@ -38,7 +38,7 @@ from ledger.messages import (
 )
 from ledger.transactions import Put, Transaction, Transfer, sign_transaction, transaction_domain
 from node.core import LOG_KINDS, Persist, Prune, ReplicaCore
-from node.traitors import BehaviourSpec, Traitor, TraitorSpec, make_traitor
+from node.traitors import BEHAVIOURS, BehaviourSpec, Traitor, TraitorSpec, make_traitor
 
 CoreFactory = Callable[..., ReplicaCore]
 SignatureCheck = Callable[[bytes, bytes, bytes, bytes], bool]
@@ -48,7 +48,8 @@ SignatureCheck = Callable[[bytes, bytes, bytes, bytes], bool]
 SIGNATURE_MEMO_MAX = 200_000
 # An honest replica checking one signature more often than this is being made to redo work by
 # someone (PBFT bounds the work per message; a flood of re-signed messages must not multiply it).
-SIGNATURE_CHECKS_PER_SIGNATURE_MAX = 60
+# Honest runs stay under 10 (measured: 5 for n=4, 8 for n=7).
+SIGNATURE_CHECKS_PER_SIGNATURE_MAX = 32
 # How far an honest block's timestamp may stray from the simulated clock (every simulated replica
 # reads the same clock, so honest primaries stay far inside this).
 TIMESTAMP_SKEW_MS = 5_000
@@ -109,11 +110,20 @@ class Scenario:
     partition_rate: float = 0.0
     # Transactions a client keeps in flight at once (more than one lets nonces race).
     pipeline_depth: int = 1
+    # Behaviours left out of the draw (and "racing_nonces": clients keep one transaction in flight),
+    # to sweep past known holes until they are fixed; the replay command names them.
+    excluded: tuple[str, ...] = ()
     overrides: tuple[str, ...] = ()
 
     @classmethod
     def from_seed(
-        cls, seed: int, replica_count: int = 4, faults: bool = True, adversarial: bool = False, **overrides: Any
+        cls,
+        seed: int,
+        replica_count: int = 4,
+        faults: bool = True,
+        adversarial: bool = False,
+        excluded: tuple[str, ...] = (),
+        **overrides: Any,
     ) -> Scenario:
         """Draw the network's behaviour from the seed: loss, delay, duplication, and (on nearly
         every seed) 1..f faulty replicas, the primary half the time, that crash and restart,
@@ -155,6 +165,17 @@ class Scenario:
                 partition_rate=draw.choice([0.0, 0.1, 0.3]),
                 pipeline_depth=draw.choice([1, 2, 3]),
             )
+        if excluded:
+            unknown = set(excluded) - set(BEHAVIOURS) - {"racing_nonces"}
+            if unknown:
+                raise ValueError(f"cannot exclude unknown behaviours {sorted(unknown)}")
+            values["excluded"] = tuple(sorted(excluded))
+            values["traitors"] = tuple(
+                TraitorSpec(spec.replica_id, tuple(b for b in spec.behaviours if b.name not in excluded))
+                for spec in values.get("traitors", ())
+            )
+            if "racing_nonces" in excluded:
+                values["pipeline_depth"] = 1
         values.update(overrides)
         values["overrides"] = tuple(sorted(overrides))
         return cls(**values)
@@ -164,6 +185,8 @@ class Scenario:
         command = f"ledger-node simulate --seed {self.seed} --replicas {self.replica_count}"
         if self.adversarial:
             command += " --adversarial"
+        if self.excluded:
+            command += f" --exclude {','.join(self.excluded)}"
         if self.overrides:
             command += f"  (plus the test's overrides: {', '.join(self.overrides)})"
         return command
@@ -201,7 +224,7 @@ def _draw_traitor(draw: random.Random, replica: int, replica_count: int, horizon
         elif name == "delay":
             parameters = (("rate", draw.choice([0.2, 0.5])), ("delay_ms", draw.choice([100, 400, 1_500])))
         elif name == "forged_view_change":
-            parameters = (("mode", draw.choice(["collected", "collected", "stale", "fabricated"])),)
+            parameters = (("mode", draw.choice(["collected", "collected", "stale", "fabricated"])), ("hoard", draw.random() < 0.7))
         elif name == "view_change_flood":
             parameters = (("burst", draw.choice([1, 3])), ("rate", draw.choice([0.2, 1.0])))
         elif name == "nonce_reorder":
@@ -888,10 +911,12 @@ def run_simulation(scenario: Scenario) -> SimulationReport:
     return Simulation(scenario).run()
 
 
-def run_seed(seed: int, replica_count: int, adversarial: bool) -> tuple[int, int, str | None, SimulationReport | None]:
+def run_seed(
+    seed: int, replica_count: int, adversarial: bool, excluded: tuple[str, ...] = ()
+) -> tuple[int, int, str | None, SimulationReport | None]:
     """One seed, for a sweep (possibly in a worker process): (seed, n, failure text, report)."""
     try:
-        report = run_simulation(Scenario.from_seed(seed, replica_count, adversarial=adversarial))
+        report = run_simulation(Scenario.from_seed(seed, replica_count, adversarial=adversarial, excluded=excluded))
     except SimulationFailure as failure:
         return seed, replica_count, str(failure), None
     return seed, replica_count, None, report

@@ -21,6 +21,7 @@ from ledger.config import NetworkConfig
 from ledger.crypto import SigningKey
 from ledger.messages import (
     Batch,
+    BatchContent,
     Checkpoint,
     Commit,
     NewView,
@@ -350,13 +351,16 @@ class ForgedViewChange(Behaviour):
     """Rewrites its VIEW-CHANGEs with prepared certificates of its own making, assembled from the
     honest replicas' signed PREPAREs it collected (null batches of a NEW-VIEW included):
     `collected` puts the highest-view certificate it can build at every sequence, `stale` the
-    lowest-view one, `fabricated` one PREPARE short (or a prepare signed for another digest)."""
+    lowest-view one, `fabricated` one PREPARE short (or a prepare signed for another digest).
+    With `hoard`, it keeps its own votes for null batches to itself (so the honest replicas may
+    never reach the certificate it builds with them) and never hands out a batch it certified."""
 
     name = "forged_view_change"
 
-    def __init__(self, start_ms: int = 0, mode: str = "collected") -> None:
+    def __init__(self, start_ms: int = 0, mode: str = "collected", hoard: bool = True) -> None:
         super().__init__(start_ms)
-        self.mode = mode
+        self.mode, self.hoard = mode, hoard
+        self.certified: set[bytes] = set()
         self.headers: dict[tuple[int, int, bytes], PrePrepareHeader] = {}
         self.prepares: dict[tuple[int, int, bytes], dict[int, bytes]] = {}
 
@@ -398,11 +402,20 @@ class ForgedViewChange(Behaviour):
             found.setdefault(sequence, []).append(PreparedCertificate(header, tuple(signers[: max(needed, len(signers))])))
         return found
 
+    def _hoarded(self, context: TraitorContext, message: Any) -> bool:
+        if not self.hoard:
+            return False
+        if isinstance(message, Prepare | Commit) and message.replica_id == context.replica_id:
+            return message.digest == null_batch(message.view, context.network.primary(message.view)).digest
+        return isinstance(message, BatchContent) and message.batch.digest in self.certified
+
     def outgoing(self, context: TraitorContext, sends: list[Send]) -> list[Send]:
         result = []
         for send in sends:
             message = send.message
             self._collect(message)
+            if self._hoarded(context, message):
+                continue
             if isinstance(message, ViewChange) and message.replica_id == context.replica_id:
                 chosen = {certificate.sequence: certificate for certificate in message.prepared}
                 for sequence, candidates in self._certificates(context, message).items():
@@ -411,6 +424,8 @@ class ForgedViewChange(Behaviour):
                     else:
                         chosen[sequence] = max(candidates, key=lambda certificate: certificate.view)
                 prepared = tuple(chosen[sequence] for sequence in sorted(chosen))
+                if len(self.certified) < COLLECTED_SLOTS_MAX:
+                    self.certified.update(certificate.digest for certificate in prepared)
                 if prepared != message.prepared:
                     message = context.sign(message, prepared=prepared)
             result.append(Send(send.to, message))
@@ -616,6 +631,7 @@ class Traitor:
     def __init__(self, context: TraitorContext, behaviours: list[Behaviour]) -> None:
         self.context = context
         self.behaviours = behaviours
+        self.blocks_served = 0
 
     def _active(self, now_ms: int) -> list[Behaviour]:
         self.context.now_ms = max(self.context.now_ms, now_ms)
@@ -642,6 +658,7 @@ class Traitor:
     def serve_blocks(self, requester: int, blocks: tuple[Block, ...], now_ms: int) -> tuple[Block, ...]:
         for behaviour in self._active(now_ms):
             blocks = behaviour.serve_blocks(self.context, requester, blocks)
+        self.blocks_served += len(blocks)
         return blocks
 
     @property
