@@ -353,7 +353,9 @@ class ForgedViewChange(Behaviour):
     `collected` puts the highest-view certificate it can build at every sequence, `stale` the
     lowest-view one, `fabricated` one PREPARE short (or a prepare signed for another digest).
     With `hoard`, it keeps its own votes for null batches to itself (so the honest replicas may
-    never reach the certificate it builds with them) and never hands out a batch it certified."""
+    never reach the certificate it builds with them), never hands out a batch it certified (as
+    batch content or, when it is primary, in a pre-prepare), and
+    serves no blocks (which would let the others skip the slot by state transfer)."""
 
     name = "forged_view_change"
 
@@ -407,7 +409,10 @@ class ForgedViewChange(Behaviour):
             return False
         if isinstance(message, Prepare | Commit) and message.replica_id == context.replica_id:
             return message.digest == null_batch(message.view, context.network.primary(message.view)).digest
-        return isinstance(message, BatchContent) and message.batch.digest in self.certified
+        return isinstance(message, BatchContent | PrePrepare) and message.batch.digest in self.certified
+
+    def serve_blocks(self, context: TraitorContext, requester: int, blocks: tuple[Block, ...]) -> tuple[Block, ...]:
+        return () if self.hoard else blocks
 
     def outgoing(self, context: TraitorContext, sends: list[Send]) -> list[Send]:
         result = []

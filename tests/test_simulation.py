@@ -314,3 +314,26 @@ def test_hole_6_a_view_change_flood_does_not_multiply_verification_work() -> Non
     scenario = Scenario.from_seed(FLOOD_SEED, 4, adversarial=True)
     assert any(b.name == "view_change_flood" for spec in scenario.traitors for b in spec.behaviours)
     run_simulation(scenario)
+
+
+@pytest.mark.xfail(strict=True, raises=SimulationFailure, reason="known hole 1: a NEW-VIEW re-proposes an earlier view's null batch nobody honest can find (fix pending)")
+def test_hole_1_a_forged_null_batch_certificate_does_not_stall_later_views() -> None:
+    """Replica 2 builds a prepared certificate for view 1's null batch from its own PREPARE and
+    replica 0's (replica 3 is cut off, replica 0 stalled before), keeps its vote, the batch and its
+    blocks to itself, and as primary of view 2 re-proposes that digest: the honest replicas stall."""
+    forger = TraitorSpec(2, (BehaviourSpec("forged_view_change", 0, (("mode", "collected"), ("hoard", True))),))
+    scenario = Scenario.from_seed(
+        56,
+        4,
+        adversarial=True,
+        excluded=("racing_nonces",),
+        traitors=(forger,),
+        crashes=(),
+        torn_crashes=(),
+        stalls=((0, 623, 946),),
+        partitions=((3, 1_170, 2_541),),
+        loss_rate=0.25,
+        partition_rate=0.0,
+        time_limit_ms=30_000,
+    )
+    run_simulation(scenario)

@@ -8,7 +8,7 @@ import pytest
 
 from ledger.blocks import verify_block_contents
 from ledger.crypto import signing_domain, verify_signature
-from ledger.messages import Batch, Commit, NewView, Prepare, PrePrepare, ViewChange
+from ledger.messages import Batch, BatchContent, Commit, NewView, Prepare, PrePrepare, ViewChange
 from ledger.transactions import Put, sign_transaction
 from node.core import Send, null_batch
 from node.simulator import Scenario, Simulation, _key, simulated_network
@@ -158,9 +158,13 @@ def test_forged_view_change_carries_a_null_batch_certificate_built_from_honest_p
     for replica_id, signature in certificate.prepares:
         vote = Prepare(1, 3, empty.digest, replica_id)
         assert verify_signature(KEYS[replica_id].public_key, DOMAINS["prepare"], vote.signed_bytes(), signature)
-    # Its own vote for the null batch stays hoarded, so honest replicas may never prepare it.
+    # It hoards: its own vote for the null batch (so honest replicas may never prepare it), the
+    # certified batch itself (as content or in its own pre-prepare), and its blocks.
     own = signed_vote(Prepare, 2, empty.digest, view=1, sequence=3)
     assert forger.send([Send(None, own)], 0) == []
+    assert forger.send([Send(0, BatchContent(empty))], 0) == []
+    assert forger.send([Send(None, context(2).sign(PrePrepare(2, 3, empty, 2)))], 0) == []
+    assert forger.serve_blocks(0, ("block",), 0) == ()  # type: ignore[arg-type]
 
 
 def test_view_change_flood_re_signs_ever_higher_views() -> None:
