@@ -267,6 +267,19 @@ def test_a_lying_block_server_is_never_believed() -> None:
         assert simulation.traitor_wrappers[0].blocks_served > 0
 
 
+@pytest.mark.parametrize("replica_count, side", [(4, (2, 3)), (7, (1, 2, 3))])
+def test_twins_of_the_primary_stay_safe_and_are_replaced(replica_count: int, side: tuple[int, ...]) -> None:
+    """Two honest instances of replica 0's key, one per side: each proposes its own batches for
+    the same slots, which is equivocation by the key's owner; safety must hold and all finish."""
+    for seed in range(3):
+        twins = TraitorSpec(0, (BehaviourSpec("twins", 0, (("side", side),)),))
+        scenario = Scenario.from_seed(seed, replica_count, adversarial=True, excluded=("racing_nonces",), traitors=(twins,), crashes=(), torn_crashes=(), stalls=(), partitions=())
+        simulation = Simulation(scenario)
+        report = simulation.run()
+        assert report.receipts == 3 * 8
+        assert simulation.twins[0].chain  # the second instance took part
+
+
 def test_the_memoizing_verifier_answers_as_the_plain_one() -> None:
     verify = memoizing_verifier(4)
     key = simulated_network(1, 4, [])[1][0]
