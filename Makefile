@@ -4,6 +4,9 @@ PYTHON := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 SEEDS ?= 1000
 REPLICAS ?= 4,7
+JOBS ?= 1
+# 1: traitor replicas and the rest of the adversarial mode (node/traitors.py); 0: network faults only.
+ADVERSARIAL ?= 1
 
 .PHONY: test demo sim lint bench clean
 
@@ -20,9 +23,9 @@ test: $(INSTALLED)
 demo: $(INSTALLED)
 	$(VENV)/bin/ledger-node demo
 
-# A longer sweep than CI runs: `make sim SEEDS=5000`, or replay one seed: `make sim SEED=42`.
+# A longer sweep than CI runs: `make sim SEEDS=20000 JOBS=2`, or replay one seed: `make sim SEED=42 REPLICAS=4`.
 sim: $(INSTALLED)
-	$(VENV)/bin/ledger-node simulate --replicas $(REPLICAS) $(if $(SEED),--seed $(SEED),--seeds $(SEEDS))
+	$(VENV)/bin/ledger-node simulate --replicas $(REPLICAS) --jobs $(JOBS) $(if $(filter 1,$(ADVERSARIAL)),--adversarial) $(if $(SEED),--seed $(SEED),--seeds $(SEEDS))
 
 # Throughput and latency of a local 4-replica network (timings live here, never in tests).
 bench: $(INSTALLED)

@@ -17,6 +17,7 @@ examples:
   ledger-node up net                                     run every replica of net on this machine
   ledger-node run net/replica-2.toml                     run one replica (one per host)
   ledger-node simulate --seeds 500                       seeded simulation sweep
+  ledger-node simulate --adversarial --seeds 20000 --jobs 2   the same with traitor replicas
   ledger-node demo                                       the whole tour in one command
 """
 
@@ -66,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--first", type=int, default=0, help="first seed (default: 0)")
     simulate.add_argument("--seed", type=int, help="replay exactly this seed")
     simulate.add_argument("--replicas", type=_number_list(4, "4,7"), default=[4, 7], help="replica counts, e.g. 4,7 (default)")
+    simulate.add_argument("--adversarial", action="store_true", help="up to f traitor replicas (node/traitors.py), torn crashes, round partitions, racing nonces")
+    simulate.add_argument("--exclude", type=lambda text: tuple(item for item in text.split(",") if item), default=(), help="comma-separated traitor behaviours to leave out (and racing_nonces), e.g. to sweep past a known hole")
+    simulate.add_argument("--jobs", type=int, default=1, help="worker processes (default: 1); replays are exact whatever the number")
+    simulate.add_argument("--progress-every", type=int, default=500, help="print a progress line every this many runs (default: 500)")
 
     demo = commands.add_parser("demo", help="init, start a 4-replica network, submit transactions, verify, stop", description="The main job in one command.")
     demo.add_argument("--dir", type=Path, default=Path("demo-net"), help="working directory (default: demo-net, replaced)")
@@ -124,26 +129,51 @@ def command_init(arguments: argparse.Namespace) -> int:
 
 
 def command_simulate(arguments: argparse.Namespace) -> int:
-    from node.simulator import Scenario, SimulationFailure, run_simulation
+    import time
 
+    from node.simulator import run_seed
+
+    if arguments.jobs < 1 or arguments.progress_every < 1:
+        raise ConfigError("simulate: --jobs and --progress-every must be at least 1")
     seeds = [arguments.seed] if arguments.seed is not None else list(range(arguments.first, arguments.first + arguments.seeds))
-    total = len(seeds) * len(arguments.replicas)
-    done = 0
+    from node.traitors import BEHAVIOURS
+
+    unknown = set(arguments.exclude) - set(BEHAVIOURS) - {"racing_nonces"}
+    if unknown:
+        raise ConfigError(f"simulate: unknown behaviours to exclude: {', '.join(sorted(unknown))}; known: {', '.join(sorted(BEHAVIOURS))}, racing_nonces")
+    runs = [(seed, replica_count, arguments.adversarial, arguments.exclude) for replica_count in arguments.replicas for seed in seeds]
+    mode = "adversarial" if arguments.adversarial else "classic"
+    print(f"simulating {len(runs)} runs ({mode}, replicas {','.join(map(str, arguments.replicas))}, {arguments.jobs} jobs)", flush=True)
+    started = time.monotonic()
     failures = 0
-    for replica_count in arguments.replicas:
-        for seed in seeds:
-            try:
-                report = run_simulation(Scenario.from_seed(seed, replica_count))
-            except SimulationFailure as error:
+    if arguments.jobs == 1:
+        results = (run_seed(*run) for run in runs)
+        pool = None
+    else:
+        import multiprocessing
+
+        pool = multiprocessing.get_context("spawn").Pool(arguments.jobs)
+        results = pool.imap(_run_seed_tuple, runs, chunksize=4)
+    try:
+        for done, (_seed, _replica_count, failure, report) in enumerate(results, start=1):
+            if failure is not None:
                 failures += 1
-                print(f"FAIL {error}\n  replay: ledger-node simulate --seed {seed} --replicas {replica_count}", flush=True)
-            else:
-                if arguments.seed is not None:
-                    print(report)
-            done += 1
-            if done % 50 == 0 or done == total:
-                print(f"{done}/{total} runs, {failures} failed", flush=True)
+                print(f"FAIL {failure}", flush=True)
+            elif arguments.seed is not None:
+                print(report)
+            if done % arguments.progress_every == 0 or done == len(runs):
+                elapsed = time.monotonic() - started
+                print(f"{done}/{len(runs)} runs, {failures} failed, {elapsed:.0f}s, {done / max(elapsed, 1e-9):.1f} runs/s", flush=True)
+    finally:
+        if pool is not None:
+            pool.terminate()
     return 1 if failures else 0
+
+
+def _run_seed_tuple(run: tuple[int, int, bool, tuple[str, ...]]) -> tuple[int, int, str | None, object]:
+    from node.simulator import run_seed
+
+    return run_seed(*run)
 
 
 if __name__ == "__main__":

@@ -182,6 +182,8 @@ class ReplicaCore:
         self.last_block_hash = last_block_hash if last_block_hash is not None else network.genesis_hash
         self.next_sequence = height + 1
         self.last_timestamp_ms = last_timestamp_ms  # the latest block timestamp in the chain
+        # The latest timestamp of a batch executed in this view (its slot may be collected).
+        self.view_timestamp_floor_ms = 0
         self.low = 0  # the stable checkpoint's sequence: the low watermark
         self.stable_checkpoint: CheckpointCertificate | None = None
         self.now_ms = 0
@@ -406,12 +408,9 @@ class ReplicaCore:
     # ---- the primary ----
 
     def _ready_to_propose(self) -> bool:
-        """A new primary proposes only once it holds every batch its view starts with and the
-        blocks up to the stable checkpoint: only then does it know every timestamp a backup may
-        hold, so a stamp of its own can never be refused for going back (which would be for good:
-        a signed PRE-PREPARE cannot be re-stamped)."""
-        if self.height < self.low:
-            return False
+        """A new primary proposes only once it holds every batch its view starts with: then it
+        knows every timestamp of this view a backup may hold, so a stamp of its own is never
+        refused for going back (which would be for good: a PRE-PREPARE cannot be re-stamped)."""
         return all(slot.batch is not None for slot in self.slots.values() if slot.pre_prepare is not None)
 
     def _propose_batches(self) -> None:
@@ -437,9 +436,11 @@ class ReplicaCore:
         """Our clock, but never before a batch already in the chain or in flight: backups refuse
         a stamp that goes back (a previous primary's clock may have run ahead of ours)."""
         in_flight = (slot.batch.timestamp_ms for slot in self.slots.values() if slot.batch is not None)
-        return max(self.now_ms, self.last_timestamp_ms, *in_flight)
+        return max(self.now_ms, self.last_timestamp_ms, self.view_timestamp_floor_ms, *in_flight)
 
     def _propose(self, batch: Batch) -> None:
+        # Our own stamps never go back either, even once their slots are collected.
+        self.view_timestamp_floor_ms = max(self.view_timestamp_floor_ms, batch.timestamp_ms)
         sequence = self.next_sequence
         self.next_sequence += 1
         pre_prepare = self._sign_once(
@@ -525,8 +526,9 @@ class ReplicaCore:
             return
         slot.pre_prepare, slot.batch = message.header, message.batch
         self.batches[digest] = message.batch
-        for transaction in message.batch.transactions:
-            self.proposed.add(transaction.transaction_id)
+        if message.sequence > self.height:
+            for transaction in message.batch.transactions:
+                self.proposed.add(transaction.transaction_id)
         # Votes that arrived before the pre-prepare with another digest never count.
         slot.prepares = {r: p for r, p in slot.prepares.items() if p.digest == digest}
         slot.commits = {r: c for r, c in slot.commits.items() if c.digest == digest}
@@ -558,8 +560,8 @@ class ReplicaCore:
         skew_max = self.settings.clock_skew_max_ms
         if abs(timestamp_ms - self.now_ms) > skew_max:
             return f"timestamp {timestamp_ms} is more than {skew_max} ms from this replica's clock ({self.now_ms})"
-        if timestamp_ms < self.last_timestamp_ms:
-            return f"timestamp {timestamp_ms} is before the last block's ({self.last_timestamp_ms})"
+        if timestamp_ms < self.view_timestamp_floor_ms:
+            return f"timestamp {timestamp_ms} is before a block of this view ({self.view_timestamp_floor_ms})"
         for other, slot in self.slots.items():
             batch = slot.batch
             if batch is None or not batch.transactions or other == sequence:
@@ -723,6 +725,7 @@ class ReplicaCore:
             signatures = tuple(
                 sorted((replica_id, commit.signature) for replica_id, commit in slot.commits.items() if commit.digest == digest)
             )
+            self.view_timestamp_floor_ms = max(self.view_timestamp_floor_ms, slot.batch.timestamp_ms)
             self._execute_batch(slot.batch, CommitCertificate(slot.view, signatures))
 
     def _ask_for_batch(self, digest: bytes) -> None:
@@ -994,6 +997,7 @@ class ReplicaCore:
         self.view = new_view.view
         self.view_active = True
         self.new_view = new_view
+        self.view_timestamp_floor_ms = 0
         self.slots.clear()
         self.proposed.clear()
         self.latest_view_changes = {r: vc for r, vc in self.latest_view_changes.items() if vc.new_view > self.view}
@@ -1015,7 +1019,9 @@ class ReplicaCore:
             slot = self._slot(header.sequence)
             slot.pre_prepare = header
             slot.batch = self._find_batch(header.digest)
-            if slot.batch is not None:
+            if slot.batch is not None and header.sequence > self.height:
+                # Only what is still to execute: a transaction deferred in a block we already
+                # hold must stay free to be proposed again.
                 self.proposed.update(transaction.transaction_id for transaction in slot.batch.transactions)
             elif header.sequence > self.height:
                 self._ask_for_batch(header.digest)

@@ -2,15 +2,28 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import random
 
 import pytest
 
+from ledger.messages import NewView, PreparedCertificate, PrePrepareHeader, ViewChange
+from ledger.transactions import Put, TransactionResult, sign_transaction
+from node.cli import main
 from node.core import ReplicaCore
-from node.simulator import Scenario, SimulationFailure, run_simulation
+from node.simulator import (
+    Scenario,
+    Simulation,
+    SimulationFailure,
+    memoizing_verifier,
+    run_simulation,
+    simulated_network,
+)
+from node.traitors import BehaviourSpec, TraitorContext, TraitorSpec
 
 # CI runs this many seeds per replica count; `make sim SEEDS=N` runs a longer sweep.
-SEEDS = int(os.environ.get("SIMULATION_SEEDS", "500"))
+SEEDS = int(os.environ.get("SIMULATION_SEEDS", "200"))
 
 
 @pytest.mark.parametrize("replica_count", [4, 7])
@@ -64,11 +77,13 @@ def test_a_broken_quorum_rule_is_caught(replica_count: int) -> None:
 
 
 @pytest.mark.parametrize("replica_count", [4, 7])
-def test_the_correct_quorum_rule_is_safe_under_an_equivocating_primary(replica_count: int) -> None:
-    """Safety holds; without view changes nothing commits, which is PBFT's cue to replace the primary."""
+def test_the_correct_quorum_rule_replaces_an_equivocating_primary_and_finishes(replica_count: int) -> None:
+    """Safety holds; the primary's two batches per slot stall view 0, the backups change view,
+    and the new primary finishes every transaction."""
     for seed in range(5):
-        scenario = Scenario.from_seed(seed, replica_count, equivocating_primary=True, require_liveness=False, time_limit_ms=3_000)
-        run_simulation(scenario)
+        report = run_simulation(Scenario.from_seed(seed, replica_count, equivocating_primary=True))
+        assert report.view >= 1
+        assert report.receipts == 3 * 8
 
 
 class WithoutStateTransfer(ReplicaCore):
@@ -119,6 +134,209 @@ def test_a_broken_view_change_rule_is_caught(replica_count: int) -> None:
 
 @pytest.mark.parametrize("replica_count", [4, 7])
 def test_view_changes_alone_keep_committed_batches(replica_count: int) -> None:
-    """The same scenarios with the correct rule: safe even without state transfer to paper over gaps."""
+    """The same scenarios with the correct rule: safe even without state transfer to paper over
+    gaps, and the backups replace the crashed primary and confirm every transaction (the restarted
+    primary alone may stay behind without block fetching, so full liveness is not required; when
+    its turn as primary comes round again, one more view change is needed, so give it the time)."""
     for scenario in primary_crash_scenarios(replica_count, WithoutStateTransfer):
-        run_simulation(scenario)
+        report = run_simulation(dataclasses.replace(scenario, time_limit_ms=30_000))
+        assert report.view >= 1
+        assert report.receipts == 3 * 8
+
+
+# ---- the adversarial mode: traitor replicas (node/traitors.py), torn crashes, round partitions ----
+
+ADVERSARIAL_SEEDS = {
+    4: int(os.environ.get("SIMULATION_ADVERSARIAL_SEEDS_4", "800")),
+    7: int(os.environ.get("SIMULATION_ADVERSARIAL_SEEDS_7", "400")),
+}
+
+
+@pytest.mark.parametrize("replica_count", [4, 7])
+@pytest.mark.parametrize("block", range(4))
+def test_adversarial_seeds_keep_every_invariant_and_finish(replica_count: int, block: int) -> None:
+    share = ADVERSARIAL_SEEDS[replica_count] // 4
+    failures = []
+    for seed in range(block * share, (block + 1) * share):
+        scenario = Scenario.from_seed(seed, replica_count, adversarial=True)
+        try:
+            report = run_simulation(scenario)
+        except SimulationFailure as failure:
+            failures.append(str(failure))
+        else:
+            assert report.receipts == 3 * 8
+    assert not failures, "\n".join(failures)
+
+
+def test_an_adversarial_seed_replays_exactly() -> None:
+    first = run_simulation(Scenario.from_seed(21, 4, adversarial=True))
+    second = run_simulation(Scenario.from_seed(21, 4, adversarial=True))
+    assert first == second
+
+
+def test_nearly_every_seed_has_a_faulty_replica() -> None:
+    for adversarial in (False, True):
+        scenarios = [Scenario.from_seed(seed, 4, adversarial=adversarial) for seed in range(200)]
+        faulty = [s for s in scenarios if s.crashes or s.torn_crashes or s.stalls or s.partitions or s.traitors]
+        assert len(faulty) >= 180
+    scenarios = [Scenario.from_seed(seed, 7, adversarial=True) for seed in range(200)]
+    assert all(len(s.crashes + s.torn_crashes + s.stalls + s.partitions + s.traitors) <= 2 for s in scenarios)
+    assert sum(1 for s in scenarios if s.traitors) >= 100
+
+
+def test_fault_windows_follow_an_overridden_horizon() -> None:
+    """Regression: the horizon was read before the overrides, so fault windows always ended by 3,000 ms."""
+    ends = []
+    for seed in range(40):
+        scenario = Scenario.from_seed(seed, 4, faults_until_ms=20_000)
+        for _, _, end in scenario.crashes + scenario.stalls + scenario.partitions:
+            assert end <= 20_000
+            ends.append(end)
+    assert max(ends) > 3_000
+
+
+def test_a_failure_names_its_seed_and_the_command_that_replays_it() -> None:
+    with pytest.raises(SimulationFailure) as failure:
+        run_simulation(Scenario.from_seed(0, 4, adversarial=True, core_factory=CommitsAtFPlusOne, equivocating_primary=True))
+    text = str(failure.value)
+    assert text.startswith("seed 0 (n=4)")
+    assert "replay: ledger-node simulate --seed 0 --replicas 4 --adversarial" in text
+    assert "traitor replica 0: equivocating_primary" in text
+
+
+def test_a_torn_crash_lands_after_the_durable_write_and_before_the_sends() -> None:
+    simulation = Simulation(Scenario.from_seed(1, 4, faults=False))
+    primary = simulation.replicas[0]
+    client = simulation.clients[0].key
+    primary.core.receive_request(sign_transaction(simulation.network.network_id, client, 0, Put("k", "v")))
+    primary.core.tick(100)  # the batch wait is over: the primary signs and sends a pre-prepare
+    primary.crash_after_write = True
+    simulation.apply(0, primary)
+    assert primary.crashed
+    assert any(kind == "pre-prepare" for kind, _, _ in primary.records)
+    assert not any(kind == "deliver" for _, _, kind, _ in simulation.queue)
+
+
+@pytest.mark.parametrize("replica_count", [4, 7])
+def test_torn_crashes_of_the_primary_recover(replica_count: int) -> None:
+    for seed in range(5):
+        scenario = Scenario.from_seed(
+            seed, replica_count, crashes=(), stalls=(), partitions=(), torn_crashes=((0, 50 + 40 * seed, 1_500),)
+        )
+        simulation = Simulation(scenario)
+        report = simulation.run()
+        assert report.crashes == 1 and report.receipts == 3 * 8
+
+
+def test_what_an_honest_replica_sends_is_checked_not_only_what_it_persists() -> None:
+    """A NEW-VIEW's pre-prepare headers are signed but never persisted as pre-prepare records."""
+    simulation = Simulation(Scenario.from_seed(1, 4, faults=False))
+    context = TraitorContext(simulation.network, 1, simulation.replica_keys[1], simulation.domains, random.Random(0))
+    first = context.sign(PrePrepareHeader(1, 3, b"\x01" * 32, 1))
+    second = context.sign(PrePrepareHeader(1, 3, b"\x02" * 32, 1))
+    simulation.check_sent(1, NewView(1, (), (first,), 1))
+    with pytest.raises(SimulationFailure, match="equivocation: replica 1 signed two pre-prepares"):
+        simulation.check_sent(1, NewView(1, (), (second,), 1))
+    unproven = context.sign(ViewChange(2, None, (PreparedCertificate(first, ()),), 1))
+    with pytest.raises(SimulationFailure, match="view-change: a VIEW-CHANGE sent by replica 1 does not verify"):
+        simulation.check_sent(1, unproven)
+
+
+def test_a_receipt_that_contradicts_the_honest_chain_is_caught() -> None:
+    simulation = Simulation(Scenario.from_seed(2, 4, faults=False))
+    simulation.run()
+    receipt = simulation.clients[0].receipts[0]
+    simulation.check_receipt(receipt)
+    with pytest.raises(SimulationFailure, match="does not match the honest chain"):
+        simulation.check_receipt(dataclasses.replace(receipt, result=TransactionResult(False, "bad nonce 9, expected 0")))
+
+
+def test_a_lying_block_server_is_never_believed() -> None:
+    """Replica 1 is down for a while and must fetch blocks; replica 0 (the first it asks) lies
+    about one block in every answer."""
+    for seed, mode in enumerate(["results", "transactions", "certificate", "link", "any"]):
+        liar = TraitorSpec(0, (BehaviourSpec("lying_block_server", 0, (("mode", mode),)),))
+        scenario = Scenario.from_seed(seed, 4, adversarial=True, excluded=("racing_nonces",), traitors=(liar,), crashes=((1, 100, 2_500),), torn_crashes=(), stalls=(), partitions=())
+        simulation = Simulation(scenario)
+        simulation.run()
+        assert simulation.traitor_wrappers[0].blocks_served > 0
+
+
+@pytest.mark.parametrize("replica_count, side", [(4, (2, 3)), (7, (1, 2, 3))])
+def test_twins_of_the_primary_stay_safe_and_are_replaced(replica_count: int, side: tuple[int, ...]) -> None:
+    """Two honest instances of replica 0's key, one per side: each proposes its own batches for
+    the same slots, which is equivocation by the key's owner; safety must hold and all finish."""
+    for seed in range(3):
+        twins = TraitorSpec(0, (BehaviourSpec("twins", 0, (("side", side),)),))
+        scenario = Scenario.from_seed(seed, replica_count, adversarial=True, excluded=("racing_nonces",), traitors=(twins,), crashes=(), torn_crashes=(), stalls=(), partitions=())
+        simulation = Simulation(scenario)
+        report = simulation.run()
+        assert report.receipts == 3 * 8
+        assert simulation.twins[0].chain  # the second instance took part
+
+
+def test_the_memoizing_verifier_answers_as_the_plain_one() -> None:
+    verify = memoizing_verifier(4)
+    key = simulated_network(1, 4, [])[1][0]
+    domain, message = b"domain", b"message"
+    signature = key.sign(domain, message)
+    for _ in range(3):
+        assert verify(key.public_key, domain, message, signature) is True
+        assert verify(key.public_key, domain, message + b"!", signature) is False
+
+
+def test_simulate_command_replays_an_adversarial_seed(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["simulate", "--seed", "21", "--replicas", "4", "--adversarial"]) == 0
+    assert "1/1 runs, 0 failed" in capsys.readouterr().out
+
+
+# ---- known holes in node/core.py (fixed in another branch): one replaying seed each ----
+
+NONCE_REORDER_SEED = 123  # n=4: replica 0 nonce_reorder only
+HONEST_NONCE_SEED = 253  # n=4: no traitor; replica 0 crashes, clients pipeline 3 transactions
+FLOOD_SEED = 282  # n=4: replica 0 view_change_flood (and forged_view_change) fails before its nonce_reorder starts
+
+
+def test_hole_2_a_failed_receipt_never_comes_true_under_a_nonce_reordering_primary() -> None:
+    scenario = Scenario.from_seed(NONCE_REORDER_SEED, 4, adversarial=True)
+    assert any(b.name == "nonce_reorder" for spec in scenario.traitors for b in spec.behaviours)
+    run_simulation(scenario)
+
+
+def test_hole_2_a_failed_receipt_never_comes_true_in_an_honest_network() -> None:
+    scenario = Scenario.from_seed(HONEST_NONCE_SEED, 4, adversarial=True)
+    assert not scenario.traitors and scenario.pipeline_depth > 1
+    run_simulation(scenario)
+
+
+def test_hole_4_block_timestamps_stay_near_the_time() -> None:
+    traitor = TraitorSpec(0, (BehaviourSpec("extreme_timestamps", 0, (("choice", "maximum"),)),))
+    run_simulation(Scenario.from_seed(1, 4, adversarial=True, excluded=("racing_nonces",), traitors=(traitor,), crashes=(), torn_crashes=(), stalls=(), partitions=()))
+
+
+def test_hole_6_a_view_change_flood_does_not_multiply_verification_work() -> None:
+    scenario = Scenario.from_seed(FLOOD_SEED, 4, adversarial=True)
+    assert any(b.name == "view_change_flood" for spec in scenario.traitors for b in spec.behaviours)
+    run_simulation(scenario)
+
+
+def test_hole_1_a_forged_null_batch_certificate_does_not_stall_later_views() -> None:
+    """Replica 2 builds a prepared certificate for view 1's null batch from its own PREPARE and
+    replica 0's (replica 3 is cut off, replica 0 stalled before), keeps its vote, the batch and its
+    blocks to itself, and as primary of view 2 re-proposes that digest: the honest replicas stall."""
+    forger = TraitorSpec(2, (BehaviourSpec("forged_view_change", 0, (("mode", "collected"), ("hoard", True))),))
+    scenario = Scenario.from_seed(
+        56,
+        4,
+        adversarial=True,
+        excluded=("racing_nonces",),
+        traitors=(forger,),
+        crashes=(),
+        torn_crashes=(),
+        stalls=((0, 623, 946),),
+        partitions=((3, 1_170, 2_541),),
+        loss_rate=0.25,
+        partition_rate=0.0,
+        time_limit_ms=30_000,
+    )
+    run_simulation(scenario)
