@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import json
 import re
-import shutil
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -483,15 +483,115 @@ def _network_toml(template: Template, keys: list[bytes], balances: dict[bytes, i
     return "\n".join(lines) + "\n"
 
 
+# What `init` wrote into a directory, so `--force` replaces that and nothing else.
+MANIFEST_NAME = ".init-manifest.json"
+_MANIFEST_WRITER = "ledger-node init"
+_MANIFEST_FILES_MAX = 4 * REPLICAS_MAX + 64
+# What the replicas of a network `init` wrote add to it: their stores and `ledger-node up`'s logs.
+_REPLICA_DIRECTORY = re.compile(r"replica-\d{1,3}")
+_STORE_FILE = re.compile(r"ledger\.sqlite3(-wal|-shm|-journal)?|replica\.lock")
+_LOG_FILE = re.compile(r"replica-\d{1,3}\.log")
+
+
+def _manifest_files(out: Path) -> set[str]:
+    """The names the manifest in `out` lists; ConfigError if there is none or it is not init's."""
+    path = out / MANIFEST_NAME
+    first = min(entry.name for entry in out.iterdir())
+    refusal = (
+        f"{out}: not written by `ledger-node init` (it holds {first!r} and no {MANIFEST_NAME}); "
+        "--force replaces only what init wrote: choose another directory or empty it yourself"
+    )
+    if path.is_symlink() or not path.is_file():
+        raise ConfigError(refusal)
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        raise ConfigError(refusal) from None
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if (
+        manifest.get("written_by") != _MANIFEST_WRITER
+        or not isinstance(files, list)
+        or len(files) > _MANIFEST_FILES_MAX
+        or not all(isinstance(name, str) and name and "/" not in name and name not in (".", "..") for name in files)
+    ):
+        raise ConfigError(refusal)
+    return set(files) | {MANIFEST_NAME}
+
+
+def _removable(out: Path) -> list[Path]:
+    """Everything in `out` that `init --force` may delete, deepest first; ConfigError naming the
+    first entry that init (or the network it wrote) did not put there."""
+    listed = _manifest_files(out)
+    removable: list[Path] = []
+
+    def foreign(path: Path) -> ConfigError:
+        return ConfigError(
+            f"{out}: {path.relative_to(out)} was not written by `ledger-node init`; --force replaces only what init wrote: move it aside first"
+        )
+
+    for entry in sorted(out.iterdir()):
+        if entry.name in listed and (entry.is_symlink() or entry.is_file()):
+            removable.append(entry)
+        elif entry.name in ("data", "logs") and entry.is_dir() and not entry.is_symlink():
+            for inner in sorted(entry.iterdir()):
+                if entry.name == "logs":
+                    if not (_LOG_FILE.fullmatch(inner.name) and inner.is_file() and not inner.is_symlink()):
+                        raise foreign(inner)
+                    removable.append(inner)
+                    continue
+                if not (_REPLICA_DIRECTORY.fullmatch(inner.name) and inner.is_dir() and not inner.is_symlink()):
+                    raise foreign(inner)
+                for store_file in sorted(inner.iterdir()):
+                    if not (_STORE_FILE.fullmatch(store_file.name) and store_file.is_file() and not store_file.is_symlink()):
+                        raise foreign(store_file)
+                    removable.append(store_file)
+                removable.append(inner)
+            removable.append(entry)
+        else:
+            raise foreign(entry)
+    return removable
+
+
+def _remove_init_output(out: Path) -> None:
+    for path in _removable(out):
+        try:
+            if path.is_dir() and not path.is_symlink():
+                path.rmdir()
+            else:
+                path.unlink()
+        except OSError as error:
+            raise ConfigError(f"{path}: cannot remove: {error.strerror}") from None
+
+
+def record_in_manifest(out: Path, names: list[str]) -> None:
+    """Add files written into a directory `init` made (the demo's account key) to what --force may replace."""
+    files = sorted((_manifest_files(out) - {MANIFEST_NAME}) | set(names))
+    _write_manifest(out, files)
+
+
+def _write_manifest(out: Path, files: list[str]) -> None:
+    manifest = {"written_by": _MANIFEST_WRITER, "files": files}
+    (out / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1) + "\n")
+
+
 def write_network(template: Template, out: Path, force: bool = False) -> list[Path]:
-    """Create keys and configs for every replica and one client; returns the files written."""
+    """Create keys and configs for every replica and one client; returns the files written.
+
+    An existing non-empty directory is refused; with `force`, it is emptied first only if it holds
+    nothing but what an earlier `init` wrote (its manifest) and that network's stores and logs."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out}: exists and is not a directory")
     if out.exists() and any(out.iterdir()):
         if not force:
-            raise ConfigError(f"{out}: already exists and is not empty (use --force to replace it)")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+            raise ConfigError(f"{out}: already exists and is not empty (use --force to replace what `ledger-node init` wrote there)")
+        _remove_init_output(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"{out}: cannot create the directory: {error.strerror}") from None
+    names = [f"replica-{index}.{suffix}" for index in range(len(template.addresses)) for suffix in ("toml", "key")]
+    # Written first: should init stop halfway, --force can still replace what it did write.
+    _write_manifest(out, [*names, "client.toml", "client.key"])
     replica_keys = [SigningKey.generate() for _ in template.addresses]
     client_key = SigningKey.generate()
     balances = dict(template.extra_balances)

@@ -52,7 +52,7 @@ def assert_one_line_failure(result: subprocess.CompletedProcess[str]) -> str:
 
 
 def expected_files(replica_count: int) -> set[str]:
-    names = {"client.toml", "client.key"}
+    names = {"client.toml", "client.key", ".init-manifest.json"}
     for index in range(replica_count):
         names |= {f"replica-{index}.toml", f"replica-{index}.key"}
     return names
@@ -164,11 +164,48 @@ def test_re_init_is_refused_without_force_and_works_with_it(tmp_path: Path) -> N
     assert "already exists" in line and "--force" in line
     assert (out / "replica-0.key").read_text() == first_key
 
-    (out / "stale.txt").write_text("left over")
+    # What a network run leaves behind (stores, logs) belongs to the network init wrote.
+    (out / "data" / "replica-0").mkdir(parents=True)
+    (out / "data" / "replica-0" / "ledger.sqlite3").write_bytes(b"old chain")
+    (out / "logs").mkdir()
+    (out / "logs" / "replica-0.log").write_text("old log")
     result = run_init("--replicas", "7", "--out", out, "--force")
     assert result.returncode == 0, result.stderr
     assert (out / "replica-0.key").read_text() != first_key
     check_network_directory(out, replica_count=7, faults=2, quorum=5, network_id="local-7")
+
+
+def test_force_refuses_a_directory_holding_files_init_did_not_write(tmp_path: Path) -> None:
+    """Regression: `init --force` deleted whatever the directory held (a user's files were gone)."""
+    out = tmp_path / "net"
+    assert run_init("--replicas", "4", "--out", out).returncode == 0
+    (out / "notes.txt").write_text("my notes")
+    line = assert_one_line_failure(run_init("--replicas", "4", "--out", out, "--force"))
+    assert "notes.txt" in line and "not written by" in line
+    assert (out / "notes.txt").read_text() == "my notes"
+    assert (out / "replica-0.key").exists()
+
+
+def test_force_refuses_a_directory_init_never_wrote(tmp_path: Path) -> None:
+    """Regression: `init --out ~/project --force` would have emptied the project."""
+    out = tmp_path / "project"
+    (out / "src").mkdir(parents=True)
+    (out / "src" / "main.py").write_text("print('mine')\n")
+    (out / "README").write_text("mine")
+    line = assert_one_line_failure(run_init("--replicas", "4", "--out", out, "--force"))
+    assert "not written by `ledger-node init`" in line
+    assert (out / "src" / "main.py").read_text() == "print('mine')\n"
+    assert (out / "README").read_text() == "mine"
+
+
+def test_force_refuses_unknown_files_among_the_stores(tmp_path: Path) -> None:
+    out = tmp_path / "net"
+    assert run_init("--replicas", "4", "--out", out).returncode == 0
+    (out / "data" / "backup").mkdir(parents=True)
+    (out / "data" / "backup" / "chain.tar").write_bytes(b"precious")
+    line = assert_one_line_failure(run_init("--replicas", "4", "--out", out, "--force"))
+    assert "backup" in line
+    assert (out / "data" / "backup" / "chain.tar").read_bytes() == b"precious"
 
 
 def test_init_into_an_existing_empty_directory(tmp_path: Path) -> None:
