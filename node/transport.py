@@ -8,6 +8,7 @@ when its bounded queue is full; the protocol retransmits what matters.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from collections.abc import Awaitable, Callable
@@ -15,7 +16,7 @@ from typing import Any
 
 import trio
 
-from ledger.config import NetworkConfig
+from ledger.config import Address, NetworkConfig
 from ledger.crypto import SigningKey, signing_domain, verify_signature
 from ledger.encoding import CodecError
 from ledger.framing import FramedStream, FrameError, FrameQueue
@@ -33,6 +34,20 @@ HANDSHAKE_TIMEOUT_S = 5.0
 DIAL_BACKOFF_S = (0.05, 2.0)
 
 log = logging.getLogger("node.transport")
+
+
+class ListenError(Exception):
+    """A replica cannot listen on one of its addresses; the message names the address."""
+
+
+async def listen(address: Address) -> list[trio.SocketListener]:
+    """Listeners on `address`, or ListenError naming it (most often: another process has the port)."""
+    try:
+        return await trio.open_tcp_listeners(address.port, host=address.host)
+    except OSError as error:
+        if error.errno == errno.EADDRINUSE:
+            raise ListenError(f"cannot listen on {address}: {address} is already in use by another process") from None
+        raise ListenError(f"cannot listen on {address}: {error.strerror or error}") from None
 
 
 class HandshakeError(Exception):
@@ -95,8 +110,7 @@ class PeerTransport:
                 self.dropped_frames += 1
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        own = self.network.replicas[self.replica_id].address
-        listeners = await trio.open_tcp_listeners(own.port, host=own.host)
+        listeners = await listen(self.network.replicas[self.replica_id].address)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(trio.serve_listeners, self._accept, listeners)
             for peer in self.queues:

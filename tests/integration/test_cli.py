@@ -4,11 +4,19 @@ the documented exit codes, options in any position, and no harm to files they di
 from __future__ import annotations
 
 import random
+import socket
 from pathlib import Path
 
 import pytest
 
-from .local_network import NODE_COMMAND, CommandResult, pick_base_port, run_command
+from .local_network import (
+    NODE_COMMAND,
+    READY_LINE,
+    CommandResult,
+    LocalNetwork,
+    pick_base_port,
+    run_command,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -28,6 +36,11 @@ def one_line_error(result: CommandResult, program: str, exit_code: int) -> str:
     return lines[0]
 
 
+def ready_lines(result: CommandResult) -> list[str]:
+    """The lines where `ledger-node up` reported a replica listening."""
+    return [line for line in result.stdout.splitlines() if READY_LINE.match(line)]
+
+
 async def test_demo_refuses_a_directory_holding_someone_elses_files(tmp_path: Path) -> None:
     """Regression: `demo --dir D` passed `--force` to init, which deleted whatever D held."""
     directory = tmp_path / "mine"
@@ -40,3 +53,59 @@ async def test_demo_refuses_a_directory_holding_someone_elses_files(tmp_path: Pa
     assert "thesis.tex" in result.stdout + result.stderr
     assert (directory / "thesis.tex").read_text() == "years of work"
     assert sorted(path.name for path in directory.iterdir()) == ["thesis.tex"]
+
+
+# ---- a data directory in use ----
+
+
+@pytest.mark.parametrize("replica_count", [4])
+async def test_a_second_run_of_a_running_replica_is_refused_naming_its_process(network: LocalNetwork) -> None:
+    """Regression: a second process opened the same SQLite store while the first one ran."""
+    assert network.run is not None
+    holder = network.run.replica_pids[0]
+    result = await run_command([*NODE_COMMAND, "run", str(network.replica_config_path(0))])
+    line = one_line_error(result, "ledger-node", EXIT_FAILED)
+    assert "in use" in line and f"process {holder}" in line, line
+    assert network.replica_alive(0)
+
+
+@pytest.mark.parametrize("replica_count", [4])
+async def test_a_second_up_on_a_running_directory_is_refused_and_leaves_its_logs_alone(network: LocalNetwork) -> None:
+    """Regression: a second `up` wrote into the first network's logs and reported its ports as its own."""
+    assert network.run is not None
+    holder = network.run.replica_pids[0]
+    logs_before = [network.log_text(replica_id) for replica_id in range(4)]
+    result = await run_command([*NODE_COMMAND, "up", str(network.directory)])
+    line = one_line_error(result, "ledger-node", EXIT_FAILED)
+    assert "replica 0" in line and f"process {holder}" in line, line
+    assert not ready_lines(result), result.describe()
+    for replica_id in range(4):
+        assert network.log_text(replica_id).startswith(logs_before[replica_id])
+        assert "in use" not in network.log_text(replica_id)
+    assert all(network.replica_alive(replica_id) for replica_id in range(4))
+
+
+@pytest.mark.parametrize("replica_count", [4])
+async def test_a_taken_port_is_named_in_one_line(initialised_network: LocalNetwork) -> None:
+    client_address = initialised_network.network.replicas[0].client_address
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as squatter:
+        squatter.bind((client_address.host, client_address.port))
+        squatter.listen()
+        result = await run_command([*NODE_COMMAND, "run", str(initialised_network.replica_config_path(0))])
+    line = one_line_error(result, "ledger-node", EXIT_USAGE)
+    assert f"{client_address} is already in use" in line, line
+
+
+@pytest.mark.parametrize("replica_count", [4])
+async def test_up_does_not_report_another_processs_port_as_its_replica(initialised_network: LocalNetwork) -> None:
+    """Regression: readiness was "something accepts on the client port", so a port held by
+    another process was reported as the replica listening there."""
+    client_address = initialised_network.network.replicas[0].client_address
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as squatter:
+        squatter.bind((client_address.host, client_address.port))
+        squatter.listen()
+        result = await run_command([*NODE_COMMAND, "up", str(initialised_network.directory), "--only", "0"])
+    assert result.exit_code == EXIT_FAILED, result.describe()
+    assert not ready_lines(result), result.describe()
+    assert "replica 0 exited with code 2" in result.stdout, result.describe()
+    assert f"{client_address} is already in use" in initialised_network.log_text(0)
