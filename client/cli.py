@@ -24,6 +24,11 @@ EXIT_FAILED = 1  # the transaction executed but failed, or was refused
 EXIT_USAGE = 2  # bad arguments, config or key
 EXIT_UNAVAILABLE = 3  # not enough replicas answered
 EXIT_INVALID_CHAIN = 4  # verification found a bad block
+EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT
+
+# --timeout: below this a replica cannot even answer on localhost; above it is a typo.
+TIMEOUT_MIN_S = 0.1
+TIMEOUT_MAX_S = 86_400.0
 
 EXAMPLES = """\
 examples:
@@ -93,6 +98,43 @@ def _min_height(text: str) -> int:
     return height
 
 
+def add_global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
+    """The options every command takes, before or after its name (as etcdctl's do). After the
+    command they default to SUPPRESS, so one given before it is not overwritten by a default."""
+
+    def default(value: Any) -> Any:
+        return argparse.SUPPRESS if suppress else value
+
+    parser.add_argument(
+        "-c",
+        "--config",
+        type=Path,
+        default=default(Path(os.environ.get("LEDGER_CLIENT_CONFIG", "client.toml"))),
+        help="the network's client.toml (default: $LEDGER_CLIENT_CONFIG or ./client.toml)",
+    )
+    parser.add_argument("--key", dest="key_file", type=Path, default=default(None), help="act as the account of this key file (default: the config's client.key)")
+    parser.add_argument("--json", action="store_true", default=default(False), help="print JSON for programs instead of text")
+    parser.add_argument("--timeout", type=_timeout, default=default(30.0), metavar="SECONDS", help="seconds to wait for the network (default: 30)")
+    parser.add_argument(
+        "--min-height",
+        type=_min_height,
+        default=default(0),
+        metavar="HEIGHT",
+        help="read only from state at least this high, e.g. the block a put or transfer printed, so this "
+        "read sees that write (within one run the client does this by itself; default: 0)",
+    )
+
+
+def _timeout(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not TIMEOUT_MIN_S <= seconds <= TIMEOUT_MAX_S:  # also refuses nan and inf
+        raise argparse.ArgumentTypeError(f"must be between {TIMEOUT_MIN_S:g} and {TIMEOUT_MAX_S:g} seconds, got {text}")
+    return seconds
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ledger-client",
@@ -100,24 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "-c",
-        "--config",
-        type=Path,
-        default=Path(os.environ.get("LEDGER_CLIENT_CONFIG", "client.toml")),
-        help="the network's client.toml (default: $LEDGER_CLIENT_CONFIG or ./client.toml)",
-    )
-    parser.add_argument("--key", dest="key_file", type=Path, help="act as the account of this key file (default: the config's client.key)")
-    parser.add_argument("--json", action="store_true", help="print JSON for programs instead of text")
-    parser.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the network (default: 30)")
-    parser.add_argument(
-        "--min-height",
-        type=_min_height,
-        default=0,
-        metavar="HEIGHT",
-        help="read only from state at least this high, e.g. the block a put or transfer printed, so this "
-        "read sees that write (within one run the client does this by itself; default: 0)",
-    )
+    add_global_options(parser, suppress=False)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     transfer = commands.add_parser("transfer", help="move funds to another account")
@@ -141,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     keygen.add_argument("--out", type=Path, required=True, help="where to write the key (mode 0600)")
     keygen.add_argument("--force", action="store_true", help="overwrite an existing file")
     commands.add_parser("whoami", help="the account (public key) this client acts as")
+    for command in commands.choices.values():
+        add_global_options(command, suppress=True)
     return parser
 
 

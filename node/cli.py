@@ -36,6 +36,21 @@ def _number_list(minimum: int, example: str) -> Callable[[str], list[int]]:
     return parse
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def add_global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
+    """Options taken before or after the command; after it they default to SUPPRESS, so one
+    given before it is not overwritten by the default."""
+    parser.add_argument(
+        "--log-level",
+        type=str.lower,
+        choices=LOG_LEVELS,
+        default=argparse.SUPPRESS if suppress else "info",
+        help="log verbosity, any case (default: info)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ledger-node",
@@ -43,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="log verbosity (default: info)")
+    add_global_options(parser, suppress=False)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     init = commands.add_parser("init", help="write keys and configs for a new network", description="Write DIR/replica-<i>.toml and .key for every replica, plus DIR/client.toml and client.key.")
@@ -70,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="init, start a 4-replica network, submit transactions, verify, stop", description="The main job in one command.")
     demo.add_argument("--dir", type=Path, default=Path("demo-net"), help="working directory (default: demo-net, replaced)")
     demo.add_argument("--base-port", type=int, default=7100, help="first port (default: 7100)")
+    for command in commands.choices.values():
+        add_global_options(command, suppress=True)
     return parser
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from .local_network import (
+    CLIENT_COMMAND,
     NODE_COMMAND,
     READY_LINE,
     CommandResult,
@@ -109,3 +110,36 @@ async def test_up_does_not_report_another_processs_port_as_its_replica(initialis
     assert not ready_lines(result), result.describe()
     assert "replica 0 exited with code 2" in result.stdout, result.describe()
     assert f"{client_address} is already in use" in initialised_network.log_text(0)
+
+
+# ---- global options before or after the command ----
+
+
+@pytest.mark.parametrize("replica_count", [4])
+async def test_client_global_options_work_after_the_command(initialised_network: LocalNetwork, tmp_path: Path) -> None:
+    """Regression: `status --json`, `whoami --key a.key` failed with "unrecognized arguments"."""
+    config = str(initialised_network.client_config_path)
+    key = tmp_path / "a.key"
+    made = await run_command([*CLIENT_COMMAND, "keygen", "--out", str(key), "--json"])
+    assert made.exit_code == 0, made.describe()
+    account = made.json()["account"]
+    after = await run_command([*CLIENT_COMMAND, "whoami", "-c", config, "--key", str(key), "--json"])
+    assert after.exit_code == 0, after.describe()
+    assert after.json() == {"account": account}
+    before = await run_command([*CLIENT_COMMAND, "-c", config, "--key", str(key), "whoami"])
+    assert before.stdout.strip() == account, before.describe()
+    # Nothing runs: every replica is unreachable, and the JSON says so.
+    status = await run_command([*CLIENT_COMMAND, "status", "--json", "--timeout", "1", "-c", config])
+    assert status.exit_code == EXIT_UNAVAILABLE, status.describe()
+    assert [replica["reachable"] for replica in status.json()["replicas"]] == [False] * 4
+
+
+async def test_node_log_level_works_after_the_command_in_any_case(tmp_path: Path) -> None:
+    """Regression: `ledger-node run CFG --log-level debug` failed with "unrecognized arguments"."""
+    made = await run_command([*NODE_COMMAND, "init", "--replicas", "4", "--out", str(tmp_path / "net"), "--log-level", "WARNING"])
+    assert made.exit_code == 0, made.describe()
+    missing = await run_command([*NODE_COMMAND, "run", str(tmp_path / "net" / "replica-9.toml"), "--log-level", "Debug"])
+    line = one_line_error(missing, "ledger-node", EXIT_USAGE)
+    assert "no such file" in line, line
+    before = await run_command([*NODE_COMMAND, "--log-level", "ERROR", "run", str(tmp_path / "nothing.toml")])
+    assert "no such file" in one_line_error(before, "ledger-node", EXIT_USAGE)
