@@ -8,7 +8,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import trio
 
@@ -135,8 +135,16 @@ def _timeout(text: str) -> float:
     return seconds
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Argument errors as one line on stderr (exit 2), like every other error of this program."""
+
+    def error(self, message: str) -> NoReturn:
+        program = self.prog.split()[0]
+        self.exit(2, f"{program}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="ledger-client",
         description="Talk to a PBFT ledger network: a result counts only when f+1 replicas signed it.",
         epilog=EXAMPLES,
@@ -412,7 +420,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if arguments.command == "keygen":
             return command_keygen(arguments, output)
-        return trio.run(run_command, arguments, output)
+        return _run_unwrapped(arguments, output)
     except (UsageError, ConfigError, KeyFileError) as error:
         print(f"ledger-client: {error}", file=sys.stderr)
         return EXIT_USAGE
@@ -429,7 +437,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ledger-client: {error}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED  # quietly, as any Unix tool does on Ctrl-C
+
+
+def _run_unwrapped(arguments: argparse.Namespace, output: Output) -> int:
+    """Run the command; an error that Trio's nurseries wrapped in exception groups is raised
+    bare (a Ctrl-C among them wins), so `main` turns it into one line and an exit code."""
+    try:
+        return trio.run(run_command, arguments, output)
+    except BaseExceptionGroup as group:
+        if group.subgroup(KeyboardInterrupt) is not None:
+            raise KeyboardInterrupt from None
+        error: BaseException = group
+        while isinstance(error, BaseExceptionGroup):
+            error = error.exceptions[0]
+        raise error from None
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 import tomllib
@@ -18,6 +19,7 @@ from ledger.messages import PREPARED_CERTIFICATES_MAX
 
 REPLICAS_MIN = 4
 NETWORK_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+HOST_LABEL_PATTERN = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 # Transfers conserve the total, so bounding the genesis total bounds every balance forever.
 SUPPLY_MAX = 2**62
 
@@ -32,7 +34,8 @@ class Address:
     port: int
 
     def __str__(self) -> str:
-        return f"{self.host}:{self.port}"
+        # An IPv6 host is written in brackets, so the port stays unambiguous: [::1]:7100.
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -297,6 +300,20 @@ class _Fields:
         return value
 
 
+def check_host(host: str, name: str) -> str:
+    """A host name or IP address (IPv6 without brackets), or ConfigError saying what is wrong."""
+    if not host:
+        raise ConfigError(f"{name}: the host is empty")
+    try:
+        ipaddress.ip_address(host)
+        return host
+    except ValueError:
+        pass
+    if len(host) > 253 or not all(HOST_LABEL_PATTERN.fullmatch(label) for label in host.split(".")):
+        raise ConfigError(f"{name}: {host!r} is neither an IP address nor a host name (letters, digits, '-' and '.')")
+    return host
+
+
 def parse_address(text: str, name: str) -> Address:
     host, separator, port_text = text.rpartition(":")
     if not separator or not host or not port_text.isdigit():
@@ -304,7 +321,11 @@ def parse_address(text: str, name: str) -> Address:
     port = int(port_text)
     if not 1 <= port <= 65535:
         raise ConfigError(f"{name}: port {port} is outside [1, 65535]")
-    return Address(host.strip("[]"), port)
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ConfigError(f"{name}: write an IPv6 address in brackets, e.g. [::1]:7100, found {text!r}")
+    return Address(check_host(host, name), port)
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -419,7 +440,8 @@ def template_for(replica_count: int, network_id: str | None = None, host: str = 
     if replica_count > REPLICAS_MAX:
         raise ConfigError(f"--replicas: at most {REPLICAS_MAX} replicas are supported")
     if not 1 <= base_port <= 65535 - 2 * replica_count:
-        raise ConfigError(f"--base-port: {base_port} leaves no room for {replica_count} replicas")
+        raise ConfigError(f"--base-port: {base_port} leaves no room for {replica_count} replicas (2 ports each, at most 65535)")
+    check_host(host, "--host")
     addresses = tuple(
         (Address(host, base_port + 2 * index), Address(host, base_port + 2 * index + 1)) for index in range(replica_count)
     )
@@ -432,6 +454,8 @@ def load_template(path: Path, host: str | None = None, base_port: int | None = N
     network = _Fields(source, document.get("network"), "network")
     network_id = network.network_id("id")
     if network.has("addresses"):
+        if host is not None or base_port is not None:
+            raise ConfigError(f"{source}: network.addresses lists every address: --host and --base-port cannot override it")
         raw = network.table["addresses"]
         if not isinstance(raw, list) or not all(isinstance(item, str) for item in raw):
             raise ConfigError(f"{source}: network.addresses: expected a list of \"HOST:PORT\" strings")
@@ -447,7 +471,10 @@ def load_template(path: Path, host: str | None = None, base_port: int | None = N
         if count < REPLICAS_MIN:
             raise ConfigError(f"{source}: network.replicas: {count} replicas cannot tolerate a fault; at least {REPLICAS_MIN} needed")
         generated = template_for(
-            count, network_id, host or network.text("host", "127.0.0.1"), base_port or network.integer("base_port", 1, 65000, 7100)
+            count,
+            network_id,
+            host if host is not None else check_host(network.text("host", "127.0.0.1"), f"{source}: network.host"),
+            base_port if base_port is not None else network.integer("base_port", 1, 65000, 7100),
         )
         addresses = generated.addresses
     genesis = _Fields(source, document.get("genesis", {}), "genesis")

@@ -91,14 +91,17 @@ def write_key_file(path: Path, key: SigningKey) -> None:
     """Write a private key readable only by its owner (mode 0600), created atomically."""
     text = f"{_KEY_FILE_HEADER}\n{key.private_bytes().hex()}\n"
     temporary = path.with_name(path.name + ".tmp")
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        os.write(descriptor, text.encode())
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-    os.chmod(temporary, 0o600)
-    os.replace(temporary, path)
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(descriptor, text.encode())
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+        os.chmod(temporary, 0o600)
+        os.replace(temporary, path)
+    except OSError as error:
+        raise KeyFileError(f"{path}: cannot write key file: {error.strerror or error}") from None
 
 
 def read_key_file(path: Path) -> SigningKey:

@@ -384,3 +384,31 @@ def test_client_config_errors_name_the_field(network_directory: Path, tmp_path: 
     (tmp_path / "broken.toml").write_text("[network\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_replica_config(tmp_path / "broken.toml")
+
+
+def test_init_writes_an_ipv6_host_in_brackets_and_loads_it_back(tmp_path: Path) -> None:
+    """Regression: `--host ::1` was written as "::1:7100", which no one can tell apart from a port."""
+    out = tmp_path / "net6"
+    result = run_init("--replicas", "4", "--out", out, "--host", "::1", "--base-port", "7400")
+    assert result.returncode == 0, result.stderr
+    assert 'address = "[::1]:7400"' in (out / "replica-0.toml").read_text()
+    replica = load_replica_config(out / "replica-0.toml").network.replicas[0]
+    assert (replica.address.host, replica.address.port, replica.client_address.port) == ("::1", 7400, 7401)
+
+
+def test_overrides_of_a_template_listing_addresses_are_refused(tmp_path: Path) -> None:
+    """Regression: --host and --base-port were silently ignored for a template with addresses."""
+    template = tmp_path / "hosts.toml"
+    addresses = ", ".join(f'"10.0.0.{index}:7100"' for index in range(1, 5))
+    template.write_text(f'[network]\nid = "hosts"\naddresses = [{addresses}]\n')
+    line = assert_one_line_failure(run_init(template, "--out", tmp_path / "net", "--base-port", "9000"))
+    assert "cannot override" in line
+    assert not (tmp_path / "net").exists()
+
+
+@pytest.mark.parametrize("host", ['a"b', "", "two words", "bad_host!"])
+def test_a_template_host_that_is_no_host_is_refused(tmp_path: Path, host: str) -> None:
+    template = tmp_path / "t.toml"
+    template.write_text(VALID_TEMPLATE.replace('host = "127.0.0.1"', f"host = {host!r}".replace("'", '"') if '"' not in host else "host = 'a\"b'"))
+    line = assert_one_line_failure(run_init(template, "--out", tmp_path / "net"))
+    assert "network.host" in line

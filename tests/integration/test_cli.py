@@ -4,10 +4,13 @@ the documented exit codes, options in any position, and no harm to files they di
 from __future__ import annotations
 
 import random
+import signal
 import socket
+import subprocess
 from pathlib import Path
 
 import pytest
+import trio
 
 from .local_network import (
     CLIENT_COMMAND,
@@ -143,3 +146,79 @@ async def test_node_log_level_works_after_the_command_in_any_case(tmp_path: Path
     assert "no such file" in line, line
     before = await run_command([*NODE_COMMAND, "--log-level", "ERROR", "run", str(tmp_path / "nothing.toml")])
     assert "no such file" in one_line_error(before, "ledger-node", EXIT_USAGE)
+
+
+# ---- one line, never a traceback ----
+
+
+@pytest.mark.parametrize(
+    ("arguments", "phrase"),
+    [
+        pytest.param(("keygen", "--out", "/missing/directory/a.key"), "cannot write", id="keygen-into-a-missing-directory"),
+        pytest.param(("--timeout", "-1", "status"), "--timeout", id="negative-timeout"),
+        pytest.param(("--timeout", "0", "status"), "--timeout", id="zero-timeout"),
+        pytest.param(("--timeout", "nan", "status"), "--timeout", id="nan-timeout"),
+        pytest.param(("status", "--bogus"), "unrecognized arguments: --bogus", id="unknown-option"),
+    ],
+)
+async def test_client_argument_errors_are_one_line(arguments: tuple[str, ...], phrase: str) -> None:
+    result = await run_command([*CLIENT_COMMAND, *arguments])
+    line = one_line_error(result, "ledger-client", EXIT_USAGE)
+    assert phrase in line, line
+
+
+@pytest.mark.parametrize(
+    ("arguments", "phrase"),
+    [
+        pytest.param(("demo", "--base-port", "70000"), "--base-port", id="demo-port-over-65535"),
+        pytest.param(("demo", "--base-port", "65530"), "--base-port", id="demo-ports-past-65535"),
+        pytest.param(("init", "--replicas", "4", "--out", "{tmp}/n", "--base-port", "0"), "--base-port", id="init-port-0"),
+        pytest.param(("init", "--replicas", "4", "--out", "{tmp}/n", "--host", ""), "--host", id="init-empty-host"),
+        pytest.param(("init", "--replicas", "4", "--out", "{tmp}/n", "--host", 'a"b'), "--host", id="init-host-with-a-quote"),
+        pytest.param(("init", "--replicas", "4", "--out", "/proc/forbidden/net"), "cannot create", id="init-unwritable"),
+        pytest.param(("simulate", "--seeds", "0"), "--seeds", id="simulate-no-seeds"),
+        pytest.param(("up",), "required", id="up-without-directory"),
+    ],
+)
+async def test_node_argument_errors_are_one_line(tmp_path: Path, arguments: tuple[str, ...], phrase: str) -> None:
+    result = await run_command([*NODE_COMMAND, *(argument.format(tmp=tmp_path) for argument in arguments)])
+    line = one_line_error(result, "ledger-node", EXIT_USAGE)
+    assert phrase in line, line
+    assert not (tmp_path / "n").exists()
+
+
+@pytest.mark.parametrize("replica_count", [4])
+async def test_ctrl_c_on_a_waiting_client_exits_130_quietly(initialised_network: LocalNetwork) -> None:
+    """Regression: Ctrl-C while the client waited printed an exception group's traceback."""
+    address = initialised_network.network.replicas[0].client_address
+    listener = trio.socket.socket()
+    await listener.bind((address.host, address.port))
+    listener.listen()
+    process = await trio.lowlevel.open_process(
+        [*CLIENT_COMMAND, "-c", str(initialised_network.client_config_path), "get", "greeting"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        with trio.fail_after(30):
+            connection, _ = await listener.accept()  # the client is inside its event loop, waiting
+            process.send_signal(signal.SIGINT)
+            assert process.stdout is not None and process.stderr is not None
+            stdout = await receive_all(process.stdout)
+            stderr = await receive_all(process.stderr)
+            exit_code = await process.wait()
+        connection.close()
+    finally:
+        listener.close()
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert exit_code == 130, (stdout, stderr)
+    assert stderr.strip() == b"" and b"Traceback" not in stdout, (stdout, stderr)
+
+
+async def receive_all(stream: trio.abc.ReceiveStream) -> bytes:
+    data = b""
+    while chunk := await stream.receive_some():
+        data += chunk
+    return data
