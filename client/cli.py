@@ -12,7 +12,14 @@ from typing import Any, NoReturn
 
 import trio
 
-from client.library import Client, ClientError, NetworkUnavailable, TransactionRejected, open_client
+from client.library import (
+    Client,
+    ClientError,
+    InvalidRequest,
+    NetworkUnavailable,
+    TransactionRejected,
+    open_client,
+)
 from client.quorum import Receipt
 from ledger.blocks import Block, ChainError, prove_transaction
 from ledger.config import ConfigError
@@ -421,7 +428,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if arguments.command == "keygen":
             return command_keygen(arguments, output)
         return _run_unwrapped(arguments, output)
-    except (UsageError, ConfigError, KeyFileError) as error:
+    except (UsageError, ConfigError, KeyFileError, InvalidRequest) as error:
         print(f"ledger-client: {error}", file=sys.stderr)
         return EXIT_USAGE
     except TransactionRejected as error:

@@ -50,13 +50,34 @@ from ledger.messages import (
     decode_message,
     encode_message,
 )
-from ledger.transactions import Operation, Put, Transaction, Transfer, sign_transaction
+from ledger.transactions import (
+    Operation,
+    Put,
+    Transaction,
+    Transfer,
+    operation_from_plain,
+    sign_transaction,
+)
 
 CONNECT_BACKOFF_S = (0.05, 1.0)
 QUERY_RETRY_S = (0.05, 1.0)  # first and longest pause before asking again when no answer reached a quorum
 TRANSIENT_REFUSAL = "replica busy"
+ZERO_ACCOUNT = bytes(32)
+REFUSAL_SHOWN_LENGTH_MAX = 200
 SEND_QUEUE_MAX = 1024
 T = TypeVar("T")
+
+
+def check_operation(operation: Operation) -> None:
+    """Refuse, before anything is sent, what every replica would refuse to decode (an empty or
+    over-long key, an over-long value) and a transfer to the all-zero account, which no one can
+    spend from: those funds would be lost for good."""
+    try:
+        operation_from_plain(operation.to_plain())
+    except CodecError as error:
+        raise InvalidRequest(str(error)) from None
+    if isinstance(operation, Transfer) and operation.recipient == ZERO_ACCOUNT:
+        raise InvalidRequest("transfer to the all-zero account: nobody holds its key, so the funds would be lost")
 
 
 class ClientError(Exception):
@@ -65,6 +86,10 @@ class ClientError(Exception):
 
 class NetworkUnavailable(ClientError):
     """Not enough replicas answered in time."""
+
+
+class InvalidRequest(ClientError):
+    """The client can tell by itself that the network would refuse this (or that it burns funds)."""
 
 
 class TransactionRejected(ClientError):
@@ -178,6 +203,8 @@ class Client:
         self.read_floor = 0
         self.ignored_messages = 0
         self._submissions: dict[bytes, Submission] = {}
+        # The last refusal each replica sent that named no transaction (at most one per replica).
+        self.unattributed_refusals: dict[int, str] = {}
         self._queries: dict[int, Callable[[int, Any], None]] = {}
         self._blocks: dict[int, trio.MemorySendChannel[Blocks]] = {}
         self.timeout_s = self.network.protocol.request_timeout_ms / 1000
@@ -204,6 +231,9 @@ class Client:
                 submission.finish(receipt)
         elif isinstance(message, ErrorReply):
             submission = self._submissions.get(message.transaction_id)
+            if submission is None and not message.transaction_id:
+                # A refusal of a message the replica could not even read: shown if a request times out.
+                self.unattributed_refusals[replica_id] = message.reason[:REFUSAL_SHOWN_LENGTH_MAX]
             if submission is not None:
                 if message.reason.startswith(TRANSIENT_REFUSAL):
                     return  # e.g. a full queue: the request may still execute, so keep waiting
@@ -266,9 +296,11 @@ class Client:
 
     def _timed_out(self, submission: Submission, deadline_s: float) -> NetworkUnavailable:
         replied = sorted(submission.quorum.replied)
+        refusals = "".join(f"; replica {replica} refused: {reason}" for replica, reason in sorted(submission.refusals.items()))
+        refusals += "".join(f"; replica {replica} said: {reason}" for replica, reason in sorted(self.unattributed_refusals.items()))
         return NetworkUnavailable(
             f"no {self.network.reply_quorum} matching replies within {deadline_s:g}s "
-            f"(replies from replicas {replied or 'none'})"
+            f"(replies from replicas {replied or 'none'}{refusals})"
         )
 
     def _outcome(self, submission: Submission, deadline_s: float) -> Receipt:
@@ -285,6 +317,7 @@ class Client:
         return self.key
 
     async def sign(self, operation: Operation) -> Transaction:
+        check_operation(operation)
         key = self._require_key()
         if self.next_nonce is None:
             self.next_nonce = (await self.account(key.public_key))[1]

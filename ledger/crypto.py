@@ -107,8 +107,16 @@ def write_key_file(path: Path, key: SigningKey) -> None:
 def read_key_file(path: Path) -> SigningKey:
     try:
         text = path.read_text()
+        mode = path.stat().st_mode
     except OSError as error:
         raise KeyFileError(f"{path}: cannot read key file: {error.strerror}") from None
+    except UnicodeDecodeError:
+        raise KeyFileError(f"{path}: not a pbft-ledger key file") from None
+    if mode & 0o077:
+        # Like ssh: a private key others can read (or replace) is no longer private.
+        raise KeyFileError(
+            f"{path}: private key file is readable by others (mode {mode & 0o777:o}); fix with: chmod 600 {path}"
+        )
     lines = text.split()
     if len(lines) < 2 or " ".join(text.splitlines()[:1]) != _KEY_FILE_HEADER:
         raise KeyFileError(f"{path}: not a pbft-ledger key file")

@@ -222,3 +222,39 @@ async def receive_all(stream: trio.abc.ReceiveStream) -> bytes:
     while chunk := await stream.receive_some():
         data += chunk
     return data
+
+
+# ---- input the client can check itself ----
+
+
+@pytest.mark.parametrize(
+    ("arguments", "phrase"),
+    [
+        pytest.param(("put", "", "x"), "key is empty", id="empty-key"),
+        pytest.param(("put", "k" * 257, "x"), "257 characters", id="key-over-256"),
+        pytest.param(("put", "k", "v" * 4097), "4097 characters", id="value-over-4096"),
+        pytest.param(("transfer", "00" * 32, "5"), "all-zero account", id="transfer-to-the-zero-account"),
+    ],
+)
+@pytest.mark.parametrize("replica_count", [4])
+async def test_the_client_refuses_what_it_can_check_without_waiting(
+    initialised_network: LocalNetwork, arguments: tuple[str, ...], phrase: str
+) -> None:
+    """Regression: these waited for the timeout and ended in "network unavailable" (exit 3)."""
+    result = await run_command(
+        [*CLIENT_COMMAND, "-c", str(initialised_network.client_config_path), "--timeout", "5", *arguments]
+    )
+    line = one_line_error(result, "ledger-client", EXIT_USAGE)
+    assert phrase in line, line
+
+
+@pytest.mark.parametrize("replica_count", [4])
+async def test_a_key_file_readable_by_others_is_refused_with_the_fix(initialised_network: LocalNetwork) -> None:
+    key_path = initialised_network.directory / "client.key"
+    key_path.chmod(0o644)
+    result = await run_command([*CLIENT_COMMAND, "-c", str(initialised_network.client_config_path), "whoami"])
+    line = one_line_error(result, "ledger-client", EXIT_USAGE)
+    assert "readable by others" in line and f"chmod 600 {key_path}" in line, line
+    initialised_network.replica_key_path(0).chmod(0o640)
+    replica = await run_command([*NODE_COMMAND, "run", str(initialised_network.replica_config_path(0))])
+    assert "chmod 600" in one_line_error(replica, "ledger-node", EXIT_USAGE)
