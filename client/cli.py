@@ -286,11 +286,11 @@ async def dispatch(arguments: argparse.Namespace, client: Client, output: Output
     command = arguments.command
     if command == "transfer":
         recipient = _account(arguments.to)
-        receipt = await client.execute(Transfer(recipient, arguments.amount))
+        receipt = await client.execute(Transfer(recipient, arguments.amount), arguments.timeout)
         output.emit(receipt_data(receipt), receipt_text(receipt, client, f"transfer {arguments.amount} to {_short(recipient)}"))
         return EXIT_OK if receipt.result.ok else EXIT_FAILED
     if command == "put":
-        receipt = await client.execute(Put(arguments.key, arguments.value))
+        receipt = await client.execute(Put(arguments.key, arguments.value), arguments.timeout)
         output.emit(receipt_data(receipt), receipt_text(receipt, client, f"put {arguments.key!r}"))
         return EXIT_OK if receipt.result.ok else EXIT_FAILED
     if command == "get":
@@ -300,7 +300,7 @@ async def dispatch(arguments: argparse.Namespace, client: Client, output: Output
         return EXIT_OK
     if command == "balance":
         account = _account(arguments.account) if arguments.account else client._require_key().public_key
-        balance, nonce = await client.account(account)
+        balance, nonce = await client.account(account, arguments.timeout)
         output.emit(
             {"account": account.hex(), "balance": balance, "nonce": nonce},
             f"account {account.hex()}\n  balance {balance}\n  next nonce {nonce}",
@@ -434,8 +434,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TransactionRejected as error:
         print(f"ledger-client: transaction refused: {error}", file=sys.stderr)
         return EXIT_FAILED
-    except (NetworkUnavailable, trio.TooSlowError) as error:
-        print(f"ledger-client: network unavailable: {error or 'timed out'}", file=sys.stderr)
+    except NetworkUnavailable as error:
+        print(f"ledger-client: network unavailable: {error}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except trio.TooSlowError:
+        print(f"ledger-client: network unavailable: no answer within {arguments.timeout:g}s (--timeout)", file=sys.stderr)
         return EXIT_UNAVAILABLE
     except ChainError as error:
         print(f"ledger-client: verification FAILED: {error}", file=sys.stderr)

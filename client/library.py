@@ -63,6 +63,8 @@ CONNECT_BACKOFF_S = (0.05, 1.0)
 QUERY_RETRY_S = (0.05, 1.0)  # first and longest pause before asking again when no answer reached a quorum
 TRANSIENT_REFUSAL = "replica busy"
 ZERO_ACCOUNT = bytes(32)
+QUERY_DEADLINE_S = 15.0
+SUBMIT_DEADLINE_S = 30.0
 REFUSAL_SHOWN_LENGTH_MAX = 200
 SEND_QUEUE_MAX = 1024
 T = TypeVar("T")
@@ -316,19 +318,21 @@ class Client:
             raise ClientError("this client has no key: give --key FILE or a client.key next to the config")
         return self.key
 
-    async def sign(self, operation: Operation) -> Transaction:
+    async def sign(self, operation: Operation, deadline_s: float = QUERY_DEADLINE_S) -> Transaction:
         check_operation(operation)
         key = self._require_key()
         if self.next_nonce is None:
-            self.next_nonce = (await self.account(key.public_key))[1]
+            self.next_nonce = (await self.account(key.public_key, deadline_s))[1]
         transaction = sign_transaction(self.network.network_id, key, self.next_nonce, operation)
         self.next_nonce += 1
         return transaction
 
-    async def execute(self, operation: Operation) -> Receipt:
-        transaction = await self.sign(operation)
+    async def execute(self, operation: Operation, deadline_s: float = SUBMIT_DEADLINE_S) -> Receipt:
+        """Sign (looking up the nonce if needed) and submit, all within `deadline_s`."""
+        start = trio.current_time()
+        transaction = await self.sign(operation, deadline_s)
         try:
-            receipt = await self.submit(transaction)
+            receipt = await self.submit(transaction, max(deadline_s - (trio.current_time() - start), 0.0))
         except ClientError:
             self.next_nonce = None  # unknown whether it executed: ask the network next time
             raise
@@ -398,9 +402,9 @@ class Client:
         lagging = f" (replicas {sorted(behind)} were below it)" if floor and behind else ""
         raise NetworkUnavailable(f"no {needed} matching answers to {kind!r}{floor} within {deadline_s:g}s{lagging}")
 
-    async def account(self, account: bytes | None = None) -> tuple[int, int]:
+    async def account(self, account: bytes | None = None, deadline_s: float = QUERY_DEADLINE_S) -> tuple[int, int]:
         """(balance, next nonce) of an account (default: this client's)."""
-        reply = await self.query("account", account if account is not None else self._require_key().public_key)
+        reply = await self.query("account", account if account is not None else self._require_key().public_key, deadline_s)
         balance, nonce = reply.result
         return balance, nonce
 

@@ -258,3 +258,13 @@ async def test_a_key_file_readable_by_others_is_refused_with_the_fix(initialised
     initialised_network.replica_key_path(0).chmod(0o640)
     replica = await run_command([*NODE_COMMAND, "run", str(initialised_network.replica_config_path(0))])
     assert "chmod 600" in one_line_error(replica, "ledger-node", EXIT_USAGE)
+
+
+@pytest.mark.parametrize("command", [("put", "k", "v"), ("transfer", "replica-0.key", "5"), ("get", "k"), ("balance",)])
+@pytest.mark.parametrize("replica_count", [4])
+async def test_timeout_bounds_every_command_and_says_so(initialised_network: LocalNetwork, command: tuple[str, ...]) -> None:
+    """Regression: a write's nonce lookup waited its own 15 s, and the error said nothing."""
+    arguments = [str(initialised_network.directory / argument) if argument.endswith(".key") else argument for argument in command]
+    result = await run_command([*CLIENT_COMMAND, "-c", str(initialised_network.client_config_path), "--timeout", "1", *arguments])
+    line = one_line_error(result, "ledger-client", EXIT_UNAVAILABLE)
+    assert "network unavailable" in line and "within 1s" in line, line
