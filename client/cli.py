@@ -171,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     balance = commands.add_parser("balance", help="an account's balance and next nonce (default: yours)")
     balance.add_argument("account", nargs="?", help="64 hex digits or a key file")
     block = commands.add_parser("block", help="show a block and check its commit certificate")
-    block.add_argument("height", type=_height)
+    block.add_argument("height", type=_height, nargs="?", help="default: the latest block")
     transaction = commands.add_parser("tx", help="find a transaction by id and check its proof")
     transaction.add_argument("transaction_id", help="64 hex digits")
     commands.add_parser("status", help="each replica's view, primary, height and last block")
@@ -311,7 +311,12 @@ async def dispatch(arguments: argparse.Namespace, client: Client, output: Output
         output.emit({"account": account.hex()}, account.hex())
         return EXIT_OK
     if command == "block":
-        block = await client.block(arguments.height)
+        height = arguments.height
+        if height is None:
+            height = await client.latest_height(arguments.timeout)
+            if height == 0:
+                raise ClientError("no blocks yet (height 0)")
+        block = await client.block(height, arguments.timeout)
         output.emit(block_data(block), block_text(block))
         return EXIT_OK
     if command == "tx":

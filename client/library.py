@@ -94,6 +94,10 @@ class InvalidRequest(ClientError):
     """The client can tell by itself that the network would refuse this (or that it burns funds)."""
 
 
+class NoSuchBlock(ClientError):
+    """f + 1 replicas (one of them honest) say the ledger does not reach that height."""
+
+
 class TransactionRejected(ClientError):
     """f + 1 replicas refused the transaction before ordering it (e.g. a used nonce)."""
 
@@ -499,10 +503,26 @@ class Client:
         )
         return reply.result
 
-    async def block(self, height: int) -> Block:
+    async def block_hash_or_height(self, height: int, deadline_s: float = QUERY_DEADLINE_S) -> tuple[bytes | None, int]:
+        """(hash of block `height`, None if there is none yet; a height f + 1 replicas vouch for).
+
+        f + 1 signed answers agree, so at least one honest replica gave this one; None means an
+        honest replica at the returned height has no such block (rather than waiting for it)."""
+        reply = await self.query("block-hash", height, deadline_s, needed=self.network.reply_quorum)
+        result = reply.result if isinstance(reply.result, bytes) else None
+        return result, reply.height
+
+    async def latest_height(self, deadline_s: float = QUERY_DEADLINE_S) -> int:
+        """A height f + 1 replicas report their ledger at, so at least one honest replica has it."""
+        return (await self.block_hash_or_height(1, deadline_s))[1]
+
+    async def block(self, height: int, deadline_s: float = QUERY_DEADLINE_S) -> Block:
         """Block `height`: its commit certificate verifies against the replicas' keys, and its hash
-        (which covers its results and state digest) is the one f + 1 replicas sign."""
-        expected_hash = await self.confirmed_block_hash(height)
+        (which covers its results and state digest) is the one f + 1 replicas sign. NoSuchBlock
+        if f + 1 replicas say the ledger does not reach that height (yet)."""
+        expected_hash, ledger_height = await self.block_hash_or_height(height, deadline_s)
+        if expected_hash is None:
+            raise NoSuchBlock(f"no block {height} (height {ledger_height})")
         problems = []
         for replica_id in [self.primary, *[r for r in range(self.network.replica_count) if r != self.primary]]:
             try:

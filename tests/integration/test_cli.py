@@ -19,6 +19,7 @@ from .local_network import (
     CommandResult,
     LocalNetwork,
     pick_base_port,
+    run_client_cli,
     run_command,
 )
 
@@ -268,3 +269,21 @@ async def test_timeout_bounds_every_command_and_says_so(initialised_network: Loc
     result = await run_command([*CLIENT_COMMAND, "-c", str(initialised_network.client_config_path), "--timeout", "1", *arguments])
     line = one_line_error(result, "ledger-client", EXIT_UNAVAILABLE)
     assert "network unavailable" in line and "within 1s" in line, line
+
+
+# ---- blocks ----
+
+
+@pytest.mark.parametrize("replica_count", [4])
+async def test_block_above_the_height_says_so_and_block_alone_shows_the_latest(network: LocalNetwork) -> None:
+    """Regression: `block 999` waited, then printed "network unavailable"; `block` needed a height."""
+    put = await run_client_cli(network, "--json", "put", "greeting", "hello")
+    assert put.exit_code == 0, put.describe()
+    height = put.json()["height"]
+    missing = await run_client_cli(network, "block", "999")
+    line = one_line_error(missing, "ledger-client", EXIT_FAILED)
+    assert line.startswith("ledger-client: no block 999 (height "), line
+    assert int(line.rsplit(" ", 1)[1].rstrip(")")) >= height
+    latest = await run_client_cli(network, "--json", "block")
+    assert latest.exit_code == 0, latest.describe()
+    assert latest.json()["height"] >= height
