@@ -254,6 +254,13 @@ class _Fields:
     def has(self, key: str) -> bool:
         return key in self.table
 
+    def refuse_unknown(self, known: tuple[str, ...]) -> None:
+        """A misspelt key would otherwise be ignored in silence and its default used instead."""
+        unknown = sorted(set(self.table) - set(known))
+        if unknown:
+            where = f"{self.prefix}.{unknown[0]}" if self.prefix else unknown[0]
+            raise ConfigError(f"{self.source}: {where}: unknown setting (known here: {', '.join(known)})")
+
     def integer(self, key: str, minimum: int, maximum: int, default: int | None = None) -> int:
         if key not in self.table:
             if default is None:
@@ -357,11 +364,13 @@ def _protocol_settings(source: str, table: Any, replica_count: int) -> ProtocolS
     return settings
 
 
-def _genesis_balances(source: str, table: Any) -> dict[bytes, int]:
+def _genesis_balances(source: str, table: Any, known: tuple[str, ...] = ("accounts",)) -> dict[bytes, int]:
     fields = _Fields(source, table if table is not None else {}, "genesis")
+    fields.refuse_unknown(known)
     balances: dict[bytes, int] = {}
     for index, entry in enumerate(fields.table_list("accounts")):
         account = _Fields(source, entry, f"genesis.accounts[{index}]")
+        account.refuse_unknown(("public_key", "balance"))
         key = account.public_key("public_key")
         if key in balances:
             raise ConfigError(f"{source}: genesis.accounts[{index}].public_key: listed twice")
@@ -371,8 +380,10 @@ def _genesis_balances(source: str, table: Any) -> dict[bytes, int]:
     return balances
 
 
-def _network(source: str, document: dict[str, Any]) -> NetworkConfig:
+def _network(source: str, document: dict[str, Any], own_table: str) -> NetworkConfig:
+    _Fields(source, document, "").refuse_unknown(("network", "protocol", "replicas", "genesis", own_table))
     network = _Fields(source, document.get("network"), "network")
+    network.refuse_unknown(("id",))
     network_id = network.network_id("id")
     entries = _Fields(source, document, "").table_list("replicas")
     if len(entries) < REPLICAS_MIN:
@@ -382,6 +393,7 @@ def _network(source: str, document: dict[str, Any]) -> NetworkConfig:
     replicas = []
     for index, entry in enumerate(entries):
         fields = _Fields(source, entry, f"replicas[{index}]")
+        fields.refuse_unknown(("id", "public_key", "address", "client_address"))
         replica_id = fields.integer("id", 0, REPLICAS_MAX - 1)
         if replica_id != index:
             raise ConfigError(f"{source}: replicas[{index}].id: expected {index} (ids are 0..n-1 in order)")
@@ -400,8 +412,9 @@ def _network(source: str, document: dict[str, Any]) -> NetworkConfig:
 
 def load_replica_config(path: Path) -> ReplicaConfig:
     document = _read_toml(path)
-    network = _network(str(path), document)
+    network = _network(str(path), document, "replica")
     replica = _Fields(str(path), document.get("replica"), "replica")
+    replica.refuse_unknown(("id", "key_file", "data_dir"))
     replica_id = replica.integer("id", 0, network.replica_count - 1)
     base = path.parent
     return ReplicaConfig(
@@ -415,8 +428,9 @@ def load_replica_config(path: Path) -> ReplicaConfig:
 
 def load_client_config(path: Path) -> ClientConfig:
     document = _read_toml(path)
-    network = _network(str(path), document)
+    network = _network(str(path), document, "client")
     client = _Fields(str(path), document.get("client", {}), "client")
+    client.refuse_unknown(("key_file",))
     return ClientConfig(network, path.parent / client.text("key_file", "client.key"), path)
 
 
@@ -451,7 +465,9 @@ def template_for(replica_count: int, network_id: str | None = None, host: str = 
 def load_template(path: Path, host: str | None = None, base_port: int | None = None) -> Template:
     source = str(path)
     document = _read_toml(path)
+    _Fields(source, document, "").refuse_unknown(("network", "protocol", "genesis"))
     network = _Fields(source, document.get("network"), "network")
+    network.refuse_unknown(("id", "addresses", "replicas", "host", "base_port"))
     network_id = network.network_id("id")
     if network.has("addresses"):
         if host is not None or base_port is not None:
@@ -479,7 +495,7 @@ def load_template(path: Path, host: str | None = None, base_port: int | None = N
         addresses = generated.addresses
     genesis = _Fields(source, document.get("genesis", {}), "genesis")
     client_balance = genesis.integer("client_balance", 0, SUPPLY_MAX, 1_000_000)
-    extra_balances = _genesis_balances(source, document.get("genesis"))
+    extra_balances = _genesis_balances(source, document.get("genesis"), ("accounts", "client_balance"))
     if client_balance + sum(extra_balances.values()) > SUPPLY_MAX:
         raise ConfigError(f"{source}: genesis: balances add up to more than {SUPPLY_MAX}")
     protocol = _protocol_settings(source, document.get("protocol"), len(addresses))

@@ -66,6 +66,13 @@ async def run_network(directory: Path, only: list[int] | None, log_level: str) -
         f"(tolerates f={network.faults_tolerated}); logs in {logs}/",
         flush=True,
     )
+    if len(configs) < network.quorum:
+        verb = "is" if len(configs) == 1 else "are"
+        print(
+            f"warning: {len(configs)} of {network.replica_count} replicas {verb} fewer than a quorum ({network.quorum}): "
+            "nothing commits until replicas elsewhere make up the rest",
+            flush=True,
+        )
     processes: dict[int, trio.Process] = {}
     stopping = trio.Event()
     all_exited = trio.Event()

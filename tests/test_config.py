@@ -412,3 +412,36 @@ def test_a_template_host_that_is_no_host_is_refused(tmp_path: Path, host: str) -
     template.write_text(VALID_TEMPLATE.replace('host = "127.0.0.1"', f"host = {host!r}".replace("'", '"') if '"' not in host else "host = 'a\"b'"))
     line = assert_one_line_failure(run_init(template, "--out", tmp_path / "net"))
     assert "network.host" in line
+
+
+@pytest.mark.parametrize(
+    ("replace", "by", "named"),
+    [
+        ("base_port = 7300", "base-port = 7300", "network.base-port"),
+        ("client_balance = 500", "client_balance = 500\nclient_balanse = 7", "genesis.client_balanse"),
+        ("[genesis]", "[genesys]\nx = 1\n[genesis]", "genesys"),
+    ],
+)
+def test_unknown_template_keys_are_refused(tmp_path: Path, replace: str, by: str, named: str) -> None:
+    """Regression: unknown keys were refused in [protocol] but silently ignored elsewhere."""
+    template = tmp_path / "t.toml"
+    template.write_text(template_with(replace, by))
+    line = assert_one_line_failure(run_init(template, "--out", tmp_path / "net"))
+    assert named in line and "unknown" in line, line
+
+
+@pytest.mark.parametrize(
+    ("replace", "by", "named"),
+    [
+        ('data_dir = "data/replica-0"', 'dta_dir = "elsewhere"', "replica.dta_dir"),
+        ("[[replicas]]\nid = 0\n", "[[replicas]]\nid = 0\nweight = 2\n", "replicas[0].weight"),
+        ('[network]\nid = "local-4"', '[network]\nid = "local-4"\nname = "x"', "network.name"),
+    ],
+)
+def test_unknown_config_keys_are_refused(network_directory: Path, tmp_path: Path, replace: str, by: str, named: str) -> None:
+    text = (network_directory / "replica-0.toml").read_text()
+    assert replace in text
+    path = tmp_path / "replica-0.toml"  # a copy: the directory is shared with other tests
+    path.write_text(text.replace(replace, by, 1))
+    with pytest.raises(ConfigError, match=re.escape(named) + ".*unknown"):
+        load_replica_config(path)

@@ -287,3 +287,15 @@ async def test_block_above_the_height_says_so_and_block_alone_shows_the_latest(n
     latest = await run_client_cli(network, "--json", "block")
     assert latest.exit_code == 0, latest.describe()
     assert latest.json()["height"] >= height
+
+
+@pytest.mark.parametrize("replica_count", [4])
+async def test_up_with_fewer_replicas_than_a_quorum_warns(initialised_network: LocalNetwork) -> None:
+    """Regression: `up --only 0` started one replica of four without a word that it cannot commit."""
+    # The replica's client port is taken, so it exits by itself and `up` ends without a signal.
+    client_address = initialised_network.network.replicas[0].client_address
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as squatter:
+        squatter.bind((client_address.host, client_address.port))
+        squatter.listen()
+        result = await run_command([*NODE_COMMAND, "up", str(initialised_network.directory), "--only", "0"])
+    assert "warning: 1 of 4 replicas is fewer than a quorum (3)" in result.stdout, result.describe()
