@@ -82,6 +82,8 @@ _PROTOCOL_LIMITS: dict[str, tuple[int, int]] = {
     "client_idle_timeout_ms": (10, 86_400_000),
     "clock_skew_max_ms": (100, 86_400_000),
 }
+# The order in which a replica's HELLO lists its protocol settings (node/transport.py).
+PROTOCOL_SETTING_NAMES = tuple(_PROTOCOL_LIMITS)
 # Shrunk to fit, for large networks, when a configuration does not set them (see default_protocol).
 _LOG_SETTINGS = ("window_size", "checkpoint_interval")
 
@@ -219,6 +221,21 @@ class NetworkConfig:
 
     def primary(self, view: int) -> int:
         return view % self.replica_count
+
+    @property
+    def protocol_values(self) -> tuple[int, ...]:
+        return tuple(getattr(self.protocol, name) for name in PROTOCOL_SETTING_NAMES)
+
+    def protocol_difference(self, genesis_hash: bytes, protocol: tuple[int, ...]) -> str | None:
+        """What differs between this network and the one a peer's HELLO describes, or None."""
+        if genesis_hash != self.genesis_hash:
+            return "a different genesis (replica keys, addresses' keys or genesis balances differ between the config files)"
+        if len(protocol) != len(PROTOCOL_SETTING_NAMES):
+            return f"{len(protocol)} protocol settings, this replica has {len(PROTOCOL_SETTING_NAMES)} (another version?)"
+        for name, ours, theirs in zip(PROTOCOL_SETTING_NAMES, self.protocol_values, protocol, strict=True):
+            if ours != theirs:
+                return f"protocol.{name} = {theirs}, this replica has {ours}"
+        return None
 
 
 @dataclass(frozen=True)

@@ -161,13 +161,14 @@ class PeerTransport:
 
     async def _handshake_as_dialer(self, framed: FramedStream, peer: int) -> None:
         challenge = os.urandom(32)
-        await framed.send(encode_message(Hello(self.network.network_id, self.replica_id, challenge)))
+        await framed.send(encode_message(self._hello(challenge)))
         hello = await receive_message(framed)
         proof = await receive_message(framed)
         if not isinstance(hello, Hello) or not isinstance(proof, HelloProof):
             raise HandshakeError("unexpected message during handshake")
         if hello.network_id != self.network.network_id or hello.replica_id != peer:
             raise HandshakeError(f"peer answered as replica {hello.replica_id} of {hello.network_id!r}")
+        self._check_same_settings(hello)
         expected = handshake_signed_bytes("accept", challenge, hello.challenge, self.replica_id, peer)
         if not verify_signature(self.network.replicas[peer].public_key, self.domain, expected, proof.signature):
             raise HandshakeError(f"peer does not hold replica {peer}'s key")
@@ -175,6 +176,16 @@ class PeerTransport:
             self.domain, handshake_signed_bytes("dial", challenge, hello.challenge, self.replica_id, peer)
         )
         await framed.send(encode_message(HelloProof(signature)))
+
+    def _hello(self, challenge: bytes) -> Hello:
+        return Hello(self.network.network_id, self.replica_id, challenge, self.network.genesis_hash, self.network.protocol_values)
+
+    def _check_same_settings(self, hello: Hello) -> None:
+        """Refuse a peer whose config file differs from ours: one edited file must not make one
+        replica quietly run other rules (timeouts, windows, frame sizes) than the rest."""
+        difference = self.network.protocol_difference(hello.genesis_hash, hello.protocol)
+        if difference is not None:
+            raise HandshakeError(f"replica {hello.replica_id}'s config differs from this one's: it has {difference}")
 
     # ---- receiving ----
 
@@ -209,11 +220,12 @@ class PeerTransport:
         peer = hello.replica_id
         if peer >= self.network.replica_count or peer == self.replica_id:
             raise HandshakeError(f"unknown replica {peer}")
+        self._check_same_settings(hello)
         challenge = os.urandom(32)
         signature = self.key.sign(
             self.domain, handshake_signed_bytes("accept", hello.challenge, challenge, peer, self.replica_id)
         )
-        await framed.send(encode_message(Hello(self.network.network_id, self.replica_id, challenge)))
+        await framed.send(encode_message(self._hello(challenge)))
         await framed.send(encode_message(HelloProof(signature)))
         proof = await receive_message(framed)
         expected = handshake_signed_bytes("dial", hello.challenge, challenge, peer, self.replica_id)

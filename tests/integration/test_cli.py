@@ -299,3 +299,26 @@ async def test_up_with_fewer_replicas_than_a_quorum_warns(initialised_network: L
         squatter.listen()
         result = await run_command([*NODE_COMMAND, "up", str(initialised_network.directory), "--only", "0"])
     assert "warning: 1 of 4 replicas is fewer than a quorum (3)" in result.stdout, result.describe()
+
+
+# ---- config drift ----
+
+LOG_DEADLINE_S = 30.0
+
+
+@pytest.mark.parametrize("replica_count", [4])
+async def test_replicas_whose_protocol_settings_differ_refuse_each_other_naming_the_setting(
+    initialised_network: LocalNetwork,
+) -> None:
+    """Regression: protocol settings were in neither the genesis hash nor the handshake, so one
+    replica's edited file silently ran other rules than the rest."""
+    path = initialised_network.replica_config_path(3)
+    text = path.read_text()
+    assert "request_timeout_ms = 2000\n" in text
+    path.write_text(text.replace("request_timeout_ms = 2000\n", "request_timeout_ms = 2500\n"))
+    await initialised_network.start()
+    expected = "replica 3's config differs from this one's: it has protocol.request_timeout_ms = 2500, this replica has 2000"
+    with trio.fail_after(LOG_DEADLINE_S):
+        while expected not in initialised_network.log_text(0):
+            await trio.sleep(0.05)
+    assert "connected to replica 3" not in initialised_network.log_text(0)
