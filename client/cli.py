@@ -8,11 +8,18 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import trio
 
-from client.library import Client, ClientError, NetworkUnavailable, TransactionRejected, open_client
+from client.library import (
+    Client,
+    ClientError,
+    InvalidRequest,
+    NetworkUnavailable,
+    TransactionRejected,
+    open_client,
+)
 from client.quorum import Receipt
 from ledger.blocks import Block, ChainError, prove_transaction
 from ledger.config import ConfigError
@@ -24,6 +31,11 @@ EXIT_FAILED = 1  # the transaction executed but failed, or was refused
 EXIT_USAGE = 2  # bad arguments, config or key
 EXIT_UNAVAILABLE = 3  # not enough replicas answered
 EXIT_INVALID_CHAIN = 4  # verification found a bad block
+EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT
+
+# --timeout: below this a replica cannot even answer on localhost; above it is a typo.
+TIMEOUT_MIN_S = 0.1
+TIMEOUT_MAX_S = 86_400.0
 
 EXAMPLES = """\
 examples:
@@ -93,31 +105,59 @@ def _min_height(text: str) -> int:
     return height
 
 
+def add_global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
+    """The options every command takes, before or after its name (as etcdctl's do). After the
+    command they default to SUPPRESS, so one given before it is not overwritten by a default."""
+
+    def default(value: Any) -> Any:
+        return argparse.SUPPRESS if suppress else value
+
+    parser.add_argument(
+        "-c",
+        "--config",
+        type=Path,
+        default=default(Path(os.environ.get("LEDGER_CLIENT_CONFIG", "client.toml"))),
+        help="the network's client.toml (default: $LEDGER_CLIENT_CONFIG or ./client.toml)",
+    )
+    parser.add_argument("--key", dest="key_file", type=Path, default=default(None), help="act as the account of this key file (default: the config's client.key)")
+    parser.add_argument("--json", action="store_true", default=default(False), help="print JSON for programs instead of text")
+    parser.add_argument("--timeout", type=_timeout, default=default(30.0), metavar="SECONDS", help="seconds to wait for the network (default: 30)")
+    parser.add_argument(
+        "--min-height",
+        type=_min_height,
+        default=default(0),
+        metavar="HEIGHT",
+        help="read only from state at least this high, e.g. the block a put or transfer printed, so this "
+        "read sees that write (within one run the client does this by itself; default: 0)",
+    )
+
+
+def _timeout(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not TIMEOUT_MIN_S <= seconds <= TIMEOUT_MAX_S:  # also refuses nan and inf
+        raise argparse.ArgumentTypeError(f"must be between {TIMEOUT_MIN_S:g} and {TIMEOUT_MAX_S:g} seconds, got {text}")
+    return seconds
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Argument errors as one line on stderr (exit 2), like every other error of this program."""
+
+    def error(self, message: str) -> NoReturn:
+        program = self.prog.split()[0]
+        self.exit(2, f"{program}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="ledger-client",
         description="Talk to a PBFT ledger network: a result counts only when f+1 replicas signed it.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "-c",
-        "--config",
-        type=Path,
-        default=Path(os.environ.get("LEDGER_CLIENT_CONFIG", "client.toml")),
-        help="the network's client.toml (default: $LEDGER_CLIENT_CONFIG or ./client.toml)",
-    )
-    parser.add_argument("--key", dest="key_file", type=Path, help="act as the account of this key file (default: the config's client.key)")
-    parser.add_argument("--json", action="store_true", help="print JSON for programs instead of text")
-    parser.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the network (default: 30)")
-    parser.add_argument(
-        "--min-height",
-        type=_min_height,
-        default=0,
-        metavar="HEIGHT",
-        help="read only from state at least this high, e.g. the block a put or transfer printed, so this "
-        "read sees that write (within one run the client does this by itself; default: 0)",
-    )
+    add_global_options(parser, suppress=False)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     transfer = commands.add_parser("transfer", help="move funds to another account")
@@ -131,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     balance = commands.add_parser("balance", help="an account's balance and next nonce (default: yours)")
     balance.add_argument("account", nargs="?", help="64 hex digits or a key file")
     block = commands.add_parser("block", help="show a block and check its commit certificate")
-    block.add_argument("height", type=_height)
+    block.add_argument("height", type=_height, nargs="?", help="default: the latest block")
     transaction = commands.add_parser("tx", help="find a transaction by id and check its proof")
     transaction.add_argument("transaction_id", help="64 hex digits")
     commands.add_parser("status", help="each replica's view, primary, height and last block")
@@ -141,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     keygen.add_argument("--out", type=Path, required=True, help="where to write the key (mode 0600)")
     keygen.add_argument("--force", action="store_true", help="overwrite an existing file")
     commands.add_parser("whoami", help="the account (public key) this client acts as")
+    for command in commands.choices.values():
+        add_global_options(command, suppress=True)
     return parser
 
 
@@ -244,11 +286,11 @@ async def dispatch(arguments: argparse.Namespace, client: Client, output: Output
     command = arguments.command
     if command == "transfer":
         recipient = _account(arguments.to)
-        receipt = await client.execute(Transfer(recipient, arguments.amount))
+        receipt = await client.execute(Transfer(recipient, arguments.amount), arguments.timeout)
         output.emit(receipt_data(receipt), receipt_text(receipt, client, f"transfer {arguments.amount} to {_short(recipient)}"))
         return EXIT_OK if receipt.result.ok else EXIT_FAILED
     if command == "put":
-        receipt = await client.execute(Put(arguments.key, arguments.value))
+        receipt = await client.execute(Put(arguments.key, arguments.value), arguments.timeout)
         output.emit(receipt_data(receipt), receipt_text(receipt, client, f"put {arguments.key!r}"))
         return EXIT_OK if receipt.result.ok else EXIT_FAILED
     if command == "get":
@@ -258,7 +300,7 @@ async def dispatch(arguments: argparse.Namespace, client: Client, output: Output
         return EXIT_OK
     if command == "balance":
         account = _account(arguments.account) if arguments.account else client._require_key().public_key
-        balance, nonce = await client.account(account)
+        balance, nonce = await client.account(account, arguments.timeout)
         output.emit(
             {"account": account.hex(), "balance": balance, "nonce": nonce},
             f"account {account.hex()}\n  balance {balance}\n  next nonce {nonce}",
@@ -269,7 +311,12 @@ async def dispatch(arguments: argparse.Namespace, client: Client, output: Output
         output.emit({"account": account.hex()}, account.hex())
         return EXIT_OK
     if command == "block":
-        block = await client.block(arguments.height)
+        height = arguments.height
+        if height is None:
+            height = await client.latest_height(arguments.timeout)
+            if height == 0:
+                raise ClientError("no blocks yet (height 0)")
+        block = await client.block(height, arguments.timeout)
         output.emit(block_data(block), block_text(block))
         return EXIT_OK
     if command == "tx":
@@ -385,15 +432,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if arguments.command == "keygen":
             return command_keygen(arguments, output)
-        return trio.run(run_command, arguments, output)
-    except (UsageError, ConfigError, KeyFileError) as error:
+        return _run_unwrapped(arguments, output)
+    except (UsageError, ConfigError, KeyFileError, InvalidRequest) as error:
         print(f"ledger-client: {error}", file=sys.stderr)
         return EXIT_USAGE
     except TransactionRejected as error:
         print(f"ledger-client: transaction refused: {error}", file=sys.stderr)
         return EXIT_FAILED
-    except (NetworkUnavailable, trio.TooSlowError) as error:
-        print(f"ledger-client: network unavailable: {error or 'timed out'}", file=sys.stderr)
+    except NetworkUnavailable as error:
+        print(f"ledger-client: network unavailable: {error}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except trio.TooSlowError:
+        print(f"ledger-client: network unavailable: no answer within {arguments.timeout:g}s (--timeout)", file=sys.stderr)
         return EXIT_UNAVAILABLE
     except ChainError as error:
         print(f"ledger-client: verification FAILED: {error}", file=sys.stderr)
@@ -402,7 +452,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ledger-client: {error}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED  # quietly, as any Unix tool does on Ctrl-C
+
+
+def _run_unwrapped(arguments: argparse.Namespace, output: Output) -> int:
+    """Run the command; an error that Trio's nurseries wrapped in exception groups is raised
+    bare (a Ctrl-C among them wins), so `main` turns it into one line and an exit code."""
+    try:
+        return trio.run(run_command, arguments, output)
+    except BaseExceptionGroup as group:
+        if group.subgroup(KeyboardInterrupt) is not None:
+            raise KeyboardInterrupt from None
+        error: BaseException = group
+        while isinstance(error, BaseExceptionGroup):
+            error = error.exceptions[0]
+        raise error from None
 
 
 if __name__ == "__main__":

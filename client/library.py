@@ -50,13 +50,36 @@ from ledger.messages import (
     decode_message,
     encode_message,
 )
-from ledger.transactions import Operation, Put, Transaction, Transfer, sign_transaction
+from ledger.transactions import (
+    Operation,
+    Put,
+    Transaction,
+    Transfer,
+    operation_from_plain,
+    sign_transaction,
+)
 
 CONNECT_BACKOFF_S = (0.05, 1.0)
 QUERY_RETRY_S = (0.05, 1.0)  # first and longest pause before asking again when no answer reached a quorum
 TRANSIENT_REFUSAL = "replica busy"
+ZERO_ACCOUNT = bytes(32)
+QUERY_DEADLINE_S = 15.0
+SUBMIT_DEADLINE_S = 30.0
+REFUSAL_SHOWN_LENGTH_MAX = 200
 SEND_QUEUE_MAX = 1024
 T = TypeVar("T")
+
+
+def check_operation(operation: Operation) -> None:
+    """Refuse, before anything is sent, what every replica would refuse to decode (an empty or
+    over-long key, an over-long value) and a transfer to the all-zero account, which no one can
+    spend from: those funds would be lost for good."""
+    try:
+        operation_from_plain(operation.to_plain())
+    except CodecError as error:
+        raise InvalidRequest(str(error)) from None
+    if isinstance(operation, Transfer) and operation.recipient == ZERO_ACCOUNT:
+        raise InvalidRequest("transfer to the all-zero account: nobody holds its key, so the funds would be lost")
 
 
 class ClientError(Exception):
@@ -65,6 +88,14 @@ class ClientError(Exception):
 
 class NetworkUnavailable(ClientError):
     """Not enough replicas answered in time."""
+
+
+class InvalidRequest(ClientError):
+    """The client can tell by itself that the network would refuse this (or that it burns funds)."""
+
+
+class NoSuchBlock(ClientError):
+    """f + 1 replicas (one of them honest) say the ledger does not reach that height."""
 
 
 class TransactionRejected(ClientError):
@@ -178,6 +209,8 @@ class Client:
         self.read_floor = 0
         self.ignored_messages = 0
         self._submissions: dict[bytes, Submission] = {}
+        # The last refusal each replica sent that named no transaction (at most one per replica).
+        self.unattributed_refusals: dict[int, str] = {}
         self._queries: dict[int, Callable[[int, Any], None]] = {}
         self._blocks: dict[int, trio.MemorySendChannel[Blocks]] = {}
         self.timeout_s = self.network.protocol.request_timeout_ms / 1000
@@ -204,6 +237,9 @@ class Client:
                 submission.finish(receipt)
         elif isinstance(message, ErrorReply):
             submission = self._submissions.get(message.transaction_id)
+            if submission is None and not message.transaction_id:
+                # A refusal of a message the replica could not even read: shown if a request times out.
+                self.unattributed_refusals[replica_id] = message.reason[:REFUSAL_SHOWN_LENGTH_MAX]
             if submission is not None:
                 if message.reason.startswith(TRANSIENT_REFUSAL):
                     return  # e.g. a full queue: the request may still execute, so keep waiting
@@ -266,9 +302,11 @@ class Client:
 
     def _timed_out(self, submission: Submission, deadline_s: float) -> NetworkUnavailable:
         replied = sorted(submission.quorum.replied)
+        refusals = "".join(f"; replica {replica} refused: {reason}" for replica, reason in sorted(submission.refusals.items()))
+        refusals += "".join(f"; replica {replica} said: {reason}" for replica, reason in sorted(self.unattributed_refusals.items()))
         return NetworkUnavailable(
             f"no {self.network.reply_quorum} matching replies within {deadline_s:g}s "
-            f"(replies from replicas {replied or 'none'})"
+            f"(replies from replicas {replied or 'none'}{refusals})"
         )
 
     def _outcome(self, submission: Submission, deadline_s: float) -> Receipt:
@@ -284,18 +322,21 @@ class Client:
             raise ClientError("this client has no key: give --key FILE or a client.key next to the config")
         return self.key
 
-    async def sign(self, operation: Operation) -> Transaction:
+    async def sign(self, operation: Operation, deadline_s: float = QUERY_DEADLINE_S) -> Transaction:
+        check_operation(operation)
         key = self._require_key()
         if self.next_nonce is None:
-            self.next_nonce = (await self.account(key.public_key))[1]
+            self.next_nonce = (await self.account(key.public_key, deadline_s))[1]
         transaction = sign_transaction(self.network.network_id, key, self.next_nonce, operation)
         self.next_nonce += 1
         return transaction
 
-    async def execute(self, operation: Operation) -> Receipt:
-        transaction = await self.sign(operation)
+    async def execute(self, operation: Operation, deadline_s: float = SUBMIT_DEADLINE_S) -> Receipt:
+        """Sign (looking up the nonce if needed) and submit, all within `deadline_s`."""
+        start = trio.current_time()
+        transaction = await self.sign(operation, deadline_s)
         try:
-            receipt = await self.submit(transaction)
+            receipt = await self.submit(transaction, max(deadline_s - (trio.current_time() - start), 0.0))
         except ClientError:
             self.next_nonce = None  # unknown whether it executed: ask the network next time
             raise
@@ -365,9 +406,9 @@ class Client:
         lagging = f" (replicas {sorted(behind)} were below it)" if floor and behind else ""
         raise NetworkUnavailable(f"no {needed} matching answers to {kind!r}{floor} within {deadline_s:g}s{lagging}")
 
-    async def account(self, account: bytes | None = None) -> tuple[int, int]:
+    async def account(self, account: bytes | None = None, deadline_s: float = QUERY_DEADLINE_S) -> tuple[int, int]:
         """(balance, next nonce) of an account (default: this client's)."""
-        reply = await self.query("account", account if account is not None else self._require_key().public_key)
+        reply = await self.query("account", account if account is not None else self._require_key().public_key, deadline_s)
         balance, nonce = reply.result
         return balance, nonce
 
@@ -462,10 +503,26 @@ class Client:
         )
         return reply.result
 
-    async def block(self, height: int) -> Block:
+    async def block_hash_or_height(self, height: int, deadline_s: float = QUERY_DEADLINE_S) -> tuple[bytes | None, int]:
+        """(hash of block `height`, None if there is none yet; a height f + 1 replicas vouch for).
+
+        f + 1 signed answers agree, so at least one honest replica gave this one; None means an
+        honest replica at the returned height has no such block (rather than waiting for it)."""
+        reply = await self.query("block-hash", height, deadline_s, needed=self.network.reply_quorum)
+        result = reply.result if isinstance(reply.result, bytes) else None
+        return result, reply.height
+
+    async def latest_height(self, deadline_s: float = QUERY_DEADLINE_S) -> int:
+        """A height f + 1 replicas report their ledger at, so at least one honest replica has it."""
+        return (await self.block_hash_or_height(1, deadline_s))[1]
+
+    async def block(self, height: int, deadline_s: float = QUERY_DEADLINE_S) -> Block:
         """Block `height`: its commit certificate verifies against the replicas' keys, and its hash
-        (which covers its results and state digest) is the one f + 1 replicas sign."""
-        expected_hash = await self.confirmed_block_hash(height)
+        (which covers its results and state digest) is the one f + 1 replicas sign. NoSuchBlock
+        if f + 1 replicas say the ledger does not reach that height (yet)."""
+        expected_hash, ledger_height = await self.block_hash_or_height(height, deadline_s)
+        if expected_hash is None:
+            raise NoSuchBlock(f"no block {height} (height {ledger_height})")
         problems = []
         for replica_id in [self.primary, *[r for r in range(self.network.replica_count) if r != self.primary]]:
             try:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import re
-import shutil
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -18,6 +19,7 @@ from ledger.messages import PREPARED_CERTIFICATES_MAX
 
 REPLICAS_MIN = 4
 NETWORK_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+HOST_LABEL_PATTERN = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 # Transfers conserve the total, so bounding the genesis total bounds every balance forever.
 SUPPLY_MAX = 2**62
 
@@ -32,7 +34,8 @@ class Address:
     port: int
 
     def __str__(self) -> str:
-        return f"{self.host}:{self.port}"
+        # An IPv6 host is written in brackets, so the port stays unambiguous: [::1]:7100.
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +82,8 @@ _PROTOCOL_LIMITS: dict[str, tuple[int, int]] = {
     "client_idle_timeout_ms": (10, 86_400_000),
     "clock_skew_max_ms": (100, 86_400_000),
 }
+# The order in which a replica's HELLO lists its protocol settings (node/transport.py).
+PROTOCOL_SETTING_NAMES = tuple(_PROTOCOL_LIMITS)
 # Shrunk to fit, for large networks, when a configuration does not set them (see default_protocol).
 _LOG_SETTINGS = ("window_size", "checkpoint_interval")
 
@@ -217,6 +222,21 @@ class NetworkConfig:
     def primary(self, view: int) -> int:
         return view % self.replica_count
 
+    @property
+    def protocol_values(self) -> tuple[int, ...]:
+        return tuple(getattr(self.protocol, name) for name in PROTOCOL_SETTING_NAMES)
+
+    def protocol_difference(self, genesis_hash: bytes, protocol: tuple[int, ...]) -> str | None:
+        """What differs between this network and the one a peer's HELLO describes, or None."""
+        if genesis_hash != self.genesis_hash:
+            return "a different genesis (replica keys, addresses' keys or genesis balances differ between the config files)"
+        if len(protocol) != len(PROTOCOL_SETTING_NAMES):
+            return f"{len(protocol)} protocol settings, this replica has {len(PROTOCOL_SETTING_NAMES)} (another version?)"
+        for name, ours, theirs in zip(PROTOCOL_SETTING_NAMES, self.protocol_values, protocol, strict=True):
+            if ours != theirs:
+                return f"protocol.{name} = {theirs}, this replica has {ours}"
+        return None
+
 
 @dataclass(frozen=True)
 class ReplicaConfig:
@@ -250,6 +270,13 @@ class _Fields:
 
     def has(self, key: str) -> bool:
         return key in self.table
+
+    def refuse_unknown(self, known: tuple[str, ...]) -> None:
+        """A misspelt key would otherwise be ignored in silence and its default used instead."""
+        unknown = sorted(set(self.table) - set(known))
+        if unknown:
+            where = f"{self.prefix}.{unknown[0]}" if self.prefix else unknown[0]
+            raise ConfigError(f"{self.source}: {where}: unknown setting (known here: {', '.join(known)})")
 
     def integer(self, key: str, minimum: int, maximum: int, default: int | None = None) -> int:
         if key not in self.table:
@@ -297,6 +324,20 @@ class _Fields:
         return value
 
 
+def check_host(host: str, name: str) -> str:
+    """A host name or IP address (IPv6 without brackets), or ConfigError saying what is wrong."""
+    if not host:
+        raise ConfigError(f"{name}: the host is empty")
+    try:
+        ipaddress.ip_address(host)
+        return host
+    except ValueError:
+        pass
+    if len(host) > 253 or not all(HOST_LABEL_PATTERN.fullmatch(label) for label in host.split(".")):
+        raise ConfigError(f"{name}: {host!r} is neither an IP address nor a host name (letters, digits, '-' and '.')")
+    return host
+
+
 def parse_address(text: str, name: str) -> Address:
     host, separator, port_text = text.rpartition(":")
     if not separator or not host or not port_text.isdigit():
@@ -304,7 +345,11 @@ def parse_address(text: str, name: str) -> Address:
     port = int(port_text)
     if not 1 <= port <= 65535:
         raise ConfigError(f"{name}: port {port} is outside [1, 65535]")
-    return Address(host.strip("[]"), port)
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ConfigError(f"{name}: write an IPv6 address in brackets, e.g. [::1]:7100, found {text!r}")
+    return Address(check_host(host, name), port)
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -336,11 +381,13 @@ def _protocol_settings(source: str, table: Any, replica_count: int) -> ProtocolS
     return settings
 
 
-def _genesis_balances(source: str, table: Any) -> dict[bytes, int]:
+def _genesis_balances(source: str, table: Any, known: tuple[str, ...] = ("accounts",)) -> dict[bytes, int]:
     fields = _Fields(source, table if table is not None else {}, "genesis")
+    fields.refuse_unknown(known)
     balances: dict[bytes, int] = {}
     for index, entry in enumerate(fields.table_list("accounts")):
         account = _Fields(source, entry, f"genesis.accounts[{index}]")
+        account.refuse_unknown(("public_key", "balance"))
         key = account.public_key("public_key")
         if key in balances:
             raise ConfigError(f"{source}: genesis.accounts[{index}].public_key: listed twice")
@@ -350,8 +397,10 @@ def _genesis_balances(source: str, table: Any) -> dict[bytes, int]:
     return balances
 
 
-def _network(source: str, document: dict[str, Any]) -> NetworkConfig:
+def _network(source: str, document: dict[str, Any], own_table: str) -> NetworkConfig:
+    _Fields(source, document, "").refuse_unknown(("network", "protocol", "replicas", "genesis", own_table))
     network = _Fields(source, document.get("network"), "network")
+    network.refuse_unknown(("id",))
     network_id = network.network_id("id")
     entries = _Fields(source, document, "").table_list("replicas")
     if len(entries) < REPLICAS_MIN:
@@ -361,6 +410,7 @@ def _network(source: str, document: dict[str, Any]) -> NetworkConfig:
     replicas = []
     for index, entry in enumerate(entries):
         fields = _Fields(source, entry, f"replicas[{index}]")
+        fields.refuse_unknown(("id", "public_key", "address", "client_address"))
         replica_id = fields.integer("id", 0, REPLICAS_MAX - 1)
         if replica_id != index:
             raise ConfigError(f"{source}: replicas[{index}].id: expected {index} (ids are 0..n-1 in order)")
@@ -379,8 +429,9 @@ def _network(source: str, document: dict[str, Any]) -> NetworkConfig:
 
 def load_replica_config(path: Path) -> ReplicaConfig:
     document = _read_toml(path)
-    network = _network(str(path), document)
+    network = _network(str(path), document, "replica")
     replica = _Fields(str(path), document.get("replica"), "replica")
+    replica.refuse_unknown(("id", "key_file", "data_dir"))
     replica_id = replica.integer("id", 0, network.replica_count - 1)
     base = path.parent
     return ReplicaConfig(
@@ -394,8 +445,9 @@ def load_replica_config(path: Path) -> ReplicaConfig:
 
 def load_client_config(path: Path) -> ClientConfig:
     document = _read_toml(path)
-    network = _network(str(path), document)
+    network = _network(str(path), document, "client")
     client = _Fields(str(path), document.get("client", {}), "client")
+    client.refuse_unknown(("key_file",))
     return ClientConfig(network, path.parent / client.text("key_file", "client.key"), path)
 
 
@@ -419,7 +471,8 @@ def template_for(replica_count: int, network_id: str | None = None, host: str = 
     if replica_count > REPLICAS_MAX:
         raise ConfigError(f"--replicas: at most {REPLICAS_MAX} replicas are supported")
     if not 1 <= base_port <= 65535 - 2 * replica_count:
-        raise ConfigError(f"--base-port: {base_port} leaves no room for {replica_count} replicas")
+        raise ConfigError(f"--base-port: {base_port} leaves no room for {replica_count} replicas (2 ports each, at most 65535)")
+    check_host(host, "--host")
     addresses = tuple(
         (Address(host, base_port + 2 * index), Address(host, base_port + 2 * index + 1)) for index in range(replica_count)
     )
@@ -429,9 +482,13 @@ def template_for(replica_count: int, network_id: str | None = None, host: str = 
 def load_template(path: Path, host: str | None = None, base_port: int | None = None) -> Template:
     source = str(path)
     document = _read_toml(path)
+    _Fields(source, document, "").refuse_unknown(("network", "protocol", "genesis"))
     network = _Fields(source, document.get("network"), "network")
+    network.refuse_unknown(("id", "addresses", "replicas", "host", "base_port"))
     network_id = network.network_id("id")
     if network.has("addresses"):
+        if host is not None or base_port is not None:
+            raise ConfigError(f"{source}: network.addresses lists every address: --host and --base-port cannot override it")
         raw = network.table["addresses"]
         if not isinstance(raw, list) or not all(isinstance(item, str) for item in raw):
             raise ConfigError(f"{source}: network.addresses: expected a list of \"HOST:PORT\" strings")
@@ -447,12 +504,15 @@ def load_template(path: Path, host: str | None = None, base_port: int | None = N
         if count < REPLICAS_MIN:
             raise ConfigError(f"{source}: network.replicas: {count} replicas cannot tolerate a fault; at least {REPLICAS_MIN} needed")
         generated = template_for(
-            count, network_id, host or network.text("host", "127.0.0.1"), base_port or network.integer("base_port", 1, 65000, 7100)
+            count,
+            network_id,
+            host if host is not None else check_host(network.text("host", "127.0.0.1"), f"{source}: network.host"),
+            base_port if base_port is not None else network.integer("base_port", 1, 65000, 7100),
         )
         addresses = generated.addresses
     genesis = _Fields(source, document.get("genesis", {}), "genesis")
     client_balance = genesis.integer("client_balance", 0, SUPPLY_MAX, 1_000_000)
-    extra_balances = _genesis_balances(source, document.get("genesis"))
+    extra_balances = _genesis_balances(source, document.get("genesis"), ("accounts", "client_balance"))
     if client_balance + sum(extra_balances.values()) > SUPPLY_MAX:
         raise ConfigError(f"{source}: genesis: balances add up to more than {SUPPLY_MAX}")
     protocol = _protocol_settings(source, document.get("protocol"), len(addresses))
@@ -483,15 +543,115 @@ def _network_toml(template: Template, keys: list[bytes], balances: dict[bytes, i
     return "\n".join(lines) + "\n"
 
 
+# What `init` wrote into a directory, so `--force` replaces that and nothing else.
+MANIFEST_NAME = ".init-manifest.json"
+_MANIFEST_WRITER = "ledger-node init"
+_MANIFEST_FILES_MAX = 4 * REPLICAS_MAX + 64
+# What the replicas of a network `init` wrote add to it: their stores and `ledger-node up`'s logs.
+_REPLICA_DIRECTORY = re.compile(r"replica-\d{1,3}")
+_STORE_FILE = re.compile(r"ledger\.sqlite3(-wal|-shm|-journal)?|replica\.lock")
+_LOG_FILE = re.compile(r"replica-\d{1,3}\.log")
+
+
+def _manifest_files(out: Path) -> set[str]:
+    """The names the manifest in `out` lists; ConfigError if there is none or it is not init's."""
+    path = out / MANIFEST_NAME
+    first = min(entry.name for entry in out.iterdir())
+    refusal = (
+        f"{out}: not written by `ledger-node init` (it holds {first!r} and no {MANIFEST_NAME}); "
+        "--force replaces only what init wrote: choose another directory or empty it yourself"
+    )
+    if path.is_symlink() or not path.is_file():
+        raise ConfigError(refusal)
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        raise ConfigError(refusal) from None
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if (
+        manifest.get("written_by") != _MANIFEST_WRITER
+        or not isinstance(files, list)
+        or len(files) > _MANIFEST_FILES_MAX
+        or not all(isinstance(name, str) and name and "/" not in name and name not in (".", "..") for name in files)
+    ):
+        raise ConfigError(refusal)
+    return set(files) | {MANIFEST_NAME}
+
+
+def _removable(out: Path) -> list[Path]:
+    """Everything in `out` that `init --force` may delete, deepest first; ConfigError naming the
+    first entry that init (or the network it wrote) did not put there."""
+    listed = _manifest_files(out)
+    removable: list[Path] = []
+
+    def foreign(path: Path) -> ConfigError:
+        return ConfigError(
+            f"{out}: {path.relative_to(out)} was not written by `ledger-node init`; --force replaces only what init wrote: move it aside first"
+        )
+
+    for entry in sorted(out.iterdir()):
+        if entry.name in listed and (entry.is_symlink() or entry.is_file()):
+            removable.append(entry)
+        elif entry.name in ("data", "logs") and entry.is_dir() and not entry.is_symlink():
+            for inner in sorted(entry.iterdir()):
+                if entry.name == "logs":
+                    if not (_LOG_FILE.fullmatch(inner.name) and inner.is_file() and not inner.is_symlink()):
+                        raise foreign(inner)
+                    removable.append(inner)
+                    continue
+                if not (_REPLICA_DIRECTORY.fullmatch(inner.name) and inner.is_dir() and not inner.is_symlink()):
+                    raise foreign(inner)
+                for store_file in sorted(inner.iterdir()):
+                    if not (_STORE_FILE.fullmatch(store_file.name) and store_file.is_file() and not store_file.is_symlink()):
+                        raise foreign(store_file)
+                    removable.append(store_file)
+                removable.append(inner)
+            removable.append(entry)
+        else:
+            raise foreign(entry)
+    return removable
+
+
+def _remove_init_output(out: Path) -> None:
+    for path in _removable(out):
+        try:
+            if path.is_dir() and not path.is_symlink():
+                path.rmdir()
+            else:
+                path.unlink()
+        except OSError as error:
+            raise ConfigError(f"{path}: cannot remove: {error.strerror}") from None
+
+
+def record_in_manifest(out: Path, names: list[str]) -> None:
+    """Add files written into a directory `init` made (the demo's account key) to what --force may replace."""
+    files = sorted((_manifest_files(out) - {MANIFEST_NAME}) | set(names))
+    _write_manifest(out, files)
+
+
+def _write_manifest(out: Path, files: list[str]) -> None:
+    manifest = {"written_by": _MANIFEST_WRITER, "files": files}
+    (out / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1) + "\n")
+
+
 def write_network(template: Template, out: Path, force: bool = False) -> list[Path]:
-    """Create keys and configs for every replica and one client; returns the files written."""
+    """Create keys and configs for every replica and one client; returns the files written.
+
+    An existing non-empty directory is refused; with `force`, it is emptied first only if it holds
+    nothing but what an earlier `init` wrote (its manifest) and that network's stores and logs."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out}: exists and is not a directory")
     if out.exists() and any(out.iterdir()):
         if not force:
-            raise ConfigError(f"{out}: already exists and is not empty (use --force to replace it)")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+            raise ConfigError(f"{out}: already exists and is not empty (use --force to replace what `ledger-node init` wrote there)")
+        _remove_init_output(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"{out}: cannot create the directory: {error.strerror}") from None
+    names = [f"replica-{index}.{suffix}" for index in range(len(template.addresses)) for suffix in ("toml", "key")]
+    # Written first: should init stop halfway, --force can still replace what it did write.
+    _write_manifest(out, [*names, "client.toml", "client.key"])
     replica_keys = [SigningKey.generate() for _ in template.addresses]
     client_key = SigningKey.generate()
     balances = dict(template.extra_balances)

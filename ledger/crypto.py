@@ -91,21 +91,32 @@ def write_key_file(path: Path, key: SigningKey) -> None:
     """Write a private key readable only by its owner (mode 0600), created atomically."""
     text = f"{_KEY_FILE_HEADER}\n{key.private_bytes().hex()}\n"
     temporary = path.with_name(path.name + ".tmp")
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        os.write(descriptor, text.encode())
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-    os.chmod(temporary, 0o600)
-    os.replace(temporary, path)
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(descriptor, text.encode())
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+        os.chmod(temporary, 0o600)
+        os.replace(temporary, path)
+    except OSError as error:
+        raise KeyFileError(f"{path}: cannot write key file: {error.strerror or error}") from None
 
 
 def read_key_file(path: Path) -> SigningKey:
     try:
         text = path.read_text()
+        mode = path.stat().st_mode
     except OSError as error:
         raise KeyFileError(f"{path}: cannot read key file: {error.strerror}") from None
+    except UnicodeDecodeError:
+        raise KeyFileError(f"{path}: not a pbft-ledger key file") from None
+    if mode & 0o077:
+        # Like ssh: a private key others can read (or replace) is no longer private.
+        raise KeyFileError(
+            f"{path}: private key file is readable by others (mode {mode & 0o777:o}); fix with: chmod 600 {path}"
+        )
     lines = text.split()
     if len(lines) < 2 or " ".join(text.splitlines()[:1]) != _KEY_FILE_HEADER:
         raise KeyFileError(f"{path}: not a pbft-ledger key file")

@@ -39,6 +39,7 @@ QUERY_KIND_LENGTH_MAX = 32
 QUERY_NONCE_SIZE = 16
 QUERY_BEHIND = "behind:"  # how a QUERY-REPLY's error starts when the replica is below the query's min_height
 PREPARED_CERTIFICATES_MAX = 4096
+HELLO_SETTINGS_MAX = 64  # protocol settings a HELLO may list
 
 
 def _replica(value: Any, name: str) -> int:
@@ -481,21 +482,30 @@ def encode_blocks_message(encoded_blocks: list[bytes], checkpoint: CheckpointCer
 
 @dataclass(frozen=True, slots=True)
 class Hello:
+    """A replica's first message on a peer link. Besides who it is, it says what network it runs:
+    the genesis hash (replica keys, balances) and its protocol settings, so replicas whose config
+    files drifted apart refuse to talk, naming the difference, instead of misbehaving quietly."""
+
     TAG: ClassVar[str] = "hello"
     network_id: str
     replica_id: int
     challenge: bytes
+    genesis_hash: bytes
+    protocol: tuple[int, ...]  # the [protocol] settings' values, in PROTOCOL_SETTING_NAMES order
 
     def fields(self) -> list[Any]:
-        return [self.network_id, self.replica_id, self.challenge]
+        return [self.network_id, self.replica_id, self.challenge, self.genesis_hash, list(self.protocol)]
 
     @classmethod
     def from_fields(cls, items: list[Any]) -> Hello:
-        expect_list(items, cls.TAG, length=3)
+        expect_list(items, cls.TAG, length=5)
+        protocol = expect_list(items[4], "protocol settings", length_max=HELLO_SETTINGS_MAX)
         return cls(
             expect_text(items[0], "network id", 128),
             _replica(items[1], "replica"),
             expect_bytes(items[2], "challenge", 32),
+            expect_bytes(items[3], "genesis hash", 32),
+            tuple(expect_int(value, "protocol setting", 0, 2**63 - 1) for value in protocol),
         )
 
 

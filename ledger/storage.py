@@ -7,6 +7,8 @@ what lets a replica send a signed message only after it is on disk.
 
 from __future__ import annotations
 
+import fcntl
+import os
 import sqlite3
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -29,6 +31,77 @@ create table if not exists signed_messages (
 
 class StoreError(RuntimeError):
     """The store cannot be opened or its contents fail verification; the message says why."""
+
+
+LOCK_FILE_NAME = "replica.lock"
+
+
+class DirectoryInUse(StoreError):
+    """Another process holds a replica's data directory; the message names it."""
+
+
+def _holder(lock_path: Path) -> str:
+    try:
+        words = lock_path.read_text()[:64].split()
+    except (OSError, UnicodeDecodeError):
+        return "another process"
+    return f"process {words[0]}" if words and words[0].isdigit() else "another process"
+
+
+class DataDirectoryLock:
+    """An exclusive lock on one replica's data directory (flock on DIR/replica.lock), held for
+    the life of the process: two processes never open the same store. The file names the holder's pid."""
+
+    def __init__(self, directory: Path) -> None:
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            self.path = directory / LOCK_FILE_NAME
+            self._descriptor: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as error:
+            raise StoreError(f"{directory}: cannot create the data directory's lock: {error.strerror}") from None
+        try:
+            fcntl.flock(self._descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self._descriptor)
+            self._descriptor = None
+            raise DirectoryInUse(f"{directory}: in use by {_holder(self.path)} (it holds {self.path}); stop it first") from None
+        os.ftruncate(self._descriptor, 0)
+        os.write(self._descriptor, f"{os.getpid()}\n".encode())
+
+    @staticmethod
+    def holder_if_locked(directory: Path) -> str | None:
+        """Who holds the directory's lock right now ("process 1234"), or None if nobody does."""
+        path = directory / LOCK_FILE_NAME
+        try:
+            descriptor = os.open(path, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return _holder(path)
+        finally:
+            os.close(descriptor)  # also releases a lock just taken
+        return None
+
+    def mark_ready(self) -> None:
+        """Add "ready" after the pid: the holder listens on its addresses (what `up` waits for)."""
+        if self._descriptor is not None:
+            os.pwrite(self._descriptor, f"{os.getpid()} ready\n".encode(), 0)
+
+    @staticmethod
+    def ready_holder(directory: Path) -> int | None:
+        """The pid the lock file names as holding the directory and listening, if any."""
+        try:
+            words = (directory / LOCK_FILE_NAME).read_text()[:64].split()
+        except (OSError, UnicodeDecodeError):
+            return None
+        return int(words[0]) if len(words) == 2 and words[0].isdigit() and words[1] == "ready" else None
+
+    def release(self) -> None:
+        if self._descriptor is not None:
+            os.close(self._descriptor)
+            self._descriptor = None
 
 
 class BlockStore:

@@ -58,7 +58,7 @@ def operation_from_plain(plain: Any) -> Operation:
         expect_list(items, "put", length=3)
         key = expect_text(items[1], "put key", KEY_LENGTH_MAX)
         if not key:
-            raise CodecError("put key: empty")
+            raise CodecError("put key is empty")
         value = expect_text(items[2], "put value", VALUE_LENGTH_MAX)
         return Put(key, value)
     raise CodecError(f"operation kind {kind!r} is unknown")

@@ -7,8 +7,10 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from ledger.config import ConfigError, load_template, template_for, write_network
+from ledger.crypto import KeyFileError
 
 EXAMPLES = """\
 examples:
@@ -37,14 +39,63 @@ def _number_list(minimum: int, example: str) -> Callable[[str], list[int]]:
     return parse
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error")
+DEMO_BASE_PORT_MAX = 65535 - 8  # 4 replicas, a peer and a client port each
+
+
+def add_global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
+    """Options taken before or after the command; after it they default to SUPPRESS, so one
+    given before it is not overwritten by the default."""
+    parser.add_argument(
+        "--log-level",
+        type=str.lower,
+        choices=LOG_LEVELS,
+        default=argparse.SUPPRESS if suppress else "info",
+        help="log verbosity, any case (default: info)",
+    )
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Argument errors as one line on stderr (exit 2), like every other error of this program."""
+
+    def error(self, message: str) -> NoReturn:
+        program = self.prog.split()[0]
+        self.exit(2, f"{program}: {message} (see {self.prog} --help)\n")
+
+
+def _at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type for one whole number, at least `minimum`."""
+
+    def parse(text: str) -> int:
+        try:
+            number = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if number < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {number}")
+        return number
+
+    return parse
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is between 1 and 65535, got {port}")
+    return port
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="ledger-node",
         description="Run replicas of a PBFT ledger: n = 3f+1 replicas survive f traitors.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="log verbosity (default: info)")
+    add_global_options(parser, suppress=False)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     init = commands.add_parser("init", help="write keys and configs for a new network", description="Write DIR/replica-<i>.toml and .key for every replica, plus DIR/client.toml and client.key.")
@@ -53,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--out", type=Path, required=True, help="directory to create")
     init.add_argument("--force", action="store_true", help="replace DIR if it exists")
     init.add_argument("--host", help="override the template's host for every replica")
-    init.add_argument("--base-port", type=int, help="override the template's first port (replica i uses base+2i and base+2i+1)")
+    init.add_argument("--base-port", type=_port, help="override the template's first port (replica i uses base+2i and base+2i+1)")
 
     run = commands.add_parser("run", help="run one replica", description="Run one replica until Ctrl-C or SIGTERM.")
     run.add_argument("config", type=Path, help="the replica's config, e.g. net/replica-0.toml")
@@ -63,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--only", type=_number_list(0, "0,2"), help="comma-separated replica ids to start, e.g. 0,2 (default: all)")
 
     simulate = commands.add_parser("simulate", help="run the deterministic simulator", description="Run seeded simulations with message loss, delay, duplication and reordering; every failure prints its seed.")
-    simulate.add_argument("--seeds", type=int, default=100, help="number of seeds to run, starting at --first (default: 100)")
+    simulate.add_argument("--seeds", type=_at_least(1), default=100, help="number of seeds to run, starting at --first (default: 100)")
     simulate.add_argument("--first", type=int, default=0, help="first seed (default: 0)")
     simulate.add_argument("--seed", type=int, help="replay exactly this seed")
     simulate.add_argument("--replicas", type=_number_list(4, "4,7"), default=[4, 7], help="replica counts, e.g. 4,7 (default)")
@@ -74,7 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="init, start a 4-replica network, submit transactions, verify, stop", description="The main job in one command.")
     demo.add_argument("--dir", type=Path, default=Path("demo-net"), help="working directory (default: demo-net, replaced)")
-    demo.add_argument("--base-port", type=int, default=7100, help="first port (default: 7100)")
+    demo.add_argument("--base-port", type=_port, default=7100, help="first port (default: 7100; the demo uses 8)")
+    for command in commands.choices.values():
+        add_global_options(command, suppress=True)
     return parser
 
 
@@ -102,8 +155,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if arguments.command == "demo":
             from node.demo import run_demo
 
+            if arguments.base_port > DEMO_BASE_PORT_MAX:
+                raise ConfigError(f"--base-port: {arguments.base_port} leaves no room for the demo's 8 ports (at most {DEMO_BASE_PORT_MAX})")
             return run_demo(arguments.dir, arguments.base_port)
-    except ConfigError as error:
+    except (ConfigError, KeyFileError) as error:
         print(f"ledger-node: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -118,7 +173,8 @@ def command_init(arguments: argparse.Namespace) -> int:
     if arguments.template is not None:
         template = load_template(arguments.template, arguments.host, arguments.base_port)
     else:
-        template = template_for(arguments.replicas, None, arguments.host or "127.0.0.1", arguments.base_port or 7100)
+        host = arguments.host if arguments.host is not None else "127.0.0.1"
+        template = template_for(arguments.replicas, None, host, arguments.base_port if arguments.base_port is not None else 7100)
     written = write_network(template, arguments.out, arguments.force)
     count = len(template.addresses)
     faults = (count - 1) // 3

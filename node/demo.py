@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from ledger.config import record_in_manifest
+
 CLIENT = [sys.executable, "-m", "client.cli"]
 NODE = [sys.executable, "-m", "node.cli"]
 
@@ -32,8 +34,13 @@ def run_demo(directory: Path, base_port: int) -> int:
     client_config = str(directory / "client.toml")
     template = Path(__file__).resolve().parent.parent / "configs" / "local-4.toml"
     _banner("1. create a 4-replica network (n = 3f + 1 with f = 1): keys and configs")
+    # --force replaces only what an earlier init (or demo) wrote here; anything else makes init refuse.
     init = ["init", str(template), "--out", str(directory), "--force", "--base-port", str(base_port)]
-    _run(NODE + init, ["ledger-node", *init])
+    try:
+        _run(NODE + init, ["ledger-node", *init])
+    except RuntimeError as error:
+        print(f"\ndemo FAILED: {error}", file=sys.stderr, flush=True)
+        return 1
 
     _banner(f"2. start every replica as its own process: ledger-node up {directory}")
     network = subprocess.Popen(
@@ -60,6 +67,7 @@ def run_demo(directory: Path, base_port: int) -> int:
         _banner("4. a new account, then transfers and puts: each needs f+1 = 2 matching signed replies")
         _run(CLIENT + ["keygen", "--out", str(directory / "alice.key"), "--force"], ["ledger-client", "keygen", "--out", str(directory / "alice.key")])
         alice = str(directory / "alice.key")
+        record_in_manifest(directory, ["alice.key"])  # so the next demo's `init --force` may replace it
         client("transfer", alice, "250")
         client("transfer", alice, "50")
         client("put", "greeting", "hello, byzantine world")

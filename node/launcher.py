@@ -11,6 +11,7 @@ from typing import Any
 import trio
 
 from ledger.config import ConfigError, ReplicaConfig, load_replica_config
+from ledger.storage import DataDirectoryLock
 
 STOP_GRACE_S = 10.0
 READY_DEADLINE_S = 30.0
@@ -31,23 +32,33 @@ def find_replica_configs(directory: Path, only: list[int] | None) -> list[Replic
     return configs
 
 
-async def _wait_listening(config: ReplicaConfig) -> bool:
-    address = config.network.replicas[config.replica_id].client_address
+async def _wait_ready(config: ReplicaConfig, process: trio.Process) -> bool:
+    """Whether the process we started is the replica listening: its data directory's lock names
+    it as holder and listening, and it still runs. A port answering proves nothing: another
+    process (another `up`, anything) may hold it, and then our replica fails to start."""
     with trio.move_on_after(READY_DEADLINE_S):
-        while True:
-            try:
-                stream = await trio.open_tcp_stream(address.host, address.port)
-            except OSError:
-                await trio.sleep(0.05)
-                continue
-            await stream.aclose()
-            return True
+        while process.returncode is None:
+            if DataDirectoryLock.ready_holder(config.data_dir) == process.pid:
+                return True
+            await trio.sleep(0.05)
     return False
 
 
 async def run_network(directory: Path, only: list[int] | None, log_level: str) -> int:
     configs = find_replica_configs(directory, only)
     network = configs[0].network
+    # Checked before any log is opened: a replica that is already running (another `up` or
+    # `run`) keeps its store, its log and its ports; each replica also locks its own directory.
+    for config in configs:
+        holder = DataDirectoryLock.holder_if_locked(config.data_dir)
+        if holder is not None:
+            print(
+                f"ledger-node: replica {config.replica_id} is already running ({holder} holds {config.data_dir}); "
+                "stop it first, or start the others with --only",
+                file=sys.stderr,
+                flush=True,
+            )
+            return 1
     logs = directory / "logs"
     logs.mkdir(exist_ok=True)
     print(
@@ -55,6 +66,13 @@ async def run_network(directory: Path, only: list[int] | None, log_level: str) -
         f"(tolerates f={network.faults_tolerated}); logs in {logs}/",
         flush=True,
     )
+    if len(configs) < network.quorum:
+        verb = "is" if len(configs) == 1 else "are"
+        print(
+            f"warning: {len(configs)} of {network.replica_count} replicas {verb} fewer than a quorum ({network.quorum}): "
+            "nothing commits until replicas elsewhere make up the rest",
+            flush=True,
+        )
     processes: dict[int, trio.Process] = {}
     stopping = trio.Event()
     all_exited = trio.Event()
@@ -85,7 +103,7 @@ async def run_network(directory: Path, only: list[int] | None, log_level: str) -
 
             async def report_ready(config: ReplicaConfig, process: trio.Process) -> None:
                 replica = network.replicas[config.replica_id]
-                if await _wait_listening(config):
+                if await _wait_ready(config, process):
                     print(
                         f"replica {config.replica_id}  pid {process.pid:<7}  peers {replica.address}  "
                         f"clients {replica.client_address}  log {logs / f'replica-{config.replica_id}.log'}",

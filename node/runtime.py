@@ -35,11 +35,11 @@ from ledger.messages import (
     encode_message,
 )
 from ledger.sizes import CLIENT_FRAME_SIZE_MAX, blocks_response_budget, blocks_size_max
-from ledger.storage import BlockStore, StoreError
+from ledger.storage import BlockStore, DataDirectoryLock, DirectoryInUse, StoreError
 from node.admission import ClientAdmission, address_key
 from node.core import LOG_KINDS, Effects, ReplicaCore
 from node.queries import answer_query
-from node.transport import PeerTransport
+from node.transport import ListenError, PeerTransport, listen
 
 EVENT_QUEUE_MAX = 10_000
 WAITING_REQUESTS_MAX = 10_000
@@ -143,12 +143,21 @@ class ReplicaRuntime:
             raise StartupError(str(error)) from None
         if self.key.public_key != self.network.replicas[config.replica_id].public_key:
             raise StartupError(f"{config.key_path}: this key is not replica {config.replica_id}'s key in {config.path}")
+        # Before the store is touched: a second process for the same replica (a second `up` or
+        # `run`) must not open its SQLite files, write its logs or answer on its ports.
+        try:
+            self.lock = DataDirectoryLock(config.data_dir)
+        except DirectoryInUse:
+            raise
+        except StoreError as error:
+            raise StartupError(str(error)) from None
         try:
             self.store = BlockStore.open(config.data_dir / "ledger.sqlite3", self.network.genesis_hash)
             application = AccountsApplication(self.network.genesis_balances)
             last_timestamp_ms = replay_chain(self.store, application)
             restored = [(record[0], decode_message(record[3])) for record in self.store.load_messages()]
         except (StoreError, CodecError) as error:
+            self.lock.release()
             raise StartupError(f"{error} (the store is damaged: restore it from a backup or remove it to resync from peers)") from None
         self.core = ReplicaCore(
             self.network,
@@ -191,9 +200,10 @@ class ReplicaRuntime:
         replica = self.network.replicas[self.config.replica_id]
         async with trio.open_nursery() as nursery:
             await nursery.start(self.transport.run)
-            client_listeners = await trio.open_tcp_listeners(replica.client_address.port, host=replica.client_address.host)
+            client_listeners = await listen(replica.client_address)
             nursery.start_soon(trio.serve_listeners, self._serve_client, client_listeners)
             nursery.start_soon(self._event_loop)
+            self.lock.mark_ready()
             log.info(
                 "replica %d of %r ready: peers on %s, clients on %s, height %d, view %d, f=%d",
                 self.config.replica_id,
@@ -214,6 +224,7 @@ class ReplicaRuntime:
 
     def close(self) -> None:
         self.store.close()
+        self.lock.release()
 
     async def _deliver_from_peer(self, peer: int, message: Any) -> None:
         await self.events_send.send(("peer", peer, message))
@@ -460,17 +471,21 @@ class ReplicaRuntime:
 async def serve_replica(config: ReplicaConfig) -> None:
     """Run one replica until SIGINT or SIGTERM, then shut down cleanly."""
     runtime = ReplicaRuntime(config)
+    started = False
     try:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
                 await nursery.start(runtime.run)
+                started = True
                 async for signal_number in signals:
                     log.info("replica %d stopping on %s", config.replica_id, signal.Signals(signal_number).name)
                     nursery.cancel_scope.cancel()
                     break
     finally:
+        height = runtime.store.height
         runtime.close()
-        log.info("replica %d stopped at height %d", config.replica_id, runtime.store.height)
+        if started:  # a replica that never started fails with one line on stderr, nothing more
+            log.info("replica %d stopped at height %d", config.replica_id, height)
 
 
 def first_leaf(error: BaseException) -> BaseException:
@@ -486,7 +501,10 @@ def run_replica_main(config_path: Path) -> int:
         trio.run(serve_replica, config)
     except BaseException as group:  # noqa: BLE001 - unwrapped to one clear line below
         error = first_leaf(group)
-        if isinstance(error, ConfigError | StartupError):
+        if isinstance(error, DirectoryInUse):
+            print(f"ledger-node: replica data directory {error}", file=sys.stderr)
+            return 1
+        if isinstance(error, ConfigError | StartupError | ListenError):
             print(f"ledger-node: {error}", file=sys.stderr)
             return 2
         if isinstance(error, OSError):

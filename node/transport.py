@@ -8,6 +8,7 @@ when its bounded queue is full; the protocol retransmits what matters.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from collections.abc import Awaitable, Callable
@@ -15,7 +16,7 @@ from typing import Any
 
 import trio
 
-from ledger.config import NetworkConfig
+from ledger.config import Address, NetworkConfig
 from ledger.crypto import SigningKey, signing_domain, verify_signature
 from ledger.encoding import CodecError
 from ledger.framing import FramedStream, FrameError, FrameQueue
@@ -33,6 +34,20 @@ HANDSHAKE_TIMEOUT_S = 5.0
 DIAL_BACKOFF_S = (0.05, 2.0)
 
 log = logging.getLogger("node.transport")
+
+
+class ListenError(Exception):
+    """A replica cannot listen on one of its addresses; the message names the address."""
+
+
+async def listen(address: Address) -> list[trio.SocketListener]:
+    """Listeners on `address`, or ListenError naming it (most often: another process has the port)."""
+    try:
+        return await trio.open_tcp_listeners(address.port, host=address.host)
+    except OSError as error:
+        if error.errno == errno.EADDRINUSE:
+            raise ListenError(f"cannot listen on {address}: {address} is already in use by another process") from None
+        raise ListenError(f"cannot listen on {address}: {error.strerror or error}") from None
 
 
 class HandshakeError(Exception):
@@ -95,8 +110,7 @@ class PeerTransport:
                 self.dropped_frames += 1
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        own = self.network.replicas[self.replica_id].address
-        listeners = await trio.open_tcp_listeners(own.port, host=own.host)
+        listeners = await listen(self.network.replicas[self.replica_id].address)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(trio.serve_listeners, self._accept, listeners)
             for peer in self.queues:
@@ -147,13 +161,14 @@ class PeerTransport:
 
     async def _handshake_as_dialer(self, framed: FramedStream, peer: int) -> None:
         challenge = os.urandom(32)
-        await framed.send(encode_message(Hello(self.network.network_id, self.replica_id, challenge)))
+        await framed.send(encode_message(self._hello(challenge)))
         hello = await receive_message(framed)
         proof = await receive_message(framed)
         if not isinstance(hello, Hello) or not isinstance(proof, HelloProof):
             raise HandshakeError("unexpected message during handshake")
         if hello.network_id != self.network.network_id or hello.replica_id != peer:
             raise HandshakeError(f"peer answered as replica {hello.replica_id} of {hello.network_id!r}")
+        self._check_same_settings(hello)
         expected = handshake_signed_bytes("accept", challenge, hello.challenge, self.replica_id, peer)
         if not verify_signature(self.network.replicas[peer].public_key, self.domain, expected, proof.signature):
             raise HandshakeError(f"peer does not hold replica {peer}'s key")
@@ -161,6 +176,16 @@ class PeerTransport:
             self.domain, handshake_signed_bytes("dial", challenge, hello.challenge, self.replica_id, peer)
         )
         await framed.send(encode_message(HelloProof(signature)))
+
+    def _hello(self, challenge: bytes) -> Hello:
+        return Hello(self.network.network_id, self.replica_id, challenge, self.network.genesis_hash, self.network.protocol_values)
+
+    def _check_same_settings(self, hello: Hello) -> None:
+        """Refuse a peer whose config file differs from ours: one edited file must not make one
+        replica quietly run other rules (timeouts, windows, frame sizes) than the rest."""
+        difference = self.network.protocol_difference(hello.genesis_hash, hello.protocol)
+        if difference is not None:
+            raise HandshakeError(f"replica {hello.replica_id}'s config differs from this one's: it has {difference}")
 
     # ---- receiving ----
 
@@ -195,11 +220,12 @@ class PeerTransport:
         peer = hello.replica_id
         if peer >= self.network.replica_count or peer == self.replica_id:
             raise HandshakeError(f"unknown replica {peer}")
+        self._check_same_settings(hello)
         challenge = os.urandom(32)
         signature = self.key.sign(
             self.domain, handshake_signed_bytes("accept", hello.challenge, challenge, peer, self.replica_id)
         )
-        await framed.send(encode_message(Hello(self.network.network_id, self.replica_id, challenge)))
+        await framed.send(encode_message(self._hello(challenge)))
         await framed.send(encode_message(HelloProof(signature)))
         proof = await receive_message(framed)
         expected = handshake_signed_bytes("dial", hello.challenge, challenge, peer, self.replica_id)

@@ -52,7 +52,7 @@ def assert_one_line_failure(result: subprocess.CompletedProcess[str]) -> str:
 
 
 def expected_files(replica_count: int) -> set[str]:
-    names = {"client.toml", "client.key"}
+    names = {"client.toml", "client.key", ".init-manifest.json"}
     for index in range(replica_count):
         names |= {f"replica-{index}.toml", f"replica-{index}.key"}
     return names
@@ -164,11 +164,48 @@ def test_re_init_is_refused_without_force_and_works_with_it(tmp_path: Path) -> N
     assert "already exists" in line and "--force" in line
     assert (out / "replica-0.key").read_text() == first_key
 
-    (out / "stale.txt").write_text("left over")
+    # What a network run leaves behind (stores, logs) belongs to the network init wrote.
+    (out / "data" / "replica-0").mkdir(parents=True)
+    (out / "data" / "replica-0" / "ledger.sqlite3").write_bytes(b"old chain")
+    (out / "logs").mkdir()
+    (out / "logs" / "replica-0.log").write_text("old log")
     result = run_init("--replicas", "7", "--out", out, "--force")
     assert result.returncode == 0, result.stderr
     assert (out / "replica-0.key").read_text() != first_key
     check_network_directory(out, replica_count=7, faults=2, quorum=5, network_id="local-7")
+
+
+def test_force_refuses_a_directory_holding_files_init_did_not_write(tmp_path: Path) -> None:
+    """Regression: `init --force` deleted whatever the directory held (a user's files were gone)."""
+    out = tmp_path / "net"
+    assert run_init("--replicas", "4", "--out", out).returncode == 0
+    (out / "notes.txt").write_text("my notes")
+    line = assert_one_line_failure(run_init("--replicas", "4", "--out", out, "--force"))
+    assert "notes.txt" in line and "not written by" in line
+    assert (out / "notes.txt").read_text() == "my notes"
+    assert (out / "replica-0.key").exists()
+
+
+def test_force_refuses_a_directory_init_never_wrote(tmp_path: Path) -> None:
+    """Regression: `init --out ~/project --force` would have emptied the project."""
+    out = tmp_path / "project"
+    (out / "src").mkdir(parents=True)
+    (out / "src" / "main.py").write_text("print('mine')\n")
+    (out / "README").write_text("mine")
+    line = assert_one_line_failure(run_init("--replicas", "4", "--out", out, "--force"))
+    assert "not written by `ledger-node init`" in line
+    assert (out / "src" / "main.py").read_text() == "print('mine')\n"
+    assert (out / "README").read_text() == "mine"
+
+
+def test_force_refuses_unknown_files_among_the_stores(tmp_path: Path) -> None:
+    out = tmp_path / "net"
+    assert run_init("--replicas", "4", "--out", out).returncode == 0
+    (out / "data" / "backup").mkdir(parents=True)
+    (out / "data" / "backup" / "chain.tar").write_bytes(b"precious")
+    line = assert_one_line_failure(run_init("--replicas", "4", "--out", out, "--force"))
+    assert "backup" in line
+    assert (out / "data" / "backup" / "chain.tar").read_bytes() == b"precious"
 
 
 def test_init_into_an_existing_empty_directory(tmp_path: Path) -> None:
@@ -347,3 +384,64 @@ def test_client_config_errors_name_the_field(network_directory: Path, tmp_path: 
     (tmp_path / "broken.toml").write_text("[network\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_replica_config(tmp_path / "broken.toml")
+
+
+def test_init_writes_an_ipv6_host_in_brackets_and_loads_it_back(tmp_path: Path) -> None:
+    """Regression: `--host ::1` was written as "::1:7100", which no one can tell apart from a port."""
+    out = tmp_path / "net6"
+    result = run_init("--replicas", "4", "--out", out, "--host", "::1", "--base-port", "7400")
+    assert result.returncode == 0, result.stderr
+    assert 'address = "[::1]:7400"' in (out / "replica-0.toml").read_text()
+    replica = load_replica_config(out / "replica-0.toml").network.replicas[0]
+    assert (replica.address.host, replica.address.port, replica.client_address.port) == ("::1", 7400, 7401)
+
+
+def test_overrides_of_a_template_listing_addresses_are_refused(tmp_path: Path) -> None:
+    """Regression: --host and --base-port were silently ignored for a template with addresses."""
+    template = tmp_path / "hosts.toml"
+    addresses = ", ".join(f'"10.0.0.{index}:7100"' for index in range(1, 5))
+    template.write_text(f'[network]\nid = "hosts"\naddresses = [{addresses}]\n')
+    line = assert_one_line_failure(run_init(template, "--out", tmp_path / "net", "--base-port", "9000"))
+    assert "cannot override" in line
+    assert not (tmp_path / "net").exists()
+
+
+@pytest.mark.parametrize("host", ['a"b', "", "two words", "bad_host!"])
+def test_a_template_host_that_is_no_host_is_refused(tmp_path: Path, host: str) -> None:
+    template = tmp_path / "t.toml"
+    template.write_text(VALID_TEMPLATE.replace('host = "127.0.0.1"', f"host = {host!r}".replace("'", '"') if '"' not in host else "host = 'a\"b'"))
+    line = assert_one_line_failure(run_init(template, "--out", tmp_path / "net"))
+    assert "network.host" in line
+
+
+@pytest.mark.parametrize(
+    ("replace", "by", "named"),
+    [
+        ("base_port = 7300", "base-port = 7300", "network.base-port"),
+        ("client_balance = 500", "client_balance = 500\nclient_balanse = 7", "genesis.client_balanse"),
+        ("[genesis]", "[genesys]\nx = 1\n[genesis]", "genesys"),
+    ],
+)
+def test_unknown_template_keys_are_refused(tmp_path: Path, replace: str, by: str, named: str) -> None:
+    """Regression: unknown keys were refused in [protocol] but silently ignored elsewhere."""
+    template = tmp_path / "t.toml"
+    template.write_text(template_with(replace, by))
+    line = assert_one_line_failure(run_init(template, "--out", tmp_path / "net"))
+    assert named in line and "unknown" in line, line
+
+
+@pytest.mark.parametrize(
+    ("replace", "by", "named"),
+    [
+        ('data_dir = "data/replica-0"', 'dta_dir = "elsewhere"', "replica.dta_dir"),
+        ("[[replicas]]\nid = 0\n", "[[replicas]]\nid = 0\nweight = 2\n", "replicas[0].weight"),
+        ('[network]\nid = "local-4"', '[network]\nid = "local-4"\nname = "x"', "network.name"),
+    ],
+)
+def test_unknown_config_keys_are_refused(network_directory: Path, tmp_path: Path, replace: str, by: str, named: str) -> None:
+    text = (network_directory / "replica-0.toml").read_text()
+    assert replace in text
+    path = tmp_path / "replica-0.toml"  # a copy: the directory is shared with other tests
+    path.write_text(text.replace(replace, by, 1))
+    with pytest.raises(ConfigError, match=re.escape(named) + ".*unknown"):
+        load_replica_config(path)

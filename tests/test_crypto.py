@@ -145,7 +145,17 @@ def test_key_file_is_private_and_reads_back(tmp_path: Path) -> None:
 def test_bad_key_files_raise_key_file_error(tmp_path: Path, content: str, message: str) -> None:
     path = tmp_path / "bad.key"
     path.write_text(content)
+    path.chmod(0o600)
     with pytest.raises(KeyFileError, match=message):
+        read_key_file(path)
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o620])
+def test_a_key_file_others_can_open_is_refused_with_the_fix(tmp_path: Path, mode: int) -> None:
+    path = tmp_path / "open.key"
+    write_key_file(path, SigningKey.generate())
+    path.chmod(mode)
+    with pytest.raises(KeyFileError, match=f"mode {mode:o}.*chmod 600"):
         read_key_file(path)
 
 

@@ -75,7 +75,7 @@ SAMPLE_MESSAGES: list[Any] = [
     Status(replica_id=0, view=4, height=99),
     FetchBlocks(from_height=5, count=10),
     Blocks(blocks=tuple(CHAIN)),
-    Hello(network_id="encoding-net", replica_id=1, challenge=HASH),
+    Hello(network_id="encoding-net", replica_id=1, challenge=HASH, genesis_hash=HASH, protocol=(400, 5, 64, 2**62)),
     HelloProof(signature=SIGNATURE),
     Request(transaction=TRANSACTIONS[0]),
     Subscribe(accounts=(NETWORK.client_key.public_key, HASH)),

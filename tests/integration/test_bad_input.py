@@ -11,7 +11,7 @@ import pytest
 import trio
 
 from client.library import Client
-from ledger.config import Address
+from ledger.config import Address, NetworkConfig
 from ledger.crypto import SigningKey, read_key_file, signing_domain
 from ledger.encoding import CodecError, encode
 from ledger.framing import FRAME_HEADER_SIZE, FrameDecoder, frame
@@ -151,8 +151,8 @@ async def test_bad_bytes_on_client_ports_are_refused(network: LocalNetwork, clie
                 errors = [message for message in outcome.messages() if isinstance(message, ErrorReply)]
                 assert errors and errors[0].reason.startswith("malformed message"), f"replica {replica.replica_id}, {name}: {outcome}"
             # Valid messages that a client must not send, or with a forged signature.
-            hello = Hello(network.network.network_id, 0, bytes(32))
-            outcome = await exchange(address, frame(encode_message(hello)), half_close=False, until_error_reply=True)
+            peer_hello = hello(network.network, 0, bytes(32))
+            outcome = await exchange(address, frame(encode_message(peer_hello)), half_close=False, until_error_reply=True)
             assert "unexpected message" in outcome.messages()[-1].reason
             forged = forged_transaction()
             outcome = await exchange(address, frame(encode_message(Request(forged))), half_close=False, until_error_reply=True)
@@ -162,7 +162,6 @@ async def test_bad_bytes_on_client_ports_are_refused(network: LocalNetwork, clie
 
 
 async def test_bad_bytes_on_peer_ports_are_refused(network: LocalNetwork, client: Client) -> None:
-    network_id = network.network.network_id
     with trio.fail_after(DEADLINE_S):
         for replica in network.network.replicas:
             address = replica.address
@@ -176,16 +175,16 @@ async def test_bad_bytes_on_peer_ports_are_refused(network: LocalNetwork, client
                 assert outcome.closed and not outcome.frames, f"replica {replica.replica_id}, {name}"
             other = (replica.replica_id + 1) % network.replica_count
             refused_hellos = {
-                "another-network": Hello("another-network", other, os.urandom(32)),
-                "unknown-replica": Hello(network_id, network.replica_count, os.urandom(32)),
-                "itself": Hello(network_id, replica.replica_id, os.urandom(32)),
+                "another-network": Hello("another-network", other, os.urandom(32), bytes(32), ()),
+                "unknown-replica": hello(network.network, network.replica_count, os.urandom(32)),
+                "itself": hello(network.network, replica.replica_id, os.urandom(32)),
                 "status-instead": Status(other, 0, 1),
             }
             for name, message in refused_hellos.items():
                 outcome = await exchange(address, frame(encode_message(message)), half_close=False)
                 assert outcome.closed and not outcome.frames, f"replica {replica.replica_id}, {name}"
             # A good hello, then a proof not made with the claimed replica's key.
-            impostor = frame(encode_message(Hello(network_id, other, os.urandom(32)))) + frame(
+            impostor = frame(encode_message(hello(network.network, other, os.urandom(32)))) + frame(
                 encode_message(HelloProof(bytes(64)))
             )
             outcome = await exchange(address, impostor, half_close=False)
@@ -194,20 +193,26 @@ async def test_bad_bytes_on_peer_ports_are_refused(network: LocalNetwork, client
         await assert_network_still_commits(network, client, "after-peer-port-garbage")
 
 
-async def handshake_as(stream: trio.SocketStream, network_id: str, key: SigningKey, claimed: int, target: int) -> None:
+def hello(network: NetworkConfig, replica_id: int, challenge: bytes) -> Hello:
+    """A HELLO as a replica of `network` sends it (same genesis, same protocol settings)."""
+    return Hello(network.network_id, replica_id, challenge, network.genesis_hash, network.protocol_values)
+
+
+async def handshake_as(stream: trio.SocketStream, network: NetworkConfig, key: SigningKey, claimed: int, target: int) -> None:
     """Complete the dialer side of the peer handshake, as replica `claimed` holding its real key."""
+    network_id = network.network_id
     decoder = FrameDecoder()
     challenge = os.urandom(32)
-    await stream.send_all(frame(encode_message(Hello(network_id, claimed, challenge))))
+    await stream.send_all(frame(encode_message(hello(network, claimed, challenge))))
     received: list[Any] = []
     while len(received) < 2:
         data = await stream.receive_some(65536)
         assert data, "the replica closed the connection during the handshake"
         received.extend(decode_message(payload) for payload in decoder.feed(data))
-    hello, _ = received
-    assert isinstance(hello, Hello) and hello.replica_id == target
+    answer, _ = received
+    assert isinstance(answer, Hello) and answer.replica_id == target
     domain = signing_domain(network_id, "handshake")
-    proof = HelloProof(key.sign(domain, handshake_signed_bytes("dial", challenge, hello.challenge, claimed, target)))
+    proof = HelloProof(key.sign(domain, handshake_signed_bytes("dial", challenge, answer.challenge, claimed, target)))
     await stream.send_all(frame(encode_message(proof)))
 
 
@@ -224,7 +229,6 @@ async def wait_for_log(network: LocalNetwork, replica_id: int, phrase: str, coun
 
 async def test_authenticated_peer_sending_nonsense_does_not_crash_a_replica(network: LocalNetwork, client: Client) -> None:
     network_config = network.network
-    network_id = network_config.network_id
     status = await wait_for_agreement(client)
     next_sequence = status.height + 1
     with trio.fail_after(DEADLINE_S):
@@ -244,13 +248,13 @@ async def test_authenticated_peer_sending_nonsense_does_not_crash_a_replica(netw
                 encode_message(Request(forged_transaction())),
                 encode_message(Query(1, "account", bytes(32), 0, bytes(16))),  # client messages on a peer link
                 encode_message(StatusQuery(1)),
-                encode_message(Hello(network_id, claimed, bytes(32))),
+                encode_message(hello(network_config, claimed, bytes(32))),
                 # Last, so that once it is reported every message before it has been through the core.
                 encode_message(Commit(0, next_sequence, bytes(32), claimed, bytes(64))),
             ]
             stream = await trio.open_tcp_stream(replica.address.host, replica.address.port)
             async with stream:
-                await handshake_as(stream, network_id, key, claimed, target)
+                await handshake_as(stream, network_config, key, claimed, target)
                 await stream.send_all(b"".join(frame(payload) for payload in nonsense))
                 await wait_for_log(network, target, f"dropped a malformed message from replica {claimed}", len(MALFORMED_MESSAGES))
                 await wait_for_log(network, target, f"rejected: bad commit signature: replica {claimed}")
