@@ -422,6 +422,7 @@ class Simulation:
         self.client_view = 0
         self.partition_round = -1
         self.partition_side: set[int] | None = None
+        self.last_receipt_ms = 0  # when a client last accepted a receipt
 
     def _new_core(self, index: int, replica: SimulatedReplica | None) -> ReplicaCore:
         """A fresh core; after a crash, rebuilt from the replica's disk exactly as the runtime does."""
@@ -958,6 +959,7 @@ class Simulation:
                 continue
             del client.in_flight[reply.transaction_id]
             client.receipts.append(receipt)
+            self.last_receipt_ms = self.now_ms
             self.client_view = max(self.client_view, receipt.view)
             if receipt.result.ok:
                 client.accepted_ok += 1
