@@ -12,9 +12,17 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from node.cli import OneLineParser
+from node.cli import OneLineParser, _at_least
 from node.scenario_sim import run_in_simulator
-from node.scenarios import REPLICA_COUNTS, ScenarioError, ScenarioFile, Setup, load_scenario, scenario_names, scenario_path
+from node.scenarios import (
+    REPLICA_COUNTS,
+    ScenarioError,
+    ScenarioFile,
+    Setup,
+    load_scenario,
+    scenario_names,
+    scenario_path,
+)
 from node.traitors import BEHAVIOURS
 from node.verdict import RunRecord, Verdict, judge, render
 
@@ -125,7 +133,7 @@ def replay_command(scenario: ScenarioFile, verdict: Verdict) -> str:
 
 def command_run(arguments: argparse.Namespace) -> int:
     if not arguments.sim:
-        raise ScenarioCommandError("real-process runs are not yet available: use --sim")
+        raise ScenarioCommandError("running real replica processes: not yet: use --sim")
     if arguments.all == (arguments.name is not None):
         raise ScenarioCommandError("give a scenario NAME or --all")
     if arguments.all:
@@ -195,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("name", nargs="?", help="a scenario name (see list) or a path to a .toml file")
     run.add_argument("--all", action="store_true", help="every scenario, at every size it is written for")
     run.add_argument("--replicas", type=int, choices=REPLICA_COUNTS, help="network size (default: the file's first)")
-    run.add_argument("--seed", type=int, help="replay with this seed (default: the file's)")
+    run.add_argument("--seed", type=_at_least(0), help="replay with this seed (default: the file's)")
     run.add_argument("--json", action="store_true", help="the verdict as JSON on stdout")
     run.add_argument("--sim", action="store_true", help="run in the deterministic simulator (the seed replays it exactly)")
     return parser
