@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -220,6 +221,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ScenarioError, ScenarioCommandError) as error:
         print(f"{PROGRAM}: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader went away (`ledger-scenario list | head`): stop quietly, as other tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

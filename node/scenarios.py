@@ -31,6 +31,7 @@ TIMELINE_EVENTS_MAX = 64
 BEHAVIOURS_PER_TRAITOR_MAX = 8
 EVIDENCE_MAX = 16
 TEXT_MAX = 400
+FILE_SIZE_MAX = 256 * 1024
 SEED_MAX = 2**32
 PARAMETER_NUMBER_MAX = 1_000_000
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
@@ -221,10 +222,13 @@ def scenario_names(directory: Path = SCENARIO_DIRECTORY) -> list[str]:
 def load_scenario(path: Path) -> ScenarioFile:
     try:
         with open(path, "rb") as file:
-            document = tomllib.load(file)
+            data = file.read(FILE_SIZE_MAX + 1)
+        if len(data) > FILE_SIZE_MAX:
+            raise ScenarioError(f"{path}: larger than {FILE_SIZE_MAX} bytes")
+        document = tomllib.loads(data.decode("utf-8"))
     except FileNotFoundError:
         raise ScenarioError(f"{path}: no such scenario file") from None
-    except (OSError, tomllib.TOMLDecodeError) as error:
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
         raise ScenarioError(f"{path}: {error}") from None
     return parse_scenario(path, document)
 

@@ -279,5 +279,23 @@ def test_a_bad_file_through_the_cli_is_one_line_naming_the_file_and_key(tmp_path
     assert result.returncode == 2 and len(result.stderr.splitlines()) == 1 and str(broken) in result.stderr
 
 
+def test_an_oversized_or_undecodable_file_is_refused(tmp_path: Path) -> None:
+    huge = tmp_path / "huge.toml"
+    huge.write_text("# " + "x" * 300_000)
+    with pytest.raises(ScenarioError, match="larger than 262144 bytes"):
+        load_scenario(huge)
+    binary = tmp_path / "binary.toml"
+    binary.write_bytes(b"\xff\xfe description")
+    with pytest.raises(ScenarioError, match="binary.toml"):
+        load_scenario(binary)
+
+
+def test_list_into_a_closed_pipe_stops_quietly() -> None:
+    result = subprocess.run(
+        f"{sys.executable} -m node.scenario_cli list | head -1", shell=True, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert "Traceback" not in result.stderr and len(result.stdout.splitlines()) == 1
+
+
 def test_every_shipped_file_sits_in_the_scenario_directory() -> None:
     assert SCENARIO_DIRECTORY.is_dir() and len(scenario_names()) >= len(BEHAVIOURS)
