@@ -9,6 +9,7 @@ and ByzzFuzz-style random partitions come and go; the invariants are checked ove
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import heapq
@@ -17,12 +18,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from client.quorum import Receipt, ReplyQuorum
+from client.quorum import QueryQuorum, Receipt, ReplyQuorum
 from ledger.application import AccountsApplication, is_final
 from ledger.blocks import Block, ChainError, verify_certificate, verify_execution
 from ledger.config import Address, NetworkConfig, ProtocolSettings, ReplicaInfo
 from ledger.crypto import PublicKeyCache, SigningKey, signing_domain
 from ledger.messages import (
+    QUERY_NONCE_SIZE,
     Blocks,
     Checkpoint,
     CheckpointCertificate,
@@ -33,12 +35,15 @@ from ledger.messages import (
     PreparedCertificate,
     PrePrepare,
     PrePrepareHeader,
+    Query,
+    QueryReply,
     Reply,
     ViewChange,
 )
 from ledger.transactions import Put, Transaction, Transfer, sign_transaction, transaction_domain
 from node.collusion import Coalition
 from node.core import LOG_KINDS, Persist, Prune, ReplicaCore
+from node.queries import answer_query
 from node.traitors import BEHAVIOURS, BehaviourSpec, Traitor, TraitorSpec, make_traitor
 
 CoreFactory = Callable[..., ReplicaCore]
@@ -412,6 +417,8 @@ class Simulation:
         self.now_ms = 0
         self.steps = 0
         self.committed: dict[int, Block] = {}  # the first honest block at each height
+        self.key_writes: dict[str, list[tuple[int, str]]] = {}  # key -> (height, value), honest chain
+        self.query_domain = signing_domain(self.network.network_id, "query-reply")
         self.signed_digests: dict[tuple[int, str, int, int], bytes] = {}
         self.checked_messages: dict[int, Any] = {}
         self.receipts_by_height: dict[int, list[Receipt]] = {}
@@ -848,6 +855,8 @@ class Simulation:
         if honest and block.header.parent_hash != expected_parent:
             raise self.fail(f"hash chain: replica {index} block {block.height} does not link to its parent")
         if honest:
+            if block.height not in self.committed:
+                self.record_writes(block)
             agreed = self.committed.setdefault(block.height, block)
             if agreed.block_hash != block.block_hash:
                 holders = tuple(
@@ -963,22 +972,91 @@ class Simulation:
             self.client_view = max(self.client_view, receipt.view)
             if receipt.result.ok:
                 client.accepted_ok += 1
-            elif self.scenario.pipeline_depth > 1 and receipt.result.reason.startswith("bad nonce"):
-                # Pipelined nonces may be ordered out of turn; the receipt is final, the client
-                # signs later work afresh from the account's real nonce.
-                self.failed_receipts[receipt.transaction_id] = receipt
-                client.resynchronise = True
             else:
+                # Pipelined nonces may be ordered out of turn, but such a transaction is deferred,
+                # never failed: no replica signs a result for it until it executes.
                 raise self.fail(f"validity: a well-formed transaction failed: {receipt.result.reason}")
             self.receipts_by_height.setdefault(receipt.height, []).append(receipt)
             self.check_receipt(receipt)
-            self.check_client_reads(client, receipt)
+            self.check_client_reads(client, receipt, waiting.transaction)
 
-    def check_client_reads(self, client: SimulatedClient, receipt: Receipt) -> None:
-        """Hook for read-your-writes: after a client accepts `receipt`, a read it makes (through
-        the Query/QueryReply path and client/quorum.py QueryQuorum) must reflect that write.
-        Reads are not simulated yet, so there is nothing to check here until they are."""
+    def check_client_reads(self, client: SimulatedClient, receipt: Receipt, transaction: Transaction) -> None:
+        """Read-your-writes, through the real read path: right after a client accepts the receipt
+        of its put, it reads the key from state at or above the receipt's height (node/queries.py
+        answers, client/quorum.py QueryQuorum decides). The slowest replicas answer first, and every
+        traitor answers with the value from before the write, claiming the receipt's height: the
+        attack that a read needing 2f + 1 answers, with no floor, used to lose to. An accepted
+        answer must be the key's value at some honest height at or above the receipt's."""
+        operation = transaction.operation
+        if not isinstance(operation, Put) or not receipt.result.ok:
+            return
+        nonce = hashlib.sha256(receipt.transaction_id).digest()[:QUERY_NONCE_SIZE]
+        query = Query(len(client.receipts), "get", operation.key, receipt.height, nonce)
+        answers = []
+        for index, replica in enumerate(self.replicas):
+            if not self.reachable(index):
+                continue
+            if index in self.traitors:
+                stale = self.key_value_at(operation.key, receipt.height - 1)
+                unsigned = QueryReply(query.query_id, query.digest, index, receipt.height, stale, "")
+            else:
+                core = replica.core
+                unsigned = answer_query(query, index, core.application, core.height, SimulatedLedger(replica.chain))
+            signature = self.replica_keys[index].sign(self.query_domain, unsigned.signed_bytes())
+            answers.append(dataclasses.replace(unsigned, signature=signature))
+        quorum = QueryQuorum(self.network, query, check=self.verify)
+        for reply in sorted(answers, key=lambda answer: (answer.height, answer.replica_id)):
+            if quorum.add(reply) is not None:
+                break
+        if quorum.answer is None:
+            return  # too few replicas at the floor yet: a real client asks again a little later
+        value = quorum.answer.result
+        if value not in self.key_values_since(operation.key, receipt.height):
+            raise self.fail(
+                f"read-your-writes: after its put of {operation.key!r} was confirmed at height {receipt.height}, "
+                f"a client read {value!r} (vouched at height {quorum.vouched_height})"
+            )
+
+    def record_writes(self, block: Block) -> None:
+        """The honest chain's history of each key, to judge reads against."""
+        for transaction, result in zip(block.transactions, block.results, strict=True):
+            if result.ok and isinstance(transaction.operation, Put):
+                self.key_writes.setdefault(transaction.operation.key, []).append((block.height, transaction.operation.value))
+
+    def key_value_at(self, key: str, height: int) -> str | None:
+        value = None
+        for written_at, written in self.key_writes.get(key, ()):
+            if written_at > height:
+                break
+            value = written
+        return value
+
+    def key_values_since(self, key: str, height: int) -> set[str | None]:
+        """Every value the key held at some honest height at or above `height`."""
+        values = {self.key_value_at(key, height)}
+        values.update(written for written_at, written in self.key_writes.get(key, ()) if written_at > height)
+        return values
+
+
+@dataclass
+class SimulatedLedger:
+    """A simulated replica's chain, as node/queries.py reads the block store."""
+
+    chain: list[Block]
+
+    @property
+    def height(self) -> int:
+        return len(self.chain)
+
+    def locate_transaction(self, transaction_id: bytes) -> tuple[int, int] | None:
+        for block in self.chain:
+            for index, transaction in enumerate(block.transactions):
+                if transaction.transaction_id == transaction_id:
+                    return block.height, index
         return None
+
+    def block_hash(self, height: int) -> bytes | None:
+        return self.chain[height - 1].block_hash if 1 <= height <= len(self.chain) else None
 
 
 def run_simulation(scenario: Scenario) -> SimulationReport:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
+from typing import Any
 
 import pytest
 
-from ledger.messages import NewView, PreparedCertificate, PrePrepareHeader, ViewChange
+from ledger.messages import NewView, PreparedCertificate, PrePrepareHeader, Query, ViewChange
 from ledger.transactions import Put, TransactionResult, sign_transaction
 from node.cli import main
 from node.core import ReplicaCore
@@ -340,3 +341,23 @@ def test_hole_1_a_forged_null_batch_certificate_does_not_stall_later_views() -> 
         time_limit_ms=30_000,
     )
     run_simulation(scenario)
+
+
+class FloorlessQuery(Query):
+    """Hole 3 as it was: reads asked with no floor, so any 2f + 1 matching answers count."""
+
+    def __init__(self, query_id: int, kind: str, argument: Any, min_height: int, nonce: bytes) -> None:
+        super().__init__(query_id, kind, argument, 0, nonce)
+
+
+def test_reads_keep_the_clients_own_writes_and_a_read_without_a_floor_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After every confirmed put the simulated client reads the key back through the real read path,
+    slowest replicas first, with every traitor answering the value from before the write. With the
+    read floor the read always sees the write; without it (as before hole 3 was closed) seeds 3 and
+    4 read a value the write had replaced."""
+    for seed in (3, 4):
+        run_simulation(Scenario.from_seed(seed, 4, adversarial=True))
+    monkeypatch.setattr("node.simulator.Query", FloorlessQuery)
+    for seed in (3, 4):
+        with pytest.raises(SimulationFailure, match="read-your-writes"):
+            run_simulation(Scenario.from_seed(seed, 4, adversarial=True))
