@@ -580,7 +580,12 @@ class Simulation:
             if location is not None:
                 # As the runtime does from its store: a request already executed gets its reply again.
                 height, position = location
-                self.transmit("reply", replica.core.signed_reply(replica.chain[height - 1], position))
+                reply = replica.core.signed_reply(replica.chain[height - 1], position)
+                traitor = self.traitor_wrappers.get(receiver)
+                if traitor is not None:
+                    reply = traitor.reply(reply, self.now_ms)
+                if reply is not None:
+                    self.transmit("reply", reply)
                 return
             traitor = self.traitor_wrappers.get(receiver)
             if traitor is not None and not traitor.receive_request(transaction, self.now_ms):
@@ -661,8 +666,10 @@ class Simulation:
                 if twin_side is not None and (target in twin_side) != (replica is self.twins[index]):
                     continue  # each twin talks only to its own side
                 self.transmit("deliver", (index, target, send.message))
-        for reply in effects.replies:
-            self.transmit("reply", reply.reply)
+        for client_reply in effects.replies:
+            reply = client_reply.reply if traitor is None else traitor.reply(client_reply.reply, self.now_ms)
+            if reply is not None:
+                self.transmit("reply", reply)
 
     def check_signed(self, index: int, kind: str, view: int, sequence: int, digest: bytes) -> None:
         """No honest replica signs two different pre-prepares, prepares or commits for one slot,
