@@ -56,7 +56,7 @@ TIMESTAMP_SKEW_MS = 5_000
 CHECKED_MESSAGES_MAX = 10_000
 
 # The behaviour vocabulary the adversarial mode draws from, and which of them act as primary.
-PRIMARY_BEHAVIOURS = ("equivocating_primary", "nonce_reorder", "extreme_timestamps")
+PRIMARY_BEHAVIOURS = ("equivocating_primary", "nonce_reorder", "extreme_timestamps", "censoring_primary", "slow_primary")
 ANY_REPLICA_BEHAVIOURS = (
     "off_by_one",
     "other_digest",
@@ -68,6 +68,8 @@ ANY_REPLICA_BEHAVIOURS = (
     "forged_view_change",
     "view_change_flood",
     "lying_block_server",
+    "wrong_replies",
+    "malformed_sender",
 )
 MESSAGE_KINDS = ("PrePrepare", "Prepare", "Commit", "Checkpoint", "ViewChange", "NewView", "BatchContent", "Status", "Blocks")
 
@@ -153,7 +155,7 @@ class Scenario:
                 end = draw.randint(start + 1, horizon)
                 kind = draw.choice(kinds + ["traitor"] * 6) if adversarial else draw.choice(["crash", "crash", "stall", "partition"])
                 if kind == "traitor":
-                    traitors.append(_draw_traitor(draw, replica, replica_count, horizon))
+                    traitors.append(_draw_traitor(draw, replica, replica_count, horizon, seed, overrides.get("clients", cls.clients)))
                 else:
                     {"crash": crashes, "torn-crash": torn, "stall": stalls, "partition": partitions}[kind].append((replica, start, end))
             values.update(
@@ -192,7 +194,7 @@ class Scenario:
         return command
 
 
-def _draw_traitor(draw: random.Random, replica: int, replica_count: int, horizon: int) -> TraitorSpec:
+def _draw_traitor(draw: random.Random, replica: int, replica_count: int, horizon: int, seed: int, clients: int) -> TraitorSpec:
     """One to three behaviours (or twins, alone), each with its parameters and start time."""
     peers = [peer for peer in range(replica_count) if peer != replica]
 
@@ -233,6 +235,16 @@ def _draw_traitor(draw: random.Random, replica: int, replica_count: int, horizon
             parameters = (("choice", draw.choice(["any", "zero", "maximum", "past", "future"])),)
         elif name == "lying_block_server":
             parameters = (("mode", draw.choice(["any", "results", "transactions", "certificate", "link"])),)
+        elif name == "wrong_replies":
+            parameters = (("mode", draw.choice(["any", "result", "height", "index", "block"])), ("rate", draw.choice([0.5, 1.0])))
+        elif name == "censoring_primary":
+            account = "any_one" if draw.random() < 0.7 else _key(seed, "client", draw.randrange(clients)).public_key.hex()
+            parameters = (("account", account),)
+        elif name == "slow_primary":
+            parameters = (("fraction", draw.choice([0.5, 0.9, 1.5])),)
+        elif name == "malformed_sender":
+            kinds = () if draw.random() < 0.5 else (draw.choice(["signature", "type"]),)
+            parameters = (("rate", draw.choice([0.1, 0.3, 1.0])), ("burst", draw.choice([1, 3])), ("kinds", kinds))
         behaviours.append(BehaviourSpec(name, start(), parameters))
     return TraitorSpec(replica, tuple(behaviours))
 
