@@ -56,7 +56,7 @@ TIMESTAMP_SKEW_MS = 5_000
 CHECKED_MESSAGES_MAX = 10_000
 
 # The behaviour vocabulary the adversarial mode draws from, and which of them act as primary.
-PRIMARY_BEHAVIOURS = ("equivocating_primary", "nonce_reorder", "extreme_timestamps", "censoring_primary", "slow_primary")
+PRIMARY_BEHAVIOURS = ("equivocating_primary", "nonce_reorder", "extreme_timestamps")
 ANY_REPLICA_BEHAVIOURS = (
     "off_by_one",
     "other_digest",
@@ -68,9 +68,13 @@ ANY_REPLICA_BEHAVIOURS = (
     "forged_view_change",
     "view_change_flood",
     "lying_block_server",
-    "wrong_replies",
-    "malformed_sender",
 )
+# Behaviours added later, drawn from a random source of their own and added to the traitors drawn
+# above, so that every seed keeps the rest of its scenario (seeds named in tests and scenario files
+# still replay what they were chosen for; `--exclude` these to get exactly the scenario of before).
+ADDED_PRIMARY_BEHAVIOURS = ("censoring_primary", "slow_primary")
+ADDED_ANY_REPLICA_BEHAVIOURS = ("wrong_replies", "malformed_sender")
+ADDED_BEHAVIOUR_RATE = 0.4
 MESSAGE_KINDS = ("PrePrepare", "Prepare", "Commit", "Checkpoint", "ViewChange", "NewView", "BatchContent", "Status", "Blocks")
 
 
@@ -155,9 +159,11 @@ class Scenario:
                 end = draw.randint(start + 1, horizon)
                 kind = draw.choice(kinds + ["traitor"] * 6) if adversarial else draw.choice(["crash", "crash", "stall", "partition"])
                 if kind == "traitor":
-                    traitors.append(_draw_traitor(draw, replica, replica_count, horizon, seed, overrides.get("clients", cls.clients)))
+                    traitors.append(_draw_traitor(draw, replica, replica_count, horizon))
                 else:
                     {"crash": crashes, "torn-crash": torn, "stall": stalls, "partition": partitions}[kind].append((replica, start, end))
+            clients = overrides.get("clients", cls.clients)
+            traitors = [_add_behaviour(spec, seed, replica_count, horizon, clients) for spec in traitors]
             values.update(
                 crashes=tuple(crashes), torn_crashes=tuple(torn), stalls=tuple(stalls), partitions=tuple(partitions), traitors=tuple(traitors)
             )
@@ -194,7 +200,7 @@ class Scenario:
         return command
 
 
-def _draw_traitor(draw: random.Random, replica: int, replica_count: int, horizon: int, seed: int, clients: int) -> TraitorSpec:
+def _draw_traitor(draw: random.Random, replica: int, replica_count: int, horizon: int) -> TraitorSpec:
     """One to three behaviours (or twins, alone), each with its parameters and start time."""
     peers = [peer for peer in range(replica_count) if peer != replica]
 
@@ -235,18 +241,32 @@ def _draw_traitor(draw: random.Random, replica: int, replica_count: int, horizon
             parameters = (("choice", draw.choice(["any", "zero", "maximum", "past", "future"])),)
         elif name == "lying_block_server":
             parameters = (("mode", draw.choice(["any", "results", "transactions", "certificate", "link"])),)
-        elif name == "wrong_replies":
-            parameters = (("mode", draw.choice(["any", "result", "height", "index", "block"])), ("rate", draw.choice([0.5, 1.0])))
-        elif name == "censoring_primary":
-            account = "any_one" if draw.random() < 0.7 else _key(seed, "client", draw.randrange(clients)).public_key.hex()
-            parameters = (("account", account),)
-        elif name == "slow_primary":
-            parameters = (("fraction", draw.choice([0.5, 0.9, 1.5])),)
-        elif name == "malformed_sender":
-            kinds = () if draw.random() < 0.5 else (draw.choice(["signature", "type"]),)
-            parameters = (("rate", draw.choice([0.1, 0.3, 1.0])), ("burst", draw.choice([1, 3])), ("kinds", kinds))
         behaviours.append(BehaviourSpec(name, start(), parameters))
     return TraitorSpec(replica, tuple(behaviours))
+
+
+def _add_behaviour(spec: TraitorSpec, seed: int, replica_count: int, horizon: int, clients: int) -> TraitorSpec:
+    """Maybe one of the later behaviours on top of a drawn traitor, from a random source of its own."""
+    draw = random.Random(f"scenario-added/{seed}/{replica_count}/{spec.replica_id}")
+    if any(behaviour.name == "twins" for behaviour in spec.behaviours) or draw.random() >= ADDED_BEHAVIOUR_RATE:
+        return spec
+    if spec.replica_id == 0 and draw.random() < 0.5:
+        name = draw.choice(ADDED_PRIMARY_BEHAVIOURS)
+    else:
+        name = draw.choice(ADDED_ANY_REPLICA_BEHAVIOURS + ADDED_PRIMARY_BEHAVIOURS)
+    parameters: tuple[tuple[str, Any], ...] = ()
+    if name == "wrong_replies":
+        parameters = (("mode", draw.choice(["any", "result", "height", "index", "block"])), ("rate", draw.choice([0.5, 1.0])))
+    elif name == "censoring_primary":
+        account = "any_one" if draw.random() < 0.7 else _key(seed, "client", draw.randrange(clients)).public_key.hex()
+        parameters = (("account", account),)
+    elif name == "slow_primary":
+        parameters = (("fraction", draw.choice([0.5, 0.9, 1.5])),)
+    elif name == "malformed_sender":
+        kinds = () if draw.random() < 0.5 else (draw.choice(["signature", "type"]),)
+        parameters = (("rate", draw.choice([0.1, 0.3, 1.0])), ("burst", draw.choice([1, 3])), ("kinds", kinds))
+    start_ms = 0 if draw.random() < 0.5 else draw.randint(0, horizon)
+    return TraitorSpec(spec.replica_id, (*spec.behaviours, BehaviourSpec(name, start_ms, parameters)))
 
 
 @dataclass

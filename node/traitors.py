@@ -59,8 +59,6 @@ FLOOD_VIEWS_AHEAD_MAX = 1_000
 # What a malformed sender may add per round of sends, and the size of one raw frame it makes.
 MALFORMED_PER_ROUND_MAX = 16
 RAW_FRAME_SIZE_MAX = 4096
-# Raw frames waiting for the transport to take them (a host that never takes them loses the oldest).
-RAW_FRAMES_WAITING_MAX = 256
 
 # What `withhold` and `deaf` may name in `kinds`: the messages replicas exchange ("Blocks" also
 # stands for answering block fetches).
