@@ -722,6 +722,7 @@ class SlowPrimary(Behaviour):
             raise ValueError(f"fraction: expected a number from 0 to 10, got {fraction}")
         self.fraction = fraction
         self.held: deque[tuple[int, Send]] = deque()
+        self.delayed = 0
 
     def outgoing(self, context: TraitorContext, sends: list[Send]) -> list[Send]:
         result = []
@@ -731,6 +732,7 @@ class SlowPrimary(Behaviour):
         for send in sends:
             if own_pre_prepare(context, send.message) and len(self.held) < DELAYED_SENDS_MAX:
                 self.held.append((context.now_ms + hold_ms, send))
+                self.delayed += 1
             else:
                 result.append(send)
         return result
