@@ -37,6 +37,7 @@ from ledger.messages import (
     ViewChange,
 )
 from ledger.transactions import Put, Transaction, Transfer, sign_transaction, transaction_domain
+from node.collusion import Coalition
 from node.core import LOG_KINDS, Persist, Prune, ReplicaCore
 from node.traitors import BEHAVIOURS, BehaviourSpec, Traitor, TraitorSpec, make_traitor
 
@@ -54,6 +55,9 @@ SIGNATURE_CHECKS_PER_SIGNATURE_MAX = 32
 # reads the same clock, so honest primaries stay far inside this).
 TIMESTAMP_SKEW_MS = 5_000
 CHECKED_MESSAGES_MAX = 10_000
+# Messages a traitor's core made that are remembered, to tell what went out unchanged from what
+# the traitor rewrote or made up (a delayed message released later still counts as unchanged).
+CORE_MESSAGES_REMEMBERED_MAX = 10_000
 
 # The behaviour vocabulary the adversarial mode draws from, and which of them act as primary.
 PRIMARY_BEHAVIOURS = ("equivocating_primary", "nonce_reorder", "extreme_timestamps")
@@ -80,7 +84,35 @@ MESSAGE_KINDS = ("PrePrepare", "Prepare", "Commit", "Checkpoint", "ViewChange", 
 
 class SimulationFailure(AssertionError):
     """An invariant broke, or the network did not finish; the message starts with the seed and
-    ends with the command that replays it."""
+    ends with the command that replays it. `invariant` names what broke ("agreement", "liveness",
+    ...); for agreement, `conflict` holds the two blocks and the replicas that committed them."""
+
+    def __init__(self, text: str, invariant: str = "", conflict: Conflict | None = None) -> None:
+        super().__init__(text)
+        self.invariant = invariant
+        self.conflict = conflict
+
+
+@dataclass(frozen=True)
+class Conflict:
+    """Two honest replicas committed different blocks at one height (the agreement invariant)."""
+
+    height: int
+    first: Block
+    first_replicas: tuple[int, ...]
+    second: Block
+    second_replica: int
+
+
+@dataclass
+class TraitorActivity:
+    """What one traitor did, measured at its boundary (distinct message objects per round)."""
+
+    core_messages: int = 0  # what its honest core asked to send
+    sent_unchanged: int = 0  # what went out as its core made it (now or earlier)
+    sent_forged: int = 0  # what went out that its core never made: rewritten, made up, replayed
+    received_ignored: int = 0  # messages and requests it kept from its core
+    remembered: dict[int, Any] = field(default_factory=dict, repr=False)
 
 
 @dataclass
@@ -120,6 +152,9 @@ class Scenario:
     # to sweep past known holes until they are fixed; the replay command names them.
     excluded: tuple[str, ...] = ()
     overrides: tuple[str, ...] = ()
+    # Beyond the bound (node/collusion.py): the traitors collude and show these honest replicas a
+    # second signed history of every slot. Empty: no coalition.
+    collusion_side: tuple[int, ...] = ()
 
     @classmethod
     def from_seed(
@@ -389,6 +424,13 @@ class Simulation:
             for spec in self.traitor_specs
         }
         self.traitors = set(self.traitor_wrappers)
+        self.traitor_activity = {index: TraitorActivity() for index in self.traitor_wrappers}
+        self.coalition: Coalition | None = None
+        if scenario.collusion_side:
+            if set(scenario.collusion_side) & self.traitors:
+                raise ValueError("the collusion side holds honest replicas, not traitors")
+            keys = {index: self.replica_keys[index] for index in sorted(self.traitors)}
+            self.coalition = Coalition(self.network, keys, self.domains, scenario.collusion_side, scenario.seed)
         # Twins: a second honest instance of a traitor's key, serving the peers on its side.
         self.twins: dict[int, SimulatedReplica] = {}
         self.twin_sides: dict[int, set[int]] = {}
@@ -412,6 +454,7 @@ class Simulation:
         self.client_view = 0
         self.partition_round = -1
         self.partition_side: set[int] | None = None
+        self.last_receipt_ms = 0  # when a client last accepted a receipt
 
     def _new_core(self, index: int, replica: SimulatedReplica | None) -> ReplicaCore:
         """A fresh core; after a crash, rebuilt from the replica's disk exactly as the runtime does."""
@@ -447,13 +490,13 @@ class Simulation:
 
         return check
 
-    def fail(self, text: str) -> SimulationFailure:
+    def fail(self, text: str, conflict: Conflict | None = None) -> SimulationFailure:
         scenario = self.scenario
         lines = [f"seed {scenario.seed} (n={scenario.replica_count}) at t={self.now_ms}ms step {self.steps}: {text}"]
         for spec in self.traitor_specs:
             lines.append(f"  traitor {spec.describe()}")
         lines.append(f"  replay: {scenario.replay_command}")
-        return SimulationFailure("\n".join(lines))
+        return SimulationFailure("\n".join(lines), text.split(":", 1)[0], conflict)
 
     # ---- the event queue ----
 
@@ -596,6 +639,7 @@ class Simulation:
                 self.serve_fetch(receiver, replica, sender, message)
                 return
             if traitor is not None and not traitor.receive(sender, message, self.now_ms):
+                self.traitor_activity[receiver].received_ignored += 1
                 return
             replica.core.tick(self.now_ms)
             replica.core.receive_message(sender, message)
@@ -621,6 +665,7 @@ class Simulation:
                 return
             traitor = self.traitor_wrappers.get(receiver)
             if traitor is not None and not traitor.receive_request(transaction, self.now_ms):
+                self.traitor_activity[receiver].received_ignored += 1
                 return
             replica.core.tick(self.now_ms)
             replica.core.receive_request(transaction)
@@ -675,7 +720,12 @@ class Simulation:
         one durable write; then sends; then replies. A torn crash lands between the write and the sends."""
         effects = replica.core.take_effects()
         traitor = self.traitor_wrappers.get(index)
-        sends = effects.send if traitor is None else traitor.send(effects.send, self.now_ms)
+        sends = effects.send
+        if traitor is not None:
+            sends = traitor.send(sends, self.now_ms)
+            if self.coalition is not None:
+                sends = self.coalition.outgoing(index, sends, self.now_ms)
+            self.count_activity(self.traitor_activity[index], effects.send, sends)
         honest = index not in self.traitors
         durable = bool(effects.persist or effects.blocks or effects.prune is not None)
         for record in effects.persist:
@@ -702,6 +752,19 @@ class Simulation:
             reply = client_reply.reply if traitor is None else traitor.reply(client_reply.reply, self.now_ms)
             if reply is not None:
                 self.transmit("reply", reply)
+
+    @staticmethod
+    def count_activity(activity: TraitorActivity, made: list[Any], sent: list[Any]) -> None:
+        remembered = activity.remembered
+        made_now = {id(send.message): send.message for send in made}
+        activity.core_messages += len(made_now)
+        if len(remembered) + len(made_now) > CORE_MESSAGES_REMEMBERED_MAX:
+            remembered.clear()
+        remembered.update(made_now)  # holding them keeps their ids from being reused
+        went_out = {id(send.message) for send in sent}
+        unchanged = sum(1 for identity in went_out if identity in remembered)
+        activity.sent_unchanged += unchanged
+        activity.sent_forged += len(went_out) - unchanged
 
     def check_signed(self, index: int, kind: str, view: int, sequence: int, digest: bytes) -> None:
         """No honest replica signs two different pre-prepares, prepares or commits for one slot,
@@ -820,13 +883,21 @@ class Simulation:
         honest = index not in self.traitors
         expected_parent = replica.chain[-1].block_hash if replica.chain else self.network.genesis_hash
         if honest and block.height != len(replica.chain) + 1:
-            raise self.fail(f"replica {index} committed block {block.height} after {len(replica.chain)}")
+            raise self.fail(f"hash chain: replica {index} committed block {block.height} after {len(replica.chain)}")
         if honest and block.header.parent_hash != expected_parent:
             raise self.fail(f"hash chain: replica {index} block {block.height} does not link to its parent")
         if honest:
             agreed = self.committed.setdefault(block.height, block)
             if agreed.block_hash != block.block_hash:
-                raise self.fail(f"agreement: replicas committed different blocks at height {block.height}")
+                holders = tuple(
+                    other
+                    for other in self.honest()
+                    if len(self.replicas[other].chain) >= block.height and self.replicas[other].chain[block.height - 1].block_hash == agreed.block_hash
+                )
+                raise self.fail(
+                    f"agreement: replicas committed different blocks at height {block.height}",
+                    Conflict(block.height, agreed, holders, block, index),
+                )
             try:
                 verify_certificate(
                     block.header, block.certificate, self.network.network_id, self.network.replica_keys, self.network.quorum, self.verify
@@ -927,6 +998,7 @@ class Simulation:
                 continue
             del client.in_flight[reply.transaction_id]
             client.receipts.append(receipt)
+            self.last_receipt_ms = self.now_ms
             self.client_view = max(self.client_view, receipt.view)
             if receipt.result.ok:
                 client.accepted_ok += 1

@@ -1,0 +1,231 @@
+"""`ledger-scenario`: list, explain and run the attack scenarios in configs/scenarios/, with a verdict.
+
+Exit status of `run`: 0 when every verdict matches what its file expects, 1 when one does not,
+2 for a usage error, an invalid file, or a scenario this build cannot run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from node.cli import OneLineParser, _at_least
+from node.scenario_sim import run_in_simulator
+from node.scenarios import (
+    REPLICA_COUNTS,
+    ScenarioError,
+    ScenarioFile,
+    Setup,
+    load_scenario,
+    scenario_names,
+    scenario_path,
+)
+from node.traitors import BEHAVIOURS
+from node.verdict import RunRecord, Verdict, judge, render
+
+PROGRAM = "ledger-scenario"
+Backend = Callable[[ScenarioFile, Setup, int, Callable[[str], None]], RunRecord]
+# The ways to run a scenario; real processes come next, behind the same verdict code.
+BACKENDS: dict[str, Backend] = {"sim": run_in_simulator}
+
+EXAMPLES = """\
+examples:
+  ledger-scenario list                                   every scenario, what it shows, its expected verdict
+  ledger-scenario show equivocating-primary              the file, explained
+  ledger-scenario run equivocating-primary --sim         simulate it and print the verdict
+  ledger-scenario run fork-f-plus-one --replicas 7 --seed 3 --sim --json
+  ledger-scenario run --all --sim                        every scenario at every size, as a table
+"""
+
+
+class ScenarioCommandError(Exception):
+    """A one-line error for the user (exit 2)."""
+
+
+def _find(name: str) -> ScenarioFile:
+    """A scenario by name, or a path to any scenario file."""
+    path = Path(name) if name.endswith(".toml") or "/" in name else scenario_path(name)
+    if not path.exists() and path == scenario_path(name):
+        known = ", ".join(scenario_names()) or "none"
+        raise ScenarioCommandError(f"no scenario named {name!r} (known: {known})")
+    return load_scenario(path)
+
+
+def command_list() -> int:
+    scenarios = [load_scenario(scenario_path(name)) for name in scenario_names()]
+    width = max((len(scenario.name) for scenario in scenarios), default=10)
+    for scenario in scenarios:
+        sizes = "/".join(str(count) for count in scenario.replica_counts)
+        expected = scenario.expected_text()
+        if scenario.missing_behaviours:
+            expected += f" (skipped here: needs {', '.join(scenario.missing_behaviours)})"
+        print(f"{scenario.name:<{width}}  n={sizes:<4} {scenario.shows}  [expects {expected}]")
+    return 0
+
+
+def _behaviour_summary(name: str) -> str:
+    behaviour = BEHAVIOURS.get(name)
+    if behaviour is None or not behaviour.__doc__:
+        return "(not in this build)"
+    return " ".join(behaviour.__doc__.split())
+
+
+def explain(scenario: ScenarioFile) -> str:
+    workload, network = scenario.workload, scenario.network
+    lines = [
+        f"{scenario.name}: {scenario.description}",
+        f"  shows: {scenario.shows}",
+        f"  expects: {scenario.expected_text()}" + (f"; evidence seen: {', '.join(scenario.expect.evidence)}" if scenario.expect.evidence else ""),
+        f"  workload: {workload.clients} clients, {workload.transactions_per_client} transactions each, "
+        f"{workload.in_flight} in flight per client",
+        f"  network: loss {network.loss_rate}, duplication {network.duplicate_rate}, delay {network.delay_ms_min}-{network.delay_ms_max} ms, "
+        f"faults until {network.faults_until_ms} ms, given up after {network.time_limit_ms} ms (simulated); seed {scenario.seed}",
+    ]
+    if scenario.missing_behaviours:
+        lines.append(f"  needs behaviours this build lacks: {', '.join(scenario.missing_behaviours)} (skipped)")
+    for count in scenario.replica_counts:
+        setup = scenario.setups[count]
+        lines.append(f"  with {count} replicas (tolerates f={setup.faults_tolerated}), {len(setup.traitors)} traitor(s):")
+        for traitor in setup.traitors:
+            if not traitor.behaviours:
+                lines.append(f"    replica {traitor.replica_id}: a traitor with no behaviour of its own")
+            for behaviour in traitor.behaviours:
+                lines.append(f"    replica {traitor.replica_id}: {behaviour.describe()}: {_behaviour_summary(behaviour.name)}")
+        if setup.collusion_side:
+            lines.append(
+                f"    the traitors collude (simulator only): replicas {', '.join(map(str, setup.collusion_side))} are shown a second, "
+                "validly signed history of every slot (node/collusion.py)"
+            )
+        for event in setup.timeline:
+            lines.append(f"    at {event.at_ms} ms: {event.event} replicas {', '.join(map(str, event.replicas))}")
+    return "\n".join(lines)
+
+
+def command_show(name: str) -> int:
+    scenario = _find(name)
+    print(f"# {scenario.path}")
+    print(scenario.path.read_text().rstrip())
+    print()
+    print(explain(scenario))
+    return 0
+
+
+def _progress(text: str) -> None:
+    print(f"{PROGRAM}: {text}", file=sys.stderr, flush=True)
+
+
+def run_one(scenario: ScenarioFile, replica_count: int, seed: int | None, backend: str) -> Verdict:
+    setup = scenario.setup(replica_count)
+    chosen_seed = scenario.seed if seed is None else seed
+    _progress(f"{scenario.name}: n={replica_count}, seed {chosen_seed}, {backend} backend")
+    record = BACKENDS[backend](scenario, setup, chosen_seed, _progress)
+    _progress(f"{scenario.name}: judging the run against the expectation ({scenario.expected_text()})")
+    return judge(record, scenario.expect)
+
+
+def replay_command(scenario: ScenarioFile, verdict: Verdict) -> str:
+    name = scenario.name if scenario.path == scenario_path(scenario.name) else str(scenario.path)
+    return f"{PROGRAM} run {name} --replicas {verdict.replica_count} --seed {verdict.seed} --sim"
+
+
+def command_run(arguments: argparse.Namespace) -> int:
+    if not arguments.sim:
+        raise ScenarioCommandError("running real replica processes: not yet: use --sim")
+    if arguments.all == (arguments.name is not None):
+        raise ScenarioCommandError("give a scenario NAME or --all")
+    if arguments.all:
+        return _run_all(arguments)
+    scenario = _find(arguments.name)
+    if scenario.missing_behaviours:
+        raise ScenarioCommandError(
+            f"scenario {scenario.name} needs behaviours this build lacks: {', '.join(scenario.missing_behaviours)} (skipped)"
+        )
+    replica_count = arguments.replicas if arguments.replicas is not None else scenario.replica_counts[0]
+    verdict = run_one(scenario, replica_count, arguments.seed, "sim")
+    if arguments.json:
+        print(json.dumps(verdict.to_json(), indent=2, default=_json_default))
+    else:
+        print(render(verdict, replay_command(scenario, verdict)))
+    return 0 if verdict.matches else 1
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, bytes):
+        return value.hex()
+    if isinstance(value, tuple | set):
+        return list(value)
+    raise TypeError(f"cannot show {type(value).__name__} as JSON")
+
+
+def _run_all(arguments: argparse.Namespace) -> int:
+    rows = []
+    mismatched = 0
+    for name in scenario_names():
+        scenario = load_scenario(scenario_path(name))
+        counts = scenario.replica_counts if arguments.replicas is None else (arguments.replicas,)
+        for count in counts:
+            if count not in scenario.setups:
+                continue
+            if scenario.missing_behaviours:
+                rows.append((name, count, scenario.expected_text(), f"skipped: needs {', '.join(scenario.missing_behaviours)}", "-", ""))
+                continue
+            verdict = run_one(scenario, count, arguments.seed, "sim")
+            seen = f"safety {verdict.safety}" + (f", liveness {verdict.liveness}" if verdict.liveness is not None else "")
+            mark = "yes" if verdict.matches else "NO"
+            if not verdict.matches:
+                mismatched += 1
+                print(render(verdict, replay_command(scenario, verdict)), file=sys.stderr)
+            rows.append((name, count, scenario.expected_text(), seen, mark, f"last receipt {verdict.confirmed_by_ms} ms (fault-free {verdict.fault_free_confirmed_by_ms} ms), {verdict.elapsed_s:.2f} s"))
+    if arguments.json:
+        keys = ("scenario", "replicas", "expected", "seen", "matches", "time")
+        print(json.dumps([dict(zip(keys, row, strict=True)) for row in rows], indent=2))
+    else:
+        header = ("scenario", "n", "expected", "seen", "match", "time")
+        widths = [max(len(str(row[column])) for row in [header, *rows]) for column in range(len(header))]
+        for row in [header, *rows]:
+            print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+        ran = sum(1 for row in rows if row[4] != "-")
+        print(f"{ran} runs, {ran - mismatched} as expected, {mismatched} not, {len(rows) - ran} skipped")
+    return 1 if mismatched else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog=PROGRAM, description="Byzantine attack scenarios with verdicts.", epilog=EXAMPLES,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+    commands.add_parser("list", help="every scenario: name, what it shows, expected verdict")
+    show = commands.add_parser("show", help="a scenario file, explained")
+    show.add_argument("name", help="a scenario name (see list) or a path to a .toml file")
+    run = commands.add_parser("run", help="run a scenario (or --all) and print its verdict")
+    run.add_argument("name", nargs="?", help="a scenario name (see list) or a path to a .toml file")
+    run.add_argument("--all", action="store_true", help="every scenario, at every size it is written for")
+    run.add_argument("--replicas", type=int, choices=REPLICA_COUNTS, help="network size (default: the file's first)")
+    run.add_argument("--seed", type=_at_least(0), help="replay with this seed (default: the file's)")
+    run.add_argument("--json", action="store_true", help="the verdict as JSON on stdout")
+    run.add_argument("--sim", action="store_true", help="run in the deterministic simulator (the seed replays it exactly)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    arguments = build_parser().parse_args(argv)
+    try:
+        if arguments.command == "list":
+            return command_list()
+        if arguments.command == "show":
+            return command_show(arguments.name)
+        return command_run(arguments)
+    except (ScenarioError, ScenarioCommandError) as error:
+        print(f"{PROGRAM}: {error}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        # The reader went away (`ledger-scenario list | head`): stop quietly, as other tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
