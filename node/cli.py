@@ -78,6 +78,18 @@ def _at_least(minimum: int) -> Callable[[str], int]:
     return parse
 
 
+def _traitor_spec(text: str) -> object:
+    from node.traitors import TraitorSpecError, parse_behaviour_spec
+
+    try:
+        spec = parse_behaviour_spec(text)
+    except TraitorSpecError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    if spec.name == "twins":
+        raise argparse.ArgumentTypeError("traitor behaviour twins needs a second instance of the replica beside it: only the simulator runs it")
+    return spec
+
+
 def _port(text: str) -> int:
     try:
         port = int(text)
@@ -108,6 +120,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="run one replica", description="Run one replica until Ctrl-C or SIGTERM.")
     run.add_argument("config", type=Path, help="the replica's config, e.g. net/replica-0.toml")
+    run.add_argument(
+        "--traitor",
+        metavar="SPEC",
+        action="append",
+        type=_traitor_spec,
+        default=[],
+        help="make this replica a traitor, for attack tests: name[:key=value,...][@start_ms], e.g. "
+        "equivocating_primary or withhold:peers=1+2,kinds=Commit@5000; repeat to combine",
+    )
+    run.add_argument("--traitor-seed", type=int, default=0, help="seed of the traitor's random choices (default: 0)")
 
     up = commands.add_parser("up", help="run every replica of a network directory on this machine", description="Start each DIR/replica-<i>.toml as a child process; Ctrl-C or SIGTERM stops them all.")
     up.add_argument("directory", type=Path, help="directory written by `ledger-node init`")
@@ -147,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if arguments.command == "run":
             from node.runtime import run_replica_main
 
-            return run_replica_main(arguments.config)
+            return run_replica_main(arguments.config, tuple(arguments.traitor), arguments.traitor_seed)
         if arguments.command == "up":
             from node.launcher import run_network_main
 

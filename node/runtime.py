@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import random
 import signal
 import sys
 import time
@@ -15,9 +16,15 @@ from typing import Any
 import trio
 
 from ledger.application import AccountsApplication
-from ledger.blocks import ChainError, verify_execution
-from ledger.config import ConfigError, ProtocolSettings, ReplicaConfig, load_replica_config
-from ledger.crypto import KeyFileError, read_key_file, signing_domain
+from ledger.blocks import Block, ChainError, verify_execution
+from ledger.config import (
+    ConfigError,
+    NetworkConfig,
+    ProtocolSettings,
+    ReplicaConfig,
+    load_replica_config,
+)
+from ledger.crypto import KeyFileError, SigningKey, read_key_file, signing_domain
 from ledger.encoding import CodecError
 from ledger.framing import ByteBudget, FramedStream, FrameError, FrameQueue
 from ledger.messages import (
@@ -26,6 +33,7 @@ from ledger.messages import (
     FetchBlocks,
     Query,
     QueryReply,
+    Reply,
     Request,
     StatusQuery,
     StatusReply,
@@ -37,8 +45,16 @@ from ledger.messages import (
 from ledger.sizes import CLIENT_FRAME_SIZE_MAX, blocks_response_budget, blocks_size_max
 from ledger.storage import BlockStore, DataDirectoryLock, DirectoryInUse, StoreError
 from node.admission import ClientAdmission, address_key
-from node.core import LOG_KINDS, Effects, ReplicaCore
+from node.core import LOG_KINDS, ClientReply, Effects, ReplicaCore
 from node.queries import answer_query
+from node.traitors import (
+    SIGNED_KINDS,
+    BehaviourSpec,
+    RawFrame,
+    Traitor,
+    TraitorContext,
+    make_behaviour,
+)
 from node.transport import ListenError, PeerTransport, listen
 
 EVENT_QUEUE_MAX = 10_000
@@ -133,8 +149,23 @@ class ClientConnection:
         self.queue.clear()
 
 
+def make_runtime_traitor(
+    network: NetworkConfig, replica_id: int, key: SigningKey, behaviours: tuple[BehaviourSpec, ...], seed: int
+) -> Traitor:
+    """The traitor wrapping a real replica: as in the simulator, but it may also send raw frames."""
+    for behaviour in behaviours:
+        if behaviour.name == "twins":
+            raise StartupError("traitor behaviour twins needs a second instance of the replica beside it: only the simulator runs it")
+    domains = {kind: signing_domain(network.network_id, kind) for kind in sorted(set(SIGNED_KINDS.values()))}
+    context = TraitorContext(network, replica_id, key, domains, random.Random(f"traitor/{seed}/{replica_id}"), raw_frames=True)
+    try:
+        return Traitor(context, [make_behaviour(behaviour) for behaviour in behaviours])
+    except (TypeError, ValueError) as error:
+        raise StartupError(f"traitor: {error}") from None
+
+
 class ReplicaRuntime:
-    def __init__(self, config: ReplicaConfig) -> None:
+    def __init__(self, config: ReplicaConfig, traitor: tuple[BehaviourSpec, ...] = (), traitor_seed: int = 0) -> None:
         self.config = config
         self.network = config.network
         try:
@@ -143,6 +174,13 @@ class ReplicaRuntime:
             raise StartupError(str(error)) from None
         if self.key.public_key != self.network.replicas[config.replica_id].public_key:
             raise StartupError(f"{config.key_path}: this key is not replica {config.replica_id}'s key in {config.path}")
+        # A traitor (node/traitors.py) wraps the core's effects exactly as in the simulator; an
+        # honest replica has none, and pays one `if` per round for the possibility.
+        self.traitor: Traitor | None = None
+        if traitor:
+            self.traitor = make_runtime_traitor(self.network, config.replica_id, self.key, traitor, traitor_seed)
+        self.traitor_seed = traitor_seed
+        self.started_ms = now_ms()
         # Before the store is touched: a second process for the same replica (a second `up` or
         # `run`) must not open its SQLite files, write its logs or answer on its ports.
         try:
@@ -204,6 +242,13 @@ class ReplicaRuntime:
             nursery.start_soon(trio.serve_listeners, self._serve_client, client_listeners)
             nursery.start_soon(self._event_loop)
             self.lock.mark_ready()
+            if self.traitor is not None:
+                log.warning(
+                    "replica %d is a TRAITOR, for attack tests only: behaviours %s (traitor seed %d)",
+                    self.config.replica_id,
+                    self.traitor.describe(),
+                    self.traitor_seed,
+                )
             log.info(
                 "replica %d of %r ready: peers on %s, clients on %s, height %d, view %d, f=%d",
                 self.config.replica_id,
@@ -253,10 +298,15 @@ class ReplicaRuntime:
         if kind == "peer":
             if isinstance(message, FetchBlocks):
                 self._serve_fetch(origin, message)
-            else:
+            elif self.traitor is None or self.traitor.receive(origin, message, self._traitor_now_ms()):
                 self.core.receive_message(origin, message)
         elif kind == "request":
-            self.core.receive_request(message)
+            if self.traitor is None or self.traitor.receive_request(message, self._traitor_now_ms()):
+                self.core.receive_request(message)
+
+    def _traitor_now_ms(self) -> int:
+        """A traitor's clock: milliseconds since this replica started (behaviours' start times count from it)."""
+        return now_ms() - self.started_ms
 
     def _serve_fetch(self, peer: int, request: FetchBlocks) -> None:
         # Read nothing from disk for a peer whose queue could not take the answer: it would be
@@ -265,6 +315,8 @@ class ReplicaRuntime:
             self.fetches_skipped += 1
             return
         encoded = self._encoded_blocks(request)
+        if self.traitor is not None:
+            encoded = self._traitor_blocks(peer, encoded)
         if encoded:
             self.transport.send_encoded(peer, encode_blocks_message(encoded, self.core.stable_checkpoint))
 
@@ -277,10 +329,37 @@ class ReplicaRuntime:
             blocks_response_budget(self.network.protocol.frame_size_max),
         )
 
+    def _traitor_blocks(self, requester: int, encoded: list[bytes]) -> list[bytes]:
+        """A traitor's answer to a block fetch (requester -1: a client): decoded only for it."""
+        assert self.traitor is not None
+        blocks = tuple(Block.decode(data) for data in encoded)
+        return [block.encode() for block in self.traitor.serve_blocks(requester, blocks, self._traitor_now_ms())]
+
+    def _betray(self, effects: Effects) -> Effects:
+        """The core's sends and replies as the traitor rewrites them (called every round, so what
+        it holds back goes out on time). Raw frames go straight to the transport: they are bytes,
+        signed by no one, so the persist-before-send rule has nothing to protect in them."""
+        assert self.traitor is not None
+        moment = self._traitor_now_ms()
+        sends = []
+        for send in self.traitor.send(effects.send, moment):
+            if isinstance(send.message, RawFrame):
+                self.transport.send_encoded(send.to, send.message.payload)
+            else:
+                sends.append(send)
+        replies = []
+        for client_reply in effects.replies:
+            reply = self.traitor.reply(client_reply.reply, moment)
+            if reply is not None:
+                replies.append(ClientReply(client_reply.account, reply))
+        return dataclasses.replace(effects, send=sends, replies=replies)
+
     async def _carry_out(self, effects: Effects) -> None:
         """Persist (records and blocks, one transaction), then send, then reply: the order that
         keeps restarts safe. The write runs on a worker thread, so its fsync does not stall the
         connections; events arriving meanwhile wait in the queue and make the next round bigger."""
+        if self.traitor is not None:
+            effects = self._betray(effects)
         if not effects:
             return
         if effects.persist or effects.blocks or effects.prune is not None:
@@ -428,7 +507,10 @@ class ReplicaRuntime:
                 with trio.move_on_after(CLIENT_WRITE_TIMEOUT_S):
                     await connection.blocks_budget.wait_for_room(self.blocks_response_size_max)
                 if connection.blocks_budget.free() >= self.blocks_response_size_max:
-                    payload = encode_blocks_message(self._encoded_blocks(message), self.core.stable_checkpoint)
+                    encoded = self._encoded_blocks(message)
+                    if self.traitor is not None:
+                        encoded = self._traitor_blocks(-1, encoded)
+                    payload = encode_blocks_message(encoded, self.core.stable_checkpoint)
                     connection.send_encoded(payload, connection.blocks_budget)
                 else:
                     connection.dropped += 1
@@ -444,7 +526,11 @@ class ReplicaRuntime:
             height, index = location
             block = self.store.block(height)
             if block is not None:
-                connection.send(self.core.signed_reply(block, index))
+                reply: Reply | None = self.core.signed_reply(block, index)
+                if self.traitor is not None and reply is not None:
+                    reply = self.traitor.reply(reply, self._traitor_now_ms())
+                if reply is not None:
+                    connection.send(reply)
                 return
         self.waiting_requests[transaction.transaction_id] = connection
         if len(self.waiting_requests) > WAITING_REQUESTS_MAX:
@@ -468,9 +554,10 @@ class ReplicaRuntime:
         )
 
 
-async def serve_replica(config: ReplicaConfig) -> None:
-    """Run one replica until SIGINT or SIGTERM, then shut down cleanly."""
-    runtime = ReplicaRuntime(config)
+async def serve_replica(config: ReplicaConfig, traitor: tuple[BehaviourSpec, ...] = (), traitor_seed: int = 0) -> None:
+    """Run one replica until SIGINT or SIGTERM, then shut down cleanly; with `traitor`, as a
+    traitor replica running those behaviours (for attack tests)."""
+    runtime = ReplicaRuntime(config, traitor, traitor_seed)
     started = False
     try:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -495,10 +582,10 @@ def first_leaf(error: BaseException) -> BaseException:
     return error
 
 
-def run_replica_main(config_path: Path) -> int:
+def run_replica_main(config_path: Path, traitor: tuple[BehaviourSpec, ...] = (), traitor_seed: int = 0) -> int:
     try:
         config = load_replica_config(config_path)
-        trio.run(serve_replica, config)
+        trio.run(serve_replica, config, traitor, traitor_seed)
     except BaseException as group:  # noqa: BLE001 - unwrapped to one clear line below
         error = first_leaf(group)
         if isinstance(error, DirectoryInUse):

@@ -78,6 +78,12 @@ ANY_REPLICA_BEHAVIOURS = (
     "view_change_flood",
     "lying_block_server",
 )
+# Behaviours added later, drawn from a random source of their own and added to the traitors drawn
+# above, so that every seed keeps the rest of its scenario (seeds named in tests and scenario files
+# still replay what they were chosen for; `--exclude` these to get exactly the scenario of before).
+ADDED_PRIMARY_BEHAVIOURS = ("censoring_primary", "slow_primary")
+ADDED_ANY_REPLICA_BEHAVIOURS = ("wrong_replies", "malformed_sender")
+ADDED_BEHAVIOUR_RATE = 0.4
 MESSAGE_KINDS = ("PrePrepare", "Prepare", "Commit", "Checkpoint", "ViewChange", "NewView", "BatchContent", "Status", "Blocks")
 
 
@@ -196,6 +202,8 @@ class Scenario:
                     traitors.append(_draw_traitor(draw, replica, replica_count, horizon))
                 else:
                     {"crash": crashes, "torn-crash": torn, "stall": stalls, "partition": partitions}[kind].append((replica, start, end))
+            clients = overrides.get("clients", cls.clients)
+            traitors = [_add_behaviour(spec, seed, replica_count, horizon, clients) for spec in traitors]
             values.update(
                 crashes=tuple(crashes), torn_crashes=tuple(torn), stalls=tuple(stalls), partitions=tuple(partitions), traitors=tuple(traitors)
             )
@@ -275,6 +283,30 @@ def _draw_traitor(draw: random.Random, replica: int, replica_count: int, horizon
             parameters = (("mode", draw.choice(["any", "results", "transactions", "certificate", "link"])),)
         behaviours.append(BehaviourSpec(name, start(), parameters))
     return TraitorSpec(replica, tuple(behaviours))
+
+
+def _add_behaviour(spec: TraitorSpec, seed: int, replica_count: int, horizon: int, clients: int) -> TraitorSpec:
+    """Maybe one of the later behaviours on top of a drawn traitor, from a random source of its own."""
+    draw = random.Random(f"scenario-added/{seed}/{replica_count}/{spec.replica_id}")
+    if any(behaviour.name == "twins" for behaviour in spec.behaviours) or draw.random() >= ADDED_BEHAVIOUR_RATE:
+        return spec
+    if spec.replica_id == 0 and draw.random() < 0.5:
+        name = draw.choice(ADDED_PRIMARY_BEHAVIOURS)
+    else:
+        name = draw.choice(ADDED_ANY_REPLICA_BEHAVIOURS + ADDED_PRIMARY_BEHAVIOURS)
+    parameters: tuple[tuple[str, Any], ...] = ()
+    if name == "wrong_replies":
+        parameters = (("mode", draw.choice(["any", "result", "height", "index", "block"])), ("rate", draw.choice([0.5, 1.0])))
+    elif name == "censoring_primary":
+        account = "any_one" if draw.random() < 0.7 else _key(seed, "client", draw.randrange(clients)).public_key.hex()
+        parameters = (("account", account),)
+    elif name == "slow_primary":
+        parameters = (("fraction", draw.choice([0.5, 0.9, 1.5])),)
+    elif name == "malformed_sender":
+        kinds = () if draw.random() < 0.5 else (draw.choice(["signature", "type"]),)
+        parameters = (("rate", draw.choice([0.1, 0.3, 1.0])), ("burst", draw.choice([1, 3])), ("kinds", kinds))
+    start_ms = 0 if draw.random() < 0.5 else draw.randint(0, horizon)
+    return TraitorSpec(spec.replica_id, (*spec.behaviours, BehaviourSpec(name, start_ms, parameters)))
 
 
 @dataclass
@@ -631,7 +663,12 @@ class Simulation:
             if location is not None:
                 # As the runtime does from its store: a request already executed gets its reply again.
                 height, position = location
-                self.transmit("reply", replica.core.signed_reply(replica.chain[height - 1], position))
+                reply = replica.core.signed_reply(replica.chain[height - 1], position)
+                traitor = self.traitor_wrappers.get(receiver)
+                if traitor is not None:
+                    reply = traitor.reply(reply, self.now_ms)
+                if reply is not None:
+                    self.transmit("reply", reply)
                 return
             traitor = self.traitor_wrappers.get(receiver)
             if traitor is not None and not traitor.receive_request(transaction, self.now_ms):
@@ -718,8 +755,10 @@ class Simulation:
                 if twin_side is not None and (target in twin_side) != (replica is self.twins[index]):
                     continue  # each twin talks only to its own side
                 self.transmit("deliver", (index, target, send.message))
-        for reply in effects.replies:
-            self.transmit("reply", reply.reply)
+        for client_reply in effects.replies:
+            reply = client_reply.reply if traitor is None else traitor.reply(client_reply.reply, self.now_ms)
+            if reply is not None:
+                self.transmit("reply", reply)
 
     @staticmethod
     def count_activity(activity: TraitorActivity, made: list[Any], sent: list[Any]) -> None:

@@ -5,33 +5,46 @@ protocol rules can defeat it. Behaviours never edit the core: they rewrite, with
 to the core's `Effects.send` list, may ignore what the replica receives, and may lie when serving
 blocks. They know nothing about the simulator (a `TraitorContext` is all they see), so the same
 code can wrap a real replica process. Each is selected by name with parameters and a start time
-(`BehaviourSpec`), and several combine on one replica (applied in order).
+(`BehaviourSpec`, written as text `name[:key=value,...][@start_ms]` on a command line), and several
+combine on one replica (applied in order). A traitor may also rewrite the REPLYs its replica sends
+to clients, and, in a real process, hand the transport raw bytes that are no message at all.
 """
 
 from __future__ import annotations
 
+import inspect
+import math
 import random
+import typing
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, ClassVar
 
 from ledger.blocks import Block, CommitCertificate, results_root
 from ledger.config import NetworkConfig
 from ledger.crypto import SigningKey
+from ledger.encoding import encode
 from ledger.messages import (
     Batch,
     BatchContent,
     Checkpoint,
     Commit,
+    ErrorReply,
+    Hello,
+    HelloProof,
     NewView,
     Prepare,
     PreparedCertificate,
     PrePrepare,
     PrePrepareHeader,
+    Query,
     Reply,
     Request,
+    StatusQuery,
+    Subscribe,
     ViewChange,
+    encode_message,
 )
 from ledger.transactions import Transaction, TransactionResult
 from node.core import Send
@@ -43,6 +56,26 @@ COLLECTED_SLOTS_MAX = 4096
 HELD_TRANSACTIONS_MAX = 64
 DELAYED_SENDS_MAX = 4096
 FLOOD_VIEWS_AHEAD_MAX = 1_000
+# What a malformed sender may add per round of sends, and the size of one raw frame it makes.
+MALFORMED_PER_ROUND_MAX = 16
+RAW_FRAME_SIZE_MAX = 4096
+
+# What `withhold` and `deaf` may name in `kinds`: the messages replicas exchange ("Blocks" also
+# stands for answering block fetches).
+MESSAGE_KIND_NAMES = (
+    "PrePrepare",
+    "Prepare",
+    "Commit",
+    "Checkpoint",
+    "ViewChange",
+    "NewView",
+    "FetchBatch",
+    "BatchContent",
+    "Status",
+    "FetchBlocks",
+    "Blocks",
+    "Request",
+)
 
 # The signing domain of each kind of signed message (the keys of the core's `domains`).
 SIGNED_KINDS: dict[type, str] = {
@@ -67,6 +100,8 @@ class TraitorContext:
     domains: dict[str, bytes]
     random: random.Random
     now_ms: int = 0
+    # Whether the host can send raw bytes (a real process can; the simulator passes objects).
+    raw_frames: bool = False
     received: deque[tuple[int, Any]] = field(default_factory=lambda: deque(maxlen=HISTORY_MAX))
     sent: deque[Any] = field(default_factory=lambda: deque(maxlen=HISTORY_MAX))
 
@@ -105,6 +140,14 @@ def own_pre_prepare(context: TraitorContext, message: Any) -> bool:
     return isinstance(message, PrePrepare) and message.replica_id == context.replica_id
 
 
+@dataclass(frozen=True)
+class RawFrame:
+    """Bytes for the transport to send to a peer as one frame's payload, unchecked: no message
+    at all, or one no honest encoder makes. Only a host that sets `TraitorContext.raw_frames` gets them."""
+
+    payload: bytes
+
+
 def rebatched(batch: Batch, **changes: Any) -> Batch:
     values = {"view": batch.view, "proposer": batch.proposer, "timestamp_ms": batch.timestamp_ms, "transactions": batch.transactions}
     values.update(changes)
@@ -137,9 +180,12 @@ class Behaviour:
     """The do-nothing behaviour; subclasses override what they change."""
 
     name = "honest"
+    # The values a text parameter may take (checked when a spec is parsed).
+    choices: ClassVar[dict[str, tuple[str, ...]]] = {}
 
     def __init__(self, start_ms: int = 0) -> None:
         self.start_ms = start_ms
+        self.spec = BehaviourSpec(self.name, start_ms)
 
     def incoming(self, context: TraitorContext, sender: int, message: Any) -> bool:
         """Whether the core gets this message (False: the traitor ignores it)."""
@@ -151,11 +197,16 @@ class Behaviour:
     def serve_blocks(self, context: TraitorContext, requester: int, blocks: tuple[Block, ...]) -> tuple[Block, ...]:
         return blocks
 
+    def reply(self, context: TraitorContext, reply: Reply) -> Reply | None:
+        """The REPLY a client gets (None: it gets nothing)."""
+        return reply
+
 
 class OffByOne(Behaviour):
     """Re-signs its PRE-PREPAREs, PREPAREs and COMMITs with the view or the sequence one off."""
 
     name = "off_by_one"
+    choices: ClassVar[dict[str, tuple[str, ...]]] = {"target": ("view", "sequence")}
 
     def __init__(self, start_ms: int = 0, target: str = "view", delta: int = 1, rate: float = 0.5) -> None:
         super().__init__(start_ms)
@@ -239,6 +290,7 @@ class Replay(Behaviour):
     """Now and then re-sends an old message it sent or received to a random peer."""
 
     name = "replay"
+    choices: ClassVar[dict[str, tuple[str, ...]]] = {"source": ("sent", "received", "both")}
 
     def __init__(self, start_ms: int = 0, rate: float = 0.2, source: str = "both") -> None:
         super().__init__(start_ms)
@@ -262,6 +314,7 @@ class Withhold(Behaviour):
     as a block server it answers those peers nothing."""
 
     name = "withhold"
+    choices: ClassVar[dict[str, tuple[str, ...]]] = {"kinds": MESSAGE_KIND_NAMES}
 
     def __init__(self, start_ms: int = 0, peers: tuple[int, ...] = (), kinds: tuple[str, ...] = ()) -> None:
         super().__init__(start_ms)
@@ -283,6 +336,7 @@ class Deaf(Behaviour):
     """Ignores some of what it receives (a fraction of the messages of the given kinds, or all)."""
 
     name = "deaf"
+    choices: ClassVar[dict[str, tuple[str, ...]]] = {"kinds": MESSAGE_KIND_NAMES}
 
     def __init__(self, start_ms: int = 0, rate: float = 0.5, kinds: tuple[str, ...] = ()) -> None:
         super().__init__(start_ms)
@@ -359,6 +413,7 @@ class ForgedViewChange(Behaviour):
     serves no blocks (which would let the others skip the slot by state transfer)."""
 
     name = "forged_view_change"
+    choices: ClassVar[dict[str, tuple[str, ...]]] = {"mode": ("collected", "stale", "fabricated")}
 
     def __init__(self, start_ms: int = 0, mode: str = "collected", hoard: bool = True) -> None:
         super().__init__(start_ms)
@@ -527,6 +582,7 @@ class ExtremeTimestamps(Behaviour):
     """As primary, stamps its batches 0, 2**63 - 1, or far in the past or future (re-signed)."""
 
     name = "extreme_timestamps"
+    choices: ClassVar[dict[str, tuple[str, ...]]] = {"choice": ("any", "zero", "maximum", "past", "future")}
 
     def __init__(self, start_ms: int = 0, choice: str = "any") -> None:
         super().__init__(start_ms)
@@ -563,6 +619,7 @@ class LyingBlockServer(Behaviour):
     digest, so only re-execution can tell), a transaction, the certificate, or the parent link."""
 
     name = "lying_block_server"
+    choices: ClassVar[dict[str, tuple[str, ...]]] = {"mode": ("any", "results", "transactions", "certificate", "link")}
 
     def __init__(self, start_ms: int = 0, mode: str = "any") -> None:
         super().__init__(start_ms)
@@ -590,6 +647,195 @@ class LyingBlockServer(Behaviour):
             return blocks
         index = context.random.randrange(len(blocks))
         return blocks[:index] + (self._lie(context, blocks[index]),) + blocks[index + 1 :]
+
+
+class WrongReplies(Behaviour):
+    """Tells clients lies in validly signed REPLYs: the result turned around, the height or the
+    index moved, or a block hash made up. A client must never accept one: f + 1 must match."""
+
+    name = "wrong_replies"
+    choices: ClassVar[dict[str, tuple[str, ...]]] = {"mode": ("any", "result", "height", "index", "block")}
+
+    def __init__(self, start_ms: int = 0, mode: str = "any", rate: float = 1.0) -> None:
+        super().__init__(start_ms)
+        self.mode, self.rate = mode, rate
+        self.lies = 0
+
+    def reply(self, context: TraitorContext, reply: Reply) -> Reply | None:
+        if context.random.random() >= self.rate:
+            return reply
+        mode = self.mode if self.mode != "any" else context.random.choice(["result", "height", "index", "block"])
+        changes: dict[str, Any]
+        if mode == "result":
+            ok = reply.result.ok
+            changes = {"result": TransactionResult(not ok, "refused" if ok else "")}
+        elif mode == "height":
+            changes = {"height": reply.height + context.random.randint(1, 3)}
+        elif mode == "index":
+            changes = {"index": reply.index + 1}
+        else:
+            changes = {"block_hash": context.random_digest()}
+        self.lies += 1
+        return context.sign(reply, **changes)
+
+
+class CensoringPrimary(Behaviour):
+    """Never lets one client's requests reach its core (from the client or relayed by a backup),
+    so as primary it never orders them and as backup it neither relays nor times out for them.
+    `account` is the client's public key in hex, or `any_one`: the first account it sees."""
+
+    name = "censoring_primary"
+
+    def __init__(self, start_ms: int = 0, account: str = "any_one") -> None:
+        super().__init__(start_ms)
+        self.account: bytes | None = None
+        if account != "any_one":
+            try:
+                self.account = bytes.fromhex(account)
+            except ValueError:
+                raise ValueError(f"account: expected 64 hex digits or any_one, got {account!r}") from None
+            if len(self.account) != 32:
+                raise ValueError(f"account: expected 64 hex digits (a public key), got {len(account)}")
+        self.censored = 0
+
+    def incoming(self, context: TraitorContext, sender: int, message: Any) -> bool:
+        if not isinstance(message, Request):
+            return True
+        account = message.transaction.sender
+        if self.account is None:
+            self.account = account
+        if account != self.account:
+            return True
+        self.censored += 1
+        return False
+
+
+class SlowPrimary(Behaviour):
+    """As primary, holds each pre-prepare it sends for `fraction` of the view-change timeout: just
+    slow enough to drag every batch out, maybe not enough to be replaced for it."""
+
+    name = "slow_primary"
+
+    def __init__(self, start_ms: int = 0, fraction: float = 0.9) -> None:
+        super().__init__(start_ms)
+        if not 0.0 <= fraction <= 10.0:
+            raise ValueError(f"fraction: expected a number from 0 to 10, got {fraction}")
+        self.fraction = fraction
+        self.held: deque[tuple[int, Send]] = deque()
+        self.delayed = 0
+
+    def outgoing(self, context: TraitorContext, sends: list[Send]) -> list[Send]:
+        result = []
+        while self.held and self.held[0][0] <= context.now_ms:
+            result.append(self.held.popleft()[1])
+        hold_ms = int(self.fraction * context.network.protocol.view_change_timeout_ms)
+        for send in sends:
+            if own_pre_prepare(context, send.message) and len(self.held) < DELAYED_SENDS_MAX:
+                self.held.append((context.now_ms + hold_ms, send))
+                self.delayed += 1
+            else:
+                result.append(send)
+        return result
+
+
+class MalformedSender(Behaviour):
+    """Now and then adds messages no honest replica sends: signatures that do not verify (random
+    bytes, another kind's signing domain, another replica's id, content changed after signing),
+    kinds replicas never exchange (client REPLYs, queries, handshakes, errors), and, where the host
+    can send raw bytes, frames that are no message (garbage, unknown tags, wrong field counts and
+    types, numbers out of range, nesting too deep, truncated encodings)."""
+
+    name = "malformed_sender"
+    choices: ClassVar[dict[str, tuple[str, ...]]] = {"kinds": ("signature", "type", "raw")}
+
+    def __init__(self, start_ms: int = 0, rate: float = 0.3, burst: int = 1, kinds: tuple[str, ...] = ()) -> None:
+        super().__init__(start_ms)
+        if not 1 <= burst <= MALFORMED_PER_ROUND_MAX:
+            raise ValueError(f"burst: expected 1 to {MALFORMED_PER_ROUND_MAX}, got {burst}")
+        self.rate, self.burst = rate, burst
+        self.kinds = tuple(kinds) or self.choices["kinds"]
+        self.sent_malformed = 0
+
+    def outgoing(self, context: TraitorContext, sends: list[Send]) -> list[Send]:
+        kinds = [kind for kind in self.kinds if kind != "raw" or context.raw_frames]
+        if not kinds or context.random.random() >= self.rate:
+            return sends
+        extra = []
+        for _ in range(self.burst):
+            kind = context.random.choice(kinds)
+            if kind == "signature":
+                message: Any = self._bad_signature(context, sends)
+            elif kind == "type":
+                message = self._wrong_type(context)
+            else:
+                message = RawFrame(self._raw_payload(context, sends))
+            extra.append(Send(context.random.choice(context.peers), message))
+        self.sent_malformed += len(extra)
+        return [*sends, *extra]
+
+    def _bad_signature(self, context: TraitorContext, sends: list[Send]) -> Any:
+        # Only this round's messages: each malformed copy is new, as a fresh attack would be.
+        own = [
+            send.message
+            for send in sends
+            if isinstance(send.message, Prepare | Commit | Checkpoint | PrePrepare | ViewChange)
+            and send.message.replica_id == context.replica_id
+        ]
+        if own:
+            message = context.random.choice(own)
+        else:
+            message = context.sign(Prepare(0, 1, context.random_digest(), context.replica_id))
+        variant = context.random.choice(["random", "domain", "impostor", "altered"])
+        if variant == "random":
+            return replace(message, signature=context.random.randbytes(64))
+        if variant == "domain":
+            kind = SIGNED_KINDS[type(message)]
+            other = context.random.choice([name for name in sorted(set(SIGNED_KINDS.values())) if name != kind])
+            return replace(message, signature=context.key.sign(context.domains[other], message.signed_bytes()))
+        if variant == "impostor":
+            return context.sign(message, replica_id=context.random.choice(context.peers))
+        if isinstance(message, ViewChange):
+            return replace(message, new_view=message.new_view + 1)
+        return replace(message, sequence=message.sequence + 1)
+
+    def _wrong_type(self, context: TraitorContext) -> Any:
+        network = context.network
+        choice = context.random.randrange(6)
+        if choice == 0:
+            unsigned = Reply(context.replica_id, 0, context.random_digest(), TransactionResult(True), 1, context.random_digest(), 0)
+            return context.sign(unsigned)
+        if choice == 1:
+            return ErrorReply(context.random_digest(), "not a message for a replica")
+        if choice == 2:
+            return StatusQuery(context.random.randrange(2**32))
+        if choice == 3:
+            return Subscribe((context.random_digest(),))
+        if choice == 4:
+            return Query(context.random.randrange(2**32), "balance", context.random_digest(), 0, context.random.randbytes(16))
+        if context.random.random() < 0.5:
+            return HelloProof(context.random.randbytes(64))
+        return Hello(network.network_id, context.replica_id, context.random.randbytes(32), network.genesis_hash, network.protocol_values)
+
+    def _raw_payload(self, context: TraitorContext, sends: list[Send]) -> bytes:
+        choice = context.random.randrange(8)
+        if choice == 0:
+            payload = context.random.randbytes(context.random.randint(0, 256))
+        elif choice == 1:
+            payload = encode(["no-such-message", 1, b"\x00"])
+        elif choice == 2:
+            payload = encode(["prepare", 1])  # too few fields
+        elif choice == 3:
+            payload = encode(["prepare", "view", -1, b"short", "me", 7])  # wrong types
+        elif choice == 4:
+            payload = encode(["commit", 2**63, 2**64 - 1, bytes(32), 2**40, bytes(64)])  # out of range
+        elif choice == 5:
+            payload = b"\x81" * 200 + b"\x00"  # arrays nested far too deep
+        elif choice == 6:
+            payload = encode({"tag": "prepare"})  # not an array at all
+        else:
+            whole = encode_message(sends[0].message) if sends and not isinstance(sends[0].message, RawFrame) else encode(["status", 0, 0, 0])
+            payload = whole[: max(1, len(whole) // 2)]  # cut short
+        return payload[:RAW_FRAME_SIZE_MAX]
 
 
 class Twins(Behaviour):
@@ -620,6 +866,10 @@ BEHAVIOURS: dict[str, Callable[..., Behaviour]] = {
         NonceReorder,
         ExtremeTimestamps,
         LyingBlockServer,
+        WrongReplies,
+        CensoringPrimary,
+        SlowPrimary,
+        MalformedSender,
         Twins,
     )
 }
@@ -628,7 +878,120 @@ BEHAVIOURS: dict[str, Callable[..., Behaviour]] = {
 def make_behaviour(spec: BehaviourSpec) -> Behaviour:
     if spec.name not in BEHAVIOURS:
         raise ValueError(f"unknown traitor behaviour {spec.name!r}; known: {', '.join(sorted(BEHAVIOURS))}")
-    return BEHAVIOURS[spec.name](spec.start_ms, **dict(spec.parameters))
+    behaviour = BEHAVIOURS[spec.name](spec.start_ms, **dict(spec.parameters))
+    behaviour.spec = spec
+    return behaviour
+
+
+# ---- behaviours as text: name[:key=value,key=value][@start_ms] ----
+
+
+class TraitorSpecError(ValueError):
+    """A behaviour written as text does not parse; the message says what is wrong and what is known."""
+
+
+def behaviour_parameters(name: str) -> dict[str, tuple[Any, Any]]:
+    """Each parameter of a behaviour with its type and default, from its constructor."""
+    factory = BEHAVIOURS[name]
+    hints = typing.get_type_hints(factory.__init__)  # type: ignore[misc]
+    signature = inspect.signature(factory.__init__)  # type: ignore[misc]
+    return {
+        parameter: (hints[parameter], value.default)
+        for parameter, value in signature.parameters.items()
+        if parameter not in ("self", "start_ms")
+    }
+
+
+def _parse_value(kind: Any, text: str, where: str) -> Any:
+    if typing.get_origin(kind) is tuple:
+        item_kind = typing.get_args(kind)[0]
+        return tuple(_parse_value(item_kind, item, where) for item in text.split("+")) if text else ()
+    if kind is bool:
+        if text.lower() not in ("true", "false"):
+            raise TraitorSpecError(f"{where}: expected true or false, got {text!r}")
+        return text.lower() == "true"
+    if kind is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise TraitorSpecError(f"{where}: expected a whole number, got {text!r}") from None
+    if kind is float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise TraitorSpecError(f"{where}: expected a number, got {text!r}") from None
+        if not math.isfinite(value):
+            raise TraitorSpecError(f"{where}: expected a finite number, got {text!r}")
+        return value
+    if not text:
+        raise TraitorSpecError(f"{where}: expected a value")
+    return text
+
+
+def parse_behaviour_spec(text: str) -> BehaviourSpec:
+    """`name[:key=value,key=value][@start_ms]`, e.g. `withhold:peers=1+2,kinds=Commit@5000`:
+    values are typed by the behaviour's parameters (lists joined with '+', booleans true/false),
+    the start is milliseconds from the replica's start. Raises TraitorSpecError naming the problem."""
+    spec_text = text.strip()
+    start_ms = 0
+    if "@" in spec_text:
+        spec_text, start_text = spec_text.rsplit("@", 1)
+        try:
+            start_ms = int(start_text.removesuffix("ms"))
+        except ValueError:
+            raise TraitorSpecError(f"traitor {text!r}: the start after '@' must be whole milliseconds, got {start_text!r}") from None
+        if start_ms < 0:
+            raise TraitorSpecError(f"traitor {text!r}: the start after '@' must not be negative")
+    name, _, parameters_text = spec_text.partition(":")
+    name = name.strip()
+    if name not in BEHAVIOURS:
+        raise TraitorSpecError(f"traitor {text!r}: unknown behaviour {name!r}; known: {', '.join(sorted(BEHAVIOURS))}")
+    known = behaviour_parameters(name)
+    parameters: dict[str, Any] = {}
+    for item in parameters_text.split(",") if parameters_text.strip() else ():
+        key, equals, value_text = item.partition("=")
+        key = key.strip()
+        if not equals:
+            raise TraitorSpecError(f"traitor {text!r}: expected key=value, got {item!r}")
+        if key not in known:
+            listed = ", ".join(known) if known else "none"
+            raise TraitorSpecError(f"traitor {text!r}: {name} has no parameter {key!r}; its parameters: {listed}")
+        if key in parameters:
+            raise TraitorSpecError(f"traitor {text!r}: parameter {key!r} given twice")
+        where = f"traitor {text!r}: {key}"
+        value = _parse_value(known[key][0], value_text.strip(), where)
+        if key == "rate" and not 0.0 <= value <= 1.0:
+            raise TraitorSpecError(f"{where}: a rate is from 0 to 1, got {value}")
+        allowed = BEHAVIOURS[name].choices.get(key)  # type: ignore[attr-defined]
+        if allowed is not None:
+            for choice in value if isinstance(value, tuple) else (value,):
+                if choice not in allowed:
+                    raise TraitorSpecError(f"{where}: {choice!r} is not one of {', '.join(allowed)}")
+        parameters[key] = value
+    spec = BehaviourSpec(name, start_ms, tuple(parameters.items()))
+    try:
+        make_behaviour(spec)
+    except ValueError as error:
+        raise TraitorSpecError(f"traitor {text!r}: {error}") from None
+    return spec
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, tuple):
+        return "+".join(_format_value(item) for item in value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def format_behaviour_spec(spec: BehaviourSpec) -> str:
+    """The text parse_behaviour_spec reads back as `spec`."""
+    text = spec.name
+    if spec.parameters:
+        text += ":" + ",".join(f"{key}={_format_value(value)}" for key, value in spec.parameters)
+    if spec.start_ms:
+        text += f"@{spec.start_ms}"
+    return text
 
 
 class Traitor:
@@ -655,17 +1018,37 @@ class Traitor:
         return self.receive(-1, Request(transaction), now_ms)
 
     def send(self, sends: list[Send], now_ms: int) -> list[Send]:
+        """What the replica sends instead of `sends`; raw frames only where the host can send them."""
         for behaviour in self._active(now_ms):
             sends = behaviour.outgoing(self.context, sends)
+        result = []
         for send in sends:
-            self.context.sent.append(send.message)
-        return sends
+            if isinstance(send.message, RawFrame):
+                if not self.context.raw_frames or send.to is None:
+                    continue
+                send = Send(send.to, RawFrame(send.message.payload[:RAW_FRAME_SIZE_MAX]))
+            else:
+                self.context.sent.append(send.message)
+            result.append(send)
+        return result
+
+    def reply(self, reply: Reply, now_ms: int) -> Reply | None:
+        """The REPLY a client gets instead of `reply` (None: it gets nothing)."""
+        for behaviour in self._active(now_ms):
+            changed = behaviour.reply(self.context, reply)
+            if changed is None:
+                return None
+            reply = changed
+        return reply
 
     def serve_blocks(self, requester: int, blocks: tuple[Block, ...], now_ms: int) -> tuple[Block, ...]:
         for behaviour in self._active(now_ms):
             blocks = behaviour.serve_blocks(self.context, requester, blocks)
         self.blocks_served += len(blocks)
         return blocks
+
+    def describe(self) -> str:
+        return ", ".join(format_behaviour_spec(behaviour.spec) for behaviour in self.behaviours)
 
     @property
     def twin_side(self) -> tuple[int, ...] | None:

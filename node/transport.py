@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -32,8 +33,33 @@ PEER_QUEUE_FRAMES_MAX = 8192
 PEER_QUEUE_FRAMES_OF_MAX_SIZE = 4  # a peer's queue holds at most this many maximum-size frames' bytes
 HANDSHAKE_TIMEOUT_S = 5.0
 DIAL_BACKOFF_S = (0.05, 2.0)
+# Warnings about what peers (or strangers) send, per second: a peer flooding bad frames is counted
+# in full (bad_frames) but cannot fill the disk with one line per frame.
+MALFORMED_LOGGED_PER_SECOND = 50
 
 log = logging.getLogger("node.transport")
+
+
+class RateLimitedWarnings:
+    """At most `per_second` warning lines a second; the next second says how many were left out."""
+
+    def __init__(self, logger: logging.Logger, per_second: int) -> None:
+        self.logger, self.per_second = logger, per_second
+        self.second = 0
+        self.logged = 0
+        self.suppressed = 0
+
+    def warning(self, text: str, *arguments: Any) -> None:
+        second = int(time.monotonic())
+        if second != self.second:
+            if self.suppressed:
+                self.logger.warning("%d more warnings about peers not logged in the last second", self.suppressed)
+            self.second, self.logged, self.suppressed = second, 0, 0
+        if self.logged < self.per_second:
+            self.logged += 1
+            self.logger.warning(text, *arguments)
+        else:
+            self.suppressed += 1
 
 
 class ListenError(Exception):
@@ -86,6 +112,7 @@ class PeerTransport:
         self.connected_in: set[int] = set()
         self.dropped_frames = 0
         self.bad_frames = 0
+        self.warnings = RateLimitedWarnings(log, MALFORMED_LOGGED_PER_SECOND)
 
     # ---- sending ----
 
@@ -140,7 +167,7 @@ class PeerTransport:
             except* (OSError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as group:
                 log.debug("connection to replica %d lost: %s", peer, group.exceptions[0])
             except* (HandshakeError, CodecError, FrameError) as group:
-                log.warning("handshake with replica %d at %s failed: %s", peer, address, group.exceptions[0])
+                self.warnings.warning("handshake with replica %d at %s failed: %s", peer, address, group.exceptions[0])
             if peer in self.connected_out:
                 self.connected_out.discard(peer)
                 log.info("disconnected from replica %d", peer)
@@ -201,12 +228,12 @@ class PeerTransport:
         except* (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         except* trio.TooSlowError:
-            log.warning("an incoming connection did not finish the handshake in time")
+            self.warnings.warning("an incoming connection did not finish the handshake in time")
         except* (HandshakeError, CodecError) as group:
-            log.warning("refused an incoming connection: %s", group.exceptions[0])
+            self.warnings.warning("refused an incoming connection: %s", group.exceptions[0])
         except* FrameError as group:
             self.bad_frames += 1
-            log.warning("dropped replica %s: %s", peer, group.exceptions[0])
+            self.warnings.warning("dropped replica %s: %s", peer, group.exceptions[0])
         finally:
             if peer is not None:
                 self.connected_in.discard(peer)
@@ -244,6 +271,6 @@ class PeerTransport:
                 message = decode_message(data)
             except CodecError as error:
                 self.bad_frames += 1
-                log.warning("dropped a malformed message from replica %d: %s", peer, error)
+                self.warnings.warning("dropped a malformed message from replica %d: %s", peer, error)
                 continue
             await self.deliver(peer, message)

@@ -6,22 +6,43 @@ import random
 
 import pytest
 
+from client.quorum import ReplyQuorum
+from ledger.application import AccountsApplication
 from ledger.blocks import verify_block_contents
 from ledger.crypto import signing_domain, verify_signature
-from ledger.messages import Batch, BatchContent, Commit, NewView, Prepare, PrePrepare, ViewChange
-from ledger.transactions import Put, sign_transaction
-from node.core import Send
+from ledger.encoding import CodecError
+from ledger.messages import (
+    MESSAGE_TYPES,
+    Batch,
+    BatchContent,
+    Checkpoint,
+    Commit,
+    NewView,
+    Prepare,
+    PrePrepare,
+    Reply,
+    Request,
+    ViewChange,
+    decode_message,
+)
+from ledger.transactions import Put, TransactionResult, sign_transaction
+from node.core import ReplicaCore, Send
 from node.new_view import NULL_BATCH
 from node.simulator import Scenario, Simulation, _key, simulated_network
 from node.traitors import (
     BEHAVIOURS,
+    RAW_FRAME_SIZE_MAX,
     SIGNED_KINDS,
     BehaviourSpec,
+    RawFrame,
     Traitor,
     TraitorContext,
     TraitorSpec,
+    TraitorSpecError,
+    format_behaviour_spec,
     make_behaviour,
     make_traitor,
+    parse_behaviour_spec,
 )
 
 SEED = 11
@@ -206,3 +227,191 @@ def test_lying_block_server_alters_what_it_serves() -> None:
 def test_twins_name_their_side() -> None:
     assert traitor("twins", side=(1, 2)).twin_side == (1, 2)
     assert traitor("replay").twin_side is None
+
+
+# ---- the behaviours added for real processes, and their text form ----
+
+OTHER_CLIENT = _key(SEED, "client", 1)
+
+
+def honest_reply(replica_id: int, transaction_id: bytes = b"\x07" * 32) -> Reply:
+    unsigned = Reply(replica_id, 0, transaction_id, TransactionResult(True), 3, b"\x08" * 32, 0)
+    return context(replica_id).sign(unsigned)
+
+
+def test_wrong_replies_sign_lies_a_client_never_accepts() -> None:
+    for mode in ("result", "height", "index", "block"):
+        liar = traitor("wrong_replies", replica_id=1, mode=mode)
+        honest = honest_reply(1)
+        lie = liar.reply(honest, 0)
+        assert lie is not None and validly_signed(lie)
+        assert lie.matching_key() != honest.matching_key()
+        # f + 1 = 2 must match: the lie with one honest reply is no receipt; two honest ones are.
+        quorum = ReplyQuorum(NETWORK, honest.transaction_id, verify_signature)
+        assert quorum.add(lie) is None
+        assert quorum.add(honest_reply(2)) is None
+        receipt = quorum.add(honest_reply(3))
+        assert receipt is not None and receipt.result.ok and receipt.height == 3 and 1 not in receipt.replicas
+
+
+def test_censoring_primary_keeps_one_clients_requests_from_its_core() -> None:
+    censor = traitor("censoring_primary", replica_id=0)
+    chosen = sign_transaction(NETWORK.network_id, CLIENT, 0, Put("k", "v"))
+    other = sign_transaction(NETWORK.network_id, OTHER_CLIENT, 0, Put("k", "v"))
+    assert censor.receive_request(chosen, 0) is False  # any_one: the first account it sees
+    assert censor.receive_request(other, 0) is True
+    assert censor.receive(2, Request(chosen), 0) is False  # relayed by a backup: dropped too
+    assert censor.receive(2, signed_vote(Prepare, 2, b"\x01" * 32), 0) is True
+    named = traitor("censoring_primary", account=OTHER_CLIENT.public_key.hex())
+    assert named.receive_request(chosen, 0) is True and named.receive_request(other, 0) is False
+    with pytest.raises(ValueError, match="account"):
+        make_behaviour(BehaviourSpec("censoring_primary", 0, (("account", "abc"),)))
+
+
+def test_a_censoring_primary_is_replaced_and_the_censored_client_commits() -> None:
+    """PBFT's answer to censorship: the client retransmits to all, backups time out, view change."""
+    scenario = Scenario(3, traitors=(TraitorSpec(0, (BehaviourSpec("censoring_primary"),)),), transactions_per_client=3)
+    simulation = Simulation(scenario)
+    report = simulation.run()
+    assert simulation.traitor_wrappers[0].behaviours[0].censored > 0
+    assert report.receipts == 9 and report.view >= 1
+
+
+def test_slow_primary_holds_its_pre_prepares_just_under_the_view_change_timeout() -> None:
+    pre_prepare = signed_pre_prepare()
+    prepare = signed_vote(Prepare, 0, b"\x09" * 32)
+    slow = traitor("slow_primary")
+    hold_ms = int(0.9 * NETWORK.protocol.view_change_timeout_ms)
+    assert slow.send([Send(None, pre_prepare), Send(2, prepare)], 100) == [Send(2, prepare)]
+    assert slow.send([], 100 + hold_ms - 1) == []
+    released = slow.send([], 100 + hold_ms)
+    assert released == [Send(None, pre_prepare)] and validly_signed(released[0].message)
+    backup_pre_prepare = context(1).sign(PrePrepare(1, 1, rebatch_view(pre_prepare.batch, 1), 1))
+    assert traitor("slow_primary", replica_id=2).send([Send(None, backup_pre_prepare)], 0) == [Send(None, backup_pre_prepare)]
+
+
+def rebatch_view(batch: Batch, view: int) -> Batch:
+    return Batch(view, NETWORK.primary(view), batch.timestamp_ms, batch.transactions)
+
+
+def backup_core() -> ReplicaCore:
+    return ReplicaCore(NETWORK, 1, KEYS[1], AccountsApplication(NETWORK.genesis_balances))
+
+
+def claimed_signer_verifies(message: object) -> bool:
+    if type(message) not in SIGNED_KINDS:
+        return False
+    return validly_signed(message)
+
+
+def test_malformed_sender_signatures_do_not_verify_and_an_honest_core_rejects_them() -> None:
+    sender = traitor("malformed_sender", replica_id=0, rate=1.0, burst=16, kinds=("signature",))
+    pre_prepare = signed_pre_prepare()
+    commit = signed_vote(Commit, 0, pre_prepare.batch.digest)
+    sent = sender.send([Send(None, pre_prepare), Send(None, commit)], 0)
+    malformed = [send.message for send in sent[2:]]
+    assert len(malformed) == 16
+    assert not any(claimed_signer_verifies(message) for message in malformed)
+    core = backup_core()
+    for message in malformed:
+        core.receive_message(0, message)
+    effects = core.take_effects()
+    assert not [send for send in effects.send if isinstance(send.message, Prepare | Commit)]
+    assert sum(count for reason, count in core.counters.items() if "signature" in reason or "not from the primary" in reason) >= 1
+
+
+def test_malformed_sender_sends_kinds_replicas_never_exchange() -> None:
+    sender = traitor("malformed_sender", replica_id=0, rate=1.0, burst=16, kinds=("type",))
+    malformed = [send.message for send in sender.send([], 0)]
+    assert len(malformed) == 16
+    core = backup_core()
+    for message in malformed:
+        assert type(message) in MESSAGE_TYPES.values()  # each encodes: a real process sends them as they are
+        core.receive_message(0, message)
+    assert core.counters["unexpected message type"] == 16
+    assert not core.take_effects().send
+
+
+def test_malformed_sender_raw_frames_only_where_the_host_sends_bytes_and_none_decodes() -> None:
+    simulated = traitor("malformed_sender", replica_id=0, rate=1.0, burst=16, kinds=("raw",))
+    assert simulated.send([], 0) == []
+    spec = TraitorSpec(0, (BehaviourSpec("malformed_sender", 0, (("rate", 1.0), ("burst", 16), ("kinds", ("raw",)))),))
+    real = make_traitor(spec, NETWORK, KEYS[0], DOMAINS, SEED)
+    real.context.raw_frames = True
+    frames = []
+    for moment in range(20):
+        frames.extend(real.send([Send(None, signed_vote(Commit, 0, b"\x0a" * 32))], moment)[1:])
+    assert len(frames) == 20 * 16
+    for send in frames:
+        assert isinstance(send.message, RawFrame) and send.to in (1, 2, 3)
+        assert len(send.message.payload) <= RAW_FRAME_SIZE_MAX
+        with pytest.raises(CodecError):
+            decode_message(send.message.payload)
+
+
+def drawn_specs(count: int) -> list[BehaviourSpec]:
+    specs = []
+    for seed in range(count):
+        for replica_count in (4, 7):
+            for traitor_spec in Scenario.from_seed(seed, replica_count, adversarial=True).traitors:
+                specs.extend(traitor_spec.behaviours)
+    return specs
+
+
+def test_every_spec_the_simulator_draws_reads_back_from_its_text() -> None:
+    specs = drawn_specs(200)
+    assert {spec.name for spec in specs} == set(BEHAVIOURS)
+    for spec in specs:
+        assert parse_behaviour_spec(format_behaviour_spec(spec)) == spec
+
+
+def test_behaviour_specs_as_text() -> None:
+    assert parse_behaviour_spec("withhold:peers=1+2,kinds=Commit@5000") == BehaviourSpec("withhold", 5000, (("peers", (1, 2)), ("kinds", ("Commit",))))
+    assert parse_behaviour_spec("withhold:peers=3") == BehaviourSpec("withhold", 0, (("peers", (3,)),))
+    assert parse_behaviour_spec("forged_view_change:hoard=false,mode=stale") == BehaviourSpec("forged_view_change", 0, (("hoard", False), ("mode", "stale")))
+    assert parse_behaviour_spec("off_by_one:delta=-1,rate=1") == BehaviourSpec("off_by_one", 0, (("delta", -1), ("rate", 1.0)))
+    assert format_behaviour_spec(BehaviourSpec("equivocating_primary")) == "equivocating_primary"
+    assert format_behaviour_spec(BehaviourSpec("delay", 20, (("rate", 0.5),))) == "delay:rate=0.5@20"
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("polite", "unknown behaviour 'polite'; known: censoring_primary"),
+        ("withhold:peer=1", "withhold has no parameter 'peer'; its parameters: peers, kinds"),
+        ("withhold:peers=one", "peers: expected a whole number, got 'one'"),
+        ("withhold:kinds=commit", "kinds: 'commit' is not one of PrePrepare"),
+        ("off_by_one:target=height", "target: 'height' is not one of view, sequence"),
+        ("forged_view_change:hoard=yes", "hoard: expected true or false"),
+        ("delay:rate=2", "a rate is from 0 to 1"),
+        ("delay:rate", "expected key=value"),
+        ("delay:rate=0.1,rate=0.2", "given twice"),
+        ("delay@soon", "whole milliseconds"),
+        ("delay@-5", "must not be negative"),
+        ("censoring_primary:account=xyz", "64 hex digits"),
+        ("malformed_sender:burst=100", "burst: expected 1 to 16"),
+    ],
+)
+def test_behaviour_spec_errors_say_what_is_wrong(text: str, message: str) -> None:
+    with pytest.raises(TraitorSpecError) as caught:
+        parse_behaviour_spec(text)
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_ledger_node_run_refuses_a_bad_traitor_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    from node.cli import main
+
+    for spec in ("polite", "twins"):
+        with pytest.raises(SystemExit) as exited:
+            main(["run", "replica-0.toml", "--traitor", spec])
+        assert exited.value.code == 2
+        error = capsys.readouterr().err
+        assert error.startswith("ledger-node: argument --traitor: ") and error.count("\n") == 1
+
+
+def test_checkpoints_are_among_the_messages_a_malformed_sender_corrupts() -> None:
+    checkpoint = context(2).sign(Checkpoint(4, b"\x01" * 32, b"\x02" * 32, 2))
+    sender = traitor("malformed_sender", replica_id=2, rate=1.0, burst=8, kinds=("signature",))
+    malformed = [send.message for send in sender.send([Send(None, checkpoint)], 0)[1:]]
+    assert any(isinstance(message, Checkpoint) for message in malformed)
+    assert not any(claimed_signer_verifies(message) for message in malformed)

@@ -51,6 +51,8 @@ class ReplicaProcesses:
     directory: Path
     replica_count: int
     extra_protocol: str = ""  # more [protocol] lines for the template
+    # More `ledger-node run` arguments for some replicas, e.g. {0: ["--traitor", "equivocating_primary"]}.
+    extra_arguments: dict[int, list[str]] = field(default_factory=dict)
     processes: dict[int, trio.Process] = field(default_factory=dict)
 
     @property
@@ -86,7 +88,7 @@ class ReplicaProcesses:
         assert replica_id not in self.processes or self.processes[replica_id].returncode is not None
         with self.log_path(replica_id).open("ab") as log:
             self.processes[replica_id] = await trio.lowlevel.open_process(
-                [*NODE_COMMAND, "run", str(self.directory / f"replica-{replica_id}.toml")],
+                [*NODE_COMMAND, "run", str(self.directory / f"replica-{replica_id}.toml"), *self.extra_arguments.get(replica_id, [])],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -136,8 +138,10 @@ class ReplicaProcesses:
 
 
 @asynccontextmanager
-async def replica_processes(directory: Path, replica_count: int, extra_protocol: str = "") -> AsyncIterator[ReplicaProcesses]:
-    replicas = ReplicaProcesses(directory, replica_count, extra_protocol)
+async def replica_processes(
+    directory: Path, replica_count: int, extra_protocol: str = "", extra_arguments: dict[int, list[str]] | None = None
+) -> AsyncIterator[ReplicaProcesses]:
+    replicas = ReplicaProcesses(directory, replica_count, extra_protocol, dict(extra_arguments or {}))
     await replicas.initialise()
     try:
         await replicas.start_all()
