@@ -1,7 +1,9 @@
 """`ledger-scenario`: list, explain and run the attack scenarios in configs/scenarios/, with a verdict.
 
-Exit status of `run`: 0 when every verdict matches what its file expects, 1 when one does not,
-2 for a usage error, an invalid file, or a scenario this build cannot run.
+By default a scenario runs against real `ledger-node run` processes (node/scenario_real.py);
+`--sim` runs it in the deterministic simulator (node/scenario_sim.py). Exit status of `run`: 0
+when every verdict matches what its file expects, 1 when one does not, 2 for a usage error, an
+invalid file, or a scenario this build (or this mode) cannot run.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from node.cli import OneLineParser, _at_least
+from node.scenario_real import RealRunError, real_mode_refusal, run_real_processes
 from node.scenario_sim import run_in_simulator
 from node.scenarios import (
     REPLICA_COUNTS,
@@ -29,16 +32,18 @@ from node.verdict import RunRecord, Verdict, judge, render
 
 PROGRAM = "ledger-scenario"
 Backend = Callable[[ScenarioFile, Setup, int, Callable[[str], None]], RunRecord]
-# The ways to run a scenario; real processes come next, behind the same verdict code.
-BACKENDS: dict[str, Backend] = {"sim": run_in_simulator}
+# The ways to run a scenario, behind the same verdict code.
+BACKENDS: dict[str, Backend] = {"sim": run_in_simulator, "real": run_real_processes}
 
 EXAMPLES = """\
 examples:
   ledger-scenario list                                   every scenario, what it shows, its expected verdict
   ledger-scenario show equivocating-primary              the file, explained
-  ledger-scenario run equivocating-primary --sim         simulate it and print the verdict
+  ledger-scenario run equivocating-primary               run it against real replica processes, print the verdict
+  ledger-scenario run equivocating-primary --sim         simulate it (the seed replays it exactly)
   ledger-scenario run fork-f-plus-one --replicas 7 --seed 3 --sim --json
-  ledger-scenario run --all --sim                        every scenario at every size, as a table
+  ledger-scenario run --all --replicas 4                 every scenario real processes can run, as a table
+  ledger-scenario run --all --sim                        every scenario at every size, simulated
 """
 
 
@@ -127,14 +132,24 @@ def run_one(scenario: ScenarioFile, replica_count: int, seed: int | None, backen
     return judge(record, scenario.expect)
 
 
-def replay_command(scenario: ScenarioFile, verdict: Verdict) -> str:
+def replay_command(scenario: ScenarioFile, verdict: Verdict, backend: str) -> str:
     name = scenario.name if scenario.path == scenario_path(scenario.name) else str(scenario.path)
-    return f"{PROGRAM} run {name} --replicas {verdict.replica_count} --seed {verdict.seed} --sim"
+    command = f"{PROGRAM} run {name} --replicas {verdict.replica_count} --seed {verdict.seed}"
+    if backend == "sim":
+        return f"{command} --sim"
+    return f"{command}   (real processes: the seed drives the traitors' choices; timings differ from run to run)"
+
+
+def refusal(scenario: ScenarioFile, replica_count: int, backend: str) -> str | None:
+    """Why this scenario cannot run at this size in this mode, or None."""
+    if scenario.missing_behaviours:
+        return f"needs {', '.join(scenario.missing_behaviours)}"
+    if backend == "real":
+        return real_mode_refusal(scenario, scenario.setup(replica_count))
+    return None
 
 
 def command_run(arguments: argparse.Namespace) -> int:
-    if not arguments.sim:
-        raise ScenarioCommandError("running real replica processes: not yet: use --sim")
     if arguments.all == (arguments.name is not None):
         raise ScenarioCommandError("give a scenario NAME or --all")
     if arguments.all:
@@ -145,11 +160,16 @@ def command_run(arguments: argparse.Namespace) -> int:
             f"scenario {scenario.name} needs behaviours this build lacks: {', '.join(scenario.missing_behaviours)} (skipped)"
         )
     replica_count = arguments.replicas if arguments.replicas is not None else scenario.replica_counts[0]
-    verdict = run_one(scenario, replica_count, arguments.seed, "sim")
+    backend = "sim" if arguments.sim else "real"
+    scenario.setup(replica_count)  # refuses a size the file is not written for
+    reason = refusal(scenario, replica_count, backend)
+    if reason is not None:
+        raise ScenarioCommandError(f"scenario {scenario.name} (n={replica_count}): {reason}; `--sim` runs it")
+    verdict = run_one(scenario, replica_count, arguments.seed, backend)
     if arguments.json:
         print(json.dumps(verdict.to_json(), indent=2, default=_json_default))
     else:
-        print(render(verdict, replay_command(scenario, verdict)))
+        print(render(verdict, replay_command(scenario, verdict, backend)))
     return 0 if verdict.matches else 1
 
 
@@ -164,22 +184,27 @@ def _json_default(value: object) -> object:
 def _run_all(arguments: argparse.Namespace) -> int:
     rows = []
     mismatched = 0
+    backend = "sim" if arguments.sim else "real"
     for name in scenario_names():
         scenario = load_scenario(scenario_path(name))
         counts = scenario.replica_counts if arguments.replicas is None else (arguments.replicas,)
         for count in counts:
             if count not in scenario.setups:
                 continue
-            if scenario.missing_behaviours:
-                rows.append((name, count, scenario.expected_text(), f"skipped: needs {', '.join(scenario.missing_behaviours)}", "-", ""))
+            reason = refusal(scenario, count, backend)
+            if reason is not None:
+                rows.append((name, count, scenario.expected_text(), f"skipped: {reason}", "-", ""))
                 continue
-            verdict = run_one(scenario, count, arguments.seed, "sim")
+            verdict = run_one(scenario, count, arguments.seed, backend)
             seen = f"safety {verdict.safety}" + (f", liveness {verdict.liveness}" if verdict.liveness is not None else "")
             mark = "yes" if verdict.matches else "NO"
             if not verdict.matches:
                 mismatched += 1
-                print(render(verdict, replay_command(scenario, verdict)), file=sys.stderr)
-            rows.append((name, count, scenario.expected_text(), seen, mark, f"last receipt {verdict.confirmed_by_ms} ms (fault-free {verdict.fault_free_confirmed_by_ms} ms), {verdict.elapsed_s:.2f} s"))
+                print(render(verdict, replay_command(scenario, verdict, backend)), file=sys.stderr)
+            timing = f"last receipt {verdict.confirmed_by_ms} ms"
+            if verdict.fault_free_confirmed_by_ms is not None:
+                timing += f" (fault-free {verdict.fault_free_confirmed_by_ms} ms)"
+            rows.append((name, count, scenario.expected_text(), seen, mark, f"{timing}, {verdict.elapsed_s:.2f} s"))
     if arguments.json:
         keys = ("scenario", "replicas", "expected", "seen", "matches", "time")
         print(json.dumps([dict(zip(keys, row, strict=True)) for row in rows], indent=2))
@@ -206,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--replicas", type=int, choices=REPLICA_COUNTS, help="network size (default: the file's first)")
     run.add_argument("--seed", type=_at_least(0), help="replay with this seed (default: the file's)")
     run.add_argument("--json", action="store_true", help="the verdict as JSON on stdout")
-    run.add_argument("--sim", action="store_true", help="run in the deterministic simulator (the seed replays it exactly)")
+    run.add_argument("--sim", action="store_true", help="run in the deterministic simulator (the seed replays it exactly); default: real replica processes")
     return parser
 
 
@@ -221,6 +246,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ScenarioError, ScenarioCommandError) as error:
         print(f"{PROGRAM}: {error}", file=sys.stderr)
         return 2
+    except RealRunError as error:
+        print(f"{PROGRAM}: could not run the replica processes: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROGRAM}: interrupted: every replica process was stopped", file=sys.stderr)
+        return 130
     except BrokenPipeError:
         # The reader went away (`ledger-scenario list | head`): stop quietly, as other tools do.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

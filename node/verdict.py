@@ -1,6 +1,6 @@
 """The verdict of one scenario run: what happened, judged against what the scenario file expects.
 
-A backend (the simulator, node/scenario_sim.py; later real processes) reports a `RunRecord`:
+A backend (the simulator, node/scenario_sim.py; real processes, node/scenario_real.py) reports a `RunRecord`:
 counts, the honest replicas' chains, the receipts the clients accepted, what the traitors did
 and the first invariant that broke, if any. From that alone this module compares the honest
 chains block by block, checks every receipt against them, names the culprits of a fork (the
@@ -251,6 +251,10 @@ def render(verdict: Verdict, replay: str) -> str:
         row("traitors", "none")
     for traitor in verdict.traitors:
         activity = traitor.activity
+        if not activity:
+            # A real process: what it sent is not counted; the honest replicas' refusals show below.
+            row("traitor", f"replica {traitor.replica_id}: {traitor.behaviours}; a separate process, its messages not counted")
+            continue
         row(
             "traitor",
             f"replica {traitor.replica_id}: {traitor.behaviours}; its core made {activity.get('core_messages', 0)} messages, "
@@ -266,7 +270,9 @@ def render(verdict: Verdict, replay: str) -> str:
             row("", f"block {block.block_hash[:16]} on replicas {_replicas(block.replicas)}, certificate signed by {_replicas(block.signers)}")
         enough = "at least f+1: any two quorums of 2f+1 share f+1 replicas" if len(fork.culprits) >= f + 1 else "fewer than f+1"
         row("culprits", f"replicas {_replicas(fork.culprits)} signed both ({len(fork.culprits)}, {enough}; an honest replica signs one block per height)")
-    if verdict.broken is None:
+    if verdict.broken is None and verdict.simulated_ms is None:
+        row("invariants", "checked at the end: every honest chain verifies from genesis (links, certificates, re-execution), every transaction confirmed in time")
+    elif verdict.broken is None:
         row("invariants", "agreement, hash chain, validity, exactly-once, no equivocation by an honest replica: all held at every step")
     else:
         row("invariants", f"{verdict.broken.invariant} broke: {verdict.broken.text}")
@@ -287,6 +293,8 @@ def render(verdict: Verdict, replay: str) -> str:
             timing += f", the last receipt came at {verdict.confirmed_by_ms} ms"
         if verdict.fault_free_confirmed_by_ms is not None:
             timing += f"; without traitors or faults the same workload is confirmed by {verdict.fault_free_confirmed_by_ms} ms"
+    elif verdict.confirmed_by_ms is not None:
+        timing += f" in all; real time: the last receipt came {verdict.confirmed_by_ms} ms after the workload started"
     row("time", timing)
     liveness = verdict.liveness if verdict.liveness is not None else "not judged (safety broke)"
     outcome = "MATCHES the expectation" if verdict.matches else "DOES NOT MATCH the expectation"
