@@ -8,7 +8,7 @@ JOBS ?= 1
 # 1: traitor replicas and the rest of the adversarial mode (node/traitors.py); 0: network faults only.
 ADVERSARIAL ?= 1
 
-.PHONY: test demo sim lint bench clean
+.PHONY: test demo sim scenarios lint bench clean
 
 $(INSTALLED): pyproject.toml
 	test -x $(PYTHON) || python3 -m venv $(VENV)
@@ -26,6 +26,12 @@ demo: $(INSTALLED)
 # A longer sweep than CI runs: `make sim SEEDS=20000 JOBS=2`, or replay one seed: `make sim SEED=42 REPLICAS=4`.
 sim: $(INSTALLED)
 	$(VENV)/bin/ledger-node simulate --replicas $(REPLICAS) --jobs $(JOBS) $(if $(filter 1,$(ADVERSARIAL)),--adversarial) $(if $(SEED),--seed $(SEED),--seeds $(SEEDS))
+
+# Every attack scenario real replica processes can run (the rest are listed as skipped), at n=4 and n=7;
+# `ledger-scenario run --all --sim` runs them all in the simulator.
+scenarios: $(INSTALLED)
+	$(VENV)/bin/ledger-scenario run --all --replicas 4
+	$(VENV)/bin/ledger-scenario run --all --replicas 7
 
 # Throughput and latency of a local 4-replica network (timings live here, never in tests).
 bench: $(INSTALLED)

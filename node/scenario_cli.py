@@ -195,7 +195,13 @@ def _run_all(arguments: argparse.Namespace) -> int:
             if reason is not None:
                 rows.append((name, count, scenario.expected_text(), f"skipped: {reason}", "-", ""))
                 continue
-            verdict = run_one(scenario, count, arguments.seed, backend)
+            try:
+                verdict = run_one(scenario, count, arguments.seed, backend)
+            except RealRunError as error:
+                mismatched += 1
+                print(f"{PROGRAM}: {name} n={count}: could not run the replica processes: {error}", file=sys.stderr)
+                rows.append((name, count, scenario.expected_text(), "could not run (see above)", "NO", ""))
+                continue
             seen = f"safety {verdict.safety}" + (f", liveness {verdict.liveness}" if verdict.liveness is not None else "")
             mark = "yes" if verdict.matches else "NO"
             if not verdict.matches:

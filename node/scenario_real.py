@@ -233,11 +233,14 @@ def logged_rejections(text: str) -> dict[str, int]:
 
 @dataclass(eq=False)
 class Workload:
-    """Every client's transactions (puts from fresh accounts: they need no funds), `in_flight` at a time."""
+    """Every client's transactions (puts from fresh accounts: they need no funds), `in_flight` at a time,
+    spread over the timeline so that faults hit transactions in flight."""
 
     network_id: str
     deadline: float  # trio time by which every transaction must be confirmed
     total: int
+    started: float
+    spread_s: float  # a submitter's transactions go out evenly over this long (the timeline's span)
     submitted: int = 0
     receipts: list[Receipt] = field(default_factory=list)
     failed_receipts: list[str] = field(default_factory=list)
@@ -247,6 +250,8 @@ class Workload:
     async def submitter(self, client: Client, client_index: int, submitter_index: int, count: int) -> None:
         key = SigningKey.generate()
         for nonce in range(count):
+            # Real replicas are fast: without spreading, the workload could end before the first fault.
+            await trio.sleep_until(self.started + self.spread_s * nonce / count)
             transaction = sign_transaction(self.network_id, key, nonce, Put(f"c{client_index}-s{submitter_index}", f"value {nonce}"))
             self.submitted += 1
             receipt = None
@@ -373,7 +378,8 @@ async def _run(
                 raise RealRunError(f"not every replica answered within {STARTUP_DEADLINE_S:g} s") from None
             started = trio.current_time()
             total = workload_spec.clients * workload_spec.transactions_per_client
-            workload = Workload(network_id, started + time_limit_s, total)
+            spread_s = max((event.at_ms for event in setup.timeline), default=0) / 1000
+            workload = Workload(network_id, started + time_limit_s, total, started, spread_s)
             progress(
                 f"every replica answers; running the timeline ({len(setup.timeline)} event(s)) and {total} transactions "
                 f"({workload_spec.clients} clients, {workload_spec.in_flight} in flight each), deadline {time_limit_s:g} s"
@@ -415,6 +421,11 @@ def run_real_processes(scenario: ScenarioFile, setup: Setup, seed: int, progress
         except (RealRunError, ConfigError, OSError) as error:
             tails = ReplicaProcesses(directory, setup.replica_count, {}).log_tails() if (directory / "logs").is_dir() else ""
             raise RealRunError(f"{error}" + (f"\n{tails}" if tails else "")) from None
+        except BaseExceptionGroup as group:
+            # Ctrl-C lands in whichever task was running: one KeyboardInterrupt for the caller.
+            if group.subgroup(KeyboardInterrupt) is not None:
+                raise KeyboardInterrupt from None
+            raise
         traitor_ids = {traitor.replica_id for traitor in setup.traitors}
         rejections: dict[str, int] = {}
         for replica_id in range(setup.replica_count):
