@@ -207,7 +207,7 @@ def _run_all(arguments: argparse.Namespace) -> int:
             if not verdict.matches:
                 mismatched += 1
                 print(render(verdict, replay_command(scenario, verdict, backend)), file=sys.stderr)
-            timing = f"last receipt {verdict.confirmed_by_ms} ms"
+            timing = "no receipt" if verdict.confirmed_by_ms is None else f"last receipt {verdict.confirmed_by_ms} ms"
             if verdict.fault_free_confirmed_by_ms is not None:
                 timing += f" (fault-free {verdict.fault_free_confirmed_by_ms} ms)"
             rows.append((name, count, scenario.expected_text(), seen, mark, f"{timing}, {verdict.elapsed_s:.2f} s"))

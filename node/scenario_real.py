@@ -84,12 +84,15 @@ def real_mode_refusal(scenario: ScenarioFile, setup: Setup) -> str | None:
     for event in setup.timeline:
         if event.event in UNSUPPORTED_EVENTS:
             return f"event {event.event} (at {event.at_ms} ms) cannot be done with unmodified replica processes yet"
+    last_event_ms = max((event.at_ms for event in setup.timeline), default=0)
+    if last_event_ms > REAL_TIME_LIMIT_MS_MAX:
+        return f"its timeline runs to {last_event_ms} ms, past the {REAL_TIME_LIMIT_MS_MAX} ms real processes are given"
     if setup.collusion_side:
-        return "collusion_side (a coalition signing a second history) cannot be done with unmodified replica processes yet"
+        return "collusion_side (a coalition's second signed history) cannot be done with unmodified replica processes yet"
     for traitor in setup.traitors:
         for behaviour in traitor.behaviours:
             if behaviour.name in UNSUPPORTED_BEHAVIOURS:
-                return f"behaviour {behaviour.name} (replica {traitor.replica_id}) needs a second instance of a replica: not with real processes yet"
+                return f"behaviour {behaviour.name} (replica {traitor.replica_id}) needs a second instance of the replica: not with real processes yet"
     return None
 
 

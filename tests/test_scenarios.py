@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from node.scenario_cli import main
+from node.scenario_real import real_mode_refusal
 from node.scenarios import (
     SCENARIO_DIRECTORY,
     ScenarioError,
@@ -161,10 +162,27 @@ def test_show_prints_the_file_and_explains_it() -> None:
     assert "replica 0: equivocating_primary()@0ms: As primary, sends every pre-prepare in two versions" in result.stdout
 
 
-def test_run_without_sim_is_not_yet_available() -> None:
-    result = ledger_scenario("run", "withhold")
+def test_real_mode_refuses_a_partition_in_one_line_with_exit_2() -> None:
+    result = ledger_scenario("run", "partition-with-traitor", "--replicas", "4")
     assert result.returncode == 2
-    assert result.stderr.strip() == "ledger-scenario: running real replica processes: not yet: use --sim"
+    assert result.stderr.strip() == (
+        "ledger-scenario: scenario partition-with-traitor (n=4): event partition (at 100 ms) cannot be done "
+        "with unmodified replica processes yet; `--sim` runs it"
+    )
+    assert result.stdout == ""
+
+
+def test_real_mode_refuses_exactly_what_unmodified_processes_cannot_do() -> None:
+    def refusal(name: str, replica_count: int) -> str | None:
+        scenario = load_scenario(scenario_path(name))
+        return real_mode_refusal(scenario, scenario.setup(replica_count))
+
+    assert "event partition" in (refusal("partition-with-traitor", 7) or "")
+    assert "collusion_side" in (refusal("fork-f-plus-one", 4) or "")
+    assert "collusion_side" in (refusal("fork-f", 7) or "")
+    assert "behaviour twins" in (refusal("twins", 4) or "")
+    for name in ("equivocating-primary", "primary-killed", "lying-block-server", "silent-f-plus-one"):
+        assert refusal(name, 4) is None and refusal(name, 7) is None
 
 
 def test_an_unknown_scenario_or_size_is_one_line_with_exit_2() -> None:
