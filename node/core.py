@@ -15,7 +15,6 @@ Protocol map (Castro & Liskov, TOCS 2002, the variant with signatures):
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -54,11 +53,9 @@ from ledger.messages import (
     ViewChange,
 )
 from ledger.transactions import Transaction, transaction_domain
-from node.certificates import CertificateChecks, SignatureMemo
+from node.certificates import CertificateChecks, SignatureCheck, SignatureMemo
 from node.new_view import NULL_BATCH, new_view_assignments
 from node.requests import RequestQueue
-
-SignatureCheck = Callable[[bytes, bytes, bytes, bytes], bool]
 
 # Bounds on what one replica holds in memory, whatever its peers and clients do.
 VERIFIED_CACHE_MAX = 50_000

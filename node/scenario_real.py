@@ -16,7 +16,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,15 +39,14 @@ from ledger.config import (
 )
 from ledger.crypto import SigningKey
 from ledger.transactions import Put, sign_transaction
+from node import ports
+from node.ports import HOST, PORT_RANGE
 from node.scenarios import ScenarioFile, Setup
 from node.traitors import format_behaviour_spec
 from node.verdict import BrokenInvariant, RunRecord, TraitorReport
 
 Progress = Callable[[str], None]
 
-HOST = "127.0.0.1"
-PORT_RANGE = (20000, 60000)
-PORT_PICKS_MAX = 200
 # Real time is dear: a file's time limit is honoured up to this many milliseconds.
 REAL_TIME_LIMIT_MS_MAX = 60_000
 STARTUP_DEADLINE_S = 30.0
@@ -96,41 +94,11 @@ def real_mode_refusal(scenario: ScenarioFile, setup: Setup) -> str | None:
     return None
 
 
-def _ports_bindable(ports: range) -> bool:
-    probes: list[socket.socket] = []
-    try:
-        for port in ports:
-            probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            probes.append(probe)
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            probe.bind((HOST, port))
-        return True
-    except OSError:
-        return False
-    finally:
-        for probe in probes:
-            probe.close()
-
-
-def _ephemeral_ports() -> range:
-    try:
-        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
-        return range(int(low), int(high) + 1)
-    except (OSError, ValueError):
-        return range(0)
-
-
 def pick_base_port(replica_count: int, generator: random.Random) -> int:
-    """A base in PORT_RANGE whose 2n ports are free now, outside the kernel's outgoing range if possible."""
-    span = 2 * replica_count
-    avoided = _ephemeral_ports()
-    bases = range(PORT_RANGE[0], PORT_RANGE[1] - span)
-    candidates = [generator.choice(bases) for _ in range(PORT_PICKS_MAX)]
-    preferred = [base for base in candidates if base + span <= avoided.start or base >= avoided.stop]
-    for base in [*preferred, *candidates]:
-        if _ports_bindable(range(base, base + span)):
-            return base
-    raise RealRunError(f"no {span} consecutive free ports found in {PORT_RANGE[0]}-{PORT_RANGE[1]} on {HOST}")
+    base = ports.pick_base_port(replica_count, generator)
+    if base is None:
+        raise RealRunError(f"no {2 * replica_count} consecutive free ports found in {PORT_RANGE[0]}-{PORT_RANGE[1]} on {HOST}")
+    return base
 
 
 def write_fast_network(directory: Path, replica_count: int, network_id: str) -> None:

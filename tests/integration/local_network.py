@@ -7,7 +7,6 @@ import os
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -22,13 +21,12 @@ from ledger.blocks import Block
 from ledger.config import NetworkConfig, load_client_config, template_for, write_network
 from ledger.crypto import SigningKey, read_key_file
 from ledger.storage import BlockStore
+from node import ports
+from node.ports import PORT_RANGE
 
 NODE_COMMAND = (sys.executable, "-m", "node.cli")
 CLIENT_COMMAND = (sys.executable, "-m", "client.cli")
 
-HOST = "127.0.0.1"
-PORT_RANGE = (20000, 60000)
-PORT_PICKS_MAX = 200
 START_ATTEMPTS_MAX = 4
 START_DEADLINE_S = 60.0
 STOP_DEADLINE_S = 20.0
@@ -49,43 +47,11 @@ class NetworkStartError(RuntimeError):
 # ---- ports ----
 
 
-def ephemeral_ports() -> range:
-    """The kernel's range for outgoing connections: a listener there can collide with one of them."""
-    try:
-        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
-        return range(int(low), int(high) + 1)
-    except (OSError, ValueError):
-        return range(0)
-
-
-def ports_bindable(ports: range) -> bool:
-    """Whether every port can be bound on 127.0.0.1 (with SO_REUSEADDR, as Trio's listeners do)."""
-    probes: list[socket.socket] = []
-    try:
-        for port in ports:
-            probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            probes.append(probe)
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            probe.bind((HOST, port))
-        return True
-    except OSError:
-        return False
-    finally:
-        for probe in probes:
-            probe.close()
-
-
 def pick_base_port(replica_count: int, generator: random.Random) -> int:
-    """A random base in PORT_RANGE whose 2n ports are all free, preferring non-ephemeral ports."""
-    span = 2 * replica_count
-    avoided = ephemeral_ports()
-    bases = range(PORT_RANGE[0], PORT_RANGE[1] - span)
-    preferred = [base for base in (generator.choice(bases) for _ in range(PORT_PICKS_MAX)) if base + span <= avoided.start or base >= avoided.stop]
-    fallback = [generator.choice(bases) for _ in range(PORT_PICKS_MAX)]
-    for base in [*preferred, *fallback]:
-        if ports_bindable(range(base, base + span)):
-            return base
-    raise RuntimeError(f"no {span} consecutive free ports found in {PORT_RANGE}")
+    base = ports.pick_base_port(replica_count, generator)
+    if base is None:
+        raise RuntimeError(f"no {2 * replica_count} consecutive free ports found in {PORT_RANGE}")
+    return base
 
 
 # ---- commands ----
