@@ -24,6 +24,7 @@ from client.quorum import Receipt
 from ledger.blocks import Block, ChainError, prove_transaction
 from ledger.config import ConfigError
 from ledger.crypto import KeyFileError, SigningKey, parse_public_key, read_key_file, write_key_file
+from ledger.messages import TRANSACTION_PREFIX_LENGTH_MIN, TRANSACTION_PREFIX_MATCHES_MAX
 from ledger.transactions import AMOUNT_MAX, KEY_LENGTH_MAX, VALUE_LENGTH_MAX, Put, Transfer
 
 EXIT_OK = 0
@@ -173,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     block = commands.add_parser("block", help="show a block and check its commit certificate")
     block.add_argument("height", type=_height, nargs="?", help="default: the latest block")
     transaction = commands.add_parser("tx", help="find a transaction by id and check its proof")
-    transaction.add_argument("transaction_id", help="64 hex digits")
+    transaction.add_argument("transaction_id", help=f"64 hex digits, or a unique prefix of {TRANSACTION_PREFIX_LENGTH_MIN} or more")
     commands.add_parser("status", help="each replica's view, primary, height and last block")
     verify = commands.add_parser("verify", help="download one replica's chain and check all of it")
     verify.add_argument("--replica", type=int, default=0, help="which replica to download from (default: 0)")
@@ -320,18 +321,29 @@ async def dispatch(arguments: argparse.Namespace, client: Client, output: Output
         output.emit(block_data(block), block_text(block))
         return EXIT_OK
     if command == "tx":
-        try:
-            transaction_id = bytes.fromhex(arguments.transaction_id)
-        except ValueError:
-            raise UsageError("transaction id: expected 64 hex digits") from None
-        if len(transaction_id) != 32:
-            raise UsageError("transaction id: expected 64 hex digits")
-        location = await client.locate(transaction_id)
-        if location is None:
-            output.emit({"transaction_id": transaction_id.hex(), "found": False}, "no such transaction in the ledger (a quorum of replicas agree)")
-            return EXIT_FAILED
+        text = arguments.transaction_id.lower()
+        if not TRANSACTION_PREFIX_LENGTH_MIN <= len(text) <= 64 or not set(text) <= set("0123456789abcdef"):
+            raise UsageError(f"transaction id: expected 64 hex digits, or a unique prefix of {TRANSACTION_PREFIX_LENGTH_MIN} or more")
+        location: tuple[int, int] | None
+        if len(text) == 64:
+            transaction_id = bytes.fromhex(text)
+            location = await client.locate(transaction_id)
+            if location is None:
+                output.emit({"transaction_id": text, "found": False}, "no such transaction in the ledger (a quorum of replicas agree)")
+                return EXIT_FAILED
+        else:
+            matches = await client.transactions_with_prefix(text, arguments.timeout)
+            if not matches:
+                raise ClientError(f"no transaction starts with {text} (a quorum of replicas agree)")
+            if len(matches) > 1:
+                count = f"more than {TRANSACTION_PREFIX_MATCHES_MAX}" if len(matches) > TRANSACTION_PREFIX_MATCHES_MAX else str(len(matches))
+                raise ClientError(f"prefix {text} matches {count} transactions: give more digits")
+            transaction_id, *found = matches[0]
+            location = (found[0], found[1])
         height, index = location
         block = await client.block(height)
+        if index >= len(block.transactions) or block.transactions[index].transaction_id != transaction_id:
+            raise ClientError(f"block {height} has no transaction {transaction_id.hex()} at index {index}")
         proof = prove_transaction(block, index)
         proof.verify(client.network.network_id, client.network.replica_keys, client.network.quorum)
         transaction, result = block.transactions[index], block.results[index]

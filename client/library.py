@@ -37,6 +37,7 @@ from ledger.messages import (
     BLOCKS_PER_RESPONSE_MAX,
     QUERY_NONCE_SIZE,
     SUBSCRIBE_ACCOUNTS_MAX,
+    TRANSACTION_PREFIX_MATCHES_MAX,
     Blocks,
     ErrorReply,
     FetchBlocks,
@@ -418,6 +419,31 @@ class Client:
     async def locate(self, transaction_id: bytes) -> tuple[int, int] | None:
         result = (await self.query("transaction", transaction_id)).result
         return None if result is None else (result[0], result[1])
+
+    async def transactions_with_prefix(self, prefix: str, deadline_s: float = QUERY_DEADLINE_S) -> list[tuple[bytes, int, int]]:
+        """(transaction id, height, index) of the transactions whose id's hex starts with `prefix`
+        (8 to 64 hex digits), as a quorum of replicas sign it; at most TRANSACTION_PREFIX_MATCHES_MAX
+        + 1 of them, so more than the maximum means "more than that many"."""
+        prefix = prefix.lower()
+        reply = await self.query("transaction-prefix", prefix, deadline_s)
+        matches = []
+        if not isinstance(reply.result, list) or len(reply.result) > TRANSACTION_PREFIX_MATCHES_MAX + 1:
+            raise ClientError("malformed answer to a transaction-prefix query")
+        for item in reply.result:
+            # A quorum signed it, so an honest replica did; checked anyway, so no answer can crash us.
+            if (
+                not isinstance(item, list)
+                or len(item) != 3
+                or not isinstance(item[0], bytes)
+                or not item[0].hex().startswith(prefix)
+                or len(item[0]) != 32
+                or not all(isinstance(number, int) and not isinstance(number, bool) for number in item[1:])
+                or item[1] < 1
+                or item[2] < 0
+            ):
+                raise ClientError("malformed answer to a transaction-prefix query")
+            matches.append((item[0], item[1], item[2]))
+        return matches
 
     async def status(self, wait_s: float = 2.0) -> list[ReplicaStatus]:
         """Each replica's own report of its progress (unverified: for operators, not for trust)."""

@@ -38,6 +38,10 @@ SUBSCRIBE_ACCOUNTS_MAX = 1024
 QUERY_KIND_LENGTH_MAX = 32
 QUERY_NONCE_SIZE = 16
 QUERY_BEHIND = "behind:"  # how a QUERY-REPLY's error starts when the replica is below the query's min_height
+# A 'transaction-prefix' query: the prefix is 8 to 64 lowercase hex digits (8: few enough
+# transactions share one that a prefix is useful), and a replica lists at most this many matches.
+TRANSACTION_PREFIX_LENGTH_MIN = 8
+TRANSACTION_PREFIX_MATCHES_MAX = 8
 PREPARED_CERTIFICATES_MAX = 4096
 HELLO_SETTINGS_MAX = 64  # protocol settings a HELLO may list
 

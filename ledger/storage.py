@@ -271,6 +271,19 @@ class BlockStore:
         ).fetchone()
         return None if row is None else (row[0], row[1])
 
+    def transactions_with_prefix(self, prefix: str, limit: int) -> list[tuple[bytes, int, int]]:
+        """Up to `limit` (transaction id, height, position) whose id's hex starts with `prefix`
+        (lowercase hex digits), in id order: one range scan of the primary-key index, however
+        many transactions are stored."""
+        low = bytes.fromhex(prefix.ljust(64, "0"))
+        high = bytes.fromhex(prefix.ljust(64, "f"))
+        rows = self._reader.execute(
+            "select transaction_id, height, position from transactions where transaction_id between ? and ? "
+            "order by transaction_id limit ?",
+            (low, high, limit),
+        ).fetchall()
+        return [(bytes(row[0]), row[1], row[2]) for row in rows]
+
     # Own signed protocol messages, kept until their sequence is in a stored block.
 
     def save_messages(self, records: Iterable[tuple[str, int, int, bytes]]) -> None:

@@ -6,10 +6,17 @@ from typing import Any, Protocol
 
 from ledger.application import Application
 from ledger.encoding import CodecError
-from ledger.messages import QUERY_BEHIND, Query, QueryReply
+from ledger.messages import (
+    QUERY_BEHIND,
+    TRANSACTION_PREFIX_LENGTH_MIN,
+    TRANSACTION_PREFIX_MATCHES_MAX,
+    Query,
+    QueryReply,
+)
 
 # Kinds answered from the stored ledger rather than the application's state.
-LEDGER_QUERY_KINDS = ("transaction", "block-hash")
+LEDGER_QUERY_KINDS = ("transaction", "transaction-prefix", "block-hash")
+_HEX_DIGITS = frozenset("0123456789abcdef")
 
 
 class LedgerIndex(Protocol):
@@ -21,6 +28,8 @@ class LedgerIndex(Protocol):
     def locate_transaction(self, transaction_id: bytes) -> tuple[int, int] | None: ...
 
     def block_hash(self, height: int) -> bytes | None: ...
+
+    def transactions_with_prefix(self, prefix: str, limit: int) -> list[tuple[bytes, int, int]]: ...
 
 
 def answer_query(query: Query, replica_id: int, application: Application, application_height: int, ledger: LedgerIndex) -> QueryReply:
@@ -52,6 +61,13 @@ def _result(query: Query, application: Application, ledger: LedgerIndex) -> Any:
             raise CodecError("transaction query: expected a transaction id")
         location = ledger.locate_transaction(query.argument)
         return None if location is None else list(location)
+    if query.kind == "transaction-prefix":
+        prefix = query.argument
+        if not isinstance(prefix, str) or not TRANSACTION_PREFIX_LENGTH_MIN <= len(prefix) <= 64 or not _HEX_DIGITS.issuperset(prefix):
+            raise CodecError(f"transaction-prefix query: expected {TRANSACTION_PREFIX_LENGTH_MIN} to 64 lowercase hex digits")
+        # One more than listed, so the client can tell "exactly the maximum" from "more".
+        matches = ledger.transactions_with_prefix(prefix, TRANSACTION_PREFIX_MATCHES_MAX + 1)
+        return [[transaction_id, height, position] for transaction_id, height, position in matches]
     if query.kind == "block-hash":
         if not isinstance(query.argument, int) or query.argument < 1:
             raise CodecError("block-hash query: expected a height")

@@ -1097,6 +1097,14 @@ class SimulatedLedger:
     def block_hash(self, height: int) -> bytes | None:
         return self.chain[height - 1].block_hash if 1 <= height <= len(self.chain) else None
 
+    def transactions_with_prefix(self, prefix: str, limit: int) -> list[tuple[bytes, int, int]]:
+        first_seen: dict[bytes, tuple[int, int]] = {}
+        for block in self.chain:
+            for index, transaction in enumerate(block.transactions):
+                if transaction.transaction_id.hex().startswith(prefix):
+                    first_seen.setdefault(transaction.transaction_id, (block.height, index))
+        return [(transaction_id, *first_seen[transaction_id]) for transaction_id in sorted(first_seen)][:limit]
+
 
 def run_simulation(scenario: Scenario) -> SimulationReport:
     return Simulation(scenario).run()

@@ -16,7 +16,14 @@ from client.quorum import QueryQuorum, ReplyQuorum
 from ledger.application import AccountsApplication
 from ledger.config import ClientConfig
 from ledger.crypto import PublicKeyCache, signing_domain
-from ledger.messages import QUERY_BEHIND, Query, QueryReply, Reply, Request
+from ledger.messages import (
+    QUERY_BEHIND,
+    TRANSACTION_PREFIX_MATCHES_MAX,
+    Query,
+    QueryReply,
+    Reply,
+    Request,
+)
 from ledger.transactions import Put, TransactionResult, sign_transaction
 from node.queries import answer_query
 from node.simulator import _key, simulated_network
@@ -75,6 +82,10 @@ class FakeLedger:
 
     def block_hash(self, height: int) -> bytes | None:
         return bytes([height % 256]) * 32 if height <= self.height else None
+
+    def transactions_with_prefix(self, prefix: str, limit: int) -> list[tuple[bytes, int, int]]:
+        found = sorted((key, *location) for key, location in self.locations.items() if key.hex().startswith(prefix))
+        return found[:limit]
 
 
 @dataclass
@@ -164,6 +175,22 @@ def test_answer_query_reads_ledger_kinds_at_the_store_height() -> None:
     assert answer_query(Query(3, "get", "k", 4, NONCE), 0, application, 4, ledger).error == ""
     malformed = answer_query(Query(4, "block-hash", "one", 0, NONCE), 0, application, 4, ledger)
     assert malformed.error == "block-hash query: expected a height" and malformed.query_digest == Query(4, "block-hash", "one", 0, NONCE).digest
+
+
+@pytest.mark.parametrize("argument", [b"\x01" * 4, "0123abc", "0123abcg", "0123ABCD", "0" * 65, 12345678])
+def test_a_transaction_prefix_query_refuses_what_is_not_8_to_64_lowercase_hex_digits(argument: Any) -> None:
+    ledger = FakeLedger(3, {bytes(32): (1, 0)})
+    reply = answer_query(Query(1, "transaction-prefix", argument, 0, NONCE), 0, AccountsApplication(NETWORK.genesis_balances), 3, ledger)
+    assert reply.result is None and reply.error.startswith("transaction-prefix query: expected 8 to 64"), reply
+
+
+def test_a_transaction_prefix_query_lists_one_more_than_the_maximum_at_most() -> None:
+    locations = {bytes([0, 0, 0, 0, index]) + bytes(27): (1, index) for index in range(TRANSACTION_PREFIX_MATCHES_MAX + 5)}
+    application = AccountsApplication(NETWORK.genesis_balances)
+    many = answer_query(Query(1, "transaction-prefix", "00000000", 0, NONCE), 0, application, 3, FakeLedger(3, locations))
+    assert len(many.result) == TRANSACTION_PREFIX_MATCHES_MAX + 1 and many.error == ""
+    one = answer_query(Query(2, "transaction-prefix", "0000000003", 0, NONCE), 0, application, 3, FakeLedger(3, locations))
+    assert one.result == [[bytes([0, 0, 0, 0, 3]) + bytes(27), 1, 3]] and one.height == 3
 
 
 # ---- the client library's read floor, over a scripted network ----

@@ -75,6 +75,28 @@ def test_blocks_read_back_by_height_and_by_transaction_id(store_path: Path) -> N
         store.close()
 
 
+def test_transactions_by_id_prefix_are_one_bounded_index_range(store_path: Path) -> None:
+    store = filled_store(store_path)
+    try:
+        everything = sorted(
+            (transaction.transaction_id, block.height, position)
+            for block in CHAIN
+            for position, transaction in enumerate(block.transactions)
+        )
+        wanted = everything[3]
+        for length in (8, 9, 31, 64):  # odd lengths too: a prefix need not end on a byte
+            assert store.transactions_with_prefix(wanted[0].hex()[:length], 5) == [wanted]
+        assert store.transactions_with_prefix("", 4) == everything[:4]
+        assert store.transactions_with_prefix("0" * 64, 4) == []
+        plan = store._reader.execute(
+            "explain query plan select transaction_id from transactions where transaction_id between ? and ? limit 3",
+            (bytes(32), bytes(32)),
+        ).fetchall()
+        assert any("USING" in str(row) and "INDEX" in str(row) for row in plan), plan
+    finally:
+        store.close()
+
+
 def test_reopening_keeps_everything_and_appending_continues(store_path: Path) -> None:
     store = BlockStore.open(store_path, NETWORK.genesis)
     store.append(CHAIN[:3])
