@@ -381,6 +381,7 @@ async def dispatch(arguments: argparse.Namespace, client: Client, output: Output
                     "last_block_hash": status.last_block_hash.hex(),
                     "stable_checkpoint": status.stable_checkpoint,
                     "view_change_in_progress": status.view_changing,
+                    "duplicate_identities": {str(peer): connections for peer, connections in status.duplicate_identities},
                 }
                 for status in statuses
             ],
@@ -398,6 +399,13 @@ async def dispatch(arguments: argparse.Namespace, client: Client, output: Output
                 f"{status.replica_id:>7}  {state:<11} {status.view:>5} {status.primary:>7} {status.height:>7}  "
                 f"{status.stable_checkpoint:>10}  {_short(status.last_block_hash)}"
             )
+        seen_by: dict[int, list[tuple[int, int]]] = {}
+        for status in statuses:
+            for peer, connections in status.duplicate_identities:
+                seen_by.setdefault(peer, []).append((status.replica_id, connections))
+        for peer, witnesses in sorted(seen_by.items()):
+            named = ", ".join(f"replica {witness} has {connections}" for witness, connections in witnesses)
+            lines.append(f"warning: replica {peer}'s key is in use by more than one process ({named} connections from it); stop the copy")
         output.emit(data, "\n".join(lines))
         reachable = sum(status.reachable for status in statuses)
         return EXIT_OK if reachable >= client.network.quorum else EXIT_UNAVAILABLE

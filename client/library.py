@@ -113,6 +113,8 @@ class ReplicaStatus:
     last_block_hash: bytes = b""
     stable_checkpoint: int = 0
     view_changing: bool = False
+    # (replica id, connections) this replica sees from more than one process holding that key.
+    duplicate_identities: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -480,6 +482,7 @@ class Client:
                         answer.last_block_hash,
                         answer.stable_checkpoint,
                         answer.view_changing,
+                        answer.duplicate_identities,
                     )
                 )
         return statuses

@@ -724,6 +724,9 @@ class StatusReply:
     last_block_hash: bytes
     stable_checkpoint: int
     view_changing: bool
+    # (replica id, connections): peers this replica has more than one authenticated connection
+    # from right now, so two processes hold that replica's key. Sorted by replica id.
+    duplicate_identities: tuple[tuple[int, int], ...] = ()
 
     def fields(self) -> list[Any]:
         return [
@@ -735,11 +738,18 @@ class StatusReply:
             self.last_block_hash,
             self.stable_checkpoint,
             self.view_changing,
+            [list(pair) for pair in self.duplicate_identities],
         ]
 
     @classmethod
     def from_fields(cls, items: list[Any]) -> StatusReply:
-        expect_list(items, cls.TAG, length=8)
+        expect_list(items, cls.TAG, length_max=9)
+        if len(items) not in (8, 9):  # 8: a replica from before duplicate_identities
+            raise CodecError(f"{cls.TAG}: expected 8 or 9 items, got {len(items)}")
+        duplicates = []
+        for pair in expect_list(items[8], "duplicate identities", length_max=REPLICAS_MAX) if len(items) == 9 else []:
+            expect_list(pair, "duplicate identity", length=2)
+            duplicates.append((_replica(pair[0], "duplicate replica"), expect_int(pair[1], "connections", 2)))
         return cls(
             expect_int(items[0], "query id"),
             _replica(items[1], "replica"),
@@ -749,6 +759,7 @@ class StatusReply:
             _hash(items[5], "last block hash"),
             expect_int(items[6], "stable checkpoint"),
             expect_bool(items[7], "view changing"),
+            tuple(duplicates),
         )
 
 

@@ -551,6 +551,7 @@ class ReplicaRuntime:
             self.core.last_block_hash,
             self.core.low,
             not self.core.view_active,
+            tuple(sorted(self.transport.duplicate_identities().items())),
         )
 
 

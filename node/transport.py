@@ -9,6 +9,7 @@ when its bounded queue is full; the protocol retransmits what matters.
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import os
 import time
@@ -76,6 +77,14 @@ async def listen(address: Address) -> list[trio.SocketListener]:
         raise ListenError(f"cannot listen on {address}: {error.strerror or error}") from None
 
 
+def _remote_address(stream: trio.SocketStream) -> str:
+    try:
+        host, port, *_ = stream.socket.getpeername()
+    except (OSError, ValueError):
+        return "an unknown address"
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+
+
 class HandshakeError(Exception):
     """The peer is not who the configuration says, or did not finish the handshake."""
 
@@ -109,7 +118,12 @@ class PeerTransport:
             if peer.replica_id != replica_id
         }
         self.connected_out: set[int] = set()
-        self.connected_in: set[int] = set()
+        # Authenticated incoming connections per peer: the remote address of each. Two at once
+        # for one replica id means two processes hold its key (a copy started by mistake, or a
+        # traitor's twin): PBFT survives it if counted among the f, but operators must hear of it.
+        self.incoming: dict[int, dict[int, str]] = {}
+        self.incoming_ids = itertools.count()
+        self.duplicate_identities_seen: dict[int, int] = {}  # peer -> times a second connection came
         self.dropped_frames = 0
         self.bad_frames = 0
         self.warnings = RateLimitedWarnings(log, MALFORMED_LOGGED_PER_SECOND)
@@ -214,16 +228,42 @@ class PeerTransport:
         if difference is not None:
             raise HandshakeError(f"replica {hello.replica_id}'s config differs from this one's: it has {difference}")
 
+    @property
+    def connected_in(self) -> set[int]:
+        return {peer for peer, connections in self.incoming.items() if connections}
+
+    def duplicate_identities(self) -> dict[int, int]:
+        """Peers with more than one authenticated incoming connection right now, and how many."""
+        return {peer: len(connections) for peer, connections in self.incoming.items() if len(connections) > 1}
+
+    def _add_incoming(self, peer: int, address: str) -> int:
+        connections = self.incoming.setdefault(peer, {})
+        if connections:
+            self.duplicate_identities_seen[peer] = self.duplicate_identities_seen.get(peer, 0) + 1
+            others = ", ".join(sorted(connections.values()))
+            self.warnings.warning(
+                "two connections claim replica %d: from %s and from %s; each proved it holds replica %d's key, "
+                "so a second process runs with it (stop the copy)",
+                peer,
+                others,
+                address,
+                peer,
+            )
+        connection_id = next(self.incoming_ids)
+        connections[connection_id] = address
+        return connection_id
+
     # ---- receiving ----
 
     async def _accept(self, stream: trio.SocketStream) -> None:
         framed = FramedStream(stream, self.frame_size_max)
         peer: int | None = None
+        connection_id: int | None = None
         try:
             async with stream:
                 with trio.fail_after(HANDSHAKE_TIMEOUT_S):
                     peer = await self._handshake_as_acceptor(framed)
-                self.connected_in.add(peer)
+                connection_id = self._add_incoming(peer, _remote_address(stream))
                 await self._receive_loop(framed, peer)
         except* (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
             pass
@@ -235,8 +275,9 @@ class PeerTransport:
             self.bad_frames += 1
             self.warnings.warning("dropped replica %s: %s", peer, group.exceptions[0])
         finally:
-            if peer is not None:
-                self.connected_in.discard(peer)
+            if peer is not None and connection_id is not None:
+                # Only this connection: another one from the same replica id may still be open.
+                del self.incoming[peer][connection_id]
 
     async def _handshake_as_acceptor(self, framed: FramedStream) -> int:
         hello = await receive_message(framed)

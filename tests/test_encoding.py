@@ -103,6 +103,7 @@ SAMPLE_MESSAGES: list[Any] = [
         stable_checkpoint=16,
         view_changing=False,
     ),
+    StatusReply(11, 0, 1, 1, 20, HASH, 16, True, ((2, 2), (3, 5))),
 ]
 SAMPLE_ENCODINGS = [encode_message(message) for message in SAMPLE_MESSAGES]
 BLOCK_ENCODING = CHAIN[0].encode()
