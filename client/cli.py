@@ -417,7 +417,10 @@ async def dispatch(arguments: argparse.Namespace, client: Client, output: Output
             if not output.as_json:
                 print(f"  verified through block {height}", file=sys.stderr, flush=True)
 
-        report = await client.verify_chain(arguments.replica, progress)
+        try:
+            report = await client.verify_chain(arguments.replica, progress)
+        except ChainError as error:
+            raise ChainError(f"replica {arguments.replica}'s chain: {error}") from None
         output.emit(
             {
                 "replica": report.replica_id,

@@ -68,6 +68,9 @@ QUERY_DEADLINE_S = 15.0
 SUBMIT_DEADLINE_S = 30.0
 REFUSAL_SHOWN_LENGTH_MAX = 200
 SEND_QUEUE_MAX = 1024
+# verify: how long a replica whose chain is shorter than the vouched height may take to catch up.
+CHAIN_CATCH_UP_S = 5.0
+CHAIN_CATCH_UP_POLL_S = 0.2
 T = TypeVar("T")
 
 
@@ -576,15 +579,30 @@ class Client:
         """Download one replica's whole chain and check it, trusting that replica for nothing.
 
         Every link, every transactions root, every commit certificate (against the configured
-        public keys), and every state digest and result, by re-executing all blocks from genesis.
-        Raises ChainError naming the first bad block.
+        public keys), and every state digest and result, by re-executing all blocks from genesis;
+        and the chain must reach a height f + 1 replicas vouch for before the download starts, so
+        a replica cannot pass by serving only the start of its chain. Raises ChainError naming
+        the first bad block.
         """
+        vouched_height = await self.latest_height()
         application = AccountsApplication(self.network.genesis_balances)
         parent_hash, height, transactions = self.network.genesis_hash, 0, 0
+        short_since: float | None = None
         while True:
             blocks = await self.fetch_blocks(replica_id, height + 1)
             if not blocks:
-                break
+                if height >= vouched_height:
+                    break
+                # An honest replica may be a few blocks behind the others: give it time to catch up.
+                now = trio.current_time()
+                short_since = now if short_since is None else short_since
+                if now - short_since > CHAIN_CATCH_UP_S:
+                    raise ChainError(
+                        f"chain ends at block {height}, but f+1 replicas vouch for height {vouched_height} "
+                        f"(truncated, or the replica is more than {CHAIN_CATCH_UP_S:g}s behind)"
+                    )
+                await trio.sleep(CHAIN_CATCH_UP_POLL_S)
+                continue
             verify_chain_segment(blocks, parent_hash, height)
             for block in blocks:
                 self.verify_block(block)

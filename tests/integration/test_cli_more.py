@@ -4,17 +4,30 @@ replica serves a bad chain, and --version."""
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
 import trio
+from chain_helpers import build_executed_chain, make_network, sign_certificate
 
+from ledger.blocks import Block, results_root
 from ledger.crypto import SigningKey, write_key_file
-from ledger.transactions import Put, sign_transaction
+from ledger.transactions import Put, TransactionResult, sign_transaction
 
-from .local_network import NODE_COMMAND, LocalNetwork, run_client_cli
-from .test_cli import EXIT_FAILED, EXIT_USAGE, one_line_error
+from .fake_replicas import FakeReplica, write_client_config
+from .local_network import (
+    CLIENT_COMMAND,
+    NODE_COMMAND,
+    CommandResult,
+    LocalNetwork,
+    run_client_cli,
+    run_command,
+)
+from .test_cli import EXIT_FAILED, EXIT_INVALID_CHAIN, EXIT_UNAVAILABLE, EXIT_USAGE, one_line_error
 
 pytestmark = pytest.mark.integration
 
@@ -102,3 +115,124 @@ async def test_a_second_process_with_a_replicas_key_is_logged_and_shown_in_statu
             if status.exit_code == 0 and all(item["duplicate_identities"] == {} for item in status.json()["replicas"]):
                 break
             await trio.sleep(0.05)
+
+
+# ---- every documented exit code, and what `verify` names when a replica serves a bad chain ----
+
+FAKE_NETWORK = make_network("fake-verify")
+HONEST_CHAIN = build_executed_chain(FAKE_NETWORK, 4)
+SERVING_REPLICA = 2  # the replica whose chain `verify --replica` downloads
+
+
+def relinked(chain: list[Block], start: int) -> list[Block]:
+    """The chain with parent hashes recomputed from index `start` on: commit certificates cover
+    the batch, not the parent link, so a tampered block's successors still verify on their own."""
+    blocks = list(chain)
+    for index in range(max(start, 1), len(blocks)):
+        header = dataclasses.replace(blocks[index].header, parent_hash=blocks[index - 1].block_hash)
+        blocks[index] = dataclasses.replace(blocks[index], header=header)
+    return blocks
+
+
+def with_block(chain: list[Block], index: int, block: Block) -> list[Block]:
+    return relinked([*chain[:index], block, *chain[index + 1 :]], index + 1)
+
+
+def edited_transaction(chain: list[Block]) -> list[Block]:
+    forged = sign_transaction(FAKE_NETWORK.network_id, FAKE_NETWORK.client_key, 3, Put("key-3", "forged"))
+    block = chain[1]
+    return with_block(chain, 1, dataclasses.replace(block, transactions=(forged, *block.transactions[1:])))
+
+
+def wrong_state_digest(chain: list[Block]) -> list[Block]:
+    header = dataclasses.replace(chain[1].header, state_digest=bytes(32))
+    return with_block(chain, 1, dataclasses.replace(chain[1], header=header))
+
+
+def wrong_result(chain: list[Block]) -> list[Block]:
+    results = (TransactionResult(False, "forged"), *chain[1].results[1:])
+    header = dataclasses.replace(chain[1].header, results_root=results_root(results))
+    return with_block(chain, 1, dataclasses.replace(chain[1], header=header, results=results))
+
+
+def broken_parent_link(chain: list[Block]) -> list[Block]:
+    header = dataclasses.replace(chain[2].header, parent_hash=bytes(32))
+    return with_block(chain, 2, dataclasses.replace(chain[2], header=header))
+
+
+def certificate_short_of_a_quorum(chain: list[Block]) -> list[Block]:
+    certificate = sign_certificate(FAKE_NETWORK, chain[1].header, signers=range(FAKE_NETWORK.quorum - 1))
+    return with_block(chain, 1, dataclasses.replace(chain[1], certificate=certificate))
+
+
+def truncated(chain: list[Block]) -> list[Block]:
+    return chain[:2]
+
+
+@asynccontextmanager
+async def fake_network(tmp_path: Path, served_chain: list[Block]) -> AsyncIterator[tuple[Path, trio.CancelScope]]:
+    """Fake replicas answering from HONEST_CHAIN, SERVING_REPLICA serving `served_chain`; yields
+    their client.toml and a scope that stops them all."""
+    replicas = [
+        FakeReplica(FAKE_NETWORK, replica_id, HONEST_CHAIN, served_chain if replica_id == SERVING_REPLICA else HONEST_CHAIN)
+        for replica_id in range(FAKE_NETWORK.replica_count)
+    ]
+    config_path = tmp_path / "client.toml"
+    async with trio.open_nursery() as nursery:
+        with trio.CancelScope() as servers:
+            for replica in replicas:
+                await nursery.start(replica.serve)
+            write_client_config(config_path, FAKE_NETWORK, replicas)
+            yield config_path, servers
+        nursery.cancel_scope.cancel()
+
+
+async def run_against(config_path: Path, *arguments: str) -> CommandResult:
+    return await run_command([*CLIENT_COMMAND, "-c", str(config_path), *arguments])
+
+
+@pytest.mark.parametrize(
+    ("tamper", "expected"),
+    [
+        (edited_transaction, "block 2: transactions do not match the transactions root"),
+        (wrong_state_digest, "block 2: state digest differs from re-execution"),
+        (wrong_result, "block 2: stored results differ from re-execution"),
+        (broken_parent_link, "block 3: parent hash does not match block 2"),
+        (certificate_short_of_a_quorum, f"block 2: {FAKE_NETWORK.quorum - 1} valid commit signatures, {FAKE_NETWORK.quorum} needed"),
+        (truncated, "chain ends at block 2, but f+1 replicas vouch for height 4"),
+    ],
+    ids=["edited_transaction", "wrong_state_digest", "wrong_result", "broken_parent_link", "short_certificate", "truncated"],
+)
+async def test_verify_names_what_failed_at_which_height(
+    tmp_path: Path, tamper: Callable[[list[Block]], list[Block]], expected: str
+) -> None:
+    """Regression for `truncated`: a replica serving only the start of its chain passed verify."""
+    async with fake_network(tmp_path, tamper(HONEST_CHAIN)) as (config_path, _):
+        result = await run_against(config_path, "--json", "verify", "--replica", str(SERVING_REPLICA))
+        line = one_line_error(result, "ledger-client", EXIT_INVALID_CHAIN)
+        assert line.startswith(f"ledger-client: verification FAILED: replica {SERVING_REPLICA}'s chain: {expected}"), line
+        # In text mode the progress lines come first; the failure is still the last line alone.
+        text = await run_against(config_path, "verify", "--replica", str(SERVING_REPLICA))
+        assert text.exit_code == EXIT_INVALID_CHAIN and text.stderr.splitlines()[-1] == line, text.describe()
+        assert all(line.startswith("  verified through block ") for line in text.stderr.splitlines()[:-1]), text.describe()
+
+
+async def test_every_documented_exit_code(tmp_path: Path) -> None:
+    """0 ok, 1 failed or refused, 2 bad arguments or config, 3 network unavailable, 4 chain verification failed."""
+    async with fake_network(tmp_path, HONEST_CHAIN) as (config_path, servers):
+        verified = await run_against(config_path, "--json", "verify", "--replica", str(SERVING_REPLICA))
+        assert verified.exit_code == 0 and verified.json()["height"] == len(HONEST_CHAIN), verified.describe()
+        missing = await run_against(config_path, "block", "99")
+        assert one_line_error(missing, "ledger-client", EXIT_FAILED) == "ledger-client: no block 99 (height 4)"
+        usage = await run_against(config_path, "verify", "--replica", "9")
+        assert "--replica: expected 0..3" in one_line_error(usage, "ledger-client", EXIT_USAGE)
+        missing_config = await run_against(tmp_path / "nowhere.toml", "status")
+        assert "nowhere.toml" in one_line_error(missing_config, "ledger-client", EXIT_USAGE)
+        servers.cancel()  # every replica stopped
+        stopped = await run_against(config_path, "--timeout", "1", "block", "1")
+        assert "network unavailable" in one_line_error(stopped, "ledger-client", EXIT_UNAVAILABLE)
+        status = await run_against(config_path, "status")
+        assert status.exit_code == EXIT_UNAVAILABLE and "unreachable" in status.stdout, status.describe()
+    async with fake_network(tmp_path, truncated(HONEST_CHAIN)) as (config_path, _):
+        invalid = await run_against(config_path, "verify", "--replica", str(SERVING_REPLICA))
+        assert invalid.exit_code == EXIT_INVALID_CHAIN, invalid.describe()
