@@ -26,6 +26,7 @@ from ledger.config import ConfigError
 from ledger.crypto import KeyFileError, SigningKey, parse_public_key, read_key_file, write_key_file
 from ledger.messages import TRANSACTION_PREFIX_LENGTH_MIN, TRANSACTION_PREFIX_MATCHES_MAX
 from ledger.transactions import AMOUNT_MAX, KEY_LENGTH_MAX, VALUE_LENGTH_MAX, Put, Transfer
+from ledger.version import package_version
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # the transaction executed but failed, or was refused
@@ -158,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"ledger-client {package_version()}")
     add_global_options(parser, suppress=False)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

@@ -11,6 +11,7 @@ from typing import NoReturn
 
 from ledger.config import ConfigError, load_template, template_for, write_network
 from ledger.crypto import KeyFileError
+from ledger.version import package_version
 
 EXAMPLES = """\
 examples:
@@ -107,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"ledger-node {package_version()}")
     add_global_options(parser, suppress=False)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

@@ -5,7 +5,9 @@ replica serves a bad chain, and --version."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -236,3 +238,19 @@ async def test_every_documented_exit_code(tmp_path: Path) -> None:
     async with fake_network(tmp_path, truncated(HONEST_CHAIN)) as (config_path, _):
         invalid = await run_against(config_path, "verify", "--replica", str(SERVING_REPLICA))
         assert invalid.exit_code == EXIT_INVALID_CHAIN, invalid.describe()
+
+
+# ---- --version and python -m ----
+
+
+@pytest.mark.parametrize(("program", "module"), [("ledger-node", "node.cli"), ("ledger-client", "client.cli")])
+async def test_version_and_help_from_the_script_and_from_python_m(program: str, module: str) -> None:
+    """Regression: neither program had --version."""
+    expected = f"{program} {importlib.metadata.version('pbft-ledger')}"
+    script = Path(sys.executable).with_name(program)
+    for command in ([str(script)], [sys.executable, "-m", module]):
+        version = await run_command([*command, "--version"])
+        assert (version.exit_code, version.stdout.strip(), version.stderr) == (0, expected, ""), version.describe()
+        shown = await run_command([*command, "--help"])
+        assert shown.exit_code == 0 and shown.stdout.startswith(f"usage: {program} "), shown.describe()
+        assert "--version" in shown.stdout and shown.stderr == "", shown.describe()
