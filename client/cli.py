@@ -406,8 +406,8 @@ async def dispatch(arguments: argparse.Namespace, client: Client, output: Output
             for peer, connections in status.duplicate_identities:
                 seen_by.setdefault(peer, []).append((status.replica_id, connections))
         for peer, witnesses in sorted(seen_by.items()):
-            named = ", ".join(f"replica {witness} has {connections}" for witness, connections in witnesses)
-            lines.append(f"warning: replica {peer}'s key is in use by more than one process ({named} connections from it); stop the copy")
+            named = ", ".join(f"{connections} at replica {witness}" for witness, connections in witnesses)
+            lines.append(f"warning: replica {peer}'s key is in use by more than one process (connections from it: {named}); stop the copy")
         output.emit(data, "\n".join(lines))
         reachable = sum(status.reachable for status in statuses)
         return EXIT_OK if reachable >= client.network.quorum else EXIT_UNAVAILABLE

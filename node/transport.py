@@ -243,7 +243,8 @@ class PeerTransport:
             others = ", ".join(sorted(connections.values()))
             self.warnings.warning(
                 "two connections claim replica %d: from %s and from %s; each proved it holds replica %d's key, "
-                "so a second process runs with it (stop the copy)",
+                "so a second process runs with it (stop the copy), unless the first is a stale connection "
+                "of a replica that restarted",
                 peer,
                 others,
                 address,

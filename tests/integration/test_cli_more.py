@@ -106,7 +106,7 @@ async def test_a_second_process_with_a_replicas_key_is_logged_and_shown_in_statu
                     break
                 await trio.sleep(0.05)
         shown = await run_client_cli(network, "status")
-        assert "warning: replica 3's key is in use by more than one process (replica 0 has 2" in shown.stdout, shown.describe()
+        assert "warning: replica 3's key is in use by more than one process (connections from it: 2 at replica 0" in shown.stdout, shown.describe()
     finally:
         copy.terminate()
         copy.wait(timeout=20)
