@@ -53,7 +53,7 @@ async def test_tx_accepts_a_unique_prefix_and_names_an_unknown_or_ambiguous_one(
         assert result.exit_code == 0, result.describe()
 
     unique = transactions[1].transaction_id.hex()
-    for prefix in (unique[:9], unique[:12].upper(), unique[:63]):
+    for prefix in (unique[:9], unique[:12].upper(), unique[:63], unique):
         found = await run_client_cli(network, "--json", "tx", prefix)
         assert found.exit_code == 0, found.describe()
         assert found.json()["transaction_id"] == unique and found.json()["found"], found.describe()
@@ -66,6 +66,9 @@ async def test_tx_accepts_a_unique_prefix_and_names_an_unknown_or_ambiguous_one(
     unknown = await run_client_cli(network, "tx", unknown_prefix)
     line = one_line_error(unknown, "ledger-client", EXIT_FAILED)
     assert f"no transaction starts with {unknown_prefix}" in line, line
+
+    unknown_id = await run_client_cli(network, "tx", "ab" * 32)
+    assert unknown_id.exit_code == EXIT_FAILED and "no such transaction" in unknown_id.stdout, unknown_id.describe()
 
     too_short = await run_client_cli(network, "tx", unique[:7])
     assert "8 or more" in one_line_error(too_short, "ledger-client", EXIT_USAGE)
