@@ -720,6 +720,7 @@ class StatusReply:
     last_block_hash: bytes
     stable_checkpoint: int
     view_changing: bool
+    evidence_count: int = 0  # pieces of evidence of other replicas' equivocation this replica keeps
 
     def fields(self) -> list[Any]:
         return [
@@ -731,11 +732,12 @@ class StatusReply:
             self.last_block_hash,
             self.stable_checkpoint,
             self.view_changing,
+            self.evidence_count,
         ]
 
     @classmethod
     def from_fields(cls, items: list[Any]) -> StatusReply:
-        expect_list(items, cls.TAG, length=8)
+        expect_list(items, cls.TAG, length=9)
         return cls(
             expect_int(items[0], "query id"),
             _replica(items[1], "replica"),
@@ -745,6 +747,7 @@ class StatusReply:
             _hash(items[5], "last block hash"),
             expect_int(items[6], "stable checkpoint"),
             expect_bool(items[7], "view changing"),
+            expect_int(items[8], "evidence count"),
         )
 
 

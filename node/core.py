@@ -535,6 +535,7 @@ class ReplicaCore:
             self._reject("invalid batch", problem)
             return
         slot.pre_prepare, slot.batch = message.header, message.batch
+        self.evidence.accepted_pre_prepare(message.header)
         self.batches[digest] = message.batch
         if message.sequence > self.height:
             for transaction in message.batch.transactions:
@@ -646,10 +647,14 @@ class ReplicaCore:
     def _check_prepared_conflicts(self, certificate: PreparedCertificate) -> None:
         """A verified prepared certificate (from a VIEW-CHANGE) carries the primary's pre-prepare
         and backups' prepares: any that contradicts what we hold for that slot is evidence."""
+        header = certificate.pre_prepare
         slot = self.slots.get(certificate.sequence)
         if slot is None or slot.view != certificate.view:
+            # The slot went with a view change; the PRE-PREPARE we accepted for it may be remembered.
+            held = self.evidence.held_pre_prepare(header.view, header.sequence)
+            if held is not None and held.digest != header.digest:
+                self._check_conflict("pre-prepare", held, header)
             return
-        header = certificate.pre_prepare
         if slot.pre_prepare is not None and slot.pre_prepare.digest != header.digest:
             self._check_conflict("pre-prepare", slot.pre_prepare, header)
         for replica_id, signature in certificate.prepares:

@@ -11,6 +11,9 @@ from ledger.evidence import Evidence
 # Slots remembered per offending replica, so a replica is not blamed twice for one slot; the
 # oldest is forgotten first (the runtime's store drops a repeat anyway).
 EVIDENCE_KEYS_PER_REPLICA_MAX = 64
+# Accepted PRE-PREPAREs remembered past their slot: a view change clears the slots, and it is the
+# VIEW-CHANGEs of other backups that show an equivocating primary's other version.
+PRE_PREPARES_REMEMBERED_MAX = 256
 
 
 class EvidenceCollector:
@@ -24,7 +27,17 @@ class EvidenceCollector:
         self.signed_by = signed_by
         self.keys_per_replica_max = keys_per_replica_max
         self.reported: dict[int, OrderedDict[tuple[str, int, int], None]] = {}
+        self.pre_prepares: OrderedDict[tuple[int, int], Any] = OrderedDict()
         self.found = 0
+
+    def accepted_pre_prepare(self, header: Any) -> None:
+        """Remember (bounded, oldest forgotten) a PRE-PREPARE header this replica accepted."""
+        self.pre_prepares[(header.view, header.sequence)] = header
+        if len(self.pre_prepares) > PRE_PREPARES_REMEMBERED_MAX:
+            self.pre_prepares.popitem(last=False)
+
+    def held_pre_prepare(self, view: int, sequence: int) -> Any | None:
+        return self.pre_prepares.get((view, sequence))
 
     def conflict(self, kind: str, held: Any, other: Any) -> Evidence | None:
         """Evidence if `held` (a message we accepted) and `other` prove equivocation, else None.

@@ -102,6 +102,7 @@ SAMPLE_MESSAGES: list[Any] = [
         last_block_hash=HASH,
         stable_checkpoint=16,
         view_changing=False,
+        evidence_count=2,
     ),
 ]
 SAMPLE_ENCODINGS = [encode_message(message) for message in SAMPLE_MESSAGES]

@@ -148,6 +148,22 @@ def test_a_view_change_certificate_against_a_held_pre_prepare_is_evidence() -> N
         item.verify(NETWORK)
 
 
+def test_a_pre_prepare_accepted_before_a_view_change_still_convicts_an_equivocating_primary() -> None:
+    """The slots go when this replica joins the view change; the other version arrives after."""
+    core = new_core(2)
+    mine = pre_prepare(1, (put(5),))
+    core.receive_message(0, mine)
+    core.receive_message(0, view_change(replica=0, signer=0))
+    core.receive_message(3, view_change(replica=3, signer=3))  # f + 1 ask for view 1: join them
+    assert core.view == 1 and not core.view_active and not core.slots
+    core.take_effects()
+    certificate = prepared_certificate(prepare_signers=((1, 1), (3, 3)))
+    core.receive_message(1, view_change(prepared=(certificate,), replica=1, signer=1))
+    [evidence] = core.take_effects().evidence
+    assert evidence.key == (0, "pre-prepare", 0, 1)
+    evidence.verify(NETWORK)
+
+
 @pytest.mark.parametrize("case", ["same digest", "unknown replica", "bad signature", "bad encoding"])
 def test_bad_evidence_does_not_verify(case: str) -> None:
     core, digest, other = proposal_at(1)
