@@ -49,6 +49,7 @@ examples:
   ledger-client -c net/client.toml balance
   ledger-client -c net/client.toml block 1
   ledger-client -c net/client.toml verify --replica 2
+  ledger-client -c net/client.toml evidence --replica 0
   ledger-client keygen --out alice.key
   ledger-client -c net/client.toml --key alice.key balance
 
@@ -178,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     transaction = commands.add_parser("tx", help="find a transaction by id and check its proof")
     transaction.add_argument("transaction_id", help=f"64 hex digits, or a unique prefix of {TRANSACTION_PREFIX_LENGTH_MIN} or more")
     commands.add_parser("status", help="each replica's view, primary, height and last block")
+    evidence = commands.add_parser("evidence", help="replicas caught signing two conflicting messages, signatures checked here")
+    evidence.add_argument("--replica", type=int, default=None, help="only evidence against this replica")
     verify = commands.add_parser("verify", help="download one replica's chain and check all of it")
     verify.add_argument("--replica", type=int, default=0, help="which replica to download from (default: 0)")
     keygen = commands.add_parser("keygen", help="create a new account key file")
@@ -384,13 +387,14 @@ async def dispatch(arguments: argparse.Namespace, client: Client, output: Output
                     "stable_checkpoint": status.stable_checkpoint,
                     "view_change_in_progress": status.view_changing,
                     "duplicate_identities": {str(peer): connections for peer, connections in status.duplicate_identities},
+                    "evidence": status.evidence_count,
                 }
                 for status in statuses
             ],
         }
         lines = [
             f"network {client.network.network_id!r}: n={client.network.replica_count}, f={client.network.faults_tolerated}, quorum={client.network.quorum}",
-            f"{'replica':>7}  {'state':<11} {'view':>5} {'primary':>7} {'height':>7}  {'checkpoint':>10}  last block",
+            f"{'replica':>7}  {'state':<11} {'view':>5} {'primary':>7} {'height':>7}  {'checkpoint':>10}  {'last block':<16}  evidence",
         ]
         for status in statuses:
             if not status.reachable:
@@ -399,7 +403,7 @@ async def dispatch(arguments: argparse.Namespace, client: Client, output: Output
             state = "view-change" if status.view_changing else "normal"
             lines.append(
                 f"{status.replica_id:>7}  {state:<11} {status.view:>5} {status.primary:>7} {status.height:>7}  "
-                f"{status.stable_checkpoint:>10}  {_short(status.last_block_hash)}"
+                f"{status.stable_checkpoint:>10}  {_short(status.last_block_hash):<16}  {status.evidence_count:>8}"
             )
         seen_by: dict[int, list[tuple[int, int]]] = {}
         for status in statuses:
@@ -411,6 +415,36 @@ async def dispatch(arguments: argparse.Namespace, client: Client, output: Output
         output.emit(data, "\n".join(lines))
         reachable = sum(status.reachable for status in statuses)
         return EXIT_OK if reachable >= client.network.quorum else EXIT_UNAVAILABLE
+    if command == "evidence":
+        if arguments.replica is not None and not 0 <= arguments.replica < client.network.replica_count:
+            raise UsageError(f"--replica: expected 0..{client.network.replica_count - 1}")
+        reports, answered = await client.evidence(arguments.replica, wait_s=min(arguments.timeout, 2.0))
+        entries = [
+            {
+                "replica": report.evidence.replica_id,
+                "kind": report.evidence.kind,
+                "view": report.evidence.view,
+                "sequence": report.evidence.sequence,
+                "digests": [report.evidence.first_digest.hex(), report.evidence.second_digest.hex()],
+                "signatures_valid": list(report.signatures_valid),
+                "proven": report.proven,
+                "reported_by": list(report.reported_by),
+            }
+            for report in reports
+        ]
+        lines = [f"evidence from {len(answered)} of {client.network.replica_count} replicas (answered: {answered}):"]
+        if not reports:
+            lines.append("  none: no replica holds two conflicting signed messages from one replica")
+        for report in reports:
+            evidence = report.evidence
+            verdict = "both signatures verify" if report.proven else f"NOT proven (signatures valid: {list(report.signatures_valid)})"
+            lines.append(
+                f"  replica {evidence.replica_id} signed two {evidence.kind} messages for view {evidence.view} "
+                f"sequence {evidence.sequence}: digests {_short(evidence.first_digest)} and {_short(evidence.second_digest)}; "
+                f"{verdict}; reported by {list(report.reported_by)}"
+            )
+        output.emit({"network": client.network.network_id, "answered": answered, "evidence": entries}, "\n".join(lines))
+        return EXIT_OK if answered else EXIT_UNAVAILABLE
     if command == "verify":
         if not 0 <= arguments.replica < client.network.replica_count:
             raise UsageError(f"--replica: expected 0..{client.network.replica_count - 1}")

@@ -30,8 +30,9 @@ from ledger.blocks import (
     verify_execution,
 )
 from ledger.config import ClientConfig, load_client_config
-from ledger.crypto import PublicKeyCache, SigningKey, read_key_file
+from ledger.crypto import PublicKeyCache, SigningKey, read_key_file, signing_domain
 from ledger.encoding import CodecError
+from ledger.evidence import Evidence
 from ledger.framing import FramedStream, FrameError, FrameQueue
 from ledger.messages import (
     BLOCKS_PER_RESPONSE_MAX,
@@ -65,6 +66,7 @@ QUERY_RETRY_S = (0.05, 1.0)  # first and longest pause before asking again when 
 TRANSIENT_REFUSAL = "replica busy"
 ZERO_ACCOUNT = bytes(32)
 QUERY_DEADLINE_S = 15.0
+EVIDENCE_PER_ANSWER_MAX = 1024  # entries read from one replica's evidence answer (it sends at most 256)
 SUBMIT_DEADLINE_S = 30.0
 REFUSAL_SHOWN_LENGTH_MAX = 200
 SEND_QUEUE_MAX = 1024
@@ -118,7 +120,21 @@ class ReplicaStatus:
     view_changing: bool = False
     # (replica id, connections) this replica sees from more than one process holding that key.
     duplicate_identities: tuple[tuple[int, int], ...] = ()
+    evidence_count: int = 0
 
+
+@dataclass(frozen=True, slots=True)
+class EvidenceReport:
+    """One piece of evidence as this client checked it: which replicas reported it, and whether
+    each of its two signatures verifies against the offending replica's public key."""
+
+    evidence: Evidence
+    reported_by: tuple[int, ...]
+    signatures_valid: tuple[bool, bool]
+
+    @property
+    def proven(self) -> bool:
+        return all(self.signatures_valid) and self.evidence.first_digest != self.evidence.second_digest
 
 @dataclass(frozen=True, slots=True)
 class ChainReport:
@@ -486,9 +502,59 @@ class Client:
                         answer.stable_checkpoint,
                         answer.view_changing,
                         answer.duplicate_identities,
+                        answer.evidence_count,
                     )
                 )
         return statuses
+
+    async def evidence(self, replica_id: int | None = None, wait_s: float = 2.0) -> tuple[list[EvidenceReport], list[int]]:
+        """The evidence of equivocation every replica keeps (against `replica_id`, or any), merged,
+        each piece checked here against the public keys; and the replicas that answered.
+
+        Each replica reports what it saw itself, so answers differ and are not counted as a
+        quorum: only signed QUERY-REPLYs to this very query are read, and a piece of evidence is
+        believed for its own signatures, never for who reported it."""
+        query = Query(next(self.query_ids), "evidence", -1 if replica_id is None else replica_id, 0, secrets.token_bytes(QUERY_NONCE_SIZE))
+        domain = signing_domain(self.network.network_id, "query-reply")
+        answers: dict[int, QueryReply] = {}
+        everyone = trio.Event()
+
+        def handle(sender: int, message: Any) -> None:
+            if not isinstance(message, QueryReply) or message.replica_id != sender or sender in answers:
+                return
+            if message.query_id != query.query_id or message.query_digest != query.digest or message.error:
+                return
+            if not self.signatures.verify(self.network.replica_keys[sender], domain, message.signed_bytes(), message.signature):
+                return
+            answers[sender] = message
+            if len(answers) == self.network.replica_count:
+                everyone.set()
+
+        self._queries[query.query_id] = handle
+        try:
+            self._broadcast(query)
+            with trio.move_on_after(wait_s):
+                await everyone.wait()
+        finally:
+            del self._queries[query.query_id]
+        found: dict[tuple[int, str, int, int], tuple[Evidence, set[int]]] = {}
+        for sender, answer in sorted(answers.items()):
+            entries = answer.result if isinstance(answer.result, list) else []
+            for plain in entries[:EVIDENCE_PER_ANSWER_MAX]:
+                try:
+                    evidence = Evidence.from_plain(plain)
+                except CodecError:
+                    continue  # a malformed entry proves nothing; the rest still count
+                if replica_id is not None and evidence.replica_id != replica_id:
+                    continue
+                _, reporters = found.setdefault(evidence.key, (evidence, set()))
+                reporters.add(sender)
+        reports = [
+            EvidenceReport(evidence, tuple(sorted(reporters)), evidence.signatures_valid(self.network, self.signatures.verify))
+            for evidence, reporters in found.values()
+        ]
+        reports.sort(key=lambda report: report.evidence.key)
+        return reports, sorted(answers)
 
     async def wait_until_ready(self, replicas: int | None = None, deadline_s: float = 30.0) -> None:
         """Wait until `replicas` (default: all) answer a status request."""

@@ -727,6 +727,7 @@ class StatusReply:
     # (replica id, connections): peers this replica has more than one authenticated connection
     # from right now, so two processes hold that replica's key. Sorted by replica id.
     duplicate_identities: tuple[tuple[int, int], ...] = ()
+    evidence_count: int = 0  # pieces of evidence of other replicas' equivocation this replica keeps
 
     def fields(self) -> list[Any]:
         return [
@@ -739,15 +740,14 @@ class StatusReply:
             self.stable_checkpoint,
             self.view_changing,
             [list(pair) for pair in self.duplicate_identities],
+            self.evidence_count,
         ]
 
     @classmethod
     def from_fields(cls, items: list[Any]) -> StatusReply:
-        expect_list(items, cls.TAG, length_max=9)
-        if len(items) not in (8, 9):  # 8: a replica from before duplicate_identities
-            raise CodecError(f"{cls.TAG}: expected 8 or 9 items, got {len(items)}")
+        expect_list(items, cls.TAG, length=10)
         duplicates = []
-        for pair in expect_list(items[8], "duplicate identities", length_max=REPLICAS_MAX) if len(items) == 9 else []:
+        for pair in expect_list(items[8], "duplicate identities", length_max=REPLICAS_MAX):
             expect_list(pair, "duplicate identity", length=2)
             duplicates.append((_replica(pair[0], "duplicate replica"), expect_int(pair[1], "connections", 2)))
         return cls(
@@ -760,6 +760,7 @@ class StatusReply:
             expect_int(items[6], "stable checkpoint"),
             expect_bool(items[7], "view changing"),
             tuple(duplicates),
+            expect_int(items[9], "evidence count"),
         )
 
 

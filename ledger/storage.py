@@ -16,6 +16,7 @@ from pathlib import Path
 from ledger.application import is_final
 from ledger.blocks import Block, ChainError, verify_chain_segment
 from ledger.encoding import CodecError
+from ledger.evidence import Evidence
 
 SCHEMA_VERSION = 1
 _SCHEMA = """
@@ -26,7 +27,19 @@ create table if not exists transactions (
 create table if not exists signed_messages (
     kind text not null, view integer not null, sequence integer not null, data blob not null,
     primary key (kind, view, sequence));
+create table if not exists evidence (
+    id integer primary key autoincrement, replica_id integer not null, kind text not null,
+    view integer not null, sequence integer not null, data blob not null,
+    unique (replica_id, kind, view, sequence));
 """
+
+# Evidence of other replicas' equivocation kept at most, in all; each replica's share is
+# EVIDENCE_MAX // replica_count, so one traitor flooding cannot push out the evidence against others.
+EVIDENCE_MAX = 1000
+
+
+def evidence_per_replica_max(replica_count: int) -> int:
+    return max(1, EVIDENCE_MAX // replica_count)
 
 
 class StoreError(RuntimeError):
@@ -309,6 +322,45 @@ class BlockStore:
             "delete from signed_messages where kind = 'stable-checkpoint' and sequence < ?", (through_sequence,)
         )
         self._connection.execute("delete from signed_messages where kind in ('view-change', 'new-view') and view < ?", (view,))
+
+    # Evidence against other replicas: bounded, the oldest dropped first.
+
+    def add_evidence(self, entries: Iterable[Evidence], per_replica_max: int, total_max: int = EVIDENCE_MAX) -> list[Evidence]:
+        """Keep these (durably, one transaction); return the ones not already kept. Past
+        `per_replica_max` entries against one replica, or `total_max` in all, the oldest go."""
+        new = []
+        with self._connection:
+            self._connection.execute("begin")
+            for evidence in entries:
+                cursor = self._connection.execute(
+                    "insert or ignore into evidence (replica_id, kind, view, sequence, data) values (?, ?, ?, ?, ?)",
+                    (*evidence.key, evidence.encode()),
+                )
+                if cursor.rowcount:
+                    new.append(evidence)
+            for replica_id in {evidence.replica_id for evidence in new}:
+                self._connection.execute(
+                    "delete from evidence where replica_id = ? and id not in "
+                    "(select id from evidence where replica_id = ? order by id desc limit ?)",
+                    (replica_id, replica_id, per_replica_max),
+                )
+            self._connection.execute(
+                "delete from evidence where id not in (select id from evidence order by id desc limit ?)", (total_max,)
+            )
+        return new
+
+    def evidence(self, replica_id: int | None = None, limit: int = EVIDENCE_MAX) -> list[Evidence]:
+        """Kept evidence, newest first, against one replica or all."""
+        if replica_id is None:
+            rows = self._reader.execute("select data from evidence order by id desc limit ?", (limit,)).fetchall()
+        else:
+            rows = self._reader.execute(
+                "select data from evidence where replica_id = ? order by id desc limit ?", (replica_id, limit)
+            ).fetchall()
+        return [Evidence.decode(row[0]) for row in rows]
+
+    def evidence_count(self) -> int:
+        return int(self._reader.execute("select count(*) from evidence").fetchone()[0])
 
     def get_meta(self, key: str) -> bytes | None:
         row = self._reader.execute("select value from meta where key=?", (key,)).fetchone()

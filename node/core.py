@@ -31,6 +31,7 @@ from ledger.blocks import (
 from ledger.config import NetworkConfig
 from ledger.crypto import PublicKeyCache, SigningKey, signing_domain
 from ledger.encoding import CodecError
+from ledger.evidence import Evidence
 from ledger.messages import (
     BLOCKS_PER_RESPONSE_MAX,
     Batch,
@@ -54,6 +55,7 @@ from ledger.messages import (
 )
 from ledger.transactions import Transaction, transaction_domain
 from node.certificates import CertificateChecks, SignatureCheck, SignatureMemo
+from node.evidence import EvidenceCollector
 from node.new_view import NULL_BATCH, new_view_assignments
 from node.requests import RequestQueue
 
@@ -101,7 +103,8 @@ class ClientReply:
 
 @dataclass
 class Effects:
-    """What the host must do, in this order: persist, send, store blocks, reply to clients."""
+    """What the host must do, in this order: persist, send, store blocks, reply to clients.
+    `evidence` (another replica's proven equivocation) is kept and reported, in no particular order."""
 
     persist: list[Persist] = field(default_factory=list)
     send: list[Send] = field(default_factory=list)
@@ -110,10 +113,18 @@ class Effects:
     prune: Prune | None = None
     request_errors: list[tuple[bytes, str]] = field(default_factory=list)
     events: list[str] = field(default_factory=list)
+    evidence: list[Evidence] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(
-            self.persist or self.send or self.blocks or self.replies or self.prune or self.request_errors or self.events
+            self.persist
+            or self.send
+            or self.blocks
+            or self.replies
+            or self.prune
+            or self.request_errors
+            or self.events
+            or self.evidence
         )
 
 
@@ -215,6 +226,7 @@ class ReplicaCore:
         self.last_status_ms = 0
 
         self.counters: dict[str, int] = {}
+        self.evidence = EvidenceCollector(replica_id, self.certificates.signed_by)
         self.effects = Effects()
         if restored_records:
             self._restore(restored_records)
@@ -511,6 +523,7 @@ class ReplicaCore:
         if slot.pre_prepare is not None:
             if slot.pre_prepare.digest != digest:
                 self._reject("conflicting pre-prepare", f"view {message.view} sequence {message.sequence}")
+                self._check_conflict("pre-prepare", slot.pre_prepare, message.header)
             elif slot.batch is None:
                 self._adopt_batch(message.batch)  # the content of a NEW-VIEW assignment
             return
@@ -522,6 +535,7 @@ class ReplicaCore:
             self._reject("invalid batch", problem)
             return
         slot.pre_prepare, slot.batch = message.header, message.batch
+        self.evidence.accepted_pre_prepare(message.header)
         self.batches[digest] = message.batch
         if message.sequence > self.height:
             for transaction in message.batch.transactions:
@@ -590,8 +604,13 @@ class ReplicaCore:
             self._reject("prepare from the primary")
             return
         slot = self._slot(message.sequence)
-        if message.replica_id in slot.prepares:
-            return  # one vote per replica: a duplicate or a conflicting second vote never counts
+        held = slot.prepares.get(message.replica_id)
+        if held is not None:
+            # One vote per replica: a duplicate or a conflicting second vote never counts; a
+            # conflicting one is evidence against its signer.
+            if held.digest != message.digest:
+                self._check_conflict("prepare", held, message)
+            return
         if slot.digest is not None and message.digest != slot.digest:
             self._reject("prepare for another digest", f"replica {message.replica_id} sequence {message.sequence}")
             return
@@ -605,7 +624,10 @@ class ReplicaCore:
         if not self._accepts(message.view, message.sequence):
             return
         slot = self._slot(message.sequence)
-        if message.replica_id in slot.commits:
+        held = slot.commits.get(message.replica_id)
+        if held is not None:
+            if held.digest != message.digest:
+                self._check_conflict("commit", held, message)
             return
         if slot.digest is not None and message.digest != slot.digest:
             self._reject("commit for another digest", f"replica {message.replica_id} sequence {message.sequence}")
@@ -615,6 +637,30 @@ class ReplicaCore:
             return
         slot.commits[message.replica_id] = message
         self._advance(slot)
+
+    def _check_conflict(self, kind: str, held: Any, other: Any) -> None:
+        """Report `other` as evidence if it and the `held` message prove their signer equivocated."""
+        evidence = self.evidence.conflict(kind, held, other)
+        if evidence is not None:
+            self.effects.evidence.append(evidence)
+
+    def _check_prepared_conflicts(self, certificate: PreparedCertificate) -> None:
+        """A verified prepared certificate (from a VIEW-CHANGE) carries the primary's pre-prepare
+        and backups' prepares: any that contradicts what we hold for that slot is evidence."""
+        header = certificate.pre_prepare
+        slot = self.slots.get(certificate.sequence)
+        if slot is None or slot.view != certificate.view:
+            # The slot went with a view change; the PRE-PREPARE we accepted for it may be remembered.
+            held = self.evidence.held_pre_prepare(header.view, header.sequence)
+            if held is not None and held.digest != header.digest:
+                self._check_conflict("pre-prepare", held, header)
+            return
+        if slot.pre_prepare is not None and slot.pre_prepare.digest != header.digest:
+            self._check_conflict("pre-prepare", slot.pre_prepare, header)
+        for replica_id, signature in certificate.prepares:
+            held = slot.prepares.get(replica_id)
+            if held is not None and held.digest != header.digest:
+                self._check_conflict("prepare", held, Prepare(header.view, header.sequence, header.digest, replica_id, signature))
 
     def is_prepared(self, slot: Slot) -> bool:
         """The pre-prepare plus matching prepares from quorum - 1 distinct backups."""
@@ -921,6 +967,8 @@ class ReplicaCore:
             self._reject("invalid view-change", f"from replica {message.replica_id}: {problem}")
             return
         self.latest_view_changes[message.replica_id] = message
+        for certificate in message.prepared:
+            self._check_prepared_conflicts(certificate)
         self._check_view_change_quorum()
         # PBFT liveness rule: f + 1 replicas want a higher view, so at least one honest one does;
         # join the lowest view among the f + 1 highest instead of waiting for our own timer.

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from ledger.application import Application
 from ledger.encoding import CodecError
+from ledger.evidence import Evidence
 from ledger.messages import (
     QUERY_BEHIND,
     TRANSACTION_PREFIX_LENGTH_MIN,
@@ -15,8 +17,14 @@ from ledger.messages import (
 )
 
 # Kinds answered from the stored ledger rather than the application's state.
-LEDGER_QUERY_KINDS = ("transaction", "transaction-prefix", "block-hash")
+LEDGER_QUERY_KINDS = ("transaction", "transaction-prefix", "block-hash", "evidence")
 _HEX_DIGITS = frozenset("0123456789abcdef")
+# Pieces of evidence in one answer, newest first: about 200 bytes each, so an answer fits the
+# smallest frame a network may configure (64 KiB).
+EVIDENCE_PER_REPLY_MAX = 256
+ALL_REPLICAS = -1  # the `evidence` query's argument for evidence against any replica
+
+EvidenceSource = Callable[[int | None, int], list[Evidence]]
 
 
 class LedgerIndex(Protocol):
@@ -32,8 +40,16 @@ class LedgerIndex(Protocol):
     def transactions_with_prefix(self, prefix: str, limit: int) -> list[tuple[bytes, int, int]]: ...
 
 
-def answer_query(query: Query, replica_id: int, application: Application, application_height: int, ledger: LedgerIndex) -> QueryReply:
-    """The unsigned QUERY-REPLY for `query`; the caller signs it.
+def answer_query(
+    query: Query,
+    replica_id: int,
+    application: Application,
+    application_height: int,
+    ledger: LedgerIndex,
+    evidence: EvidenceSource | None = None,
+) -> QueryReply:
+    """The unsigned QUERY-REPLY for `query`; the caller signs it. `evidence(replica or None, limit)`
+    lists the evidence this replica keeps (newest first); without it an `evidence` query gets none.
 
     The reported height is the height of the state the answer was read from: the application's
     for its kinds, the store's for ledger kinds (the store may trail the application by the round
@@ -49,13 +65,21 @@ def answer_query(query: Query, replica_id: int, application: Application, applic
         error = f"{QUERY_BEHIND} height {height} below {query.min_height}"
     else:
         try:
-            result = _result(query, application, ledger)
+            result = _result(query, application, ledger, evidence)
         except CodecError as problem:
             error = str(problem)
     return QueryReply(query.query_id, query.digest, replica_id, height, result, error)
 
 
-def _result(query: Query, application: Application, ledger: LedgerIndex) -> Any:
+def _result(query: Query, application: Application, ledger: LedgerIndex, evidence: EvidenceSource | None) -> Any:
+    if query.kind == "evidence":
+        # Each replica reports what it saw itself: the client checks every signature, and merges.
+        if not isinstance(query.argument, int) or query.argument < ALL_REPLICAS:
+            raise CodecError("evidence query: expected a replica id, or -1 for all")
+        if evidence is None:
+            return []
+        against = None if query.argument == ALL_REPLICAS else query.argument
+        return [item.to_plain() for item in evidence(against, EVIDENCE_PER_REPLY_MAX)]
     if query.kind == "transaction":
         if not isinstance(query.argument, bytes):
             raise CodecError("transaction query: expected a transaction id")

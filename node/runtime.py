@@ -26,6 +26,7 @@ from ledger.config import (
 )
 from ledger.crypto import KeyFileError, SigningKey, read_key_file, signing_domain
 from ledger.encoding import CodecError
+from ledger.evidence import Evidence
 from ledger.framing import ByteBudget, FramedStream, FrameError, FrameQueue
 from ledger.messages import (
     BLOCKS_PER_RESPONSE_MAX,
@@ -43,7 +44,13 @@ from ledger.messages import (
     encode_message,
 )
 from ledger.sizes import CLIENT_FRAME_SIZE_MAX, blocks_response_budget, blocks_size_max
-from ledger.storage import BlockStore, DataDirectoryLock, DirectoryInUse, StoreError
+from ledger.storage import (
+    BlockStore,
+    DataDirectoryLock,
+    DirectoryInUse,
+    StoreError,
+    evidence_per_replica_max,
+)
 from node.admission import ClientAdmission, address_key
 from node.core import LOG_KINDS, ClientReply, Effects, ReplicaCore
 from node.queries import answer_query
@@ -231,6 +238,8 @@ class ReplicaRuntime:
         self.rejections_logged = 0
         self.rejections_suppressed = 0
         self.logged_height = self.store.height
+        self.evidence_count = self.store.evidence_count()
+        self.evidence_per_replica_max = evidence_per_replica_max(self.network.replica_count)
 
     # ---- lifecycle ----
 
@@ -370,6 +379,8 @@ class ReplicaRuntime:
             await trio.to_thread.run_sync(self.store.write_round, records, effects.blocks, prune)
             if effects.blocks:
                 self._log_progress()
+        if effects.evidence:
+            await self._keep_evidence(effects.evidence)
         for send in effects.send:
             self.transport.send(send.to, send.message)
         for client_reply in effects.replies:
@@ -385,6 +396,22 @@ class ReplicaRuntime:
                 log.info("%s", line)
             elif self._rejection_log_allowed():
                 log.warning("%s", line)
+
+    async def _keep_evidence(self, entries: list[Evidence]) -> None:
+        """Store evidence (bounded; a repeat is dropped) and warn once per new piece."""
+        new = await trio.to_thread.run_sync(self.store.add_evidence, entries, self.evidence_per_replica_max)
+        self.evidence_count = self.store.evidence_count()
+        for evidence in new:
+            log.warning(
+                "EVIDENCE: replica %d signed two %s messages for view %d sequence %d (digests %s and %s); "
+                "kept, see `ledger-client evidence`",
+                evidence.replica_id,
+                evidence.kind,
+                evidence.view,
+                evidence.sequence,
+                evidence.first_digest.hex()[:16],
+                evidence.second_digest.hex()[:16],
+            )
 
     def _rejection_log_allowed(self) -> bool:
         """At most REJECTIONS_LOGGED_PER_SECOND lines a second: a noisy peer cannot flood the log.
@@ -538,7 +565,9 @@ class ReplicaRuntime:
         await self.events_send.send(("request", None, transaction))
 
     def _answer_query(self, query: Query) -> QueryReply:
-        unsigned = answer_query(query, self.config.replica_id, self.core.application, self.core.height, self.store)
+        unsigned = answer_query(
+            query, self.config.replica_id, self.core.application, self.core.height, self.store, self._evidence
+        )
         return dataclasses.replace(unsigned, signature=self.key.sign(self.query_domain, unsigned.signed_bytes()))
 
     def _status(self, query_id: int) -> StatusReply:
@@ -552,7 +581,11 @@ class ReplicaRuntime:
             self.core.low,
             not self.core.view_active,
             tuple(sorted(self.transport.duplicate_identities().items())),
+            self.evidence_count,
         )
+
+    def _evidence(self, replica_id: int | None, limit: int) -> list[Evidence]:
+        return self.store.evidence(replica_id, limit)
 
 
 async def serve_replica(config: ReplicaConfig, traitor: tuple[BehaviourSpec, ...] = (), traitor_seed: int = 0) -> None:

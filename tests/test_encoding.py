@@ -102,6 +102,7 @@ SAMPLE_MESSAGES: list[Any] = [
         last_block_hash=HASH,
         stable_checkpoint=16,
         view_changing=False,
+        evidence_count=2,
     ),
     StatusReply(11, 0, 1, 1, 20, HASH, 16, True, ((2, 2), (3, 5))),
 ]

@@ -3,6 +3,7 @@ every client's transactions, agree on one chain that verifies, and no client acc
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from ledger.framing import FramedStream
 from ledger.messages import Reply, Request, decode_message, encode_message
 from ledger.transactions import Put, Transaction
 
-from .local_network import fetch_chain
+from .local_network import CLIENT_COMMAND, fetch_chain, run_command
 from .replica_processes import Load, ReplicaProcesses, connected_client, replica_processes
 
 pytestmark = pytest.mark.integration
@@ -122,3 +123,41 @@ async def test_a_replica_sending_malformed_frames_and_bad_signatures_harms_no_on
         honest_logs = "".join(replicas.log_path(replica_id).read_text(errors="replace") for replica_id in (0, 1, 3))
         assert "malformed message from replica 2" in honest_logs  # its raw frames arrived, and were dropped
         assert traitor_announced(replicas, 2)
+
+
+async def test_an_equivocating_primarys_two_pre_prepares_are_kept_as_evidence_and_listed_by_the_cli(tmp_path: Path) -> None:
+    """Replica 0 sends each backup one of two pre-prepares per slot; the VIEW-CHANGEs that carry the
+    other one show it to the backup that held the first: that backup keeps both as evidence, and
+    `ledger-client evidence` (the real CLI) names replica 0 and the slot, both signatures checked."""
+    arguments = {0: ["--traitor", "equivocating_primary"]}
+    async with replica_processes(tmp_path / "net", REPLICA_COUNT, extra_arguments=arguments) as replicas:
+        async with connected_client(replicas) as client:
+            with trio.fail_after(DEADLINE_S):
+                load = Load(client, writers=2)
+                await load.run(6)
+                while True:
+                    reports, _ = await client.evidence(wait_s=1.0)
+                    if reports:
+                        break
+                    await trio.sleep(0.2)
+                assert all(report.evidence.replica_id == 0 and report.proven for report in reports)
+                slots = {(report.evidence.kind, report.evidence.view, report.evidence.sequence) for report in reports}
+            listed = await run_command(
+                [*CLIENT_COMMAND, "-c", str(replicas.client_config_path), "--json", "evidence", "--replica", "0"],
+                cwd=replicas.directory,
+            )
+            assert listed.exit_code == 0, listed.describe()
+            entries = json.loads(listed.stdout)["evidence"]
+            assert {(entry["kind"], entry["view"], entry["sequence"]) for entry in entries} >= slots
+            assert all(entry["replica"] == 0 and entry["signatures_valid"] == [True, True] for entry in entries)
+            assert all(entry["digests"][0] != entry["digests"][1] for entry in entries)
+            text = await run_command([*CLIENT_COMMAND, "-c", str(replicas.client_config_path), "evidence"], cwd=replicas.directory)
+            assert text.exit_code == 0 and "replica 0 signed two pre-prepare messages" in text.stdout, text.describe()
+            assert "both signatures verify" in text.stdout
+            status = await run_command(
+                [*CLIENT_COMMAND, "-c", str(replicas.client_config_path), "--json", "status"], cwd=replicas.directory
+            )
+            counts = {entry["replica"]: entry["evidence"] for entry in json.loads(status.stdout)["replicas"]}
+            assert sum(counts.values()) > 0 and counts[0] == 0, status.describe()
+        honest_logs = "".join(replicas.log_path(replica_id).read_text(errors="replace") for replica_id in (1, 2, 3))
+        assert "EVIDENCE: replica 0 signed two pre-prepare messages" in honest_logs
