@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import NoReturn
 from ledger.config import ConfigError, load_template, template_for, write_network
 from ledger.crypto import KeyFileError
 from ledger.version import package_version
+from node.log_format import LOG_FORMATS, configure_logging
 
 EXAMPLES = """\
 examples:
@@ -53,6 +53,14 @@ def add_global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
         choices=LOG_LEVELS,
         default=argparse.SUPPRESS if suppress else "info",
         help="log verbosity, any case (default: info)",
+    )
+    parser.add_argument(
+        "--log-format",
+        type=str.lower,
+        choices=LOG_FORMATS,
+        default=argparse.SUPPRESS if suppress else "text",
+        help="log lines as text (time logger LEVEL message) or json (one object a line: time, level, logger, message); "
+        "times are ISO 8601 UTC with milliseconds (default: text)",
     )
 
 
@@ -158,11 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     arguments = parser.parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, arguments.log_level.upper()),
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    configure_logging(arguments.log_level, arguments.log_format)
     try:
         if arguments.command == "init":
             return command_init(arguments)
@@ -175,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if arguments.command == "up":
             from node.launcher import run_network_main
 
-            return run_network_main(arguments.directory, arguments.only, arguments.log_level)
+            return run_network_main(arguments.directory, arguments.only, arguments.log_level, arguments.log_format)
         if arguments.command == "demo":
             from node.demo import run_demo
 

@@ -44,7 +44,7 @@ async def _wait_ready(config: ReplicaConfig, process: trio.Process) -> bool:
     return False
 
 
-async def run_network(directory: Path, only: list[int] | None, log_level: str) -> int:
+async def run_network(directory: Path, only: list[int] | None, log_level: str, log_format: str = "text") -> int:
     configs = find_replica_configs(directory, only)
     network = configs[0].network
     # Checked before any log is opened: a replica that is already running (another `up` or
@@ -83,7 +83,7 @@ async def run_network(directory: Path, only: list[int] | None, log_level: str) -
             log_path = logs / f"replica-{config.replica_id}.log"
             with log_path.open("ab") as log_file:
                 processes[config.replica_id] = await trio.lowlevel.open_process(
-                    [sys.executable, "-m", "node.cli", "--log-level", log_level, "run", str(config.path)],
+                    [sys.executable, "-m", "node.cli", "--log-level", log_level, "--log-format", log_format, "run", str(config.path)],
                     stdout=log_file,
                     stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL,
@@ -153,5 +153,5 @@ async def _stop_all(processes: dict[int, trio.Process]) -> None:
                 await process.wait()
 
 
-def run_network_main(directory: Path, only: list[int] | None, log_level: str) -> int:
-    return trio.run(run_network, directory, only, log_level)
+def run_network_main(directory: Path, only: list[int] | None, log_level: str, log_format: str = "text") -> int:
+    return trio.run(run_network, directory, only, log_level, log_format)
