@@ -196,6 +196,32 @@ def _short(data: bytes) -> str:
     return data.hex()[:16]
 
 
+def _duration(seconds: int) -> str:
+    """Like 45s, 12m05s, 3h07m, 9d04h: two units at most, for a status column."""
+    minutes, second = divmod(seconds, 60)
+    hours, minute = divmod(minutes, 60)
+    days, hour = divmod(hours, 24)
+    if days:
+        return f"{days}d{hour:02d}h"
+    if hours:
+        return f"{hours}h{minute:02d}m"
+    if minutes:
+        return f"{minutes}m{second:02d}s"
+    return f"{second}s"
+
+
+def _size(size_bytes: int) -> str:
+    """Like 812 B, 4.0 KiB, 12.3 MiB, 1.5 GiB."""
+    if size_bytes < 1024:
+        return f"{size_bytes} B"
+    size = size_bytes / 1024
+    for unit in ("KiB", "MiB"):
+        if size < 1024:
+            return f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GiB"
+
+
 class Output:
     def __init__(self, as_json: bool) -> None:
         self.as_json = as_json
@@ -388,13 +414,17 @@ async def dispatch(arguments: argparse.Namespace, client: Client, output: Output
                     "view_change_in_progress": status.view_changing,
                     "duplicate_identities": {str(peer): connections for peer, connections in status.duplicate_identities},
                     "evidence": status.evidence_count,
+                    "version": status.version,
+                    "uptime_s": status.uptime_s,
+                    "connected_peers": status.connected_peers,
+                    "store_size_bytes": status.store_size_bytes,
                 }
                 for status in statuses
             ],
         }
         lines = [
             f"network {client.network.network_id!r}: n={client.network.replica_count}, f={client.network.faults_tolerated}, quorum={client.network.quorum}",
-            f"{'replica':>7}  {'state':<11} {'view':>5} {'primary':>7} {'height':>7}  {'checkpoint':>10}  {'last block':<16}  evidence",
+            f"{'replica':>7}  {'state':<11} {'view':>5} {'primary':>7} {'height':>7}  {'checkpoint':>10}  {'last block':<16}  {'evidence':>8}  {'peers':>5}  {'uptime':>9}  {'store':>9}  version",
         ]
         for status in statuses:
             if not status.reachable:
@@ -403,7 +433,9 @@ async def dispatch(arguments: argparse.Namespace, client: Client, output: Output
             state = "view-change" if status.view_changing else "normal"
             lines.append(
                 f"{status.replica_id:>7}  {state:<11} {status.view:>5} {status.primary:>7} {status.height:>7}  "
-                f"{status.stable_checkpoint:>10}  {_short(status.last_block_hash):<16}  {status.evidence_count:>8}"
+                f"{status.stable_checkpoint:>10}  {_short(status.last_block_hash):<16}  {status.evidence_count:>8}  "
+                f"{status.connected_peers:>2}/{client.network.replica_count - 1:<2}  {_duration(status.uptime_s):>9}  "
+                f"{_size(status.store_size_bytes):>9}  {status.version}"
             )
         seen_by: dict[int, list[tuple[int, int]]] = {}
         for status in statuses:

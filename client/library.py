@@ -121,6 +121,10 @@ class ReplicaStatus:
     # (replica id, connections) this replica sees from more than one process holding that key.
     duplicate_identities: tuple[tuple[int, int], ...] = ()
     evidence_count: int = 0
+    version: str = ""
+    uptime_s: int = 0
+    connected_peers: int = 0  # peers it has an outgoing and an incoming connection with
+    store_size_bytes: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -503,6 +507,10 @@ class Client:
                         answer.view_changing,
                         answer.duplicate_identities,
                         answer.evidence_count,
+                        answer.version,
+                        answer.uptime_s,
+                        answer.connected_peers,
+                        answer.store_size_bytes,
                     )
                 )
         return statuses

@@ -44,6 +44,9 @@ TRANSACTION_PREFIX_LENGTH_MIN = 8
 TRANSACTION_PREFIX_MATCHES_MAX = 8
 PREPARED_CERTIFICATES_MAX = 4096
 HELLO_SETTINGS_MAX = 64  # protocol settings a HELLO may list
+# A replica's version in its STATUS-REPLY: printable ASCII only, so a hostile replica cannot put
+# terminal escapes or line breaks into an operator's status table.
+STATUS_VERSION_LENGTH_MAX = 64
 
 
 def _replica(value: Any, name: str) -> int:
@@ -728,6 +731,10 @@ class StatusReply:
     # from right now, so two processes hold that replica's key. Sorted by replica id.
     duplicate_identities: tuple[tuple[int, int], ...] = ()
     evidence_count: int = 0  # pieces of evidence of other replicas' equivocation this replica keeps
+    version: str = ""  # the replica's package version, at most STATUS_VERSION_LENGTH_MAX characters
+    uptime_s: int = 0  # whole seconds since the replica process started
+    connected_peers: int = 0  # peers with an outgoing and an incoming connection open right now
+    store_size_bytes: int = 0  # the SQLite store on disk: the database file plus its write-ahead log
 
     def fields(self) -> list[Any]:
         return [
@@ -741,11 +748,15 @@ class StatusReply:
             self.view_changing,
             [list(pair) for pair in self.duplicate_identities],
             self.evidence_count,
+            self.version,
+            self.uptime_s,
+            self.connected_peers,
+            self.store_size_bytes,
         ]
 
     @classmethod
     def from_fields(cls, items: list[Any]) -> StatusReply:
-        expect_list(items, cls.TAG, length=10)
+        expect_list(items, cls.TAG, length=14)
         duplicates = []
         for pair in expect_list(items[8], "duplicate identities", length_max=REPLICAS_MAX):
             expect_list(pair, "duplicate identity", length=2)
@@ -761,7 +772,18 @@ class StatusReply:
             expect_bool(items[7], "view changing"),
             tuple(duplicates),
             expect_int(items[9], "evidence count"),
+            _status_version(items[10]),
+            expect_int(items[11], "uptime"),
+            expect_int(items[12], "connected peers", maximum=REPLICAS_MAX - 1),
+            expect_int(items[13], "store size"),
         )
+
+
+def _status_version(value: Any) -> str:
+    text = expect_text(value, "version", STATUS_VERSION_LENGTH_MAX)
+    if not (text.isascii() and text.isprintable()):
+        raise CodecError("version: expected printable ASCII")
+    return text
 
 
 @dataclass(frozen=True, slots=True)

@@ -159,6 +159,16 @@ class BlockStore:
             raise
         return store
 
+    def size_bytes(self) -> int:
+        """Bytes the store takes on disk: the database file plus its write-ahead log, if any."""
+        total = 0
+        for path in (self.path, self.path.with_name(self.path.name + "-wal")):
+            try:
+                total += path.stat().st_size
+            except FileNotFoundError:
+                pass  # no WAL between a checkpoint and the next write
+        return total
+
     def close(self) -> None:
         self._reader.close()
         self._connection.close()

@@ -30,6 +30,7 @@ from ledger.evidence import Evidence
 from ledger.framing import ByteBudget, FramedStream, FrameError, FrameQueue
 from ledger.messages import (
     BLOCKS_PER_RESPONSE_MAX,
+    STATUS_VERSION_LENGTH_MAX,
     ErrorReply,
     FetchBlocks,
     Query,
@@ -51,6 +52,7 @@ from ledger.storage import (
     StoreError,
     evidence_per_replica_max,
 )
+from ledger.version import package_version
 from node.admission import ClientAdmission, address_key
 from node.core import LOG_KINDS, ClientReply, Effects, ReplicaCore
 from node.queries import answer_query
@@ -96,6 +98,12 @@ class StartupError(RuntimeError):
 
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+def status_version(version: str) -> str:
+    """`version` as a STATUS-REPLY may carry it: printable ASCII, at most STATUS_VERSION_LENGTH_MAX characters."""
+    printable = "".join(character if character.isascii() and character.isprintable() else "?" for character in version)
+    return printable[:STATUS_VERSION_LENGTH_MAX]
 
 
 def client_memory_bound_bytes(replica_count: int, protocol: ProtocolSettings) -> int:
@@ -188,6 +196,8 @@ class ReplicaRuntime:
             self.traitor = make_runtime_traitor(self.network, config.replica_id, self.key, traitor, traitor_seed)
         self.traitor_seed = traitor_seed
         self.started_ms = now_ms()
+        self.started_monotonic_s = time.monotonic()  # for uptime: never goes back with the wall clock
+        self.version = status_version(package_version())
         # Before the store is touched: a second process for the same replica (a second `up` or
         # `run`) must not open its SQLite files, write its logs or answer on its ports.
         try:
@@ -582,6 +592,10 @@ class ReplicaRuntime:
             not self.core.view_active,
             tuple(sorted(self.transport.duplicate_identities().items())),
             self.evidence_count,
+            self.version,
+            int(time.monotonic() - self.started_monotonic_s),
+            len(self.transport.connected_out & self.transport.connected_in),
+            self.store.size_bytes(),
         )
 
     def _evidence(self, replica_id: int | None, limit: int) -> list[Evidence]:

@@ -103,6 +103,10 @@ SAMPLE_MESSAGES: list[Any] = [
         stable_checkpoint=16,
         view_changing=False,
         evidence_count=2,
+        version="0.1.0",
+        uptime_s=3600,
+        connected_peers=3,
+        store_size_bytes=1 << 20,
     ),
     StatusReply(11, 0, 1, 1, 20, HASH, 16, True, ((2, 2), (3, 5))),
 ]
@@ -306,6 +310,39 @@ def test_query_missing_the_new_fields_is_refused() -> None:
         decode_message(encode(["query", 3, "get", "x"]))
     with pytest.raises(CodecError):
         decode_message(encode(["query", 3, "get", "x", 5]))
+
+
+GOOD_STATUS_REPLY_FIELDS = SAMPLE_MESSAGES[[type(message) for message in SAMPLE_MESSAGES].index(StatusReply)].fields()
+
+
+def test_status_reply_of_the_old_ten_field_layout_or_longer_is_refused() -> None:
+    assert len(GOOD_STATUS_REPLY_FIELDS) == 14
+    with pytest.raises(CodecError):
+        decode_message(encode(["status-reply", *GOOD_STATUS_REPLY_FIELDS[:10]]))
+    with pytest.raises(CodecError):
+        decode_message(encode(["status-reply", *GOOD_STATUS_REPLY_FIELDS, 0]))
+
+
+@pytest.mark.parametrize(
+    ("position", "value"),
+    [
+        pytest.param(10, "v" * 65, id="version-too-long"),
+        pytest.param(10, "0.1\x1b[2J", id="version-with-a-terminal-escape"),
+        pytest.param(10, "0.1\n0.2", id="version-with-a-line-break"),
+        pytest.param(10, "0.1.0é", id="version-not-ascii"),
+        pytest.param(10, 1, id="version-not-text"),
+        pytest.param(11, -1, id="negative-uptime"),
+        pytest.param(11, "1", id="uptime-not-a-number"),
+        pytest.param(12, 64, id="more-peers-than-replicas"),
+        pytest.param(12, True, id="peers-a-boolean"),
+        pytest.param(13, -1, id="negative-store-size"),
+    ],
+)
+def test_status_reply_with_malformed_new_fields_is_refused(position: int, value: Any) -> None:
+    fields = list(GOOD_STATUS_REPLY_FIELDS)
+    fields[position] = value
+    with pytest.raises(CodecError):
+        decode_message(encode(["status-reply", *fields]))
 
 
 @pytest.mark.parametrize("digest", [bytes(31), bytes(33), "digest", None, 7])
