@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.resources
 import ipaddress
 import json
 import re
@@ -350,6 +351,31 @@ def parse_address(text: str, name: str) -> Address:
     elif ":" in host:
         raise ConfigError(f"{name}: write an IPv6 address in brackets, e.g. [::1]:7100, found {text!r}")
     return Address(check_host(host, name), port)
+
+
+PACKAGED_CONFIGS = "ledger.configs"  # the repository's configs/, installed inside the package
+
+
+def packaged_config(name: str) -> Path:
+    """A file or directory shipped in configs/ ("local-4.toml", "scenarios"), found through
+    importlib.resources so that every install has it, not only a source checkout."""
+    resource = importlib.resources.files(PACKAGED_CONFIGS).joinpath(name)
+    if not isinstance(resource, Path):  # e.g. a zipped install: the templates must be real files
+        raise ConfigError(f"the packaged configs/{name} is not a file on disk ({resource}); install the package unzipped")
+    return resource
+
+
+def find_template(path: Path) -> Path:
+    """`path` if it exists; else, for a relative configs/NAME or a bare NAME, the packaged template
+    of that name, so `init configs/local-4.toml` works from any directory."""
+    if path.exists() or path.is_absolute() or path.suffix != ".toml":
+        return path
+    parts = path.parts
+    if len(parts) == 1 or (len(parts) == 2 and parts[0] == "configs"):
+        packaged = packaged_config(parts[-1])
+        if packaged.is_file():
+            return packaged
+    return path
 
 
 def _read_toml(path: Path) -> dict[str, Any]:

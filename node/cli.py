@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from ledger.config import ConfigError, load_template, template_for, write_network
+from ledger.config import ConfigError, find_template, load_template, template_for, write_network
 from ledger.crypto import KeyFileError
 from ledger.version import package_version
 from node.log_format import LOG_FORMATS, configure_logging
@@ -199,7 +199,10 @@ def command_init(arguments: argparse.Namespace) -> int:
     if (arguments.template is None) == (arguments.replicas is None):
         raise ConfigError("init: give either a TEMPLATE file or --replicas N")
     if arguments.template is not None:
-        template = load_template(arguments.template, arguments.host, arguments.base_port)
+        path = find_template(arguments.template)
+        if path != arguments.template:
+            print(f"{arguments.template} is not here: using the packaged template {path}")
+        template = load_template(path, arguments.host, arguments.base_port)
     else:
         host = arguments.host if arguments.host is not None else "127.0.0.1"
         template = template_for(arguments.replicas, None, host, arguments.base_port if arguments.base_port is not None else 7100)

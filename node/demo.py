@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from ledger.config import record_in_manifest
+from ledger.config import packaged_config, record_in_manifest
 
 CLIENT = [sys.executable, "-m", "client.cli"]
 NODE = [sys.executable, "-m", "node.cli"]
@@ -32,7 +32,7 @@ def _run(arguments: list[str], shown: list[str]) -> subprocess.CompletedProcess[
 
 def run_demo(directory: Path, base_port: int) -> int:
     client_config = str(directory / "client.toml")
-    template = Path(__file__).resolve().parent.parent / "configs" / "local-4.toml"
+    template = packaged_config("local-4.toml")
     _banner("1. create a 4-replica network (n = 3f + 1 with f = 1): keys and configs")
     # --force replaces only what an earlier init (or demo) wrote here; anything else makes init refuse.
     init = ["init", str(template), "--out", str(directory), "--force", "--base-port", str(base_port)]

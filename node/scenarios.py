@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ledger.config import packaged_config
 from node.traitors import BEHAVIOURS, BehaviourSpec, TraitorSpec
 
-SCENARIO_DIRECTORY = Path(__file__).resolve().parent.parent / "configs" / "scenarios"
+SCENARIO_DIRECTORY = packaged_config("scenarios")
 REPLICA_COUNTS = (4, 7)
 VERDICTS = ("holds", "breaks")
 EVENTS = ("kill", "stop", "restart", "partition", "heal")
