@@ -99,6 +99,18 @@ def _traitor_spec(text: str) -> object:
     return spec
 
 
+def _replica_traitor(text: str) -> tuple[int, str]:
+    """`REPLICA=SPEC` for `up --traitor`: the replica id and its behaviour, checked here so a typo
+    is refused before any replica starts."""
+    replica_text, equals, spec_text = text.partition("=")
+    if not equals or not replica_text.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"expected REPLICA=SPEC, e.g. 0=equivocating_primary, got {text!r}")
+    from node.traitors import format_behaviour_spec
+
+    spec = _traitor_spec(spec_text)
+    return int(replica_text), format_behaviour_spec(spec)  # type: ignore[arg-type]
+
+
 def _port(text: str) -> int:
     try:
         port = int(text)
@@ -144,6 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
     up = commands.add_parser("up", help="run every replica of a network directory on this machine", description="Start each DIR/replica-<i>.toml as a child process; Ctrl-C or SIGTERM stops them all.")
     up.add_argument("directory", type=Path, help="directory written by `ledger-node init`")
     up.add_argument("--only", type=_number_list(0, "0,2"), help="comma-separated replica ids to start, e.g. 0,2 (default: all)")
+    up.add_argument(
+        "--traitor",
+        metavar="REPLICA=SPEC",
+        action="append",
+        type=_replica_traitor,
+        default=[],
+        help="start that replica as a traitor (passed on as `run --traitor SPEC`), e.g. 0=equivocating_primary; repeat to combine",
+    )
 
     simulate = commands.add_parser("simulate", help="run the deterministic simulator", description="Run seeded simulations with message loss, delay, duplication and reordering; every failure prints its seed.")
     simulate.add_argument("--seeds", type=_at_least(1), default=100, help="number of seeds to run, starting at --first (default: 100)")
@@ -179,7 +199,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if arguments.command == "up":
             from node.launcher import run_network_main
 
-            return run_network_main(arguments.directory, arguments.only, arguments.log_level, arguments.log_format)
+            traitors: dict[int, list[str]] = {}
+            for replica_id, spec in arguments.traitor:
+                traitors.setdefault(replica_id, []).append(spec)
+            return run_network_main(arguments.directory, arguments.only, arguments.log_level, arguments.log_format, traitors)
         if arguments.command == "demo":
             from node.demo import run_demo
 

@@ -44,9 +44,16 @@ async def _wait_ready(config: ReplicaConfig, process: trio.Process) -> bool:
     return False
 
 
-async def run_network(directory: Path, only: list[int] | None, log_level: str, log_format: str = "text") -> int:
+async def run_network(
+    directory: Path, only: list[int] | None, log_level: str, log_format: str = "text", traitors: dict[int, list[str]] | None = None
+) -> int:
     configs = find_replica_configs(directory, only)
     network = configs[0].network
+    traitors = traitors or {}
+    started_ids = {config.replica_id for config in configs}
+    for replica_id in sorted(traitors):
+        if replica_id not in started_ids:
+            raise ConfigError(f"--traitor: replica {replica_id} is not among the replicas started ({', '.join(map(str, sorted(started_ids)))})")
     # Checked before any log is opened: a replica that is already running (another `up` or
     # `run`) keeps its store, its log and its ports; each replica also locks its own directory.
     for config in configs:
@@ -73,6 +80,14 @@ async def run_network(directory: Path, only: list[int] | None, log_level: str, l
             "nothing commits until replicas elsewhere make up the rest",
             flush=True,
         )
+    for replica_id, specs in sorted(traitors.items()):
+        print(f"replica {replica_id} runs as a TRAITOR: {' + '.join(specs)}", flush=True)
+    if len(traitors) > network.faults_tolerated:
+        print(
+            f"warning: {len(traitors)} traitors are more than this network tolerates (f={network.faults_tolerated}): "
+            "safety and liveness are no longer guaranteed",
+            flush=True,
+        )
     processes: dict[int, trio.Process] = {}
     stopping = trio.Event()
     all_exited = trio.Event()
@@ -81,9 +96,10 @@ async def run_network(directory: Path, only: list[int] | None, log_level: str, l
         # the receiver, so no replica can be started after the others were told to stop.
         for config in configs:
             log_path = logs / f"replica-{config.replica_id}.log"
+            traitor_arguments = [argument for spec in traitors.get(config.replica_id, []) for argument in ("--traitor", spec)]
             with log_path.open("ab") as log_file:
                 processes[config.replica_id] = await trio.lowlevel.open_process(
-                    [sys.executable, "-m", "node.cli", "--log-level", log_level, "--log-format", log_format, "run", str(config.path)],
+                    [sys.executable, "-m", "node.cli", "--log-level", log_level, "--log-format", log_format, "run", str(config.path), *traitor_arguments],
                     stdout=log_file,
                     stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL,
@@ -153,5 +169,7 @@ async def _stop_all(processes: dict[int, trio.Process]) -> None:
                 await process.wait()
 
 
-def run_network_main(directory: Path, only: list[int] | None, log_level: str, log_format: str = "text") -> int:
-    return trio.run(run_network, directory, only, log_level, log_format)
+def run_network_main(
+    directory: Path, only: list[int] | None, log_level: str, log_format: str = "text", traitors: dict[int, list[str]] | None = None
+) -> int:
+    return trio.run(run_network, directory, only, log_level, log_format, traitors)

@@ -116,6 +116,16 @@ async def test_up_does_not_report_another_processs_port_as_its_replica(initialis
     assert f"{client_address} is already in use" in initialised_network.log_text(0)
 
 
+@pytest.mark.parametrize("replica_count", [4])
+async def test_up_refuses_a_traitor_among_replicas_it_does_not_start(initialised_network: LocalNetwork) -> None:
+    result = await run_command(
+        [*NODE_COMMAND, "up", str(initialised_network.directory), "--only", "1,2,3", "--traitor", "0=equivocating_primary"]
+    )
+    line = one_line_error(result, "ledger-node", EXIT_USAGE)
+    assert "replica 0 is not among the replicas started" in line, line
+    assert not ready_lines(result), result.describe()
+
+
 # ---- global options before or after the command ----
 
 
@@ -179,6 +189,8 @@ async def test_client_argument_errors_are_one_line(arguments: tuple[str, ...], p
         pytest.param(("init", "--replicas", "4", "--out", "/proc/forbidden/net"), "cannot create", id="init-unwritable"),
         pytest.param(("simulate", "--seeds", "0"), "--seeds", id="simulate-no-seeds"),
         pytest.param(("up",), "required", id="up-without-directory"),
+        pytest.param(("up", "{tmp}", "--traitor", "zero=silent"), "REPLICA=SPEC", id="up-traitor-without-replica-id"),
+        pytest.param(("up", "{tmp}", "--traitor", "0=no_such_behaviour"), "unknown behaviour", id="up-traitor-unknown-behaviour"),
     ],
 )
 async def test_node_argument_errors_are_one_line(tmp_path: Path, arguments: tuple[str, ...], phrase: str) -> None:
