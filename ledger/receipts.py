@@ -19,8 +19,12 @@ the network. Every check failure raises ReceiptError with one line saying what f
 
 from __future__ import annotations
 
+import os
+import stat
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ledger.blocks import (
@@ -354,3 +358,54 @@ def receipt_size_max() -> int:
     )
     return head_size(len(FIELDS)) + keys + values
 
+
+
+def read_receipt_file(path: Path) -> TransactionReceipt:
+    """Read and parse a receipt file, reading at most one byte more than the largest valid receipt.
+
+    OSError if it cannot be opened; ReceiptError if it is not a regular file, too large, or not a receipt."""
+    # Non-blocking, so a FIFO named as the file cannot hang the check.
+    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(descriptor, "rb") as file:
+        if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
+            raise ReceiptError(f"{path}: not a regular file")
+        data = file.read(receipt_size_max() + 1)
+    if len(data) > receipt_size_max():
+        raise ReceiptError(f"{path}: larger than any valid receipt ({receipt_size_max()} bytes at most)")
+    return TransactionReceipt.decode(data)
+
+
+def write_receipt_file(path: Path, receipt: TransactionReceipt, force: bool = False) -> None:
+    """Write a receipt atomically: a temporary file beside it, flushed to disk, then linked (or,
+    with `force`, renamed) into place, so a crash leaves the old file or the whole new one.
+
+    FileExistsError if `path` exists and not `force`: linking, unlike a check before renaming,
+    cannot overwrite a file that appears in the meantime."""
+    data = receipt.encode()
+    directory = path.parent if str(path.parent) else Path(".")
+    descriptor, temporary = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(descriptor, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        if force:
+            os.replace(temporary, path)
+        else:
+            try:
+                os.link(temporary, path)
+            except FileExistsError:
+                raise
+            except OSError:
+                # A file system without hard links: check, then rename (a narrow race, documented).
+                if path.exists():
+                    raise FileExistsError(path) from None
+                os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+    directory_descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(directory_descriptor)
+    finally:
+        os.close(directory_descriptor)
