@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from chain_helpers import LedgerNetwork, build_chain, make_network, sign_certificate
@@ -18,8 +20,10 @@ from ledger.receipts import (
     ReceiptError,
     TransactionReceipt,
     build_receipt,
+    read_receipt_file,
     receipt_size_max,
     verify_receipt,
+    write_receipt_file,
 )
 from ledger.transactions import Put, Transaction, TransactionResult
 
@@ -198,3 +202,36 @@ def test_the_largest_receipt_fits_the_bound() -> None:
     assert len(data) <= receipt_size_max()
     assert TransactionReceipt.decode(data) == receipt
 
+
+
+def test_writing_never_replaces_a_file_without_force_and_a_failed_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    network = make_network()
+    receipt, _ = make_receipt(network)
+    path = tmp_path / "r.receipt"
+    path.write_bytes(b"someone else's")
+    with pytest.raises(FileExistsError):
+        write_receipt_file(path, receipt)
+    assert path.read_bytes() == b"someone else's"
+    write_receipt_file(path, receipt, force=True)
+    assert read_receipt_file(path) == receipt
+
+    fresh = tmp_path / "fresh.receipt"
+
+    def crash(descriptor: int) -> None:
+        raise OSError(5, "disk on fire")
+
+    monkeypatch.setattr(os, "fsync", crash)
+    with pytest.raises(OSError, match="disk on fire"):
+        write_receipt_file(fresh, receipt)
+    assert sorted(item.name for item in tmp_path.iterdir()) == ["r.receipt"]
+
+
+def test_reading_refuses_a_fifo_and_an_oversized_file_without_reading_it_all(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(ReceiptError, match="not a regular file"):
+        read_receipt_file(fifo)
+    large = tmp_path / "large"
+    large.write_bytes(bytes(10 * receipt_size_max()))
+    with pytest.raises(ReceiptError, match="larger than any valid receipt"):
+        read_receipt_file(large)
