@@ -12,6 +12,7 @@ from typing import Any, NoReturn
 
 import trio
 
+from client.completion import add_completion_command, completion_script
 from client.library import (
     Client,
     ClientError,
@@ -171,32 +172,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"ledger-client {package_version()}")
     add_global_options(parser, suppress=False)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help="one of the commands below; `ledger-client COMMAND --help` explains its arguments")
 
     transfer = commands.add_parser("transfer", help="move funds to another account")
     transfer.add_argument("to", help="recipient: 64 hex digits or a key file")
-    transfer.add_argument("amount", type=_amount, help="a positive whole number")
+    transfer.add_argument("amount", type=_amount, help=f"a whole number from 1 to {AMOUNT_MAX}")
     put = commands.add_parser("put", help="set a key to a value")
-    put.add_argument("key", help=f"up to {KEY_LENGTH_MAX} characters")
-    put.add_argument("value", help=f"up to {VALUE_LENGTH_MAX} characters")
+    put.add_argument("key", help=f"the key, 1 to {KEY_LENGTH_MAX} characters")
+    put.add_argument("value", help=f"its new value, up to {VALUE_LENGTH_MAX} characters")
     get = commands.add_parser("get", help="read a key (a quorum of replicas must agree)")
-    get.add_argument("key")
+    get.add_argument("key", help="the key to read")
     balance = commands.add_parser("balance", help="an account's balance and next nonce (default: yours)")
     balance.add_argument("account", nargs="?", help="64 hex digits or a key file")
     block = commands.add_parser("block", help="show a block and check its commit certificate")
-    block.add_argument("height", type=_height, nargs="?", help="default: the latest block")
+    block.add_argument("height", type=_height, nargs="?", help="a block height, from 1 (default: the latest block)")
     transaction = commands.add_parser("tx", help="find a transaction by id and check its proof")
     transaction.add_argument("transaction_id", help=f"64 hex digits, or a unique prefix of {TRANSACTION_PREFIX_LENGTH_MIN} or more")
     commands.add_parser("status", help="each replica's view, primary, height and last block")
     evidence = commands.add_parser("evidence", help="replicas caught signing two conflicting messages, signatures checked here")
-    evidence.add_argument("--replica", type=int, default=None, help="only evidence against this replica")
+    evidence.add_argument("--replica", type=int, default=None, help="only evidence against this replica id (default: against any replica)")
     verify = commands.add_parser("verify", help="download one replica's chain and check all of it")
     verify.add_argument("--replica", type=int, default=0, help="which replica to download from (default: 0)")
     keygen = commands.add_parser("keygen", help="create a new account key file")
-    keygen.add_argument("--out", type=Path, required=True, help="where to write the key (mode 0600)")
+    keygen.add_argument("--out", type=Path, required=True, help="where to write the key file (required; mode 0600; an existing file is refused unless --force)")
     keygen.add_argument("--force", action="store_true", help="overwrite an existing file")
     commands.add_parser("whoami", help="the account (public key) this client acts as")
     add_receipt_commands(commands, transaction)
+    add_completion_command(commands, "ledger-client")
     for command in commands.choices.values():
         add_global_options(command, suppress=True)
     return parser
@@ -615,6 +617,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if arguments.command == "keygen":
             return command_keygen(arguments, output)
+        if arguments.command == "completion":
+            print(completion_script(arguments.shell, parser, "ledger-client"), end="")
+            return EXIT_OK
         if arguments.command == "check-receipt":
             return command_check_receipt(arguments, output)
         check_receipt_target(arguments)
