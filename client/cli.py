@@ -266,7 +266,11 @@ def command_check_receipt(arguments: argparse.Namespace, output: Output) -> int:
 
 def check_receipt_target(arguments: argparse.Namespace) -> None:
     """Refuse `tx --save FILE` before asking the network when FILE exists and --force is not given."""
-    if arguments.command == "tx" and arguments.save is not None and arguments.save.exists() and not arguments.force:
+    if arguments.command != "tx":
+        return
+    if arguments.force and arguments.save is None:
+        raise UsageError("--force replaces a receipt file: it needs --save FILE")
+    if arguments.save is not None and arguments.save.exists() and not arguments.force:
         raise UsageError(f"{arguments.save}: already exists (use --force to overwrite)")
 
 

@@ -166,11 +166,14 @@ class TransactionReceipt:
             raise CodecError(f"not a transaction receipt (format {str(plain.get('format'))[:64]!r}, expected {RECEIPT_FORMAT!r})")
         version = plain.get("version")
         if version != RECEIPT_VERSION:
-            raise CodecError(f"receipt version {str(version)[:20]} is not supported (this build reads version {RECEIPT_VERSION})")
-        unknown = sorted(str(key)[:32] for key in plain if key not in FIELDS)
+            shown = version if isinstance(version, int) and not isinstance(version, bool) else repr(version)[:20]
+            raise CodecError(f"receipt version {shown} is not supported (this build reads version {RECEIPT_VERSION})")
+        # Names shown as repr, few and short: the message stays one line whatever the file holds.
+        unknown = sorted(repr(key)[:32] for key in plain if key not in FIELDS)
         missing = [name for name in FIELDS if name not in plain]
         if unknown or missing:
-            raise CodecError(f"receipt fields: missing {missing or 'none'}, unknown {unknown or 'none'}")
+            more = f" and {len(unknown) - 4} more" if len(unknown) > 4 else ""
+            raise CodecError(f"receipt fields: missing {', '.join(missing) or 'none'}; unknown {', '.join(unknown[:4]) or 'none'}{more}")
         network_id = expect_text(plain["network_id"], "receipt network id", NETWORK_ID_LENGTH_MAX)
         leaf_count = expect_int(plain["leaf_count"], "receipt leaf count", 1, BLOCK_TRANSACTIONS_MAX)
         query = expect_list(plain["block_hash_query"], "receipt block-hash query", length=3)

@@ -235,3 +235,16 @@ def test_reading_refuses_a_fifo_and_an_oversized_file_without_reading_it_all(tmp
     large.write_bytes(bytes(10 * receipt_size_max()))
     with pytest.raises(ReceiptError, match="larger than any valid receipt"):
         read_receipt_file(large)
+
+
+@pytest.mark.parametrize(
+    ("plain", "expected"),
+    [
+        ({"format": "pbft-ledger/transaction-receipt", "version": "1\nFAKE: verified"}, "version '1\\nFAKE"),
+        ({"format": "pbft-ledger/transaction-receipt", "version": 1, **{f"x\n{number}": 0 for number in range(50)}}, "and 46 more"),
+    ],
+)
+def test_what_a_hostile_file_holds_cannot_break_the_one_line_message(plain: dict[str, object], expected: str) -> None:
+    with pytest.raises(ReceiptError) as caught:
+        TransactionReceipt.decode(encode(plain))
+    assert expected in str(caught.value) and "\n" not in str(caught.value) and len(str(caught.value)) < 1000
