@@ -12,6 +12,7 @@ from typing import Any, NoReturn
 
 import trio
 
+from client.completion import add_completion_command, completion_script
 from client.library import (
     Client,
     ClientError,
@@ -22,9 +23,16 @@ from client.library import (
 )
 from client.quorum import Receipt
 from ledger.blocks import Block, ChainError, prove_transaction
-from ledger.config import ConfigError
+from ledger.config import ConfigError, load_client_config
 from ledger.crypto import KeyFileError, SigningKey, parse_public_key, read_key_file, write_key_file
 from ledger.messages import TRANSACTION_PREFIX_LENGTH_MIN, TRANSACTION_PREFIX_MATCHES_MAX
+from ledger.receipts import (
+    ReceiptError,
+    read_receipt_file,
+    receipt_size_max,
+    verify_receipt,
+    write_receipt_file,
+)
 from ledger.transactions import AMOUNT_MAX, KEY_LENGTH_MAX, VALUE_LENGTH_MAX, Put, Transfer
 from ledger.version import package_version
 
@@ -32,7 +40,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1  # the transaction executed but failed, or was refused
 EXIT_USAGE = 2  # bad arguments, config or key
 EXIT_UNAVAILABLE = 3  # not enough replicas answered
-EXIT_INVALID_CHAIN = 4  # verification found a bad block
+EXIT_INVALID_CHAIN = 4  # verification found a bad block, or a receipt does not verify
 EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT
 
 # --timeout: below this a replica cannot even answer on localhost; above it is a typo.
@@ -50,11 +58,13 @@ examples:
   ledger-client -c net/client.toml block 1
   ledger-client -c net/client.toml verify --replica 2
   ledger-client -c net/client.toml evidence --replica 0
+  ledger-client -c net/client.toml tx 3f1c9a07 --save put.receipt
+  ledger-client -c net/client.toml check-receipt put.receipt          (offline)
   ledger-client keygen --out alice.key
   ledger-client -c net/client.toml --key alice.key balance
 
 exit codes: 0 ok, 1 transaction failed or refused, 2 bad arguments or config,
-            3 network unavailable, 4 chain verification failed
+            3 network unavailable, 4 chain or receipt verification failed
 """
 
 
@@ -162,34 +172,116 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"ledger-client {package_version()}")
     add_global_options(parser, suppress=False)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help="one of the commands below; `ledger-client COMMAND --help` explains its arguments")
 
     transfer = commands.add_parser("transfer", help="move funds to another account")
     transfer.add_argument("to", help="recipient: 64 hex digits or a key file")
-    transfer.add_argument("amount", type=_amount, help="a positive whole number")
+    transfer.add_argument("amount", type=_amount, help=f"a whole number from 1 to {AMOUNT_MAX}")
     put = commands.add_parser("put", help="set a key to a value")
-    put.add_argument("key", help=f"up to {KEY_LENGTH_MAX} characters")
-    put.add_argument("value", help=f"up to {VALUE_LENGTH_MAX} characters")
+    put.add_argument("key", help=f"the key, 1 to {KEY_LENGTH_MAX} characters")
+    put.add_argument("value", help=f"its new value, up to {VALUE_LENGTH_MAX} characters")
     get = commands.add_parser("get", help="read a key (a quorum of replicas must agree)")
-    get.add_argument("key")
+    get.add_argument("key", help="the key to read")
     balance = commands.add_parser("balance", help="an account's balance and next nonce (default: yours)")
     balance.add_argument("account", nargs="?", help="64 hex digits or a key file")
     block = commands.add_parser("block", help="show a block and check its commit certificate")
-    block.add_argument("height", type=_height, nargs="?", help="default: the latest block")
+    block.add_argument("height", type=_height, nargs="?", help="a block height, from 1 (default: the latest block)")
     transaction = commands.add_parser("tx", help="find a transaction by id and check its proof")
     transaction.add_argument("transaction_id", help=f"64 hex digits, or a unique prefix of {TRANSACTION_PREFIX_LENGTH_MIN} or more")
     commands.add_parser("status", help="each replica's view, primary, height and last block")
     evidence = commands.add_parser("evidence", help="replicas caught signing two conflicting messages, signatures checked here")
-    evidence.add_argument("--replica", type=int, default=None, help="only evidence against this replica")
+    evidence.add_argument("--replica", type=int, default=None, help="only evidence against this replica id (default: against any replica)")
     verify = commands.add_parser("verify", help="download one replica's chain and check all of it")
     verify.add_argument("--replica", type=int, default=0, help="which replica to download from (default: 0)")
     keygen = commands.add_parser("keygen", help="create a new account key file")
-    keygen.add_argument("--out", type=Path, required=True, help="where to write the key (mode 0600)")
+    keygen.add_argument("--out", type=Path, required=True, help="where to write the key file (required; mode 0600; an existing file is refused unless --force)")
     keygen.add_argument("--force", action="store_true", help="overwrite an existing file")
     commands.add_parser("whoami", help="the account (public key) this client acts as")
+    add_receipt_commands(commands, transaction)
+    add_completion_command(commands, "ledger-client")
     for command in commands.choices.values():
         add_global_options(command, suppress=True)
     return parser
+
+
+def add_receipt_commands(commands: Any, transaction: argparse.ArgumentParser) -> None:
+    """`tx --save FILE [--force]` and `check-receipt FILE` (offline receipts)."""
+    transaction.add_argument(
+        "--save",
+        type=Path,
+        metavar="FILE",
+        help="also write a receipt FILE that check-receipt verifies offline with only the network's public keys "
+        f"(at most {receipt_size_max():,} bytes; refuses an existing FILE unless --force)",
+    )
+    transaction.add_argument("--force", action="store_true", help="with --save: replace an existing FILE")
+    check = commands.add_parser(
+        "check-receipt",
+        help="verify a receipt file offline, with only the config's public keys (exit 4 if it fails)",
+        description="Check a receipt written by `tx ID --save FILE` without contacting the network: transaction hash, "
+        "Merkle paths, block header, commit certificate (2f+1 distinct replicas) and f+1 signatures over the block "
+        "hash, for the config's network.",
+    )
+    check.add_argument("file", type=Path, help=f"a receipt file (at most {receipt_size_max():,} bytes)")
+
+
+def command_check_receipt(arguments: argparse.Namespace, output: Output) -> int:
+    """Verify a receipt file with the client config's network alone; no connection is opened."""
+    network = load_client_config(arguments.config).network
+    try:
+        receipt = read_receipt_file(arguments.file)
+    except OSError as error:
+        raise UsageError(f"cannot read {arguments.file}: {error.strerror or error}") from None
+    try:
+        checked = verify_receipt(receipt, network)
+    except ReceiptError as error:
+        raise ReceiptError(f"{arguments.file}: {error}") from None
+    transaction, result, header = receipt.transaction, receipt.result, receipt.header
+    output.emit(
+        {
+            "valid": True,
+            "network": network.network_id,
+            "transaction_id": transaction.transaction_id.hex(),
+            "sender": transaction.sender.hex(),
+            "nonce": transaction.nonce,
+            "operation": describe_operation(transaction.operation),
+            "ok": result.ok,
+            "reason": result.reason,
+            "height": header.height,
+            "block_hash": header.block_hash.hex(),
+            "index": receipt.index,
+            "certificate_signers": list(checked.certificate_signers),
+            "block_hash_signers": list(checked.block_hash_signers),
+        },
+        f"receipt verified offline: transaction {transaction.transaction_id.hex()}\n"
+        f"  {describe_operation(transaction.operation)}\n"
+        f"  from {transaction.sender.hex()} nonce {transaction.nonce}\n  result: {result.describe()}\n"
+        f"  in block {header.height} (hash {_short(header.block_hash)}) at index {receipt.index} of {receipt.leaf_count}, "
+        f"network {network.network_id!r}\n"
+        f"  Merkle paths to the transactions and results roots checked; commit certificate signed by replicas "
+        f"{', '.join(map(str, checked.certificate_signers))} (2f+1 = {network.quorum} needed); block hash signed by "
+        f"replicas {', '.join(map(str, checked.block_hash_signers))} (f+1 = {network.reply_quorum} needed)",
+    )
+    return EXIT_OK
+
+
+def check_receipt_target(arguments: argparse.Namespace) -> None:
+    """Refuse `tx --save FILE` before asking the network when FILE exists and --force is not given."""
+    if arguments.command != "tx":
+        return
+    if arguments.force and arguments.save is None:
+        raise UsageError("--force replaces a receipt file: it needs --save FILE")
+    if arguments.save is not None and arguments.save.exists() and not arguments.force:
+        raise UsageError(f"{arguments.save}: already exists (use --force to overwrite)")
+
+
+async def save_receipt(arguments: argparse.Namespace, client: Client, block: Block, index: int) -> None:
+    receipt = await client.transaction_receipt(block, index, arguments.timeout)
+    try:
+        write_receipt_file(arguments.save, receipt, arguments.force)
+    except FileExistsError:
+        raise UsageError(f"{arguments.save}: already exists (use --force to overwrite)") from None
+    except OSError as error:
+        raise UsageError(f"cannot write {arguments.save}: {error.strerror or error}") from None
 
 
 def _short(data: bytes) -> str:
@@ -378,6 +470,8 @@ async def dispatch(arguments: argparse.Namespace, client: Client, output: Output
         proof = prove_transaction(block, index)
         proof.verify(client.network.network_id, client.network.replica_keys, client.network.quorum)
         transaction, result = block.transactions[index], block.results[index]
+        if arguments.save is not None:
+            await save_receipt(arguments, client, block, index)
         data = {
             "transaction_id": transaction_id.hex(),
             "found": True,
@@ -390,12 +484,16 @@ async def dispatch(arguments: argparse.Namespace, client: Client, output: Output
             "ok": result.ok,
             "reason": result.reason,
         }
+        saved = ""
+        if arguments.save is not None:
+            data["receipt_file"] = str(arguments.save)
+            saved = f"\n  receipt written to {arguments.save} (check it offline: ledger-client check-receipt {arguments.save})"
         output.emit(
             data,
             f"transaction {transaction_id.hex()}\n  {describe_operation(transaction.operation)}\n"
             f"  from {transaction.sender.hex()} nonce {transaction.nonce}\n  result: {result.describe()}\n"
             f"  in block {height} (hash {_short(block.block_hash)}) at index {index}; Merkle proof, commit certificate\n"
-            f"  and block hash (vouched for by f+1 replicas, it covers the result) verified",
+            f"  and block hash (vouched for by f+1 replicas, it covers the result) verified" + saved,
         )
         return EXIT_OK
     if command == "status":
@@ -523,6 +621,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if arguments.command == "keygen":
             return command_keygen(arguments, output)
+        if arguments.command == "completion":
+            print(completion_script(arguments.shell, parser, "ledger-client"), end="")
+            return EXIT_OK
+        if arguments.command == "check-receipt":
+            return command_check_receipt(arguments, output)
+        check_receipt_target(arguments)
         return _run_unwrapped(arguments, output)
     except (UsageError, ConfigError, KeyFileError, InvalidRequest) as error:
         print(f"ledger-client: {error}", file=sys.stderr)
@@ -538,6 +642,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_UNAVAILABLE
     except ChainError as error:
         print(f"ledger-client: verification FAILED: {error}", file=sys.stderr)
+        return EXIT_INVALID_CHAIN
+    except ReceiptError as error:
+        print(f"ledger-client: receipt verification FAILED: {error}", file=sys.stderr)
         return EXIT_INVALID_CHAIN
     except ClientError as error:
         print(f"ledger-client: {error}", file=sys.stderr)

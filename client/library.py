@@ -52,6 +52,7 @@ from ledger.messages import (
     decode_message,
     encode_message,
 )
+from ledger.receipts import ReceiptError, TransactionReceipt, build_receipt, verify_receipt
 from ledger.transactions import (
     Operation,
     Put,
@@ -139,6 +140,15 @@ class EvidenceReport:
     @property
     def proven(self) -> bool:
         return all(self.signatures_valid) and self.evidence.first_digest != self.evidence.second_digest
+
+@dataclass(frozen=True, slots=True)
+class SignedAnswer:
+    """An answer to `query` and the replies, each signed over the query's digest, that gave it."""
+
+    query: Query
+    answer: QueryReply
+    replies: tuple[QueryReply, ...]
+
 
 @dataclass(frozen=True, slots=True)
 class ChainReport:
@@ -391,6 +401,18 @@ class Client:
         """Ask every replica; return the answer `needed` of them (default: a quorum) signed
         identically from state at or above this client's read floor, counting only answers
         `counts` accepts. Replicas below the floor say so and are asked again shortly."""
+        return (await self.query_signed(kind, argument, deadline_s, needed, counts)).answer
+
+    async def query_signed(
+        self,
+        kind: str,
+        argument: Any,
+        deadline_s: float = 15.0,
+        needed: int | None = None,
+        counts: Callable[[QueryReply], bool] | None = None,
+    ) -> SignedAnswer:
+        """As `query`, with the query asked and the signed replies that agree on the answer, so
+        the answer can be shown to someone else (e.g. in a receipt)."""
         needed = needed if needed is not None else self.network.quorum
         pause_s = QUERY_RETRY_S[0]
         behind: dict[int, int] = {}
@@ -421,7 +443,7 @@ class Client:
                             self.raise_read_floor(quorum.vouched_height)
                             if answer.error:
                                 raise ClientError(answer.error)
-                            return answer
+                            return SignedAnswer(query, answer, quorum.answer_group)
                     behind = quorum.behind
                 finally:
                     del self._queries[query.query_id]
@@ -648,6 +670,26 @@ class Client:
                     continue
                 return blocks[0]
         raise ClientError(f"no replica served a verifiable block {height}" + (f" ({'; '.join(problems)})" if problems else ""))
+
+    async def transaction_receipt(self, block: Block, index: int, deadline_s: float = QUERY_DEADLINE_S) -> TransactionReceipt:
+        """A receipt for transaction `index` of `block` that anyone can check offline with the
+        network's public keys: the block's certificate, and f + 1 replicas' signed answers naming
+        its hash (which covers the result). Checked here before it is returned."""
+        signed = await self.query_signed(
+            "block-hash",
+            block.height,
+            deadline_s,
+            needed=self.network.reply_quorum,
+            counts=lambda reply: isinstance(reply.result, bytes),
+        )
+        if signed.answer.result != block.block_hash:
+            raise ClientError(f"block {block.height}: f+1 replicas vouch for another hash than the block's")
+        receipt = build_receipt(self.network, block, index, signed.query, signed.replies)
+        try:
+            verify_receipt(receipt, self.network, self.signatures.verify)
+        except ReceiptError as error:
+            raise ChainError(f"the receipt built for block {block.height} does not verify: {error}") from None
+        return receipt
 
     async def verify_chain(self, replica_id: int, progress: Callable[[int], None] | None = None) -> ChainReport:
         """Download one replica's whole chain and check it, trusting that replica for nothing.

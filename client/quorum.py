@@ -125,6 +125,7 @@ class QueryQuorum:
         self.groups: dict[bytes, list[QueryReply]] = {}
         self.ignored = 0
         self.answer: QueryReply | None = None  # once decided, later replies change nothing
+        self.answer_group: tuple[QueryReply, ...] = ()  # once decided: the `needed`+ signed replies that agree
         self.vouched_height = 0  # once answered: a height the answer is vouched for at (see below)
 
     def add(self, reply: QueryReply) -> QueryReply | None:
@@ -167,6 +168,7 @@ class QueryQuorum:
         ordered = sorted(group, key=lambda item: item.height)
         chosen = ordered[len(ordered) - faults - 1]
         self.answer, self.vouched_height = chosen, chosen.height
+        self.answer_group = tuple(group)
         return chosen
 
     @property

@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
+from client.completion import add_completion_command, completion_script
 from ledger.config import ConfigError, find_template, load_template, template_for, write_network
 from ledger.crypto import KeyFileError
 from ledger.version import package_version
@@ -130,15 +131,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"ledger-node {package_version()}")
     add_global_options(parser, suppress=False)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help="one of the commands below; `ledger-node COMMAND --help` explains its arguments")
 
     init = commands.add_parser("init", help="write keys and configs for a new network", description="Write DIR/replica-<i>.toml and .key for every replica, plus DIR/client.toml and client.key.")
     init.add_argument("template", nargs="?", type=Path, help="network template, e.g. configs/local-4.toml")
-    init.add_argument("--replicas", type=int, help="generate a template for this many replicas (at least 4) instead")
-    init.add_argument("--out", type=Path, required=True, help="directory to create")
+    init.add_argument("--replicas", type=int, help="generate a template for this many replicas (at least 4) instead of reading TEMPLATE")
+    init.add_argument("--out", type=Path, required=True, help="directory to create (required; an existing one is refused unless --force)")
     init.add_argument("--force", action="store_true", help="replace DIR if it exists")
-    init.add_argument("--host", help="override the template's host for every replica")
-    init.add_argument("--base-port", type=_port, help="override the template's first port (replica i uses base+2i and base+2i+1)")
+    init.add_argument("--host", help="host of every replica (default: the template's; 127.0.0.1 with --replicas)")
+    init.add_argument("--base-port", type=_port, help="first port: replica i uses base+2i and base+2i+1 (default: the template's; 7100 with --replicas)")
 
     run = commands.add_parser("run", help="run one replica", description="Run one replica until Ctrl-C or SIGTERM.")
     run.add_argument("config", type=Path, help="the replica's config, e.g. net/replica-0.toml")
@@ -168,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     simulate = commands.add_parser("simulate", help="run the deterministic simulator", description="Run seeded simulations with message loss, delay, duplication and reordering; every failure prints its seed.")
     simulate.add_argument("--seeds", type=_at_least(1), default=100, help="number of seeds to run, starting at --first (default: 100)")
     simulate.add_argument("--first", type=int, default=0, help="first seed (default: 0)")
-    simulate.add_argument("--seed", type=int, help="replay exactly this seed")
+    simulate.add_argument("--seed", type=int, help="replay exactly this one seed (default: --seeds seeds from --first)")
     simulate.add_argument("--replicas", type=_number_list(4, "4,7"), default=[4, 7], help="replica counts, e.g. 4,7 (default)")
     simulate.add_argument("--adversarial", action="store_true", help="up to f traitor replicas (node/traitors.py), torn crashes, round partitions, racing nonces")
     simulate.add_argument("--exclude", type=lambda text: tuple(item for item in text.split(",") if item), default=(), help="comma-separated traitor behaviours to leave out (and racing_nonces), e.g. to sweep past a known hole")
@@ -178,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="init, start a 4-replica network, submit transactions, verify, stop", description="The main job in one command.")
     demo.add_argument("--dir", type=Path, default=Path("demo-net"), help="working directory (default: demo-net, replaced)")
     demo.add_argument("--base-port", type=_port, default=7100, help="first port (default: 7100; the demo uses 8)")
+    add_completion_command(commands, "ledger-node")
     for command in commands.choices.values():
         add_global_options(command, suppress=True)
     return parser
@@ -186,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     arguments = parser.parse_args(argv)
+    if arguments.command == "completion":
+        print(completion_script(arguments.shell, parser, "ledger-node"), end="")
+        return 0
     configure_logging(arguments.log_level, arguments.log_format)
     try:
         if arguments.command == "init":

@@ -15,6 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from client.completion import add_completion_command, completion_script
 from node.cli import OneLineParser, _at_least
 from node.scenario_real import RealRunError, real_mode_refusal, run_real_processes
 from node.scenario_sim import run_in_simulator
@@ -227,7 +228,7 @@ def _run_all(arguments: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog=PROGRAM, description="Byzantine attack scenarios with verdicts.", epilog=EXAMPLES,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser, metavar="COMMAND", help="one of the commands below; `ledger-scenario COMMAND --help` explains its arguments")
     commands.add_parser("list", help="every scenario: name, what it shows, expected verdict")
     show = commands.add_parser("show", help="a scenario file, explained")
     show.add_argument("name", help="a scenario name (see list) or a path to a .toml file")
@@ -238,12 +239,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=_at_least(0), help="replay with this seed (default: the file's)")
     run.add_argument("--json", action="store_true", help="the verdict as JSON on stdout")
     run.add_argument("--sim", action="store_true", help="run in the deterministic simulator (the seed replays it exactly); default: real replica processes")
+    add_completion_command(commands, PROGRAM)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    arguments = build_parser().parse_args(argv)
+    parser = build_parser()
+    arguments = parser.parse_args(argv)
     try:
+        if arguments.command == "completion":
+            names = scenario_names()
+            print(completion_script(arguments.shell, parser, PROGRAM, {"run": names, "show": names}), end="")
+            return 0
         if arguments.command == "list":
             return command_list()
         if arguments.command == "show":

@@ -1,0 +1,250 @@
+"""Offline transaction receipts (ledger/receipts.py): what they prove, and that nothing else passes."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from chain_helpers import LedgerNetwork, build_chain, make_network, sign_certificate
+from test_sizes import HASH, LAST_REPLICA, SIGNATURE, largest_result, largest_transaction
+
+from ledger.blocks import REPLICAS_MAX, Block, BlockHeader, CommitCertificate, results_root
+from ledger.crypto import signing_domain
+from ledger.encoding import INTEGER_MAX, encode
+from ledger.messages import QUERY_NONCE_SIZE, Query, QueryReply
+from ledger.receipts import (
+    MERKLE_PATH_LENGTH_MAX,
+    BlockHashSignature,
+    ReceiptError,
+    TransactionReceipt,
+    build_receipt,
+    read_receipt_file,
+    receipt_size_max,
+    verify_receipt,
+    write_receipt_file,
+)
+from ledger.transactions import Put, Transaction, TransactionResult
+
+NONCE = b"\x07" * QUERY_NONCE_SIZE
+
+
+def block_hash_replies(network: LedgerNetwork, block: Block, signers: list[int], query: Query) -> list[QueryReply]:
+    domain = signing_domain(network.network_id, "query-reply")
+    replies = []
+    for replica_id in signers:
+        unsigned = QueryReply(query.query_id, query.digest, replica_id, block.height + 1, block.block_hash, "")
+        signature = network.replica_signing_keys[replica_id].sign(domain, unsigned.signed_bytes())
+        replies.append(replace(unsigned, signature=signature))
+    return replies
+
+
+def make_receipt(network: LedgerNetwork, signers: list[int] | None = None, index: int = 1) -> tuple[TransactionReceipt, Block]:
+    block = build_chain(network, 2, transactions_per_block=5)[1]
+    query = Query(9, "block-hash", block.height, 1, NONCE)
+    chosen = list(range(network.faults_tolerated + 1)) if signers is None else signers
+    return build_receipt(network.config, block, index, query, block_hash_replies(network, block, chosen, query)), block
+
+
+def failure(receipt: TransactionReceipt, network: LedgerNetwork) -> str:
+    with pytest.raises(ReceiptError) as caught:
+        verify_receipt(receipt, network.config)
+    message = str(caught.value)
+    assert "\n" not in message
+    return message
+
+
+@pytest.mark.parametrize("replica_count", [4, 7])
+@pytest.mark.parametrize("index", [0, 3, 4])
+def test_a_receipt_verifies_offline_after_a_round_trip_through_its_file_bytes(replica_count: int, index: int) -> None:
+    network = make_network(replica_count=replica_count)
+    receipt, block = make_receipt(network, index=index)
+    decoded = TransactionReceipt.decode(receipt.encode())
+    assert decoded == receipt
+    checked = verify_receipt(decoded, network.config)
+    assert checked.receipt.transaction == block.transactions[index]
+    assert checked.certificate_signers == tuple(range(network.quorum))
+    assert checked.block_hash_signers == tuple(range(network.faults_tolerated + 1))
+
+
+def test_every_single_byte_change_of_a_receipt_file_is_refused() -> None:
+    """Whatever byte an attacker changes (transaction, paths, header, certificate, signatures,
+    the query, the names), the file either does not decode or does not verify: ReceiptError, never
+    another exception, never a pass."""
+    network = make_network()
+    data = make_receipt(network)[0].encode()
+    for position in range(len(data)):
+        for flip in (0x01, 0x80):
+            changed = bytearray(data)
+            changed[position] ^= flip
+            with pytest.raises(ReceiptError):
+                verify_receipt(TransactionReceipt.decode(bytes(changed)), network.config)
+
+
+def test_a_different_result_is_refused_although_the_commit_certificate_still_verifies() -> None:
+    """The commit certificate signs only the batch (not the results root): a receipt forged with
+    another result and a header rebuilt around it keeps a valid certificate. The f+1 signed block
+    hashes are what refuse it."""
+    network = make_network()
+    receipt, block = make_receipt(network)
+    lie = TransactionResult(False, "insufficient funds")
+    results = list(block.results)
+    results[receipt.index] = lie
+    header = replace(receipt.header, results_root=results_root(results))
+    forged = build_receipt(network.config, Block(header, block.transactions, tuple(results), block.certificate), receipt.index, receipt.query(), [])
+    forged = replace(forged, block_hash_signatures=receipt.block_hash_signatures)
+    assert header.batch_digest() == block.header.batch_digest()  # the certificate still fits
+    assert "valid replica signatures, f+1 = 2 needed" in failure(forged, network)
+
+
+def test_f_block_hash_signatures_or_one_replica_twice_are_not_enough() -> None:
+    network = make_network(replica_count=7)
+    receipt, _ = make_receipt(network, signers=[0, 1])
+    assert "2 valid replica signatures, f+1 = 3 needed" in failure(receipt, network)
+    doubled = replace(receipt, block_hash_signatures=receipt.block_hash_signatures + (receipt.block_hash_signatures[0],) * 3)
+    assert "2 valid replica signatures" in failure(doubled, network)
+    unknown = replace(receipt, block_hash_signatures=receipt.block_hash_signatures + (BlockHashSignature(40, 3, SIGNATURE),))
+    assert "2 valid replica signatures" in failure(unknown, network)
+
+
+def test_a_certificate_short_of_a_quorum_or_with_a_replica_twice_is_refused() -> None:
+    network = make_network()
+    receipt, _ = make_receipt(network)
+    short = replace(receipt, certificate=sign_certificate(network, receipt.header, signers=[0, 1]))
+    assert "commit certificate" in failure(short, network) and "2 valid commit signatures, 3 needed" in failure(short, network)
+    doubled = replace(receipt, certificate=sign_certificate(network, receipt.header, signers=[0, 1, 1, 1]))
+    assert "2 valid commit signatures, 3 needed" in failure(doubled, network)
+
+
+def test_a_receipt_of_another_network_is_refused_by_id_and_by_genesis() -> None:
+    network = make_network("net-a")
+    receipt, _ = make_receipt(network)
+    assert "for network 'net-a', this config is for network 'net-b'" in failure(receipt, make_network("net-b"))
+    # Same id, other replica keys: the genesis hash tells them apart.
+    impostor = LedgerNetwork("net-a", make_network("elsewhere").replica_signing_keys, network.client_key)
+    assert "genesis hash differs" in failure(receipt, impostor)
+
+
+def test_a_transaction_whose_sender_did_not_sign_it_is_refused() -> None:
+    network = make_network()
+    receipt, _ = make_receipt(network)
+    other = receipt.transaction
+    unsigned = Transaction(other.sender, other.nonce, Put("k", "v"), other.signature)
+    assert "sender's signature does not verify" in failure(replace(receipt, transaction=unsigned), network)
+
+
+def test_a_claimed_position_other_than_the_real_one_is_refused() -> None:
+    network = make_network()
+    receipt, _ = make_receipt(network, index=4)
+    assert "Merkle path does not lead" in failure(replace(receipt, index=3), network)
+    assert "Merkle path does not lead" in failure(replace(receipt, leaf_count=4, index=3), network)
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (b"", "not a valid receipt"),
+        (b"\xff\x00garbage", "not a valid receipt"),
+        (encode([1, 2, 3]), "expected a CBOR map"),
+        (encode({"format": "something-else"}), "not a transaction receipt"),
+        (encode({"format": "pbft-ledger/transaction-receipt", "version": 2}), "version 2 is not supported"),
+        (bytes(receipt_size_max() + 1), "larger than any valid receipt"),
+    ],
+)
+def test_malformed_files_give_one_line(data: bytes, expected: str) -> None:
+    with pytest.raises(ReceiptError) as caught:
+        TransactionReceipt.decode(data)
+    assert expected in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_truncated_receipts_and_added_fields_are_refused() -> None:
+    network = make_network()
+    receipt, _ = make_receipt(network)
+    data = receipt.encode()
+    for length in range(len(data)):
+        with pytest.raises(ReceiptError):
+            TransactionReceipt.decode(data[:length])
+    with pytest.raises(ReceiptError, match="unknown"):
+        TransactionReceipt.decode(encode({**receipt.to_plain(), "comment": "trust me"}))
+
+
+def test_a_non_canonical_encoding_of_a_valid_receipt_is_refused() -> None:
+    network = make_network()
+    data = make_receipt(network)[0].encode()
+    # The version, 1, re-encoded in two bytes: the same value, other bytes.
+    position = data.index(encode("version")) + len(encode("version"))
+    assert data[position] == 0x01
+    longer = data[:position] + b"\x18\x01" + data[position + 1 :]
+    with pytest.raises(ReceiptError, match="canonical"):
+        TransactionReceipt.decode(longer)
+
+
+def test_the_largest_receipt_fits_the_bound() -> None:
+    header = BlockHeader(INTEGER_MAX, INTEGER_MAX, LAST_REPLICA, HASH, HASH, HASH, HASH, INTEGER_MAX)
+    receipt = TransactionReceipt(
+        network_id="n" * 64,
+        genesis_hash=HASH,
+        transaction=largest_transaction(),
+        result=largest_result(),
+        index=9_999,
+        leaf_count=10_000,
+        transaction_path=(HASH,) * MERKLE_PATH_LENGTH_MAX,
+        result_path=(HASH,) * MERKLE_PATH_LENGTH_MAX,
+        header=header,
+        certificate=CommitCertificate(INTEGER_MAX, tuple((LAST_REPLICA, SIGNATURE) for _ in range(REPLICAS_MAX))),
+        query_id=INTEGER_MAX,
+        query_min_height=INTEGER_MAX,
+        query_nonce=NONCE,
+        block_hash_signatures=tuple(BlockHashSignature(LAST_REPLICA, INTEGER_MAX, SIGNATURE) for _ in range(REPLICAS_MAX)),
+    )
+    data = receipt.encode()
+    assert len(data) <= receipt_size_max()
+    assert TransactionReceipt.decode(data) == receipt
+
+
+
+def test_writing_never_replaces_a_file_without_force_and_a_failed_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    network = make_network()
+    receipt, _ = make_receipt(network)
+    path = tmp_path / "r.receipt"
+    path.write_bytes(b"someone else's")
+    with pytest.raises(FileExistsError):
+        write_receipt_file(path, receipt)
+    assert path.read_bytes() == b"someone else's"
+    write_receipt_file(path, receipt, force=True)
+    assert read_receipt_file(path) == receipt
+
+    fresh = tmp_path / "fresh.receipt"
+
+    def crash(descriptor: int) -> None:
+        raise OSError(5, "disk on fire")
+
+    monkeypatch.setattr(os, "fsync", crash)
+    with pytest.raises(OSError, match="disk on fire"):
+        write_receipt_file(fresh, receipt)
+    assert sorted(item.name for item in tmp_path.iterdir()) == ["r.receipt"]
+
+
+def test_reading_refuses_a_fifo_and_an_oversized_file_without_reading_it_all(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(ReceiptError, match="not a regular file"):
+        read_receipt_file(fifo)
+    large = tmp_path / "large"
+    large.write_bytes(bytes(10 * receipt_size_max()))
+    with pytest.raises(ReceiptError, match="larger than any valid receipt"):
+        read_receipt_file(large)
+
+
+@pytest.mark.parametrize(
+    ("plain", "expected"),
+    [
+        ({"format": "pbft-ledger/transaction-receipt", "version": "1\nFAKE: verified"}, "version '1\\nFAKE"),
+        ({"format": "pbft-ledger/transaction-receipt", "version": 1, **{f"x\n{number}": 0 for number in range(50)}}, "and 46 more"),
+    ],
+)
+def test_what_a_hostile_file_holds_cannot_break_the_one_line_message(plain: dict[str, object], expected: str) -> None:
+    with pytest.raises(ReceiptError) as caught:
+        TransactionReceipt.decode(encode(plain))
+    assert expected in str(caught.value) and "\n" not in str(caught.value) and len(str(caught.value)) < 1000
