@@ -1,4 +1,4 @@
-"""A tiny, bounded HTTP/1.1 server on Trio streams for a replica's /metrics and /health: one request a connection."""
+"""A tiny, bounded HTTP/1.1 server on Trio streams for a replica's /metrics and /health (one request a connection), and a probe."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from ledger.config import Address
 from node.log_format import LogRateLimit
 
 # A scraper's GET is a few hundred bytes; anything near this limit is not a scraper.
@@ -187,3 +188,21 @@ class HttpServer:
             if self.error_log.allowed():
                 log.error("internal error answering %s %s (%d so far): %r", request.method, request.path, self.errors, error, exc_info=error)
             return text_response(500, "internal error")
+
+
+async def http_get(address: Address, path: str, response_size_max: int = 64 * 1024) -> tuple[int, bytes]:
+    """GET `path` over a new connection, as a probe does: the status and body. OSError,
+    trio.BrokenResourceError or ValueError when no valid answer of at most `response_size_max` came."""
+    stream = await trio.open_tcp_stream(address.host, address.port)
+    async with stream:
+        await stream.send_all(f"GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n".encode())
+        answer = bytearray()
+        while data := await stream.receive_some(RECEIVE_CHUNK_SIZE):
+            answer += data
+            if len(answer) > response_size_max:
+                raise ValueError(f"an answer over {response_size_max} bytes")
+    head, separator, body = bytes(answer).partition(b"\r\n\r\n")
+    parts = head.split(b" ", 2)
+    if not separator or len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
+        raise ValueError("not an HTTP answer")
+    return int(parts[1]), body

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 from typing import Any
@@ -14,7 +15,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from ledger.config import Address, load_replica_config
 from node.http import HTTP_CONNECTIONS_MAX, REQUEST_HEAD_SIZE_MAX
 
-from .local_network import NODE_COMMAND, STATUS_POLL_INTERVAL_S, LocalNetwork, run_client_cli
+from .local_network import (
+    NODE_COMMAND,
+    READY_LINE,
+    STATUS_POLL_INTERVAL_S,
+    LocalNetwork,
+    run_client_cli,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -101,9 +108,18 @@ async def test_metrics_count_a_committed_put_and_health_is_ok(network: LocalNetw
     assert after["ledger_blocks_committed_total"] >= 1
     assert after["ledger_height"] >= 1
     assert after["ledger_batch_size_transactions_count"] >= 1
-    # Every replica answers on its own port.
+    # Every replica answers on its own port, and `ledger-node up` reported each one healthy.
     for replica_id in range(replica_count):
         await wait_for_health(metrics_address(network, replica_id), 200)
+    assert network.run is not None
+    with trio.fail_after(DEADLINE_S):
+        while True:
+            healthy = {line.split()[1] for line in network.run.lines if re.match(r"replica \d+ healthy: ", line)}
+            if healthy == {str(replica_id) for replica_id in range(replica_count)}:
+                break
+            await trio.sleep(STATUS_POLL_INTERVAL_S)
+    ready = [line for line in network.run.lines if READY_LINE.match(line)]
+    assert all(" metrics 127.0.0.1:" in line for line in ready), ready
 
 
 @pytest.mark.parametrize("replica_count", [4], ids=["n4"])
