@@ -19,6 +19,7 @@ from ledger.blocks import Block
 from ledger.config import Address
 from ledger.messages import PrePrepare
 from node.http import HttpRequest, HttpResponse, HttpServer
+from node.log_format import LogRateLimit
 from node.transport import ListenError, listen
 
 if TYPE_CHECKING:
@@ -155,6 +156,8 @@ class ReplicaMetrics:
     pre_prepare_seen_s: dict[int, float] = field(default_factory=dict)
     last_view: int | None = None
     swept_at_height: int = -1
+    failures: int = 0
+    failure_log: LogRateLimit = field(default_factory=lambda: LogRateLimit(log, 1))
 
     def __post_init__(self) -> None:
         registry = self.registry
@@ -202,7 +205,16 @@ class ReplicaMetrics:
                 self.pre_prepare_seen(message.sequence, core.height)
 
     def round_done(self, sends: Iterable[Send], blocks: list[Block], view: int, height: int) -> None:
-        """After a round's effects were carried out: its own PRE-PREPAREs, its commits, the view."""
+        """After a round's effects were carried out: its own PRE-PREPAREs, its commits, the view.
+        Called from the event loop: a failure here is logged and counted, never let through to stop it."""
+        try:
+            self._round_done(sends, blocks, view, height)
+        except Exception as error:  # noqa: BLE001 - metrics must never stop consensus
+            self.failures += 1
+            if self.failure_log.allowed():
+                log.error("internal error updating metrics (%d so far): %r", self.failures, error, exc_info=error)
+
+    def _round_done(self, sends: Iterable[Send], blocks: list[Block], view: int, height: int) -> None:
         for send in sends:
             if type(send.message) is PrePrepare:
                 self.pre_prepare_seen(send.message.sequence, height)

@@ -248,3 +248,14 @@ def test_health_answers_json_with_200_or_503() -> None:
     response = metrics.health_response(HttpRequest("GET", "/health", {}))
     assert response.status == 503 and response.content_type == "application/json"
     assert json.loads(response.body)["reason"].startswith("connected to 0 of 3 peers")
+
+
+def test_a_failure_updating_metrics_is_contained(caplog: pytest.LogCaptureFixture) -> None:
+    def broken_clock() -> float:
+        raise RuntimeError("no clock")
+
+    metrics = ReplicaMetrics(lambda: SNAPSHOT, clock=broken_clock)
+    for _ in range(3):
+        metrics.round_done([], [fake_block(8, 1)], view=0, height=8)  # must not raise into the event loop
+    assert metrics.failures == 3
+    assert 1 <= len([record for record in caplog.records if "updating metrics" in record.getMessage()]) <= 2
