@@ -32,6 +32,10 @@ BATCH_SIZE_BUCKETS = (0, 1, 2, 5, 10, 20, 50, 100, 200, 400, 1000, 2000, 5000, 1
 # Sequences whose first PRE-PREPARE time is kept until they commit: the log window is at most a
 # few hundred sequences, so this many leaves room while a traitor cannot make the table grow.
 PRE_PREPARES_TRACKED_MAX = 4096
+# A scrape renders in about 1.6 ms of the event loop: a rendering is reused for this long, so a
+# client scraping in a loop costs the replica a few renderings a second, not one per request.
+SCRAPE_CACHE_S = 0.25
+SCRAPE_CACHE_FORMATS_MAX = 4  # Accept may name versions at will: only the latest few are kept
 
 log = logging.getLogger("node.metrics")
 
@@ -158,6 +162,7 @@ class ReplicaMetrics:
     swept_at_height: int = -1
     failures: int = 0
     failure_log: LogRateLimit = field(default_factory=lambda: LogRateLimit(log, 1))
+    rendered: dict[str, tuple[float, bytes]] = field(default_factory=dict)  # content type -> (when, body)
 
     def __post_init__(self) -> None:
         registry = self.registry
@@ -241,7 +246,16 @@ class ReplicaMetrics:
         except (TypeError, ValueError):
             # prometheus_client raises on some malformed versions in Accept: answer the classic format.
             encoder, content_type = generate_latest, CONTENT_TYPE_PLAIN_0_0_4
-        return HttpResponse(200, encoder(self.registry), content_type)
+        moment = self.clock()
+        cached = self.rendered.get(content_type)
+        if cached is not None and 0 <= moment - cached[0] < SCRAPE_CACHE_S:
+            return HttpResponse(200, cached[1], content_type)
+        body = encoder(self.registry)
+        self.rendered.pop(content_type, None)
+        if len(self.rendered) >= SCRAPE_CACHE_FORMATS_MAX:
+            del self.rendered[next(iter(self.rendered))]  # the oldest rendering
+        self.rendered[content_type] = (moment, body)
+        return HttpResponse(200, body, content_type)
 
     def health_response(self, request: HttpRequest) -> HttpResponse:
         health = health_of(self.snapshot())

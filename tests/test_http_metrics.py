@@ -22,7 +22,14 @@ from node.http import (
     HttpServer,
     text_response,
 )
-from node.metrics import PRE_PREPARES_TRACKED_MAX, ReplicaMetrics, ReplicaSnapshot, health_of
+from node.metrics import (
+    PRE_PREPARES_TRACKED_MAX,
+    SCRAPE_CACHE_FORMATS_MAX,
+    SCRAPE_CACHE_S,
+    ReplicaMetrics,
+    ReplicaSnapshot,
+    health_of,
+)
 
 SNAPSHOT = ReplicaSnapshot(
     replica_id=0,
@@ -179,7 +186,7 @@ def scrape(metrics: ReplicaMetrics, accept: str = "") -> dict[str, Any]:
 
 def test_the_state_and_the_rounds_fed_show_in_the_scrape() -> None:
     moments = iter([10.0, 10.5])
-    metrics = ReplicaMetrics(lambda: SNAPSHOT, clock=lambda: next(moments))
+    metrics = ReplicaMetrics(lambda: SNAPSHOT, clock=lambda: next(moments, 11.0))
     pre_prepare = PrePrepare(2, 8, SimpleNamespace(), 0)  # type: ignore[arg-type]
     metrics.round_done([Send(None, pre_prepare)], [], view=2, height=7)  # our own PRE-PREPARE at 10.0
     metrics.round_done([], [fake_block(8, 3)], view=2, height=8)  # committed at 10.5
@@ -259,3 +266,17 @@ def test_a_failure_updating_metrics_is_contained(caplog: pytest.LogCaptureFixtur
         metrics.round_done([], [fake_block(8, 1)], view=0, height=8)  # must not raise into the event loop
     assert metrics.failures == 3
     assert 1 <= len([record for record in caplog.records if "updating metrics" in record.getMessage()]) <= 2
+
+
+def test_a_rendering_is_reused_briefly_and_the_cache_is_bounded() -> None:
+    now = [100.0]
+    height = [1]
+    metrics = ReplicaMetrics(lambda: replace(SNAPSHOT, height=height[0]), clock=lambda: now[0])
+    assert scrape(metrics)["ledger_height{}"] == 1
+    height[0] = 2
+    assert scrape(metrics)["ledger_height{}"] == 1  # within SCRAPE_CACHE_S: the same rendering
+    now[0] += SCRAPE_CACHE_S
+    assert scrape(metrics)["ledger_height{}"] == 2
+    for minor in range(20):  # as many formats as a client cares to name
+        metrics.metrics_response(HttpRequest("GET", "/metrics", {"accept": f"application/openmetrics-text; version=1.{minor}.0"}))
+    assert len(metrics.rendered) <= SCRAPE_CACHE_FORMATS_MAX
