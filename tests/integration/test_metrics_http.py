@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import signal
+import socket
 import subprocess
 from typing import Any
 
@@ -21,6 +22,7 @@ from .local_network import (
     STATUS_POLL_INTERVAL_S,
     LocalNetwork,
     run_client_cli,
+    run_command,
 )
 
 pytestmark = pytest.mark.integration
@@ -175,3 +177,21 @@ async def test_health_is_503_with_a_reason_when_the_peers_are_down(initialised_n
             if process.returncode is None:
                 process.kill()
                 await process.wait()
+
+
+@pytest.mark.parametrize("replica_count", [4], ids=["n4"])
+async def test_a_taken_metrics_port_stops_the_replica_in_one_line_and_up_reports_nothing_healthy(
+    initialised_network: LocalNetwork, replica_count: int
+) -> None:
+    """Another process answering on the metrics port must never pass for the replica's health."""
+    network = initialised_network
+    address = metrics_address(network, 0)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as squatter:
+        squatter.bind((address.host, address.port))
+        squatter.listen()
+        run = await run_command([*NODE_COMMAND, "run", str(network.replica_config_path(0))])
+        up = await run_command([*NODE_COMMAND, "up", str(network.directory), "--only", "0"])
+    assert run.exit_code == 2, run.describe()
+    assert run.stderr.strip() == f"ledger-node: metrics: cannot listen on {address}: {address} is already in use by another process"
+    assert "replica 0 exited with code 2" in up.stdout, up.describe()
+    assert not any(READY_LINE.match(line) or " healthy" in line for line in up.stdout.splitlines()), up.describe()
