@@ -23,6 +23,8 @@ NETWORK_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 HOST_LABEL_PATTERN = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 # Transfers conserve the total, so bounding the genesis total bounds every balance forever.
 SUPPLY_MAX = 2**62
+# Metrics and /health listen on loopback unless a replica's [metrics] says otherwise.
+METRICS_HOST_DEFAULT = "127.0.0.1"
 
 
 class ConfigError(ValueError):
@@ -246,6 +248,8 @@ class ReplicaConfig:
     key_path: Path
     data_dir: Path
     path: Path
+    # Where the replica serves Prometheus metrics and /health over HTTP; None: not at all.
+    metrics_address: Address | None = None
 
 
 @dataclass(frozen=True)
@@ -423,8 +427,8 @@ def _genesis_balances(source: str, table: Any, known: tuple[str, ...] = ("accoun
     return balances
 
 
-def _network(source: str, document: dict[str, Any], own_table: str) -> NetworkConfig:
-    _Fields(source, document, "").refuse_unknown(("network", "protocol", "replicas", "genesis", own_table))
+def _network(source: str, document: dict[str, Any], own_table: str, own_extra: tuple[str, ...] = ()) -> NetworkConfig:
+    _Fields(source, document, "").refuse_unknown(("network", "protocol", "replicas", "genesis", own_table, *own_extra))
     network = _Fields(source, document.get("network"), "network")
     network.refuse_unknown(("id",))
     network_id = network.network_id("id")
@@ -453,9 +457,29 @@ def _network(source: str, document: dict[str, Any], own_table: str) -> NetworkCo
     )
 
 
+def _metrics_address(source: str, table: Any, network: NetworkConfig, replica_id: int) -> Address | None:
+    """The replica's [metrics] table: host (default 127.0.0.1) and port; None when there is none.
+    The port may not be one the network's replicas use for peers or clients: the replica would
+    fail to listen, or (on another replica's port) keep that replica from starting."""
+    if table is None:
+        return None
+    fields = _Fields(source, table, "metrics")
+    fields.refuse_unknown(("host", "port"))
+    host = check_host(fields.text("host", METRICS_HOST_DEFAULT), f"{source}: metrics.host")
+    port = fields.integer("port", 1, 65535)
+    own = network.replicas[replica_id]
+    for replica in network.replicas:
+        for kind, address in (("address", replica.address), ("client_address", replica.client_address)):
+            # Its own ports clash whatever the host (both listen on this machine); another
+            # replica's only on the same host, since replicas may run on other machines.
+            if address.port == port and (replica is own or address.host == host):
+                raise ConfigError(f"{source}: metrics.port: {port} is replica {replica.replica_id}'s {kind} ({address})")
+    return Address(host, port)
+
+
 def load_replica_config(path: Path) -> ReplicaConfig:
     document = _read_toml(path)
-    network = _network(str(path), document, "replica")
+    network = _network(str(path), document, "replica", ("metrics",))
     replica = _Fields(str(path), document.get("replica"), "replica")
     replica.refuse_unknown(("id", "key_file", "data_dir"))
     replica_id = replica.integer("id", 0, network.replica_count - 1)
@@ -466,6 +490,7 @@ def load_replica_config(path: Path) -> ReplicaConfig:
         base / replica.text("key_file"),
         base / replica.text("data_dir", f"data/replica-{replica_id}"),
         path,
+        _metrics_address(str(path), document.get("metrics"), network, replica_id),
     )
 
 
@@ -487,6 +512,13 @@ class Template:
     protocol: ProtocolSettings
     client_balance: int
     extra_balances: dict[bytes, int]
+    # Each replica's metrics and /health address, written as its [metrics]; None: none written.
+    metrics_addresses: tuple[Address, ...] | None = None
+
+
+# A generated network uses 3 ports a replica: peers on base + 2i, clients on base + 2i + 1, and
+# metrics on base + 2n + i (after every peer and client port, so no two can clash).
+PORTS_PER_REPLICA = 3
 
 
 def template_for(replica_count: int, network_id: str | None = None, host: str = "127.0.0.1", base_port: int = 7100) -> Template:
@@ -496,13 +528,17 @@ def template_for(replica_count: int, network_id: str | None = None, host: str = 
         raise ConfigError(f"--replicas: {replica_count} replicas cannot tolerate a fault; at least {REPLICAS_MIN} needed")
     if replica_count > REPLICAS_MAX:
         raise ConfigError(f"--replicas: at most {REPLICAS_MAX} replicas are supported")
-    if not 1 <= base_port <= 65535 - 2 * replica_count:
-        raise ConfigError(f"--base-port: {base_port} leaves no room for {replica_count} replicas (2 ports each, at most 65535)")
+    if not 1 <= base_port <= 65535 - PORTS_PER_REPLICA * replica_count:
+        raise ConfigError(
+            f"--base-port: {base_port} leaves no room for {replica_count} replicas ({PORTS_PER_REPLICA} ports each, at most 65535)"
+        )
     check_host(host, "--host")
     addresses = tuple(
         (Address(host, base_port + 2 * index), Address(host, base_port + 2 * index + 1)) for index in range(replica_count)
     )
-    return Template(network_id or f"local-{replica_count}", addresses, default_protocol(replica_count), 1_000_000, {})
+    # Metrics on loopback whatever the replicas' host: exposing them is the operator's choice.
+    metrics = tuple(Address(METRICS_HOST_DEFAULT, base_port + 2 * replica_count + index) for index in range(replica_count))
+    return Template(network_id or f"local-{replica_count}", addresses, default_protocol(replica_count), 1_000_000, {}, metrics)
 
 
 def load_template(path: Path, host: str | None = None, base_port: int | None = None) -> Template:
@@ -525,6 +561,7 @@ def load_template(path: Path, host: str | None = None, base_port: int | None = N
             if peer.port >= 65535:
                 raise ConfigError(f"{source}: network.addresses[{index}]: port {peer.port} leaves no room for the client port (port + 1)")
         addresses = tuple((peer, Address(peer.host, peer.port + 1)) for peer in peers)
+        metrics_addresses = None  # no rule for free ports on hosts we know nothing of: add [metrics] by hand
     else:
         count = network.integer("replicas", 0, REPLICAS_MAX)
         if count < REPLICAS_MIN:
@@ -536,13 +573,14 @@ def load_template(path: Path, host: str | None = None, base_port: int | None = N
             base_port if base_port is not None else network.integer("base_port", 1, 65000, 7100),
         )
         addresses = generated.addresses
+        metrics_addresses = generated.metrics_addresses
     genesis = _Fields(source, document.get("genesis", {}), "genesis")
     client_balance = genesis.integer("client_balance", 0, SUPPLY_MAX, 1_000_000)
     extra_balances = _genesis_balances(source, document.get("genesis"), ("accounts", "client_balance"))
     if client_balance + sum(extra_balances.values()) > SUPPLY_MAX:
         raise ConfigError(f"{source}: genesis: balances add up to more than {SUPPLY_MAX}")
     protocol = _protocol_settings(source, document.get("protocol"), len(addresses))
-    return Template(network_id, addresses, protocol, client_balance, extra_balances)
+    return Template(network_id, addresses, protocol, client_balance, extra_balances, metrics_addresses)
 
 
 def _toml_value(value: Any) -> str:
@@ -567,6 +605,18 @@ def _network_toml(template: Template, keys: list[bytes], balances: dict[bytes, i
     for account, balance in sorted(balances.items()):
         lines += ["", "[[genesis.accounts]]", f'public_key = "{account.hex()}"', f"balance = {balance}"]
     return "\n".join(lines) + "\n"
+
+
+def _metrics_toml(address: Address | None) -> str:
+    if address is None:
+        return (
+            "# Prometheus metrics and /health over HTTP: off. To serve them, add\n"
+            '# [metrics]\n# host = "127.0.0.1"\n# port = <a free port>\n\n'
+        )
+    return (
+        "# Prometheus metrics (GET /metrics) and readiness (GET /health) over HTTP\n"
+        f"[metrics]\nhost = {_toml_value(address.host)}\nport = {address.port}\n\n"
+    )
 
 
 # What `init` wrote into a directory, so `--force` replaces that and nothing else.
@@ -693,6 +743,7 @@ def write_network(template: Template, out: Path, force: bool = False) -> list[Pa
             f"#   ledger-node run {config_path.name}\n"
             f'[replica]\nid = {index}\nkey_file = "{key_path.name}"\ndata_dir = "data/replica-{index}"\n\n'
         )
+        header += _metrics_toml(template.metrics_addresses[index] if template.metrics_addresses is not None else None)
         config_path.write_text(header + shared)
         written += [config_path, key_path]
     write_key_file(out / "client.key", client_key)

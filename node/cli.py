@@ -42,7 +42,7 @@ def _number_list(minimum: int, example: str) -> Callable[[str], list[int]]:
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
-DEMO_BASE_PORT_MAX = 65535 - 8  # 4 replicas, a peer and a client port each
+DEMO_BASE_PORT_MAX = 65535 - 12  # 4 replicas, a peer, a client and a metrics port each
 
 
 def add_global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--out", type=Path, required=True, help="directory to create (required; an existing one is refused unless --force)")
     init.add_argument("--force", action="store_true", help="replace DIR if it exists")
     init.add_argument("--host", help="host of every replica (default: the template's; 127.0.0.1 with --replicas)")
-    init.add_argument("--base-port", type=_port, help="first port: replica i uses base+2i and base+2i+1 (default: the template's; 7100 with --replicas)")
+    init.add_argument("--base-port", type=_port, help="first port: replica i of n uses base+2i, base+2i+1 and, for metrics, base+2n+i (default: the template's; 7100 with --replicas)")
 
     run = commands.add_parser("run", help="run one replica", description="Run one replica until Ctrl-C or SIGTERM.")
     run.add_argument("config", type=Path, help="the replica's config, e.g. net/replica-0.toml")
@@ -178,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="init, start a 4-replica network, submit transactions, verify, stop", description="The main job in one command.")
     demo.add_argument("--dir", type=Path, default=Path("demo-net"), help="working directory (default: demo-net, replaced)")
-    demo.add_argument("--base-port", type=_port, default=7100, help="first port (default: 7100; the demo uses 8)")
+    demo.add_argument("--base-port", type=_port, default=7100, help="first port (default: 7100; the demo uses 12)")
     add_completion_command(commands, "ledger-node")
     for command in commands.choices.values():
         add_global_options(command, suppress=True)
@@ -212,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from node.demo import run_demo
 
             if arguments.base_port > DEMO_BASE_PORT_MAX:
-                raise ConfigError(f"--base-port: {arguments.base_port} leaves no room for the demo's 8 ports (at most {DEMO_BASE_PORT_MAX})")
+                raise ConfigError(f"--base-port: {arguments.base_port} leaves no room for the demo's 12 ports (at most {DEMO_BASE_PORT_MAX})")
             return run_demo(arguments.dir, arguments.base_port)
     except (ConfigError, KeyFileError) as error:
         print(f"ledger-node: {error}", file=sys.stderr)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -10,11 +11,15 @@ from typing import Any
 
 import trio
 
-from ledger.config import ConfigError, ReplicaConfig, load_replica_config
+from ledger.config import Address, ConfigError, ReplicaConfig, load_replica_config
 from ledger.storage import DataDirectoryLock
+from node.http import http_get
 
 STOP_GRACE_S = 10.0
 READY_DEADLINE_S = 30.0
+HEALTH_POLL_INTERVAL_S = 0.2
+HEALTH_REQUEST_TIMEOUT_S = 5.0
+HEALTH_REASON_LENGTH_MAX = 200
 
 
 def find_replica_configs(directory: Path, only: list[int] | None) -> list[ReplicaConfig]:
@@ -42,6 +47,31 @@ async def _wait_ready(config: ReplicaConfig, process: trio.Process) -> bool:
                 return True
             await trio.sleep(0.05)
     return False
+
+
+async def _wait_healthy(address: Address, process: trio.Process) -> tuple[bool, str]:
+    """Whether the replica's /health said ok within READY_DEADLINE_S, and what it said last.
+    Asked only once _wait_ready proved the replica is ours: it listened on this port before
+    marking itself ready, so nothing else can be answering there."""
+    said = "no answer"
+    with trio.move_on_after(READY_DEADLINE_S):
+        while process.returncode is None:
+            try:
+                with trio.fail_after(HEALTH_REQUEST_TIMEOUT_S):
+                    status, body = await http_get(address, "/health")
+                health = json.loads(body)
+                if status == 200:
+                    return True, _printable(f"{health['peers']} peers connected, height {health['height']}, view {health['view']}")
+                said = str(health.get("reason", f"HTTP {status}"))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError, trio.BrokenResourceError, trio.TooSlowError) as error:
+                said = f"no answer ({error})"
+            await trio.sleep(HEALTH_POLL_INTERVAL_S)
+    return False, _printable(said)
+
+
+def _printable(text: str) -> str:
+    """At most HEALTH_REASON_LENGTH_MAX printable characters: nothing to move the terminal's cursor."""
+    return "".join(character if character.isprintable() else "?" for character in text)[:HEALTH_REASON_LENGTH_MAX]
 
 
 async def run_network(
@@ -120,11 +150,18 @@ async def run_network(
             async def report_ready(config: ReplicaConfig, process: trio.Process) -> None:
                 replica = network.replicas[config.replica_id]
                 if await _wait_ready(config, process):
+                    metrics = "" if config.metrics_address is None else f"  metrics {config.metrics_address}"
                     print(
                         f"replica {config.replica_id}  pid {process.pid:<7}  peers {replica.address}  "
-                        f"clients {replica.client_address}  log {logs / f'replica-{config.replica_id}.log'}",
+                        f"clients {replica.client_address}{metrics}  log {logs / f'replica-{config.replica_id}.log'}",
                         flush=True,
                     )
+                    if config.metrics_address is not None:
+                        healthy, said = await _wait_healthy(config.metrics_address, process)
+                        if healthy:
+                            print(f"replica {config.replica_id} healthy: {said}", flush=True)
+                        elif process.returncode is None:
+                            print(f"replica {config.replica_id} not healthy after {READY_DEADLINE_S:g}s: {said}", flush=True)
                 elif process.returncode is None:
                     print(f"replica {config.replica_id} is not answering after {READY_DEADLINE_S:g}s", flush=True)
 

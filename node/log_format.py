@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 
 LOG_FORMATS = ("text", "json")
 
@@ -51,3 +52,26 @@ def configure_logging(level: str, log_format: str) -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(getattr(logging, level.upper()))
+
+
+class LogRateLimit:
+    """Allows at most `per_second` lines a second, so a flood of bad input cannot flood the log;
+    the first line allowed in a later second is preceded by how many were left out."""
+
+    def __init__(self, logger: logging.Logger, per_second: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.logger, self.per_second, self.clock = logger, per_second, clock
+        self.second = -1
+        self.logged = 0
+        self.suppressed = 0
+
+    def allowed(self) -> bool:
+        second = int(self.clock())
+        if second != self.second:
+            if self.suppressed:
+                self.logger.warning("%d more such lines not logged in the last second", self.suppressed)
+            self.second, self.logged, self.suppressed = second, 0, 0
+        if self.logged < self.per_second:
+            self.logged += 1
+            return True
+        self.suppressed += 1
+        return False

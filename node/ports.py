@@ -6,6 +6,8 @@ import random
 import socket
 from pathlib import Path
 
+from ledger.config import PORTS_PER_REPLICA
+
 HOST = "127.0.0.1"
 PORT_RANGE = (20000, 60000)
 PORT_PICKS_MAX = 200
@@ -40,7 +42,7 @@ def ports_bindable(ports: range) -> bool:
 def pick_base_port(replica_count: int, generator: random.Random) -> int | None:
     """A random base in PORT_RANGE whose 2n ports are free now, outside the kernel's outgoing range
     if possible; None if no such base turned up."""
-    span = 2 * replica_count
+    span = PORTS_PER_REPLICA * replica_count
     avoided = ephemeral_ports()
     bases = range(PORT_RANGE[0], PORT_RANGE[1] - span)
     candidates = [generator.choice(bases) for _ in range(PORT_PICKS_MAX)]

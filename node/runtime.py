@@ -55,6 +55,8 @@ from ledger.storage import (
 from ledger.version import package_version
 from node.admission import ClientAdmission, address_key
 from node.core import LOG_KINDS, ClientReply, Effects, ReplicaCore
+from node.log_format import LogRateLimit
+from node.metrics import ReplicaMetrics, runtime_snapshot, serve_metrics
 from node.queries import answer_query
 from node.traitors import (
     SIGNED_KINDS,
@@ -88,6 +90,7 @@ SUBSCRIPTION_BYTES_ESTIMATE = 400
 CONNECTION_OVERHEAD_BYTES_ESTIMATE = 16 * 1024  # socket, task, cancel scope, queue objects
 PROGRESS_LOG_INTERVAL_S = 5.0
 REJECTIONS_LOGGED_PER_SECOND = 20
+CLIENT_ERRORS_LOGGED_PER_SECOND = 5
 
 log = logging.getLogger("node.replica")
 
@@ -250,6 +253,8 @@ class ReplicaRuntime:
         self.logged_height = self.store.height
         self.evidence_count = self.store.evidence_count()
         self.evidence_per_replica_max = evidence_per_replica_max(self.network.replica_count)
+        self.metrics = ReplicaMetrics(lambda: runtime_snapshot(self))
+        self.client_error_log = LogRateLimit(log, CLIENT_ERRORS_LOGGED_PER_SECOND)
 
     # ---- lifecycle ----
 
@@ -260,7 +265,11 @@ class ReplicaRuntime:
             client_listeners = await listen(replica.client_address)
             nursery.start_soon(trio.serve_listeners, self._serve_client, client_listeners)
             nursery.start_soon(self._event_loop)
+            metrics_address = self.config.metrics_address
+            if metrics_address is not None:
+                await nursery.start(serve_metrics, self.metrics, metrics_address)
             self.lock.mark_ready()
+            self.metrics.serving = True
             if self.traitor is not None:
                 log.warning(
                     "replica %d is a TRAITOR, for attack tests only: behaviours %s (traitor seed %d)",
@@ -278,6 +287,8 @@ class ReplicaRuntime:
                 self.core.view,
                 self.network.faults_tolerated,
             )
+            if metrics_address is not None:
+                log.info("metrics on http://%s/metrics, health on http://%s/health", metrics_address, metrics_address)
             log.info(
                 "clients: at most %d connections, %d per address; they can make this replica hold at most about %d MiB",
                 self.network.protocol.client_connections_max,
@@ -319,6 +330,7 @@ class ReplicaRuntime:
                 self._serve_fetch(origin, message)
             elif self.traitor is None or self.traitor.receive(origin, message, self._traitor_now_ms()):
                 self.core.receive_message(origin, message)
+                self.metrics.pre_prepare_received(message, self.core)
         elif kind == "request":
             if self.traitor is None or self.traitor.receive_request(message, self._traitor_now_ms()):
                 self.core.receive_request(message)
@@ -406,6 +418,7 @@ class ReplicaRuntime:
                 log.info("%s", line)
             elif self._rejection_log_allowed():
                 log.warning("%s", line)
+        self.metrics.round_done(effects.send, effects.blocks, self.core.view, self.core.height)
 
     async def _keep_evidence(self, entries: list[Evidence]) -> None:
         """Store evidence (bounded; a repeat is dropped) and warn once per new piece."""
@@ -527,32 +540,43 @@ class ReplicaRuntime:
             except CodecError as error:
                 connection.send(ErrorReply(b"", f"malformed message: {error}"))
                 continue
-            if isinstance(message, Request):
-                await self._client_request(connection, message)
-            elif isinstance(message, Subscribe):
-                for account in message.accounts:
-                    self._subscribe(connection, account)
-            elif isinstance(message, Query):
-                connection.send(self._answer_query(message))
-            elif isinstance(message, StatusQuery):
-                connection.send(self._status(message.query_id))
-            elif isinstance(message, FetchBlocks):
-                # One response may wait per connection, and a few across all clients: a client
-                # that asks again before the last answer was written (it may read the answer
-                # before our write has returned) or while others hold the shared budget waits,
-                # reading nothing more meanwhile; nothing is read from disk until there is room.
-                with trio.move_on_after(CLIENT_WRITE_TIMEOUT_S):
-                    await connection.blocks_budget.wait_for_room(self.blocks_response_size_max)
-                if connection.blocks_budget.free() >= self.blocks_response_size_max:
-                    encoded = self._encoded_blocks(message)
-                    if self.traitor is not None:
-                        encoded = self._traitor_blocks(-1, encoded)
-                    payload = encode_blocks_message(encoded, self.core.stable_checkpoint)
-                    connection.send_encoded(payload, connection.blocks_budget)
-                else:
-                    connection.dropped += 1
+            try:
+                await self._answer_client_message(connection, message)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                raise
+            except Exception as error:  # noqa: BLE001 - one request's failure must not end the connection or the replica
+                self.metrics.client_errors.inc()
+                if self.client_error_log.allowed():
+                    log.error("internal error answering a client's %s: %r", message.TAG, error, exc_info=error)
+                connection.send(ErrorReply(b"", f"internal error answering {message.TAG}"))
+
+    async def _answer_client_message(self, connection: ClientConnection, message: Any) -> None:
+        if isinstance(message, Request):
+            await self._client_request(connection, message)
+        elif isinstance(message, Subscribe):
+            for account in message.accounts:
+                self._subscribe(connection, account)
+        elif isinstance(message, Query):
+            connection.send(self._answer_query(message))
+        elif isinstance(message, StatusQuery):
+            connection.send(self._status(message.query_id))
+        elif isinstance(message, FetchBlocks):
+            # One response may wait per connection, and a few across all clients: a client
+            # that asks again before the last answer was written (it may read the answer
+            # before our write has returned) or while others hold the shared budget waits,
+            # reading nothing more meanwhile; nothing is read from disk until there is room.
+            with trio.move_on_after(CLIENT_WRITE_TIMEOUT_S):
+                await connection.blocks_budget.wait_for_room(self.blocks_response_size_max)
+            if connection.blocks_budget.free() >= self.blocks_response_size_max:
+                encoded = self._encoded_blocks(message)
+                if self.traitor is not None:
+                    encoded = self._traitor_blocks(-1, encoded)
+                payload = encode_blocks_message(encoded, self.core.stable_checkpoint)
+                connection.send_encoded(payload, connection.blocks_budget)
             else:
-                connection.send(ErrorReply(b"", f"unexpected message {message.TAG!r} from a client"))
+                connection.dropped += 1
+        else:
+            connection.send(ErrorReply(b"", f"unexpected message {message.TAG!r} from a client"))
 
     async def _client_request(self, connection: ClientConnection, request: Request) -> None:
         transaction = request.transaction

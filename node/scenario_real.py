@@ -40,7 +40,7 @@ from ledger.config import (
 from ledger.crypto import SigningKey
 from ledger.transactions import Put, sign_transaction
 from node import ports
-from node.ports import HOST, PORT_RANGE
+from node.ports import HOST, PORT_RANGE, PORTS_PER_REPLICA
 from node.scenarios import ScenarioFile, Setup
 from node.traitors import format_behaviour_spec
 from node.verdict import BrokenInvariant, RunRecord, TraitorReport
@@ -97,7 +97,7 @@ def real_mode_refusal(scenario: ScenarioFile, setup: Setup) -> str | None:
 def pick_base_port(replica_count: int, generator: random.Random) -> int:
     base = ports.pick_base_port(replica_count, generator)
     if base is None:
-        raise RealRunError(f"no {2 * replica_count} consecutive free ports found in {PORT_RANGE[0]}-{PORT_RANGE[1]} on {HOST}")
+        raise RealRunError(f"no {PORTS_PER_REPLICA * replica_count} consecutive free ports found in {PORT_RANGE[0]}-{PORT_RANGE[1]} on {HOST}")
     return base
 
 

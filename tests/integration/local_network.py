@@ -22,7 +22,7 @@ from ledger.config import NetworkConfig, load_client_config, template_for, write
 from ledger.crypto import SigningKey, read_key_file
 from ledger.storage import BlockStore
 from node import ports
-from node.ports import PORT_RANGE
+from node.ports import PORT_RANGE, PORTS_PER_REPLICA
 
 NODE_COMMAND = (sys.executable, "-m", "node.cli")
 CLIENT_COMMAND = (sys.executable, "-m", "client.cli")
@@ -50,7 +50,7 @@ class NetworkStartError(RuntimeError):
 def pick_base_port(replica_count: int, generator: random.Random) -> int:
     base = ports.pick_base_port(replica_count, generator)
     if base is None:
-        raise RuntimeError(f"no {2 * replica_count} consecutive free ports found in {PORT_RANGE}")
+        raise RuntimeError(f"no {PORTS_PER_REPLICA * replica_count} consecutive free ports found in {PORT_RANGE}")
     return base
 
 
