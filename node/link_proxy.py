@@ -42,6 +42,7 @@ class Link:
 
     name: str
     target: Address | None
+    source_host: str | None = None  # when set, a connection from any other address is refused (in --hosts mode each dialer has its own)
     delay_ms: int = 0
     jitter_ms: int = 0
     blocked: bool = False
@@ -66,6 +67,16 @@ def _check_delay(delay_ms: int, jitter_ms: int) -> None:
             raise LinkProxyError(f"{name}: expected a whole number of milliseconds 0..{DELAY_MS_MAX}, got {value!r}")
 
 
+def _from(stream: trio.SocketStream, host: str | None) -> bool:
+    """Whether the connection comes from `host` (any host when None): nobody else takes the link's slots."""
+    if host is None:
+        return True
+    try:
+        return bool(stream.socket.getpeername()[0] == host)
+    except (OSError, IndexError):
+        return False
+
+
 class LinkProxy:
     """The links of one network, each listening on `host` (port chosen by the kernel)."""
 
@@ -74,11 +85,11 @@ class LinkProxy:
         self.links: dict[str, Link] = {}
         self.random = random.Random(seed)  # jitter draws: not a secret, and a seed makes them repeatable
 
-    def add_link(self, name: str, target: Address | None, delay_ms: int = 0, jitter_ms: int = 0) -> Link:
+    def add_link(self, name: str, target: Address | None, delay_ms: int = 0, jitter_ms: int = 0, source_host: str | None = None) -> Link:
         if name in self.links:
             raise LinkProxyError(f"link {name!r} already exists")
         _check_delay(delay_ms, jitter_ms)
-        link = Link(name, target, delay_ms, jitter_ms)
+        link = Link(name, target, source_host, delay_ms, jitter_ms)
         self.links[name] = link
         return link
 
@@ -134,7 +145,7 @@ class LinkProxy:
 
     async def _forward(self, link: Link, inbound: trio.SocketStream) -> None:
         async with inbound:
-            if link.blocked or link.target is None or len(link.connections) >= LINK_CONNECTIONS_MAX:
+            if link.blocked or link.target is None or len(link.connections) >= LINK_CONNECTIONS_MAX or not _from(inbound, link.source_host):
                 link.refused += 1
                 return
             link.accepted += 1

@@ -481,7 +481,11 @@ async def _run(
         for peer in range(replica_count):
             if peer != instance.replica_id:
                 target = plan.target(instance, peer)
-                proxy.add_link(plan.link_name(instance, peer), None if target is None else addresses[target.name][0], delay_ms, jitter_ms)
+                # In --hosts mode only the dialing process's own address may use its link.
+                source_host = None if hosts is None else addresses[instance.name][0].host
+                proxy.add_link(
+                    plan.link_name(instance, peer), None if target is None else addresses[target.name][0], delay_ms, jitter_ms, source_host
+                )
     arguments: dict[str, list[str]] = {}
     for traitor in setup.traitors:
         behaviours = [behaviour for behaviour in traitor.behaviours if behaviour.name != "twins"]

@@ -200,3 +200,22 @@ async def test_a_link_pointing_nowhere_refuses_and_bad_settings_are_refused() ->
             assert await stream.receive_some(100) == b""
         assert proxy.link("twin->2").refused == 1
         nursery.cancel_scope.cancel()
+
+
+async def test_a_link_for_one_dialer_refuses_connections_from_other_addresses() -> None:
+    target = Target()
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(functools.partial(trio.serve_tcp, target.handler, 0, host=HOST))
+        proxy = LinkProxy(HOST)
+        proxy.add_link("mine", Address(HOST, listeners[0].socket.getsockname()[1]), source_host=HOST)
+        proxy.add_link("theirs", Address(HOST, listeners[0].socket.getsockname()[1]), source_host="10.213.0.99")
+        await nursery.start(proxy.run)
+        stranger = await dial(proxy, "theirs")
+        with trio.fail_after(5):
+            assert await stranger.receive_some(100) == b""
+        mine = await dial(proxy, "mine")
+        await mine.send_all(b"ok")
+        with trio.fail_after(5):
+            await target.wait_for(lambda: target.connections == [bytearray(b"ok")])
+        assert proxy.link("theirs").refused == 1
+        nursery.cancel_scope.cancel()
