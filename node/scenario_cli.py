@@ -128,7 +128,8 @@ def explain(scenario: ScenarioFile) -> str:
                 "validly signed history of every slot (node/collusion.py)"
             )
         for event in setup.timeline:
-            lines.append(f"    at {event.at_ms} ms: {event.event} replicas {', '.join(map(str, event.replicas))}")
+            by = f" by {event.delay_ms} ms" if event.event == "slow" else ""
+            lines.append(f"    at {event.at_ms} ms: {event.event} replicas {', '.join(map(str, event.replicas))}{by}")
     return "\n".join(lines)
 
 

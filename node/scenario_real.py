@@ -360,6 +360,27 @@ class Faults:
     proxy: LinkProxy
     hosts: HostNetwork | None
     host_index: dict[str, int]  # process name -> its host (namespace) number, in --hosts mode
+    delay_ms: int = 0  # every link's own delay (the file's network.delay_ms_min), and its jitter
+    jitter_ms: int = 0
+    slowed: dict[int, int] = field(default_factory=dict)  # replica -> the delay its slow event adds
+    partitioned: set[int] = field(default_factory=set)
+
+    def set_slow(self, replica_id: int, delay_ms: int | None) -> str:
+        """Add `delay_ms` to every link into or out of the replica (None: back to the links' own delay).
+        A link between two slow replicas takes the larger delay, as in the simulator."""
+        if delay_ms is None:
+            self.slowed.pop(replica_id, None)
+        else:
+            self.slowed[replica_id] = delay_ms
+        for instance in self.plan.instances:
+            for peer in range(self.plan.replica_count):
+                if peer != instance.replica_id and replica_id in (instance.replica_id, peer):
+                    extra_ms = max(self.slowed.get(instance.replica_id, 0), self.slowed.get(peer, 0))
+                    self.proxy.set_delay([self.plan.link_name(instance, peer)], self.delay_ms + extra_ms, self.jitter_ms)
+        links = len(self.plan.links_of(replica_id))
+        if delay_ms is None:
+            return f"replica {replica_id}'s {links} links back to {self.delay_ms}+{self.jitter_ms} ms"
+        return f"replica {replica_id}'s {links} links now {self.delay_ms + delay_ms}+{self.jitter_ms} ms at the proxy"
 
     async def set_partitioned(self, replica_id: int, partitioned: bool) -> str:
         """Cut the replica off (or heal it); what was seen of the cut, for the progress line."""
@@ -394,10 +415,21 @@ async def _run_timeline(faults: Faults, setup: Setup, started: float, progress: 
                 replicas.stop(name)
             elif event.event == "restart":
                 await replicas.restart(name)
-            elif event.event in ("partition", "heal"):
-                seen.append(await faults.set_partitioned(replica_id, event.event == "partition"))
+            elif event.event == "slow":
+                seen.append(faults.set_slow(replica_id, event.delay_ms))
+            elif event.event == "partition":
+                faults.partitioned.add(replica_id)
+                seen.append(await faults.set_partitioned(replica_id, True))
+            elif event.event == "heal":
+                # A heal ends whatever the replica suffered: its partition, its slowness, or both.
+                if replica_id in faults.slowed:
+                    seen.append(faults.set_slow(replica_id, None))
+                if replica_id in faults.partitioned:
+                    faults.partitioned.discard(replica_id)
+                    seen.append(await faults.set_partitioned(replica_id, False))
         detail = f" ({'; '.join(seen)})" if seen else ""
-        progress(f"at {event.at_ms} ms: {event.event} replicas {', '.join(map(str, event.replicas))}{detail}")
+        by = f" by {event.delay_ms} ms" if event.event == "slow" else ""
+        progress(f"at {event.at_ms} ms: {event.event} replicas {', '.join(map(str, event.replicas))}{by}{detail}")
 
 
 async def _settle(client: Client, honest: list[int], minimum_height: int, progress: Progress) -> None:
@@ -505,7 +537,7 @@ async def _run(
     async with trio.open_nursery() as proxy_nursery:
         await proxy_nursery.start(proxy.run)
         write_process_configs(directory, generated, plan, addresses, proxy)
-        faults = Faults(replicas, plan, proxy, hosts, host_index)
+        faults = Faults(replicas, plan, proxy, hosts, host_index, delay_ms, jitter_ms)
         try:
             workload, collected, started, network = await _run_processes(
                 replicas, faults, setup, config_path, network_id, honest, workload_spec, time_limit_s, progress

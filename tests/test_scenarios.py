@@ -262,10 +262,14 @@ def parse(changes: dict, path: str = "attack.toml") -> object:
         ({"replicas/4/traitors/1": {"replica": 1}}, "traitors[1].replica: replica 1 is already a traitor"),
         ({"replicas/4/collusion_side": [1]}, "replicas.4.collusion_side: lists the honest replicas shown the second history; [1] are traitors"),
         ({"replicas/4/timeline": [{"at_ms": 10, "event": "kill", "replicas": [2]}]}, "replica 2 is killed and never restarted"),
-        ({"replicas/4/timeline": [{"at_ms": 10, "event": "explode", "replicas": [2]}]}, "timeline[0].event: expected one of kill, stop, restart, partition, heal"),
+        ({"replicas/4/timeline": [{"at_ms": 10, "event": "explode", "replicas": [2]}]}, "timeline[0].event: expected one of kill, stop, restart, partition, slow, heal"),
         ({"replicas/4/timeline": [{"at_ms": 9000, "event": "kill", "replicas": [2]}]}, "timeline[0].at_ms: 9000 is after the network heals at 3000"),
         ({"replicas/4/timeline": [{"at_ms": 10, "event": "restart", "replicas": [2]}]}, "replica 2 is neither killed nor stopped"),
-        ({"replicas/4/timeline": [{"at_ms": 10, "event": "heal", "replicas": [2]}]}, "replica 2 is not cut off"),
+        ({"replicas/4/timeline": [{"at_ms": 10, "event": "heal", "replicas": [2]}]}, "replica 2 is neither cut off nor slow"),
+        ({"replicas/4/timeline": [{"at_ms": 10, "event": "slow", "replicas": [2]}]}, "timeline[0].delay_ms: missing"),
+        ({"replicas/4/timeline": [{"at_ms": 10, "event": "slow", "replicas": [2], "delay_ms": 0}]}, "timeline[0].delay_ms: must be between 1 and 10000"),
+        ({"replicas/4/timeline": [{"at_ms": 10, "event": "kill", "replicas": [2], "delay_ms": 5}]}, "timeline[0].delay_ms: only a slow event has a delay"),
+        ({"replicas/4/timeline": [{"at_ms": 10, "event": "slow", "replicas": [2], "delay_ms": 50}]}, "replica 2 is slow and never healed"),
         ({"replicas": None}, "attack.toml: replicas: missing"),
     ],
 )
@@ -288,6 +292,28 @@ def test_a_valid_file_parses_and_its_timeline_becomes_intervals() -> None:
     assert setup.intervals("kill", ("restart",)) == ((2, 100, 900),)
     assert setup.intervals("partition", ("heal",)) == ((3, 200, 1000),)
     assert setup.traitors[0].behaviours[0].parameters == (("peers", (2,)),)
+
+
+def test_a_slow_event_lasts_until_the_heal_that_ends_it() -> None:
+    timeline = [
+        {"at_ms": 100, "event": "slow", "replicas": [2], "delay_ms": 300},
+        {"at_ms": 200, "event": "partition", "replicas": [3]},
+        {"at_ms": 400, "event": "slow", "replicas": [3], "delay_ms": 50},
+        {"at_ms": 1000, "event": "heal"},  # ends both: replica 2's slowness, replica 3's partition and slowness
+    ]
+    setup = parse({"replicas/4/timeline": timeline}).setup(4)  # type: ignore[attr-defined]
+    assert setup.slow_links() == ((2, 100, 1000, 300), (3, 400, 1000, 50))
+    assert setup.intervals("partition", ("heal",)) == ((3, 200, 1000),)
+
+
+def test_the_simulator_adds_a_slow_links_delay_to_messages_into_and_out_of_it() -> None:
+    simulation = Simulation(Scenario(seed=1, slow_links=((2, 100, 1000, 300), (3, 0, 1000, 50))))
+    simulation.now_ms = 500
+    assert simulation.slow_ms(2, 0) == 300 and simulation.slow_ms(0, 2) == 300
+    assert simulation.slow_ms(2, 3) == 300  # both slow: the larger
+    assert simulation.slow_ms(0, 1) == 0
+    simulation.now_ms = 1000
+    assert simulation.slow_ms(2, 0) == 0  # healed
 
 
 def test_a_behaviour_this_build_lacks_is_refused_unless_the_file_says_it_needs_it() -> None:

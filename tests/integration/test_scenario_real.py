@@ -54,3 +54,11 @@ def test_twins_run_as_two_processes_with_one_key() -> None:
     assert "a second honest process with its key (replica-0-twin) serves replicas 2, 3" in result.stdout
     # Both twins ordered requests on their own sides: the honest replicas saw key 0 vote two ways.
     assert "for another digest" in result.stdout
+
+
+def test_a_slow_link_is_slowed_at_the_proxy_and_healed() -> None:
+    result = ledger_scenario("run", "slow-link", "--replicas", "4")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "MATCHES the expectation" in result.stdout
+    assert "at 100 ms: slow replicas 2 by 300 ms (replica 2's 6 links now 301+9 ms at the proxy)" in result.stderr
+    assert "at 1500 ms: heal replicas 2 (replica 2's 6 links back to 1+9 ms)" in result.stderr
