@@ -109,8 +109,9 @@ def explain(scenario: ScenarioFile) -> str:
         f"  expects: {scenario.expected_text()}" + (f"; evidence seen: {', '.join(scenario.expect.evidence)}" if scenario.expect.evidence else ""),
         f"  workload: {workload.clients} clients, {workload.transactions_per_client} transactions each, "
         f"{workload.in_flight} in flight per client",
-        f"  network: loss {network.loss_rate}, duplication {network.duplicate_rate}, delay {network.delay_ms_min}-{network.delay_ms_max} ms, "
-        f"faults until {network.faults_until_ms} ms, given up after {network.time_limit_ms} ms (simulated); seed {scenario.seed}",
+        f"  network: delay {network.delay_ms_min}-{network.delay_ms_max} ms per message (real processes: per chunk, at the link proxy); "
+        f"loss {network.loss_rate}, duplication {network.duplicate_rate} (simulator only: TCP neither loses nor duplicates); "
+        f"faults until {network.faults_until_ms} ms, given up after {network.time_limit_ms} ms; seed {scenario.seed}",
     ]
     if scenario.missing_behaviours:
         lines.append(f"  needs behaviours this build lacks: {', '.join(scenario.missing_behaviours)} (skipped)")

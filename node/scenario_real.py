@@ -113,8 +113,9 @@ def pick_base_port(replica_count: int, generator: random.Random) -> int:
 
 
 def write_fast_network(directory: Path, replica_count: int, network_id: str) -> NetworkConfig:
-    """Keys and config files for the network (their addresses are rewritten per process afterwards)."""
-    template = template_for(replica_count, network_id, HOST, pick_base_port(replica_count, random.Random()))
+    """Keys and config files for the network; their addresses are placeholders, rewritten per process
+    by write_process_configs once the ports are picked and the proxy listens."""
+    template = template_for(replica_count, network_id, HOST)
     problem = protocol_problem(replica_count, FAST_PROTOCOL)
     if problem is not None:
         raise RealRunError(f"fast protocol settings do not fit {replica_count} replicas: {problem}")
