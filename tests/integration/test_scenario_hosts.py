@@ -86,3 +86,23 @@ async def test_ctrl_c_during_a_hosts_run_removes_everything_it_made() -> None:
     assert code == 130, seen.decode()
     assert "interrupted" in seen.decode()
     assert leftovers(tag) == []
+
+
+@needs_netns
+def test_a_host_network_that_fails_halfway_removes_what_it_made(monkeypatch: pytest.MonkeyPatch) -> None:
+    import node.host_network as host_network_module
+
+    real_run = host_network_module._run
+    network = host_network_module.HostNetwork(3)
+
+    def failing_run(arguments: list[str]) -> str:
+        if arguments[:3] == ["ip", "netns", "add"] and arguments[3] == network.namespace(2):
+            raise host_network_module.HostNetworkError("`ip netns add` failed: injected")
+        return real_run(arguments)
+
+    monkeypatch.setattr(host_network_module, "_run", failing_run)
+    with pytest.raises(host_network_module.HostNetworkError, match="injected"):
+        network.create()
+    assert leftovers(network.tag) != []  # the bridge and two hosts were made
+    assert network.remove() == []
+    assert leftovers(network.tag) == []
