@@ -619,6 +619,16 @@ def _metrics_toml(address: Address | None) -> str:
     )
 
 
+def network_toml(network: NetworkConfig) -> str:
+    """The shared part of a config file ([network], [protocol], [[replicas]], genesis) for `network`
+    as given. The scenario runner writes each replica process a file of its own from it, with its
+    peers' addresses pointing at the runner's link proxies: addresses are not part of the genesis,
+    so replicas whose files differ only in peer addresses still agree on one network."""
+    addresses = tuple((replica.address, replica.client_address) for replica in network.replicas)
+    template = Template(network.network_id, addresses, network.protocol, 0, {})
+    return _network_toml(template, list(network.replica_keys), network.genesis_balances)
+
+
 # What `init` wrote into a directory, so `--force` replaces that and nothing else.
 MANIFEST_NAME = ".init-manifest.json"
 _MANIFEST_WRITER = "ledger-node init"

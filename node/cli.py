@@ -96,7 +96,9 @@ def _traitor_spec(text: str) -> object:
     except TraitorSpecError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
     if spec.name == "twins":
-        raise argparse.ArgumentTypeError("traitor behaviour twins needs a second instance of the replica beside it: only the simulator runs it")
+        raise argparse.ArgumentTypeError(
+            "traitor behaviour twins is a second honest process with this replica's key: `ledger-scenario run twins` starts both"
+        )
     return spec
 
 

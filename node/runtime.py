@@ -173,7 +173,7 @@ def make_runtime_traitor(
     """The traitor wrapping a real replica: as in the simulator, but it may also send raw frames."""
     for behaviour in behaviours:
         if behaviour.name == "twins":
-            raise StartupError("traitor behaviour twins needs a second instance of the replica beside it: only the simulator runs it")
+            raise StartupError("traitor behaviour twins is a second honest process with this replica's key: `ledger-scenario run twins` starts both")
     domains = {kind: signing_domain(network.network_id, kind) for kind in sorted(set(SIGNED_KINDS.values()))}
     context = TraitorContext(network, replica_id, key, domains, random.Random(f"traitor/{seed}/{replica_id}"), raw_frames=True)
     try:

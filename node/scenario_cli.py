@@ -1,7 +1,8 @@
 """`ledger-scenario`: list, explain and run the attack scenarios in configs/scenarios/, with a verdict.
 
-By default a scenario runs against real `ledger-node run` processes (node/scenario_real.py);
-`--sim` runs it in the deterministic simulator (node/scenario_sim.py). Exit status of `run`: 0
+By default a scenario runs against real `ledger-node run` processes on 127.0.0.1 (node/scenario_real.py);
+`--hosts` runs each of them in a network namespace of its own (as root), and `--sim` runs the
+scenario in the deterministic simulator (node/scenario_sim.py). Exit status of `run`: 0
 when every verdict matches what its file expects, 1 when one does not, 2 for a usage error, an
 invalid file, or a scenario this build (or this mode) cannot run.
 """
@@ -9,6 +10,7 @@ invalid file, or a scenario this build (or this mode) cannot run.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -17,6 +19,7 @@ from pathlib import Path
 
 from client.completion import add_completion_command, completion_script
 from node.cli import OneLineParser, _at_least
+from node.host_network import hosts_mode_refusal
 from node.scenario_real import RealRunError, real_mode_refusal, run_real_processes
 from node.scenario_sim import run_in_simulator
 from node.scenarios import (
@@ -34,7 +37,12 @@ from node.verdict import RunRecord, Verdict, judge, render
 PROGRAM = "ledger-scenario"
 Backend = Callable[[ScenarioFile, Setup, int, Callable[[str], None]], RunRecord]
 # The ways to run a scenario, behind the same verdict code.
-BACKENDS: dict[str, Backend] = {"sim": run_in_simulator, "real": run_real_processes}
+BACKENDS: dict[str, Backend] = {
+    "sim": run_in_simulator,
+    "real": run_real_processes,
+    "hosts": functools.partial(run_real_processes, hosts=True),
+}
+MODES = ("real", "hosts", "sim")
 
 EXAMPLES = """\
 examples:
@@ -42,6 +50,7 @@ examples:
   ledger-scenario show equivocating-primary              the file, explained
   ledger-scenario run equivocating-primary               run it against real replica processes, print the verdict
   ledger-scenario run equivocating-primary --sim         simulate it (the seed replays it exactly)
+  ledger-scenario run partition-with-traitor --hosts     each replica a host of its own (network namespaces; root)
   ledger-scenario run fork-f-plus-one --replicas 7 --seed 3 --sim --json
   ledger-scenario run --all --replicas 4                 every scenario real processes can run, as a table
   ledger-scenario run --all --sim                        every scenario at every size, simulated
@@ -69,8 +78,20 @@ def command_list() -> int:
         expected = scenario.expected_text()
         if scenario.missing_behaviours:
             expected += f" (skipped here: needs {', '.join(scenario.missing_behaviours)})"
-        print(f"{scenario.name:<{width}}  n={sizes:<4} {scenario.shows}  [expects {expected}]")
+        print(f"{scenario.name:<{width}}  n={sizes:<4} {modes_text(scenario):<20} {scenario.shows}  [expects {expected}]")
     return 0
+
+
+def supported_modes(scenario: ScenarioFile) -> tuple[str, ...]:
+    """The modes (real, hosts, sim) that run this scenario at every size it is written for."""
+    if scenario.missing_behaviours:
+        return ()
+    real = all(real_mode_refusal(scenario, setup) is None for setup in scenario.setups.values())
+    return ("real", "hosts", "sim") if real else ("sim",)
+
+
+def modes_text(scenario: ScenarioFile) -> str:
+    return "modes " + ("/".join(supported_modes(scenario)) or "none")
 
 
 def _behaviour_summary(name: str) -> str:
@@ -85,11 +106,13 @@ def explain(scenario: ScenarioFile) -> str:
     lines = [
         f"{scenario.name}: {scenario.description}",
         f"  shows: {scenario.shows}",
+        f"  runs in: {', '.join(supported_modes(scenario)) or 'no mode of this build'} (real: processes on 127.0.0.1; hosts: one network namespace each; sim: the simulator)",
         f"  expects: {scenario.expected_text()}" + (f"; evidence seen: {', '.join(scenario.expect.evidence)}" if scenario.expect.evidence else ""),
         f"  workload: {workload.clients} clients, {workload.transactions_per_client} transactions each, "
         f"{workload.in_flight} in flight per client",
-        f"  network: loss {network.loss_rate}, duplication {network.duplicate_rate}, delay {network.delay_ms_min}-{network.delay_ms_max} ms, "
-        f"faults until {network.faults_until_ms} ms, given up after {network.time_limit_ms} ms (simulated); seed {scenario.seed}",
+        f"  network: delay {network.delay_ms_min}-{network.delay_ms_max} ms per message (real processes: per chunk, at the link proxy); "
+        f"loss {network.loss_rate}, duplication {network.duplicate_rate} (simulator only: TCP neither loses nor duplicates); "
+        f"faults until {network.faults_until_ms} ms, given up after {network.time_limit_ms} ms; seed {scenario.seed}",
     ]
     if scenario.missing_behaviours:
         lines.append(f"  needs behaviours this build lacks: {', '.join(scenario.missing_behaviours)} (skipped)")
@@ -107,7 +130,8 @@ def explain(scenario: ScenarioFile) -> str:
                 "validly signed history of every slot (node/collusion.py)"
             )
         for event in setup.timeline:
-            lines.append(f"    at {event.at_ms} ms: {event.event} replicas {', '.join(map(str, event.replicas))}")
+            by = f" by {event.delay_ms} ms" if event.event == "slow" else ""
+            lines.append(f"    at {event.at_ms} ms: {event.event} replicas {', '.join(map(str, event.replicas))}{by}")
     return "\n".join(lines)
 
 
@@ -138,6 +162,8 @@ def replay_command(scenario: ScenarioFile, verdict: Verdict, backend: str) -> st
     command = f"{PROGRAM} run {name} --replicas {verdict.replica_count} --seed {verdict.seed}"
     if backend == "sim":
         return f"{command} --sim"
+    if backend == "hosts":
+        command += " --hosts"
     return f"{command}   (real processes: the seed drives the traitors' choices; timings differ from run to run)"
 
 
@@ -145,14 +171,26 @@ def refusal(scenario: ScenarioFile, replica_count: int, backend: str) -> str | N
     """Why this scenario cannot run at this size in this mode, or None."""
     if scenario.missing_behaviours:
         return f"needs {', '.join(scenario.missing_behaviours)}"
-    if backend == "real":
+    if backend in ("real", "hosts"):
         return real_mode_refusal(scenario, scenario.setup(replica_count))
     return None
+
+
+def _backend(arguments: argparse.Namespace) -> str:
+    if arguments.sim and arguments.hosts:
+        raise ScenarioCommandError("--sim and --hosts exclude each other: the simulator has no hosts")
+    if arguments.hosts:
+        reason = hosts_mode_refusal()
+        if reason is not None:
+            raise ScenarioCommandError(reason)
+        return "hosts"
+    return "sim" if arguments.sim else "real"
 
 
 def command_run(arguments: argparse.Namespace) -> int:
     if arguments.all == (arguments.name is not None):
         raise ScenarioCommandError("give a scenario NAME or --all")
+    backend = _backend(arguments)
     if arguments.all:
         return _run_all(arguments)
     scenario = _find(arguments.name)
@@ -161,7 +199,6 @@ def command_run(arguments: argparse.Namespace) -> int:
             f"scenario {scenario.name} needs behaviours this build lacks: {', '.join(scenario.missing_behaviours)} (skipped)"
         )
     replica_count = arguments.replicas if arguments.replicas is not None else scenario.replica_counts[0]
-    backend = "sim" if arguments.sim else "real"
     scenario.setup(replica_count)  # refuses a size the file is not written for
     reason = refusal(scenario, replica_count, backend)
     if reason is not None:
@@ -185,7 +222,7 @@ def _json_default(value: object) -> object:
 def _run_all(arguments: argparse.Namespace) -> int:
     rows = []
     mismatched = 0
-    backend = "sim" if arguments.sim else "real"
+    backend = _backend(arguments)
     for name in scenario_names():
         scenario = load_scenario(scenario_path(name))
         counts = scenario.replica_counts if arguments.replicas is None else (arguments.replicas,)
@@ -239,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=_at_least(0), help="replay with this seed (default: the file's)")
     run.add_argument("--json", action="store_true", help="the verdict as JSON on stdout")
     run.add_argument("--sim", action="store_true", help="run in the deterministic simulator (the seed replays it exactly); default: real replica processes")
+    run.add_argument("--hosts", action="store_true", help="real processes, each in a network namespace of its own on a bridge this run makes and removes (root only)")
     add_completion_command(commands, PROGRAM)
     return parser
 

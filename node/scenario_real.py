@@ -1,9 +1,15 @@
 """The real-process backend of `ledger-scenario run`: a scenario file against n `ledger-node run` processes.
 
 A temporary network directory (fast protocol settings, free ports on 127.0.0.1) gets one process
-per replica, each in its own process group; traitors run with `--traitor SPEC`. The timeline
-kills (SIGKILL), stops (SIGSTOP) and restarts (a new process, or SIGCONT) them while library
-clients submit the workload. Afterwards every honest replica's chain is downloaded, verified
+per replica, each in its own process group; traitors run with `--traitor SPEC`, and a twin is a
+second honest process with its replica's key. Every replica-to-replica link goes through the
+runner's link proxy (node/link_proxy.py): each process's config file names, as its peers'
+addresses, the proxy listeners of its own links, which forward to the peer (or, for a twinned
+peer, to the twin serving this side) after the file's network delay. The timeline kills (SIGKILL),
+stops (SIGSTOP) and restarts (a new process, or SIGCONT) them, and partitions and heals them at
+the proxy, while library clients (which reach the replicas directly) submit the workload. With
+`--hosts` each process runs in a network namespace of its own (node/host_network.py) and a
+partition takes its link down instead. Afterwards every honest replica's chain is downloaded, verified
 from genesis (client.verify_chain re-executes it) and handed to the verdict code
 (node/verdict.py) with the receipts the clients accepted. Every wait is bounded; every process
 is stopped and the directory removed whatever happens, Ctrl-C included.
@@ -30,9 +36,13 @@ from client.library import Client, ClientError, open_client
 from client.quorum import Receipt
 from ledger.blocks import Block, ChainError
 from ledger.config import (
+    Address,
     ConfigError,
     NetworkConfig,
     ProtocolSettings,
+    load_client_config,
+    load_replica_config,
+    network_toml,
     protocol_problem,
     template_for,
     write_network,
@@ -40,8 +50,11 @@ from ledger.config import (
 from ledger.crypto import SigningKey
 from ledger.transactions import Put, sign_transaction
 from node import ports
+from node.host_network import HostNetwork, HostNetworkError, hosts_mode_refusal
+from node.link_proxy import LinkProxy
 from node.ports import HOST, PORT_RANGE, PORTS_PER_REPLICA
 from node.scenarios import ScenarioFile, Setup
+from node.scenarios import Workload as WorkloadSpec
 from node.traitors import format_behaviour_spec
 from node.verdict import BrokenInvariant, RunRecord, TraitorReport
 
@@ -67,10 +80,9 @@ FAST_PROTOCOL = ProtocolSettings(
     checkpoint_interval=16,
     status_interval_ms=200,
 )
-# What an unmodified replica process cannot be made to do (yet): the simulator can.
-UNSUPPORTED_EVENTS = ("partition", "heal")
-UNSUPPORTED_BEHAVIOURS = ("twins",)
 NODE_COMMAND = (sys.executable, "-m", "node.cli")
+# In --hosts mode every replica process has an address of its own, so all use the same ports.
+HOSTS_PEER_PORT = 7100
 
 
 class RealRunError(Exception):
@@ -79,18 +91,17 @@ class RealRunError(Exception):
 
 def real_mode_refusal(scenario: ScenarioFile, setup: Setup) -> str | None:
     """Why real processes cannot run this setup, or None when they can."""
-    for event in setup.timeline:
-        if event.event in UNSUPPORTED_EVENTS:
-            return f"event {event.event} (at {event.at_ms} ms) cannot be done with unmodified replica processes yet"
     last_event_ms = max((event.at_ms for event in setup.timeline), default=0)
     if last_event_ms > REAL_TIME_LIMIT_MS_MAX:
         return f"its timeline runs to {last_event_ms} ms, past the {REAL_TIME_LIMIT_MS_MAX} ms real processes are given"
     if setup.collusion_side:
-        return "collusion_side (a coalition's second signed history) cannot be done with unmodified replica processes yet"
+        # node/collusion.py signs each slot twice with every colluder's key in one place; separate
+        # processes would need a coordinator of their own, a second traitor runtime beside the real one.
+        return "collusion_side (a coalition signing a second history with all its keys at once) runs only in the simulator"
     for traitor in setup.traitors:
-        for behaviour in traitor.behaviours:
-            if behaviour.name in UNSUPPORTED_BEHAVIOURS:
-                return f"behaviour {behaviour.name} (replica {traitor.replica_id}) needs a second instance of the replica: not with real processes yet"
+        names = [behaviour.name for behaviour in traitor.behaviours]
+        if "twins" in names and len(names) > 1:
+            return f"replica {traitor.replica_id}: twins with other behaviours (the twins are two honest processes) runs only in the simulator"
     return None
 
 
@@ -101,89 +112,181 @@ def pick_base_port(replica_count: int, generator: random.Random) -> int:
     return base
 
 
-def write_fast_network(directory: Path, replica_count: int, network_id: str) -> None:
-    template = template_for(replica_count, network_id, HOST, pick_base_port(replica_count, random.Random()))
+def write_fast_network(directory: Path, replica_count: int, network_id: str) -> NetworkConfig:
+    """Keys and config files for the network; their addresses are placeholders, rewritten per process
+    by write_process_configs once the ports are picked and the proxy listens."""
+    template = template_for(replica_count, network_id, HOST)
     problem = protocol_problem(replica_count, FAST_PROTOCOL)
     if problem is not None:
         raise RealRunError(f"fast protocol settings do not fit {replica_count} replicas: {problem}")
     write_network(dataclasses.replace(template, protocol=FAST_PROTOCOL), directory)
     (directory / "logs").mkdir()
+    return load_client_config(directory / "client.toml").network
+
+
+@dataclass(frozen=True)
+class Instance:
+    """One replica process: a replica's key run once, or its twin (a second process with the same key)."""
+
+    replica_id: int
+    twin: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"replica-{self.replica_id}" + ("-twin" if self.twin else "")
+
+
+@dataclass(frozen=True)
+class LinkPlan:
+    """Which process each ordered link reaches. A twinned replica's twin serves the peers on its
+    side and its first process the rest, each talking only to its own peers (as the simulator does)."""
+
+    replica_count: int
+    twin_sides: dict[int, tuple[int, ...]]
+
+    @classmethod
+    def for_setup(cls, setup: Setup) -> LinkPlan:
+        sides = {}
+        for traitor in setup.traitors:
+            for behaviour in traitor.behaviours:
+                if behaviour.name == "twins":
+                    sides[traitor.replica_id] = tuple(dict(behaviour.parameters).get("side", ()))
+        return cls(setup.replica_count, sides)
+
+    @property
+    def instances(self) -> list[Instance]:
+        return [Instance(replica_id) for replica_id in range(self.replica_count)] + [Instance(replica_id, True) for replica_id in sorted(self.twin_sides)]
+
+    def serves(self, instance: Instance, peer: int) -> bool:
+        side = self.twin_sides.get(instance.replica_id)
+        return side is None or (peer in side) == instance.twin
+
+    def instance_for(self, receiver: int, sender: int) -> Instance:
+        side = self.twin_sides.get(receiver)
+        return Instance(receiver, side is not None and sender in side)
+
+    def target(self, instance: Instance, peer: int) -> Instance | None:
+        """The process `instance` reaches when it dials `peer`, or None (the twin on the other side talks to it)."""
+        return self.instance_for(peer, instance.replica_id) if self.serves(instance, peer) else None
+
+    @staticmethod
+    def link_name(instance: Instance, peer: int) -> str:
+        return f"{instance.name}->{peer}"
+
+    def links_of(self, replica_id: int) -> list[str]:
+        """Every link into or out of any process of `replica_id` (what a partition of it cuts)."""
+        names = []
+        for instance in self.instances:
+            for peer in range(self.replica_count):
+                if peer != instance.replica_id and (instance.replica_id == replica_id or peer == replica_id):
+                    names.append(self.link_name(instance, peer))
+        return names
+
+
+def write_process_configs(
+    directory: Path, network: NetworkConfig, plan: LinkPlan, addresses: dict[str, tuple[Address, Address]], proxy: LinkProxy
+) -> None:
+    """One config file per process: its own addresses, and its peers at its links' proxy listeners;
+    and client.toml with every replica's real client address. Each file is read back (validated)."""
+    originals = {instance.replica_id: addresses[instance.name] for instance in plan.instances if not instance.twin}
+    for instance in plan.instances:
+        replicas = []
+        for replica in network.replicas:
+            if replica.replica_id == instance.replica_id:
+                peer_address, client_address = addresses[instance.name]
+            else:
+                link = proxy.link(plan.link_name(instance, replica.replica_id))
+                peer_address, client_address = Address(proxy.host, link.listen_port), originals[replica.replica_id][1]
+            replicas.append(dataclasses.replace(replica, address=peer_address, client_address=client_address))
+        text = (
+            f"# {instance.name} of a scenario run: its peers are reached through the runner's link proxy\n"
+            f'[replica]\nid = {instance.replica_id}\nkey_file = "replica-{instance.replica_id}.key"\ndata_dir = "data/{instance.name}"\n\n'
+            + network_toml(dataclasses.replace(network, replicas=tuple(replicas)))
+        )
+        (directory / f"{instance.name}.toml").write_text(text)
+    clients = tuple(dataclasses.replace(replica, address=originals[replica.replica_id][0], client_address=originals[replica.replica_id][1]) for replica in network.replicas)
+    (directory / "client.toml").write_text('[client]\nkey_file = "client.key"\n\n' + network_toml(dataclasses.replace(network, replicas=clients)))
+    load_client_config(directory / "client.toml")
+    for instance in plan.instances:
+        if load_replica_config(directory / f"{instance.name}.toml").network.genesis_hash != network.genesis_hash:
+            raise RealRunError(f"{instance.name}.toml describes another network than client.toml")
 
 
 @dataclass(eq=False)
 class ReplicaProcesses:
-    """One `ledger-node run` per replica, each in its own process group, logging to logs/replica-N.log."""
+    """One `ledger-node run` per process, each in its own process group, logging to logs/NAME.log."""
 
     directory: Path
-    replica_count: int
-    arguments: dict[int, list[str]]  # more `ledger-node run` arguments per replica (the traitors')
-    processes: dict[int, trio.Process] = field(default_factory=dict)
-    stopped: set[int] = field(default_factory=set)
+    names: list[str]  # every process: replica-N, and replica-N-twin for a twin
+    arguments: dict[str, list[str]]  # more `ledger-node run` arguments per process (the traitors')
+    prefixes: dict[str, list[str]] = field(default_factory=dict)  # what runs the command (`ip netns exec NS`)
+    processes: dict[str, trio.Process] = field(default_factory=dict)
+    stopped: set[str] = field(default_factory=set)
 
-    def log_path(self, replica_id: int) -> Path:
-        return self.directory / "logs" / f"replica-{replica_id}.log"
+    def log_path(self, name: str) -> Path:
+        return self.directory / "logs" / f"{name}.log"
 
-    async def start(self, replica_id: int) -> None:
-        with self.log_path(replica_id).open("ab") as log:
-            self.processes[replica_id] = await trio.lowlevel.open_process(
-                [*NODE_COMMAND, "run", str(self.directory / f"replica-{replica_id}.toml"), *self.arguments.get(replica_id, [])],
+    async def start(self, name: str) -> None:
+        with self.log_path(name).open("ab") as log:
+            self.processes[name] = await trio.lowlevel.open_process(
+                [*self.prefixes.get(name, []), *NODE_COMMAND, "run", str(self.directory / f"{name}.toml"), *self.arguments.get(name, [])],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
 
-    def signal(self, replica_id: int, signal_number: signal.Signals) -> None:
-        process = self.processes[replica_id]
+    def signal(self, name: str, signal_number: signal.Signals) -> None:
+        process = self.processes[name]
         if process.returncode is None:
             try:
                 os.killpg(process.pid, signal_number)
             except ProcessLookupError:
                 pass
 
-    async def kill(self, replica_id: int) -> None:
-        self.signal(replica_id, signal.SIGKILL)
-        await self.processes[replica_id].wait()
+    async def kill(self, name: str) -> None:
+        self.signal(name, signal.SIGKILL)
+        await self.processes[name].wait()
 
-    def stop(self, replica_id: int) -> None:
-        self.signal(replica_id, signal.SIGSTOP)
-        self.stopped.add(replica_id)
+    def stop(self, name: str) -> None:
+        self.signal(name, signal.SIGSTOP)
+        self.stopped.add(name)
 
-    async def restart(self, replica_id: int) -> None:
-        if replica_id in self.stopped:
-            self.signal(replica_id, signal.SIGCONT)
-            self.stopped.discard(replica_id)
-        elif self.processes[replica_id].returncode is not None:
-            await self.start(replica_id)
+    async def restart(self, name: str) -> None:
+        if name in self.stopped:
+            self.signal(name, signal.SIGCONT)
+            self.stopped.discard(name)
+        elif self.processes[name].returncode is not None:
+            await self.start(name)
 
-    def exited(self) -> dict[int, int]:
-        return {replica_id: process.returncode for replica_id, process in self.processes.items() if process.returncode is not None}
+    def exited(self) -> dict[str, int]:
+        return {name: process.returncode for name, process in self.processes.items() if process.returncode is not None}
 
     async def stop_all(self) -> None:
         """SIGCONT and SIGTERM to every group; SIGKILL what is still there after STOP_DEADLINE_S."""
         with trio.CancelScope(shield=True):
-            for replica_id in self.processes:
-                self.signal(replica_id, signal.SIGCONT)
-                self.signal(replica_id, signal.SIGTERM)
+            for name in self.processes:
+                self.signal(name, signal.SIGCONT)
+                self.signal(name, signal.SIGTERM)
             with trio.move_on_after(STOP_DEADLINE_S):
                 for process in self.processes.values():
                     await process.wait()
-            for replica_id, process in self.processes.items():
-                self.signal(replica_id, signal.SIGKILL)
+            for name, process in self.processes.items():
+                self.signal(name, signal.SIGKILL)
                 await process.wait()
 
-    def log_text(self, replica_id: int) -> str:
+    def log_text(self, name: str) -> str:
         try:
-            with self.log_path(replica_id).open("rb") as log:
+            with self.log_path(name).open("rb") as log:
                 return log.read(LOG_READ_BYTES_MAX).decode(errors="replace")
         except OSError:
             return ""
 
     def log_tails(self) -> str:
         parts = []
-        for replica_id in range(self.replica_count):
-            tail = self.log_text(replica_id).splitlines()[-LOG_TAIL_LINES:]
-            parts.append(f"--- replica {replica_id} ({self.log_path(replica_id).name})\n" + ("\n".join(tail) or "(empty log)"))
+        for name in self.names:
+            tail = self.log_text(name).splitlines()[-LOG_TAIL_LINES:]
+            parts.append(f"--- {name} ({self.log_path(name).name})\n" + ("\n".join(tail) or "(empty log)"))
         return "\n".join(parts)
 
 
@@ -249,17 +352,85 @@ class Workload:
                         nursery.start_soon(self.submitter, client, client_index, index, share)
 
 
-async def _run_timeline(replicas: ReplicaProcesses, setup: Setup, started: float, progress: Progress) -> None:
+@dataclass(eq=False)
+class Faults:
+    """What the timeline acts on: the processes, and the links (at the proxy, or in --hosts mode the hosts' links)."""
+
+    replicas: ReplicaProcesses
+    plan: LinkPlan
+    proxy: LinkProxy
+    hosts: HostNetwork | None
+    host_index: dict[str, int]  # process name -> its host (namespace) number, in --hosts mode
+    delay_ms: int = 0  # every link's own delay (the file's network.delay_ms_min), and its jitter
+    jitter_ms: int = 0
+    slowed: dict[int, int] = field(default_factory=dict)  # replica -> the delay its slow event adds
+    partitioned: set[int] = field(default_factory=set)
+
+    def set_slow(self, replica_id: int, delay_ms: int | None) -> str:
+        """Add `delay_ms` to every link into or out of the replica (None: back to the links' own delay).
+        A link between two slow replicas takes the larger delay, as in the simulator."""
+        if delay_ms is None:
+            self.slowed.pop(replica_id, None)
+        else:
+            self.slowed[replica_id] = delay_ms
+        for instance in self.plan.instances:
+            for peer in range(self.plan.replica_count):
+                if peer != instance.replica_id and replica_id in (instance.replica_id, peer):
+                    extra_ms = max(self.slowed.get(instance.replica_id, 0), self.slowed.get(peer, 0))
+                    self.proxy.set_delay([self.plan.link_name(instance, peer)], self.delay_ms + extra_ms, self.jitter_ms)
+        links = len(self.plan.links_of(replica_id))
+        if delay_ms is None:
+            return f"replica {replica_id}'s {links} links back to {self.delay_ms}+{self.jitter_ms} ms"
+        return f"replica {replica_id}'s {links} links now {self.delay_ms + delay_ms}+{self.jitter_ms} ms at the proxy"
+
+    async def set_partitioned(self, replica_id: int, partitioned: bool) -> str:
+        """Cut the replica off (or heal it); what was seen of the cut, for the progress line."""
+        if self.hosts is not None:
+            states = []
+            for instance in self.plan.instances:
+                if instance.replica_id == replica_id:
+                    index = self.host_index[instance.name]
+                    states.append(f"{self.hosts.bridge_end(index)} was {self.hosts.link_state(index)}")
+                    await self.hosts.set_connected(index, not partitioned)
+            return ", ".join(states)
+        links = [self.proxy.link(name) for name in self.plan.links_of(replica_id)]
+        if partitioned:
+            open_connections = sum(len(link.connections) for link in links)
+            self.proxy.block(link.name for link in links)
+            return f"its {len(links)} links blocked at the proxy, {open_connections} open connections cut"
+        self.proxy.unblock(link.name for link in links)
+        return f"while cut off, the proxy refused {sum(link.refused for link in links)} connections on its {len(links)} links so far"
+
+
+async def _run_timeline(faults: Faults, setup: Setup, started: float, progress: Progress) -> None:
+    replicas = faults.replicas
     for event in sorted(setup.timeline, key=lambda event: event.at_ms):
         await trio.sleep_until(started + event.at_ms / 1000)
+        seen = []
         for replica_id in event.replicas:
+            # A kill, stop or restart hits the replica's first process; its twin (if any) runs on.
+            name = Instance(replica_id).name
             if event.event == "kill":
-                await replicas.kill(replica_id)
+                await replicas.kill(name)
             elif event.event == "stop":
-                replicas.stop(replica_id)
+                replicas.stop(name)
             elif event.event == "restart":
-                await replicas.restart(replica_id)
-        progress(f"at {event.at_ms} ms: {event.event} replicas {', '.join(map(str, event.replicas))}")
+                await replicas.restart(name)
+            elif event.event == "slow":
+                seen.append(faults.set_slow(replica_id, event.delay_ms))
+            elif event.event == "partition":
+                faults.partitioned.add(replica_id)
+                seen.append(await faults.set_partitioned(replica_id, True))
+            elif event.event == "heal":
+                # A heal ends whatever the replica suffered: its partition, its slowness, or both.
+                if replica_id in faults.slowed:
+                    seen.append(faults.set_slow(replica_id, None))
+                if replica_id in faults.partitioned:
+                    faults.partitioned.discard(replica_id)
+                    seen.append(await faults.set_partitioned(replica_id, False))
+        detail = f" ({'; '.join(seen)})" if seen else ""
+        by = f" by {event.delay_ms} ms" if event.event == "slow" else ""
+        progress(f"at {event.at_ms} ms: {event.event} replicas {', '.join(map(str, event.replicas))}{by}{detail}")
 
 
 async def _settle(client: Client, honest: list[int], minimum_height: int, progress: Progress) -> None:
@@ -314,29 +485,91 @@ async def _collect(client: Client, honest: list[int], minimum_height: int, progr
     return collected
 
 
+def process_addresses(plan: LinkPlan, hosts: HostNetwork | None) -> tuple[dict[str, tuple[Address, Address]], dict[str, int]]:
+    """Each process's (peer, client) address, and in --hosts mode its host number."""
+    instances = plan.instances
+    if hosts is not None:
+        index = {instance.name: position for position, instance in enumerate(instances)}
+        return {
+            instance.name: (Address(hosts.address(index[instance.name]), HOSTS_PEER_PORT), Address(hosts.address(index[instance.name]), HOSTS_PEER_PORT + 1))
+            for instance in instances
+        }, index
+    base = pick_base_port(len(instances), random.Random())
+    return {
+        instance.name: (Address(HOST, base + 2 * position), Address(HOST, base + 2 * position + 1)) for position, instance in enumerate(instances)
+    }, {}
+
+
 async def _run(
-    directory: Path, scenario: ScenarioFile, setup: Setup, seed: int, progress: Progress
+    directory: Path, scenario: ScenarioFile, setup: Setup, seed: int, progress: Progress, hosts: HostNetwork | None = None
 ) -> tuple[Workload, Collected, float, ReplicaProcesses, NetworkConfig]:
     replica_count = setup.replica_count
     network_id = f"scenario-{replica_count}"
-    write_fast_network(directory, replica_count, network_id)
-    arguments: dict[int, list[str]] = {}
+    generated = write_fast_network(directory, replica_count, network_id)
+    plan = LinkPlan.for_setup(setup)
+    addresses, host_index = process_addresses(plan, hosts)
+    proxy = LinkProxy(HOST if hosts is None else hosts.bridge_address, seed)
+    delay_ms, jitter_ms = scenario.network.delay_ms_min, scenario.network.delay_ms_max - scenario.network.delay_ms_min
+    for instance in plan.instances:
+        for peer in range(replica_count):
+            if peer != instance.replica_id:
+                target = plan.target(instance, peer)
+                # In --hosts mode only the dialing process's own address may use its link.
+                source_host = None if hosts is None else addresses[instance.name][0].host
+                proxy.add_link(
+                    plan.link_name(instance, peer), None if target is None else addresses[target.name][0], delay_ms, jitter_ms, source_host
+                )
+    arguments: dict[str, list[str]] = {}
     for traitor in setup.traitors:
-        arguments[traitor.replica_id] = [
-            *(part for behaviour in traitor.behaviours for part in ("--traitor", format_behaviour_spec(behaviour))),
-            "--traitor-seed",
-            str(seed),
-        ]
-    replicas = ReplicaProcesses(directory, replica_count, arguments)
+        behaviours = [behaviour for behaviour in traitor.behaviours if behaviour.name != "twins"]
+        if behaviours:
+            arguments[Instance(traitor.replica_id).name] = [
+                *(part for behaviour in behaviours for part in ("--traitor", format_behaviour_spec(behaviour))),
+                "--traitor-seed",
+                str(seed),
+            ]
+    prefixes = {} if hosts is None else {name: hosts.command_prefix(index) for name, index in host_index.items()}
+    replicas = ReplicaProcesses(directory, [instance.name for instance in plan.instances], arguments, prefixes)
     traitor_ids = {traitor.replica_id for traitor in setup.traitors}
     honest = [replica_id for replica_id in range(replica_count) if replica_id not in traitor_ids]
     workload_spec = scenario.workload
     time_limit_s = min(scenario.network.time_limit_ms, REAL_TIME_LIMIT_MS_MAX) / 1000
     config_path = directory / "client.toml"
+    async with trio.open_nursery() as proxy_nursery:
+        await proxy_nursery.start(proxy.run)
+        write_process_configs(directory, generated, plan, addresses, proxy)
+        faults = Faults(replicas, plan, proxy, hosts, host_index, delay_ms, jitter_ms)
+        try:
+            workload, collected, started, network = await _run_processes(
+                replicas, faults, setup, config_path, network_id, honest, workload_spec, time_limit_s, progress
+            )
+        finally:
+            proxy_nursery.cancel_scope.cancel()
+    return workload, collected, started, replicas, network
+
+
+async def _run_processes(
+    replicas: ReplicaProcesses,
+    faults: Faults,
+    setup: Setup,
+    config_path: Path,
+    network_id: str,
+    honest: list[int],
+    workload_spec: WorkloadSpec,
+    time_limit_s: float,
+    progress: Progress,
+) -> tuple[Workload, Collected, float, NetworkConfig]:
+    replica_count = setup.replica_count
     try:
-        progress(f"starting {replica_count} `ledger-node run` processes in {directory} ({len(setup.traitors)} traitor(s))")
-        for replica_id in range(replica_count):
-            await replicas.start(replica_id)
+        twins = len(replicas.names) - replica_count
+        progress(
+            f"starting {len(replicas.names)} `ledger-node run` processes in {replicas.directory} ({len(setup.traitors)} traitor(s)"
+            + (f", {twins} of them twinned" if twins else "")
+            + (f"; one network namespace each, on bridge {faults.hosts.bridge}" if faults.hosts is not None else "")
+            + "); every peer link through the link proxy"
+        )
+        for name in replicas.names:
+            await replicas.start(name)
         async with open_client(config_path) as client:
             network = client.network
             try:
@@ -358,7 +591,7 @@ async def _run(
             try:
                 with trio.fail_after(time_limit_s + STARTUP_DEADLINE_S):
                     async with trio.open_nursery() as nursery:
-                        nursery.start_soon(_run_timeline, replicas, setup, started, progress)
+                        nursery.start_soon(_run_timeline, faults, setup, started, progress)
                         for client_index in range(workload_spec.clients):
                             nursery.start_soon(
                                 workload.run_client, config_path, client_index, workload_spec.transactions_per_client, workload_spec.in_flight
@@ -375,22 +608,31 @@ async def _run(
     finally:
         progress("stopping every replica process (SIGTERM, then SIGKILL after a bound)")
         await replicas.stop_all()
-    return workload, collected, started, replicas, network
+    return workload, collected, started, network
 
 
-def run_real_processes(scenario: ScenarioFile, setup: Setup, seed: int, progress: Progress) -> RunRecord:
-    """Run the scenario against real replica processes; the directory it makes is removed afterwards."""
+def run_real_processes(scenario: ScenarioFile, setup: Setup, seed: int, progress: Progress, hosts: bool = False) -> RunRecord:
+    """Run the scenario against real replica processes (with `hosts`, each in a network namespace of
+    its own); the directory, and the namespaces, veths and bridge it makes, are removed afterwards."""
     refusal = real_mode_refusal(scenario, setup)
     if refusal is not None:
         raise RealRunError(f"scenario {scenario.name}: {refusal}; `--sim` runs it")
+    if hosts and hosts_mode_refusal() is not None:
+        raise RealRunError(str(hosts_mode_refusal()))
+    plan = LinkPlan.for_setup(setup)
+    names = [instance.name for instance in plan.instances]
     parent = Path(tempfile.mkdtemp(prefix="ledger-scenario-"))
     directory = parent / "net"
     begun = time.perf_counter()
+    host_network = HostNetwork(len(names)) if hosts else None
     try:
         try:
-            workload, collected, started, replicas, network = trio.run(_run, directory, scenario, setup, seed, progress)
-        except (RealRunError, ConfigError, OSError) as error:
-            tails = ReplicaProcesses(directory, setup.replica_count, {}).log_tails() if (directory / "logs").is_dir() else ""
+            if host_network is not None:
+                progress(f"making {len(names)} network namespaces ({host_network.namespace(0)}..) on bridge {host_network.bridge}")
+                host_network.create()
+            workload, collected, started, replicas, network = trio.run(_run, directory, scenario, setup, seed, progress, host_network)
+        except (RealRunError, ConfigError, OSError, HostNetworkError) as error:
+            tails = ReplicaProcesses(directory, names, {}).log_tails() if (directory / "logs").is_dir() else ""
             raise RealRunError(f"{error}" + (f"\n{tails}" if tails else "")) from None
         except BaseExceptionGroup as group:
             # Ctrl-C lands in whichever task was running: one KeyboardInterrupt for the caller.
@@ -401,16 +643,21 @@ def run_real_processes(scenario: ScenarioFile, setup: Setup, seed: int, progress
         rejections: dict[str, int] = {}
         for replica_id in range(setup.replica_count):
             if replica_id not in traitor_ids:
-                for reason, count in logged_rejections(replicas.log_text(replica_id)).items():
+                for reason, count in logged_rejections(replicas.log_text(Instance(replica_id).name)).items():
                     rejections[reason] = rejections.get(reason, 0) + count
         traitors = []
         for traitor in setup.traitors:
             behaviours = " + ".join(behaviour.describe() for behaviour in traitor.behaviours) or "no behaviour of its own"
-            if "is a TRAITOR" not in replicas.log_text(traitor.replica_id) and traitor.behaviours:
+            side = plan.twin_sides.get(traitor.replica_id)
+            if side is not None:
+                behaviours += f": a second honest process with its key ({Instance(traitor.replica_id, True).name}) serves replicas {', '.join(map(str, side))}"
+            elif "is a TRAITOR" not in replicas.log_text(Instance(traitor.replica_id).name) and traitor.behaviours:
                 behaviours += " (but its log never announced it)"
             traitors.append(TraitorReport(traitor.replica_id, behaviours, {}))
     finally:
         shutil.rmtree(parent, ignore_errors=True)
+        if host_network is not None:
+            _remove_host_network(host_network, progress)
     broken = collected.broken
     if broken is None and workload.failed_receipts:
         broken = BrokenInvariant("validity", workload.failed_receipts[0])
@@ -420,7 +667,7 @@ def run_real_processes(scenario: ScenarioFile, setup: Setup, seed: int, progress
         )
     return RunRecord(
         scenario=scenario.name,
-        backend="real processes",
+        backend="real processes, one network namespace each" if hosts else "real processes",
         replica_count=setup.replica_count,
         seed=seed,
         network_id=network.network_id,
@@ -435,3 +682,16 @@ def run_real_processes(scenario: ScenarioFile, setup: Setup, seed: int, progress
         elapsed_s=time.perf_counter() - begun,
         confirmed_by_ms=None if workload.last_receipt is None else round((workload.last_receipt - started) * 1000),
     )
+
+
+def _remove_host_network(host_network: HostNetwork, progress: Progress) -> None:
+    """Remove the namespaces, veths and bridge; a second Ctrl-C meanwhile must not leave them behind."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        problems = host_network.remove()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    for problem in problems:
+        progress(f"could not remove what the run made: {problem}")
+    if not problems:
+        progress(f"removed the network namespaces and bridge {host_network.bridge}")

@@ -37,6 +37,7 @@ def simulator_scenario(scenario: ScenarioFile, setup: Setup, seed: int) -> Scena
         crashes=setup.intervals("kill", ("restart",)),
         stalls=setup.intervals("stop", ("restart",)),
         partitions=setup.intervals("partition", ("heal",)),
+        slow_links=setup.slow_links(),
         collusion_side=setup.collusion_side,
     )
 
@@ -44,7 +45,7 @@ def simulator_scenario(scenario: ScenarioFile, setup: Setup, seed: int) -> Scena
 def fault_free(scenario: Scenario) -> Scenario:
     """The same workload, seed and delays, with no traitors, faults or losses."""
     return dataclasses.replace(
-        scenario, traitors=(), crashes=(), stalls=(), partitions=(), collusion_side=(), loss_rate=0.0, duplicate_rate=0.0, faults_until_ms=0
+        scenario, traitors=(), crashes=(), stalls=(), partitions=(), slow_links=(), collusion_side=(), loss_rate=0.0, duplicate_rate=0.0, faults_until_ms=0
     )
 
 

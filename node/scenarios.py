@@ -21,7 +21,7 @@ from node.traitors import BEHAVIOURS, BehaviourSpec, TraitorSpec
 SCENARIO_DIRECTORY = packaged_config("scenarios")
 REPLICA_COUNTS = (4, 7)
 VERDICTS = ("holds", "breaks")
-EVENTS = ("kill", "stop", "restart", "partition", "heal")
+EVENTS = ("kill", "stop", "restart", "partition", "slow", "heal")
 # Bounds on what a file may ask for (a scenario is a small, quick demonstration).
 CLIENTS_MAX = 16
 TRANSACTIONS_PER_CLIENT_MAX = 200
@@ -84,6 +84,7 @@ class FaultEvent:
     at_ms: int
     event: str
     replicas: tuple[int, ...]
+    delay_ms: int = 0  # a slow event: added to every message into or out of its replicas
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,13 @@ class Setup:
                     if replica in opened:
                         found.append((replica, opened.pop(replica), event.at_ms))
         return tuple(sorted(found))
+
+    def slow_links(self) -> tuple[tuple[int, int, int, int], ...]:
+        """(replica, from_ms, until_ms, delay_ms) for every slow event, until the heal that ends it."""
+        delays = {(event.at_ms, replica): event.delay_ms for event in self.timeline if event.event == "slow" for replica in event.replicas}
+        return tuple(
+            (replica, start, end, delays[(start, replica)]) for replica, start, end in self.intervals("slow", ("heal",))
+        )
 
 
 @dataclass(frozen=True)
@@ -435,7 +443,7 @@ def _parse_timeline(reader: _Reader, replica_count: int, network: NetworkConditi
         if not isinstance(item, dict):
             raise reader.error(f"timeline[{position}]", "expected a table { at_ms = ..., event = ..., replicas = [...] }")
         event_reader = _Reader(reader.path, item, f"{reader.where}timeline[{position}].")
-        event_reader.refuse_unknown(("at_ms", "event", "replicas"))
+        event_reader.refuse_unknown(("at_ms", "event", "replicas", "delay_ms"))
         at_ms = event_reader.integer("at_ms", 0, network.time_limit_ms, required=True)
         if at_ms > network.faults_until_ms:
             raise event_reader.error("at_ms", f"{at_ms} is after the network heals at {network.faults_until_ms} (network.faults_until_ms)")
@@ -443,19 +451,27 @@ def _parse_timeline(reader: _Reader, replica_count: int, network: NetworkConditi
         if event not in EVENTS:
             raise event_reader.error("event", f"expected one of {', '.join(EVENTS)}, got {event!r}")
         replicas = event_reader.replica_list("replicas", replica_count, required=event != "heal")
-        events.append(FaultEvent(at_ms, event, replicas))
+        if event == "slow":
+            delay_ms = event_reader.integer("delay_ms", 1, DELAY_MS_MAX, required=True)
+        elif "delay_ms" in event_reader.table:
+            raise event_reader.error("delay_ms", "only a slow event has a delay")
+        else:
+            delay_ms = 0
+        events.append(FaultEvent(at_ms, event, replicas, delay_ms))
     return _check_timeline(reader, events)
 
 
 def _check_timeline(reader: _Reader, events: list[FaultEvent]) -> tuple[FaultEvent, ...]:
-    """Each replica is up, killed or stopped, and connected or cut off; every fault ends."""
+    """Each replica is up, killed or stopped, connected or cut off, and slow or not; every fault ends
+    (a heal ends a replica's partition and its slowness)."""
     state: dict[int, str] = {}
     cut_off: set[int] = set()
+    slowed: set[int] = set()
     resolved = []
     for event in sorted(events, key=lambda event: event.at_ms):
         replicas = event.replicas
         if event.event == "heal" and not replicas:
-            replicas = tuple(sorted(cut_off))
+            replicas = tuple(sorted(cut_off | slowed))
         for replica in replicas:
             where = f"timeline event {event.event} at {event.at_ms} ms"
             if event.event in ("kill", "stop"):
@@ -470,13 +486,20 @@ def _check_timeline(reader: _Reader, events: list[FaultEvent]) -> tuple[FaultEve
                 if replica in cut_off:
                     raise reader.error("timeline", f"{where}: replica {replica} is already cut off")
                 cut_off.add(replica)
-            elif replica not in cut_off:
-                raise reader.error("timeline", f"{where}: replica {replica} is not cut off")
+            elif event.event == "slow":
+                if replica in slowed:
+                    raise reader.error("timeline", f"{where}: replica {replica} is already slow")
+                slowed.add(replica)
+            elif replica not in cut_off and replica not in slowed:
+                raise reader.error("timeline", f"{where}: replica {replica} is neither cut off nor slow")
             else:
                 cut_off.discard(replica)
-        resolved.append(FaultEvent(event.at_ms, event.event, replicas))
+                slowed.discard(replica)
+        resolved.append(FaultEvent(event.at_ms, event.event, replicas, event.delay_ms))
     for replica, what in sorted(state.items()):
         raise reader.error("timeline", f"replica {replica} is {what} and never restarted (every fault ends before the network heals)")
     for replica in sorted(cut_off):
         raise reader.error("timeline", f"replica {replica} is cut off and never healed (every fault ends before the network heals)")
+    for replica in sorted(slowed):
+        raise reader.error("timeline", f"replica {replica} is slow and never healed (every fault ends before the network heals)")
     return tuple(resolved)

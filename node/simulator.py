@@ -146,6 +146,9 @@ class Scenario:
     torn_crashes: tuple[tuple[int, int, int], ...] = ()
     stalls: tuple[tuple[int, int, int], ...] = ()
     partitions: tuple[tuple[int, int, int], ...] = ()
+    # Slow links: (replica, from_ms, until_ms, delay_ms): every message into or out of the replica
+    # meanwhile takes delay_ms longer (the real runner's link proxy does the same).
+    slow_links: tuple[tuple[int, int, int, int], ...] = ()
     # Traitor replicas stay traitors to the end (at most f of them, with the faulty ones above).
     traitors: tuple[TraitorSpec, ...] = ()
     # ByzzFuzz: in each round of this length, with this probability, the replicas split in two.
@@ -543,8 +546,16 @@ class Simulation:
                 return
             if self.random.random() < self.scenario.duplicate_rate:
                 copies = 2
+        slow_ms = self.slow_ms(payload[0], payload[1]) if kind == "deliver" else 0
         for _ in range(copies):
-            self.schedule(self.random.randint(self.scenario.delay_ms_min, self.scenario.delay_ms_max), kind, payload)
+            self.schedule(self.random.randint(self.scenario.delay_ms_min, self.scenario.delay_ms_max) + slow_ms, kind, payload)
+
+    def slow_ms(self, sender: int, receiver: int) -> int:
+        """The extra delay of a slow link between the two now (the larger, if both are slow)."""
+        return max(
+            (delay_ms for replica, start, end, delay_ms in self.scenario.slow_links if replica in (sender, receiver) and start <= self.now_ms < end),
+            default=0,
+        )
 
     # ---- running ----
 

@@ -162,12 +162,12 @@ def test_show_prints_the_file_and_explains_it() -> None:
     assert "replica 0: equivocating_primary()@0ms: As primary, sends every pre-prepare in two versions" in result.stdout
 
 
-def test_real_mode_refuses_a_partition_in_one_line_with_exit_2() -> None:
-    result = ledger_scenario("run", "partition-with-traitor", "--replicas", "4")
+def test_real_mode_refuses_collusion_in_one_line_with_exit_2() -> None:
+    result = ledger_scenario("run", "fork-f-plus-one", "--replicas", "4")
     assert result.returncode == 2
     assert result.stderr.strip() == (
-        "ledger-scenario: scenario partition-with-traitor (n=4): event partition (at 100 ms) cannot be done "
-        "with unmodified replica processes yet; `--sim` runs it"
+        "ledger-scenario: scenario fork-f-plus-one (n=4): collusion_side (a coalition signing a second history with all "
+        "its keys at once) runs only in the simulator; `--sim` runs it"
     )
     assert result.stdout == ""
 
@@ -177,12 +177,25 @@ def test_real_mode_refuses_exactly_what_unmodified_processes_cannot_do() -> None
         scenario = load_scenario(scenario_path(name))
         return real_mode_refusal(scenario, scenario.setup(replica_count))
 
-    assert "event partition" in (refusal("partition-with-traitor", 7) or "")
     assert "collusion_side" in (refusal("fork-f-plus-one", 4) or "")
     assert "collusion_side" in (refusal("fork-f", 7) or "")
-    assert "behaviour twins" in (refusal("twins", 4) or "")
-    for name in ("equivocating-primary", "primary-killed", "lying-block-server", "silent-f-plus-one"):
+    # Partitions and heals go through the link proxy, twins are a second process: real mode runs them.
+    for name in ("equivocating-primary", "primary-killed", "lying-block-server", "silent-f-plus-one", "partition-with-traitor", "twins"):
         assert refusal(name, 4) is None and refusal(name, 7) is None
+
+
+def test_list_shows_the_modes_each_scenario_runs_in() -> None:
+    result = ledger_scenario("list")
+    assert result.returncode == 0, result.stderr
+    lines = {line.split()[0]: line for line in result.stdout.splitlines()}
+    assert "modes real/hosts/sim" in lines["partition-with-traitor"]
+    assert "modes real/hosts/sim" in lines["twins"]
+    assert "modes sim " in lines["fork-f-plus-one"] and "modes sim " in lines["fork-f"]
+
+
+def test_hosts_and_sim_together_are_refused_in_one_line() -> None:
+    result = ledger_scenario("run", "withhold", "--hosts", "--sim")
+    assert result.returncode == 2 and result.stderr.strip() == "ledger-scenario: --sim and --hosts exclude each other: the simulator has no hosts"
 
 
 def test_an_unknown_scenario_or_size_is_one_line_with_exit_2() -> None:
@@ -249,10 +262,14 @@ def parse(changes: dict, path: str = "attack.toml") -> object:
         ({"replicas/4/traitors/1": {"replica": 1}}, "traitors[1].replica: replica 1 is already a traitor"),
         ({"replicas/4/collusion_side": [1]}, "replicas.4.collusion_side: lists the honest replicas shown the second history; [1] are traitors"),
         ({"replicas/4/timeline": [{"at_ms": 10, "event": "kill", "replicas": [2]}]}, "replica 2 is killed and never restarted"),
-        ({"replicas/4/timeline": [{"at_ms": 10, "event": "explode", "replicas": [2]}]}, "timeline[0].event: expected one of kill, stop, restart, partition, heal"),
+        ({"replicas/4/timeline": [{"at_ms": 10, "event": "explode", "replicas": [2]}]}, "timeline[0].event: expected one of kill, stop, restart, partition, slow, heal"),
         ({"replicas/4/timeline": [{"at_ms": 9000, "event": "kill", "replicas": [2]}]}, "timeline[0].at_ms: 9000 is after the network heals at 3000"),
         ({"replicas/4/timeline": [{"at_ms": 10, "event": "restart", "replicas": [2]}]}, "replica 2 is neither killed nor stopped"),
-        ({"replicas/4/timeline": [{"at_ms": 10, "event": "heal", "replicas": [2]}]}, "replica 2 is not cut off"),
+        ({"replicas/4/timeline": [{"at_ms": 10, "event": "heal", "replicas": [2]}]}, "replica 2 is neither cut off nor slow"),
+        ({"replicas/4/timeline": [{"at_ms": 10, "event": "slow", "replicas": [2]}]}, "timeline[0].delay_ms: missing"),
+        ({"replicas/4/timeline": [{"at_ms": 10, "event": "slow", "replicas": [2], "delay_ms": 0}]}, "timeline[0].delay_ms: must be between 1 and 10000"),
+        ({"replicas/4/timeline": [{"at_ms": 10, "event": "kill", "replicas": [2], "delay_ms": 5}]}, "timeline[0].delay_ms: only a slow event has a delay"),
+        ({"replicas/4/timeline": [{"at_ms": 10, "event": "slow", "replicas": [2], "delay_ms": 50}]}, "replica 2 is slow and never healed"),
         ({"replicas": None}, "attack.toml: replicas: missing"),
     ],
 )
@@ -275,6 +292,28 @@ def test_a_valid_file_parses_and_its_timeline_becomes_intervals() -> None:
     assert setup.intervals("kill", ("restart",)) == ((2, 100, 900),)
     assert setup.intervals("partition", ("heal",)) == ((3, 200, 1000),)
     assert setup.traitors[0].behaviours[0].parameters == (("peers", (2,)),)
+
+
+def test_a_slow_event_lasts_until_the_heal_that_ends_it() -> None:
+    timeline = [
+        {"at_ms": 100, "event": "slow", "replicas": [2], "delay_ms": 300},
+        {"at_ms": 200, "event": "partition", "replicas": [3]},
+        {"at_ms": 400, "event": "slow", "replicas": [3], "delay_ms": 50},
+        {"at_ms": 1000, "event": "heal"},  # ends both: replica 2's slowness, replica 3's partition and slowness
+    ]
+    setup = parse({"replicas/4/timeline": timeline}).setup(4)  # type: ignore[attr-defined]
+    assert setup.slow_links() == ((2, 100, 1000, 300), (3, 400, 1000, 50))
+    assert setup.intervals("partition", ("heal",)) == ((3, 200, 1000),)
+
+
+def test_the_simulator_adds_a_slow_links_delay_to_messages_into_and_out_of_it() -> None:
+    simulation = Simulation(Scenario(seed=1, slow_links=((2, 100, 1000, 300), (3, 0, 1000, 50))))
+    simulation.now_ms = 500
+    assert simulation.slow_ms(2, 0) == 300 and simulation.slow_ms(0, 2) == 300
+    assert simulation.slow_ms(2, 3) == 300  # both slow: the larger
+    assert simulation.slow_ms(0, 1) == 0
+    simulation.now_ms = 1000
+    assert simulation.slow_ms(2, 0) == 0  # healed
 
 
 def test_a_behaviour_this_build_lacks_is_refused_unless_the_file_says_it_needs_it() -> None:
@@ -317,3 +356,15 @@ def test_list_into_a_closed_pipe_stops_quietly() -> None:
 
 def test_every_shipped_file_sits_in_the_scenario_directory() -> None:
     assert SCENARIO_DIRECTORY.is_dir() and len(scenario_names()) >= len(BEHAVIOURS)
+
+
+def test_hosts_mode_without_root_is_one_line_with_exit_2(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import node.host_network
+
+    monkeypatch.setattr(node.host_network.os, "geteuid", lambda: 1000)
+    assert main(["run", "partition-with-traitor", "--hosts"]) == 2
+    error = capsys.readouterr().err
+    assert error.strip() == "ledger-scenario: --hosts makes network namespaces, veth pairs and a bridge: run it as root (or leave out --hosts)"
+    monkeypatch.setattr(node.host_network.shutil, "which", lambda name: None)
+    assert main(["run", "partition-with-traitor", "--hosts"]) == 2
+    assert "needs the `ip` command" in capsys.readouterr().err

@@ -32,3 +32,33 @@ def test_a_scenario_run_against_real_processes_matches_its_expectation(name: str
     if name == "primary-killed":  # the timeline ran against the processes
         assert "at 150 ms: kill replicas 0" in result.stderr and "at 2000 ms: restart replicas 0" in result.stderr
 
+
+
+def test_a_partition_and_heal_run_through_the_link_proxy() -> None:
+    result = ledger_scenario("run", "partition-with-traitor", "--replicas", "4")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "MATCHES the expectation" in result.stdout
+    assert "every peer link through the link proxy" in result.stderr
+    # The partition really cut replica 3's six links (three out, three in), and the heal let them back.
+    assert "at 100 ms: partition replicas 3 (its 6 links blocked at the proxy" in result.stderr
+    heal = next(line for line in result.stderr.splitlines() if "at 1400 ms: heal replicas 3" in line)
+    assert "the proxy refused" in heal and "refused 0 connections" not in heal
+    assert "heights 0: 4, 2: 4, 3: 4" in result.stdout  # the cut-off replica caught up
+
+
+def test_twins_run_as_two_processes_with_one_key() -> None:
+    result = ledger_scenario("run", "twins", "--replicas", "4")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "MATCHES the expectation" in result.stdout
+    assert "starting 5 `ledger-node run` processes" in result.stderr and "1 of them twinned" in result.stderr
+    assert "a second honest process with its key (replica-0-twin) serves replicas 2, 3" in result.stdout
+    # Both twins ordered requests on their own sides: the honest replicas saw key 0 vote two ways.
+    assert "for another digest" in result.stdout
+
+
+def test_a_slow_link_is_slowed_at_the_proxy_and_healed() -> None:
+    result = ledger_scenario("run", "slow-link", "--replicas", "4")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "MATCHES the expectation" in result.stdout
+    assert "at 100 ms: slow replicas 2 by 300 ms (replica 2's 6 links now 301+9 ms at the proxy)" in result.stderr
+    assert "at 1500 ms: heal replicas 2 (replica 2's 6 links back to 1+9 ms)" in result.stderr
