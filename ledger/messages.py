@@ -630,7 +630,7 @@ class Reply:
 
 @dataclass(frozen=True, slots=True)
 class Query:
-    """A read. Kinds: the application's ('account', 'get') and the ledger's ('transaction', 'block-hash').
+    """A read. Kinds: the application's ('account', 'get', 'key-prefix') and the ledger's ('transaction', 'block-hash', ...).
 
     `min_height` is the client's read floor: a replica answers only from state at least that high
     (else it says it is behind), which gives the client read-your-writes and monotonic reads.
