@@ -187,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     put.add_argument("key", help=f"up to {KEY_LENGTH_MAX} characters")
     put.add_argument("value", help=f"up to {VALUE_LENGTH_MAX} characters")
     get = commands.add_parser("get", help="read a key, or every key starting with --prefix (a quorum of replicas must agree)")
-    get.add_argument("key", nargs="?")
+    get.add_argument("key", nargs="?", help="the key to read (or give --prefix instead)")
     add_get_prefix_option(get)
     balance = commands.add_parser("balance", help="an account's balance and next nonce (default: yours)")
     balance.add_argument("account", nargs="?", help="64 hex digits or a key file")
