@@ -22,10 +22,16 @@ from client.library import (
     open_client,
 )
 from client.quorum import Receipt
+from client.watch import BlockFollower
 from ledger.blocks import Block, ChainError, prove_transaction
 from ledger.config import ConfigError, load_client_config
 from ledger.crypto import KeyFileError, SigningKey, parse_public_key, read_key_file, write_key_file
-from ledger.messages import TRANSACTION_PREFIX_LENGTH_MIN, TRANSACTION_PREFIX_MATCHES_MAX
+from ledger.messages import (
+    KEY_PREFIX_ANSWER_BYTES_MAX,
+    KEY_PREFIX_MATCHES_MAX,
+    TRANSACTION_PREFIX_LENGTH_MIN,
+    TRANSACTION_PREFIX_MATCHES_MAX,
+)
 from ledger.receipts import (
     ReceiptError,
     read_receipt_file,
@@ -33,7 +39,15 @@ from ledger.receipts import (
     verify_receipt,
     write_receipt_file,
 )
-from ledger.transactions import AMOUNT_MAX, KEY_LENGTH_MAX, VALUE_LENGTH_MAX, Put, Transfer
+from ledger.transactions import (
+    AMOUNT_MAX,
+    KEY_LENGTH_MAX,
+    VALUE_LENGTH_MAX,
+    Put,
+    Transaction,
+    TransactionResult,
+    Transfer,
+)
 from ledger.version import package_version
 
 EXIT_OK = 0
@@ -53,6 +67,8 @@ examples:
   ledger-client -c net/client.toml transfer 3f1c...e9 25
   ledger-client -c net/client.toml put greeting hello
   ledger-client -c net/client.toml get greeting
+  ledger-client -c net/client.toml get --prefix user/
+  ledger-client -c net/client.toml watch --prefix user/
   ledger-client -c net/client.toml --min-height 7 get greeting   (7: the block a put printed)
   ledger-client -c net/client.toml balance
   ledger-client -c net/client.toml block 1
@@ -180,8 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     put = commands.add_parser("put", help="set a key to a value")
     put.add_argument("key", help=f"the key, 1 to {KEY_LENGTH_MAX} characters")
     put.add_argument("value", help=f"its new value, up to {VALUE_LENGTH_MAX} characters")
-    get = commands.add_parser("get", help="read a key (a quorum of replicas must agree)")
-    get.add_argument("key", help="the key to read")
+    get = commands.add_parser("get", help="read a key, or every key starting with --prefix (a quorum of replicas must agree)")
+    get.add_argument("key", nargs="?", help="the key to read (or give --prefix instead)")
+    add_get_prefix_option(get)
     balance = commands.add_parser("balance", help="an account's balance and next nonce (default: yours)")
     balance.add_argument("account", nargs="?", help="64 hex digits or a key file")
     block = commands.add_parser("block", help="show a block and check its commit certificate")
@@ -198,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     keygen.add_argument("--force", action="store_true", help="overwrite an existing file")
     commands.add_parser("whoami", help="the account (public key) this client acts as")
     add_receipt_commands(commands, transaction)
+    add_watch_parser(commands)
     add_completion_command(commands, "ledger-client")
     for command in commands.choices.values():
         add_global_options(command, suppress=True)
@@ -402,6 +420,8 @@ def block_text(block: Block) -> str:
 async def run_command(arguments: argparse.Namespace, output: Output) -> int:
     async with open_client(arguments.config, arguments.key_file) as client:
         client.raise_read_floor(arguments.min_height)
+        if arguments.command == "watch":
+            return await command_watch(arguments, client, output)  # runs until --count or Ctrl-C
         with trio.fail_after(arguments.timeout + 5):
             return await dispatch(arguments, client, output)
 
@@ -418,6 +438,8 @@ async def dispatch(arguments: argparse.Namespace, client: Client, output: Output
         output.emit(receipt_data(receipt), receipt_text(receipt, client, f"put {arguments.key!r}"))
         return EXIT_OK if receipt.result.ok else EXIT_FAILED
     if command == "get":
+        if arguments.prefix is not None or arguments.key is None:
+            return await command_get_prefix(arguments, client, output)
         reply = await client.query("get", arguments.key, arguments.timeout)
         shown = "(not set)" if reply.result is None else reply.result
         output.emit({"key": arguments.key, "value": reply.result, "height": reply.height}, f"{arguments.key} = {shown}   (height {reply.height})")
@@ -600,6 +622,157 @@ async def dispatch(arguments: argparse.Namespace, client: Client, output: Output
         )
         return EXIT_OK
     raise UsageError(f"unknown command {command}")
+
+
+# ---- get --prefix: a range of keys, signed by a quorum as `get` is ----
+
+
+def add_get_prefix_option(get: argparse.ArgumentParser) -> None:
+    get.add_argument(
+        "--prefix",
+        default=None,
+        metavar="PREFIX",
+        help=f"every key starting with PREFIX, in order (at most {KEY_PREFIX_MATCHES_MAX} keys or "
+        f"{KEY_PREFIX_ANSWER_BYTES_MAX // 1024} KiB; '...' marks more); give no KEY with it",
+    )
+
+
+def printable(text: str) -> str:
+    """Text for a terminal: control characters (a line break, an escape) shown escaped, so a
+    stored key or value cannot fake lines or move the cursor."""
+    return "".join(character if character.isprintable() else repr(character)[1:-1] for character in text)
+
+
+async def command_get_prefix(arguments: argparse.Namespace, client: Client, output: Output) -> int:
+    if arguments.key is not None:
+        raise UsageError("get: give either a KEY or --prefix PREFIX, not both")
+    if arguments.prefix is None:
+        raise UsageError("get: give a KEY, or --prefix PREFIX for every key starting with it")
+    prefix = arguments.prefix
+    if len(prefix) > KEY_LENGTH_MAX:
+        raise UsageError(f"--prefix: {len(prefix)} characters, keys have at most {KEY_LENGTH_MAX}")
+    found = await client.values_with_prefix(prefix, arguments.timeout)
+    lines = [f"{printable(key)} = {printable(value)}" for key, value in found.entries]
+    if found.truncated:
+        lines.append(f"... more (one answer holds at most {KEY_PREFIX_MATCHES_MAX} keys or {KEY_PREFIX_ANSWER_BYTES_MAX // 1024} KiB: give a longer prefix)")
+    if not found.entries:
+        lines.append(f"(no key starts with {printable(prefix)!r})   (height {found.height})")
+    data = {
+        "prefix": prefix,
+        "entries": [{"key": key, "value": value} for key, value in found.entries],
+        "truncated": found.truncated,
+        "height": found.height,
+    }
+    output.emit(data, "\n".join(lines))
+    return EXIT_OK
+
+
+# ---- watch: follow new blocks as they commit ----
+
+
+def _count(text: str) -> int:
+    try:
+        count = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if count < 1:
+        raise argparse.ArgumentTypeError("must be 1 or more")
+    return count
+
+
+def add_watch_parser(commands: Any) -> None:
+    watch = commands.add_parser(
+        "watch",
+        help="follow new blocks as they commit, each checked before it is shown (Ctrl-C stops)",
+        description="Show blocks as they commit, in order, each once: its commit certificate, its parent "
+        "link and the block hash f+1 replicas sign are checked first. One replica's blocks are used at a "
+        "time; one that serves a block that does not verify is skipped (said on stderr) and the next asked.",
+    )
+    watch.add_argument("--from-height", type=_height, default=None, metavar="HEIGHT", help="the first block to show (default: the next to commit)")
+    watch.add_argument("--prefix", default=None, metavar="PREFIX", help="show only puts of keys starting with PREFIX")
+    watch.add_argument("--account", default=None, metavar="ACCOUNT", help="show only transactions from or to ACCOUNT (64 hex digits or a key file)")
+    watch.add_argument("--count", type=_count, default=None, metavar="N", help="stop after N blocks (default: never)")
+
+
+def watched_transaction_data(block: Block, index: int, transaction: Transaction, result: TransactionResult) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "height": block.height,
+        "block_hash": block.block_hash.hex(),
+        "index": index,
+        "transaction_id": transaction.transaction_id.hex(),
+        "sender": transaction.sender.hex(),
+        "nonce": transaction.nonce,
+        "operation": describe_operation(transaction.operation),
+        "ok": result.ok,
+        "reason": result.reason,
+    }
+    operation = transaction.operation
+    if isinstance(operation, Put):
+        data.update(key=operation.key, value=operation.value)
+    elif isinstance(operation, Transfer):
+        data.update(recipient=operation.recipient.hex(), amount=operation.amount)
+    return data
+
+
+def watched_transaction_text(data: dict[str, Any], transaction: Transaction, as_put: bool, with_height: bool = True) -> str:
+    outcome = "" if data["ok"] else f"   FAILED ({printable(data['reason'])})"
+    if as_put:
+        return f"{printable(data['key'])} = {printable(data['value'])}   (height {data['height']}, tx {data['transaction_id']}){outcome}"
+    return (
+        f"{'block ' + str(data['height']) + '  ' if with_height else ''}tx {data['transaction_id'][:16]}  from {data['sender'][:16]}  nonce {data['nonce']}  "
+        f"{describe_operation(transaction.operation)}  -> {'ok' if data['ok'] else 'failed: ' + printable(data['reason'])}"
+    )
+
+
+def emit_watched_block(block: Block, prefix: str | None, account: bytes | None, output: Output) -> None:
+    """The whole block when nothing filters; else one line per transaction that passes every filter."""
+    if prefix is None and account is None:
+        header = block.header
+        signers = [replica for replica, _ in block.certificate.signatures] if block.certificate else []
+        lines = [
+            f"block {header.height}  hash {_short(header.block_hash)}  parent {_short(header.parent_hash)}  view {header.view}  "
+            f"{len(block.transactions)} transaction(s)  (certificate by replicas {signers}, link and hash verified)"
+        ]
+        for index, (transaction, result) in enumerate(zip(block.transactions, block.results, strict=True)):
+            lines.append("    " + watched_transaction_text(watched_transaction_data(block, index, transaction, result), transaction, False, False))
+        output.emit(block_data(block), "\n".join(lines))
+        return
+    for index, (transaction, result) in enumerate(zip(block.transactions, block.results, strict=True)):
+        operation = transaction.operation
+        if prefix is not None and not (isinstance(operation, Put) and operation.key.startswith(prefix)):
+            continue
+        if account is not None and transaction.sender != account and not (isinstance(operation, Transfer) and operation.recipient == account):
+            continue
+        data = watched_transaction_data(block, index, transaction, result)
+        output.emit(data, watched_transaction_text(data, transaction, prefix is not None))
+
+
+async def command_watch(arguments: argparse.Namespace, client: Client, output: Output) -> int:
+    prefix = arguments.prefix
+    if prefix is not None and len(prefix) > KEY_LENGTH_MAX:
+        raise UsageError(f"--prefix: {len(prefix)} characters, keys have at most {KEY_LENGTH_MAX}")
+    account = _account(arguments.account) if arguments.account is not None else None
+    next_height = arguments.from_height
+    if next_height is None:
+        next_height = await client.latest_height(arguments.timeout) + 1
+
+    def report(message: str) -> None:
+        print(f"ledger-client: watch: {message}", file=sys.stderr, flush=True)
+
+    parent_hash = client.network.genesis_hash if next_height == 1 else None
+    follower = BlockFollower(client, next_height, parent_hash, report)
+    shown = 0
+    try:
+        while arguments.count is None or shown < arguments.count:
+            for block in await follower.next_blocks():
+                emit_watched_block(block, prefix, account, output)
+                shown += 1
+                if shown == arguments.count:
+                    break
+    except BrokenPipeError:
+        # The reader went away (`watch | head`): stop quietly, and keep Python's exit-time flush quiet too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return EXIT_OK
 
 
 def command_keygen(arguments: argparse.Namespace, output: Output) -> int:

@@ -36,6 +36,7 @@ from ledger.evidence import Evidence
 from ledger.framing import FramedStream, FrameError, FrameQueue
 from ledger.messages import (
     BLOCKS_PER_RESPONSE_MAX,
+    KEY_PREFIX_MATCHES_MAX,
     QUERY_NONCE_SIZE,
     SUBSCRIBE_ACCOUNTS_MAX,
     TRANSACTION_PREFIX_MATCHES_MAX,
@@ -54,6 +55,8 @@ from ledger.messages import (
 )
 from ledger.receipts import ReceiptError, TransactionReceipt, build_receipt, verify_receipt
 from ledger.transactions import (
+    KEY_LENGTH_MAX,
+    VALUE_LENGTH_MAX,
     Operation,
     Put,
     Transaction,
@@ -148,6 +151,17 @@ class SignedAnswer:
     query: Query
     answer: QueryReply
     replies: tuple[QueryReply, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRange:
+    """The keys starting with `prefix` and their values, in key order, as a quorum signed them at
+    `height`; `truncated`: more keys match than one answer holds (see KEY_PREFIX_MATCHES_MAX)."""
+
+    prefix: str
+    entries: tuple[tuple[str, str], ...]
+    truncated: bool
+    height: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -492,6 +506,15 @@ class Client:
             matches.append((item[0], item[1], item[2]))
         return matches
 
+    async def values_with_prefix(self, prefix: str, deadline_s: float = QUERY_DEADLINE_S) -> KeyRange:
+        """The keys starting with `prefix` (at most KEY_LENGTH_MAX characters; empty: all keys)
+        and their values, as a quorum of replicas sign them from state at or above the read floor,
+        exactly as `get` reads one key."""
+        if not isinstance(prefix, str) or len(prefix) > KEY_LENGTH_MAX:
+            raise InvalidRequest(f"key prefix: expected text of at most {KEY_LENGTH_MAX} characters")
+        reply = await self.query("key-prefix", prefix, deadline_s)
+        return KeyRange(prefix, *parse_key_range(prefix, reply.result), reply.height)
+
     async def status(self, wait_s: float = 2.0) -> list[ReplicaStatus]:
         """Each replica's own report of its progress (unverified: for operators, not for trust)."""
         query_id = next(self.query_ids)
@@ -728,6 +751,28 @@ class Client:
             if progress is not None:
                 progress(height)
         return ChainReport(replica_id, height, parent_hash, transactions)
+
+
+def parse_key_range(prefix: str, result: Any) -> tuple[tuple[tuple[str, str], ...], bool]:
+    """(entries, truncated) from a 'key-prefix' answer. A quorum signed it, so an honest replica
+    did; checked anyway (shape, bounds, prefix, strict key order), so no answer can crash us."""
+    malformed = ClientError("malformed answer to a key-prefix query")
+    if not isinstance(result, list) or len(result) != 2 or not isinstance(result[0], list) or not isinstance(result[1], bool):
+        raise malformed
+    items, truncated = result
+    if len(items) > KEY_PREFIX_MATCHES_MAX:
+        raise malformed
+    entries: list[tuple[str, str]] = []
+    for item in items:
+        if not isinstance(item, list) or len(item) != 2 or not all(isinstance(text, str) for text in item):
+            raise malformed
+        key, value = item
+        if not key.startswith(prefix) or not 0 < len(key) <= KEY_LENGTH_MAX or len(value) > VALUE_LENGTH_MAX:
+            raise malformed
+        if entries and key <= entries[-1][0]:
+            raise malformed
+        entries.append((key, value))
+    return tuple(entries), truncated
 
 
 @asynccontextmanager

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import bisect
 import hashlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -57,6 +59,10 @@ class Application(Protocol):
 
     def query(self, kind: str, argument: Any) -> Any: ...
 
+    def values_with_prefix(self, prefix: str) -> Iterator[tuple[str, str]]:
+        """(key, value) of the keys starting with `prefix`, in key order, produced lazily: the
+        caller takes as many as its answer may hold, so the work per query stays bounded."""
+
 
 @dataclass(frozen=True, slots=True)
 class Account:
@@ -78,6 +84,11 @@ class AccountsApplication:
     def __init__(self, genesis_balances: dict[bytes, int]) -> None:
         self._accounts: dict[bytes, Account] = {}
         self._values: dict[str, str] = {}
+        # Every key in code-point order, for prefix reads. New keys are appended and the list is
+        # re-sorted only when a prefix read comes: Timsort merges the sorted run with the short
+        # new tail in about linear time, once per batch of writes rather than once per key.
+        self._keys_in_order: list[str] = []
+        self._keys_sorted = True
         self._digest_sum = 0
         for account, balance in sorted(genesis_balances.items()):
             self._set_account(account, Account(balance, 0))
@@ -95,6 +106,10 @@ class AccountsApplication:
         old = self._values.get(key)
         if old is not None:
             self._digest_sum -= _entry_hash("value", key, old)
+        else:
+            if self._keys_in_order and key < self._keys_in_order[-1]:
+                self._keys_sorted = False
+            self._keys_in_order.append(key)
         self._digest_sum += _entry_hash("value", key, value)
         self._digest_sum %= _DIGEST_MODULUS
         self._values[key] = value
@@ -149,6 +164,17 @@ class AccountsApplication:
         if kind == "get":
             return self._values.get(expect_text(argument, "key", KEY_LENGTH_MAX))
         raise CodecError(f"query kind {kind!r} is unknown")
+
+    def values_with_prefix(self, prefix: str) -> Iterator[tuple[str, str]]:
+        if not self._keys_sorted:
+            self._keys_in_order.sort()
+            self._keys_sorted = True
+        keys = self._keys_in_order
+        for index in range(bisect.bisect_left(keys, prefix), len(keys)):
+            key = keys[index]
+            if not key.startswith(prefix):
+                return
+            yield key, self._values[key]
 
     def snapshot(self) -> list[Any]:
         """The whole state as plain data, for state transfer at a checkpoint."""

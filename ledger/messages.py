@@ -42,6 +42,13 @@ QUERY_BEHIND = "behind:"  # how a QUERY-REPLY's error starts when the replica is
 # transactions share one that a prefix is useful), and a replica lists at most this many matches.
 TRANSACTION_PREFIX_LENGTH_MIN = 8
 TRANSACTION_PREFIX_MATCHES_MAX = 8
+# A 'key-prefix' query (get --prefix): the prefix is text of at most KEY_LENGTH_MAX characters
+# (empty: every key), and the answer [[[key, value], ...], truncated] lists, in key order, at most
+# KEY_PREFIX_MATCHES_MAX entries whose keys and values take at most KEY_PREFIX_ANSWER_BYTES_MAX
+# bytes of UTF-8 together, so that the answer fits the smallest frame a network may configure
+# (64 KiB); `truncated` says that more keys match.
+KEY_PREFIX_MATCHES_MAX = 1000
+KEY_PREFIX_ANSWER_BYTES_MAX = 48 * 1024
 PREPARED_CERTIFICATES_MAX = 4096
 HELLO_SETTINGS_MAX = 64  # protocol settings a HELLO may list
 # A replica's version in its STATUS-REPLY: printable ASCII only, so a hostile replica cannot put
@@ -623,7 +630,7 @@ class Reply:
 
 @dataclass(frozen=True, slots=True)
 class Query:
-    """A read. Kinds: the application's ('account', 'get') and the ledger's ('transaction', 'block-hash').
+    """A read. Kinds: the application's ('account', 'get', 'key-prefix') and the ledger's ('transaction', 'block-hash', ...).
 
     `min_height` is the client's read floor: a replica answers only from state at least that high
     (else it says it is behind), which gives the client read-your-writes and monotonic reads.

@@ -9,12 +9,15 @@ from ledger.application import Application
 from ledger.encoding import CodecError
 from ledger.evidence import Evidence
 from ledger.messages import (
+    KEY_PREFIX_ANSWER_BYTES_MAX,
+    KEY_PREFIX_MATCHES_MAX,
     QUERY_BEHIND,
     TRANSACTION_PREFIX_LENGTH_MIN,
     TRANSACTION_PREFIX_MATCHES_MAX,
     Query,
     QueryReply,
 )
+from ledger.transactions import KEY_LENGTH_MAX
 
 # Kinds answered from the stored ledger rather than the application's state.
 LEDGER_QUERY_KINDS = ("transaction", "transaction-prefix", "block-hash", "evidence")
@@ -96,4 +99,22 @@ def _result(query: Query, application: Application, ledger: LedgerIndex, evidenc
         if not isinstance(query.argument, int) or query.argument < 1:
             raise CodecError("block-hash query: expected a height")
         return ledger.block_hash(query.argument) if query.argument <= ledger.height else None
+    if query.kind == "key-prefix":
+        return values_with_prefix(application, query.argument)
     return application.query(query.kind, query.argument)
+
+
+def values_with_prefix(application: Application, prefix: Any) -> list[Any]:
+    """The answer to a 'key-prefix' query: [[[key, value], ...] in key order, truncated], bounded
+    in entries and bytes (see KEY_PREFIX_MATCHES_MAX); the same state gives every replica the
+    same answer, so honest answers match and reach a quorum."""
+    if not isinstance(prefix, str) or len(prefix) > KEY_LENGTH_MAX:
+        raise CodecError(f"key-prefix query: expected text of at most {KEY_LENGTH_MAX} characters")
+    entries: list[list[str]] = []
+    size_bytes = 0
+    for key, value in application.values_with_prefix(prefix):
+        size_bytes += len(key.encode()) + len(value.encode())
+        if len(entries) == KEY_PREFIX_MATCHES_MAX or size_bytes > KEY_PREFIX_ANSWER_BYTES_MAX:
+            return [entries, True]
+        entries.append([key, value])
+    return [entries, False]
