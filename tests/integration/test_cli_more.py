@@ -90,6 +90,9 @@ async def test_a_second_process_with_a_replicas_key_is_logged_and_shown_in_statu
         text = text.replace(f'"{address}"', f'"127.0.0.2:{address.port}"')
     text = text.replace('key_file = "replica-3.key"', f'key_file = "{network.replica_key_path(3)}"')
     text = text.replace('data_dir = "data/replica-3"', f'data_dir = "{tmp_path / "copy-data"}"')
+    # The copy serves its metrics on the other address too: the original holds 127.0.0.1's port.
+    assert '[metrics]\nhost = "127.0.0.1"' in text
+    text = text.replace('[metrics]\nhost = "127.0.0.1"', '[metrics]\nhost = "127.0.0.2"')
     copy_path = tmp_path / "copy-of-replica-3.toml"
     copy_path.write_text(text)
     with (tmp_path / "copy.log").open("wb") as copy_log:
