@@ -148,11 +148,14 @@ def _progress(text: str) -> None:
     print(f"{PROGRAM}: {text}", file=sys.stderr, flush=True)
 
 
-def run_one(scenario: ScenarioFile, replica_count: int, seed: int | None, backend: str) -> Verdict:
+def run_one(scenario: ScenarioFile, replica_count: int, seed: int | None, backend: str, baseline: bool = True) -> Verdict:
     setup = scenario.setup(replica_count)
     chosen_seed = scenario.seed if seed is None else seed
     _progress(f"{scenario.name}: n={replica_count}, seed {chosen_seed}, {backend} backend")
-    record = BACKENDS[backend](scenario, setup, chosen_seed, _progress)
+    if backend == "sim" or baseline:
+        record = BACKENDS[backend](scenario, setup, chosen_seed, _progress)
+    else:
+        record = run_real_processes(scenario, setup, chosen_seed, _progress, hosts=backend == "hosts", baseline=False)
     _progress(f"{scenario.name}: judging the run against the expectation ({scenario.expected_text()})")
     return judge(record, scenario.expect)
 
@@ -203,7 +206,7 @@ def command_run(arguments: argparse.Namespace) -> int:
     reason = refusal(scenario, replica_count, backend)
     if reason is not None:
         raise ScenarioCommandError(f"scenario {scenario.name} (n={replica_count}): {reason}; `--sim` runs it")
-    verdict = run_one(scenario, replica_count, arguments.seed, backend)
+    verdict = run_one(scenario, replica_count, arguments.seed, backend, not arguments.no_baseline)
     if arguments.json:
         print(json.dumps(verdict.to_json(), indent=2, default=_json_default))
     else:
@@ -234,7 +237,7 @@ def _run_all(arguments: argparse.Namespace) -> int:
                 rows.append((name, count, scenario.expected_text(), f"skipped: {reason}", "-", ""))
                 continue
             try:
-                verdict = run_one(scenario, count, arguments.seed, backend)
+                verdict = run_one(scenario, count, arguments.seed, backend, not arguments.no_baseline)
             except RealRunError as error:
                 mismatched += 1
                 print(f"{PROGRAM}: {name} n={count}: could not run the replica processes: {error}", file=sys.stderr)
@@ -275,6 +278,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--replicas", type=int, choices=REPLICA_COUNTS, help="network size (default: the file's first)")
     run.add_argument("--seed", type=_at_least(0), help="replay with this seed (default: the file's)")
     run.add_argument("--json", action="store_true", help="the verdict as JSON on stdout")
+    run.add_argument(
+        "--no-baseline",
+        action="store_true",
+        help="real processes: skip the second, fault-free run of the same workload that the throughput line compares against (halves the time)",
+    )
     run.add_argument("--sim", action="store_true", help="run in the deterministic simulator (the seed replays it exactly); default: real replica processes")
     run.add_argument("--hosts", action="store_true", help="real processes, each in a network namespace of its own on a bridge this run makes and removes (root only)")
     add_completion_command(commands, PROGRAM)

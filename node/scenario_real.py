@@ -501,7 +501,13 @@ def process_addresses(plan: LinkPlan, hosts: HostNetwork | None) -> tuple[dict[s
 
 
 async def _run(
-    directory: Path, scenario: ScenarioFile, setup: Setup, seed: int, progress: Progress, hosts: HostNetwork | None = None
+    directory: Path,
+    scenario: ScenarioFile,
+    setup: Setup,
+    seed: int,
+    progress: Progress,
+    hosts: HostNetwork | None = None,
+    spread_s: float | None = None,
 ) -> tuple[Workload, Collected, float, ReplicaProcesses, NetworkConfig]:
     replica_count = setup.replica_count
     network_id = f"scenario-{replica_count}"
@@ -541,7 +547,8 @@ async def _run(
         faults = Faults(replicas, plan, proxy, hosts, host_index, delay_ms, jitter_ms)
         try:
             workload, collected, started, network = await _run_processes(
-                replicas, faults, setup, config_path, network_id, honest, workload_spec, time_limit_s, progress
+                replicas, faults, setup, config_path, network_id, honest, workload_spec, time_limit_s, progress,
+                timeline_span_s(setup) if spread_s is None else spread_s,
             )
         finally:
             proxy_nursery.cancel_scope.cancel()
@@ -558,6 +565,7 @@ async def _run_processes(
     workload_spec: WorkloadSpec,
     time_limit_s: float,
     progress: Progress,
+    spread_s: float,
 ) -> tuple[Workload, Collected, float, NetworkConfig]:
     replica_count = setup.replica_count
     try:
@@ -582,7 +590,6 @@ async def _run_processes(
                 raise RealRunError(f"not every replica answered within {STARTUP_DEADLINE_S:g} s") from None
             started = trio.current_time()
             total = workload_spec.clients * workload_spec.transactions_per_client
-            spread_s = max((event.at_ms for event in setup.timeline), default=0) / 1000
             workload = Workload(network_id, started + time_limit_s, total, started, spread_s)
             progress(
                 f"every replica answers; running the timeline ({len(setup.timeline)} event(s)) and {total} transactions "
@@ -611,9 +618,19 @@ async def _run_processes(
     return workload, collected, started, network
 
 
-def run_real_processes(scenario: ScenarioFile, setup: Setup, seed: int, progress: Progress, hosts: bool = False) -> RunRecord:
+def run_real_processes(
+    scenario: ScenarioFile,
+    setup: Setup,
+    seed: int,
+    progress: Progress,
+    hosts: bool = False,
+    baseline: bool = True,
+    spread_s: float | None = None,
+) -> RunRecord:
     """Run the scenario against real replica processes (with `hosts`, each in a network namespace of
-    its own); the directory, and the namespaces, veths and bridge it makes, are removed afterwards."""
+    its own); the directory, and the namespaces, veths and bridge it makes, are removed afterwards.
+    With `baseline`, the same workload then runs again on a fresh network with no traitors and no
+    fault timeline, so the verdict can set the attack's throughput against a fault-free run's."""
     refusal = real_mode_refusal(scenario, setup)
     if refusal is not None:
         raise RealRunError(f"scenario {scenario.name}: {refusal}; `--sim` runs it")
@@ -630,7 +647,7 @@ def run_real_processes(scenario: ScenarioFile, setup: Setup, seed: int, progress
             if host_network is not None:
                 progress(f"making {len(names)} network namespaces ({host_network.namespace(0)}..) on bridge {host_network.bridge}")
                 host_network.create()
-            workload, collected, started, replicas, network = trio.run(_run, directory, scenario, setup, seed, progress, host_network)
+            workload, collected, started, replicas, network = trio.run(_run, directory, scenario, setup, seed, progress, host_network, spread_s)
         except (RealRunError, ConfigError, OSError, HostNetworkError) as error:
             tails = ReplicaProcesses(directory, names, {}).log_tails() if (directory / "logs").is_dir() else ""
             raise RealRunError(f"{error}" + (f"\n{tails}" if tails else "")) from None
@@ -665,6 +682,9 @@ def run_real_processes(scenario: ScenarioFile, setup: Setup, seed: int, progress
         broken = BrokenInvariant(
             "liveness", f"{workload.unconfirmed} of {workload.total} transactions not confirmed within {workload.deadline - started:g} s"
         )
+    fault_free_confirmed_by_ms = None
+    if baseline:
+        fault_free_confirmed_by_ms = _fault_free_confirmed_by_ms(scenario, setup, seed, progress, hosts)
     return RunRecord(
         scenario=scenario.name,
         backend="real processes, one network namespace each" if hosts else "real processes",
@@ -681,7 +701,36 @@ def run_real_processes(scenario: ScenarioFile, setup: Setup, seed: int, progress
         broken=broken,
         elapsed_s=time.perf_counter() - begun,
         confirmed_by_ms=None if workload.last_receipt is None else round((workload.last_receipt - started) * 1000),
+        fault_free_confirmed_by_ms=fault_free_confirmed_by_ms,
     )
+
+
+def timeline_span_s(setup: Setup) -> float:
+    """How long the fault timeline lasts: the workload is spread over it so faults hit transactions in flight."""
+    return max((event.at_ms for event in setup.timeline), default=0) / 1000
+
+
+def _fault_free_confirmed_by_ms(scenario: ScenarioFile, setup: Setup, seed: int, progress: Progress, hosts: bool) -> int | None:
+    """When the same workload's last receipt comes on a fresh network without traitors or faults
+    (the same delays on the links), or None if that run did not confirm everything."""
+    progress("running the same workload without traitors or faults, for comparison")
+
+    def quiet(text: str) -> None:
+        del text  # the fault-free run's phases would only repeat the attack run's
+
+    try:
+        # Paced like the attack run (over its timeline's span), so only the attack differs.
+        record = run_real_processes(
+            scenario, Setup(setup.replica_count, (), ()), seed, quiet, hosts=hosts, baseline=False, spread_s=timeline_span_s(setup)
+        )
+    except RealRunError as error:
+        progress(f"the fault-free run failed, so there is no comparison: {str(error).splitlines()[0]}")
+        return None
+    if record.broken is not None or record.confirmed_by_ms is None:
+        progress("the fault-free run did not confirm every transaction, so there is no comparison")
+        return None
+    progress(f"fault-free: the last receipt came {record.confirmed_by_ms} ms after the workload started")
+    return record.confirmed_by_ms
 
 
 def _remove_host_network(host_network: HostNetwork, progress: Progress) -> None:

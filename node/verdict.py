@@ -118,9 +118,19 @@ class Verdict:
             return False
         return not self.missing_evidence
 
+    @property
+    def throughput_ratio(self) -> float | None:
+        """Throughput under attack as a fraction of the fault-free run of the same workload (the
+        Aardvark measure): the fault-free run's time to its last receipt over the attack's, when
+        both confirmed every transaction."""
+        if self.confirmed != self.submitted or self.confirmed_by_ms is None or self.fault_free_confirmed_by_ms is None:
+            return None
+        return self.fault_free_confirmed_by_ms / max(self.confirmed_by_ms, 1)
+
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["matches"] = self.matches
+        data["throughput_ratio"] = self.throughput_ratio
         return data
 
 
@@ -295,7 +305,16 @@ def render(verdict: Verdict, replay: str) -> str:
             timing += f"; without traitors or faults the same workload is confirmed by {verdict.fault_free_confirmed_by_ms} ms"
     elif verdict.confirmed_by_ms is not None:
         timing += f" in all; real time: the last receipt came {verdict.confirmed_by_ms} ms after the workload started"
+        if verdict.fault_free_confirmed_by_ms is not None:
+            timing += f"; without traitors or faults, {verdict.fault_free_confirmed_by_ms} ms"
     row("time", timing)
+    ratio = verdict.throughput_ratio
+    if ratio is not None:
+        row(
+            "throughput",
+            f"{ratio:.2f} of the fault-free run's ({verdict.submitted} transactions confirmed by {verdict.confirmed_by_ms} ms "
+            f"under attack, by {verdict.fault_free_confirmed_by_ms} ms without it)",
+        )
     liveness = verdict.liveness if verdict.liveness is not None else "not judged (safety broke)"
     outcome = "MATCHES the expectation" if verdict.matches else "DOES NOT MATCH the expectation"
     row("verdict", f"safety {verdict.safety}, liveness {liveness}; expected {_expected_text(verdict.expected)}: {outcome}")

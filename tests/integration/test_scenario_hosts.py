@@ -49,7 +49,7 @@ def run_tag(stderr: str) -> str:
 @needs_netns
 def test_a_partition_scenario_runs_with_one_namespace_per_replica_and_cleans_up() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "node.scenario_cli", "run", "partition-with-traitor", "--replicas", "4", "--hosts"],
+        [sys.executable, "-m", "node.scenario_cli", "run", "partition-with-traitor", "--replicas", "4", "--hosts", "--no-baseline"],
         capture_output=True, text=True, timeout=COMMAND_DEADLINE_S, check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
@@ -67,7 +67,7 @@ def test_a_partition_scenario_runs_with_one_namespace_per_replica_and_cleans_up(
 @needs_netns
 async def test_ctrl_c_during_a_hosts_run_removes_everything_it_made() -> None:
     process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "node.scenario_cli", "run", "twins", "--replicas", "4", "--hosts"],
+        [sys.executable, "-m", "node.scenario_cli", "run", "twins", "--replicas", "4", "--hosts", "--no-baseline"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
     assert process.stderr is not None
