@@ -5,6 +5,8 @@ INSTALLED := $(VENV)/.installed
 SEEDS ?= 1000
 REPLICAS ?= 4,7
 JOBS ?= 1
+# Workers for the pure tests: one per core (pytest-xdist's "auto").
+TEST_WORKERS ?= auto
 # 1: traitor replicas and the rest of the adversarial mode (node/traitors.py); 0: network faults only.
 ADVERSARIAL ?= 1
 
@@ -16,9 +18,12 @@ $(INSTALLED): pyproject.toml
 	$(PYTHON) -m pip install --quiet -e '.[test]'
 	touch $(INSTALLED)
 
+# Two passes: the pure tests (simulator, core, codecs) on every core at once, then the tests that
+# start real replica processes one at a time, so that their timeouts never race a busy CPU.
 test: $(INSTALLED)
 	$(VENV)/bin/ruff check ledger node client tests
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -m "not integration" -n $(TEST_WORKERS)
+	$(VENV)/bin/pytest -q -m integration
 
 demo: $(INSTALLED)
 	$(VENV)/bin/ledger-node demo
