@@ -52,7 +52,13 @@ from ledger.messages import (
     decode_message,
     encode_message,
 )
-from ledger.receipts import ReceiptError, TransactionReceipt, build_receipt, verify_receipt
+from ledger.receipts import (
+    ReceiptError,
+    TransactionReceipt,
+    build_receipt,
+    not_outcome_problem,
+    verify_receipt,
+)
 from ledger.transactions import (
     Operation,
     Put,
@@ -674,7 +680,13 @@ class Client:
     async def transaction_receipt(self, block: Block, index: int, deadline_s: float = QUERY_DEADLINE_S) -> TransactionReceipt:
         """A receipt for transaction `index` of `block` that anyone can check offline with the
         network's public keys: the block's certificate, and f + 1 replicas' signed answers naming
-        its hash (which covers the result). Checked here before it is returned."""
+        its hash (which covers the result). Checked here before it is returned. ClientError if
+        the entry is not the transaction's outcome (deferred or replayed): see `locate`."""
+        if not 0 <= index < len(block.results):
+            raise ClientError(f"block {block.height} has no transaction at index {index}")
+        problem = not_outcome_problem(block.results[index], block.height, index)
+        if problem is not None:
+            raise ClientError(f"no receipt: {problem}")
         signed = await self.query_signed(
             "block-hash",
             block.height,

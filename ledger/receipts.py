@@ -13,6 +13,10 @@ holding exactly the objects the replicas signed, in the encoding their signature
   result for a committed transaction. With them, one honest replica vouches for the whole header;
 - the network id and genesis hash, so a receipt is never read against the wrong network.
 
+A receipt proves only an entry where the transaction executed (ledger.application.is_outcome):
+honest blocks also hold "deferred:" and "replayed:" entries, whose "failed" is not the
+transaction's outcome (it executed, or may still execute, elsewhere), so none is accepted.
+
 Checking needs nothing but the network configuration (ids and public keys); it never contacts
 the network. Every check failure raises ReceiptError with one line saying what failed.
 """
@@ -27,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ledger.application import is_deferred, is_outcome
 from ledger.blocks import (
     BLOCK_TRANSACTIONS_MAX,
     HASH_SIZE,
@@ -228,6 +233,17 @@ def result_leaf(result: TransactionResult) -> bytes:
     return digest(encode(result.to_plain()))
 
 
+def not_outcome_problem(result: TransactionResult, height: int, index: int) -> str | None:
+    """Why the entry at (height, index) cannot be a receipt's subject, or None if it can."""
+    if is_outcome(result):
+        return None
+    kind = "deferred: it may still execute later" if is_deferred(result) else "replayed: its nonce was used before"
+    return (
+        f"the entry at block {height} index {index} ({result.describe()[:120]!r}) is not the transaction's outcome "
+        f"({kind}); a receipt must come from the block where it executed (ledger-client tx ID --save finds it)"
+    )
+
+
 def build_receipt(
     network: NetworkConfig,
     block: Block,
@@ -239,6 +255,9 @@ def build_receipt(
     the signed replies that answered a block-hash `query` for it."""
     if block.certificate is None:
         raise ReceiptError(f"block {block.height} has no commit certificate")
+    problem = not_outcome_problem(block.results[index], block.height, index)
+    if problem is not None:
+        raise ReceiptError(problem)
     if query.kind != BLOCK_HASH_QUERY or query.argument != block.height:
         raise ReceiptError(f"the signed answers are to a {query.kind!r} query, not one for block {block.height}'s hash")
     transaction_ids = block.transaction_ids()
@@ -288,6 +307,11 @@ def verify_receipt(receipt: TransactionReceipt, network: NetworkConfig, check: S
             f"the receipt's genesis hash differs from network {network.network_id!r}'s "
             "(another network with the same id: other replica keys or genesis balances)"
         )
+    # A deferred or replayed entry sits in honest, fully signed blocks: every signature below
+    # would verify, yet its "failed" is not what happened to the transaction.
+    problem = not_outcome_problem(receipt.result, receipt.header.height, receipt.index)
+    if problem is not None:
+        raise ReceiptError(problem)
     transaction = receipt.transaction
     transaction_id = transaction.transaction_id
     if not check(transaction.sender, transaction_domain(network.network_id), transaction.signed_bytes(), transaction.signature):

@@ -7,12 +7,24 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from chain_helpers import LedgerNetwork, build_chain, make_network, sign_certificate
+import trio
+from chain_helpers import (
+    LedgerNetwork,
+    build_chain,
+    deterministic_key,
+    make_network,
+    sign_certificate,
+)
 from test_sizes import HASH, LAST_REPLICA, SIGNATURE, largest_result, largest_transaction
 
+from client.cli import EXIT_INVALID_CHAIN, main
+from client.library import Client, ClientError
+from ledger.application import AccountsApplication
 from ledger.blocks import REPLICAS_MAX, Block, BlockHeader, CommitCertificate, results_root
+from ledger.config import ClientConfig
 from ledger.crypto import signing_domain
 from ledger.encoding import INTEGER_MAX, encode
+from ledger.merkle import merkle_proof, merkle_root
 from ledger.messages import QUERY_NONCE_SIZE, Query, QueryReply
 from ledger.receipts import (
     MERKLE_PATH_LENGTH_MAX,
@@ -22,10 +34,11 @@ from ledger.receipts import (
     build_receipt,
     read_receipt_file,
     receipt_size_max,
+    result_leaf,
     verify_receipt,
     write_receipt_file,
 )
-from ledger.transactions import Put, Transaction, TransactionResult
+from ledger.transactions import Put, Transaction, TransactionResult, Transfer, sign_transaction
 
 NONCE = b"\x07" * QUERY_NONCE_SIZE
 
@@ -248,3 +261,100 @@ def test_what_a_hostile_file_holds_cannot_break_the_one_line_message(plain: dict
     with pytest.raises(ReceiptError) as caught:
         TransactionReceipt.decode(encode(plain))
     assert expected in str(caught.value) and "\n" not in str(caught.value) and len(str(caught.value)) < 1000
+
+
+def write_client_config(path: Path, network: LedgerNetwork) -> Path:
+    """A client.toml describing `network`, for running `ledger-client check-receipt` (offline)."""
+    lines = ["[network]", f'id = "{network.network_id}"', ""]
+    for replica in network.config.replicas:
+        lines += [
+            "[[replicas]]",
+            f"id = {replica.replica_id}",
+            f'public_key = "{replica.public_key.hex()}"',
+            f'address = "127.0.0.1:{17100 + 2 * replica.replica_id}"',
+            f'client_address = "127.0.0.1:{17101 + 2 * replica.replica_id}"',
+            "",
+        ]
+    for account, balance in sorted(network.balances.items()):
+        lines += ["[[genesis.accounts]]", f'public_key = "{account.hex()}"', f"balance = {balance}", ""]
+    path.write_text("\n".join(lines))
+    return path
+
+
+def non_final_chain(network: LedgerNetwork) -> list[Block]:
+    """An honest chain (really executed, every replica signing) holding both kinds of entry that
+    are not a transaction's outcome: block 1 orders nonce 1 before nonce 0 (deferred), block 2
+    executes both, block 3 orders nonce 0 again (replayed)."""
+    merchant = deterministic_key("merchant").public_key
+    first = sign_transaction(network.network_id, network.client_key, 0, Transfer(merchant, 100))
+    second = sign_transaction(network.network_id, network.client_key, 1, Transfer(merchant, 250))
+    application = AccountsApplication(network.balances)
+    blocks: list[Block] = []
+    parent = network.genesis
+    for height, transactions in [(1, [second]), (2, [first, second]), (3, [first])]:
+        results = tuple(application.execute_block(transactions))
+        header = BlockHeader(
+            height, 0, 0, parent, merkle_root([item.transaction_id for item in transactions]), results_root(results),
+            application.state_digest(), 1_700_000_000_000 + height,
+        )
+        blocks.append(Block(header, tuple(transactions), results, sign_certificate(network, header, signers=range(network.replica_count))))
+        parent = header.block_hash
+    return blocks
+
+
+def assemble_receipt(network: LedgerNetwork, block: Block, index: int) -> TransactionReceipt:
+    """A receipt put together field by field, as anyone holding the public block and two honest
+    replicas' signed block-hash answers can (without build_receipt's own checks)."""
+    query = Query(1, "block-hash", block.height, 0, NONCE)
+    replies = block_hash_replies(network, block, [1, 2], query)
+    return TransactionReceipt(
+        network_id=network.network_id,
+        genesis_hash=network.genesis,
+        transaction=block.transactions[index],
+        result=block.results[index],
+        index=index,
+        leaf_count=len(block.transactions),
+        transaction_path=tuple(merkle_proof(block.transaction_ids(), index)),
+        result_path=tuple(merkle_proof([result_leaf(result) for result in block.results], index)),
+        header=block.header,
+        certificate=block.certificate,
+        query_id=query.query_id,
+        query_min_height=query.min_height,
+        query_nonce=query.nonce,
+        block_hash_signatures=tuple(BlockHashSignature(reply.replica_id, reply.height, reply.signature) for reply in replies),
+    )
+
+
+@pytest.mark.parametrize(("kind", "height"), [("deferred", 1), ("replayed", 3)])
+def test_a_receipt_for_a_deferred_or_replayed_entry_is_refused(kind: str, height: int, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Honest blocks hold entries that are not the transaction's outcome: a receipt for one would
+    be a verified "failed" for a payment that executed (in block 2). The library, build_receipt
+    and check-receipt (text and --json) refuse it; the executed entry's receipt verifies."""
+    network = make_network("prod-net")
+    blocks = non_final_chain(network)
+    block = blocks[height - 1]
+    assert block.results[0].reason.startswith(f"{kind}:")
+    receipt = assemble_receipt(network, block, 0)
+    message = failure(receipt, network)
+    assert "not the transaction's outcome" in message and "must come from the block where it executed" in message
+    with pytest.raises(ReceiptError, match="not the transaction's outcome"):
+        build_receipt(network.config, block, 0, receipt.query(), [])
+    path = write_client_config(tmp_path / "client.toml", network)
+    (tmp_path / "non-final.receipt").write_bytes(receipt.encode())
+    for extra in ([], ["--json"]):
+        assert main(["-c", str(path), *extra, "check-receipt", str(tmp_path / "non-final.receipt")]) == EXIT_INVALID_CHAIN
+        captured = capsys.readouterr()
+        assert captured.out == "" and "not the transaction's outcome" in captured.err and captured.err.count("\n") == 1
+    where_executed = blocks[1].transactions.index(block.transactions[0])
+    executed = verify_receipt(assemble_receipt(network, blocks[1], where_executed), network.config)
+    assert executed.receipt.result.ok and executed.receipt.transaction == block.transactions[0]
+
+
+@pytest.mark.parametrize("height", [1, 3])
+def test_the_library_builds_no_receipt_for_an_entry_that_is_not_the_outcome(height: int) -> None:
+    """Client.transaction_receipt refuses before asking the network for signatures."""
+    network = make_network("prod-net")
+    block = non_final_chain(network)[height - 1]
+    client = Client(ClientConfig(network.config, Path("client.key"), Path("client.toml")), None)
+    with pytest.raises(ClientError, match="not the transaction's outcome"):
+        trio.run(client.transaction_receipt, block, 0)
