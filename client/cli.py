@@ -468,7 +468,7 @@ async def dispatch(arguments: argparse.Namespace, client: Client, output: Output
         if index >= len(block.transactions) or block.transactions[index].transaction_id != transaction_id:
             raise ClientError(f"block {height} has no transaction {transaction_id.hex()} at index {index}")
         proof = prove_transaction(block, index)
-        proof.verify(client.network.network_id, client.network.replica_keys, client.network.quorum)
+        proof.verify(client.network.identity, client.network.replica_keys, client.network.quorum)
         transaction, result = block.transactions[index], block.results[index]
         if arguments.save is not None:
             await save_receipt(arguments, client, block, index)

@@ -369,7 +369,7 @@ class Client:
         key = self._require_key()
         if self.next_nonce is None:
             self.next_nonce = (await self.account(key.public_key, deadline_s))[1]
-        transaction = sign_transaction(self.network.network_id, key, self.next_nonce, operation)
+        transaction = sign_transaction(self.network.identity, key, self.next_nonce, operation)
         self.next_nonce += 1
         return transaction
 
@@ -551,7 +551,7 @@ class Client:
         quorum: only signed QUERY-REPLYs to this very query are read, and a piece of evidence is
         believed for its own signatures, never for who reported it."""
         query = Query(next(self.query_ids), "evidence", -1 if replica_id is None else replica_id, 0, secrets.token_bytes(QUERY_NONCE_SIZE))
-        domain = signing_domain(self.network.network_id, "query-reply")
+        domain = signing_domain(self.network.identity, "query-reply")
         answers: dict[int, QueryReply] = {}
         everyone = trio.Event()
 
@@ -619,7 +619,7 @@ class Client:
         verify_certificate(
             block.header,
             block.certificate,
-            self.network.network_id,
+            self.network.identity,
             self.network.replica_keys,
             self.network.quorum,
             self.signatures.verify,

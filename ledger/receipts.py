@@ -312,9 +312,12 @@ def verify_receipt(receipt: TransactionReceipt, network: NetworkConfig, check: S
     problem = not_outcome_problem(receipt.result, receipt.header.height, receipt.index)
     if problem is not None:
         raise ReceiptError(problem)
+    header = receipt.header
+    if header.height == 1 and header.parent_hash != network.genesis_hash:
+        raise ReceiptError(f"block 1's parent hash is not the genesis hash of network {network.network_id!r}")
     transaction = receipt.transaction
     transaction_id = transaction.transaction_id
-    if not check(transaction.sender, transaction_domain(network.network_id), transaction.signed_bytes(), transaction.signature):
+    if not check(transaction.sender, transaction_domain(network.identity), transaction.signed_bytes(), transaction.signature):
         raise ReceiptError(f"transaction {transaction_id.hex()}: its sender's signature does not verify")
     header = receipt.header
     if not verify_merkle_proof(transaction_id, receipt.index, receipt.leaf_count, list(receipt.transaction_path), header.transactions_root):
@@ -325,11 +328,11 @@ def verify_receipt(receipt: TransactionReceipt, network: NetworkConfig, check: S
     if not verify_merkle_proof(result_leaf(receipt.result), receipt.index, receipt.leaf_count, list(receipt.result_path), header.results_root):
         raise ReceiptError(f"result {receipt.result.describe()!r}: the Merkle path does not lead to block {header.height}'s results root")
     try:
-        verify_certificate(header, receipt.certificate, network.network_id, network.replica_keys, network.quorum, check)
+        verify_certificate(header, receipt.certificate, network.identity, network.replica_keys, network.quorum, check)
     except ChainError as error:
         raise ReceiptError(f"commit certificate: {error}") from None
     certificate_signers = _valid_commit_signers(receipt, network, check)
-    domain_reply = signing_domain(network.network_id, "query-reply")
+    domain_reply = signing_domain(network.identity, "query-reply")
     block_hash_signers: list[int] = []
     for signed in receipt.block_hash_signatures:
         if signed.replica_id >= network.replica_count or signed.replica_id in block_hash_signers:
@@ -347,7 +350,7 @@ def verify_receipt(receipt: TransactionReceipt, network: NetworkConfig, check: S
 
 def _valid_commit_signers(receipt: TransactionReceipt, network: NetworkConfig, check: SignatureCheck) -> tuple[int, ...]:
     """The distinct replicas whose COMMIT signature in the certificate verifies (for the summary)."""
-    domain = commit_domain(network.network_id)
+    domain = commit_domain(network.identity)
     batch = receipt.header.batch_digest()
     signers: set[int] = set()
     for replica_id, signature in receipt.certificate.signatures:

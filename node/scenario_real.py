@@ -37,7 +37,7 @@ from ledger.config import (
     template_for,
     write_network,
 )
-from ledger.crypto import SigningKey
+from ledger.crypto import NetworkIdentity, SigningKey
 from ledger.transactions import Put, sign_transaction
 from node import ports
 from node.ports import HOST, PORT_RANGE, PORTS_PER_REPLICA
@@ -207,7 +207,7 @@ class Workload:
     """Every client's transactions (puts from fresh accounts: they need no funds), `in_flight` at a time,
     spread over the timeline so that faults hit transactions in flight."""
 
-    network_id: str
+    network: NetworkIdentity
     deadline: float  # trio time by which every transaction must be confirmed
     total: int
     started: float
@@ -223,7 +223,7 @@ class Workload:
         for nonce in range(count):
             # Real replicas are fast: without spreading, the workload could end before the first fault.
             await trio.sleep_until(self.started + self.spread_s * nonce / count)
-            transaction = sign_transaction(self.network_id, key, nonce, Put(f"c{client_index}-s{submitter_index}", f"value {nonce}"))
+            transaction = sign_transaction(self.network, key, nonce, Put(f"c{client_index}-s{submitter_index}", f"value {nonce}"))
             self.submitted += 1
             receipt = None
             while receipt is None and trio.current_time() < self.deadline:
@@ -350,7 +350,7 @@ async def _run(
             started = trio.current_time()
             total = workload_spec.clients * workload_spec.transactions_per_client
             spread_s = max((event.at_ms for event in setup.timeline), default=0) / 1000
-            workload = Workload(network_id, started + time_limit_s, total, started, spread_s)
+            workload = Workload(network.identity, started + time_limit_s, total, started, spread_s)
             progress(
                 f"every replica answers; running the timeline ({len(setup.timeline)} event(s)) and {total} transactions "
                 f"({workload_spec.clients} clients, {workload_spec.in_flight} in flight each), deadline {time_limit_s:g} s"
@@ -425,6 +425,7 @@ def run_real_processes(scenario: ScenarioFile, setup: Setup, seed: int, progress
         seed=seed,
         network_id=network.network_id,
         replica_keys=tuple(network.replica_keys),
+        genesis_hash=network.genesis_hash,
         submitted=workload.submitted,
         receipts=workload.receipts,
         views=collected.views,

@@ -10,9 +10,11 @@ import pytest
 import trio
 from chain_helpers import (
     LedgerNetwork,
+    build_block,
     build_chain,
     deterministic_key,
     make_network,
+    make_transactions,
     sign_certificate,
 )
 from test_sizes import HASH, LAST_REPLICA, SIGNATURE, largest_result, largest_transaction
@@ -44,7 +46,7 @@ NONCE = b"\x07" * QUERY_NONCE_SIZE
 
 
 def block_hash_replies(network: LedgerNetwork, block: Block, signers: list[int], query: Query) -> list[QueryReply]:
-    domain = signing_domain(network.network_id, "query-reply")
+    domain = signing_domain(network.identity, "query-reply")
     replies = []
     for replica_id in signers:
         unsigned = QueryReply(query.query_id, query.digest, replica_id, block.height + 1, block.block_hash, "")
@@ -286,8 +288,8 @@ def non_final_chain(network: LedgerNetwork) -> list[Block]:
     are not a transaction's outcome: block 1 orders nonce 1 before nonce 0 (deferred), block 2
     executes both, block 3 orders nonce 0 again (replayed)."""
     merchant = deterministic_key("merchant").public_key
-    first = sign_transaction(network.network_id, network.client_key, 0, Transfer(merchant, 100))
-    second = sign_transaction(network.network_id, network.client_key, 1, Transfer(merchant, 250))
+    first = sign_transaction(network.identity, network.client_key, 0, Transfer(merchant, 100))
+    second = sign_transaction(network.identity, network.client_key, 1, Transfer(merchant, 250))
     application = AccountsApplication(network.balances)
     blocks: list[Block] = []
     parent = network.genesis
@@ -358,3 +360,29 @@ def test_the_library_builds_no_receipt_for_an_entry_that_is_not_the_outcome(heig
     client = Client(ClientConfig(network.config, Path("client.key"), Path("client.toml")), None)
     with pytest.raises(ClientError, match="not the transaction's outcome"):
         trio.run(client.transaction_receipt, block, 0)
+
+
+def test_a_receipt_of_a_network_with_the_same_id_and_keys_but_other_balances_is_refused() -> None:
+    """The reviewer's genesis_replay.py: network B (a staging copy, or the network re-created with
+    new genesis balances and the old replica keys) must not accept network A's receipt, even with
+    its genesis-hash field rewritten to B's: every signature is bound to the genesis hash."""
+    network_a = make_network("prod-net")
+    network_b = LedgerNetwork("prod-net", network_a.replica_signing_keys, network_a.client_key, client_balance=5)
+    assert network_a.genesis != network_b.genesis
+    receipt, _ = make_receipt(network_a)
+    assert "genesis hash differs" in failure(receipt, network_b)
+    forged = replace(receipt, genesis_hash=network_b.genesis)
+    assert "signature does not verify" in failure(forged, network_b)
+    verify_receipt(receipt, network_a.config)
+
+
+def test_a_block_1_receipt_whose_parent_is_not_the_genesis_is_refused() -> None:
+    """Block 1's parent hash is the genesis hash, which a receipt of block 1 can check offline."""
+    network = make_network()
+    block = build_block(network, b"\x01" * 32, 1, make_transactions(network, 0, 3))
+    query = Query(9, "block-hash", 1, 1, NONCE)
+    receipt = build_receipt(network.config, block, 0, query, block_hash_replies(network, block, [0, 1], query))
+    assert "block 1's parent hash is not the genesis hash" in failure(receipt, network)
+    honest = build_block(network, network.genesis, 1, make_transactions(network, 0, 3))
+    query = Query(9, "block-hash", 1, 1, NONCE)
+    verify_receipt(build_receipt(network.config, honest, 0, query, block_hash_replies(network, honest, [0, 1], query)), network.config)
