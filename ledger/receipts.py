@@ -24,8 +24,8 @@ the network. Every check failure raises ReceiptError with one line saying what f
 from __future__ import annotations
 
 import os
+import secrets
 import stat
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -390,19 +390,50 @@ def receipt_size_max() -> int:
 
 
 
+def shown_path(path: Path | str) -> str:
+    """A file name as an error line shows it: as it is when printable, else escaped as repr does,
+    so no name (a newline in it, undecodable bytes) can add a line or fail to print."""
+    text = str(path)
+    return text if text.isprintable() else repr(text)
+
+
 def read_receipt_file(path: Path) -> TransactionReceipt:
     """Read and parse a receipt file, reading at most one byte more than the largest valid receipt.
 
-    OSError if it cannot be opened; ReceiptError if it is not a regular file, too large, or not a receipt."""
+    OSError if it cannot be opened; ReceiptError, naming the file, if it is not a regular file,
+    too large, or not a receipt."""
     # Non-blocking, so a FIFO named as the file cannot hang the check.
     descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     with os.fdopen(descriptor, "rb") as file:
         if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
-            raise ReceiptError(f"{path}: not a regular file")
+            raise ReceiptError(f"{shown_path(path)}: not a regular file")
         data = file.read(receipt_size_max() + 1)
     if len(data) > receipt_size_max():
-        raise ReceiptError(f"{path}: larger than any valid receipt ({receipt_size_max()} bytes at most)")
-    return TransactionReceipt.decode(data)
+        raise ReceiptError(f"{shown_path(path)}: larger than any valid receipt ({receipt_size_max()} bytes at most)")
+    try:
+        return TransactionReceipt.decode(data)
+    except ReceiptError as error:
+        raise ReceiptError(f"{shown_path(path)}: {error}") from None
+
+
+# Attempts at a fresh temporary name: 64 random bits each, so a second one is needed only if
+# someone else creates files of that pattern in the directory.
+TEMPORARY_NAME_ATTEMPTS = 16
+
+
+def _create_temporary(directory: Path) -> tuple[int, Path]:
+    """A new, empty file beside the receipt, opened for writing. Its name is short whatever the
+    receipt's (a name of the longest valid length still works), and it is created with mode 0666
+    minus the umask, as any file a program writes: a receipt is public, unlike mkstemp's 0600."""
+    for _ in range(TEMPORARY_NAME_ATTEMPTS):
+        temporary = directory / f".receipt-{secrets.token_hex(8)}.tmp"
+        try:
+            # O_EXCL: never an existing file, nor through a symbolic link planted under that name.
+            return os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666), temporary
+        except FileExistsError:
+            continue
+    # Not FileExistsError: that would read as "the receipt file exists".
+    raise OSError(f"no free temporary name in {shown_path(directory)} after {TEMPORARY_NAME_ATTEMPTS} attempts")
 
 
 def write_receipt_file(path: Path, receipt: TransactionReceipt, force: bool = False) -> None:
@@ -413,7 +444,7 @@ def write_receipt_file(path: Path, receipt: TransactionReceipt, force: bool = Fa
     cannot overwrite a file that appears in the meantime."""
     data = receipt.encode()
     directory = path.parent if str(path.parent) else Path(".")
-    descriptor, temporary = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
+    descriptor, temporary = _create_temporary(directory)
     try:
         with os.fdopen(descriptor, "wb") as file:
             file.write(data)
@@ -432,7 +463,7 @@ def write_receipt_file(path: Path, receipt: TransactionReceipt, force: bool = Fa
                     raise FileExistsError(path) from None
                 os.replace(temporary, path)
     finally:
-        if os.path.exists(temporary):
+        if os.path.lexists(temporary):
             os.unlink(temporary)
     directory_descriptor = os.open(directory, os.O_RDONLY)
     try:

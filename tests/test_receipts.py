@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from chain_helpers import (
 )
 from test_sizes import HASH, LAST_REPLICA, SIGNATURE, largest_result, largest_transaction
 
-from client.cli import EXIT_INVALID_CHAIN, main
+from client.cli import EXIT_INVALID_CHAIN, EXIT_USAGE, main
 from client.library import Client, ClientError
 from ledger.application import AccountsApplication
 from ledger.blocks import REPLICAS_MAX, Block, BlockHeader, CommitCertificate, results_root
@@ -386,3 +387,47 @@ def test_a_block_1_receipt_whose_parent_is_not_the_genesis_is_refused() -> None:
     honest = build_block(network, network.genesis, 1, make_transactions(network, 0, 3))
     query = Query(9, "block-hash", 1, 1, NONCE)
     verify_receipt(build_receipt(network.config, honest, 0, query, block_hash_replies(network, honest, [0, 1], query)), network.config)
+
+
+def test_a_receipt_file_is_written_with_the_umask_applied_like_any_file(tmp_path: Path) -> None:
+    """A receipt is public: mode 0666 minus the umask (0644 under the usual 022), not mkstemp's 0600."""
+    receipt, _ = make_receipt(make_network())
+    previous = os.umask(0o022)
+    try:
+        write_receipt_file(tmp_path / "public.receipt", receipt)
+        os.umask(0o077)
+        write_receipt_file(tmp_path / "private.receipt", receipt)
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "public.receipt").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "private.receipt").stat().st_mode) == 0o600
+
+
+def test_the_longest_valid_file_name_is_not_refused_because_of_the_temporary_name(tmp_path: Path) -> None:
+    receipt, _ = make_receipt(make_network())
+    longest = tmp_path / ("r" * os.pathconf(tmp_path, "PC_NAME_MAX"))
+    write_receipt_file(longest, receipt)
+    assert read_receipt_file(longest) == receipt
+    assert sorted(item.name for item in tmp_path.iterdir()) == [longest.name]  # no temporary file left
+
+
+def test_a_file_name_with_a_newline_cannot_break_the_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Error lines show a file name escaped (as repr does), so no name can add a line of its own
+    (e.g. a fake 'receipt verified offline') or fail to print (undecodable bytes)."""
+    network = make_network()
+    config = write_client_config(tmp_path / "client.toml", network)
+    fifo = tmp_path / "a\nreceipt verified offline: fifo"
+    os.mkfifo(fifo)
+    garbage = tmp_path / "b\nreceipt verified offline: garbage"
+    garbage.write_bytes(b"garbage")
+    undecodable = Path(os.fsdecode(bytes(tmp_path) + b"/c\xff\n.receipt"))
+    undecodable.write_bytes(b"garbage")
+    for path in (fifo, garbage, tmp_path / "missing\nfile", undecodable):
+        assert main(["-c", str(config), "check-receipt", str(path)]) in (EXIT_USAGE, EXIT_INVALID_CHAIN)
+        captured = capsys.readouterr()
+        assert captured.out == "" and captured.err.count("\n") == 1 and "\\n" in captured.err, captured.err
+    existing = tmp_path / "d\nexisting.receipt"
+    existing.write_bytes(b"x")
+    assert main(["-c", str(config), "tx", "0" * 64, "--save", str(existing)]) == EXIT_USAGE
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1 and "already exists" in captured.err and "\\n" in captured.err
