@@ -22,7 +22,7 @@ from test_sizes import HASH, LAST_REPLICA, SIGNATURE, largest_result, largest_tr
 
 from client.cli import EXIT_INVALID_CHAIN, EXIT_USAGE, main
 from client.library import Client, ClientError
-from ledger.application import AccountsApplication
+from ledger.application import AccountsApplication, is_deferred, is_outcome
 from ledger.blocks import REPLICAS_MAX, Block, BlockHeader, CommitCertificate, results_root
 from ledger.config import ClientConfig
 from ledger.crypto import signing_domain
@@ -42,6 +42,7 @@ from ledger.receipts import (
     write_receipt_file,
 )
 from ledger.transactions import Put, Transaction, TransactionResult, Transfer, sign_transaction
+from node.simulator import Scenario, Simulation
 
 NONCE = b"\x07" * QUERY_NONCE_SIZE
 
@@ -431,3 +432,31 @@ def test_a_file_name_with_a_newline_cannot_break_the_one_line_error(tmp_path: Pa
     assert main(["-c", str(config), "tx", "0" * 64, "--save", str(existing)]) == EXIT_USAGE
     captured = capsys.readouterr()
     assert captured.err.count("\n") == 1 and "already exists" in captured.err and "\\n" in captured.err
+
+
+def test_in_an_honest_simulated_network_only_the_entry_where_a_transaction_executed_has_a_receipt() -> None:
+    """The reviewer's deferred_in_simulation.py: clients with several transactions in flight make a
+    fault-free network commit "deferred:" entries. Every entry of an honest chain gets a receipt
+    that verifies if and only if it is the transaction's outcome, and each transaction has exactly one."""
+    scenario = Scenario(seed=1, clients=3, transactions_per_client=12, pipeline_depth=3, delay_ms_min=0, delay_ms_max=20)
+    simulation = Simulation(scenario)
+    simulation.run()
+    network, chain = simulation.network, simulation.replicas[1].chain
+    outcomes: dict[bytes, int] = {}
+    deferred = 0
+    for block in chain:
+        query = Query(5, "block-hash", block.height, 0, NONCE)
+        replies = []
+        for replica_id in (1, 2):
+            unsigned = QueryReply(query.query_id, query.digest, replica_id, len(chain), block.block_hash, "")
+            replies.append(replace(unsigned, signature=simulation.replica_keys[replica_id].sign(simulation.query_domain, unsigned.signed_bytes())))
+        for index, (transaction, result) in enumerate(zip(block.transactions, block.results, strict=True)):
+            if is_outcome(result):
+                verify_receipt(build_receipt(network, block, index, query, replies), network)
+                outcomes[transaction.transaction_id] = outcomes.get(transaction.transaction_id, 0) + 1
+                continue
+            deferred += is_deferred(result)
+            with pytest.raises(ReceiptError, match="not the transaction's outcome"):
+                build_receipt(network, block, index, query, replies)
+    assert deferred > 0, "the scenario no longer makes deferred entries: pick another seed"
+    assert len(outcomes) == 3 * 12 and set(outcomes.values()) == {1}
