@@ -45,7 +45,7 @@ async def drive(config_path: Path, writers: int, duration_s: float, warmup_s: fl
     errors = 0
     async with open_client(config_path) as client:
         await client.wait_until_ready(deadline_s=60)
-        network_id = client.network.network_id
+        network = client.network.identity
         measuring = False
 
         async def writer(index: int) -> None:
@@ -53,7 +53,7 @@ async def drive(config_path: Path, writers: int, duration_s: float, warmup_s: fl
             key = SigningKey.generate()
             nonce = 0
             while True:
-                transaction = sign_transaction(network_id, key, nonce, Put(f"bench-{index}", str(nonce)))
+                transaction = sign_transaction(network, key, nonce, Put(f"bench-{index}", str(nonce)))
                 started = time.perf_counter()
                 try:
                     await client.submit(transaction, deadline_s=30)

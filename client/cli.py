@@ -36,6 +36,7 @@ from ledger.receipts import (
     ReceiptError,
     read_receipt_file,
     receipt_size_max,
+    shown_path,
     verify_receipt,
     write_receipt_file,
 )
@@ -248,11 +249,11 @@ def command_check_receipt(arguments: argparse.Namespace, output: Output) -> int:
     try:
         receipt = read_receipt_file(arguments.file)
     except OSError as error:
-        raise UsageError(f"cannot read {arguments.file}: {error.strerror or error}") from None
+        raise UsageError(f"cannot read {shown_path(arguments.file)}: {error.strerror or error}") from None
     try:
         checked = verify_receipt(receipt, network)
     except ReceiptError as error:
-        raise ReceiptError(f"{arguments.file}: {error}") from None
+        raise ReceiptError(f"{shown_path(arguments.file)}: {error}") from None
     transaction, result, header = receipt.transaction, receipt.result, receipt.header
     output.emit(
         {
@@ -289,7 +290,7 @@ def check_receipt_target(arguments: argparse.Namespace) -> None:
     if arguments.force and arguments.save is None:
         raise UsageError("--force replaces a receipt file: it needs --save FILE")
     if arguments.save is not None and arguments.save.exists() and not arguments.force:
-        raise UsageError(f"{arguments.save}: already exists (use --force to overwrite)")
+        raise UsageError(f"{shown_path(arguments.save)}: already exists (use --force to overwrite)")
 
 
 async def save_receipt(arguments: argparse.Namespace, client: Client, block: Block, index: int) -> None:
@@ -297,9 +298,9 @@ async def save_receipt(arguments: argparse.Namespace, client: Client, block: Blo
     try:
         write_receipt_file(arguments.save, receipt, arguments.force)
     except FileExistsError:
-        raise UsageError(f"{arguments.save}: already exists (use --force to overwrite)") from None
+        raise UsageError(f"{shown_path(arguments.save)}: already exists (use --force to overwrite)") from None
     except OSError as error:
-        raise UsageError(f"cannot write {arguments.save}: {error.strerror or error}") from None
+        raise UsageError(f"cannot write {shown_path(arguments.save)}: {error.strerror or error}") from None
 
 
 def _short(data: bytes) -> str:
@@ -490,7 +491,7 @@ async def dispatch(arguments: argparse.Namespace, client: Client, output: Output
         if index >= len(block.transactions) or block.transactions[index].transaction_id != transaction_id:
             raise ClientError(f"block {height} has no transaction {transaction_id.hex()} at index {index}")
         proof = prove_transaction(block, index)
-        proof.verify(client.network.network_id, client.network.replica_keys, client.network.quorum)
+        proof.verify(client.network.identity, client.network.replica_keys, client.network.quorum)
         transaction, result = block.transactions[index], block.results[index]
         if arguments.save is not None:
             await save_receipt(arguments, client, block, index)
@@ -509,7 +510,7 @@ async def dispatch(arguments: argparse.Namespace, client: Client, output: Output
         saved = ""
         if arguments.save is not None:
             data["receipt_file"] = str(arguments.save)
-            saved = f"\n  receipt written to {arguments.save} (check it offline: ledger-client check-receipt {arguments.save})"
+            saved = f"\n  receipt written to {shown_path(arguments.save)} (check it offline: ledger-client check-receipt {shown_path(arguments.save)})"
         output.emit(
             data,
             f"transaction {transaction_id.hex()}\n  {describe_operation(transaction.operation)}\n"

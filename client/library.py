@@ -53,7 +53,13 @@ from ledger.messages import (
     decode_message,
     encode_message,
 )
-from ledger.receipts import ReceiptError, TransactionReceipt, build_receipt, verify_receipt
+from ledger.receipts import (
+    ReceiptError,
+    TransactionReceipt,
+    build_receipt,
+    not_outcome_problem,
+    verify_receipt,
+)
 from ledger.transactions import (
     KEY_LENGTH_MAX,
     VALUE_LENGTH_MAX,
@@ -377,7 +383,7 @@ class Client:
         key = self._require_key()
         if self.next_nonce is None:
             self.next_nonce = (await self.account(key.public_key, deadline_s))[1]
-        transaction = sign_transaction(self.network.network_id, key, self.next_nonce, operation)
+        transaction = sign_transaction(self.network.identity, key, self.next_nonce, operation)
         self.next_nonce += 1
         return transaction
 
@@ -568,7 +574,7 @@ class Client:
         quorum: only signed QUERY-REPLYs to this very query are read, and a piece of evidence is
         believed for its own signatures, never for who reported it."""
         query = Query(next(self.query_ids), "evidence", -1 if replica_id is None else replica_id, 0, secrets.token_bytes(QUERY_NONCE_SIZE))
-        domain = signing_domain(self.network.network_id, "query-reply")
+        domain = signing_domain(self.network.identity, "query-reply")
         answers: dict[int, QueryReply] = {}
         everyone = trio.Event()
 
@@ -636,7 +642,7 @@ class Client:
         verify_certificate(
             block.header,
             block.certificate,
-            self.network.network_id,
+            self.network.identity,
             self.network.replica_keys,
             self.network.quorum,
             self.signatures.verify,
@@ -697,7 +703,13 @@ class Client:
     async def transaction_receipt(self, block: Block, index: int, deadline_s: float = QUERY_DEADLINE_S) -> TransactionReceipt:
         """A receipt for transaction `index` of `block` that anyone can check offline with the
         network's public keys: the block's certificate, and f + 1 replicas' signed answers naming
-        its hash (which covers the result). Checked here before it is returned."""
+        its hash (which covers the result). Checked here before it is returned. ClientError if
+        the entry is not the transaction's outcome (deferred or replayed): see `locate`."""
+        if not 0 <= index < len(block.results):
+            raise ClientError(f"block {block.height} has no transaction at index {index}")
+        problem = not_outcome_problem(block.results[index], block.height, index)
+        if problem is not None:
+            raise ClientError(f"no receipt: {problem}")
         signed = await self.query_signed(
             "block-hash",
             block.height,

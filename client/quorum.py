@@ -39,7 +39,7 @@ class ReplyQuorum:
         self.network = network
         self.transaction_id = transaction_id
         self.check = check
-        self.domain = signing_domain(network.network_id, "reply")
+        self.domain = signing_domain(network.identity, "reply")
         self.replied: set[int] = set()  # replicas whose reply verified
         self.groups: dict[tuple[Any, ...], list[Reply]] = {}
         self.unverified: dict[int, Reply] = {}  # at most one per replica: its latest
@@ -119,7 +119,7 @@ class QueryQuorum:
         self.check = check
         # Answers that are valid but must not count toward an answer (e.g. "I lack that block").
         self.counts = counts
-        self.domain = signing_domain(network.network_id, "query-reply")
+        self.domain = signing_domain(network.identity, "query-reply")
         self.replied: set[int] = set()
         self.behind: dict[int, int] = {}  # replica -> the height it reported below min_height
         self.groups: dict[bytes, list[QueryReply]] = {}

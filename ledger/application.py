@@ -46,6 +46,14 @@ def is_final(result: TransactionResult) -> bool:
     return not is_deferred(result)
 
 
+def is_outcome(result: TransactionResult) -> bool:
+    """Whether this entry is where the transaction itself was executed (ok, or failed having used
+    its nonce): what a receipt may prove. Neither a deferred entry (it may still execute later)
+    nor a replay (its nonce was used before, by this transaction in an earlier block or by
+    another one): both record "failed" for a transaction whose real outcome is elsewhere."""
+    return is_final(result) and not is_replay(result)
+
+
 class Application(Protocol):
     """What the ledger needs from an application; another one can replace the default."""
 

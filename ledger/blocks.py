@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from ledger.crypto import SIGNATURE_SIZE, signing_domain, verify_signature
+from ledger.crypto import SIGNATURE_SIZE, NetworkIdentity, signing_domain, verify_signature
 from ledger.encoding import (
     CodecError,
     decode,
@@ -173,14 +173,14 @@ def genesis_hash(network_id: str, replica_keys: Sequence[bytes], balances: dict[
     return digest(encode(["genesis", network_id, list(replica_keys), accounts]))
 
 
-def commit_domain(network_id: str) -> bytes:
-    return signing_domain(network_id, "commit")
+def commit_domain(network: NetworkIdentity) -> bytes:
+    return signing_domain(network, "commit")
 
 
 def verify_certificate(
     header: BlockHeader,
     certificate: CommitCertificate | None,
-    network_id: str,
+    network: NetworkIdentity,
     replica_keys: Sequence[bytes],
     quorum: int,
     check: SignatureCheck = verify_signature,
@@ -190,7 +190,7 @@ def verify_certificate(
         raise ChainError(f"block {header.height}: no commit certificate")
     if certificate.view < header.view:
         raise ChainError(f"block {header.height}: certificate view precedes the proposal view")
-    domain = commit_domain(network_id)
+    domain = commit_domain(network)
     batch = header.batch_digest()
     signers: set[int] = set()
     for replica_id, signature in certificate.signatures:
@@ -267,12 +267,12 @@ class TransactionProof:
     header: BlockHeader
     certificate: CommitCertificate
 
-    def verify(self, network_id: str, replica_keys: Sequence[bytes], quorum: int) -> None:
+    def verify(self, network: NetworkIdentity, replica_keys: Sequence[bytes], quorum: int) -> None:
         if not verify_merkle_proof(
             self.transaction.transaction_id, self.index, self.leaf_count, list(self.path), self.header.transactions_root
         ):
             raise ChainError("transaction proof: Merkle path does not lead to the transactions root")
-        verify_certificate(self.header, self.certificate, network_id, replica_keys, quorum)
+        verify_certificate(self.header, self.certificate, network, replica_keys, quorum)
 
     def to_plain(self) -> list[Any]:
         return [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.resources
 import ipaddress
 import json
@@ -14,7 +15,7 @@ from typing import Any
 
 from ledger import sizes
 from ledger.blocks import REPLICAS_MAX, genesis_hash
-from ledger.crypto import SigningKey, parse_public_key, write_key_file
+from ledger.crypto import NetworkIdentity, SigningKey, parse_public_key, write_key_file
 from ledger.encoding import ENCODED_SIZE_MAX
 from ledger.messages import PREPARED_CERTIFICATES_MAX
 
@@ -221,6 +222,13 @@ class NetworkConfig:
     @property
     def genesis_hash(self) -> bytes:
         return genesis_hash(self.network_id, self.replica_keys, self.genesis_balances)
+
+    @functools.cached_property
+    def identity(self) -> NetworkIdentity:
+        """What every signature of this network is bound to (ledger.crypto.signing_domain): two
+        networks with one id and the same replica keys but other balances accept none of each
+        other's blocks, votes, transactions or receipts. Cached: a config is never changed."""
+        return NetworkIdentity(self.network_id, self.genesis_hash)
 
     def primary(self, view: int) -> int:
         return view % self.replica_count

@@ -1,4 +1,4 @@
-"""Ed25519 keys, key files, and signatures bound to a domain (network id + object type)."""
+"""Ed25519 keys, key files, and signatures bound to a domain (network id, genesis hash, object type)."""
 
 from __future__ import annotations
 
@@ -18,13 +18,25 @@ class KeyFileError(ValueError):
     """A key file is missing, unreadable, or not a key."""
 
 
-def signing_domain(network_id: str, object_type: str) -> bytes:
+@dataclass(frozen=True, slots=True)
+class NetworkIdentity:
+    """What every signature of one network is bound to: its id and its genesis hash, which pins
+    the replicas' keys and the genesis balances (NetworkConfig.identity)."""
+
+    network_id: str
+    genesis_hash: bytes
+
+
+def signing_domain(network: NetworkIdentity, object_type: str) -> bytes:
     """Prefix for every signed byte string.
 
-    Binding the network id and the object type into what is signed means a signature made for
-    one purpose (a COMMIT on network A) can never be replayed as another (a PREPARE, or network B).
+    Binding the network's identity and the object type into what is signed means a signature made
+    for one purpose (a COMMIT on network A) can never be replayed as another (a PREPARE, or on
+    network B), even where B has A's id and replica keys but other genesis balances.
     """
-    return f"pbft-ledger/v1\x00{network_id}\x00{object_type}\x00".encode()
+    # Our own bug, not bad input: a bare id here would silently drop the genesis binding.
+    assert isinstance(network, NetworkIdentity), f"signing_domain needs a NetworkIdentity, not {type(network).__name__}"
+    return f"pbft-ledger/v2\x00{network.network_id}\x00{network.genesis_hash.hex()}\x00{object_type}\x00".encode()
 
 
 @dataclass(frozen=True, slots=True)

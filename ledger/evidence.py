@@ -78,7 +78,7 @@ class Evidence:
             return (False, False)
         verify = check or PublicKeyCache().verify
         public_key = network.replica_keys[self.replica_id]
-        domain = signing_domain(network.network_id, self.kind)
+        domain = signing_domain(network.identity, self.kind)
         first, second = self.messages()
         return (
             verify(public_key, domain, first.signed_bytes(), first.signature),

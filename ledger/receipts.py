@@ -13,6 +13,10 @@ holding exactly the objects the replicas signed, in the encoding their signature
   result for a committed transaction. With them, one honest replica vouches for the whole header;
 - the network id and genesis hash, so a receipt is never read against the wrong network.
 
+A receipt proves only an entry where the transaction executed (ledger.application.is_outcome):
+honest blocks also hold "deferred:" and "replayed:" entries, whose "failed" is not the
+transaction's outcome (it executed, or may still execute, elsewhere), so none is accepted.
+
 Checking needs nothing but the network configuration (ids and public keys); it never contacts
 the network. Every check failure raises ReceiptError with one line saying what failed.
 """
@@ -20,13 +24,14 @@ the network. Every check failure raises ReceiptError with one line saying what f
 from __future__ import annotations
 
 import os
+import secrets
 import stat
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ledger.application import is_deferred, is_outcome
 from ledger.blocks import (
     BLOCK_TRANSACTIONS_MAX,
     HASH_SIZE,
@@ -228,6 +233,17 @@ def result_leaf(result: TransactionResult) -> bytes:
     return digest(encode(result.to_plain()))
 
 
+def not_outcome_problem(result: TransactionResult, height: int, index: int) -> str | None:
+    """Why the entry at (height, index) cannot be a receipt's subject, or None if it can."""
+    if is_outcome(result):
+        return None
+    kind = "deferred: it may still execute later" if is_deferred(result) else "replayed: its nonce was used before"
+    return (
+        f"the entry at block {height} index {index} ({result.describe()[:120]!r}) is not the transaction's outcome "
+        f"({kind}); a receipt must come from the block where it executed (ledger-client tx ID --save finds it)"
+    )
+
+
 def build_receipt(
     network: NetworkConfig,
     block: Block,
@@ -239,6 +255,9 @@ def build_receipt(
     the signed replies that answered a block-hash `query` for it."""
     if block.certificate is None:
         raise ReceiptError(f"block {block.height} has no commit certificate")
+    problem = not_outcome_problem(block.results[index], block.height, index)
+    if problem is not None:
+        raise ReceiptError(problem)
     if query.kind != BLOCK_HASH_QUERY or query.argument != block.height:
         raise ReceiptError(f"the signed answers are to a {query.kind!r} query, not one for block {block.height}'s hash")
     transaction_ids = block.transaction_ids()
@@ -288,9 +307,17 @@ def verify_receipt(receipt: TransactionReceipt, network: NetworkConfig, check: S
             f"the receipt's genesis hash differs from network {network.network_id!r}'s "
             "(another network with the same id: other replica keys or genesis balances)"
         )
+    # A deferred or replayed entry sits in honest, fully signed blocks: every signature below
+    # would verify, yet its "failed" is not what happened to the transaction.
+    problem = not_outcome_problem(receipt.result, receipt.header.height, receipt.index)
+    if problem is not None:
+        raise ReceiptError(problem)
+    header = receipt.header
+    if header.height == 1 and header.parent_hash != network.genesis_hash:
+        raise ReceiptError(f"block 1's parent hash is not the genesis hash of network {network.network_id!r}")
     transaction = receipt.transaction
     transaction_id = transaction.transaction_id
-    if not check(transaction.sender, transaction_domain(network.network_id), transaction.signed_bytes(), transaction.signature):
+    if not check(transaction.sender, transaction_domain(network.identity), transaction.signed_bytes(), transaction.signature):
         raise ReceiptError(f"transaction {transaction_id.hex()}: its sender's signature does not verify")
     header = receipt.header
     if not verify_merkle_proof(transaction_id, receipt.index, receipt.leaf_count, list(receipt.transaction_path), header.transactions_root):
@@ -301,11 +328,11 @@ def verify_receipt(receipt: TransactionReceipt, network: NetworkConfig, check: S
     if not verify_merkle_proof(result_leaf(receipt.result), receipt.index, receipt.leaf_count, list(receipt.result_path), header.results_root):
         raise ReceiptError(f"result {receipt.result.describe()!r}: the Merkle path does not lead to block {header.height}'s results root")
     try:
-        verify_certificate(header, receipt.certificate, network.network_id, network.replica_keys, network.quorum, check)
+        verify_certificate(header, receipt.certificate, network.identity, network.replica_keys, network.quorum, check)
     except ChainError as error:
         raise ReceiptError(f"commit certificate: {error}") from None
     certificate_signers = _valid_commit_signers(receipt, network, check)
-    domain_reply = signing_domain(network.network_id, "query-reply")
+    domain_reply = signing_domain(network.identity, "query-reply")
     block_hash_signers: list[int] = []
     for signed in receipt.block_hash_signatures:
         if signed.replica_id >= network.replica_count or signed.replica_id in block_hash_signers:
@@ -323,7 +350,7 @@ def verify_receipt(receipt: TransactionReceipt, network: NetworkConfig, check: S
 
 def _valid_commit_signers(receipt: TransactionReceipt, network: NetworkConfig, check: SignatureCheck) -> tuple[int, ...]:
     """The distinct replicas whose COMMIT signature in the certificate verifies (for the summary)."""
-    domain = commit_domain(network.network_id)
+    domain = commit_domain(network.identity)
     batch = receipt.header.batch_digest()
     signers: set[int] = set()
     for replica_id, signature in receipt.certificate.signatures:
@@ -363,19 +390,50 @@ def receipt_size_max() -> int:
 
 
 
+def shown_path(path: Path | str) -> str:
+    """A file name as an error line shows it: as it is when printable, else escaped as repr does,
+    so no name (a newline in it, undecodable bytes) can add a line or fail to print."""
+    text = str(path)
+    return text if text.isprintable() else repr(text)
+
+
 def read_receipt_file(path: Path) -> TransactionReceipt:
     """Read and parse a receipt file, reading at most one byte more than the largest valid receipt.
 
-    OSError if it cannot be opened; ReceiptError if it is not a regular file, too large, or not a receipt."""
+    OSError if it cannot be opened; ReceiptError, naming the file, if it is not a regular file,
+    too large, or not a receipt."""
     # Non-blocking, so a FIFO named as the file cannot hang the check.
     descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     with os.fdopen(descriptor, "rb") as file:
         if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
-            raise ReceiptError(f"{path}: not a regular file")
+            raise ReceiptError(f"{shown_path(path)}: not a regular file")
         data = file.read(receipt_size_max() + 1)
     if len(data) > receipt_size_max():
-        raise ReceiptError(f"{path}: larger than any valid receipt ({receipt_size_max()} bytes at most)")
-    return TransactionReceipt.decode(data)
+        raise ReceiptError(f"{shown_path(path)}: larger than any valid receipt ({receipt_size_max()} bytes at most)")
+    try:
+        return TransactionReceipt.decode(data)
+    except ReceiptError as error:
+        raise ReceiptError(f"{shown_path(path)}: {error}") from None
+
+
+# Attempts at a fresh temporary name: 64 random bits each, so a second one is needed only if
+# someone else creates files of that pattern in the directory.
+TEMPORARY_NAME_ATTEMPTS = 16
+
+
+def _create_temporary(directory: Path) -> tuple[int, Path]:
+    """A new, empty file beside the receipt, opened for writing. Its name is short whatever the
+    receipt's (a name of the longest valid length still works), and it is created with mode 0666
+    minus the umask, as any file a program writes: a receipt is public, unlike mkstemp's 0600."""
+    for _ in range(TEMPORARY_NAME_ATTEMPTS):
+        temporary = directory / f".receipt-{secrets.token_hex(8)}.tmp"
+        try:
+            # O_EXCL: never an existing file, nor through a symbolic link planted under that name.
+            return os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666), temporary
+        except FileExistsError:
+            continue
+    # Not FileExistsError: that would read as "the receipt file exists".
+    raise OSError(f"no free temporary name in {shown_path(directory)} after {TEMPORARY_NAME_ATTEMPTS} attempts")
 
 
 def write_receipt_file(path: Path, receipt: TransactionReceipt, force: bool = False) -> None:
@@ -386,7 +444,7 @@ def write_receipt_file(path: Path, receipt: TransactionReceipt, force: bool = Fa
     cannot overwrite a file that appears in the meantime."""
     data = receipt.encode()
     directory = path.parent if str(path.parent) else Path(".")
-    descriptor, temporary = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
+    descriptor, temporary = _create_temporary(directory)
     try:
         with os.fdopen(descriptor, "wb") as file:
             file.write(data)
@@ -405,7 +463,7 @@ def write_receipt_file(path: Path, receipt: TransactionReceipt, force: bool = Fa
                     raise FileExistsError(path) from None
                 os.replace(temporary, path)
     finally:
-        if os.path.exists(temporary):
+        if os.path.lexists(temporary):
             os.unlink(temporary)
     directory_descriptor = os.open(directory, os.O_RDONLY)
     try:

@@ -5,7 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ledger.crypto import PUBLIC_KEY_SIZE, SIGNATURE_SIZE, SigningKey, signing_domain
+from ledger.crypto import (
+    PUBLIC_KEY_SIZE,
+    SIGNATURE_SIZE,
+    NetworkIdentity,
+    SigningKey,
+    signing_domain,
+)
 from ledger.encoding import (
     CodecError,
     decode,
@@ -108,13 +114,13 @@ class Transaction:
         return cls.from_plain(decode(data))
 
 
-def transaction_domain(network_id: str) -> bytes:
-    return signing_domain(network_id, "transaction")
+def transaction_domain(network: NetworkIdentity) -> bytes:
+    return signing_domain(network, "transaction")
 
 
-def sign_transaction(network_id: str, key: SigningKey, nonce: int, operation: Operation) -> Transaction:
+def sign_transaction(network: NetworkIdentity, key: SigningKey, nonce: int, operation: Operation) -> Transaction:
     body = encode([key.public_key, nonce, operation.to_plain()])
-    signature = key.sign(transaction_domain(network_id), body)
+    signature = key.sign(transaction_domain(network), body)
     return Transaction(key.public_key, nonce, operation, signature)
 
 

@@ -175,10 +175,10 @@ class ReplicaCore:
         self.replica_keys = network.replica_keys
         self.check_signature: SignatureCheck = check_signature or PublicKeyCache().verify
         self.domains = {
-            kind: signing_domain(network.network_id, kind)
+            kind: signing_domain(network.identity, kind)
             for kind in ("pre-prepare", "prepare", "commit", "checkpoint", "view-change", "reply")
         }
-        self.transaction_domain = transaction_domain(network.network_id)
+        self.transaction_domain = transaction_domain(network.identity)
         # L in the paper: how far above the stable checkpoint sequence numbers are accepted.
         self.log_size = max(self.settings.window_size, 2 * self.settings.checkpoint_interval)
         self.signatures = SignatureMemo(self.check_signature)
@@ -1165,7 +1165,7 @@ class ReplicaCore:
             try:
                 verify_block_contents(block)
                 verify_certificate(
-                    block.header, block.certificate, self.network.network_id, self.replica_keys, self.quorum, self.signatures.verify
+                    block.header, block.certificate, self.network.identity, self.replica_keys, self.quorum, self.signatures.verify
                 )
             except (ChainError, CodecError) as error:
                 self._reject("bad fetched block", f"from replica {sender}: {error}")

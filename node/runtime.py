@@ -174,7 +174,7 @@ def make_runtime_traitor(
     for behaviour in behaviours:
         if behaviour.name == "twins":
             raise StartupError("traitor behaviour twins is a second honest process with this replica's key: `ledger-scenario run twins` starts both")
-    domains = {kind: signing_domain(network.network_id, kind) for kind in sorted(set(SIGNED_KINDS.values()))}
+    domains = {kind: signing_domain(network.identity, kind) for kind in sorted(set(SIGNED_KINDS.values()))}
     context = TraitorContext(network, replica_id, key, domains, random.Random(f"traitor/{seed}/{replica_id}"), raw_frames=True)
     try:
         return Traitor(context, [make_behaviour(behaviour) for behaviour in behaviours])
@@ -227,7 +227,7 @@ class ReplicaRuntime:
             restored,
             last_timestamp_ms=last_timestamp_ms,
         )
-        self.query_domain = signing_domain(self.network.network_id, "query-reply")
+        self.query_domain = signing_domain(self.network.identity, "query-reply")
         self.events_send, self.events_receive = trio.open_memory_channel[tuple[str, Any, Any]](EVENT_QUEUE_MAX)
         self.transport = PeerTransport(self.network, config.replica_id, self.key, self._deliver_from_peer)
         protocol = self.network.protocol

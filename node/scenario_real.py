@@ -47,7 +47,7 @@ from ledger.config import (
     template_for,
     write_network,
 )
-from ledger.crypto import SigningKey
+from ledger.crypto import NetworkIdentity, SigningKey
 from ledger.transactions import Put, sign_transaction
 from node import ports
 from node.host_network import HostNetwork, HostNetworkError, hosts_mode_refusal
@@ -310,7 +310,7 @@ class Workload:
     """Every client's transactions (puts from fresh accounts: they need no funds), `in_flight` at a time,
     spread over the timeline so that faults hit transactions in flight."""
 
-    network_id: str
+    network: NetworkIdentity
     deadline: float  # trio time by which every transaction must be confirmed
     total: int
     started: float
@@ -326,7 +326,7 @@ class Workload:
         for nonce in range(count):
             # Real replicas are fast: without spreading, the workload could end before the first fault.
             await trio.sleep_until(self.started + self.spread_s * nonce / count)
-            transaction = sign_transaction(self.network_id, key, nonce, Put(f"c{client_index}-s{submitter_index}", f"value {nonce}"))
+            transaction = sign_transaction(self.network, key, nonce, Put(f"c{client_index}-s{submitter_index}", f"value {nonce}"))
             self.submitted += 1
             receipt = None
             while receipt is None and trio.current_time() < self.deadline:
@@ -590,7 +590,7 @@ async def _run_processes(
                 raise RealRunError(f"not every replica answered within {STARTUP_DEADLINE_S:g} s") from None
             started = trio.current_time()
             total = workload_spec.clients * workload_spec.transactions_per_client
-            workload = Workload(network_id, started + time_limit_s, total, started, spread_s)
+            workload = Workload(network.identity, started + time_limit_s, total, started, spread_s)
             progress(
                 f"every replica answers; running the timeline ({len(setup.timeline)} event(s)) and {total} transactions "
                 f"({workload_spec.clients} clients, {workload_spec.in_flight} in flight each), deadline {time_limit_s:g} s"
@@ -692,6 +692,7 @@ def run_real_processes(
         seed=seed,
         network_id=network.network_id,
         replica_keys=tuple(network.replica_keys),
+        genesis_hash=network.genesis_hash,
         submitted=workload.submitted,
         receipts=workload.receipts,
         views=collected.views,

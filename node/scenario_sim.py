@@ -93,6 +93,7 @@ def record_simulation(name: str, simulation: Simulation, failure: SimulationFail
         seed=simulation.scenario.seed,
         network_id=network.network_id,
         replica_keys=tuple(network.replica_keys),
+        genesis_hash=network.genesis_hash,
         submitted=sum(client.submitted for client in simulation.clients),
         receipts=[receipt for client in simulation.clients for receipt in client.receipts],
         views={index: simulation.replicas[index].core.view for index in honest},

@@ -418,10 +418,10 @@ class Simulation:
         self.verify = memoizing_verifier()
         self.signature_checks: list[dict[bytes, int]] = [{} for _ in range(scenario.replica_count)]
         self.domains = {
-            kind: signing_domain(self.network.network_id, kind)
+            kind: signing_domain(self.network.identity, kind)
             for kind in ("pre-prepare", "prepare", "commit", "checkpoint", "view-change", "reply")
         }
-        self.transaction_domain = transaction_domain(self.network.network_id)
+        self.transaction_domain = transaction_domain(self.network.identity)
         specs = list(scenario.traitors)
         if scenario.equivocating_primary and all(spec.replica_id != 0 for spec in specs):
             specs.append(TraitorSpec(0, (BehaviourSpec("equivocating_primary"),)))
@@ -453,7 +453,7 @@ class Simulation:
         self.steps = 0
         self.committed: dict[int, Block] = {}  # the first honest block at each height
         self.key_writes: dict[str, list[tuple[int, str]]] = {}  # key -> (height, value), honest chain
-        self.query_domain = signing_domain(self.network.network_id, "query-reply")
+        self.query_domain = signing_domain(self.network.identity, "query-reply")
         self.signed_digests: dict[tuple[int, str, int, int], bytes] = {}
         self.checked_messages: dict[int, Any] = {}
         self.receipts_by_height: dict[int, list[Receipt]] = {}
@@ -920,7 +920,7 @@ class Simulation:
                 )
             try:
                 verify_certificate(
-                    block.header, block.certificate, self.network.network_id, self.network.replica_keys, self.network.quorum, self.verify
+                    block.header, block.certificate, self.network.identity, self.network.replica_keys, self.network.quorum, self.verify
                 )
             except ChainError as error:
                 raise self.fail(f"certificate: replica {index}: {error}") from None
@@ -995,7 +995,7 @@ class Simulation:
                     operation = Transfer(recipient, self.random.randint(1, 10))
                 else:
                     operation = Put(f"key-{self.random.randint(0, 5)}", f"value-{self.random.randint(0, 1000)}")
-                transaction = sign_transaction(self.network.network_id, client.key, client.next_nonce, operation)
+                transaction = sign_transaction(self.network.identity, client.key, client.next_nonce, operation)
                 client.next_nonce += 1
                 client.submitted += 1
                 quorum = ReplyQuorum(self.network, transaction.transaction_id, self.verify)

@@ -110,7 +110,7 @@ class PeerTransport:
         self.replica_id = replica_id
         self.key = key
         self.deliver = deliver
-        self.domain = signing_domain(network.network_id, "handshake")
+        self.domain = signing_domain(network.identity, "handshake")
         self.frame_size_max = network.protocol.frame_size_max
         self.queues: dict[int, FrameQueue] = {
             peer.replica_id: FrameQueue(PEER_QUEUE_FRAMES_MAX, PEER_QUEUE_FRAMES_OF_MAX_SIZE * self.frame_size_max)

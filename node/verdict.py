@@ -14,7 +14,7 @@ from typing import Any
 
 from client.quorum import Receipt
 from ledger.blocks import Block, commit_domain, commit_signed_bytes
-from ledger.crypto import verify_signature
+from ledger.crypto import NetworkIdentity, verify_signature
 from node.scenarios import Expectation
 
 # Broken invariants that are about progress, not about what was committed or signed.
@@ -45,6 +45,7 @@ class RunRecord:
     seed: int
     network_id: str
     replica_keys: tuple[bytes, ...]
+    genesis_hash: bytes
     submitted: int
     receipts: list[Receipt]
     views: dict[int, int]  # honest replica -> its final view
@@ -134,12 +135,12 @@ class Verdict:
         return data
 
 
-def certificate_signers(block: Block, network_id: str, replica_keys: tuple[bytes, ...]) -> tuple[int, ...]:
+def certificate_signers(block: Block, network: NetworkIdentity, replica_keys: tuple[bytes, ...]) -> tuple[int, ...]:
     """The replicas whose COMMIT signatures in the block's certificate verify."""
     certificate = block.certificate
     if certificate is None:
         return ()
-    domain = commit_domain(network_id)
+    domain = commit_domain(network)
     batch = block.header.batch_digest()
     signers = set()
     for replica_id, signature in certificate.signatures:
@@ -166,7 +167,7 @@ def compare_chains(record: RunRecord) -> tuple[int, list[Fork]]:
                 blocks[block.block_hash] = block
         if len(holders) > 1:
             forked = tuple(
-                ForkedBlock(block_hash.hex(), tuple(holders[block_hash]), certificate_signers(blocks[block_hash], record.network_id, record.replica_keys))
+                ForkedBlock(block_hash.hex(), tuple(holders[block_hash]), certificate_signers(blocks[block_hash], NetworkIdentity(record.network_id, record.genesis_hash), record.replica_keys))
                 for block_hash in holders
             )
             culprits = set(forked[0].signers)

@@ -16,7 +16,7 @@ from ledger.blocks import (
     results_root,
 )
 from ledger.config import Address, NetworkConfig, ProtocolSettings, ReplicaInfo
-from ledger.crypto import SigningKey
+from ledger.crypto import NetworkIdentity, SigningKey
 from ledger.merkle import merkle_root
 from ledger.transactions import Put, Transaction, TransactionResult, Transfer, sign_transaction
 
@@ -69,6 +69,10 @@ class LedgerNetwork:
     def genesis(self) -> bytes:
         return self.config.genesis_hash
 
+    @property
+    def identity(self) -> NetworkIdentity:
+        return self.config.identity
+
 
 def make_network(network_id: str = "test-net", replica_count: int = 4) -> LedgerNetwork:
     replica_keys = tuple(deterministic_key(f"{network_id}/replica-{index}") for index in range(replica_count))
@@ -84,7 +88,7 @@ def make_transactions(network: LedgerNetwork, first_nonce: int, count: int) -> l
             operation: Put | Transfer = Transfer(recipient, 1 + nonce % 7)
         else:
             operation = Put(f"key-{nonce % 5}", f"value-{nonce}")
-        transactions.append(sign_transaction(network.network_id, network.client_key, nonce, operation))
+        transactions.append(sign_transaction(network.identity, network.client_key, nonce, operation))
     return transactions
 
 
@@ -93,11 +97,11 @@ def sign_certificate(
     header: BlockHeader,
     signers: Sequence[int] | None = None,
     view: int | None = None,
-    network_id: str | None = None,
+    identity: NetworkIdentity | None = None,
 ) -> CommitCertificate:
     """COMMIT signatures over the header's batch by `signers` (default: the first quorum)."""
     certificate_view = header.view if view is None else view
-    domain = commit_domain(network.network_id if network_id is None else network_id)
+    domain = commit_domain(network.identity if identity is None else identity)
     chosen = range(network.quorum) if signers is None else signers
     signatures = tuple(
         (

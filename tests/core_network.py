@@ -74,7 +74,7 @@ class Network:
             self.deliver()
 
     def submit(self, nonce: int) -> Transaction:
-        transaction = sign_transaction(self.config.network_id, self.client, nonce, Put("key", str(nonce)))
+        transaction = sign_transaction(self.config.identity, self.client, nonce, Put("key", str(nonce)))
         self.cores[0].receive_request(transaction)
         self.collect(0)
         return transaction

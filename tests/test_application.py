@@ -11,18 +11,18 @@ from hypothesis import strategies as st
 
 from ledger.application import Account, AccountsApplication, is_deferred, is_final, is_replay
 from ledger.config import SUPPLY_MAX
-from ledger.crypto import SigningKey
+from ledger.crypto import NetworkIdentity, SigningKey
 from ledger.encoding import INTEGER_MAX, CodecError, decode, encode
 from ledger.transactions import Put, Transaction, Transfer, sign_transaction
 
-NETWORK_ID = "application-net"
+NETWORK = NetworkIdentity("application-net", bytes(32))
 ALICE = deterministic_key("alice")
 BOB = deterministic_key("bob")
 CAROL = deterministic_key("carol")
 
 
 def signed(key: SigningKey, nonce: int, operation: Any) -> Transaction:
-    return sign_transaction(NETWORK_ID, key, nonce, operation)
+    return sign_transaction(NETWORK, key, nonce, operation)
 
 
 def funded() -> AccountsApplication:

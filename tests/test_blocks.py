@@ -29,6 +29,7 @@ from ledger.blocks import (
     verify_certificate,
     verify_chain_segment,
 )
+from ledger.crypto import NetworkIdentity
 from ledger.encoding import CodecError, decode, encode
 from ledger.merkle import merkle_root
 from ledger.transactions import TransactionResult
@@ -42,11 +43,11 @@ CERTIFIED_FIELDS = ["height", "view", "proposer", "transactions_root", "timestam
 HASH_FIELDS = ["parent_hash", "transactions_root", "state_digest"]
 
 
-def verify_quorum(block: Block, network: Any = NETWORK, network_id: str | None = None) -> None:
+def verify_quorum(block: Block, network: Any = NETWORK, identity: NetworkIdentity | None = None) -> None:
     verify_certificate(
         block.header,
         block.certificate,
-        network.network_id if network_id is None else network_id,
+        network.identity if identity is None else identity,
         network.replica_keys,
         network.quorum,
     )
@@ -156,11 +157,12 @@ def test_certificate_needs_a_quorum_of_distinct_valid_signers(network: Any) -> N
     with pytest.raises(ChainError, match="valid commit signatures"):
         verify_quorum(with_certificate(block, duplicated), network)
 
-    other_network = sign_certificate(network, header, every, network_id="another-net")
-    with pytest.raises(ChainError, match="valid commit signatures"):
-        verify_quorum(with_certificate(block, other_network), network)
-    with pytest.raises(ChainError, match="valid commit signatures"):
-        verify_quorum(block, network, network_id="another-net")
+    for other in (NetworkIdentity("another-net", network.genesis), NetworkIdentity(network.network_id, bytes(32))):
+        other_network = sign_certificate(network, header, every, identity=other)
+        with pytest.raises(ChainError, match="valid commit signatures"):
+            verify_quorum(with_certificate(block, other_network), network)
+        with pytest.raises(ChainError, match="valid commit signatures"):
+            verify_quorum(block, network, identity=other)
 
 
 def test_certificate_signatures_must_come_from_the_named_replica() -> None:
@@ -191,7 +193,7 @@ def test_certificate_view_and_height_are_signed() -> None:
         verify_quorum(with_certificate(block, relabelled))
     other_height = dataclasses.replace(block.header, height=2)
     with pytest.raises(ChainError, match="valid commit signatures"):
-        verify_certificate(other_height, block.certificate, NETWORK.network_id, NETWORK.replica_keys, NETWORK.quorum)
+        verify_certificate(other_height, block.certificate, NETWORK.identity, NETWORK.replica_keys, NETWORK.quorum)
 
 
 @given(
@@ -228,7 +230,7 @@ def test_certificate_verdict_counts_distinct_valid_signers(signers: list[tuple[i
 def test_transaction_proof_verifies_and_fails_when_tampered(position: int, index: int, flip: int) -> None:
     block = CHAIN[position]
     proof = prove_transaction(block, index)
-    proof.verify(NETWORK.network_id, NETWORK.replica_keys, NETWORK.quorum)
+    proof.verify(NETWORK.identity, NETWORK.replica_keys, NETWORK.quorum)
     assert TransactionProof.from_plain(decode(encode(proof.to_plain()))) == proof
 
     other_index = (index + 1) % len(block.transactions)
@@ -246,16 +248,16 @@ def test_transaction_proof_verifies_and_fails_when_tampered(position: int, index
         forgeries.append(dataclasses.replace(proof, path=proof.path[:-1]))
     for forgery in forgeries:
         with pytest.raises(ChainError):
-            forgery.verify(NETWORK.network_id, NETWORK.replica_keys, NETWORK.quorum)
+            forgery.verify(NETWORK.identity, NETWORK.replica_keys, NETWORK.quorum)
     with pytest.raises(ChainError):
-        proof.verify("another-net", NETWORK.replica_keys, NETWORK.quorum)
+        proof.verify(NetworkIdentity("another-net", NETWORK.genesis), NETWORK.replica_keys, NETWORK.quorum)
 
 
 def test_transaction_proof_for_single_transaction_block_and_missing_certificate() -> None:
     block = build_block(NETWORK, NETWORK.genesis, 1, make_transactions(NETWORK, 0, 1))
     proof = prove_transaction(block, 0)
     assert proof.path == ()
-    proof.verify(NETWORK.network_id, NETWORK.replica_keys, NETWORK.quorum)
+    proof.verify(NETWORK.identity, NETWORK.replica_keys, NETWORK.quorum)
     with pytest.raises(CodecError):
         prove_transaction(with_certificate(block, None), 0)
 
@@ -265,7 +267,7 @@ def test_transaction_proof_cannot_claim_another_position() -> None:
     proof = prove_transaction(block, 2)
     forged = dataclasses.replace(proof, index=1, leaf_count=2)
     with pytest.raises(ChainError):
-        forged.verify(NETWORK.network_id, NETWORK.replica_keys, NETWORK.quorum)
+        forged.verify(NETWORK.identity, NETWORK.replica_keys, NETWORK.quorum)
 
 
 # ---- encoding and identity ----

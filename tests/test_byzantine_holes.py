@@ -39,7 +39,7 @@ def test_a_reproposed_null_batch_of_an_earlier_view_is_found_and_committed() -> 
 
     # Sequence 1 reaches nobody; then the primary proposes a second batch at sequence 2.
     network.drop(lambda sender, receiver, message: isinstance(message, PrePrepare) and message.sequence == 1)
-    network.cores[0].receive_request(sign_transaction(network.config.network_id, network.other, 0, Put("key", "other")))
+    network.cores[0].receive_request(sign_transaction(network.config.identity, network.other, 0, Put("key", "other")))
     network.collect(0)
     network.tick(10)
 
@@ -145,8 +145,8 @@ def test_a_failed_receipt_never_comes_true_later() -> None:
     every honest replica signed "failed: bad nonce" (an f+1 proof that it failed); then it orders
     it again and it executes. A result signed by f+1 replicas must be final."""
     network = Network()
-    first = sign_transaction(network.config.network_id, network.client, 0, Put("key", "first"))
-    second = sign_transaction(network.config.network_id, network.client, 1, Put("key", "second"))
+    first = sign_transaction(network.config.identity, network.client, 0, Put("key", "first"))
+    second = sign_transaction(network.config.identity, network.client, 1, Put("key", "second"))
     traitor_primary_proposes(
         network,
         [signed_pre_prepare(network, 1, (second,)), signed_pre_prepare(network, 2, (first,)), signed_pre_prepare(network, 3, (second,))],
@@ -167,8 +167,8 @@ def test_a_failed_receipt_never_comes_true_later() -> None:
 def test_a_relayed_reordering_by_a_traitor_backup_cannot_fail_a_transaction_either() -> None:
     """Hole 2, second form: a traitor backup hands an honest primary the nonce-1 transaction first."""
     network = Network()
-    first = sign_transaction(network.config.network_id, network.client, 0, Put("key", "first"))
-    second = sign_transaction(network.config.network_id, network.client, 1, Put("key", "second"))
+    first = sign_transaction(network.config.identity, network.client, 0, Put("key", "first"))
+    second = sign_transaction(network.config.identity, network.client, 1, Put("key", "second"))
     network.cores[0].receive_message(3, Request(second))
     network.collect(0)
     network.tick(10)
@@ -188,9 +188,9 @@ def test_a_relayed_reordering_by_a_traitor_backup_cannot_fail_a_transaction_eith
 def test_an_honest_primary_orders_each_senders_requests_by_nonce_within_a_batch() -> None:
     """Requests that arrive out of order share a batch in nonce order, so none is deferred."""
     network = Network()
-    later = sign_transaction(network.config.network_id, network.client, 1, Put("key", "later"))
-    earlier = sign_transaction(network.config.network_id, network.client, 0, Put("key", "earlier"))
-    other = sign_transaction(network.config.network_id, network.other, 0, Put("other", "x"))
+    later = sign_transaction(network.config.identity, network.client, 1, Put("key", "later"))
+    earlier = sign_transaction(network.config.identity, network.client, 0, Put("key", "earlier"))
+    other = sign_transaction(network.config.identity, network.other, 0, Put("other", "x"))
     for transaction in (later, other, earlier):
         network.cores[0].receive_request(transaction)
     network.collect(0)
@@ -216,10 +216,10 @@ def test_a_pre_prepare_with_an_implausible_timestamp_is_refused(timestamp_ms: in
     network = Network()
     assert network.config.protocol.clock_skew_max_ms > 3_000
     network.tick(NOW_MS)
-    first = sign_transaction(network.config.network_id, network.client, 0, Put("key", "first"))
+    first = sign_transaction(network.config.identity, network.client, 0, Put("key", "first"))
     traitor_primary_proposes(network, [signed_pre_prepare(network, 1, (first,), timestamp_ms=NOW_MS)])
     assert [network.cores[index].height for index in (1, 2, 3)] == [1, 1, 1]
-    second = sign_transaction(network.config.network_id, network.client, 1, Put("key", "second"))
+    second = sign_transaction(network.config.identity, network.client, 1, Put("key", "second"))
     refused_before = network.cores[1].counters.get("invalid batch", 0)
     traitor_primary_proposes(network, [signed_pre_prepare(network, 2, (second,), timestamp_ms=timestamp_ms)])
     assert [network.cores[index].height for index in (1, 2, 3)] == [1, 1, 1]
@@ -230,7 +230,7 @@ def test_plausible_timestamps_are_accepted_and_never_go_back() -> None:
     network = Network()
     network.tick(NOW_MS)
     for nonce in range(3):
-        network.cores[0].receive_request(sign_transaction(network.config.network_id, network.client, nonce, Put("key", str(nonce))))
+        network.cores[0].receive_request(sign_transaction(network.config.identity, network.client, nonce, Put("key", str(nonce))))
         network.collect(0)
         network.run(1_000)
     assert network.cores[1].height == 3
@@ -242,7 +242,7 @@ def test_one_lost_relay_does_not_make_a_backup_suspect_an_honest_primary() -> No
     """Hole 10c: a request a client gave only to a backup was relayed to the primary once; if that
     one message was lost, the backup's timer expired and it voted the honest primary out."""
     network = Network()
-    transaction = sign_transaction(network.config.network_id, network.client, 0, Put("key", "relayed"))
+    transaction = sign_transaction(network.config.identity, network.client, 0, Put("key", "relayed"))
     network.cores[1].receive_request(transaction)
     network.collect(1)
     network.drop(lambda sender, receiver, message: isinstance(message, Request))
@@ -260,14 +260,14 @@ def test_a_traitor_relaying_a_flood_fills_only_its_own_share_of_the_queue() -> N
     primary.pending = RequestQueue(4, requests_max=80)
     primary.view_active = False  # hold proposals, so what the flood leaves waiting stays visible
     flood = [
-        sign_transaction(network.config.network_id, SigningKey.from_private_bytes(hashlib.sha256(b"flood %d" % index).digest()), 0, Put("spam", str(index)))
+        sign_transaction(network.config.identity, SigningKey.from_private_bytes(hashlib.sha256(b"flood %d" % index).digest()), 0, Put("spam", str(index)))
         for index in range(200)
     ]
     for transaction in flood:
         primary.receive_message(3, Request(transaction))
     assert len(primary.pending) == 80 // (2 * 4)
     assert primary.counters["relayed requests over the relayer's share"] == 190
-    honest = sign_transaction(network.config.network_id, network.client, 0, Put("key", "honest"))
+    honest = sign_transaction(network.config.identity, network.client, 0, Put("key", "honest"))
     primary.take_effects()
     primary.receive_message(1, Request(honest))
     assert honest.transaction_id in primary.pending
@@ -278,7 +278,7 @@ def test_one_account_cannot_queue_more_than_its_share() -> None:
     network = Network()
     core = network.cores[1]
     for nonce in range(100):
-        core.receive_request(sign_transaction(network.config.network_id, network.client, nonce, Put("key", str(nonce))))
+        core.receive_request(sign_transaction(network.config.identity, network.client, nonce, Put("key", str(nonce))))
     assert len(core.pending) == 64
     errors = core.take_effects().request_errors
     assert len(errors) == 36 and all(reason.startswith("replica busy") for _, reason in errors)
@@ -293,7 +293,7 @@ def test_a_traitor_stamp_hidden_from_the_next_primary_does_not_get_it_voted_out(
     network = Network()
     skew = network.config.protocol.clock_skew_max_ms
     network.tick(10_000)
-    traitor_transaction = sign_transaction(network.config.network_id, network.other, 0, Put("traitor", "x"))
+    traitor_transaction = sign_transaction(network.config.identity, network.other, 0, Put("traitor", "x"))
     high = signed_pre_prepare(network, 1, (traitor_transaction,), timestamp_ms=network.now_ms + skew - 1)
     network.down = {0}
     for index in (2, 3):  # hidden from replica 1, the next primary
@@ -302,7 +302,7 @@ def test_a_traitor_stamp_hidden_from_the_next_primary_does_not_get_it_voted_out(
     for _ in range(2):
         network.deliver(lambda sender, receiver, message: isinstance(message, FetchBatch | BatchContent))
     assert all(1 in network.cores[index].prepared for index in (2, 3))
-    honest = sign_transaction(network.config.network_id, network.client, 0, Put("key", "honest"))
+    honest = sign_transaction(network.config.identity, network.client, 0, Put("key", "honest"))
     for index in (1, 2, 3):
         network.cores[index].receive_request(honest)
         network.collect(index)
@@ -329,10 +329,10 @@ def test_a_client_flood_straight_to_the_primary_leaves_room_for_relays() -> None
     primary.view_active = False
     accounts = [SigningKey.from_private_bytes(hashlib.sha256(b"flood account %d" % index).digest()) for index in range(2)]
     for index in range(100):
-        primary.receive_request(sign_transaction(network.config.network_id, accounts[index // 64], index % 64, Put("spam", str(index))))
+        primary.receive_request(sign_transaction(network.config.identity, accounts[index // 64], index % 64, Put("spam", str(index))))
     assert len(primary.pending) == 40
     primary.take_effects()
-    honest = sign_transaction(network.config.network_id, network.client, 0, Put("key", "honest"))
+    honest = sign_transaction(network.config.identity, network.client, 0, Put("key", "honest"))
     primary.receive_message(1, Request(honest))
     assert honest.transaction_id in primary.pending
     assert not primary.take_effects().request_errors

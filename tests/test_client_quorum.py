@@ -41,7 +41,7 @@ FORGED_SIGNATURE = bytes(64)
 
 def signed_reply(replica_id: int, height: int = 5, reason: str = "") -> Reply:
     unsigned = Reply(replica_id, 0, TRANSACTION_ID, TransactionResult(not reason, reason), height, BLOCK_HASH, 0)
-    domain = signing_domain(NETWORK.network_id, "reply")
+    domain = signing_domain(NETWORK.identity, "reply")
     return dataclasses.replace(unsigned, signature=REPLICA_KEYS[replica_id].sign(domain, unsigned.signed_bytes()))
 
 
@@ -99,12 +99,12 @@ class HonestReplica:
     def answer(self, query: Query) -> QueryReply:
         application = AccountsApplication(NETWORK.genesis_balances)
         for nonce, (key, value) in enumerate(sorted(self.values.items())):
-            application.execute_block([sign_transaction(NETWORK.network_id, CLIENT_KEY, nonce, Put(key, value))])
+            application.execute_block([sign_transaction(NETWORK.identity, CLIENT_KEY, nonce, Put(key, value))])
         return sign_answer(answer_query(query, self.replica_id, application, self.height, FakeLedger(self.height)))
 
 
 def sign_answer(unsigned: QueryReply) -> QueryReply:
-    domain = signing_domain(NETWORK.network_id, "query-reply")
+    domain = signing_domain(NETWORK.identity, "query-reply")
     return dataclasses.replace(unsigned, signature=REPLICA_KEYS[unsigned.replica_id].sign(domain, unsigned.signed_bytes()))
 
 
@@ -234,7 +234,7 @@ def scripted_client() -> Client:
 
 def signed_reply_for(transaction_id: bytes, replica_id: int, height: int) -> Reply:
     unsigned = Reply(replica_id, 0, transaction_id, TransactionResult(True), height, BLOCK_HASH, 0)
-    domain = signing_domain(NETWORK.network_id, "reply")
+    domain = signing_domain(NETWORK.identity, "reply")
     return dataclasses.replace(unsigned, signature=REPLICA_KEYS[replica_id].sign(domain, unsigned.signed_bytes()))
 
 

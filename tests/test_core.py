@@ -60,7 +60,7 @@ Allow = Callable[[int, int, Any], bool]
 
 
 def domain(kind: str) -> bytes:
-    return signing_domain(NETWORK.network_id, kind)
+    return signing_domain(NETWORK.identity, kind)
 
 
 def sign(message: Message, signer: int, kind: str) -> Message:
@@ -70,7 +70,7 @@ def sign(message: Message, signer: int, kind: str) -> Message:
 
 
 def put(nonce: int, client: int = 0) -> Transaction:
-    return sign_transaction(NETWORK.network_id, CLIENT_KEYS[client], nonce, Put(f"key-{nonce}", f"value-{nonce}"))
+    return sign_transaction(NETWORK.identity, CLIENT_KEYS[client], nonce, Put(f"key-{nonce}", f"value-{nonce}"))
 
 
 def with_bad_client_signature(transaction: Transaction) -> Transaction:
@@ -252,7 +252,7 @@ def test_normal_case_a_request_becomes_a_certified_block_and_a_signed_reply_on_e
         assert host.core.query("get", "key-0") == "value-0"
         certificate = host.chain[0].certificate
         assert certificate is not None and len({replica for replica, _ in certificate.signatures}) >= NETWORK.quorum
-        verify_certificate(host.chain[0].header, certificate, NETWORK.network_id, NETWORK.replica_keys, NETWORK.quorum)
+        verify_certificate(host.chain[0].header, certificate, NETWORK.identity, NETWORK.replica_keys, NETWORK.quorum)
         assert host.core.counters == {}
         [client_reply] = host.replies
         reply = client_reply.reply
@@ -376,7 +376,7 @@ def test_a_replicas_duplicate_or_conflicting_commits_count_once() -> None:
     [block] = core.take_effects().blocks
     assert core.height == 1 and block.transactions == proposal.batch.transactions
     assert block.certificate is not None and {replica for replica, _ in block.certificate.signatures} == {1, 2, 3}
-    verify_certificate(block.header, block.certificate, NETWORK.network_id, NETWORK.replica_keys, NETWORK.quorum)
+    verify_certificate(block.header, block.certificate, NETWORK.identity, NETWORK.replica_keys, NETWORK.quorum)
 
 
 # ---- watermarks and views ----
@@ -575,6 +575,28 @@ def test_f_plus_one_view_changes_for_a_higher_view_make_a_replica_join() -> None
     assert (own.new_view, own.replica_id) == (5, 2) and core.view == 5 and not core.view_active
 
 
+def test_votes_signed_for_a_network_with_the_same_id_and_keys_but_other_balances_are_refused() -> None:
+    """Network B has network A's id and replica keys but other genesis balances (a staging copy,
+    or A re-created): A's signed messages must not count on B, where f+1 VIEW-CHANGEs would pull
+    a replica into a view change and a PRE-PREPARE would be prepared."""
+    other = dataclasses.replace(NETWORK, genesis_balances={key.public_key: 5 for key in CLIENT_KEYS})
+    assert other.network_id == NETWORK.network_id and other.replica_keys == NETWORK.replica_keys
+    assert other.genesis_hash != NETWORK.genesis_hash
+
+    def core_of_b(replica_id: int) -> ReplicaCore:
+        application = AccountsApplication(other.genesis_balances)
+        return ReplicaCore(other, replica_id, REPLICA_KEYS[replica_id], application, check_signature=SIGNATURES.verify)
+
+    core = core_of_b(2)
+    core.receive_message(3, view_change(new_view=5))
+    core.receive_message(1, view_change(new_view=5, replica=1, signer=1))
+    assert sent(core.take_effects(), ViewChange) == [] and core.view == 0 and core.view_active
+    assert core.latest_view_changes == {} and sum(core.counters.values()) == 2
+    backup = core_of_b(1)
+    backup.receive_message(0, pre_prepare(1, (put(0),)))
+    assert backup.take_effects().send == [] and backup.signed == {} and sum(backup.counters.values()) == 1
+
+
 def test_the_new_primary_sends_new_view_once_a_quorum_asks_for_its_view() -> None:
     core = new_core(2)  # the primary of view 2
     first, second = view_change(new_view=2), view_change(new_view=2, replica=1, signer=1)
@@ -664,7 +686,7 @@ def test_view_change_carries_a_prepared_batch_into_the_new_view_and_commits_it()
         # The block keeps the view and primary that first proposed it; its commits are from view 1.
         assert (block.header.view, block.header.proposer) == (0, 0)
         assert block.certificate is not None and block.certificate.view == 1
-        verify_certificate(block.header, block.certificate, NETWORK.network_id, NETWORK.replica_keys, NETWORK.quorum)
+        verify_certificate(block.header, block.certificate, NETWORK.identity, NETWORK.replica_keys, NETWORK.quorum)
 
 
 def reassigned(view_changes: tuple[ViewChange, ...], view: int = 1, primary: int = 1) -> tuple[PrePrepareHeader, ...]:
@@ -882,7 +904,7 @@ def test_fetched_block_claiming_another_state_is_applied_with_the_replicas_own_r
         chain[0].header, state_digest=bytes(32), parent_hash=bytes(32), results_root=results_root(made_up)
     )
     lying = dataclasses.replace(chain[0], header=lying_header, results=made_up)
-    verify_certificate(lying.header, lying.certificate, NETWORK.network_id, NETWORK.replica_keys, NETWORK.quorum)
+    verify_certificate(lying.header, lying.certificate, NETWORK.identity, NETWORK.replica_keys, NETWORK.quorum)
     effects = cluster.deliver(3, 2, Blocks((lying, chain[1])))
     assert core.counters == {}
     assert [block.block_hash for block in effects.blocks] == [block.block_hash for block in chain]

@@ -15,6 +15,7 @@ from ledger.crypto import (
     PUBLIC_KEY_SIZE,
     SIGNATURE_SIZE,
     KeyFileError,
+    NetworkIdentity,
     PublicKeyCache,
     SigningKey,
     parse_public_key,
@@ -28,14 +29,17 @@ KEYS = [deterministic_key(f"crypto-{index}") for index in range(3)]
 OBJECT_TYPES = ["transaction", "pre-prepare", "prepare", "commit", "reply", "query-reply", "handshake"]
 
 network_ids = st.text(min_size=1, max_size=24).filter(lambda text: "\x00" not in text)
+# Two genesis hashes only, so that one id with two geneses comes up often.
+identities = st.builds(NetworkIdentity, network_ids, st.sampled_from([bytes(32), b"\x01" * 32]))
+NET = NetworkIdentity("net", bytes(32))
 object_types = st.sampled_from(OBJECT_TYPES)
 messages = st.binary(max_size=200)
 
 
-@given(network_ids, object_types, network_ids, object_types)
+@given(identities, object_types, identities, object_types)
 @settings(derandomize=True)
 def test_domains_differ_and_none_is_a_prefix_of_another(
-    first_network: str, first_type: str, second_network: str, second_type: str
+    first_network: NetworkIdentity, first_type: str, second_network: NetworkIdentity, second_type: str
 ) -> None:
     assume((first_network, first_type) != (second_network, second_type))
     first = signing_domain(first_network, first_type)
@@ -47,34 +51,34 @@ def test_domains_differ_and_none_is_a_prefix_of_another(
 
 @given(
     key_index=st.integers(0, len(KEYS) - 1),
-    network_id=network_ids,
+    network=identities,
     object_type=object_types,
-    other_network_id=network_ids,
+    other_network=identities,
     other_object_type=object_types,
     message=messages,
 )
 @settings(derandomize=True, max_examples=60)
 def test_a_signature_for_one_domain_fails_in_another(
     key_index: int,
-    network_id: str,
+    network: NetworkIdentity,
     object_type: str,
-    other_network_id: str,
+    other_network: NetworkIdentity,
     other_object_type: str,
     message: bytes,
 ) -> None:
-    assume((network_id, object_type) != (other_network_id, other_object_type))
+    assume((network, object_type) != (other_network, other_object_type))
     key = KEYS[key_index]
-    domain = signing_domain(network_id, object_type)
+    domain = signing_domain(network, object_type)
     signature = key.sign(domain, message)
     assert verify_signature(key.public_key, domain, message, signature)
-    assert not verify_signature(key.public_key, signing_domain(other_network_id, other_object_type), message, signature)
+    assert not verify_signature(key.public_key, signing_domain(other_network, other_object_type), message, signature)
 
 
 @given(message=messages, position=st.integers(0, 10_000), flip=st.integers(1, 255))
 @settings(derandomize=True, max_examples=60)
 def test_tampered_message_or_signature_fails(message: bytes, position: int, flip: int) -> None:
     key = KEYS[0]
-    domain = signing_domain("net", "commit")
+    domain = signing_domain(NET, "commit")
     signature = key.sign(domain, message)
     if message:
         tampered_message = bytearray(message)
@@ -92,24 +96,24 @@ def test_tampered_message_or_signature_fails(message: bytes, position: int, flip
 def test_verification_of_garbage_returns_false_and_never_raises(
     public_key: bytes, signature: bytes, message: bytes
 ) -> None:
-    domain = signing_domain("net", "reply")
+    domain = signing_domain(NET, "reply")
     assert verify_signature(public_key, domain, message, signature) is False
     assert PublicKeyCache().verify(public_key, domain, message, signature) is False
 
 
 def test_public_key_cache_agrees_with_verify_signature() -> None:
     cache = PublicKeyCache(size_max=2)
-    domain = signing_domain("net", "prepare")
+    domain = signing_domain(NET, "prepare")
     for key in KEYS * 2:
         signature = key.sign(domain, b"message")
         assert cache.verify(key.public_key, domain, b"message", signature)
         assert not cache.verify(key.public_key, domain, b"other", signature)
-        assert not cache.verify(key.public_key, signing_domain("net", "commit"), b"message", signature)
+        assert not cache.verify(key.public_key, signing_domain(NET, "commit"), b"message", signature)
 
 
 def test_signing_is_deterministic_and_keys_round_trip() -> None:
     key = KEYS[0]
-    domain = signing_domain("net", "commit")
+    domain = signing_domain(NET, "commit")
     assert key.sign(domain, b"block") == key.sign(domain, b"block")
     again = SigningKey.from_private_bytes(key.private_bytes())
     assert again.public_key == key.public_key

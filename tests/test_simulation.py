@@ -209,7 +209,7 @@ def test_a_torn_crash_lands_after_the_durable_write_and_before_the_sends() -> No
     simulation = Simulation(Scenario.from_seed(1, 4, faults=False))
     primary = simulation.replicas[0]
     client = simulation.clients[0].key
-    primary.core.receive_request(sign_transaction(simulation.network.network_id, client, 0, Put("k", "v")))
+    primary.core.receive_request(sign_transaction(simulation.network.identity, client, 0, Put("k", "v")))
     primary.core.tick(100)  # the batch wait is over: the primary signs and sends a pre-prepare
     primary.crash_after_write = True
     simulation.apply(0, primary)

@@ -15,7 +15,7 @@ import trio
 from chain_helpers import build_chain, make_network, make_transactions
 
 from ledger.blocks import Block, BlockHeader, ChainError, results_root, verify_certificate
-from ledger.crypto import SigningKey
+from ledger.crypto import NetworkIdentity, SigningKey
 from ledger.storage import BlockStore, StoreError
 from node.core import LOG_KINDS
 
@@ -345,7 +345,7 @@ def check_recovered_store(path: Path, network_id: str) -> int:
         assert [block.height for block in blocks] == list(range(1, store.height + 1))
         transaction_count = 0
         for block in blocks:
-            verify_certificate(block.header, block.certificate, network_id, network.replica_keys, network.quorum)
+            verify_certificate(block.header, block.certificate, network.identity, network.replica_keys, network.quorum)
             assert len(block.transactions) == 4
             for position, transaction in enumerate(block.transactions):
                 assert store.locate_transaction(transaction.transaction_id) == (block.height, position)
@@ -389,8 +389,9 @@ def test_a_deferred_appearance_is_not_where_a_transaction_is_found(tmp_path: Pat
 
     network_id = "deferred-index"
     client = SigningKey.from_private_bytes(bytes(32))
-    first = sign_transaction(network_id, client, 0, Put("key", "first"))
-    second = sign_transaction(network_id, client, 1, Put("key", "second"))
+    identity = NetworkIdentity(network_id, bytes(32))
+    first = sign_transaction(identity, client, 0, Put("key", "first"))
+    second = sign_transaction(identity, client, 1, Put("key", "second"))
     application = AccountsApplication({})
     genesis = b"\\x00" * 32
     blocks, parent = [], genesis

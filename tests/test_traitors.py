@@ -48,7 +48,7 @@ from node.traitors import (
 SEED = 11
 CLIENT = _key(SEED, "client", 0)
 NETWORK, KEYS = simulated_network(SEED, 4, [CLIENT])
-DOMAINS = {kind: signing_domain(NETWORK.network_id, kind) for kind in ("pre-prepare", "prepare", "commit", "checkpoint", "view-change", "reply")}
+DOMAINS = {kind: signing_domain(NETWORK.identity, kind) for kind in ("pre-prepare", "prepare", "commit", "checkpoint", "view-change", "reply")}
 
 
 def context(replica_id: int = 0, now_ms: int = 1_000) -> TraitorContext:
@@ -68,7 +68,7 @@ def validly_signed(message: object) -> bool:
 
 
 def signed_pre_prepare(view: int = 0, sequence: int = 1, nonces: tuple[int, ...] = (0, 1), timestamp_ms: int = 500) -> PrePrepare:
-    transactions = tuple(sign_transaction(NETWORK.network_id, CLIENT, nonce, Put("k", f"v{nonce}")) for nonce in nonces)
+    transactions = tuple(sign_transaction(NETWORK.identity, CLIENT, nonce, Put("k", f"v{nonce}")) for nonce in nonces)
     return context(NETWORK.primary(view)).sign(PrePrepare(view, sequence, Batch(view, NETWORK.primary(view), timestamp_ms, transactions), NETWORK.primary(view)))
 
 
@@ -256,8 +256,8 @@ def test_wrong_replies_sign_lies_a_client_never_accepts() -> None:
 
 def test_censoring_primary_keeps_one_clients_requests_from_its_core() -> None:
     censor = traitor("censoring_primary", replica_id=0)
-    chosen = sign_transaction(NETWORK.network_id, CLIENT, 0, Put("k", "v"))
-    other = sign_transaction(NETWORK.network_id, OTHER_CLIENT, 0, Put("k", "v"))
+    chosen = sign_transaction(NETWORK.identity, CLIENT, 0, Put("k", "v"))
+    other = sign_transaction(NETWORK.identity, OTHER_CLIENT, 0, Put("k", "v"))
     assert censor.receive_request(chosen, 0) is False  # any_one: the first account it sees
     assert censor.receive_request(other, 0) is True
     assert censor.receive(2, Request(chosen), 0) is False  # relayed by a backup: dropped too

@@ -10,7 +10,7 @@ from chain_helpers import deterministic_key
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ledger.crypto import verify_signature
+from ledger.crypto import NetworkIdentity, verify_signature
 from ledger.encoding import CodecError, encode
 from ledger.transactions import (
     AMOUNT_MAX,
@@ -24,7 +24,7 @@ from ledger.transactions import (
     transaction_domain,
 )
 
-NETWORK_ID = "transactions-net"
+NETWORK = NetworkIdentity("transactions-net", bytes(32))
 SENDERS = [deterministic_key(f"sender-{index}") for index in range(2)]
 RECIPIENT = deterministic_key("recipient").public_key
 
@@ -34,23 +34,23 @@ operations = transfers | puts
 nonces = st.integers(0, 2**63 - 1)
 
 
-def signature_valid(transaction: Transaction, network_id: str = NETWORK_ID) -> bool:
+def signature_valid(transaction: Transaction, network: NetworkIdentity = NETWORK) -> bool:
     return verify_signature(
-        transaction.sender, transaction_domain(network_id), transaction.signed_bytes(), transaction.signature
+        transaction.sender, transaction_domain(network), transaction.signed_bytes(), transaction.signature
     )
 
 
 @given(sender_index=st.integers(0, 1), nonce=nonces, operation=operations)
 @settings(derandomize=True, max_examples=60)
 def test_signed_transaction_round_trips_and_verifies(sender_index: int, nonce: int, operation: Any) -> None:
-    transaction = sign_transaction(NETWORK_ID, SENDERS[sender_index], nonce, operation)
+    transaction = sign_transaction(NETWORK, SENDERS[sender_index], nonce, operation)
     assert signature_valid(transaction)
     decoded = Transaction.decode(transaction.encoded)
     assert decoded == transaction
     assert decoded.encoded == transaction.encoded
     assert decoded.transaction_id == transaction.transaction_id
     assert signature_valid(decoded)
-    assert sign_transaction(NETWORK_ID, SENDERS[sender_index], nonce, operation).encoded == transaction.encoded
+    assert sign_transaction(NETWORK, SENDERS[sender_index], nonce, operation).encoded == transaction.encoded
 
 
 @given(nonce=nonces, operation=operations, other_operation=operations, flip=st.integers(1, 255))
@@ -58,7 +58,7 @@ def test_signed_transaction_round_trips_and_verifies(sender_index: int, nonce: i
 def test_tampered_transaction_fails_verification(
     nonce: int, operation: Any, other_operation: Any, flip: int
 ) -> None:
-    transaction = sign_transaction(NETWORK_ID, SENDERS[0], nonce, operation)
+    transaction = sign_transaction(NETWORK, SENDERS[0], nonce, operation)
     tampered_signature = bytearray(transaction.signature)
     tampered_signature[flip % len(tampered_signature)] ^= flip
     tampered = [
@@ -71,19 +71,20 @@ def test_tampered_transaction_fails_verification(
     for forgery in tampered:
         assert not signature_valid(forgery)
         assert forgery.transaction_id != transaction.transaction_id
-    assert not signature_valid(transaction, "another-net")
+    assert not signature_valid(transaction, NetworkIdentity("another-net", NETWORK.genesis_hash))
+    assert not signature_valid(transaction, NetworkIdentity(NETWORK.network_id, b"\x01" * 32))
 
 
 def test_transaction_id_is_the_hash_of_the_encoding_signature_included() -> None:
-    first = sign_transaction(NETWORK_ID, SENDERS[0], 0, Put("key", "value"))
-    second = sign_transaction(NETWORK_ID, SENDERS[0], 1, Put("key", "value"))
-    other_network = sign_transaction("another-net", SENDERS[0], 0, Put("key", "value"))
+    first = sign_transaction(NETWORK, SENDERS[0], 0, Put("key", "value"))
+    second = sign_transaction(NETWORK, SENDERS[0], 1, Put("key", "value"))
+    other_network = sign_transaction(NetworkIdentity("another-net", NETWORK.genesis_hash), SENDERS[0], 0, Put("key", "value"))
     assert len({first.transaction_id, second.transaction_id, other_network.transaction_id}) == 3
     assert first.encoded == encode(first.to_plain())
 
 
 def valid_plain() -> list[Any]:
-    return sign_transaction(NETWORK_ID, SENDERS[0], 3, Transfer(RECIPIENT, 10)).to_plain()
+    return sign_transaction(NETWORK, SENDERS[0], 3, Transfer(RECIPIENT, 10)).to_plain()
 
 
 def with_operation(operation: Any) -> list[Any]:
@@ -123,11 +124,11 @@ def test_malformed_transactions_are_refused(plain: Any) -> None:
 
 
 def test_boundary_values_are_accepted() -> None:
-    largest = sign_transaction(NETWORK_ID, SENDERS[0], 2**63 - 1, Transfer(RECIPIENT, AMOUNT_MAX))
+    largest = sign_transaction(NETWORK, SENDERS[0], 2**63 - 1, Transfer(RECIPIENT, AMOUNT_MAX))
     assert Transaction.decode(largest.encoded) == largest
-    widest = sign_transaction(NETWORK_ID, SENDERS[0], 0, Put("k" * KEY_LENGTH_MAX, "v" * VALUE_LENGTH_MAX))
+    widest = sign_transaction(NETWORK, SENDERS[0], 0, Put("k" * KEY_LENGTH_MAX, "v" * VALUE_LENGTH_MAX))
     assert Transaction.decode(widest.encoded) == widest
-    empty_value = sign_transaction(NETWORK_ID, SENDERS[0], 0, Put("k", ""))
+    empty_value = sign_transaction(NETWORK, SENDERS[0], 0, Put("k", ""))
     assert Transaction.decode(empty_value.encoded) == empty_value
 
 

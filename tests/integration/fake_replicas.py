@@ -76,7 +76,7 @@ class FakeReplica:
         return None  # Subscribe and anything else: a real replica would do more; verify needs no more
 
     def _signed(self, reply: QueryReply) -> QueryReply:
-        domain = signing_domain(self.network.network_id, "query-reply")
+        domain = signing_domain(self.network.identity, "query-reply")
         signature = self.network.replica_signing_keys[self.replica_id].sign(domain, reply.signed_bytes())
         return dataclasses.replace(reply, signature=signature)
 

@@ -171,14 +171,14 @@ class Load:
 
     async def run(self, total: int, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Submit `total` transactions spread over the writers; acknowledged ones land in receipts."""
-        network_id = self.client.network.network_id
+        network = self.client.network.identity
         keys = [SigningKey.generate() for _ in range(self.writers)]
         share = total // self.writers
         task_status.started()
 
         async def writer(key: SigningKey, index: int) -> None:
             for nonce in range(share):
-                transaction = sign_transaction(network_id, key, nonce, Put(f"w{index}", f"value {nonce}"))
+                transaction = sign_transaction(network, key, nonce, Put(f"w{index}", f"value {nonce}"))
                 while True:
                     try:
                         receipt = await self.client.submit(transaction, deadline_s=60)

@@ -12,7 +12,7 @@ import trio
 
 from client.library import Client
 from ledger.config import Address, NetworkConfig
-from ledger.crypto import SigningKey, read_key_file, signing_domain
+from ledger.crypto import NetworkIdentity, SigningKey, read_key_file, signing_domain
 from ledger.encoding import CodecError, encode
 from ledger.framing import FRAME_HEADER_SIZE, FrameDecoder, frame
 from ledger.messages import (
@@ -128,7 +128,7 @@ async def assert_network_still_commits(network: LocalNetwork, client: Client, ke
 
 def forged_transaction() -> Transaction:
     """A well-formed request whose signature is not the sender's."""
-    genuine = sign_transaction("another-network", SigningKey.generate(), 0, Put("forged", "value"))
+    genuine = sign_transaction(NetworkIdentity("another-network", bytes(32)), SigningKey.generate(), 0, Put("forged", "value"))
     return Transaction(genuine.sender, genuine.nonce, genuine.operation, bytes(64))
 
 
@@ -200,7 +200,6 @@ def hello(network: NetworkConfig, replica_id: int, challenge: bytes) -> Hello:
 
 async def handshake_as(stream: trio.SocketStream, network: NetworkConfig, key: SigningKey, claimed: int, target: int) -> None:
     """Complete the dialer side of the peer handshake, as replica `claimed` holding its real key."""
-    network_id = network.network_id
     decoder = FrameDecoder()
     challenge = os.urandom(32)
     await stream.send_all(frame(encode_message(hello(network, claimed, challenge))))
@@ -211,7 +210,7 @@ async def handshake_as(stream: trio.SocketStream, network: NetworkConfig, key: S
         received.extend(decode_message(payload) for payload in decoder.feed(data))
     answer, _ = received
     assert isinstance(answer, Hello) and answer.replica_id == target
-    domain = signing_domain(network_id, "handshake")
+    domain = signing_domain(network.identity, "handshake")
     proof = HelloProof(key.sign(domain, handshake_signed_bytes("dial", challenge, answer.challenge, claimed, target)))
     await stream.send_all(frame(encode_message(proof)))
 

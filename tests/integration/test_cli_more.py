@@ -45,7 +45,7 @@ async def test_tx_accepts_a_unique_prefix_and_names_an_unknown_or_ambiguous_one(
     key = SigningKey.from_private_bytes(COLLIDING_SEED)
     key_path = tmp_path / "colliding.key"
     write_key_file(key_path, key)
-    transactions = [sign_transaction(network.network.network_id, key, nonce, put) for nonce, put in COLLIDING_PUTS]
+    transactions = [sign_transaction(network.network.identity, key, nonce, put) for nonce, put in COLLIDING_PUTS]
     shared = transactions[0].transaction_id.hex()[:8]
     assert transactions[1].transaction_id.hex()[:8] == shared
     for _, put in COLLIDING_PUTS:
@@ -147,7 +147,7 @@ def with_block(chain: list[Block], index: int, block: Block) -> list[Block]:
 
 
 def edited_transaction(chain: list[Block]) -> list[Block]:
-    forged = sign_transaction(FAKE_NETWORK.network_id, FAKE_NETWORK.client_key, 3, Put("key-3", "forged"))
+    forged = sign_transaction(FAKE_NETWORK.identity, FAKE_NETWORK.client_key, 3, Put("key-3", "forged"))
     block = chain[1]
     return with_block(chain, 1, dataclasses.replace(block, transactions=(forged, *block.transactions[1:])))
 

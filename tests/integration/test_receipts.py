@@ -71,7 +71,7 @@ async def test_a_receipt_saved_from_a_live_network_verifies_after_it_stopped_and
     assert saved.exit_code == 0, saved.describe()
     assert saved.json()["receipt_file"] == str(path)
     original = path.read_bytes()
-    assert not list(tmp_path.glob(".put.receipt.*"))  # no temporary file left behind
+    assert not list(tmp_path.glob(".receipt-*.tmp"))  # no temporary file left behind
 
     refused = await run_client_cli(network, "tx", transaction_id, "--save", str(path))
     assert "already exists (use --force" in one_line_error(refused, "ledger-client", EXIT_USAGE)

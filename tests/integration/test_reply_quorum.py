@@ -26,7 +26,7 @@ def make_reply(
     network: NetworkConfig, key: SigningKey, replica_id: int, height: int = HEIGHT, transaction_id: bytes = TRANSACTION_ID
 ) -> Reply:
     unsigned = Reply(replica_id, 0, transaction_id, TransactionResult(True), height, BLOCK_HASH, INDEX)
-    return dataclasses.replace(unsigned, signature=key.sign(signing_domain(network.network_id, "reply"), unsigned.signed_bytes()))
+    return dataclasses.replace(unsigned, signature=key.sign(signing_domain(network.identity, "reply"), unsigned.signed_bytes()))
 
 
 def test_genuine_replies_from_f_plus_one_replicas_form_a_receipt(generated_network: GeneratedNetwork) -> None:

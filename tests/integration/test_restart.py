@@ -167,10 +167,10 @@ async def test_restart_after_the_primary_persisted_an_unsent_pre_prepare_commits
         # sending it (the runtime persists, then sends): signed by it, for the next sequence.
         primary_key = read_key_file(network.replica_key_path(tip.primary))
         client_key = read_key_file(network.directory / "client.key")
-        transaction = sign_transaction(network_config.network_id, client_key, nonce, Put("in-flight-at-the-stop", "yes"))
+        transaction = sign_transaction(network_config.identity, client_key, nonce, Put("in-flight-at-the-stop", "yes"))
         batch = Batch(tip.view, tip.primary, time.time_ns() // 1_000_000, (transaction,))
         unsigned = PrePrepare(tip.view, tip.height + 1, batch, tip.primary)
-        signature = primary_key.sign(signing_domain(network_config.network_id, "pre-prepare"), unsigned.signed_bytes())
+        signature = primary_key.sign(signing_domain(network_config.identity, "pre-prepare"), unsigned.signed_bytes())
         store = network.open_store(tip.primary)
         try:
             store.save_messages([("pre-prepare", tip.view, tip.height + 1, encode_message(dataclasses.replace(unsigned, signature=signature)))])

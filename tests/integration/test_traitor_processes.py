@@ -100,7 +100,7 @@ async def test_a_client_never_accepts_the_wrong_replies_of_a_traitor(tmp_path: P
                 await honest_chains_agree(client, [0, 2, 3], receipts)
                 # The traitor does lie, with its real key: asked directly, it signs another outcome.
                 network = replicas.network
-                domain = signing_domain(network.network_id, "reply")
+                domain = signing_domain(network.identity, "reply")
                 for transaction, receipt in zip(transactions, receipts, strict=True):
                     lie = await reply_from(network.replicas[1].client_address, transaction)
                     assert lie.replica_id == 1
