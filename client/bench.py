@@ -259,6 +259,7 @@ class BenchNetwork:
     batch_size_max: int
     batch_wait_ms: int
     traitor: str | None = None
+    profile_directory: Path | None = None
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     @property
@@ -290,6 +291,8 @@ class BenchNetwork:
             command = [*NODE_COMMAND, "--log-level", "warning", "run", str(network / f"replica-{index}.toml")]
             if index == 0 and self.traitor is not None:
                 command += ["--traitor", self.traitor]
+            if self.profile_directory is not None:
+                command += ["--profile", str(self.profile_directory / f"replica-{index}.pstats")]
             log_file = (self.directory / f"replica-{index}.log").open("wb")
             with log_file:
                 self.processes.append(
@@ -316,10 +319,10 @@ class BenchNetwork:
 
 @contextlib.contextmanager
 def running_network(
-    replica_count: int, batch_size_max: int, batch_wait_ms: int, traitor: str | None = None
+    replica_count: int, batch_size_max: int, batch_wait_ms: int, traitor: str | None = None, profile_directory: Path | None = None
 ) -> Iterator[BenchNetwork]:
     with tempfile.TemporaryDirectory(prefix="ledger-bench-") as temporary:
-        network = BenchNetwork(Path(temporary), replica_count, batch_size_max, batch_wait_ms, traitor)
+        network = BenchNetwork(Path(temporary), replica_count, batch_size_max, batch_wait_ms, traitor, profile_directory)
         try:
             network.start()
             yield network
@@ -532,6 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sweep", action="store_true", help=f"raise --in-flight step by step ({', '.join(map(str, SWEEP_IN_FLIGHT))}) and print the curve")
     parser.add_argument("--scenario", choices=sorted(SCENARIOS), help="replica 0 is a traitor: throughput as a fraction of a fault-free run")
     parser.add_argument("--long", action="store_true", help=f"a long run (default {LONG_DURATION_S:g} s) with each replica's memory sampled every {LONG_SAMPLE_INTERVAL_S:g} s")
+    parser.add_argument("--profile", metavar="DIR", type=Path, help="run each fault-free replica under cProfile: DIR/replica-I.pstats (python -m pstats)")
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of the table")
     parser.add_argument("--quiet", action="store_true", help="no progress line on stderr")
     return parser
@@ -595,7 +599,11 @@ async def run_benchmark(arguments: argparse.Namespace, progress: Progress) -> tu
     levels = list(SWEEP_IN_FLIGHT) if arguments.sweep else [arguments.in_flight]
     for replica_count in arguments.replicas:
         floor = compute_floor(primitives, replica_count, cores)
-        with running_network(replica_count, arguments.batch_size_max, arguments.batch_wait_ms) as network:
+        profile_directory = None
+        if arguments.profile is not None:
+            profile_directory = arguments.profile.resolve() / f"n{replica_count}"
+            profile_directory.mkdir(parents=True, exist_ok=True)
+        with running_network(replica_count, arguments.batch_size_max, arguments.batch_wait_ms, None, profile_directory) as network:
             for in_flight in levels:
                 label = f"n={replica_count} in_flight={in_flight}"
                 results.append(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import cProfile
 import dataclasses
 import logging
 import random
@@ -630,10 +631,24 @@ def first_leaf(error: BaseException) -> BaseException:
     return error
 
 
-def run_replica_main(config_path: Path, traitor: tuple[BehaviourSpec, ...] = (), traitor_seed: int = 0) -> int:
+def run_replica_main(
+    config_path: Path, traitor: tuple[BehaviourSpec, ...] = (), traitor_seed: int = 0, profile_path: Path | None = None
+) -> int:
+    """Run one replica (with `profile_path`, under cProfile, writing pstats there when it stops)."""
+    profiler = cProfile.Profile() if profile_path is not None else None
     try:
         config = load_replica_config(config_path)
-        trio.run(serve_replica, config, traitor, traitor_seed)
+        if profiler is not None:
+            profiler.enable()
+        try:
+            trio.run(serve_replica, config, traitor, traitor_seed)
+        finally:
+            if profiler is not None:
+                profiler.disable()
+                try:
+                    profiler.dump_stats(profile_path)
+                except OSError as error:
+                    print(f"ledger-node: cannot write the profile to {profile_path}: {error.strerror or error}", file=sys.stderr)
     except BaseException as group:  # noqa: BLE001 - unwrapped to one clear line below
         error = first_leaf(group)
         if isinstance(error, DirectoryInUse):

@@ -7,12 +7,19 @@ from __future__ import annotations
 
 import json
 import math
+import pstats
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import trio
 
-from .local_network import run_command
+from ledger.config import load_replica_config
+
+from .conftest import READY_DEADLINE_S
+from .local_network import NODE_COMMAND, LocalNetwork, run_command
 
 pytestmark = pytest.mark.integration
 
@@ -43,3 +50,36 @@ async def test_ledger_bench_json_reports_throughput_latency_resources_and_the_fl
     for name in ("verify", "sign", "encode_batch", "decode_batch", "hash_block"):
         assert math.isfinite(primitives[name]) and primitives[name] > 0, name
     assert report["cores"] >= 1
+
+
+@pytest.mark.parametrize("replica_count", [4])
+async def test_ledger_node_run_profile_writes_pstats_when_the_replica_stops(
+    initialised_network: LocalNetwork, tmp_path: Path
+) -> None:
+    """`ledger-node run --profile FILE` (the profile commands the README gives) leaves a pstats file after SIGINT."""
+    config_path = initialised_network.replica_config_path(0)
+    address = load_replica_config(config_path).network.replicas[0].client_address
+    profile_path = tmp_path / "replica-0.pstats"
+    process = await trio.lowlevel.open_process(
+        [*NODE_COMMAND, "run", str(config_path), "--profile", str(profile_path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        with trio.fail_after(READY_DEADLINE_S):
+            while True:  # until the replica serves clients
+                try:
+                    stream = await trio.open_tcp_stream(address.host, address.port)
+                except OSError:
+                    await trio.sleep(0.05)
+                    continue
+                await stream.aclose()
+                break
+        process.send_signal(signal.SIGINT)
+        with trio.fail_after(READY_DEADLINE_S):
+            assert await process.wait() == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+    functions = {(Path(filename).name, name) for filename, _, name in pstats.Stats(str(profile_path)).stats}  # type: ignore[attr-defined]
+    assert ("runtime.py", "_event_loop") in functions
