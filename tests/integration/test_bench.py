@@ -45,6 +45,8 @@ async def test_ledger_bench_json_reports_throughput_latency_resources_and_the_fl
     assert report["blocks_per_second"] > 0 and report["mean_batch_size"] > 0
     assert len(report["replica_cpu_s"]) == 4 and all(seconds > 0 for seconds in report["replica_cpu_s"])
     assert report["load_generator_cpu_s"] > 0
+    assert report["cpu_us_per_transaction"] > report["floor_cpu_us_per_transaction"] > 0
+    assert 0 < report["cpu_ratio_to_floor"] < 1
     assert len(report["replica_peak_rss_bytes"]) == 4 and all(size > 2**20 for size in report["replica_peak_rss_bytes"])
     primitives = report["primitives_us"]
     for name in ("verify", "sign", "encode_batch", "decode_batch", "hash_block"):
