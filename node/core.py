@@ -63,6 +63,8 @@ from node.requests import RequestQueue
 VERIFIED_CACHE_MAX = 50_000
 RELAYS_PER_INTERVAL_MAX = 16  # waiting requests a backup re-relays to the primary per status interval
 TIMEOUT_DOUBLINGS_MAX = 6
+# A primary proposes a batch short of batch_size_max only while fewer than this many are in flight.
+BATCHES_IN_FLIGHT_FILLING_MAX = 2
 
 # Kinds of durable records. The first group is garbage collected at the stable checkpoint.
 LOG_KINDS = ("pre-prepare", "prepare", "commit", "prepared", "checkpoint")
@@ -422,13 +424,24 @@ class ReplicaCore:
         refused for going back (which would be for good: a PRE-PREPARE cannot be re-stamped)."""
         return all(slot.batch is not None for slot in self.slots.values() if slot.pre_prepare is not None)
 
+    def _batches_in_flight(self) -> int:
+        """Batches of this view proposed (or assigned by its NEW-VIEW) and not executed yet."""
+        return sum(1 for sequence, slot in self.slots.items() if sequence > self.height and slot.pre_prepare is not None)
+
     def _propose_batches(self) -> None:
         if not self._ready_to_propose():
             return
         while self.pending and self.next_sequence <= min(self.high, self.height + self.settings.window_size):
             waited = self.now_ms - self.pending.arrived_ms(self.pending.oldest_id())
-            if len(self.pending) < self.settings.batch_size_max and waited < self.settings.batch_wait_ms:
-                return
+            if len(self.pending) < self.settings.batch_size_max:
+                if waited < self.settings.batch_wait_ms:
+                    return
+                # Under load, a batch that is not full waits while earlier ones are still being
+                # agreed on: it fills meanwhile, so per-batch work (votes, signatures, disk writes)
+                # is shared by more transactions. A lone request finds nothing in flight and goes
+                # out after batch_wait_ms as before; a full batch always goes at once.
+                if self._batches_in_flight() >= BATCHES_IN_FLIGHT_FILLING_MAX:
+                    return
             transactions = []
             while self.pending and len(transactions) < self.settings.batch_size_max:
                 transaction = self.pending.pop_oldest()
