@@ -54,7 +54,13 @@ from ledger.messages import (
     ViewChange,
 )
 from ledger.transactions import Transaction, transaction_domain
-from node.certificates import CertificateChecks, SignatureCheck, SignatureMemo
+from node.certificates import (
+    CertificateChecks,
+    SignatureCheck,
+    SignatureMemo,
+    SignaturesCheck,
+    one_by_one,
+)
 from node.evidence import EvidenceCollector
 from node.new_view import NULL_BATCH, new_view_assignments
 from node.requests import RequestQueue
@@ -165,6 +171,7 @@ class ReplicaCore:
         restored_records: list[tuple[str, Any]] | None = None,
         check_signature: SignatureCheck | None = None,
         last_timestamp_ms: int = 0,
+        check_signatures: SignaturesCheck | None = None,
     ) -> None:
         self.network = network
         self.replica_id = replica_id
@@ -176,6 +183,8 @@ class ReplicaCore:
         self.quorum = network.quorum
         self.replica_keys = network.replica_keys
         self.check_signature: SignatureCheck = check_signature or PublicKeyCache().verify
+        # A batch's client signatures are checked together: the runtime's function uses several cores.
+        self.check_signatures: SignaturesCheck = check_signatures or one_by_one(self.check_signature)
         self.domains = {
             kind: signing_domain(network.network_id, kind)
             for kind in ("pre-prepare", "prepare", "commit", "checkpoint", "view-change", "reply")
@@ -516,10 +525,41 @@ class ReplicaCore:
             transaction.sender, self.transaction_domain, transaction.signed_bytes(), transaction.signature
         )
         if valid:
-            self.verified[transaction_id] = None
-            if len(self.verified) > VERIFIED_CACHE_MAX:
-                self.verified.popitem(last=False)
+            self._remember_verified(transaction_id)
         return valid
+
+    def _transaction_signatures_valid(self, transactions: tuple[Transaction, ...]) -> bool:
+        """Whether every client signature verifies, those not known yet checked in one call of
+        check_signatures. It costs at most one check per transaction, as checking them in turn
+        would in the worst case (a bad signature last)."""
+        unknown = [transaction for transaction in transactions if transaction.transaction_id not in self.verified]
+        if len(unknown) <= 1:
+            return all(self._transaction_signature_valid(transaction) for transaction in unknown)
+        results = self.check_signatures(
+            [(transaction.sender, self.transaction_domain, transaction.signed_bytes(), transaction.signature) for transaction in unknown]
+        )
+        if len(results) != len(unknown):
+            raise AssertionError("check_signatures gave another number of results than it was given checks")
+        for transaction, valid in zip(unknown, results, strict=True):
+            if valid:
+                self._remember_verified(transaction.transaction_id)
+        return all(results)
+
+    def _remember_verified(self, transaction_id: bytes) -> None:
+        self.verified[transaction_id] = None
+        self.verified.move_to_end(transaction_id)
+        if len(self.verified) > VERIFIED_CACHE_MAX:
+            self.verified.popitem(last=False)
+
+    def signature_verified(self, transaction_id: bytes) -> bool:
+        """Whether this transaction's client signature is known to verify."""
+        return transaction_id in self.verified
+
+    def note_verified_signatures(self, transaction_ids: list[bytes]) -> None:
+        """The host checked these transactions' client signatures (with this core's transaction
+        domain) and they verified: the core need not check them again (bounded, oldest forgotten)."""
+        for transaction_id in transaction_ids:
+            self._remember_verified(transaction_id)
 
     def _on_pre_prepare(self, message: PrePrepare) -> None:
         if not self._accepts(message.view, message.sequence):
@@ -569,13 +609,10 @@ class ReplicaCore:
         problem = self._timestamp_problem(message.sequence, batch.timestamp_ms)
         if problem is not None:
             return problem
-        seen: set[bytes] = set()
-        for transaction in batch.transactions:
-            if transaction.transaction_id in seen:
-                return "a transaction appears twice"
-            seen.add(transaction.transaction_id)
-            if not self._transaction_signature_valid(transaction):
-                return "a transaction has a bad client signature"
+        if len({transaction.transaction_id for transaction in batch.transactions}) != len(batch.transactions):
+            return "a transaction appears twice"
+        if not self._transaction_signatures_valid(batch.transactions):
+            return "a transaction has a bad client signature"
         return None
 
     def _timestamp_problem(self, sequence: int, timestamp_ms: int) -> str | None:
@@ -760,10 +797,9 @@ class ReplicaCore:
     def _on_batch_content(self, batch: Batch) -> None:
         if batch.digest not in self.missing_batches:
             return  # unasked for, or already known: never trusted blindly
-        for transaction in batch.transactions:
-            if not self._transaction_signature_valid(transaction):
-                self._reject("invalid batch", "a fetched batch has a bad client signature")
-                return
+        if not self._transaction_signatures_valid(batch.transactions):
+            self._reject("invalid batch", "a fetched batch has a bad client signature")
+            return
         self._adopt_batch(batch)
 
     # ---- execution ----
