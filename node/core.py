@@ -228,6 +228,8 @@ class ReplicaCore:
         self.pending = RequestQueue(self.replica_count)
         self.proposed: set[bytes] = set()
         self.verified: OrderedDict[bytes, None] = OrderedDict()
+        # Client signatures the host found bad in this round (at most a round's events): cleared by take_effects.
+        self.refused_this_round: set[bytes] = set()
 
         self.peer_heights: dict[int, int] = {}
         self.peer_views: dict[int, int] = {}
@@ -257,6 +259,7 @@ class ReplicaCore:
         return self.low + self.log_size
 
     def take_effects(self) -> Effects:
+        self.refused_this_round.clear()
         effects, self.effects = self.effects, Effects()
         return effects
 
@@ -521,6 +524,8 @@ class ReplicaCore:
         transaction_id = transaction.transaction_id
         if transaction_id in self.verified:
             return True
+        if transaction_id in self.refused_this_round:
+            return False
         valid = self.check_signature(
             transaction.sender, self.transaction_domain, transaction.signed_bytes(), transaction.signature
         )
@@ -555,11 +560,14 @@ class ReplicaCore:
         """Whether this transaction's client signature is known to verify."""
         return transaction_id in self.verified
 
-    def note_verified_signatures(self, transaction_ids: list[bytes]) -> None:
+    def note_verified_signatures(self, transaction_ids: list[bytes], refused: list[bytes] | None = None) -> None:
         """The host checked these transactions' client signatures (with this core's transaction
-        domain) and they verified: the core need not check them again (bounded, oldest forgotten)."""
+        domain): those of `transaction_ids` verified, so the core need not check them again
+        (bounded, oldest forgotten); those of `refused` did not, so until this round's effects
+        are taken the core refuses them without checking them a second time."""
         for transaction_id in transaction_ids:
             self._remember_verified(transaction_id)
+        self.refused_this_round.update(refused or ())
 
     def _on_pre_prepare(self, message: PrePrepare) -> None:
         if not self._accepts(message.view, message.sequence):

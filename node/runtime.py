@@ -326,8 +326,8 @@ class ReplicaRuntime:
 
     def _check_request_signatures(self, events: list[tuple[str, Any, Any]]) -> None:
         """Check the client signatures of this round's requests together, on every core, and tell
-        the core which verified; it checks the rest (bad ones, or too few to share) itself. Each
-        request costs at most the one check the core would make."""
+        the core which verified and which did not (so a forged request costs one check, not two);
+        with too few to share, the core checks them itself. Each request costs at most one check."""
         unknown: dict[bytes, Transaction] = {}
         for kind, _origin, message in events:
             if kind == "request":
@@ -344,9 +344,9 @@ class ReplicaRuntime:
         results = self.signature_threads.check(
             [(transaction.sender, self.transaction_domain, transaction.signed_bytes(), transaction.signature) for transaction in transactions]
         )
-        self.core.note_verified_signatures(
-            [transaction.transaction_id for transaction, valid in zip(transactions, results, strict=True) if valid]
-        )
+        verified = [transaction.transaction_id for transaction, valid in zip(transactions, results, strict=True) if valid]
+        refused = [transaction.transaction_id for transaction, valid in zip(transactions, results, strict=True) if not valid]
+        self.core.note_verified_signatures(verified, refused)
 
     def _handle(self, event: tuple[str, Any, Any]) -> None:
         kind, origin, message = event

@@ -75,3 +75,23 @@ def test_signatures_the_host_checked_are_not_checked_again_by_the_core() -> None
     primary.check_signature = lambda *item: pytest.fail("checked again")  # type: ignore[assignment]
     cluster.request(0, transaction)
     assert len(primary.pending) == 1
+
+
+def test_a_signature_the_host_found_bad_is_refused_without_a_second_check_in_that_round_only() -> None:
+    """A flood of forged requests must cost one check each, not the host's and then the core's."""
+    cluster = Cluster()
+    primary = cluster.core(0)
+    forged = with_bad_client_signature(put(0))
+    checked: list[bytes] = []
+    real_check = primary.check_signature
+
+    def counting(*item: bytes) -> bool:
+        checked.append(item[2])
+        return real_check(*item)
+
+    primary.check_signature = counting
+    primary.note_verified_signatures([], [forged.transaction_id])
+    effects = cluster.request(0, forged)
+    assert checked == [] and effects.request_errors == [(forged.transaction_id, "bad signature")]
+    cluster.request(0, forged)  # a later round: nothing noted, so the core checks it itself
+    assert len(checked) == 1 and len(primary.pending) == 0
