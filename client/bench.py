@@ -89,6 +89,7 @@ LATENCY_LOWER_BOUND_S = 0.0005
 PRIMITIVE_ROUNDS = 10
 PRIMITIVE_ROUND_S = 0.05
 SUBMIT_DEADLINE_S = 30.0
+DURATION_S = 15.0
 READY_DEADLINE_S = 60.0
 STOP_DEADLINE_S = 20.0
 PROGRESS_INTERVAL_S = 1.0
@@ -542,7 +543,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--replicas", type=_replica_counts, default=[4], help="replica count, or several: 4,7 (default: 4)")
     parser.add_argument("--in-flight", type=_positive(int), default=256, help="outstanding requests, one account each (default: 256)")
-    parser.add_argument("--duration", type=_positive(float), default=15.0, help="measured seconds (default: 15; 300 with --long)")
+    parser.add_argument("--duration", type=_positive(float), help="measured seconds (default: 15; 300 with --long)")
     parser.add_argument("--warmup", type=float, default=3.0, help="unmeasured seconds first (default: 3)")
     parser.add_argument("--batch-size-max", type=_positive(int), default=400, help="protocol.batch_size_max (default: 400)")
     parser.add_argument("--batch-wait-ms", type=int, default=5, help="protocol.batch_wait_ms (default: 5)")
@@ -658,8 +659,8 @@ def _finite(value: Any) -> Any:
 
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = build_parser().parse_args(argv)
-    if arguments.long and "--duration" not in (argv if argv is not None else sys.argv[1:]):
-        arguments.duration = LONG_DURATION_S
+    if arguments.duration is None:
+        arguments.duration = LONG_DURATION_S if arguments.long else DURATION_S
     progress = Progress(arguments.quiet)
     try:
         results, primitives, extra = trio.run(run_benchmark, arguments, progress)
