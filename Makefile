@@ -37,9 +37,10 @@ sim: $(INSTALLED)
 scenarios: $(INSTALLED)
 	status=0; for replicas in 4 7; do $(VENV)/bin/ledger-scenario run --all --replicas $$replicas || status=1; done; exit $$status
 
-# Throughput and latency of a local 4-replica network (timings live here, never in tests).
+# Throughput and latency of local 4- and 7-replica networks against this machine's CPU floor
+# (timings live here, never in tests): `make bench BENCH_ARGS="--sweep"`, "--scenario silent-primary", "--long".
 bench: $(INSTALLED)
-	$(PYTHON) -m client.bench $(BENCH_ARGS)
+	$(VENV)/bin/ledger-bench --replicas 4,7 $(BENCH_ARGS)
 
 lint: $(INSTALLED)
 	$(VENV)/bin/ruff check ledger node client tests

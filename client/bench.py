@@ -1,28 +1,64 @@
-"""`make bench`: start a local network, drive it with concurrent signed transactions, report throughput.
+"""`ledger-bench`: throughput and latency of a local network of real replicas, against the CPU floor.
 
-Runs `ledger-node init` and one `ledger-node run` per replica as child processes (as an operator
-would), then submits put transactions from many accounts at once through the client library and
-counts those confirmed by f+1 matching signed replies. Timings belong here, never in tests.
+It runs `ledger-node init` and one `ledger-node run` per replica as child processes (as an operator
+would), signs every transaction before anything is timed, drives the network with `--in-flight N`
+outstanding requests (one per account, so nonces never wait on each other) through the client
+library, warms up, then measures `--duration S` seconds: a transaction counts when f + 1 replicas
+sent matching signed replies, and its latency runs from submit to that moment.
+
+The floor. Before the load, the primitives are timed on this machine: Ed25519 verify (V) and sign
+(S), the codec encoding (E) and decoding (D) of a list of B transactions (B = batch_size_max), and
+SHA-256 of that encoded list, about a block (H). Every committed transaction costs, in CPU seconds
+summed over every process on the machine, at least
+
+    replica = V + (E + D) / B + (2 * 2f * V + 2 * S + H) / B + R
+    client  = (f + 1) * V
+    C       = n * replica + client
+    floor   = cores / C            (cores = os.cpu_count(); n replicas and the load generator share them)
+
+Each replica verifies each client signature once (V), reads and writes the batch once ((E + D) / B),
+and per batch verifies the 2f other replicas' votes of each phase (the pre-prepare or PREPAREs,
+then the COMMITs: 2 * 2f * V), signs its own two votes (2 * S) and hashes the block (H). R is the
+signed reply: S with one per transaction (the floor_per_transaction figure), S / B with one per
+batch (the floor figure, the higher one, which the ratio is taken against). The client verifies
+f + 1 reply signatures per transaction. Signing the transactions themselves (S each) is left out:
+they are signed before the timed part. Checkpoints, status messages and disk writes are left out
+too, so the floor is an upper bound no implementation on this machine can pass.
+
+On a machine other work shares, the achieved tx/s depends on how much CPU that work leaves. The CPU
+ratio does not: C over the CPU seconds the replicas and the load generator (read from /proc and
+getrusage) actually spent per committed transaction (cpu_ratio_to_floor).
+
+Timings belong here, never in tests.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
+import json
+import math
 import os
+import random
+import resource
 import signal
-import statistics
+import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import trio
 
-from client.library import ClientError, open_client
-from ledger.crypto import SigningKey
-from ledger.transactions import Put, sign_transaction
+from client.library import Client, ClientError, open_client
+from ledger.crypto import NetworkIdentity, PublicKeyCache, SigningKey
+from ledger.encoding import decode, encode
+from ledger.transactions import Put, Transaction, sign_transaction, transaction_domain
 
 TEMPLATE = """\
 [network]
@@ -36,109 +72,619 @@ batch_size_max = {batch_size_max}
 batch_wait_ms = {batch_wait_ms}
 window_size = 64
 checkpoint_interval = 128
+client_connections_per_address_max = 64
 """
 
+NODE_COMMAND = (sys.executable, "-m", "node.cli")
+SWEEP_IN_FLIGHT = (1, 4, 16, 64, 256, 1024)
+# A replica follows at most 256 accounts per client connection (node/runtime.py): each load
+# client stays below that, so every account's replies reach it.
+ACCOUNTS_PER_CLIENT_MAX = 200
+# Pre-signed transactions are held in memory (about 700 bytes each with their objects, measured
+# with tracemalloc): at most about 200 MB.
+PRESIGNED_MAX = 300_000
+# No transaction commits faster than this after its submit, so one account needs no more.
+LATENCY_LOWER_BOUND_S = 0.0005
+# The fastest of many short rounds: on a shared machine a round is slowed by whatever else runs,
+# never sped up, so the minimum is the closest to the primitive's own cost.
+PRIMITIVE_ROUNDS = 10
+PRIMITIVE_ROUND_S = 0.05
+SUBMIT_DEADLINE_S = 30.0
+DURATION_S = 15.0
+READY_DEADLINE_S = 60.0
+STOP_DEADLINE_S = 20.0
+PROGRESS_INTERVAL_S = 1.0
+LONG_DURATION_S = 300.0
+LONG_SAMPLE_INTERVAL_S = 10.0
+PORT_RANGE = (20000, 60000)
+PORT_PICKS_MAX = 200
 
-async def drive(config_path: Path, writers: int, duration_s: float, warmup_s: float) -> dict[str, float]:
-    latencies: list[float] = []
-    confirmed = 0
-    errors = 0
-    async with open_client(config_path) as client:
-        await client.wait_until_ready(deadline_s=60)
-        network = client.network.identity
-        measuring = False
 
-        async def writer(index: int) -> None:
-            nonlocal confirmed, errors
-            key = SigningKey.generate()
-            nonce = 0
-            while True:
-                transaction = sign_transaction(network, key, nonce, Put(f"bench-{index}", str(nonce)))
-                started = time.perf_counter()
-                try:
-                    await client.submit(transaction, deadline_s=30)
-                except ClientError:
-                    errors += 1
-                    continue
-                nonce += 1
-                if measuring:
-                    confirmed += 1
+class BenchError(Exception):
+    """The benchmark cannot run (a replica did not start, no free ports); the message says why."""
+
+
+# ---- the floor ----
+
+
+@dataclass(frozen=True)
+class Primitives:
+    """Seconds per operation on this machine, each the fastest of a few timed rounds."""
+
+    verify_s: float
+    sign_s: float
+    encode_batch_s: float
+    decode_batch_s: float
+    hash_block_s: float
+    batch_size: int
+    batch_bytes: int
+
+
+def _time_per_call(function: Callable[[], object]) -> float:
+    """The fewest seconds one call of `function` took, over PRIMITIVE_ROUNDS rounds."""
+    rounds = []
+    for _ in range(PRIMITIVE_ROUNDS):
+        calls = 0
+        started = time.perf_counter()
+        while True:
+            function()
+            calls += 1
+            elapsed = time.perf_counter() - started
+            if elapsed >= PRIMITIVE_ROUND_S:
+                break
+        rounds.append(elapsed / calls)
+    return min(rounds)
+
+
+def bench_transactions(network: NetworkIdentity, key: SigningKey, count: int, first_nonce: int = 0) -> list[Transaction]:
+    """Signed puts like the load's (the key names the account, the value its nonce)."""
+    label = key.public_key.hex()[:16]
+    return [sign_transaction(network, key, nonce, Put(f"bench-{label}", str(nonce))) for nonce in range(first_nonce, first_nonce + count)]
+
+
+def time_primitives(batch_size: int) -> Primitives:
+    network = NetworkIdentity("bench", bytes(32))  # any network: only the cost of each primitive matters
+    key = SigningKey.generate()
+    transactions = bench_transactions(network, key, batch_size)
+    transaction = transactions[0]
+    domain = transaction_domain(network)
+    signed = transaction.signed_bytes()
+    keys = PublicKeyCache()
+    assert keys.verify(transaction.sender, domain, signed, transaction.signature)
+    plain = [item.to_plain() for item in transactions]
+    encoded = encode(plain)
+    return Primitives(
+        verify_s=_time_per_call(lambda: keys.verify(transaction.sender, domain, signed, transaction.signature)),
+        sign_s=_time_per_call(lambda: key.sign(domain, signed)),
+        encode_batch_s=_time_per_call(lambda: encode(plain)),
+        decode_batch_s=_time_per_call(lambda: decode(encoded)),
+        hash_block_s=_time_per_call(lambda: hashlib.sha256(encoded).digest()),
+        batch_size=batch_size,
+        batch_bytes=len(encoded),
+    )
+
+
+@dataclass(frozen=True)
+class Floor:
+    transactions_per_second: float  # one signed reply per batch
+    per_transaction_reply_transactions_per_second: float  # one signed reply per transaction
+    replica_cpu_s_per_transaction: float  # with one reply per batch
+    client_cpu_s_per_transaction: float
+    cores: int
+
+
+def compute_floor(primitives: Primitives, replica_count: int, cores: int) -> Floor:
+    """The formula of the module docstring."""
+    faults = (replica_count - 1) // 3
+    batch = primitives.batch_size
+    verify, sign = primitives.verify_s, primitives.sign_s
+    shared = verify + (primitives.encode_batch_s + primitives.decode_batch_s) / batch
+    shared += (2 * 2 * faults * verify + 2 * sign + primitives.hash_block_s) / batch
+    client = (faults + 1) * verify
+    replica_batch_reply = shared + sign / batch
+    replica_transaction_reply = shared + sign
+    return Floor(
+        transactions_per_second=cores / (replica_count * replica_batch_reply + client),
+        per_transaction_reply_transactions_per_second=cores / (replica_count * replica_transaction_reply + client),
+        replica_cpu_s_per_transaction=replica_batch_reply,
+        client_cpu_s_per_transaction=client,
+        cores=cores,
+    )
+
+
+# ---- processes: CPU and memory from /proc ----
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU seconds process `pid` used so far (all its threads), 0 if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    # The command name (field 2) may hold spaces; the fields after its closing parenthesis do not.
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def memory_bytes(pid: int, field_name: str) -> int:
+    """A /proc/PID/status memory field (VmHWM: peak resident set, VmRSS: now) in bytes, 0 if unknown."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def own_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+# ---- the network under test ----
+
+
+def _ports_free(ports: range) -> bool:
+    probes: list[socket.socket] = []
+    try:
+        for port in ports:
+            probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            probes.append(probe)
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(("127.0.0.1", port))
+        return True
+    except OSError:
+        return False
+    finally:
+        for probe in probes:
+            probe.close()
+
+
+def pick_base_port(replica_count: int) -> int:
+    """A base port whose 2n ports are free now, outside the kernel's range for outgoing connections if possible."""
+    try:
+        low, high = (int(number) for number in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 0, -1
+    span = 2 * replica_count
+    generator = random.Random()
+    candidates = [generator.randrange(PORT_RANGE[0], PORT_RANGE[1] - span) for _ in range(PORT_PICKS_MAX)]
+    preferred = [base for base in candidates if base + span <= low or base > high]
+    for base in [*preferred, *candidates]:
+        if _ports_free(range(base, base + span)):
+            return base
+    raise BenchError(f"no {span} consecutive free ports found in {PORT_RANGE}")
+
+
+@dataclass
+class BenchNetwork:
+    """n replica processes started with `ledger-node init` and `ledger-node run`."""
+
+    directory: Path
+    replica_count: int
+    batch_size_max: int
+    batch_wait_ms: int
+    traitor: str | None = None
+    profile_directory: Path | None = None
+    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    @property
+    def client_config(self) -> Path:
+        return self.directory / "net" / "client.toml"
+
+    @property
+    def pids(self) -> list[int]:
+        return [process.pid for process in self.processes]
+
+    def start(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        template = self.directory / "bench.toml"
+        template.write_text(
+            TEMPLATE.format(
+                replicas=self.replica_count,
+                base_port=pick_base_port(self.replica_count),
+                batch_size_max=self.batch_size_max,
+                batch_wait_ms=self.batch_wait_ms,
+            )
+        )
+        network = self.directory / "net"
+        initialised = subprocess.run(
+            [*NODE_COMMAND, "init", str(template), "--out", str(network)], capture_output=True, text=True, check=False
+        )
+        if initialised.returncode != 0:
+            raise BenchError(f"ledger-node init failed: {initialised.stderr.strip()}")
+        for index in range(self.replica_count):
+            command = [*NODE_COMMAND, "--log-level", "warning", "run", str(network / f"replica-{index}.toml")]
+            if index == 0 and self.traitor is not None:
+                command += ["--traitor", self.traitor]
+            if self.profile_directory is not None:
+                command += ["--profile", str(self.profile_directory / f"replica-{index}.pstats")]
+            log_file = (self.directory / f"replica-{index}.log").open("wb")
+            with log_file:
+                self.processes.append(
+                    subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+                )
+
+    def check_running(self) -> None:
+        for index, process in enumerate(self.processes):
+            if process.poll() is not None:
+                tail = (self.directory / f"replica-{index}.log").read_text(errors="replace").strip().splitlines()[-3:]
+                raise BenchError(f"replica {index} exited with {process.returncode}: {' | '.join(tail)}")
+
+    def stop(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in self.processes:
+            try:
+                process.wait(timeout=STOP_DEADLINE_S)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+@contextlib.contextmanager
+def running_network(
+    replica_count: int, batch_size_max: int, batch_wait_ms: int, traitor: str | None = None, profile_directory: Path | None = None
+) -> Iterator[BenchNetwork]:
+    with tempfile.TemporaryDirectory(prefix="ledger-bench-") as temporary:
+        network = BenchNetwork(Path(temporary), replica_count, batch_size_max, batch_wait_ms, traitor, profile_directory)
+        try:
+            network.start()
+            yield network
+        finally:
+            network.stop()
+
+
+# ---- the load ----
+
+
+class Progress:
+    """One status line on stderr, rewritten in place on a terminal, a line every few seconds otherwise."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.terminal = sys.stderr.isatty()
+        self.last_line_s = 0.0
+
+    def show(self, text: str, final: bool = False) -> None:
+        if self.quiet:
+            return
+        if self.terminal:
+            sys.stderr.write("\r\x1b[K" + text + ("\n" if final else ""))
+        elif final or time.monotonic() - self.last_line_s >= 5 * PROGRESS_INTERVAL_S:
+            sys.stderr.write(text + "\n")
+            self.last_line_s = time.monotonic()
+        sys.stderr.flush()
+
+
+def presigned_count(floor: Floor, in_flight: int, seconds: float) -> int:
+    """Enough transactions that no account runs out at the floor's rate (or at one commit per
+    LATENCY_LOWER_BOUND_S per account), and never more than PRESIGNED_MAX."""
+    by_floor = floor.transactions_per_second * seconds * 1.2
+    by_latency = in_flight * seconds / LATENCY_LOWER_BOUND_S
+    return max(in_flight * 4, min(PRESIGNED_MAX, math.ceil(min(by_floor, by_latency))))
+
+
+def presign(network: NetworkIdentity, in_flight: int, total: int, progress: Progress) -> list[list[Transaction]]:
+    per_account = math.ceil(total / in_flight)
+    accounts = []
+    for index in range(in_flight):
+        accounts.append(bench_transactions(network, SigningKey.generate(), per_account))
+        progress.show(f"bench: signing {per_account * in_flight} transactions before the timed part: {100 * (index + 1) // in_flight}%")
+    return accounts
+
+
+def percentile(sorted_values: list[float], fraction: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    return sorted_values[min(len(sorted_values) - 1, int(fraction * len(sorted_values)))]
+
+
+async def _height(client: Client) -> int:
+    """The highest height a replica reports (status: unverified, good enough to count blocks)."""
+    statuses = await client.status(wait_s=2.0)
+    return max((status.height for status in statuses if status.reachable), default=0)
+
+
+async def measure(
+    network: BenchNetwork,
+    floor: Floor,
+    in_flight: int,
+    warmup_s: float,
+    duration_s: float,
+    progress: Progress,
+    label: str,
+    memory_sample_interval_s: float | None = None,
+) -> dict[str, Any]:
+    """Drive the running network with `in_flight` outstanding requests; the measured window's figures."""
+    async with contextlib.AsyncExitStack() as stack:
+        first = await stack.enter_async_context(open_client(network.client_config))
+        await first.wait_until_ready(deadline_s=READY_DEADLINE_S)
+        replica_count = first.network.replica_count
+        accounts = presign(first.network.identity, in_flight, presigned_count(floor, in_flight, warmup_s + duration_s), progress)
+        clients = [first]
+        for _ in range(math.ceil(in_flight / ACCOUNTS_PER_CLIENT_MAX) - 1):
+            clients.append(await stack.enter_async_context(open_client(network.client_config)))
+        latencies: list[float] = []
+        state = {"measuring": False, "confirmed": 0, "retries": 0, "exhausted": 0, "finished": False}
+
+        async def account_writer(index: int) -> None:
+            client = clients[index // ACCOUNTS_PER_CLIENT_MAX]
+            for transaction in accounts[index]:
+                while True:
+                    started = time.perf_counter()
+                    try:
+                        await client.submit(transaction, deadline_s=SUBMIT_DEADLINE_S)
+                        break
+                    except ClientError:
+                        state["retries"] += 1  # the same transaction again: it executes at most once
+                if state["measuring"]:
+                    state["confirmed"] += 1
                     latencies.append(time.perf_counter() - started)
+            if not state["finished"]:
+                state["exhausted"] += 1
 
+        memory_samples: list[dict[str, Any]] = []
         async with trio.open_nursery() as nursery:
-            for index in range(writers):
-                nursery.start_soon(writer, index)
-            await trio.sleep(warmup_s)
-            measuring = True
+            for index in range(in_flight):
+                nursery.start_soon(account_writer, index)
+            warmup_end = time.monotonic() + warmup_s
+            while time.monotonic() < warmup_end:
+                network.check_running()
+                progress.show(f"bench: {label}: warming up, {warmup_end - time.monotonic():.0f} s left")
+                await trio.sleep(min(PROGRESS_INTERVAL_S, max(warmup_end - time.monotonic(), 0)))
+            state["measuring"] = True
             began = time.perf_counter()
-            await trio.sleep(duration_s)
+            cpu_before = [cpu_seconds(pid) for pid in network.pids]
+            own_cpu_before = own_cpu_seconds()
+            height_before = await _height(first)
+            next_sample_s = 0.0
+            while (elapsed := time.perf_counter() - began) < duration_s:
+                network.check_running()
+                if memory_sample_interval_s is not None and elapsed >= next_sample_s:
+                    memory_samples.append({"at_s": round(elapsed, 1), "rss_bytes": [memory_bytes(pid, "VmRSS") for pid in network.pids]})
+                    next_sample_s += memory_sample_interval_s
+                progress.show(
+                    f"bench: {label}: {elapsed:.0f}/{duration_s:g} s, {state['confirmed']} confirmed, "
+                    f"{state['confirmed'] / max(elapsed, 1e-9):.0f} tx/s, {state['retries']} retries"
+                )
+                await trio.sleep(min(PROGRESS_INTERVAL_S, max(duration_s - elapsed, 0)))
+            state["measuring"] = False
             elapsed = time.perf_counter() - began
+            confirmed = state["confirmed"]
+            cpu_after = [cpu_seconds(pid) for pid in network.pids]
+            own_cpu = own_cpu_seconds() - own_cpu_before
+            if memory_sample_interval_s is not None:
+                memory_samples.append({"at_s": round(elapsed, 1), "rss_bytes": [memory_bytes(pid, "VmRSS") for pid in network.pids]})
+            height_after = await _height(first)
+            state["finished"] = True
             nursery.cancel_scope.cancel()
+    progress.show(f"bench: {label}: done, {confirmed / elapsed:.0f} tx/s", final=True)
     latencies.sort()
-    return {
-        "transactions_per_second": confirmed / elapsed,
+    blocks = max(height_after - height_before, 0)
+    transactions_per_second = confirmed / elapsed
+    replica_cpu = [after - before for before, after in zip(cpu_before, cpu_after, strict=True)]
+    # CPU per transaction does not depend on how much of the machine other work leaves us.
+    cpu_per_transaction_s = (sum(replica_cpu) + own_cpu) / confirmed if confirmed else float("nan")
+    floor_cpu_per_transaction_s = floor.cores / floor.transactions_per_second
+    result: dict[str, Any] = {
+        "replicas": replica_count,
+        "in_flight": in_flight,
+        "duration_s": round(elapsed, 3),
         "confirmed": confirmed,
-        "latency_p50_ms": 1000 * statistics.median(latencies) if latencies else float("nan"),
-        "latency_p99_ms": 1000 * latencies[int(0.99 * (len(latencies) - 1))] if latencies else float("nan"),
-        "client_errors": errors,
+        "transactions_per_second": transactions_per_second,
+        "latency_p50_ms": 1000 * percentile(latencies, 0.50),
+        "latency_p95_ms": 1000 * percentile(latencies, 0.95),
+        "latency_p99_ms": 1000 * percentile(latencies, 0.99),
+        "blocks_per_second": blocks / elapsed,
+        "mean_batch_size": confirmed / blocks if blocks else 0.0,
+        "replica_cpu_s": replica_cpu,
+        "load_generator_cpu_s": own_cpu,
+        "cpu_us_per_transaction": 1e6 * cpu_per_transaction_s,
+        "replica_cpu_us_per_transaction": 1e6 * sum(replica_cpu) / len(replica_cpu) / confirmed if confirmed else float("nan"),
+        "load_generator_cpu_us_per_transaction": 1e6 * own_cpu / confirmed if confirmed else float("nan"),
+        "floor_cpu_us_per_transaction": 1e6 * floor_cpu_per_transaction_s,
+        "cpu_ratio_to_floor": floor_cpu_per_transaction_s / cpu_per_transaction_s if confirmed else 0.0,
+        "replica_peak_rss_bytes": [memory_bytes(pid, "VmHWM") for pid in network.pids],
+        "client_retries": state["retries"],
+        "accounts_out_of_transactions": state["exhausted"],
+        "floor_transactions_per_second": floor.transactions_per_second,
+        "floor_per_transaction_reply_transactions_per_second": floor.per_transaction_reply_transactions_per_second,
+        "ratio_to_floor": transactions_per_second / floor.transactions_per_second,
+        "ratio_to_floor_per_transaction_reply": transactions_per_second / floor.per_transaction_reply_transactions_per_second,
     }
+    if memory_sample_interval_s is not None:
+        result["memory_samples"] = memory_samples
+        first_sample, last_sample = memory_samples[0]["rss_bytes"], memory_samples[-1]["rss_bytes"]
+        result["rss_growth_bytes"] = [last - first for first, last in zip(first_sample, last_sample, strict=True)]
+    return result
+
+
+# ---- the command line ----
+
+
+def _replica_counts(text: str) -> list[int]:
+    try:
+        counts = [int(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected replica counts like 4 or 4,7, got {text!r}") from None
+    if not counts or any(count < 4 for count in counts):
+        raise argparse.ArgumentTypeError(f"every replica count must be at least 4, got {text!r}")
+    return counts
+
+
+def _positive(kind: type[int] | type[float]) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+        return value
+
+    return parse
+
+
+SCENARIOS = {
+    # The primary sends nothing to any peer: the backups' timers expire and they replace it.
+    "silent-primary": "withhold",
+    # The primary holds every pre-prepare for 0.9 of the view-change timeout (configs/scenarios/slow-primary.toml).
+    "slow-primary": "slow_primary",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ledger-bench",
+        description="Throughput and latency of a local network of real replicas, as a ratio to the floor this machine's CPUs allow.",
+    )
+    parser.add_argument("--replicas", type=_replica_counts, default=[4], help="replica count, or several: 4,7 (default: 4)")
+    parser.add_argument("--in-flight", type=_positive(int), default=256, help="outstanding requests, one account each (default: 256)")
+    parser.add_argument("--duration", type=_positive(float), help="measured seconds (default: 15; 300 with --long)")
+    parser.add_argument("--warmup", type=float, default=3.0, help="unmeasured seconds first (default: 3)")
+    parser.add_argument("--batch-size-max", type=_positive(int), default=400, help="protocol.batch_size_max (default: 400)")
+    parser.add_argument("--batch-wait-ms", type=int, default=5, help="protocol.batch_wait_ms (default: 5)")
+    parser.add_argument("--sweep", action="store_true", help=f"raise --in-flight step by step ({', '.join(map(str, SWEEP_IN_FLIGHT))}) and print the curve")
+    parser.add_argument("--scenario", choices=sorted(SCENARIOS), help="replica 0 is a traitor: throughput as a fraction of a fault-free run")
+    parser.add_argument("--long", action="store_true", help=f"a long run (default {LONG_DURATION_S:g} s) with each replica's memory sampled every {LONG_SAMPLE_INTERVAL_S:g} s")
+    parser.add_argument("--profile", metavar="DIR", type=Path, help="run each fault-free replica under cProfile: DIR/replica-I.pstats (python -m pstats)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of the table")
+    parser.add_argument("--quiet", action="store_true", help="no progress line on stderr")
+    return parser
+
+
+def _row(result: dict[str, Any]) -> str:
+    return (
+        f"{result['replicas']:>2} {result['in_flight']:>9} {result['transactions_per_second']:>8.0f} "
+        f"{result['latency_p50_ms']:>8.1f} {result['latency_p95_ms']:>8.1f} {result['latency_p99_ms']:>8.1f} "
+        f"{result['blocks_per_second']:>8.1f} {result['mean_batch_size']:>7.1f} "
+        f"{result['floor_transactions_per_second']:>7.0f} {result['ratio_to_floor']:>6.3f} "
+        f"{result['floor_per_transaction_reply_transactions_per_second']:>7.0f} {result['ratio_to_floor_per_transaction_reply']:>6.3f} "
+        f"{result['cpu_us_per_transaction']:>10.0f} {result['cpu_ratio_to_floor']:>6.3f}"
+    )
+
+
+TABLE_HEADER = (
+    " n in_flight     tx/s  p50(ms)  p95(ms)  p99(ms) blocks/s   batch   floor  ratio floor/tx ratio cpu/tx(us)  cpu-r\n"
+    "-- --------- -------- -------- -------- -------- -------- ------- ------- ------ ------- ------ ---------- ------"
+)
+
+
+def describe(results: list[dict[str, Any]], primitives: Primitives, extra: dict[str, Any]) -> str:
+    lines = [
+        f"machine: {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}; "
+        f"ed25519 verify {1e6 * primitives.verify_s:.1f} us, sign {1e6 * primitives.sign_s:.1f} us, "
+        f"codec on {primitives.batch_size} transactions ({primitives.batch_bytes} bytes): encode {1e6 * primitives.encode_batch_s:.0f} us, "
+        f"decode {1e6 * primitives.decode_batch_s:.0f} us, sha-256 {1e6 * primitives.hash_block_s:.1f} us",
+        "floor: one signed reply per batch (ratio is to it); floor/tx: one per transaction; client signing is outside the timed part",
+        "cpu/tx: CPU microseconds per committed transaction, every replica and the load generator together; cpu-r: the floor's "
+        "CPU per transaction over that (the ratio that holds on a busy machine)",
+        TABLE_HEADER,
+    ]
+    lines += [_row(result) for result in results]
+    for result in results:
+        cpu = ", ".join(f"{seconds:.1f}" for seconds in result["replica_cpu_s"])
+        rss = ", ".join(f"{size / 2**20:.0f}" for size in result["replica_peak_rss_bytes"])
+        lines.append(
+            f"n={result['replicas']} in_flight={result['in_flight']}: CPU seconds per replica [{cpu}], load generator "
+            f"{result['load_generator_cpu_s']:.1f}; peak RSS MiB per replica [{rss}]; retries {result['client_retries']}"
+            + (f"; {result['accounts_out_of_transactions']} accounts ran out of pre-signed transactions" if result["accounts_out_of_transactions"] else "")
+        )
+        if "memory_samples" in result:
+            for sample in result["memory_samples"]:
+                lines.append(f"  at {sample['at_s']:>6.1f} s RSS MiB: " + ", ".join(f"{size / 2**20:.1f}" for size in sample["rss_bytes"]))
+            lines.append("  growth MiB: " + ", ".join(f"{size / 2**20:+.1f}" for size in result["rss_growth_bytes"]))
+    if "scenario" in extra:
+        scenario = extra["scenario"]
+        lines.append(
+            f"scenario {scenario['name']} (replica 0 runs --traitor {scenario['traitor']}): {scenario['transactions_per_second']:.0f} tx/s, "
+            f"{scenario['fraction_of_fault_free']:.3f} of the fault-free {scenario['fault_free_transactions_per_second']:.0f} tx/s, "
+            f"p50 {scenario['latency_p50_ms']:.1f} ms"
+        )
+    return "\n".join(lines)
+
+
+async def run_benchmark(arguments: argparse.Namespace, progress: Progress) -> tuple[list[dict[str, Any]], Primitives, dict[str, Any]]:
+    progress.show("bench: timing the primitives")
+    primitives = time_primitives(arguments.batch_size_max)
+    cores = os.cpu_count() or 1
+    results: list[dict[str, Any]] = []
+    extra: dict[str, Any] = {}
+    memory_interval = LONG_SAMPLE_INTERVAL_S if arguments.long else None
+    levels = list(SWEEP_IN_FLIGHT) if arguments.sweep else [arguments.in_flight]
+    for replica_count in arguments.replicas:
+        floor = compute_floor(primitives, replica_count, cores)
+        profile_directory = None
+        if arguments.profile is not None:
+            profile_directory = arguments.profile.resolve() / f"n{replica_count}"
+            profile_directory.mkdir(parents=True, exist_ok=True)
+        with running_network(replica_count, arguments.batch_size_max, arguments.batch_wait_ms, None, profile_directory) as network:
+            for in_flight in levels:
+                label = f"n={replica_count} in_flight={in_flight}"
+                results.append(
+                    await measure(network, floor, in_flight, arguments.warmup, arguments.duration, progress, label, memory_interval)
+                )
+        if arguments.scenario is not None:
+            traitor = SCENARIOS[arguments.scenario]
+            with running_network(replica_count, arguments.batch_size_max, arguments.batch_wait_ms, traitor) as network:
+                label = f"n={replica_count} {arguments.scenario}"
+                attacked = await measure(network, floor, levels[-1], arguments.warmup, arguments.duration, progress, label)
+            fault_free = results[-1]["transactions_per_second"]
+            extra["scenario"] = {
+                "name": arguments.scenario,
+                "traitor": traitor,
+                "replicas": replica_count,
+                "transactions_per_second": attacked["transactions_per_second"],
+                "fault_free_transactions_per_second": fault_free,
+                "fraction_of_fault_free": attacked["transactions_per_second"] / fault_free if fault_free else 0.0,
+                "latency_p50_ms": attacked["latency_p50_ms"],
+                "run": attacked,
+            }
+    return results, primitives, extra
+
+
+def _finite(value: Any) -> Any:
+    """The same value with NaN (a latency nothing was measured for) as null: JSON has no NaN."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_finite(item) for item in value]
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m client.bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--replicas", type=int, default=4)
-    parser.add_argument("--writers", type=int, default=200, help="concurrent accounts submitting (default: 200)")
-    parser.add_argument("--seconds", type=float, default=15.0, help="measured duration (default: 15)")
-    parser.add_argument("--warmup", type=float, default=3.0, help="unmeasured warm-up (default: 3)")
-    parser.add_argument("--batch-size-max", type=int, default=400)
-    parser.add_argument("--batch-wait-ms", type=int, default=5)
-    parser.add_argument("--base-port", type=int, default=7600)
-    arguments = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="ledger-bench-") as temporary:
-        directory = Path(temporary)
-        template = directory / "bench.toml"
-        template.write_text(
-            TEMPLATE.format(
-                replicas=arguments.replicas,
-                base_port=arguments.base_port,
-                batch_size_max=arguments.batch_size_max,
-                batch_wait_ms=arguments.batch_wait_ms,
-            )
+    arguments = build_parser().parse_args(argv)
+    if arguments.duration is None:
+        arguments.duration = LONG_DURATION_S if arguments.long else DURATION_S
+    progress = Progress(arguments.quiet)
+    try:
+        results, primitives, extra = trio.run(run_benchmark, arguments, progress)
+    except BenchError as error:
+        print(f"ledger-bench: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    if arguments.json:
+        summary: dict[str, Any] = dict(results[0]) if len(results) == 1 else {"runs": results}
+        summary.update(
+            {
+                "cores": os.cpu_count(),
+                "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "primitives_us": {name.removesuffix("_s"): 1e6 * value for name, value in asdict(primitives).items() if name.endswith("_s")},
+                "primitives_batch_size": primitives.batch_size,
+                **extra,
+            }
         )
-        network = directory / "net"
-        subprocess.run(
-            [sys.executable, "-m", "node.cli", "init", str(template), "--out", str(network)], check=True, stdout=subprocess.DEVNULL
-        )
-        processes = [
-            subprocess.Popen(
-                [sys.executable, "-m", "node.cli", "--log-level", "warning", "run", str(network / f"replica-{index}.toml")],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-            for index in range(arguments.replicas)
-        ]
-        try:
-            print(
-                f"bench: {arguments.replicas} replicas, {arguments.writers} writers, {arguments.seconds:g}s "
-                f"(batches up to {arguments.batch_size_max}, wait {arguments.batch_wait_ms} ms), {os.cpu_count()} cores",
-                flush=True,
-            )
-            result = trio.run(drive, network / "client.toml", arguments.writers, arguments.seconds, arguments.warmup)
-        finally:
-            for process in processes:
-                process.send_signal(signal.SIGTERM)
-            for process in processes:
-                try:
-                    process.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-    print(
-        f"throughput {result['transactions_per_second']:.0f} tx/s ({result['confirmed']:.0f} confirmed), "
-        f"latency p50 {result['latency_p50_ms']:.1f} ms, p99 {result['latency_p99_ms']:.1f} ms, "
-        f"client retries {result['client_errors']:.0f}",
-        flush=True,
-    )
+        if len(results) > 1:
+            summary["runs"] = results
+        print(json.dumps(_finite(summary), indent=2, allow_nan=False))
+    else:
+        print(describe(results, primitives, extra), flush=True)
     return 0
 
 

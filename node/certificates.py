@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from ledger.config import NetworkConfig
@@ -23,6 +23,14 @@ from ledger.messages import (
 )
 
 SignatureCheck = Callable[[bytes, bytes, bytes, bytes], bool]
+# Many (public key, domain, message, signature) checks at once, one result each, in order: the
+# runtime spreads them over worker threads, the simulator checks them one by one.
+SignaturesCheck = Callable[[Sequence[tuple[bytes, bytes, bytes, bytes]]], list[bool]]
+
+
+def one_by_one(check: SignatureCheck) -> SignaturesCheck:
+    """A SignaturesCheck that makes each check in turn with `check`."""
+    return lambda items: [check(*item) for item in items]
 
 VERIFIED_SIGNATURES_MAX = 65_536
 

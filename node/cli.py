@@ -155,6 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
         "equivocating_primary or withhold:peers=1+2,kinds=Commit@5000; repeat to combine",
     )
     run.add_argument("--traitor-seed", type=int, default=0, help="seed of the traitor's random choices (default: 0)")
+    run.add_argument(
+        "--profile",
+        metavar="FILE",
+        type=Path,
+        help="profile the replica's event loop thread with cProfile and write pstats to FILE when it stops "
+        "(read with: python -m pstats FILE)",
+    )
 
     up = commands.add_parser("up", help="run every replica of a network directory on this machine", description="Start each DIR/replica-<i>.toml as a child process; Ctrl-C or SIGTERM stops them all.")
     up.add_argument("directory", type=Path, help="directory written by `ledger-node init`")
@@ -202,7 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if arguments.command == "run":
             from node.runtime import run_replica_main
 
-            return run_replica_main(arguments.config, tuple(arguments.traitor), arguments.traitor_seed)
+            return run_replica_main(arguments.config, tuple(arguments.traitor), arguments.traitor_seed, arguments.profile)
         if arguments.command == "up":
             from node.launcher import run_network_main
 

@@ -54,7 +54,13 @@ from ledger.messages import (
     ViewChange,
 )
 from ledger.transactions import Transaction, transaction_domain
-from node.certificates import CertificateChecks, SignatureCheck, SignatureMemo
+from node.certificates import (
+    CertificateChecks,
+    SignatureCheck,
+    SignatureMemo,
+    SignaturesCheck,
+    one_by_one,
+)
 from node.evidence import EvidenceCollector
 from node.new_view import NULL_BATCH, new_view_assignments
 from node.requests import RequestQueue
@@ -63,6 +69,8 @@ from node.requests import RequestQueue
 VERIFIED_CACHE_MAX = 50_000
 RELAYS_PER_INTERVAL_MAX = 16  # waiting requests a backup re-relays to the primary per status interval
 TIMEOUT_DOUBLINGS_MAX = 6
+# A primary proposes a batch short of batch_size_max only while fewer than this many are in flight.
+BATCHES_IN_FLIGHT_FILLING_MAX = 2
 
 # Kinds of durable records. The first group is garbage collected at the stable checkpoint.
 LOG_KINDS = ("pre-prepare", "prepare", "commit", "prepared", "checkpoint")
@@ -163,6 +171,7 @@ class ReplicaCore:
         restored_records: list[tuple[str, Any]] | None = None,
         check_signature: SignatureCheck | None = None,
         last_timestamp_ms: int = 0,
+        check_signatures: SignaturesCheck | None = None,
     ) -> None:
         self.network = network
         self.replica_id = replica_id
@@ -174,6 +183,8 @@ class ReplicaCore:
         self.quorum = network.quorum
         self.replica_keys = network.replica_keys
         self.check_signature: SignatureCheck = check_signature or PublicKeyCache().verify
+        # A batch's client signatures are checked together: the runtime's function uses several cores.
+        self.check_signatures: SignaturesCheck = check_signatures or one_by_one(self.check_signature)
         self.domains = {
             kind: signing_domain(network.identity, kind)
             for kind in ("pre-prepare", "prepare", "commit", "checkpoint", "view-change", "reply")
@@ -217,6 +228,8 @@ class ReplicaCore:
         self.pending = RequestQueue(self.replica_count)
         self.proposed: set[bytes] = set()
         self.verified: OrderedDict[bytes, None] = OrderedDict()
+        # Client signatures the host found bad in this round (at most a round's events): cleared by take_effects.
+        self.refused_this_round: set[bytes] = set()
 
         self.peer_heights: dict[int, int] = {}
         self.peer_views: dict[int, int] = {}
@@ -246,6 +259,7 @@ class ReplicaCore:
         return self.low + self.log_size
 
     def take_effects(self) -> Effects:
+        self.refused_this_round.clear()
         effects, self.effects = self.effects, Effects()
         return effects
 
@@ -422,13 +436,24 @@ class ReplicaCore:
         refused for going back (which would be for good: a PRE-PREPARE cannot be re-stamped)."""
         return all(slot.batch is not None for slot in self.slots.values() if slot.pre_prepare is not None)
 
+    def _batches_in_flight(self) -> int:
+        """Batches of this view proposed (or assigned by its NEW-VIEW) and not executed yet."""
+        return sum(1 for sequence, slot in self.slots.items() if sequence > self.height and slot.pre_prepare is not None)
+
     def _propose_batches(self) -> None:
         if not self._ready_to_propose():
             return
         while self.pending and self.next_sequence <= min(self.high, self.height + self.settings.window_size):
             waited = self.now_ms - self.pending.arrived_ms(self.pending.oldest_id())
-            if len(self.pending) < self.settings.batch_size_max and waited < self.settings.batch_wait_ms:
-                return
+            if len(self.pending) < self.settings.batch_size_max:
+                if waited < self.settings.batch_wait_ms:
+                    return
+                # Under load, a batch that is not full waits while earlier ones are still being
+                # agreed on: it fills meanwhile, so per-batch work (votes, signatures, disk writes)
+                # is shared by more transactions. A lone request finds nothing in flight and goes
+                # out after batch_wait_ms as before; a full batch always goes at once.
+                if self._batches_in_flight() >= BATCHES_IN_FLIGHT_FILLING_MAX:
+                    return
             transactions = []
             while self.pending and len(transactions) < self.settings.batch_size_max:
                 transaction = self.pending.pop_oldest()
@@ -499,14 +524,50 @@ class ReplicaCore:
         transaction_id = transaction.transaction_id
         if transaction_id in self.verified:
             return True
+        if transaction_id in self.refused_this_round:
+            return False
         valid = self.check_signature(
             transaction.sender, self.transaction_domain, transaction.signed_bytes(), transaction.signature
         )
         if valid:
-            self.verified[transaction_id] = None
-            if len(self.verified) > VERIFIED_CACHE_MAX:
-                self.verified.popitem(last=False)
+            self._remember_verified(transaction_id)
         return valid
+
+    def _transaction_signatures_valid(self, transactions: tuple[Transaction, ...]) -> bool:
+        """Whether every client signature verifies, those not known yet checked in one call of
+        check_signatures. It costs at most one check per transaction, as checking them in turn
+        would in the worst case (a bad signature last)."""
+        unknown = [transaction for transaction in transactions if transaction.transaction_id not in self.verified]
+        if len(unknown) <= 1:
+            return all(self._transaction_signature_valid(transaction) for transaction in unknown)
+        results = self.check_signatures(
+            [(transaction.sender, self.transaction_domain, transaction.signed_bytes(), transaction.signature) for transaction in unknown]
+        )
+        if len(results) != len(unknown):
+            raise AssertionError("check_signatures gave another number of results than it was given checks")
+        for transaction, valid in zip(unknown, results, strict=True):
+            if valid:
+                self._remember_verified(transaction.transaction_id)
+        return all(results)
+
+    def _remember_verified(self, transaction_id: bytes) -> None:
+        self.verified[transaction_id] = None
+        self.verified.move_to_end(transaction_id)
+        if len(self.verified) > VERIFIED_CACHE_MAX:
+            self.verified.popitem(last=False)
+
+    def signature_verified(self, transaction_id: bytes) -> bool:
+        """Whether this transaction's client signature is known to verify."""
+        return transaction_id in self.verified
+
+    def note_verified_signatures(self, transaction_ids: list[bytes], refused: list[bytes] | None = None) -> None:
+        """The host checked these transactions' client signatures (with this core's transaction
+        domain): those of `transaction_ids` verified, so the core need not check them again
+        (bounded, oldest forgotten); those of `refused` did not, so until this round's effects
+        are taken the core refuses them without checking them a second time."""
+        for transaction_id in transaction_ids:
+            self._remember_verified(transaction_id)
+        self.refused_this_round.update(refused or ())
 
     def _on_pre_prepare(self, message: PrePrepare) -> None:
         if not self._accepts(message.view, message.sequence):
@@ -556,13 +617,10 @@ class ReplicaCore:
         problem = self._timestamp_problem(message.sequence, batch.timestamp_ms)
         if problem is not None:
             return problem
-        seen: set[bytes] = set()
-        for transaction in batch.transactions:
-            if transaction.transaction_id in seen:
-                return "a transaction appears twice"
-            seen.add(transaction.transaction_id)
-            if not self._transaction_signature_valid(transaction):
-                return "a transaction has a bad client signature"
+        if len({transaction.transaction_id for transaction in batch.transactions}) != len(batch.transactions):
+            return "a transaction appears twice"
+        if not self._transaction_signatures_valid(batch.transactions):
+            return "a transaction has a bad client signature"
         return None
 
     def _timestamp_problem(self, sequence: int, timestamp_ms: int) -> str | None:
@@ -747,10 +805,9 @@ class ReplicaCore:
     def _on_batch_content(self, batch: Batch) -> None:
         if batch.digest not in self.missing_batches:
             return  # unasked for, or already known: never trusted blindly
-        for transaction in batch.transactions:
-            if not self._transaction_signature_valid(transaction):
-                self._reject("invalid batch", "a fetched batch has a bad client signature")
-                return
+        if not self._transaction_signatures_valid(batch.transactions):
+            self._reject("invalid batch", "a fetched batch has a bad client signature")
+            return
         self._adopt_batch(batch)
 
     # ---- execution ----

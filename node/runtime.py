@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import cProfile
 import dataclasses
 import logging
+import os
 import random
 import signal
 import sys
@@ -52,12 +54,14 @@ from ledger.storage import (
     StoreError,
     evidence_per_replica_max,
 )
+from ledger.transactions import Transaction, transaction_domain
 from ledger.version import package_version
 from node.admission import ClientAdmission, address_key
 from node.core import LOG_KINDS, ClientReply, Effects, ReplicaCore
 from node.log_format import LogRateLimit
 from node.metrics import ReplicaMetrics, runtime_snapshot, serve_metrics
 from node.queries import answer_query
+from node.signature_threads import PARALLEL_CHECKS_MIN, SignatureThreads
 from node.traitors import (
     SIGNED_KINDS,
     BehaviourSpec,
@@ -217,6 +221,9 @@ class ReplicaRuntime:
         except (StoreError, CodecError) as error:
             self.lock.release()
             raise StartupError(f"{error} (the store is damaged: restore it from a backup or remove it to resync from peers)") from None
+        # Client signatures of a batch (and of a round's requests) are checked on every core.
+        self.signature_threads = SignatureThreads(os.cpu_count() or 1)
+        self.transaction_domain = transaction_domain(self.network.identity)
         self.core = ReplicaCore(
             self.network,
             config.replica_id,
@@ -226,6 +233,7 @@ class ReplicaRuntime:
             self.store.last_hash,
             restored,
             last_timestamp_ms=last_timestamp_ms,
+            check_signatures=self.signature_threads.check,
         )
         self.query_domain = signing_domain(self.network.identity, "query-reply")
         self.events_send, self.events_receive = trio.open_memory_channel[tuple[str, Any, Any]](EVENT_QUEUE_MAX)
@@ -298,6 +306,7 @@ class ReplicaRuntime:
             task_status.started()
 
     def close(self) -> None:
+        self.signature_threads.close()
         self.store.close()
         self.lock.release()
 
@@ -309,19 +318,46 @@ class ReplicaRuntime:
     async def _event_loop(self) -> None:
         tick_s = max(self.network.protocol.batch_wait_ms, 2) / 1000
         while True:
+            events = []
             with trio.move_on_after(tick_s):
-                event = await self.events_receive.receive()
-                self._handle(event)
+                events.append(await self.events_receive.receive())
+            if events:
                 # Drain what else is queued so one disk write and one send round cover many events.
                 for _ in range(EVENTS_PER_ROUND_MAX):
                     try:
-                        event = self.events_receive.receive_nowait()
+                        events.append(self.events_receive.receive_nowait())
                     except trio.WouldBlock:
                         break
+                self._check_request_signatures(events)
+                for event in events:
                     self._handle(event)
             self.core.tick(now_ms())
             await self._carry_out(self.core.take_effects())
             await trio.sleep(0)
+
+    def _check_request_signatures(self, events: list[tuple[str, Any, Any]]) -> None:
+        """Check the client signatures of this round's requests together, on every core, and tell
+        the core which verified and which did not (so a forged request costs one check, not two);
+        with too few to share, the core checks them itself. Each request costs at most one check."""
+        unknown: dict[bytes, Transaction] = {}
+        for kind, _origin, message in events:
+            if kind == "request":
+                transaction = message
+            elif kind == "peer" and isinstance(message, Request):
+                transaction = message.transaction
+            else:
+                continue
+            if not self.core.signature_verified(transaction.transaction_id):
+                unknown[transaction.transaction_id] = transaction
+        if len(unknown) < PARALLEL_CHECKS_MIN:
+            return
+        transactions = list(unknown.values())
+        results = self.signature_threads.check(
+            [(transaction.sender, self.transaction_domain, transaction.signed_bytes(), transaction.signature) for transaction in transactions]
+        )
+        verified = [transaction.transaction_id for transaction, valid in zip(transactions, results, strict=True) if valid]
+        refused = [transaction.transaction_id for transaction, valid in zip(transactions, results, strict=True) if not valid]
+        self.core.note_verified_signatures(verified, refused)
 
     def _handle(self, event: tuple[str, Any, Any]) -> None:
         kind, origin, message = event
@@ -654,10 +690,24 @@ def first_leaf(error: BaseException) -> BaseException:
     return error
 
 
-def run_replica_main(config_path: Path, traitor: tuple[BehaviourSpec, ...] = (), traitor_seed: int = 0) -> int:
+def run_replica_main(
+    config_path: Path, traitor: tuple[BehaviourSpec, ...] = (), traitor_seed: int = 0, profile_path: Path | None = None
+) -> int:
+    """Run one replica (with `profile_path`, under cProfile, writing pstats there when it stops)."""
+    profiler = cProfile.Profile() if profile_path is not None else None
     try:
         config = load_replica_config(config_path)
-        trio.run(serve_replica, config, traitor, traitor_seed)
+        if profiler is not None:
+            profiler.enable()
+        try:
+            trio.run(serve_replica, config, traitor, traitor_seed)
+        finally:
+            if profiler is not None:
+                profiler.disable()
+                try:
+                    profiler.dump_stats(profile_path)
+                except OSError as error:
+                    print(f"ledger-node: cannot write the profile to {profile_path}: {error.strerror or error}", file=sys.stderr)
     except BaseException as group:  # noqa: BLE001 - unwrapped to one clear line below
         error = first_leaf(group)
         if isinstance(error, DirectoryInUse):

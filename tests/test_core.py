@@ -1100,3 +1100,28 @@ def test_byzantine_new_primary_cannot_replace_a_committed_batch() -> None:
     # Agreement: no two honest replicas commit different blocks at the same height.
     committed_first = {cluster.hosts[index].chain[0].block_hash for index in (0, 2, 3) if cluster.hosts[index].chain}
     assert committed_first == {block.block_hash}
+
+
+def test_under_load_the_primary_fills_a_batch_while_two_are_in_flight_and_sends_a_full_one_at_once() -> None:
+    """A batch short of batch_size_max waits while two earlier ones are still being agreed on (so
+    batches grow with the load); a lone request still goes after batch_wait_ms; a full batch at once."""
+    cluster = Cluster()
+    proposals = [sent(cluster.request(0, put(0)), PrePrepare)]
+    proposals.append(sent(cluster.tick(0, 10), PrePrepare))
+    cluster.request(0, put(1))
+    proposals.append(sent(cluster.tick(0, 20), PrePrepare))
+    assert [len(found) for found in proposals] == [0, 1, 1], "nothing in flight: each request goes after batch_wait_ms"
+    for nonce in (2, 3):
+        cluster.request(0, put(nonce))
+    assert sent(cluster.tick(0, 30), PrePrepare) == [], "two batches in flight: the third keeps filling"
+    cluster.settle()
+    assert cluster.core(0).height == 2
+    (filled,) = sent(cluster.tick(0, 40), PrePrepare)
+    assert [transaction.nonce for transaction in filled.batch.transactions] == [2, 3]
+    cluster.request(0, put(4))
+    assert sent(cluster.tick(0, 50), PrePrepare) != [], "one batch in flight: a second may go"
+    batch_size_max = NETWORK.protocol.batch_size_max
+    full = [sent(cluster.request(0, put(nonce)), PrePrepare) for nonce in range(5, 5 + batch_size_max)]
+    assert [len(found) for found in full] == [0] * (batch_size_max - 1) + [1], "a full batch goes at once"
+    cluster.settle()
+    assert cluster.core(0).height == 5 and all(host.core.height == 5 for host in cluster.hosts)

@@ -36,7 +36,7 @@ def application_with(values: dict[str, str]) -> AccountsApplication:
     """Puts executed in the order given (not sorted), one per block, as a replica executes them."""
     application = AccountsApplication(NETWORK.genesis_balances)
     for nonce, (key, value) in enumerate(values.items()):
-        application.execute_block([sign_transaction(NETWORK.network_id, CLIENT_KEY, nonce, Put(key, value))])
+        application.execute_block([sign_transaction(NETWORK.identity, CLIENT_KEY, nonce, Put(key, value))])
     return application
 
 
@@ -48,8 +48,8 @@ def test_a_key_prefix_query_lists_the_matching_keys_in_order_from_writes_in_any_
     application = application_with({"user/b": "2", "other": "x", "user/a": "1", "user": "0", "user0": "y"})
     assert ask(application, "user/").result == [[["user/a", "1"], ["user/b", "2"]], False]
     # Keys written after a prefix read are found too, and an overwrite shows its new value.
-    application.execute_block([sign_transaction(NETWORK.network_id, CLIENT_KEY, 5, Put("user/0", "first"))])
-    application.execute_block([sign_transaction(NETWORK.network_id, CLIENT_KEY, 6, Put("user/b", "two"))])
+    application.execute_block([sign_transaction(NETWORK.identity, CLIENT_KEY, 5, Put("user/0", "first"))])
+    application.execute_block([sign_transaction(NETWORK.identity, CLIENT_KEY, 6, Put("user/b", "two"))])
     assert ask(application, "user/").result == [[["user/0", "first"], ["user/a", "1"], ["user/b", "two"]], False]
     assert ask(application, "").result[0] == [
         ["other", "x"], ["user", "0"], ["user/0", "first"], ["user/a", "1"], ["user/b", "two"], ["user0", "y"],
