@@ -53,7 +53,7 @@ class ScriptedSource:
         return chain[from_height - 1 : from_height - 1 + count]
 
     def verify_block(self, block: Block) -> None:
-        verify_certificate(block.header, block.certificate, NETWORK.network_id, NETWORK.config.replica_keys, NETWORK.quorum)
+        verify_certificate(block.header, block.certificate, NETWORK.config.identity, NETWORK.config.replica_keys, NETWORK.quorum)
 
 
 async def follow(follower: BlockFollower, through: int) -> list[Block]:
