@@ -46,7 +46,7 @@ create table if not exists state_values (key text primary key, value text not nu
 
 # The blocks a normal open checks (links, stored hashes, contents), counted back from the tip: a
 # bounded cost whatever the chain's length. `ledger-node check` checks them all.
-RECENT_BLOCKS_CHECKED = 64
+RECENT_BLOCKS_CHECKED = 16
 
 # Evidence of other replicas' equivocation kept at most, in all; each replica's share is
 # EVIDENCE_MAX // replica_count, so one traitor flooding cannot push out the evidence against others.

@@ -18,7 +18,7 @@ from ledger.restore import restore_application
 from ledger.storage import SCHEMA_VERSION, BlockStore, StoreError
 
 NETWORK = make_network("durable-net")
-CHAIN_HEIGHT = 200  # more than the 64 blocks an open checks, so a deep edit is left to `check`
+CHAIN_HEIGHT = 200  # far more than the 16 blocks an open checks, so a deep edit is left to `check`
 BLOCKS_PER_WRITE = 7
 LEDGER_NODE = Path(sys.executable).with_name("ledger-node")
 
@@ -273,7 +273,7 @@ def test_check_refuses_a_damaged_store_through_the_real_cli(store_path: Path, ta
 
 
 def test_an_old_edit_deep_in_history_is_left_to_check(store_path: Path) -> None:
-    """What the bounded open does not see (and `check` does, above): an edit past the last 64 blocks."""
+    """What the bounded open does not see (and `check` does, above): an edit past the last 16 blocks (RECENT_BLOCKS_CHECKED)."""
     edited_old_block(store_path)
     store, _, replayed = open_replica_store(store_path)
     store.close()
