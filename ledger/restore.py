@@ -89,10 +89,13 @@ class AuditReport:
 
 
 def audit_store(store: BlockStore, network: NetworkConfig, progress: Callable[[int, int], None] | None = None) -> AuditReport:
-    """Check everything from genesis: every link, stored hash and certificate, every block
+    """Check everything from genesis: SQLite's page and index check, every link, stored hash and certificate, every block
     re-executed (results and state digests), the transaction index, and the durable state
     compared entry by entry with the re-executed one at its height. Linear in the history.
     `progress(done, total)` is called about every tenth of the blocks. Raises StoreError."""
+    problem = store.integrity_problem()
+    if problem is not None:
+        raise StoreError(f"{store.path}: the database file is damaged: {problem}")
     store.verify(recent_max=None)
     stored_state = store.load_state()
     if stored_state is not None and stored_state[0] > store.height:

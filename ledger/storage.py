@@ -30,6 +30,8 @@ SCHEMA_VERSION = 2
 _SCHEMA = """
 create table if not exists meta (key text primary key, value blob not null);
 create table if not exists blocks (height integer primary key, hash blob not null, data blob not null);
+-- Narrow (about 45 bytes a block): what the open-time gap count reads instead of the blocks themselves.
+create index if not exists blocks_by_hash on blocks (hash);
 create table if not exists transactions (
     transaction_id blob primary key, height integer not null, position integer not null);
 create table if not exists signed_messages (
@@ -233,8 +235,8 @@ class BlockStore:
         """Check no block is missing, and that the last `recent_max` blocks (all of them with
         None) link to the one before and match their own headers and stored hashes.
 
-        The gap check counts the blocks' index entries: linear in the number of blocks, but one
-        narrow B-tree read, not one block decoded (see `make scale` for what it costs)."""
+        The gap check counts the entries of a narrow index over the blocks: linear in the number
+        of blocks, but about 90 entries a page and no block read (see `make scale` for its cost)."""
         count = self._reader.execute("select count(*) from blocks").fetchone()[0]
         if count != self._height:
             raise StoreError(f"{self.path}: {count} blocks stored but the highest is {self._height}: blocks are missing")
@@ -360,6 +362,11 @@ class BlockStore:
         accounts = self._reader.execute("select account, balance, nonce from state_accounts order by account").fetchall()
         values = self._reader.execute("select key, value from state_values order by key").fetchall()
         return self._state_height, bytes(digest), accounts, values, timestamp
+
+    def integrity_problem(self) -> str | None:
+        """SQLite's own check of every page and index (linear in the file); None if it is sound."""
+        rows = self._reader.execute("pragma quick_check").fetchall()
+        return None if [tuple(row) for row in rows] == [("ok",)] else "; ".join(str(row[0]) for row in rows[:3])
 
     def transaction_index_count(self) -> int:
         return int(self._reader.execute("select count(*) from transactions").fetchone()[0])
