@@ -255,9 +255,19 @@ def edited_old_block(path: Path) -> None:
     execute_sql(path, "update blocks set data = ?, hash = ? where height = 5", (edited.encode(), header.block_hash))
 
 
+def misplaced_index_row(path: Path) -> None:
+    execute_sql(path, "update transactions set height = 3 where height = 100 and position = 0")
+
+
+def deleted_index_row(path: Path) -> None:
+    execute_sql(path, "delete from transactions where height = 50")
+
+
 @pytest.mark.parametrize(
     ("tamper", "message"),
     [
+        (misplaced_index_row, "the transaction index does not locate"),
+        (deleted_index_row, "the transaction index does not locate"),
         (edited_old_block, "block 6: parent hash does not match block 5"),
         (edited_balance_and_digest, "differs from the state re-executed"),
         (deleted_old_block, "blocks are missing"),
