@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="audit a stopped replica's store from genesis",
         description="Re-execute every stored block from genesis and check every link, certificate, result, state digest, "
         "the transaction index and the durable state; print progress and one verdict line. Exit 0 if the store is sound, "
-        "1 if it is damaged or in use, 2 for a bad config.",
+        "1 if it is damaged, missing or in use, 2 for a bad config.",
     )
     check.add_argument("target", type=Path, help="a replica's config (net/replica-2.toml), or a network directory (every replica in it)")
     check.add_argument("--replica", type=_at_least(0), help="with a network directory: only this replica")

@@ -18,7 +18,7 @@ def check_replica(config: ReplicaConfig) -> bool:
     replica_id = config.replica_id
     path = config.data_dir / STORE_FILE_NAME
     if not path.is_file():
-        print(f"replica {replica_id}: DAMAGED: no store at {path}", flush=True)
+        print(f"replica {replica_id}: MISSING: no store at {path} (never started, or removed)", flush=True)
         return False
     try:
         # Held for the whole audit: the replica cannot start (and write) while it runs.
@@ -54,7 +54,11 @@ def check_replica(config: ReplicaConfig) -> bool:
 def run_check_main(target: Path, replica: int | None) -> int:
     """Exit 0 if every store checked is sound, 1 if one is damaged or in use; ConfigError for a bad target."""
     if target.is_dir():
-        configs = find_replica_configs(target, None if replica is None else [replica])
+        configs = find_replica_configs(target, None)
+        if replica is not None:
+            configs = [config for config in configs if config.replica_id == replica]
+            if not configs:
+                raise ConfigError(f"--replica {replica}: no such replica in {target}")
     elif target.is_file():
         configs = [load_replica_config(target)]
         if replica is not None and replica != configs[0].replica_id:

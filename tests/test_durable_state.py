@@ -293,7 +293,7 @@ def test_an_old_edit_deep_in_history_is_left_to_check(store_path: Path) -> None:
 def test_check_refuses_a_missing_store_and_a_replica_in_use(tmp_path: Path, store_path: Path) -> None:
     missing = write_network_config(NETWORK, tmp_path / "empty")
     result = run_check(missing)
-    assert result.returncode == 1 and "DAMAGED: no store at" in result.stdout, result.stdout
+    assert result.returncode == 1 and "MISSING: no store at" in result.stdout, result.stdout
     config = write_network_config(NETWORK, store_path.parent.parent.parent)
     from ledger.storage import DataDirectoryLock
 
