@@ -137,20 +137,23 @@ def audit_store(store: BlockStore, network: NetworkConfig, progress: Callable[[i
 
     if stored_state is not None and stored_state[0] == 0:
         compare_state(0)
-    for block in store.iterate_blocks():
-        try:
-            verify_certificate(block.header, block.certificate, network.network_id, network.replica_keys, network.quorum)
-            verify_execution(application, block)
-        except ChainError as error:
-            raise StoreError(f"{store.path}: store fails verification: {error}") from None
-        for position, (transaction, result) in enumerate(zip(block.transactions, block.results, strict=True)):
-            if is_final(result):
-                indexed += _check_indexed(store, transaction.transaction_id, (block.height, position))
-        transactions += len(block.transactions)
-        if stored_state is not None and block.height == stored_state[0]:
-            compare_state(block.height)
-        if progress is not None and (block.height % step == 0 or block.height == total):
-            progress(block.height, total)
+    try:
+        for block in store.iterate_blocks():
+            try:
+                verify_certificate(block.header, block.certificate, network.network_id, network.replica_keys, network.quorum)
+                verify_execution(application, block)
+            except ChainError as error:
+                raise StoreError(f"{store.path}: store fails verification: {error}") from None
+            for position, (transaction, result) in enumerate(zip(block.transactions, block.results, strict=True)):
+                if is_final(result):
+                    indexed += _check_indexed(store, transaction.transaction_id, (block.height, position))
+            transactions += len(block.transactions)
+            if stored_state is not None and block.height == stored_state[0]:
+                compare_state(block.height)
+            if progress is not None and (block.height % step == 0 or block.height == total):
+                progress(block.height, total)
+    except CodecError as error:  # verify() decoded every block already: only a store changed under us gets here
+        raise StoreError(f"{store.path}: a block cannot be decoded: {error}") from None
     if store.transaction_index_count() != indexed:
         raise StoreError(f"{store.path}: the transaction index has entries for no stored transaction")
     if stored_state is None:

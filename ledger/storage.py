@@ -250,16 +250,21 @@ class BlockStore:
             ).fetchone()[0]), first - 1
         try:
             while parent_height < self._height:
-                blocks = self.blocks(parent_height + 1, batch_size)
-                verify_chain_segment(blocks, parent_hash, parent_height)
-                for block in blocks:
-                    stored_hash = self._reader.execute(
-                        "select hash from blocks where height=?", (block.height,)
-                    ).fetchone()[0]
+                rows = self._reader.execute(
+                    "select height, hash, data from blocks where height>? order by height limit ?", (parent_height, batch_size)
+                ).fetchall()
+                blocks = []
+                for height, stored_hash, data in rows:
+                    try:
+                        block = Block.decode(data)
+                    except CodecError as error:
+                        raise ChainError(f"block {height}: cannot be decoded: {error}") from None
                     if stored_hash != block.block_hash:
-                        raise ChainError(f"block {block.height}: stored hash does not match its header")
+                        raise ChainError(f"block {height}: stored hash does not match its header")
+                    blocks.append(block)
+                verify_chain_segment(blocks, parent_hash, parent_height)
                 parent_hash, parent_height = blocks[-1].block_hash, blocks[-1].height
-        except (ChainError, CodecError) as error:
+        except ChainError as error:
             raise StoreError(f"{self.path}: store fails verification: {error}") from None
 
     def append(self, blocks: Iterable[Block]) -> None:
