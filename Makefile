@@ -10,7 +10,7 @@ TEST_WORKERS ?= auto
 # 1: traitor replicas and the rest of the adversarial mode (node/traitors.py); 0: network faults only.
 ADVERSARIAL ?= 1
 
-.PHONY: test demo sim scenarios lint bench clean
+.PHONY: test demo sim scenarios lint bench scale clean
 
 $(INSTALLED): pyproject.toml
 	test -x $(PYTHON) || python3 -m venv $(VENV)
@@ -41,6 +41,11 @@ scenarios: $(INSTALLED)
 # (timings live here, never in tests): `make bench BENCH_ARGS="--sweep"`, "--scenario silent-primary", "--long".
 bench: $(INSTALLED)
 	$(VENV)/bin/ledger-bench --replicas 4,7 $(BENCH_ARGS)
+
+# A replica's start against its history: chains of 10k and 100k transactions (`make scale SCALE_ARGS="10000 1000000"`),
+# timed before (replay from genesis) and after (durable state); timings live here, never in tests.
+scale: $(INSTALLED)
+	cd tests && ../$(PYTHON) scale_restart.py $(SCALE_ARGS)
 
 lint: $(INSTALLED)
 	$(VENV)/bin/ruff check ledger node client tests

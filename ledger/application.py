@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -73,6 +73,17 @@ class Application(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
+class StateChanges:
+    """Entries to write to the durable state: (account, balance, nonce) and (key, value)."""
+
+    accounts: tuple[tuple[bytes, int, int], ...]
+    values: tuple[tuple[str, str], ...]
+
+    def __bool__(self) -> bool:
+        return bool(self.accounts or self.values)
+
+
+@dataclass(frozen=True, slots=True)
 class Account:
     balance: int
     nonce: int
@@ -98,6 +109,10 @@ class AccountsApplication:
         self._keys_in_order: list[str] = []
         self._keys_sorted = True
         self._digest_sum = 0
+        # Entries changed since the last take_changes(): what the store must write beside the
+        # blocks that changed them (ledger/storage.py keeps the state durable).
+        self._changed_accounts: set[bytes] = set()
+        self._changed_values: set[str] = set()
         for account, balance in sorted(genesis_balances.items()):
             self._set_account(account, Account(balance, 0))
 
@@ -109,6 +124,7 @@ class AccountsApplication:
         self._digest_sum += _entry_hash("account", account, [new.balance, new.nonce])
         self._digest_sum %= _DIGEST_MODULUS
         self._accounts[account] = new
+        self._changed_accounts.add(account)
 
     def _set_value(self, key: str, value: str) -> None:
         old = self._values.get(key)
@@ -121,6 +137,7 @@ class AccountsApplication:
         self._digest_sum += _entry_hash("value", key, value)
         self._digest_sum %= _DIGEST_MODULUS
         self._values[key] = value
+        self._changed_values.add(key)
 
     def account(self, account: bytes) -> Account:
         return self._accounts.get(account, Account(0, 0))
@@ -183,6 +200,36 @@ class AccountsApplication:
             if not key.startswith(prefix):
                 return
             yield key, self._values[key]
+
+    def entry_count(self) -> int:
+        return len(self._accounts) + len(self._values)
+
+    def take_changes(self) -> StateChanges:
+        """The entries changed since the last call (their current values), and forget them."""
+        changes = StateChanges(
+            tuple((key, self._accounts[key].balance, self._accounts[key].nonce) for key in sorted(self._changed_accounts)),
+            tuple((key, self._values[key]) for key in sorted(self._changed_values)),
+        )
+        self._changed_accounts.clear()
+        self._changed_values.clear()
+        return changes
+
+    @classmethod
+    def from_entries(cls, accounts: Iterable[tuple[Any, Any, Any]], values: Iterable[tuple[Any, Any]]) -> AccountsApplication:
+        """The application holding exactly these entries (read back from a store), nothing
+        changed yet. Costs one entry hash per entry: linear in the state, not the history.
+        Raises CodecError for an entry of the wrong shape (a damaged store)."""
+        application = cls({})
+        for key, balance, nonce in accounts:
+            application._set_account(
+                expect_bytes(key, "stored account", PUBLIC_KEY_SIZE),
+                Account(expect_int(balance, "stored balance"), expect_int(nonce, "stored nonce")),
+            )
+        for key, value in values:
+            application._set_value(expect_text(key, "stored key", KEY_LENGTH_MAX), expect_text(value, "stored value"))
+        application._changed_accounts.clear()
+        application._changed_values.clear()
+        return application
 
     def snapshot(self) -> list[Any]:
         """The whole state as plain data, for state transfer at a checkpoint."""

@@ -20,6 +20,7 @@ examples:
   ledger-node init --replicas 7 --out net7               the same from a generated template
   ledger-node up net                                     run every replica of net on this machine
   ledger-node run net/replica-2.toml                     run one replica (one per host)
+  ledger-node check net/replica-2.toml                   audit a stopped replica's store from genesis
   ledger-node simulate --seeds 500                       seeded simulation sweep
   ledger-node simulate --adversarial --seeds 20000 --jobs 2   the same with traitor replicas
   ledger-node demo                                       the whole tour in one command
@@ -175,6 +176,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="start that replica as a traitor (passed on as `run --traitor SPEC`), e.g. 0=equivocating_primary; repeat to combine",
     )
 
+    check = commands.add_parser(
+        "check",
+        help="audit a stopped replica's store from genesis",
+        description="Re-execute every stored block from genesis and check every link, certificate, result, state digest, "
+        "the transaction index and the durable state; print progress and one verdict line. Exit 0 if the store is sound, "
+        "1 if it is damaged, missing or in use, 2 for a bad config.",
+    )
+    check.add_argument("target", type=Path, help="a replica's config (net/replica-2.toml), or a network directory (every replica in it)")
+    check.add_argument("--replica", type=_at_least(0), help="with a network directory: only this replica")
+
     simulate = commands.add_parser("simulate", help="run the deterministic simulator", description="Run seeded simulations with message loss, delay, duplication and reordering; every failure prints its seed.")
     simulate.add_argument("--seeds", type=_at_least(1), default=100, help="number of seeds to run, starting at --first (default: 100)")
     simulate.add_argument("--first", type=int, default=0, help="first seed (default: 0)")
@@ -210,6 +221,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from node.runtime import run_replica_main
 
             return run_replica_main(arguments.config, tuple(arguments.traitor), arguments.traitor_seed, arguments.profile)
+        if arguments.command == "check":
+            from node.store_check import run_check_main
+
+            return run_check_main(arguments.target, arguments.replica)
         if arguments.command == "up":
             from node.launcher import run_network_main
 

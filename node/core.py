@@ -18,7 +18,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from ledger.application import AccountsApplication, is_deferred, is_replay
+from ledger.application import AccountsApplication, StateChanges, is_deferred, is_replay
 from ledger.blocks import (
     Block,
     BlockHeader,
@@ -122,6 +122,9 @@ class Effects:
     request_errors: list[tuple[bytes, str]] = field(default_factory=list)
     events: list[str] = field(default_factory=list)
     evidence: list[Evidence] = field(default_factory=list)
+    # The application entries `blocks` changed: stored in the same transaction as the blocks, so
+    # the durable state is always that of the stored tip (None when there are no blocks).
+    state: StateChanges | None = None
 
     def __bool__(self) -> bool:
         return bool(
@@ -261,6 +264,8 @@ class ReplicaCore:
     def take_effects(self) -> Effects:
         self.refused_this_round.clear()
         effects, self.effects = self.effects, Effects()
+        if effects.blocks:
+            effects.state = self.application.take_changes()
         return effects
 
     def _reject(self, reason: str, detail: str = "") -> None:

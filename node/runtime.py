@@ -17,8 +17,7 @@ from typing import Any
 
 import trio
 
-from ledger.application import AccountsApplication
-from ledger.blocks import Block, ChainError, verify_execution
+from ledger.blocks import Block
 from ledger.config import (
     ConfigError,
     NetworkConfig,
@@ -46,6 +45,7 @@ from ledger.messages import (
     encode_blocks_message,
     encode_message,
 )
+from ledger.restore import restore_application
 from ledger.sizes import CLIENT_FRAME_SIZE_MAX, blocks_response_budget, blocks_size_max
 from ledger.storage import (
     BlockStore,
@@ -130,19 +130,6 @@ def client_memory_bound_bytes(replica_count: int, protocol: ProtocolSettings) ->
     return protocol.client_connections_max * per_connection + (CLIENT_BLOCK_RESPONSES_MAX + 1) * blocks_response
 
 
-def replay_chain(store: BlockStore, application: AccountsApplication) -> int:
-    """Re-execute every stored block, checking results and state digests match what was stored.
-    Returns the latest block timestamp (new proposals must not go back before it)."""
-    latest_timestamp_ms = 0
-    for block in store.iterate_blocks():
-        try:
-            verify_execution(application, block)
-        except ChainError as error:
-            raise StoreError(f"{store.path}: {error}") from None
-        latest_timestamp_ms = max(latest_timestamp_ms, block.header.timestamp_ms)
-    return latest_timestamp_ms
-
-
 @dataclass(eq=False)
 class ClientConnection:
     """One client's connection: a bounded queue of frames to write, and the accounts it follows."""
@@ -214,13 +201,24 @@ class ReplicaRuntime:
         except StoreError as error:
             raise StartupError(str(error)) from None
         try:
+            opening_s = time.monotonic()
             self.store = BlockStore.open(config.data_dir / "ledger.sqlite3", self.network.genesis_hash)
-            application = AccountsApplication(self.network.genesis_balances)
-            last_timestamp_ms = replay_chain(self.store, application)
+            state = restore_application(self.store, self.network)
             restored = [(record[0], decode_message(record[3])) for record in self.store.load_messages()]
         except (StoreError, CodecError) as error:
             self.lock.release()
-            raise StartupError(f"{error} (the store is damaged: restore it from a backup or remove it to resync from peers)") from None
+            raise StartupError(
+                f"{error} (the store is damaged: restore it from a backup or remove it to resync from peers; "
+                f"`ledger-node check {config.path}` audits it from genesis)"
+            ) from None
+        log.info(
+            "store opened at height %d in %d ms: durable state at height %s, %d entries; %d blocks re-executed",
+            self.store.height,
+            int((time.monotonic() - opening_s) * 1000),
+            "none" if state.state_height is None else state.state_height,
+            state.state_entries,
+            state.blocks_replayed,
+        )
         # Client signatures of a batch (and of a round's requests) are checked on every core.
         self.signature_threads = SignatureThreads(os.cpu_count() or 1)
         self.transaction_domain = transaction_domain(self.network.identity)
@@ -228,11 +226,11 @@ class ReplicaRuntime:
             self.network,
             config.replica_id,
             self.key,
-            application,
+            state.application,
             self.store.height,
             self.store.last_hash,
             restored,
-            last_timestamp_ms=last_timestamp_ms,
+            last_timestamp_ms=state.latest_timestamp_ms,
             check_signatures=self.signature_threads.check,
         )
         self.query_domain = signing_domain(self.network.identity, "query-reply")
@@ -434,7 +432,7 @@ class ReplicaRuntime:
                 (record.kind, record.view, record.sequence, encode_message(record.message)) for record in effects.persist
             ]
             prune = None if effects.prune is None else (effects.prune.through_sequence, effects.prune.view, LOG_KINDS)
-            await trio.to_thread.run_sync(self.store.write_round, records, effects.blocks, prune)
+            await trio.to_thread.run_sync(self.store.write_round, records, effects.blocks, prune, effects.state)
             if effects.blocks:
                 self._log_progress()
         if effects.evidence:

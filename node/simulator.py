@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from client.quorum import QueryQuorum, Receipt, ReplyQuorum
-from ledger.application import AccountsApplication, is_final
+from ledger.application import AccountsApplication, StateChanges, is_final
 from ledger.blocks import Block, ChainError, verify_certificate, verify_execution
 from ledger.config import Address, NetworkConfig, ProtocolSettings, ReplicaInfo
 from ledger.crypto import PublicKeyCache, SigningKey, signing_domain
@@ -314,12 +314,18 @@ def _add_behaviour(spec: TraitorSpec, seed: int, replica_count: int, horizon: in
 
 @dataclass
 class SimulatedReplica:
-    """One replica: its core (replaced on restart) and its disk (records and chain) that survive."""
+    """One replica: its core (replaced on restart) and its disk (records, chain and durable
+    application state) that survive."""
 
     core: ReplicaCore
     chain: list[Block] = field(default_factory=list)
     records: dict[tuple[str, int, int], Any] = field(default_factory=dict)
     transaction_ids: dict[bytes, tuple[int, int]] = field(default_factory=dict)
+    # The application state as the store keeps it (ledger/storage.py state tables), written in the
+    # same durable write as the blocks that changed it; None until the first write, as in a new store.
+    state_height: int | None = None
+    state_accounts: dict[bytes, tuple[int, int]] = field(default_factory=dict)
+    state_values: dict[str, str] = field(default_factory=dict)
     crashed: bool = False
     crash_after_write: bool = False
     paused_until_ms: int = 0
@@ -339,6 +345,13 @@ class SimulatedReplica:
                 or (kind in ("view-change", "new-view") and view < prune.view)
             ):
                 del self.records[key]
+
+    def write_state(self, changes: StateChanges, height: int) -> None:
+        for account, balance, nonce in changes.accounts:
+            self.state_accounts[account] = (balance, nonce)
+        for key, value in changes.values:
+            self.state_values[key] = value
+        self.state_height = height
 
     def restored_records(self) -> list[tuple[str, Any]]:
         return [(key[0], self.records[key]) for key in sorted(self.records, key=lambda key: (key[2], key[1], key[0]))]
@@ -426,6 +439,7 @@ class Simulation:
         if scenario.equivocating_primary and all(spec.replica_id != 0 for spec in specs):
             specs.append(TraitorSpec(0, (BehaviourSpec("equivocating_primary"),)))
         self.traitor_specs = tuple(specs)
+        self.genesis_state_digest = AccountsApplication(self.network.genesis_balances).state_digest()
         self.replicas = [SimulatedReplica(self._new_core(index, None)) for index in range(scenario.replica_count)]
         self.traitor_wrappers: dict[int, Traitor] = {
             spec.replica_id: make_traitor(spec, self.network, self.replica_keys[spec.replica_id], self.domains, scenario.seed)
@@ -467,11 +481,28 @@ class Simulation:
         self.last_receipt_ms = 0  # when a client last accepted a receipt
 
     def _new_core(self, index: int, replica: SimulatedReplica | None) -> ReplicaCore:
-        """A fresh core; after a crash, rebuilt from the replica's disk exactly as the runtime does."""
-        application = AccountsApplication(self.network.genesis_balances)
+        """A fresh core; after a crash, rebuilt from the replica's disk as the runtime does
+        (ledger/restore.py): the durable state, checked against the block it describes, then
+        the blocks after it re-executed, which must be none (state and blocks are one write)."""
         chain = replica.chain if replica is not None else []
-        for block in chain:
-            verify_execution(application, block)
+        application = AccountsApplication(self.network.genesis_balances)
+        if replica is not None and replica.state_height is not None:
+            application = AccountsApplication.from_entries(
+                [(account, *entry) for account, entry in replica.state_accounts.items()], replica.state_values.items()
+            )
+            height = replica.state_height
+            expected = chain[height - 1].header.state_digest if height else self.genesis_state_digest
+            if application.state_digest() != expected:
+                raise self.fail(f"durable state: replica {index}'s stored state is not the state of its block {height}")
+            if height != len(chain):
+                raise self.fail(
+                    f"durable state: replica {index}'s stored state is at height {height} but its chain at {len(chain)}: "
+                    "a crash between the block write and the state write would re-execute or lose blocks"
+                )
+        else:
+            # Nothing written yet: the first write carries every entry, the genesis ones included.
+            for block in chain:
+                verify_execution(application, block)
         return self.scenario.core_factory(
             self.network,
             index,
@@ -752,6 +783,8 @@ class Simulation:
             replica.persist(record)
         for block in effects.blocks:
             self.check_block(index, replica, block)
+        if effects.state is not None:
+            replica.write_state(effects.state, effects.blocks[-1].height)
         if effects.prune is not None:
             replica.prune(effects.prune)
         if durable and replica.crash_after_write:

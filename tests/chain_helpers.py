@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ledger.application import AccountsApplication
 from ledger.blocks import (
@@ -16,7 +17,7 @@ from ledger.blocks import (
     results_root,
 )
 from ledger.config import Address, NetworkConfig, ProtocolSettings, ReplicaInfo
-from ledger.crypto import NetworkIdentity, SigningKey
+from ledger.crypto import NetworkIdentity, SigningKey, write_key_file
 from ledger.merkle import merkle_root
 from ledger.transactions import Put, Transaction, TransactionResult, Transfer, sign_transaction
 
@@ -178,3 +179,73 @@ def build_executed_chain(network: LedgerNetwork, count: int, transactions_per_bl
         blocks.append(Block(header, tuple(transactions), results, sign_certificate(network, header)))
         parent = header.block_hash
     return blocks
+
+
+def extend_executed_chain(
+    network: LedgerNetwork,
+    application: AccountsApplication,
+    parent_hash: bytes,
+    parent_height: int,
+    count: int,
+    transactions_per_block: int = 3,
+    distinct_keys: bool = False,
+) -> list[Block]:
+    """`count` certified blocks after (parent_height, parent_hash), executed on `application`
+    (which ends at the last one's state). With `distinct_keys` every put writes a new key, so
+    the state grows with the history (the worst case for a restart that reads the state)."""
+    blocks: list[Block] = []
+    parent = parent_hash
+    for height in range(parent_height + 1, parent_height + count + 1):
+        first_nonce = application.account(network.client_key.public_key).nonce
+        transactions = make_transactions(network, first_nonce, transactions_per_block)
+        if distinct_keys:
+            transactions = [
+                sign_transaction(network.identity, network.client_key, transaction.nonce, Put(f"key-{transaction.nonce}", "v"))
+                if isinstance(transaction.operation, Put)
+                else transaction
+                for transaction in transactions
+            ]
+        results = tuple(application.execute_block(transactions))
+        header = BlockHeader(
+            height=height,
+            view=0,
+            proposer=0,
+            parent_hash=parent,
+            transactions_root=merkle_root([transaction.transaction_id for transaction in transactions]),
+            results_root=results_root(results),
+            state_digest=application.state_digest(),
+            timestamp_ms=1_700_000_000_000 + height,
+        )
+        blocks.append(Block(header, tuple(transactions), results, sign_certificate(network, header)))
+        parent = header.block_hash
+    return blocks
+
+
+def write_network_config(network: LedgerNetwork, directory: Path, replica_id: int = 0) -> Path:
+    """A replica config (and its key file) for this made-up network, as `ledger-node init` writes them."""
+    directory.mkdir(parents=True, exist_ok=True)
+    write_key_file(directory / f"replica-{replica_id}.key", network.replica_signing_keys[replica_id])
+    lines = [
+        "[replica]",
+        f"id = {replica_id}",
+        f'key_file = "replica-{replica_id}.key"',
+        f'data_dir = "data/replica-{replica_id}"',
+        "",
+        "[network]",
+        f'id = "{network.network_id}"',
+        "",
+    ]
+    for index, key in enumerate(network.replica_signing_keys):
+        lines += [
+            "[[replicas]]",
+            f"id = {index}",
+            f'public_key = "{key.public_key.hex()}"',
+            f'address = "127.0.0.1:{17000 + 2 * index}"',
+            f'client_address = "127.0.0.1:{17001 + 2 * index}"',
+            "",
+        ]
+    for account, balance in network.balances.items():
+        lines += ["[[genesis.accounts]]", f'public_key = "{account.hex()}"', f"balance = {balance}", ""]
+    path = directory / f"replica-{replica_id}.toml"
+    path.write_text("\n".join(lines))
+    return path

@@ -9,8 +9,10 @@ from typing import Any
 
 import pytest
 
+from ledger.application import AccountsApplication
 from ledger.messages import NewView, PreparedCertificate, PrePrepareHeader, Query, ViewChange
 from ledger.transactions import Put, TransactionResult, sign_transaction
+from node import simulator as simulator_module
 from node.cli import main
 from node.core import ReplicaCore
 from node.simulator import (
@@ -362,3 +364,38 @@ def test_reads_keep_the_clients_own_writes_and_a_read_without_a_floor_is_caught(
     for seed in (4, 5):
         with pytest.raises(SimulationFailure, match="read-your-writes"):
             run_simulation(Scenario.from_seed(seed, 4, adversarial=True))
+
+
+def test_a_restart_rebuilds_the_core_from_the_durable_state_not_the_history(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Crashes between a round's write and its sends, and plain ones: every restart reads the
+    state written with the blocks and re-executes nothing (the runtime's ledger/restore.py)."""
+    executed_on_start: list[int] = []
+    original = simulator_module.verify_execution
+    monkeypatch.setattr(simulator_module, "verify_execution", lambda application, block: (executed_on_start.append(block.height), original(application, block)))
+    scenario = Scenario.from_seed(
+        3, 4, crashes=((2, 300, 900),), stalls=(), partitions=(), torn_crashes=((1, 100, 700), (3, 1_000, 1_800))
+    )
+    simulation = Simulation(scenario)
+    report = simulation.run()
+    assert report.crashes == 3 and report.receipts == 3 * 8
+    assert executed_on_start == []
+    for replica in simulation.replicas:
+        assert replica.state_height == len(replica.chain) > 0
+        stored = AccountsApplication.from_entries(
+            [(account, *entry) for account, entry in replica.state_accounts.items()], replica.state_values.items()
+        )
+        assert stored.state_digest() == replica.chain[-1].header.state_digest == replica.core.application.state_digest()
+
+
+def test_a_state_write_missing_from_a_round_fails_the_restart(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The model checks what the store guarantees: a state that lags its blocks is a failure."""
+    original = simulator_module.SimulatedReplica.write_state
+
+    def first_write_only(self: simulator_module.SimulatedReplica, changes: Any, height: int) -> None:
+        if self.state_height is None:
+            original(self, changes, height)
+
+    monkeypatch.setattr(simulator_module.SimulatedReplica, "write_state", first_write_only)
+    scenario = Scenario.from_seed(3, 4, crashes=((2, 600, 1_200),), stalls=(), partitions=(), torn_crashes=())
+    with pytest.raises(SimulationFailure, match="durable state: replica 2's stored state is at height"):
+        Simulation(scenario).run()

@@ -175,14 +175,25 @@ def truncate_store(path: Path) -> None:
         file.truncate(size // 2)
 
 
-def tamper_with_a_block(path: Path) -> None:
+def flip_a_byte_of_block(path: Path, height: int | None = None) -> int:
+    """Flip one byte in the middle of a stored block (by default the one 2 below the tip); returns its height."""
     connection = sqlite3.connect(path)
     with connection:
-        (data,) = connection.execute("select data from blocks where height = 2").fetchone()
+        if height is None:
+            height = connection.execute("select max(height) from blocks").fetchone()[0] - 2
+        (data,) = connection.execute("select data from blocks where height = ?", (height,)).fetchone()
         flipped = bytearray(data)
         flipped[len(flipped) // 2] ^= 0x01
-        connection.execute("update blocks set data = ? where height = 2", (bytes(flipped),))
+        connection.execute("update blocks set data = ? where height = ?", (bytes(flipped), height))
     connection.close()
+    assert height is not None
+    return height
+
+
+def tamper_with_a_block(path: Path) -> None:
+    # A start checks the last RECENT_BLOCKS_CHECKED blocks (ledger/storage.py), so that its cost
+    # does not grow with the history; damage deeper down is `ledger-node check`'s (test below).
+    flip_a_byte_of_block(path)
 
 
 @pytest.mark.parametrize("replica_count", [4], ids=["n4"])
@@ -200,3 +211,19 @@ async def test_a_damaged_store_is_detected_at_start(tmp_path: Path, replica_coun
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "ledger.sqlite3" in lines[0], result.describe()
     assert "Traceback" not in result.stderr
+
+
+async def test_damage_deep_in_history_is_found_by_check(tmp_path: Path) -> None:
+    """A byte flipped in block 2 of 40, past what a start checks: `ledger-node check` re-reads everything and says where."""
+    async with replica_processes(tmp_path / "net", 4) as replicas, connected_client(replicas) as client:
+        with trio.fail_after(FAULT_DEADLINE_S):
+            for index in range(40):
+                await client.put(f"key-{index}", "value")
+            await wait_for_agreement(client, minimum_height=40)
+    store = tmp_path / "net" / "data" / "replica-1" / "ledger.sqlite3"
+    sound = await run_command([*NODE_COMMAND, "check", str(tmp_path / "net" / "replica-1.toml")], 120)
+    assert sound.exit_code == 0 and sound.stdout.splitlines()[-1].startswith("replica 1: OK: "), sound.describe()
+    flip_a_byte_of_block(store, 2)
+    result = await run_command([*NODE_COMMAND, "check", str(tmp_path / "net"), "--replica", "1"], 120)
+    verdict = result.stdout.splitlines()[-1]
+    assert result.exit_code == 1 and verdict.startswith("replica 1: DAMAGED: ") and "block 2" in verdict, result.describe()

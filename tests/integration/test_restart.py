@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sqlite3
 import time
 
 import pytest
@@ -14,7 +15,14 @@ from ledger.crypto import SigningKey, read_key_file, signing_domain, write_key_f
 from ledger.messages import Batch, PrePrepare, encode_message
 from ledger.transactions import Put, Transfer, sign_transaction
 
-from .local_network import LocalNetwork, fetch_chain, run_client_cli, wait_for_agreement
+from .local_network import (
+    NODE_COMMAND,
+    LocalNetwork,
+    fetch_chain,
+    run_client_cli,
+    run_command,
+    wait_for_agreement,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -73,6 +81,13 @@ async def test_stop_and_restart_continue_the_chain(network: LocalNetwork) -> Non
         assert chains[0][-1] == tip.last_block_hash
 
         await network.start()
+        for replica_id in range(network.replica_count):
+            # The restart read the durable state written with the blocks: no history re-executed.
+            assert (
+                f"store opened at height {tip.height} in" in network.log_text(replica_id)
+                and f"durable state at height {tip.height}" in network.log_text(replica_id)
+                and "; 0 blocks re-executed" in network.log_text(replica_id).split("store opened at height")[-1]
+            ), network.diagnostics()
         async with open_client(network.client_config_path) as client:
             await client.wait_until_ready()
             resumed = await wait_for_agreement(client)
@@ -187,3 +202,22 @@ async def test_restart_after_the_primary_persisted_an_unsent_pre_prepare_commits
             assert after.height > tip.height
             final = await wait_for_agreement(client, minimum_height=after.height)
         await verify_every_replica(network, final.height)
+
+
+async def test_a_replica_with_an_edited_state_row_refuses_to_start(network: LocalNetwork) -> None:
+    """A real replica process, its store's state edited while it was stopped: one line, exit 2."""
+    with trio.fail_after(DEADLINE_S):
+        async with open_client(network.client_config_path) as client:
+            await client.wait_until_ready()
+            assert (await client.put("edited-later", "original")).result.ok
+            await wait_for_agreement(client)
+        await stop_cleanly(network)
+    connection = sqlite3.connect(network.store_path(0), isolation_level=None)
+    try:
+        assert connection.execute("update state_values set value = 'forged' where key = 'edited-later'").rowcount == 1
+    finally:
+        connection.close()
+    result = await run_command([*NODE_COMMAND, "run", str(network.replica_config_path(0))], DEADLINE_S)
+    lines = result.stderr.splitlines()
+    assert result.exit_code == 2 and len(lines) == 1, result.describe()
+    assert "the stored state does not match its digest" in lines[0] and "ledger-node check" in lines[0], result.describe()
