@@ -211,13 +211,11 @@ class ReplicaRuntime:
                 f"{error} (the store is damaged: restore it from a backup or remove it to resync from peers; "
                 f"`ledger-node check {config.path}` audits it from genesis)"
             ) from None
-        log.info(
-            "store opened at height %d in %d ms: durable state at height %s, %d entries; %d blocks re-executed",
-            self.store.height,
-            int((time.monotonic() - opening_s) * 1000),
-            "none" if state.state_height is None else state.state_height,
-            state.state_entries,
-            state.blocks_replayed,
+        # Logged once the replica is ready: a start that fails later (a port taken) stays one line.
+        self.opened_summary = (
+            f"store opened at height {self.store.height} in {int((time.monotonic() - opening_s) * 1000)} ms: durable state at height "
+            f"{'none' if state.state_height is None else state.state_height}, {state.state_entries} entries; "
+            f"{state.blocks_replayed} blocks re-executed"
         )
         # Client signatures of a batch (and of a round's requests) are checked on every core.
         self.signature_threads = SignatureThreads(os.cpu_count() or 1)
@@ -283,6 +281,7 @@ class ReplicaRuntime:
                     self.traitor.describe(),
                     self.traitor_seed,
                 )
+            log.info("%s", self.opened_summary)
             log.info(
                 "replica %d of %r ready: peers on %s, clients on %s, height %d, view %d, f=%d",
                 self.config.replica_id,
