@@ -22,8 +22,8 @@ $(INSTALLED): pyproject.toml
 # start real replica processes one at a time, so that their timeouts never race a busy CPU.
 test: $(INSTALLED)
 	$(VENV)/bin/ruff check ledger node client tests
-	$(VENV)/bin/pytest -q -m "not integration" -n $(TEST_WORKERS)
-	$(VENV)/bin/pytest -q -m integration
+	$(VENV)/bin/pytest -q -m "not integration" -n $(TEST_WORKERS) --durations=10
+	$(VENV)/bin/pytest -q -m integration --durations=15
 
 demo: $(INSTALLED)
 	$(VENV)/bin/ledger-node demo
