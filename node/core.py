@@ -67,6 +67,15 @@ from node.requests import RequestQueue
 
 # Bounds on what one replica holds in memory, whatever its peers and clients do.
 VERIFIED_CACHE_MAX = 50_000
+# Transaction ids whose client signature failed. A transaction id is the hash of all its bytes,
+# signature included, and a check is deterministic, so a failed one fails for ever: remembering
+# it (bounded, oldest forgotten) makes a re-sent forged batch or request cost no check at all.
+FORGED_CACHE_MAX = 10_000
+# A batch's unknown client signatures are checked in chunks of this size, then twice that, and so
+# on, stopping at the first chunk with a forged one: a forged batch costs at most this many checks
+# (as one-by-one checking cost at most one before the checks went to worker threads), while a
+# genuine batch of 400 still needs only 7 calls to share among the cores.
+SIGNATURE_CHUNK_FIRST = 4
 RELAYS_PER_INTERVAL_MAX = 16  # waiting requests a backup re-relays to the primary per status interval
 TIMEOUT_DOUBLINGS_MAX = 6
 # A primary proposes a batch short of batch_size_max only while fewer than this many are in flight.
@@ -231,8 +240,7 @@ class ReplicaCore:
         self.pending = RequestQueue(self.replica_count)
         self.proposed: set[bytes] = set()
         self.verified: OrderedDict[bytes, None] = OrderedDict()
-        # Client signatures the host found bad in this round (at most a round's events): cleared by take_effects.
-        self.refused_this_round: set[bytes] = set()
+        self.forged: OrderedDict[bytes, None] = OrderedDict()
 
         self.peer_heights: dict[int, int] = {}
         self.peer_views: dict[int, int] = {}
@@ -262,7 +270,6 @@ class ReplicaCore:
         return self.low + self.log_size
 
     def take_effects(self) -> Effects:
-        self.refused_this_round.clear()
         effects, self.effects = self.effects, Effects()
         if effects.blocks:
             effects.state = self.application.take_changes()
@@ -529,31 +536,55 @@ class ReplicaCore:
         transaction_id = transaction.transaction_id
         if transaction_id in self.verified:
             return True
-        if transaction_id in self.refused_this_round:
+        if transaction_id in self.forged:
             return False
         valid = self.check_signature(
             transaction.sender, self.transaction_domain, transaction.signed_bytes(), transaction.signature
         )
         if valid:
             self._remember_verified(transaction_id)
+        else:
+            self._remember_forged(transaction_id)
         return valid
 
     def _transaction_signatures_valid(self, transactions: tuple[Transaction, ...]) -> bool:
-        """Whether every client signature verifies, those not known yet checked in one call of
-        check_signatures. It costs at most one check per transaction, as checking them in turn
-        would in the worst case (a bad signature last)."""
+        """Whether every client signature verifies. Those not known yet are checked in chunks
+        (SIGNATURE_CHUNK_FIRST, then doubling), each chunk in one call of check_signatures so the
+        host can share it among cores, stopping at the first chunk holding a forged one: a batch
+        with a known forged transaction costs no check, any other forged batch at most one chunk
+        beyond its genuine transactions, and each transaction at most one check."""
+        if any(transaction.transaction_id in self.forged for transaction in transactions):
+            return False
         unknown = [transaction for transaction in transactions if transaction.transaction_id not in self.verified]
-        if len(unknown) <= 1:
-            return all(self._transaction_signature_valid(transaction) for transaction in unknown)
-        results = self.check_signatures(
-            [(transaction.sender, self.transaction_domain, transaction.signed_bytes(), transaction.signature) for transaction in unknown]
-        )
-        if len(results) != len(unknown):
-            raise AssertionError("check_signatures gave another number of results than it was given checks")
-        for transaction, valid in zip(unknown, results, strict=True):
-            if valid:
-                self._remember_verified(transaction.transaction_id)
-        return all(results)
+        chunk_size = SIGNATURE_CHUNK_FIRST
+        start = 0
+        while start < len(unknown):
+            chunk = unknown[start : start + chunk_size]
+            if len(chunk) == 1:
+                if not self._transaction_signature_valid(chunk[0]):
+                    return False
+            else:
+                results = self.check_signatures(
+                    [(transaction.sender, self.transaction_domain, transaction.signed_bytes(), transaction.signature) for transaction in chunk]
+                )
+                if len(results) != len(chunk):
+                    raise AssertionError("check_signatures gave another number of results than it was given checks")
+                for transaction, valid in zip(chunk, results, strict=True):
+                    if valid:
+                        self._remember_verified(transaction.transaction_id)
+                    else:
+                        self._remember_forged(transaction.transaction_id)
+                if not all(results):
+                    return False
+            start += chunk_size
+            chunk_size *= 2
+        return True
+
+    def _remember_forged(self, transaction_id: bytes) -> None:
+        self.forged[transaction_id] = None
+        self.forged.move_to_end(transaction_id)
+        if len(self.forged) > FORGED_CACHE_MAX:
+            self.forged.popitem(last=False)
 
     def _remember_verified(self, transaction_id: bytes) -> None:
         self.verified[transaction_id] = None
@@ -567,12 +598,31 @@ class ReplicaCore:
 
     def note_verified_signatures(self, transaction_ids: list[bytes], refused: list[bytes] | None = None) -> None:
         """The host checked these transactions' client signatures (with this core's transaction
-        domain): those of `transaction_ids` verified, so the core need not check them again
-        (bounded, oldest forgotten); those of `refused` did not, so until this round's effects
-        are taken the core refuses them without checking them a second time."""
+        domain): those of `transaction_ids` verified, so the core need not check them again;
+        those of `refused` did not, so the core refuses them without a second check (both
+        bounded, oldest forgotten; a transaction id covers every byte, signature included)."""
         for transaction_id in transaction_ids:
             self._remember_verified(transaction_id)
-        self.refused_this_round.update(refused or ())
+        for transaction_id in refused or ():
+            self._remember_forged(transaction_id)
+
+    def requests_worth_checking(self, requests: list[tuple[Transaction, int | None]]) -> list[Transaction]:
+        """Of these requests (transaction, relaying replica or None), in the order receive_request
+        will get them, those whose signature it would check: not already waiting or proposed,
+        not known good or forged, and admitted by the queue's limits (counting the earlier ones
+        as admitted). The host checks only these ahead, so a request refused as busy still costs
+        no signature check."""
+        admitted = self.pending.admission_simulator()
+        worth: dict[bytes, Transaction] = {}
+        for transaction, relayed_by in requests:
+            transaction_id = transaction.transaction_id
+            if transaction_id in self.pending or transaction_id in worth or (self.is_primary and transaction_id in self.proposed):
+                continue
+            if transaction_id in self.forged:
+                continue  # refused without a check, and takes no room
+            if admitted.admit(transaction, relayed_by) and transaction_id not in self.verified:
+                worth[transaction_id] = transaction  # a known good one takes room but needs no check
+        return list(worth.values())
 
     def _on_pre_prepare(self, message: PrePrepare) -> None:
         if not self._accepts(message.view, message.sequence):

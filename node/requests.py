@@ -56,6 +56,10 @@ class RequestQueue:
             return f"{BUSY}: replica {relayed_by} relayed {self.per_relayer_max} requests that still wait"
         return None
 
+    def admission_simulator(self) -> AdmissionSimulator:
+        """Counts that start from this queue's and follow `refusal` over requests not yet added."""
+        return AdmissionSimulator(self)
+
     def add(self, transaction: Transaction, now_ms: int, relayed_by: int | None) -> None:
         self._requests[transaction.transaction_id] = (transaction, now_ms, relayed_by)
         self._per_account.setdefault(transaction.sender, set()).add(transaction.transaction_id)
@@ -99,3 +103,33 @@ class RequestQueue:
 
     def oldest(self, count: int) -> list[Transaction]:
         return [transaction for transaction, _, _ in itertools.islice(self._requests.values(), count)]
+
+
+class AdmissionSimulator:
+    """What `RequestQueue.refusal` would say to each of several requests in turn if every earlier
+    one were added: lets a host check ahead only the signatures the core will check."""
+
+    def __init__(self, queue: RequestQueue) -> None:
+        self.queue = queue
+        self.total = len(queue._requests)
+        self.direct = len(queue._requests) - queue._relayed
+        self.per_account: Counter[bytes] = Counter()
+        self.per_relayer: Counter[int] = Counter()
+
+    def admit(self, transaction: Transaction, relayed_by: int | None) -> bool:
+        queue = self.queue
+        if self.total >= queue.requests_max:
+            return False
+        if len(queue._per_account.get(transaction.sender, ())) + self.per_account[transaction.sender] >= queue.per_account_max:
+            return False
+        if relayed_by is None and self.direct >= queue.direct_max:
+            return False
+        if relayed_by is not None and queue._per_relayer[relayed_by] + self.per_relayer[relayed_by] >= queue.per_relayer_max:
+            return False
+        self.total += 1
+        self.per_account[transaction.sender] += 1
+        if relayed_by is None:
+            self.direct += 1
+        else:
+            self.per_relayer[relayed_by] += 1
+        return True

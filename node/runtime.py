@@ -336,19 +336,16 @@ class ReplicaRuntime:
         """Check the client signatures of this round's requests together, on every core, and tell
         the core which verified and which did not (so a forged request costs one check, not two);
         with too few to share, the core checks them itself. Each request costs at most one check."""
-        unknown: dict[bytes, Transaction] = {}
-        for kind, _origin, message in events:
+        requests: list[tuple[Transaction, int | None]] = []
+        for kind, origin, message in events:
             if kind == "request":
-                transaction = message
+                requests.append((message, None))
             elif kind == "peer" and isinstance(message, Request):
-                transaction = message.transaction
-            else:
-                continue
-            if not self.core.signature_verified(transaction.transaction_id):
-                unknown[transaction.transaction_id] = transaction
-        if len(unknown) < PARALLEL_CHECKS_MIN:
+                requests.append((message.transaction, origin))
+        # Only those the core would check: one refused as busy must stay free of any check.
+        transactions = self.core.requests_worth_checking(requests)
+        if len(transactions) < PARALLEL_CHECKS_MIN:
             return
-        transactions = list(unknown.values())
         results = self.signature_threads.check(
             [(transaction.sender, self.transaction_domain, transaction.signed_bytes(), transaction.signature) for transaction in transactions]
         )
