@@ -24,6 +24,7 @@ from ledger.blocks import Block, ChainError, verify_certificate, verify_executio
 from ledger.config import Address, NetworkConfig, ProtocolSettings, ReplicaInfo
 from ledger.crypto import PublicKeyCache, SigningKey, signing_domain
 from ledger.messages import (
+    BATCH_REPLY_DOMAIN,
     QUERY_NONCE_SIZE,
     Blocks,
     Checkpoint,
@@ -299,7 +300,7 @@ def _add_behaviour(spec: TraitorSpec, seed: int, replica_count: int, horizon: in
         name = draw.choice(ADDED_ANY_REPLICA_BEHAVIOURS + ADDED_PRIMARY_BEHAVIOURS)
     parameters: tuple[tuple[str, Any], ...] = ()
     if name == "wrong_replies":
-        parameters = (("mode", draw.choice(["any", "result", "height", "index", "block"])), ("rate", draw.choice([0.5, 1.0])))
+        parameters = (("mode", draw.choice(["any", "result", "height", "index", "block", "path"])), ("rate", draw.choice([0.5, 1.0])))
     elif name == "censoring_primary":
         account = "any_one" if draw.random() < 0.7 else _key(seed, "client", draw.randrange(clients)).public_key.hex()
         parameters = (("account", account),)
@@ -432,7 +433,7 @@ class Simulation:
         self.signature_checks: list[dict[bytes, int]] = [{} for _ in range(scenario.replica_count)]
         self.domains = {
             kind: signing_domain(self.network.identity, kind)
-            for kind in ("pre-prepare", "prepare", "commit", "checkpoint", "view-change", "reply")
+            for kind in ("pre-prepare", "prepare", "commit", "checkpoint", "view-change", BATCH_REPLY_DOMAIN)
         }
         self.transaction_domain = transaction_domain(self.network.identity)
         specs = list(scenario.traitors)
@@ -707,7 +708,7 @@ class Simulation:
                 height, position = location
                 reply = replica.core.signed_reply(replica.chain[height - 1], position)
                 traitor = self.traitor_wrappers.get(receiver)
-                if traitor is not None:
+                if traitor is not None and reply is not None:
                     reply = traitor.reply(reply, self.now_ms)
                 if reply is not None:
                     self.transmit("reply", reply)
