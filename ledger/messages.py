@@ -31,7 +31,7 @@ from ledger.encoding import (
     expect_list,
     expect_text,
 )
-from ledger.merkle import merkle_paths, merkle_root, verify_merkle_proof
+from ledger.merkle import merkle_paths, merkle_proof, merkle_root, verify_merkle_proof
 from ledger.transactions import Transaction, TransactionResult
 
 BLOCKS_PER_RESPONSE_MAX = 64
@@ -706,6 +706,18 @@ def make_replies(
         Reply(batch, transaction_id, result, index, position, tuple(path))
         for position, ((transaction_id, result, index), path) in enumerate(zip(entries, paths, strict=True))
     ]
+
+
+def make_reply(
+    replica_id: int, view: int, height: int, block_hash: bytes, entries: list[ReplyEntry], position: int, sign: Callable[[bytes], bytes]
+) -> Reply:
+    """make_replies(...)[position] alone: one path (linear hashing) rather than all of them,
+    for answering one retransmitted request from a stored block."""
+    leaves = [reply_leaf(*entry) for entry in entries]
+    unsigned = BatchReply(replica_id, view, height, block_hash, merkle_root(leaves), len(entries))
+    batch = replace(unsigned, signature=sign(unsigned.signed_bytes()))
+    transaction_id, result, index = entries[position]
+    return Reply(batch, transaction_id, result, index, position, tuple(merkle_proof(leaves, position)))
 
 
 @dataclass(frozen=True, slots=True)

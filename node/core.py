@@ -50,10 +50,12 @@ from ledger.messages import (
     PrePrepare,
     PrePrepareHeader,
     Reply,
+    ReplyEntry,
     Request,
     Status,
     ViewChange,
     make_replies,
+    make_reply,
 )
 from ledger.transactions import Transaction, transaction_domain
 from node.certificates import (
@@ -194,7 +196,7 @@ class ReplicaCore:
             kind: signing_domain(network.identity, kind)
             for kind in ("pre-prepare", "prepare", "commit", "checkpoint", "view-change", BATCH_REPLY_DOMAIN)
         }
-        self.batch_replies_signed = 0  # batch replies this core signed: one per block with an outcome
+        self.batch_replies_signed = 0  # batch replies signed: one per executed block with an outcome, one per answered retransmission
         self.transaction_domain = transaction_domain(network.identity)
         # L in the paper: how far above the stable checkpoint sequence numbers are accepted.
         self.log_size = max(self.settings.window_size, 2 * self.settings.checkpoint_interval)
@@ -898,28 +900,35 @@ class ReplicaCore:
                 if self.application.check(transaction) is not None:
                     self.pending.remove(transaction.transaction_id)
 
-    def _signed_replies(self, block: Block) -> list[Reply]:
-        """This replica's REPLYs for a block, under one signed batch reply (one Ed25519 signature).
+    @staticmethod
+    def _reply_entries(block: Block) -> list[ReplyEntry]:
+        """The entries of a block that get a REPLY, in block order: its outcomes only.
 
-        Signed replies only for outcomes: a client never holds f + 1 signatures on a deferred
-        "failure" that a later block could turn into an execution, nor on a replay's "failure"
-        of a transaction whose outcome is elsewhere. Their entries are left out of the tree, so
-        no path to them exists under any signed root."""
-        entries = [
+        A client never holds f + 1 signatures on a deferred "failure" that a later block could
+        turn into an execution, nor on a replay's "failure" of a transaction whose outcome is
+        elsewhere: their entries are left out of the signed tree, so no path to them exists."""
+        return [
             (transaction.transaction_id, result, index)
             for index, (transaction, result) in enumerate(zip(block.transactions, block.results, strict=True))
             if not is_replay(result) and not is_deferred(result)
         ]
-        domain = self.domains[BATCH_REPLY_DOMAIN]
-        self.batch_replies_signed += bool(entries)
-        return make_replies(self.replica_id, self.view, block.height, block.block_hash, entries, lambda data: self.key.sign(domain, data))
+
+    def _sign_batch_reply(self, data: bytes) -> bytes:
+        self.batch_replies_signed += 1
+        return self.key.sign(self.domains[BATCH_REPLY_DOMAIN], data)
+
+    def _signed_replies(self, block: Block) -> list[Reply]:
+        """This replica's REPLYs for a block, under one signed batch reply (one Ed25519 signature)."""
+        entries = self._reply_entries(block)
+        return make_replies(self.replica_id, self.view, block.height, block.block_hash, entries, self._sign_batch_reply)
 
     def signed_reply(self, block: Block, index: int) -> Reply | None:
         """This replica's REPLY for transaction `index` of a stored block (a retransmitted request),
         or None for an entry that gets no reply (deferred or replayed)."""
-        for reply in self._signed_replies(block):
-            if reply.index == index:
-                return reply
+        entries = self._reply_entries(block)
+        for position, entry in enumerate(entries):
+            if entry[2] == index:
+                return make_reply(self.replica_id, self.view, block.height, block.block_hash, entries, position, self._sign_batch_reply)
         return None
 
     # ---- checkpoints and garbage collection ----

@@ -185,6 +185,10 @@ def test_deferred_and_replayed_entries_have_no_leaf_under_any_signed_batch_reply
         by_height.setdefault(reply.height, []).append(reply)
     assert sorted(by_height) == [1, 2]  # the replay's block 3 gets no reply at all
     assert {(reply.transaction_id, reply.index, reply.batch.leaf_count) for reply in by_height[1]} == {(first.transaction_id, 1, 1)}
+    # Asked again (a retransmission answered from the store): the deferred entry still gets nothing.
+    assert network.cores[1].signed_reply(block_one, 0) is None
+    assert network.cores[1].signed_reply(network.blocks[1][2], 0) is None
+    assert network.cores[1].signed_reply(block_one, 1) in by_height[1]
     quorum = ReplyQuorum(network.config, second.transaction_id)
     for reply in by_height[1]:
         # The honest signature and path, relabelled as the deferred entry (the tree's only leaf is `first`).

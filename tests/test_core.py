@@ -305,6 +305,9 @@ def test_a_replica_signs_one_batch_reply_per_block_however_many_transactions_it_
     assert sorted(reply.index for reply in replies) == list(range(len(transactions)))
     assert len({reply.batch for reply in replies}) == 1
     assert cluster.core(1).batch_replies_signed == 1
+    # A retransmitted request is answered from the stored block with the very same reply.
+    for reply in replies:
+        assert cluster.core(1).signed_reply(block, reply.index) == reply
     for reply in replies:
         assert reply.transaction_id == block.transactions[reply.index].transaction_id and reply.path_leads_to_root()
     # Every client still gets its receipt from f + 1 such replies (replicas 1 and 2).
