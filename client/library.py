@@ -30,7 +30,7 @@ from ledger.blocks import (
     verify_execution,
 )
 from ledger.config import ClientConfig, load_client_config
-from ledger.crypto import PublicKeyCache, SigningKey, read_key_file, signing_domain
+from ledger.crypto import PublicKeyCache, SignatureMemo, SigningKey, read_key_file, signing_domain
 from ledger.encoding import CodecError
 from ledger.evidence import Evidence
 from ledger.framing import FramedStream, FrameError, FrameQueue
@@ -80,6 +80,7 @@ EVIDENCE_PER_ANSWER_MAX = 1024  # entries read from one replica's evidence answe
 SUBMIT_DEADLINE_S = 30.0
 REFUSAL_SHOWN_LENGTH_MAX = 200
 SEND_QUEUE_MAX = 1024
+REPLY_SIGNATURES_MEMO_MAX = 4096  # checked batch-reply signatures a client remembers
 # verify: how long a replica whose chain is shorter than the vouched height may take to catch up.
 CHAIN_CATCH_UP_S = 5.0
 CHAIN_CATCH_UP_POLL_S = 0.2
@@ -255,6 +256,9 @@ class Client:
         self.key = key
         self.accounts: list[bytes] = [key.public_key] if key is not None else []
         self.signatures = PublicKeyCache()
+        # One signed batch reply covers every transaction of a block: a client with many of them
+        # in flight checks each replica's signature on it once (bounded; successes only).
+        self.reply_signatures = SignatureMemo(self.signatures.verify, REPLY_SIGNATURES_MEMO_MAX)
         self.links = [ReplicaLink(self, replica.replica_id) for replica in self.network.replicas]
         self.query_ids = itertools.count(1)
         self.view = 0
@@ -340,7 +344,7 @@ class Client:
             # Replicas send REPLYs to the connections that follow the sender's account.
             self.accounts.append(transaction.sender)
             self._broadcast(Subscribe((transaction.sender,)))
-        submission = Submission(transaction, ReplyQuorum(self.network, transaction_id, self.signatures.verify))
+        submission = Submission(transaction, ReplyQuorum(self.network, transaction_id, self.reply_signatures.verify))
         self._submissions[transaction_id] = submission
         try:
             with trio.move_on_after(deadline_s):

@@ -9,7 +9,7 @@ from typing import Any
 from ledger.config import NetworkConfig
 from ledger.crypto import signing_domain, verify_signature
 from ledger.encoding import encode
-from ledger.messages import Query, QueryReply, Reply
+from ledger.messages import BATCH_REPLY_DOMAIN, Query, QueryReply, Reply
 from ledger.transactions import TransactionResult
 
 SignatureCheck = Callable[[bytes, bytes, bytes, bytes], bool]
@@ -31,7 +31,9 @@ class Receipt:
 class ReplyQuorum:
     """Collects REPLYs for one transaction until f + 1 distinct replicas agree.
 
-    A reply with a bad signature, for another transaction, or from a replica that already
+    A reply is counted only if its Merkle path leads from this transaction's leaf to the root
+    its replica signed, and that signature (over the whole block's batch reply) verifies. A reply
+    with a bad path or signature, for another transaction, or from a replica that already
     answered is ignored (and counted), so f traitors can neither forge nor block a receipt.
     """
 
@@ -39,24 +41,27 @@ class ReplyQuorum:
         self.network = network
         self.transaction_id = transaction_id
         self.check = check
-        self.domain = signing_domain(network.identity, "reply")
+        self.domain = signing_domain(network.identity, BATCH_REPLY_DOMAIN)
         self.replied: set[int] = set()  # replicas whose reply verified
         self.groups: dict[tuple[Any, ...], list[Reply]] = {}
         self.unverified: dict[int, Reply] = {}  # at most one per replica: its latest
         self.ignored = 0
 
     def add(self, reply: Reply) -> Receipt | None:
-        """Signatures are checked lazily, only once matching replies could reach f + 1: usually
-        exactly f + 1 checks per transaction, however many replicas answer. An unverified reply
-        holds no place: a forged one is dropped when checked, and never blocks a genuine one.
+        """The path is checked at once (a few hashes); signatures lazily, only once matching
+        replies could reach f + 1: usually exactly f + 1 checks per transaction, however many
+        replicas answer (and a client's memo of checked batch replies makes most of those free:
+        one signature covers every transaction of the block). An unverified reply holds no
+        place: a forged one is dropped when checked, and never blocks a genuine one.
 
         Memory stays bounded by the replica count whatever arrives: at most one unverified reply
-        per replica (its latest), and a group exists only once a reply in it verified, each
-        replica verifying at most once."""
+        per replica (its latest, its path at most REPLY_PATH_LENGTH_MAX hashes), and a group
+        exists only once a reply in it verified, each replica verifying at most once."""
         if (
             reply.transaction_id != self.transaction_id
             or reply.replica_id >= self.network.replica_count
             or reply.replica_id in self.replied
+            or not reply.path_leads_to_root()
         ):
             self.ignored += 1
             return None
@@ -70,7 +75,8 @@ class ReplyQuorum:
         for candidate in candidates:
             del self.unverified[candidate.replica_id]
             public_key = self.network.replica_keys[candidate.replica_id]
-            if self.check(public_key, self.domain, candidate.signed_bytes(), candidate.signature):
+            batch = candidate.batch
+            if self.check(public_key, self.domain, batch.signed_bytes(), batch.signature):
                 verified.append(candidate)
                 self.replied.add(candidate.replica_id)
             else:

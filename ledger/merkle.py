@@ -57,10 +57,36 @@ def merkle_proof(leaves: list[bytes], index: int) -> list[bytes]:
     return proof
 
 
-def verify_merkle_proof(leaf: bytes, index: int, leaf_count: int, proof: list[bytes], root: bytes) -> bool:
-    """True only if `leaf` sits at `index` of a tree of `leaf_count` leaves with this root."""
+def merkle_paths(leaves: list[bytes]) -> tuple[bytes, list[list[bytes]]]:
+    """The root and every leaf's proof (as merkle_proof gives it), the tree built once: n log n
+    hashes for all of them, where n calls of merkle_proof would cost n squared."""
+    if not leaves:
+        return EMPTY_ROOT, []
+    levels = [[leaf_hash(leaf) for leaf in leaves]]
+    while len(levels[-1]) > 1:
+        level = levels[-1]
+        paired = [node_hash(level[i], level[i + 1]) for i in range(0, len(level) - 1, 2)]
+        if len(level) % 2:
+            paired.append(level[-1])
+        levels.append(paired)
+    paths = []
+    for index in range(len(leaves)):
+        path = []
+        position = index
+        for level in levels[:-1]:
+            sibling = position ^ 1
+            if sibling < len(level):
+                path.append(level[sibling])
+            position //= 2
+        paths.append(path)
+    return sized_root(levels[-1][0], len(leaves)), paths
+
+
+def root_from_proof(leaf: bytes, index: int, leaf_count: int, proof: list[bytes]) -> bytes | None:
+    """The root that `proof` leads to from `leaf` at `index` of `leaf_count` leaves, or None when
+    the proof has the wrong length for that position."""
     if not 0 <= index < leaf_count or leaf_count >= 1 << 32:
-        return False
+        return None
     current = leaf_hash(leaf)
     position = index
     width = leaf_count
@@ -69,9 +95,16 @@ def verify_merkle_proof(leaf: bytes, index: int, leaf_count: int, proof: list[by
         sibling = position ^ 1
         if sibling < width:
             if not remaining:
-                return False
+                return None
             other = remaining.pop(0)
             current = node_hash(other, current) if position % 2 else node_hash(current, other)
         position //= 2
         width = (width + 1) // 2
-    return not remaining and sized_root(current, leaf_count) == root
+    if remaining:
+        return None
+    return sized_root(current, leaf_count)
+
+
+def verify_merkle_proof(leaf: bytes, index: int, leaf_count: int, proof: list[bytes], root: bytes) -> bool:
+    """True only if `leaf` sits at `index` of a tree of `leaf_count` leaves with this root."""
+    return root_from_proof(leaf, index, leaf_count, proof) == root

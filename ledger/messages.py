@@ -7,7 +7,8 @@ encoding of their fields (signature excluded) under a domain naming the network 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 from ledger.blocks import (
@@ -30,7 +31,7 @@ from ledger.encoding import (
     expect_list,
     expect_text,
 )
-from ledger.merkle import merkle_root
+from ledger.merkle import merkle_paths, merkle_proof, merkle_root, verify_merkle_proof
 from ledger.transactions import Transaction, TransactionResult
 
 BLOCKS_PER_RESPONSE_MAX = 64
@@ -580,52 +581,143 @@ class Subscribe:
         return cls(tuple(expect_bytes(item, "account", PUBLIC_KEY_SIZE) for item in accounts))
 
 
-@dataclass(frozen=True, slots=True)
-class Reply:
-    """A replica's signed statement of where and how a transaction executed."""
+# The signing domain kind of a BatchReply (ledger.crypto.signing_domain): replaces the old per-
+# transaction "reply", so no signature made under that layout can pass for a batch reply.
+BATCH_REPLY_DOMAIN = "batch-reply"
+# A REPLY's Merkle path: one hash per level of a tree of at most BLOCK_TRANSACTIONS_MAX leaves.
+REPLY_PATH_LENGTH_MAX = (BLOCK_TRANSACTIONS_MAX - 1).bit_length()
 
-    TAG: ClassVar[str] = "reply"
+# What a replica states about one transaction of a block: (transaction id, result, index in the block).
+ReplyEntry = tuple[bytes, TransactionResult, int]
+
+
+def reply_leaf(transaction_id: bytes, result: TransactionResult, index: int) -> bytes:
+    """The leaf of a batch reply's tree: everything a receipt states that the signed part does not."""
+    return encode([transaction_id, result.to_plain(), index])
+
+
+@dataclass(frozen=True, slots=True)
+class BatchReply:
+    """A replica's one signature over the replies for a whole executed block: the root of a Merkle
+    tree whose leaves are (transaction id, result, index) of the block's outcomes, in block order.
+
+    Not the header's results root: that one covers results only, without transaction ids or
+    indexes, and its leaves include deferred and replayed entries, which must never be signed
+    as a reply (see ledger/application.py). The leaf count is bound by the sized root too."""
+
     replica_id: int
     view: int
-    transaction_id: bytes
-    result: TransactionResult
     height: int
     block_hash: bytes
-    index: int
+    replies_root: bytes
+    leaf_count: int
     signature: bytes = b""
 
     def signed_bytes(self) -> bytes:
         return encode(self.fields()[:-1])
+
+    def fields(self) -> list[Any]:
+        return [self.replica_id, self.view, self.height, self.block_hash, self.replies_root, self.leaf_count, self.signature]
+
+    @classmethod
+    def from_plain(cls, plain: Any) -> BatchReply:
+        items = expect_list(plain, "batch reply", length=7)
+        return cls(
+            _replica(items[0], "replica"),
+            expect_int(items[1], "view"),
+            expect_int(items[2], "height", 1),
+            _hash(items[3], "block hash"),
+            _hash(items[4], "replies root"),
+            expect_int(items[5], "leaf count", 1, BLOCK_TRANSACTIONS_MAX),
+            _signature(items[6], "signature"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """Where and how a transaction executed: one leaf of a replica's signed batch reply, with its
+    Merkle path (unsigned: the path binds the leaf to the signed root, so the signature of one
+    transaction's reply can never pass for another's)."""
+
+    TAG: ClassVar[str] = "reply"
+    batch: BatchReply
+    transaction_id: bytes
+    result: TransactionResult
+    index: int
+    position: int  # the leaf's place among the batch reply's leaves
+    path: tuple[bytes, ...]
+
+    @property
+    def replica_id(self) -> int:
+        return self.batch.replica_id
+
+    @property
+    def view(self) -> int:
+        return self.batch.view
+
+    @property
+    def height(self) -> int:
+        return self.batch.height
+
+    @property
+    def block_hash(self) -> bytes:
+        return self.batch.block_hash
+
+    def leaf(self) -> bytes:
+        return reply_leaf(self.transaction_id, self.result, self.index)
+
+    def path_leads_to_root(self) -> bool:
+        """Whether this leaf sits at `position` of the signed tree (a few hashes, no signature)."""
+        return verify_merkle_proof(self.leaf(), self.position, self.batch.leaf_count, list(self.path), self.batch.replies_root)
 
     def matching_key(self) -> tuple[Any, ...]:
         """What f+1 replies must agree on (the replica id and view may differ)."""
         return (self.transaction_id, self.result, self.height, self.block_hash, self.index)
 
     def fields(self) -> list[Any]:
-        return [
-            self.replica_id,
-            self.view,
-            self.transaction_id,
-            self.result.to_plain(),
-            self.height,
-            self.block_hash,
-            self.index,
-            self.signature,
-        ]
+        return [self.batch.fields(), self.transaction_id, self.result.to_plain(), self.index, self.position, list(self.path)]
 
     @classmethod
     def from_fields(cls, items: list[Any]) -> Reply:
-        expect_list(items, cls.TAG, length=8)
+        expect_list(items, cls.TAG, length=6)
+        batch = BatchReply.from_plain(items[0])
+        path = expect_list(items[5], "reply path", length_max=REPLY_PATH_LENGTH_MAX)
         return cls(
-            _replica(items[0], "replica"),
-            expect_int(items[1], "view"),
-            _hash(items[2], "transaction id"),
-            TransactionResult.from_plain(items[3]),
-            expect_int(items[4], "height", 1),
-            _hash(items[5], "block hash"),
-            expect_int(items[6], "index", 0, BLOCK_TRANSACTIONS_MAX),
-            _signature(items[7], "signature"),
+            batch,
+            _hash(items[1], "transaction id"),
+            TransactionResult.from_plain(items[2]),
+            expect_int(items[3], "index", 0, BLOCK_TRANSACTIONS_MAX - 1),
+            expect_int(items[4], "reply position", 0, batch.leaf_count - 1),
+            tuple(_hash(item, "reply path") for item in path),
         )
+
+
+def make_replies(
+    replica_id: int, view: int, height: int, block_hash: bytes, entries: list[ReplyEntry], sign: Callable[[bytes], bytes]
+) -> list[Reply]:
+    """One REPLY per entry, all under one BatchReply signed by `sign` (given its signed bytes):
+    one signature per block, however many transactions it holds. No entries: no replies."""
+    if not entries:
+        return []
+    root, paths = merkle_paths([reply_leaf(*entry) for entry in entries])
+    unsigned = BatchReply(replica_id, view, height, block_hash, root, len(entries))
+    batch = replace(unsigned, signature=sign(unsigned.signed_bytes()))
+    return [
+        Reply(batch, transaction_id, result, index, position, tuple(path))
+        for position, ((transaction_id, result, index), path) in enumerate(zip(entries, paths, strict=True))
+    ]
+
+
+def make_reply(
+    replica_id: int, view: int, height: int, block_hash: bytes, entries: list[ReplyEntry], position: int, sign: Callable[[bytes], bytes]
+) -> Reply:
+    """make_replies(...)[position] alone: one path (linear hashing) rather than all of them,
+    for answering one retransmitted request from a stored block."""
+    leaves = [reply_leaf(*entry) for entry in entries]
+    unsigned = BatchReply(replica_id, view, height, block_hash, merkle_root(leaves), len(entries))
+    batch = replace(unsigned, signature=sign(unsigned.signed_bytes()))
+    transaction_id, result, index = entries[position]
+    return Reply(batch, transaction_id, result, index, position, tuple(merkle_proof(leaves, position)))
 
 
 @dataclass(frozen=True, slots=True)

@@ -179,6 +179,22 @@ def query_size_max() -> int:
     )
 
 
+def reply_path_length_max(transactions: int) -> int:
+    """The hashes on a REPLY's Merkle path in a block of that many outcomes: ceil(log2(n))."""
+    return (max(transactions, 1) - 1).bit_length()
+
+
+def reply_size_max(transactions: int) -> int:
+    """A REPLY from a block of `transactions` outcomes: [batch reply, transaction id, result,
+    index, position, path]; the batch reply is [replica, view, height, block hash, root, leaf
+    count, signature]. With BLOCK_TRANSACTIONS_MAX (14 hashes on the path) it is 1,738 bytes,
+    far below the smallest frame a network may configure (64 KiB)."""
+    batch_reply = head_size(7) + REPLICA_ID_SIZE + 4 * INTEGER_SIZE_MAX + 2 * HASH_ENCODED_SIZE + SIGNATURE_ENCODED_SIZE
+    path_length = reply_path_length_max(transactions)
+    path = head_size(path_length) + path_length * HASH_ENCODED_SIZE
+    return message_size("reply", 6, batch_reply + HASH_ENCODED_SIZE + result_size_max() + 2 * INTEGER_SIZE_MAX + path)
+
+
 def client_message_size_max() -> int:
     """The largest valid message a client sends: CLIENT_FRAME_SIZE_MAX must hold it."""
     return max(request_size_max(), subscribe_size_max(), query_size_max())

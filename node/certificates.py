@@ -7,13 +7,11 @@ traitor sends), and must cost its Ed25519 checks once, not once per message that
 
 from __future__ import annotations
 
-import hashlib
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from ledger.config import NetworkConfig
-from ledger.crypto import PUBLIC_KEY_SIZE, SIGNATURE_SIZE
+from ledger.crypto import SignatureMemo as SignatureMemo  # where the core and its tests find it
 from ledger.messages import (
     Checkpoint,
     CheckpointCertificate,
@@ -31,40 +29,6 @@ SignaturesCheck = Callable[[Sequence[tuple[bytes, bytes, bytes, bytes]]], list[b
 def one_by_one(check: SignatureCheck) -> SignaturesCheck:
     """A SignaturesCheck that makes each check in turn with `check`."""
     return lambda items: [check(*item) for item in items]
-
-VERIFIED_SIGNATURES_MAX = 65_536
-
-
-class SignatureMemo:
-    """Ed25519 checks, remembering (bounded, oldest forgotten first) the ones that verified.
-
-    Only successes are kept: a flood of forged signatures cannot push genuine ones out faster
-    than it costs the flooder, and a forged signature is never mistaken for a checked one (the
-    key is a SHA-256 over the public key, signature, domain and message, fixed sizes first).
-    """
-
-    def __init__(self, check: SignatureCheck, entries_max: int = VERIFIED_SIGNATURES_MAX) -> None:
-        self.check = check
-        self.entries_max = entries_max
-        self.verified: OrderedDict[bytes, None] = OrderedDict()
-        self.checks = 0  # Ed25519 verifications actually run (the rest were remembered)
-
-    def verify(self, public_key: bytes, domain: bytes, message: bytes, signature: bytes) -> bool:
-        if len(public_key) != PUBLIC_KEY_SIZE or len(signature) != SIGNATURE_SIZE:
-            return False  # and the fixed sizes keep the memo key below unambiguous
-        key = hashlib.sha256(
-            public_key + signature + len(domain).to_bytes(4, "big") + domain + message
-        ).digest()
-        if key in self.verified:
-            self.verified.move_to_end(key)
-            return True
-        self.checks += 1
-        if not self.check(public_key, domain, message, signature):
-            return False
-        self.verified[key] = None
-        if len(self.verified) > self.entries_max:
-            self.verified.popitem(last=False)
-        return True
 
 
 class CertificateChecks:

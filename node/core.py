@@ -33,6 +33,7 @@ from ledger.crypto import PublicKeyCache, SigningKey, signing_domain
 from ledger.encoding import CodecError
 from ledger.evidence import Evidence
 from ledger.messages import (
+    BATCH_REPLY_DOMAIN,
     BLOCKS_PER_RESPONSE_MAX,
     Batch,
     BatchContent,
@@ -49,9 +50,12 @@ from ledger.messages import (
     PrePrepare,
     PrePrepareHeader,
     Reply,
+    ReplyEntry,
     Request,
     Status,
     ViewChange,
+    make_replies,
+    make_reply,
 )
 from ledger.transactions import Transaction, transaction_domain
 from node.certificates import (
@@ -199,8 +203,9 @@ class ReplicaCore:
         self.check_signatures: SignaturesCheck = check_signatures or one_by_one(self.check_signature)
         self.domains = {
             kind: signing_domain(network.identity, kind)
-            for kind in ("pre-prepare", "prepare", "commit", "checkpoint", "view-change", "reply")
+            for kind in ("pre-prepare", "prepare", "commit", "checkpoint", "view-change", BATCH_REPLY_DOMAIN)
         }
+        self.batch_replies_signed = 0  # batch replies signed: one per executed block with an outcome, one per answered retransmission
         self.transaction_domain = transaction_domain(network.identity)
         # L in the paper: how far above the stable checkpoint sequence numbers are accepted.
         self.log_size = max(self.settings.window_size, 2 * self.settings.checkpoint_interval)
@@ -910,15 +915,13 @@ class ReplicaCore:
         self.next_sequence = max(self.next_sequence, height + 1)
         self.effects.blocks.append(block)
         senders = set()
-        for index, transaction in enumerate(transactions):
+        for transaction in transactions:
             transaction_id = transaction.transaction_id
             senders.add(transaction.sender)
             self.pending.remove(transaction_id)
             self.proposed.discard(transaction_id)
-            # Signed replies only for final outcomes: a client never holds f + 1 signatures on
-            # a "failure" that a later block could turn into an execution.
-            if not is_replay(results[index]) and not is_deferred(results[index]):
-                self.effects.replies.append(ClientReply(transaction.sender, self.signed_reply(block, index)))
+        for reply in self._signed_replies(block):
+            self.effects.replies.append(ClientReply(block.transactions[reply.index].sender, reply))
         self._drop_stale_requests(senders)
         if self.view_active:
             self.view_change_attempts = 0  # progress in this view: the back-off resets
@@ -947,12 +950,36 @@ class ReplicaCore:
                 if self.application.check(transaction) is not None:
                     self.pending.remove(transaction.transaction_id)
 
-    def signed_reply(self, block: Block, index: int) -> Reply:
-        """This replica's signed REPLY for transaction `index` of a block (new or from the store)."""
-        unsigned = Reply(
-            self.replica_id, self.view, block.transactions[index].transaction_id, block.results[index], block.height, block.block_hash, index
-        )
-        return _with_signature(unsigned, self.key.sign(self.domains["reply"], unsigned.signed_bytes()))
+    @staticmethod
+    def _reply_entries(block: Block) -> list[ReplyEntry]:
+        """The entries of a block that get a REPLY, in block order: its outcomes only.
+
+        A client never holds f + 1 signatures on a deferred "failure" that a later block could
+        turn into an execution, nor on a replay's "failure" of a transaction whose outcome is
+        elsewhere: their entries are left out of the signed tree, so no path to them exists."""
+        return [
+            (transaction.transaction_id, result, index)
+            for index, (transaction, result) in enumerate(zip(block.transactions, block.results, strict=True))
+            if not is_replay(result) and not is_deferred(result)
+        ]
+
+    def _sign_batch_reply(self, data: bytes) -> bytes:
+        self.batch_replies_signed += 1
+        return self.key.sign(self.domains[BATCH_REPLY_DOMAIN], data)
+
+    def _signed_replies(self, block: Block) -> list[Reply]:
+        """This replica's REPLYs for a block, under one signed batch reply (one Ed25519 signature)."""
+        entries = self._reply_entries(block)
+        return make_replies(self.replica_id, self.view, block.height, block.block_hash, entries, self._sign_batch_reply)
+
+    def signed_reply(self, block: Block, index: int) -> Reply | None:
+        """This replica's REPLY for transaction `index` of a stored block (a retransmitted request),
+        or None for an entry that gets no reply (deferred or replayed)."""
+        entries = self._reply_entries(block)
+        for position, entry in enumerate(entries):
+            if entry[2] == index:
+                return make_reply(self.replica_id, self.view, block.height, block.block_hash, entries, position, self._sign_batch_reply)
+        return None
 
     # ---- checkpoints and garbage collection ----
 

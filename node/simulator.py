@@ -19,11 +19,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from client.quorum import QueryQuorum, Receipt, ReplyQuorum
-from ledger.application import AccountsApplication, StateChanges, is_final
+from ledger.application import AccountsApplication, StateChanges, is_final, is_outcome
 from ledger.blocks import Block, ChainError, verify_certificate, verify_execution
 from ledger.config import Address, NetworkConfig, ProtocolSettings, ReplicaInfo
 from ledger.crypto import PublicKeyCache, SigningKey, signing_domain
 from ledger.messages import (
+    BATCH_REPLY_DOMAIN,
     QUERY_NONCE_SIZE,
     Blocks,
     Checkpoint,
@@ -299,7 +300,7 @@ def _add_behaviour(spec: TraitorSpec, seed: int, replica_count: int, horizon: in
         name = draw.choice(ADDED_ANY_REPLICA_BEHAVIOURS + ADDED_PRIMARY_BEHAVIOURS)
     parameters: tuple[tuple[str, Any], ...] = ()
     if name == "wrong_replies":
-        parameters = (("mode", draw.choice(["any", "result", "height", "index", "block"])), ("rate", draw.choice([0.5, 1.0])))
+        parameters = (("mode", draw.choice(["any", "result", "height", "index", "block", "path"])), ("rate", draw.choice([0.5, 1.0])))
     elif name == "censoring_primary":
         account = "any_one" if draw.random() < 0.7 else _key(seed, "client", draw.randrange(clients)).public_key.hex()
         parameters = (("account", account),)
@@ -432,7 +433,7 @@ class Simulation:
         self.signature_checks: list[dict[bytes, int]] = [{} for _ in range(scenario.replica_count)]
         self.domains = {
             kind: signing_domain(self.network.identity, kind)
-            for kind in ("pre-prepare", "prepare", "commit", "checkpoint", "view-change", "reply")
+            for kind in ("pre-prepare", "prepare", "commit", "checkpoint", "view-change", BATCH_REPLY_DOMAIN)
         }
         self.transaction_domain = transaction_domain(self.network.identity)
         specs = list(scenario.traitors)
@@ -707,7 +708,7 @@ class Simulation:
                 height, position = location
                 reply = replica.core.signed_reply(replica.chain[height - 1], position)
                 traitor = self.traitor_wrappers.get(receiver)
-                if traitor is not None:
+                if traitor is not None and reply is not None:
                     reply = traitor.reply(reply, self.now_ms)
                 if reply is not None:
                     self.transmit("reply", reply)
@@ -799,6 +800,8 @@ class Simulation:
                 if twin_side is not None and (target in twin_side) != (replica is self.twins[index]):
                     continue  # each twin talks only to its own side
                 self.transmit("deliver", (index, target, send.message))
+        if honest:
+            self.check_replies(index, effects.blocks, [client_reply.reply for client_reply in effects.replies])
         for client_reply in effects.replies:
             reply = client_reply.reply if traitor is None else traitor.reply(client_reply.reply, self.now_ms)
             if reply is not None:
@@ -992,6 +995,33 @@ class Simulation:
                 f"(previous block {replica.last_timestamp_ms}ms)"
             )
         replica.last_timestamp_ms = max(replica.last_timestamp_ms, timestamp_ms)
+
+    def check_replies(self, index: int, blocks: list[Block], replies: list[Reply]) -> None:
+        """An honest replica's replies for the blocks it just executed: one signed batch reply per
+        block, whose leaves are exactly the block's outcomes (never a deferred or replayed entry),
+        each reply's path leading to the signed root."""
+        by_height: dict[int, list[Reply]] = {}
+        for reply in replies:
+            by_height.setdefault(reply.height, []).append(reply)
+        for block in blocks:
+            outcomes = [position for position, result in enumerate(block.results) if is_outcome(result)]
+            made = by_height.pop(block.height, [])
+            batches = {reply.batch for reply in made}
+            if (
+                [reply.index for reply in made] != outcomes
+                or len(batches) > 1
+                or any(
+                    reply.batch.leaf_count != len(outcomes)
+                    or reply.block_hash != block.block_hash
+                    or reply.transaction_id != block.transactions[reply.index].transaction_id
+                    or reply.result != block.results[reply.index]
+                    or not reply.path_leads_to_root()
+                    for reply in made
+                )
+            ):
+                raise self.fail(f"replies: honest replica {index}'s replies for block {block.height} do not match its outcomes")
+        if by_height:
+            raise self.fail(f"replies: honest replica {index} replied for heights {sorted(by_height)} it did not execute now")
 
     def check_receipt(self, receipt: Receipt) -> None:
         """A receipt f + 1 replicas signed must be what the honest chain holds at its place."""

@@ -25,9 +25,12 @@ from ledger.blocks import Block, CommitCertificate, results_root
 from ledger.config import NetworkConfig
 from ledger.crypto import SigningKey
 from ledger.encoding import encode
+from ledger.merkle import root_from_proof
 from ledger.messages import (
+    BATCH_REPLY_DOMAIN,
     Batch,
     BatchContent,
+    BatchReply,
     Checkpoint,
     Commit,
     ErrorReply,
@@ -45,6 +48,8 @@ from ledger.messages import (
     Subscribe,
     ViewChange,
     encode_message,
+    make_replies,
+    reply_leaf,
 )
 from ledger.transactions import Transaction, TransactionResult
 from node.core import Send
@@ -85,7 +90,7 @@ SIGNED_KINDS: dict[type, str] = {
     Commit: "commit",
     Checkpoint: "checkpoint",
     ViewChange: "view-change",
-    Reply: "reply",
+    BatchReply: BATCH_REPLY_DOMAIN,
 }
 
 
@@ -650,11 +655,13 @@ class LyingBlockServer(Behaviour):
 
 
 class WrongReplies(Behaviour):
-    """Tells clients lies in validly signed REPLYs: the result turned around, the height or the
-    index moved, or a block hash made up. A client must never accept one: f + 1 must match."""
+    """Tells clients lies in REPLYs: the result turned around, the height or the index moved, or
+    a block hash made up, each in a validly signed batch reply whose path leads to its (wrong)
+    root, so only the f + 1 rule can defeat it; or (mode `path`) a lie under the honest signed
+    root, whose path then leads nowhere. A client must never accept one: f + 1 must match."""
 
     name = "wrong_replies"
-    choices: ClassVar[dict[str, tuple[str, ...]]] = {"mode": ("any", "result", "height", "index", "block")}
+    choices: ClassVar[dict[str, tuple[str, ...]]] = {"mode": ("any", "result", "height", "index", "block", "path")}
 
     def __init__(self, start_ms: int = 0, mode: str = "any", rate: float = 1.0) -> None:
         super().__init__(start_ms)
@@ -664,19 +671,23 @@ class WrongReplies(Behaviour):
     def reply(self, context: TraitorContext, reply: Reply) -> Reply | None:
         if context.random.random() >= self.rate:
             return reply
-        mode = self.mode if self.mode != "any" else context.random.choice(["result", "height", "index", "block"])
-        changes: dict[str, Any]
-        if mode == "result":
-            ok = reply.result.ok
-            changes = {"result": TransactionResult(not ok, "refused" if ok else "")}
-        elif mode == "height":
-            changes = {"height": reply.height + context.random.randint(1, 3)}
-        elif mode == "index":
-            changes = {"index": reply.index + 1}
-        else:
-            changes = {"block_hash": context.random_digest()}
+        mode = self.mode if self.mode != "any" else context.random.choice(["result", "height", "index", "block", "path"])
         self.lies += 1
-        return context.sign(reply, **changes)
+        if mode == "height":
+            return replace(reply, batch=context.sign(reply.batch, height=reply.height + context.random.randint(1, 3)))
+        if mode == "block":
+            return replace(reply, batch=context.sign(reply.batch, block_hash=context.random_digest()))
+        ok = reply.result.ok
+        lie = (
+            replace(reply, index=reply.index + 1)
+            if mode == "index"
+            else replace(reply, result=TransactionResult(not ok, "refused" if ok else ""))
+        )
+        if mode == "path":
+            return lie  # the honest signature, over a root the altered leaf does not lead to
+        root = root_from_proof(reply_leaf(lie.transaction_id, lie.result, lie.index), lie.position, lie.batch.leaf_count, list(lie.path))
+        assert root is not None  # the honest path has the right length for its position
+        return replace(lie, batch=context.sign(lie.batch, replies_root=root))
 
 
 class CensoringPrimary(Behaviour):
@@ -802,8 +813,10 @@ class MalformedSender(Behaviour):
         network = context.network
         choice = context.random.randrange(6)
         if choice == 0:
-            unsigned = Reply(context.replica_id, 0, context.random_digest(), TransactionResult(True), 1, context.random_digest(), 0)
-            return context.sign(unsigned)
+            domain = context.domains[BATCH_REPLY_DOMAIN]
+            entries = [(context.random_digest(), TransactionResult(True), 0)]
+            [reply] = make_replies(context.replica_id, 0, 1, context.random_digest(), entries, lambda data: context.key.sign(domain, data))
+            return reply
         if choice == 1:
             return ErrorReply(context.random_digest(), "not a message for a replica")
         if choice == 2:

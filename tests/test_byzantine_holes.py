@@ -11,6 +11,7 @@ import pytest
 from core_network import Network
 
 from client.quorum import ReplyQuorum
+from ledger.application import is_deferred, is_replay
 from ledger.crypto import PublicKeyCache, SigningKey
 from ledger.messages import (
     Batch,
@@ -162,6 +163,40 @@ def test_a_failed_receipt_never_comes_true_later() -> None:
     receipts = [receipt for reply in network.replies if (receipt := quorum.add(reply)) is not None]
     assert receipts and all(receipt.result.ok for receipt in receipts)
     assert network.cores[1].application.account(network.client.public_key).nonce == 2
+
+
+def test_deferred_and_replayed_entries_have_no_leaf_under_any_signed_batch_reply() -> None:
+    """One batch reply signs a whole block, so its tree must leave out the entries that get no
+    reply: block 1 holds a deferred entry beside an executed one, block 3 only a replay. Every
+    honest batch reply covers the executed entry alone, and no path, position or relabelling of
+    an honest reply makes f + 1 of them vouch for the deferred "failure"."""
+    network = Network()
+    first = sign_transaction(network.config.identity, network.client, 0, Put("key", "first"))
+    second = sign_transaction(network.config.identity, network.client, 1, Put("key", "second"))
+    traitor_primary_proposes(
+        network,
+        [signed_pre_prepare(network, 1, (second, first)), signed_pre_prepare(network, 2, (second,)), signed_pre_prepare(network, 3, (first,))],
+    )
+    assert [network.cores[index].height for index in (1, 2, 3)] == [3, 3, 3]
+    block_one = network.blocks[1][0]
+    assert is_deferred(block_one.results[0]) and block_one.results[1].ok and is_replay(network.blocks[1][2].results[0])
+    by_height: dict[int, list[Any]] = {}
+    for reply in network.replies:
+        by_height.setdefault(reply.height, []).append(reply)
+    assert sorted(by_height) == [1, 2]  # the replay's block 3 gets no reply at all
+    assert {(reply.transaction_id, reply.index, reply.batch.leaf_count) for reply in by_height[1]} == {(first.transaction_id, 1, 1)}
+    # Asked again (a retransmission answered from the store): the deferred entry still gets nothing.
+    assert network.cores[1].signed_reply(block_one, 0) is None
+    assert network.cores[1].signed_reply(network.blocks[1][2], 0) is None
+    assert network.cores[1].signed_reply(block_one, 1) in by_height[1]
+    quorum = ReplyQuorum(network.config, second.transaction_id)
+    for reply in by_height[1]:
+        # The honest signature and path, relabelled as the deferred entry (the tree's only leaf is `first`).
+        forged = dataclasses.replace(reply, transaction_id=second.transaction_id, result=block_one.results[0], index=0)
+        assert quorum.add(forged) is None
+    assert quorum.replied == set()
+    receipts = [receipt for reply in network.replies if (receipt := quorum.add(reply)) is not None]
+    assert receipts and {(receipt.height, receipt.result.ok) for receipt in receipts} == {(2, True)}
 
 
 def test_a_relayed_reordering_by_a_traitor_backup_cannot_fail_a_transaction_either() -> None:

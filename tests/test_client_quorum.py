@@ -14,15 +14,20 @@ import trio
 from client.library import Client, NetworkUnavailable
 from client.quorum import QueryQuorum, ReplyQuorum
 from ledger.application import AccountsApplication
+from ledger.blocks import BLOCK_TRANSACTIONS_MAX
 from ledger.config import ClientConfig
-from ledger.crypto import PublicKeyCache, signing_domain
+from ledger.crypto import PublicKeyCache, SignatureMemo, signing_domain
 from ledger.messages import (
+    BATCH_REPLY_DOMAIN,
     QUERY_BEHIND,
+    REPLY_PATH_LENGTH_MAX,
     TRANSACTION_PREFIX_MATCHES_MAX,
     Query,
     QueryReply,
     Reply,
+    ReplyEntry,
     Request,
+    make_replies,
 )
 from ledger.transactions import Put, TransactionResult, sign_transaction
 from node.queries import answer_query
@@ -39,10 +44,25 @@ BLOCK_HASH = bytes(range(32, 64))
 FORGED_SIGNATURE = bytes(64)
 
 
+REPLY_DOMAIN = signing_domain(NETWORK.identity, BATCH_REPLY_DOMAIN)
+OTHER_TRANSACTION_ID = bytes(range(64, 96))
+THIRD_TRANSACTION_ID = bytes(range(96, 128))
+
+
+def block_entries(reason: str = "", transaction_id: bytes = TRANSACTION_ID) -> list[ReplyEntry]:
+    """The outcomes of a block of three: the client's transaction at index 1, between two others."""
+    result = TransactionResult(not reason, reason)
+    return [(OTHER_TRANSACTION_ID, TransactionResult(True), 0), (transaction_id, result, 1), (THIRD_TRANSACTION_ID, TransactionResult(True), 2)]
+
+
+def signed_replies(replica_id: int, entries: list[ReplyEntry], height: int = 5, block_hash: bytes = BLOCK_HASH) -> list[Reply]:
+    """What replica `replica_id` sends for a block with these outcomes: one signature for them all."""
+    key = REPLICA_KEYS[replica_id]
+    return make_replies(replica_id, 0, height, block_hash, entries, lambda data: key.sign(REPLY_DOMAIN, data))
+
+
 def signed_reply(replica_id: int, height: int = 5, reason: str = "") -> Reply:
-    unsigned = Reply(replica_id, 0, TRANSACTION_ID, TransactionResult(not reason, reason), height, BLOCK_HASH, 0)
-    domain = signing_domain(NETWORK.identity, "reply")
-    return dataclasses.replace(unsigned, signature=REPLICA_KEYS[replica_id].sign(domain, unsigned.signed_bytes()))
+    return signed_replies(replica_id, block_entries(reason), height)[1]
 
 
 def within_replica_count(quorum: ReplyQuorum) -> bool:
@@ -51,12 +71,17 @@ def within_replica_count(quorum: ReplyQuorum) -> bool:
     return len(quorum.groups) <= NETWORK.replica_count and replies <= NETWORK.replica_count
 
 
+def forged_reply(replica_id: int, number: int) -> Reply:
+    """A reply whose path leads to its root but whose signature is no replica's."""
+    entries = block_entries(f"forged {number}")
+    return make_replies(replica_id, 0, 5, BLOCK_HASH, entries, lambda data: FORGED_SIGNATURE)[1]
+
+
 def test_forged_reply_flood_keeps_reply_quorum_memory_bounded_by_replica_count() -> None:
     quorum = ReplyQuorum(NETWORK, TRANSACTION_ID, SIGNATURES.verify)
-    for number in range(100_000):
+    for number in range(20_000):
         replica_id = number % NETWORK.replica_count
-        forged = Reply(replica_id, 0, TRANSACTION_ID, TransactionResult(False, f"forged {number}"), 5, BLOCK_HASH, 0, FORGED_SIGNATURE)
-        assert quorum.add(forged) is None
+        assert quorum.add(forged_reply(replica_id, number)) is None
         assert within_replica_count(quorum)
     # The flood held no replica's place: f + 1 genuine matching replies still make the receipt.
     receipt = None
@@ -65,6 +90,126 @@ def test_forged_reply_flood_keeps_reply_quorum_memory_bounded_by_replica_count()
     assert receipt is not None and receipt.height == 5
     assert receipt.replicas == tuple(range(NETWORK.reply_quorum))
     assert within_replica_count(quorum)
+
+
+def counting(check: Callable[[bytes, bytes, bytes, bytes], bool]) -> tuple[Callable[[bytes, bytes, bytes, bytes], bool], list[int]]:
+    calls = [0]
+
+    def counted(public_key: bytes, domain: bytes, message: bytes, signature: bytes) -> bool:
+        calls[0] += 1
+        return check(public_key, domain, message, signature)
+
+    return counted, calls
+
+
+def test_batch_reply_flood_with_longest_paths_keeps_reply_quorum_memory_bounded() -> None:
+    """Every flooded reply carries a valid path of the longest length (a block of the most
+    transactions the decoder allows) under its own root: the quorum still keeps one reply per
+    replica, and so at most n paths of REPLY_PATH_LENGTH_MAX hashes."""
+    check, calls = counting(SIGNATURES.verify)
+    quorum = ReplyQuorum(NETWORK, TRANSACTION_ID, check)
+    entries = [(TRANSACTION_ID, TransactionResult(False, "forged"), 0)] + [(bytes(32), TransactionResult(True), 1)] * (BLOCK_TRANSACTIONS_MAX - 1)
+    longest = make_replies(0, 0, 5, BLOCK_HASH, entries, lambda data: FORGED_SIGNATURE)[0]
+    assert len(longest.path) == REPLY_PATH_LENGTH_MAX
+    for number in range(10_000):
+        replica_id = number % NETWORK.replica_count
+        # The height is outside the leaf: the path stays valid, and no two flooded replies match.
+        flooded = dataclasses.replace(longest, batch=dataclasses.replace(longest.batch, replica_id=replica_id, height=6 + number))
+        assert quorum.add(flooded) is None
+        assert within_replica_count(quorum)
+        assert sum(len(reply.path) for reply in quorum.unverified.values()) <= NETWORK.replica_count * REPLY_PATH_LENGTH_MAX
+    # Each differs from the others: none could reach f + 1, so not one signature was checked.
+    assert calls == [0] and quorum.replied == set()
+    for replica_id in range(NETWORK.reply_quorum):
+        receipt = quorum.add(signed_reply(replica_id))
+    assert receipt is not None and receipt.result.ok
+
+
+def test_a_reply_with_the_path_of_another_transaction_is_refused() -> None:
+    """Replicas' honest, validly signed batch replies, relabelled for the client's transaction:
+    the path binds the leaf (transaction id, result, index), so none leads to the signed root."""
+    check, calls = counting(SIGNATURES.verify)
+    quorum = ReplyQuorum(NETWORK, TRANSACTION_ID, check)
+    for replica_id in range(NETWORK.replica_count):
+        others = signed_replies(replica_id, block_entries())
+        relabelled = [
+            dataclasses.replace(others[0], transaction_id=TRANSACTION_ID),  # another's leaf and path, our id
+            dataclasses.replace(others[0], transaction_id=TRANSACTION_ID, result=TransactionResult(False, "lie"), index=1),
+            dataclasses.replace(others[1], path=others[0].path, position=others[0].position),  # our leaf, another's path
+            dataclasses.replace(others[1], position=2),  # our leaf and path, claimed at another place
+        ]
+        for reply in relabelled:
+            assert not reply.path_leads_to_root()
+            assert quorum.add(reply) is None
+    assert quorum.replied == set() and quorum.unverified == {} and quorum.groups == {}
+    assert quorum.ignored == 4 * NETWORK.replica_count and calls == [0]
+
+
+def test_a_reply_whose_signature_is_over_another_root_is_refused() -> None:
+    """A valid path to a root, carrying a replica's genuine signature made over another root (its
+    batch reply for another block): the signature does not cover this root, so it is refused."""
+    quorum = ReplyQuorum(NETWORK, TRANSACTION_ID, SIGNATURES.verify)
+    lie = block_entries("refused")
+    for replica_id in range(NETWORK.replica_count):
+        genuine = signed_replies(replica_id, block_entries(transaction_id=THIRD_TRANSACTION_ID))[0]
+        unsigned = make_replies(replica_id, 0, 5, BLOCK_HASH, lie, lambda data: b"")[1]
+        assert unsigned.batch.replies_root != genuine.batch.replies_root
+        moved = dataclasses.replace(unsigned, batch=dataclasses.replace(unsigned.batch, signature=genuine.batch.signature))
+        assert moved.path_leads_to_root()
+        assert quorum.add(moved) is None
+    assert quorum.replied == set() and quorum.ignored == NETWORK.replica_count
+
+
+@pytest.mark.parametrize("replica_count", [4, 7])
+def test_f_traitors_matching_wrong_batch_replies_never_make_a_client_accept(replica_count: int) -> None:
+    """f traitors sign identical lies (result, height, index or block hash), each a valid batch
+    reply with a valid path, and they arrive first: the client accepts only the honest outcome."""
+    network, keys = simulated_network(SEED, replica_count, [CLIENT_KEY])
+    domain = signing_domain(network.identity, BATCH_REPLY_DOMAIN)
+    faults = network.faults_tolerated
+
+    def reply_from(replica_id: int, entries: list[ReplyEntry], height: int = 5, block_hash: bytes = BLOCK_HASH) -> Reply:
+        key = keys[replica_id]
+        [reply] = [
+            reply
+            for reply in make_replies(replica_id, 0, height, block_hash, entries, lambda data: key.sign(domain, data))
+            if reply.transaction_id == TRANSACTION_ID
+        ]
+        return reply
+
+    lies = {
+        "result": lambda replica_id: reply_from(replica_id, block_entries("refused")),
+        "height": lambda replica_id: reply_from(replica_id, block_entries(), height=6),
+        "block": lambda replica_id: reply_from(replica_id, block_entries(), block_hash=bytes(32)),
+        "index": lambda replica_id: reply_from(replica_id, [(TRANSACTION_ID, TransactionResult(True), 2)]),
+    }
+    for mode, lie in lies.items():
+        quorum = ReplyQuorum(network, TRANSACTION_ID, SIGNATURES.verify)
+        traitors = range(replica_count - faults, replica_count)
+        for traitor in traitors:
+            assert quorum.add(lie(traitor)) is None, mode
+        honest = [reply_from(replica_id, block_entries()) for replica_id in range(replica_count - faults)]
+        receipts = [quorum.add(reply) for reply in honest[: faults + 1]]
+        assert receipts[:-1] == [None] * faults, mode
+        receipt = receipts[-1]
+        assert receipt is not None, mode
+        assert (receipt.result, receipt.height, receipt.block_hash, receipt.index) == (TransactionResult(True), 5, BLOCK_HASH, 1), mode
+        assert set(receipt.replicas).isdisjoint(traitors), mode
+
+
+def test_a_client_checks_each_replicas_batch_signature_once_for_all_its_transactions() -> None:
+    """The client's memo of checked batch replies: f + 1 Ed25519 checks for a whole block's receipts."""
+    check, calls = counting(SIGNATURES.verify)
+    memo = SignatureMemo(check, 16)
+    entries = [(bytes([number]) * 32, TransactionResult(True), number) for number in range(6)]
+    replies = {replica_id: signed_replies(replica_id, entries) for replica_id in range(NETWORK.replica_count)}
+    for position, (transaction_id, _result, _index) in enumerate(entries):
+        quorum = ReplyQuorum(NETWORK, transaction_id, memo.verify)
+        receipt = None
+        for replica_id in range(NETWORK.reply_quorum):
+            receipt = quorum.add(replies[replica_id][position])
+        assert receipt is not None and receipt.index == position
+    assert calls == [NETWORK.reply_quorum]
 
 
 # ---- the query quorum: only answers to exactly this question, from state at or above the floor ----
@@ -233,9 +378,7 @@ def scripted_client() -> Client:
 
 
 def signed_reply_for(transaction_id: bytes, replica_id: int, height: int) -> Reply:
-    unsigned = Reply(replica_id, 0, transaction_id, TransactionResult(True), height, BLOCK_HASH, 0)
-    domain = signing_domain(NETWORK.identity, "reply")
-    return dataclasses.replace(unsigned, signature=REPLICA_KEYS[replica_id].sign(domain, unsigned.signed_bytes()))
+    return signed_replies(replica_id, block_entries(transaction_id=transaction_id), height)[1]
 
 
 async def test_get_right_after_a_confirmed_put_reads_the_write_despite_a_traitor_and_two_slow_replicas(

@@ -13,7 +13,7 @@ import pytest
 from client.quorum import ReplyQuorum
 from ledger.application import AccountsApplication
 from ledger.blocks import Block, CommitCertificate, results_root, verify_certificate
-from ledger.crypto import PublicKeyCache, signing_domain, verify_signature
+from ledger.crypto import PublicKeyCache, SigningKey, signing_domain, verify_signature
 from ledger.merkle import merkle_root
 from ledger.messages import (
     Batch,
@@ -259,11 +259,67 @@ def test_normal_case_a_request_becomes_a_certified_block_and_a_signed_reply_on_e
         assert client_reply.account == transaction.sender
         assert reply.replica_id == index
         assert reply.matching_key() == (transaction.transaction_id, TransactionResult(True), 1, block.block_hash, 0)
-        assert verify_signature(REPLICA_KEYS[index].public_key, domain("reply"), reply.signed_bytes(), reply.signature)
+        assert reply.path_leads_to_root() and reply.batch.leaf_count == 1
+        assert verify_signature(REPLICA_KEYS[index].public_key, domain("batch-reply"), reply.batch.signed_bytes(), reply.batch.signature)
         receipts.append(quorum.add(reply))
     # The client accepts at f + 1 = 2 matching signed replies.
     assert receipts[0] is None and receipts[1] is not None
     assert receipts[1].block_hash == block.block_hash and receipts[1].result.ok
+
+
+@dataclass
+class CountingKey:
+    """A replica's key that counts what it signs, by domain."""
+
+    key: SigningKey
+    signed: list[bytes] = field(default_factory=list)
+
+    @property
+    def public_key(self) -> bytes:
+        return self.key.public_key
+
+    def sign(self, domain: bytes, message: bytes) -> bytes:
+        self.signed.append(domain)
+        return self.key.sign(domain, message)
+
+
+VOTE_DOMAINS = {domain(kind) for kind in ("pre-prepare", "prepare", "commit", "checkpoint", "view-change")}
+
+
+def test_a_replica_signs_one_batch_reply_per_block_however_many_transactions_it_holds() -> None:
+    cluster = Cluster()
+    counting = CountingKey(REPLICA_KEYS[1])
+    cluster.hosts[1].core = ReplicaCore(
+        NETWORK, 1, counting, AccountsApplication(NETWORK.genesis_balances), check_signature=SIGNATURES.verify  # type: ignore[arg-type]
+    )
+    transactions = [put(nonce, client) for client in range(2) for nonce in range(3)]
+    for transaction in transactions:
+        cluster.request(0, transaction)
+    cluster.tick(0, 10)
+    cluster.settle()
+    [block] = cluster.hosts[1].chain
+    assert len(block.transactions) == len(transactions)
+    # Everything but its protocol votes: one signature, the batch reply, for six replies.
+    assert [signed for signed in counting.signed if signed not in VOTE_DOMAINS] == [domain("batch-reply")]
+    replies = [client_reply.reply for client_reply in cluster.hosts[1].replies]
+    assert sorted(reply.index for reply in replies) == list(range(len(transactions)))
+    assert len({reply.batch for reply in replies}) == 1
+    assert cluster.core(1).batch_replies_signed == 1
+    # A retransmitted request is answered from the stored block with the very same reply.
+    for reply in replies:
+        assert cluster.core(1).signed_reply(block, reply.index) == reply
+    for reply in replies:
+        assert reply.transaction_id == block.transactions[reply.index].transaction_id and reply.path_leads_to_root()
+    # Every client still gets its receipt from f + 1 such replies (replicas 1 and 2).
+    for transaction in transactions:
+        quorum = ReplyQuorum(NETWORK, transaction.transaction_id, SIGNATURES.verify)
+        found = [
+            receipt
+            for host in cluster.hosts[1:3]
+            for client_reply in host.replies
+            if (receipt := quorum.add(client_reply.reply)) is not None
+        ]
+        assert len(found) == 1 and found[0].block_hash == block.block_hash
 
 
 # ---- pre-prepares from a faulty or Byzantine primary ----

@@ -26,7 +26,7 @@ from ledger.crypto import (
 )
 
 KEYS = [deterministic_key(f"crypto-{index}") for index in range(3)]
-OBJECT_TYPES = ["transaction", "pre-prepare", "prepare", "commit", "reply", "query-reply", "handshake"]
+OBJECT_TYPES = ["transaction", "pre-prepare", "prepare", "commit", "batch-reply", "query-reply", "handshake"]
 
 network_ids = st.text(min_size=1, max_size=24).filter(lambda text: "\x00" not in text)
 # Two genesis hashes only, so that one id with two geneses comes up often.
@@ -96,7 +96,7 @@ def test_tampered_message_or_signature_fails(message: bytes, position: int, flip
 def test_verification_of_garbage_returns_false_and_never_raises(
     public_key: bytes, signature: bytes, message: bytes
 ) -> None:
-    domain = signing_domain(NET, "reply")
+    domain = signing_domain(NET, "batch-reply")
     assert verify_signature(public_key, domain, message, signature) is False
     assert PublicKeyCache().verify(public_key, domain, message, signature) is False
 

@@ -11,9 +11,11 @@ from hypothesis import strategies as st
 from ledger.merkle import (
     EMPTY_ROOT,
     leaf_hash,
+    merkle_paths,
     merkle_proof,
     merkle_root,
     node_hash,
+    root_from_proof,
     sized_root,
     verify_merkle_proof,
 )
@@ -32,6 +34,20 @@ def test_every_index_of_every_tree_of_1_to_40_leaves_verifies() -> None:
         for index in range(size):
             proof = merkle_proof(leaves, index)
             assert verify_merkle_proof(leaves[index], index, size, proof, root), (size, index)
+
+
+def test_all_paths_at_once_are_the_proofs_one_by_one_for_trees_of_0_to_70_leaves() -> None:
+    """merkle_paths builds the tree once (batch replies take every path of a block)."""
+    for size in range(0, 71):
+        leaves = numbered_leaves(size)
+        root, paths = merkle_paths(leaves)
+        assert root == merkle_root(leaves) and len(paths) == size
+        for index in range(size):
+            assert paths[index] == merkle_proof(leaves, index), (size, index)
+            assert root_from_proof(leaves[index], index, size, paths[index]) == root
+        if size > 1:
+            assert root_from_proof(leaves[0], 0, size, paths[0][:-1]) is None  # too short
+            assert root_from_proof(leaves[0], 0, size, [*paths[0], root]) is None  # too long
 
 
 @given(leaves=leaf_lists, data=st.data())

@@ -8,7 +8,13 @@ from pathlib import Path
 import pytest
 
 from ledger import sizes
-from ledger.blocks import REPLICAS_MAX, Block, BlockHeader, CommitCertificate
+from ledger.blocks import (
+    BLOCK_TRANSACTIONS_MAX,
+    REPLICAS_MAX,
+    Block,
+    BlockHeader,
+    CommitCertificate,
+)
 from ledger.config import (
     ConfigError,
     ProtocolSettings,
@@ -25,6 +31,7 @@ from ledger.encoding import INTEGER_MAX
 from ledger.messages import (
     BLOCKS_PER_RESPONSE_MAX,
     QUERY_NONCE_SIZE,
+    REPLY_PATH_LENGTH_MAX,
     SUBSCRIBE_ACCOUNTS_MAX,
     Batch,
     BatchContent,
@@ -40,6 +47,7 @@ from ledger.messages import (
     ViewChange,
     decode_message,
     encode_message,
+    make_replies,
 )
 from ledger.transactions import (
     KEY_LENGTH_MAX,
@@ -121,6 +129,20 @@ def test_batch_and_block_bounds_hold(transactions: int) -> None:
     block = largest_block(transactions)
     assert len(block.encode()) <= sizes.block_size_max(transactions)
     assert sizes.block_size_max(transactions) - len(block.encode()) < 8  # the bound is the real worst case
+
+
+@pytest.mark.parametrize("transactions", [1, 2, 3, 400, 1024, 1025, BLOCK_TRANSACTIONS_MAX])
+def test_reply_bound_holds_with_the_longest_path_of_a_block(transactions: int) -> None:
+    """A REPLY carries one signed batch reply and a path of ceil(log2(n)) hashes: the largest
+    result, at the first leaf (the longest path), with every integer at its largest."""
+    entries = [(HASH, largest_result(), BLOCK_TRANSACTIONS_MAX - 1)] * transactions
+    reply = make_replies(LAST_REPLICA, INTEGER_MAX, INTEGER_MAX, HASH, entries, lambda data: SIGNATURE)[0]
+    assert len(reply.path) == sizes.reply_path_length_max(transactions) <= REPLY_PATH_LENGTH_MAX
+    # Positions and leaf counts are small numbers; the bound counts them at nine bytes.
+    assert len(encode_message(reply)) <= sizes.reply_size_max(transactions)
+    assert sizes.reply_size_max(transactions) - len(encode_message(reply)) < 40
+    assert decode_message(encode_message(reply)) == reply
+    assert sizes.reply_size_max(BLOCK_TRANSACTIONS_MAX) <= 64 * 1024
 
 
 def test_blocks_response_bound_holds() -> None:

@@ -12,6 +12,7 @@ from ledger.blocks import verify_block_contents
 from ledger.crypto import signing_domain, verify_signature
 from ledger.encoding import CodecError
 from ledger.messages import (
+    BATCH_REPLY_DOMAIN,
     MESSAGE_TYPES,
     Batch,
     BatchContent,
@@ -24,6 +25,7 @@ from ledger.messages import (
     Request,
     ViewChange,
     decode_message,
+    make_replies,
 )
 from ledger.transactions import Put, TransactionResult, sign_transaction
 from node.core import ReplicaCore, Send
@@ -48,7 +50,7 @@ from node.traitors import (
 SEED = 11
 CLIENT = _key(SEED, "client", 0)
 NETWORK, KEYS = simulated_network(SEED, 4, [CLIENT])
-DOMAINS = {kind: signing_domain(NETWORK.identity, kind) for kind in ("pre-prepare", "prepare", "commit", "checkpoint", "view-change", "reply")}
+DOMAINS = {kind: signing_domain(NETWORK.identity, kind) for kind in ("pre-prepare", "prepare", "commit", "checkpoint", "view-change", BATCH_REPLY_DOMAIN)}
 
 
 def context(replica_id: int = 0, now_ms: int = 1_000) -> TraitorContext:
@@ -235,17 +237,21 @@ OTHER_CLIENT = _key(SEED, "client", 1)
 
 
 def honest_reply(replica_id: int, transaction_id: bytes = b"\x07" * 32) -> Reply:
-    unsigned = Reply(replica_id, 0, transaction_id, TransactionResult(True), 3, b"\x08" * 32, 0)
-    return context(replica_id).sign(unsigned)
+    """Replica `replica_id`'s reply for the second of three outcomes of block 3, in one signed batch."""
+    entries = [(b"\x05" * 32, TransactionResult(True), 0), (transaction_id, TransactionResult(True), 1), (b"\x06" * 32, TransactionResult(True), 2)]
+    domain = DOMAINS[BATCH_REPLY_DOMAIN]
+    return make_replies(replica_id, 0, 3, b"\x08" * 32, entries, lambda data: KEYS[replica_id].sign(domain, data))[1]
 
 
 def test_wrong_replies_sign_lies_a_client_never_accepts() -> None:
-    for mode in ("result", "height", "index", "block"):
+    for mode in ("result", "height", "index", "block", "path"):
         liar = traitor("wrong_replies", replica_id=1, mode=mode)
         honest = honest_reply(1)
         lie = liar.reply(honest, 0)
-        assert lie is not None and validly_signed(lie)
+        assert lie is not None and validly_signed(lie.batch)
         assert lie.matching_key() != honest.matching_key()
+        # Every lie but `path` passes every check a client makes of one reply on its own.
+        assert lie.path_leads_to_root() == (mode != "path"), mode
         # f + 1 = 2 must match: the lie with one honest reply is no receipt; two honest ones are.
         quorum = ReplyQuorum(NETWORK, honest.transaction_id, verify_signature)
         assert quorum.add(lie) is None

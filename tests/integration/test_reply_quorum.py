@@ -9,7 +9,7 @@ import pytest
 from client.quorum import ReplyQuorum
 from ledger.config import NetworkConfig
 from ledger.crypto import SigningKey, signing_domain
-from ledger.messages import Reply
+from ledger.messages import BATCH_REPLY_DOMAIN, Reply, make_replies
 from ledger.transactions import TransactionResult
 
 from .local_network import GeneratedNetwork
@@ -25,8 +25,11 @@ INDEX = 3
 def make_reply(
     network: NetworkConfig, key: SigningKey, replica_id: int, height: int = HEIGHT, transaction_id: bytes = TRANSACTION_ID
 ) -> Reply:
-    unsigned = Reply(replica_id, 0, transaction_id, TransactionResult(True), height, BLOCK_HASH, INDEX)
-    return dataclasses.replace(unsigned, signature=key.sign(signing_domain(network.identity, "reply"), unsigned.signed_bytes()))
+    """Replica `replica_id`'s reply for `transaction_id` at INDEX of a block of five outcomes, signed by `key`."""
+    entries = [(bytes([index]) * 32, TransactionResult(True), index) for index in range(5)]
+    entries[INDEX] = (transaction_id, TransactionResult(True), INDEX)
+    domain = signing_domain(network.identity, BATCH_REPLY_DOMAIN)
+    return make_replies(replica_id, 0, height, BLOCK_HASH, entries, lambda data: key.sign(domain, data))[INDEX]
 
 
 def test_genuine_replies_from_f_plus_one_replicas_form_a_receipt(generated_network: GeneratedNetwork) -> None:
@@ -89,7 +92,8 @@ def test_replies_that_are_not_f_plus_one_genuine_and_matching_form_no_receipt(ge
     for _ in range(network.replica_count):
         assert quorum.add(make_reply(network, keys[0], 0)) is None
     # A genuine signature over different content (the height altered after signing) does not verify.
-    tampered = dataclasses.replace(make_reply(network, keys[1], 1), height=HEIGHT + 1)
+    genuine = make_reply(network, keys[1], 1)
+    tampered = dataclasses.replace(genuine, batch=dataclasses.replace(genuine.batch, height=HEIGHT + 1))
     assert quorum.add(tampered) is None
     # A reply for another transaction does not count for this one.
     assert quorum.add(make_reply(network, keys[1], 1, transaction_id=bytes(32))) is None

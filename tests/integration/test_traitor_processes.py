@@ -14,7 +14,7 @@ from client.quorum import Receipt
 from ledger.config import Address
 from ledger.crypto import signing_domain, verify_signature
 from ledger.framing import FramedStream
-from ledger.messages import Reply, Request, decode_message, encode_message
+from ledger.messages import BATCH_REPLY_DOMAIN, Reply, Request, decode_message, encode_message
 from ledger.transactions import Put, Transaction
 
 from .local_network import CLIENT_COMMAND, fetch_chain, run_command
@@ -100,11 +100,11 @@ async def test_a_client_never_accepts_the_wrong_replies_of_a_traitor(tmp_path: P
                 await honest_chains_agree(client, [0, 2, 3], receipts)
                 # The traitor does lie, with its real key: asked directly, it signs another outcome.
                 network = replicas.network
-                domain = signing_domain(network.identity, "reply")
+                domain = signing_domain(network.identity, BATCH_REPLY_DOMAIN)
                 for transaction, receipt in zip(transactions, receipts, strict=True):
                     lie = await reply_from(network.replicas[1].client_address, transaction)
                     assert lie.replica_id == 1
-                    assert verify_signature(network.replicas[1].public_key, domain, lie.signed_bytes(), lie.signature)
+                    assert verify_signature(network.replicas[1].public_key, domain, lie.batch.signed_bytes(), lie.batch.signature)
                     assert lie.matching_key() != (receipt.transaction_id, receipt.result, receipt.height, receipt.block_hash, receipt.index)
                     honest = await reply_from(network.replicas[2].client_address, transaction)
                     assert honest.matching_key() == (receipt.transaction_id, receipt.result, receipt.height, receipt.block_hash, receipt.index)
