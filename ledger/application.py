@@ -3,21 +3,20 @@
 from __future__ import annotations
 
 import bisect
-import hashlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ledger.crypto import PUBLIC_KEY_SIZE
-from ledger.encoding import CodecError, encode, expect_bytes, expect_int, expect_list, expect_text
+from ledger.encoding import CodecError, expect_bytes, expect_int, expect_list, expect_text
+from ledger.state_tree import ACCOUNT, BUCKET_COUNT, VALUE, StateTree
 from ledger.transactions import KEY_LENGTH_MAX, Put, Transaction, TransactionResult, Transfer
 
-# The state digest is a multiset hash: the sum, modulo 2**1024, of a 1024-bit hash of every entry
-# (in the spirit of Bellare-Micciancio AdHash / Facebook's LtHash). Updating one entry costs one
-# hash and two big-integer additions, so the digest is cheap per block however large the state
-# grows, and it depends only on the state, not the history, so a snapshot can be checked against it.
-_DIGEST_MODULUS = 1 << 1024
-_ENTRY_HASH_SIZE = 128
+# The state digest is the root of ledger/state_tree.py: entries in 65,536 buckets by a hash of
+# their key, a Merkle tree over the bucket digests. It depends only on the state, not the history;
+# a block's changes re-hash only the buckets they touch and those buckets' paths; and any range of
+# buckets can be checked on its own against it (ledger/snapshots.py), so a snapshot served by one
+# peer can be checked chunk by chunk.
 
 
 # The reason recorded for a transaction whose nonce was already used: a duplicate of one that
@@ -89,10 +88,6 @@ class Account:
     nonce: int
 
 
-def _entry_hash(namespace: str, key: Any, value: Any) -> int:
-    return int.from_bytes(hashlib.shake_256(encode([namespace, key, value])).digest(_ENTRY_HASH_SIZE))
-
-
 class AccountsApplication:
     """Account balances moved by transfers, plus a key-value namespace written by puts.
 
@@ -108,7 +103,7 @@ class AccountsApplication:
         # new tail in about linear time, once per batch of writes rather than once per key.
         self._keys_in_order: list[str] = []
         self._keys_sorted = True
-        self._digest_sum = 0
+        self._tree = StateTree()
         # Entries changed since the last take_changes(): what the store must write beside the
         # blocks that changed them (ledger/storage.py keeps the state durable).
         self._changed_accounts: set[bytes] = set()
@@ -118,24 +113,16 @@ class AccountsApplication:
 
     # Entries are updated through these two methods only, so the digest can never drift from the state.
     def _set_account(self, account: bytes, new: Account) -> None:
-        old = self._accounts.get(account)
-        if old is not None:
-            self._digest_sum -= _entry_hash("account", account, [old.balance, old.nonce])
-        self._digest_sum += _entry_hash("account", account, [new.balance, new.nonce])
-        self._digest_sum %= _DIGEST_MODULUS
+        self._tree.set(ACCOUNT, account, [new.balance, new.nonce])
         self._accounts[account] = new
         self._changed_accounts.add(account)
 
     def _set_value(self, key: str, value: str) -> None:
-        old = self._values.get(key)
-        if old is not None:
-            self._digest_sum -= _entry_hash("value", key, old)
-        else:
+        if key not in self._values:
             if self._keys_in_order and key < self._keys_in_order[-1]:
                 self._keys_sorted = False
             self._keys_in_order.append(key)
-        self._digest_sum += _entry_hash("value", key, value)
-        self._digest_sum %= _DIGEST_MODULUS
+        self._tree.set(VALUE, key, value)
         self._values[key] = value
         self._changed_values.add(key)
 
@@ -179,7 +166,25 @@ class AccountsApplication:
         raise AssertionError(f"unknown operation {operation!r}")
 
     def state_digest(self) -> bytes:
-        return hashlib.sha256(self._digest_sum.to_bytes(_ENTRY_HASH_SIZE)).digest()
+        return self._tree.root()
+
+    def bucket_entries(self, bucket: int) -> list[list[Any]]:
+        """The entries of one state bucket as [namespace, key, value], in entry order (what a
+        snapshot chunk carries; ledger/snapshots.py)."""
+        if not 0 <= bucket < BUCKET_COUNT:
+            raise ValueError(f"bucket {bucket} is not within 0..{BUCKET_COUNT - 1}")
+        entries: list[list[Any]] = []
+        for key in self._tree.bucket_keys(bucket):
+            if isinstance(key, bytes):
+                account = self._accounts[key]
+                entries.append([ACCOUNT, key, [account.balance, account.nonce]])
+            else:
+                entries.append([VALUE, key, self._values[key]])
+        return entries
+
+    def state_range_proof(self, first_bucket: int, last_bucket: int) -> list[bytes]:
+        """The Merkle proof of buckets first..last against state_digest() (ledger/state_tree.py)."""
+        return self._tree.range_proof(first_bucket, last_bucket)
 
     def query(self, kind: str, argument: Any) -> Any:
         """Answer a read. Raises CodecError for a malformed query (the caller reports it)."""
@@ -217,7 +222,8 @@ class AccountsApplication:
     @classmethod
     def from_entries(cls, accounts: Iterable[tuple[Any, Any, Any]], values: Iterable[tuple[Any, Any]]) -> AccountsApplication:
         """The application holding exactly these entries (read back from a store), nothing
-        changed yet. Costs one entry hash per entry: linear in the state, not the history.
+        changed yet. Costs two SHA-256 per entry (its bucket and its hash) and, at the first
+        state_digest(), one per non-empty bucket and tree node: linear in the state, not the history.
         Raises CodecError for an entry of the wrong shape (a damaged store)."""
         application = cls({})
         for key, balance, nonce in accounts:

@@ -1,0 +1,180 @@
+"""The state commitment: entries bucketed by a hash of their key, a Merkle tree over the bucket digests.
+
+Why not a multiset hash (AdHash, LtHash): its sum can be checked only for the whole state, and
+since whoever serves a snapshot chooses its entries, a generalized birthday search (Wagner's
+k-sum) finds another multiset with the same 1024-bit sum in about 2**64 work. Here every digest
+is SHA-256 over an unambiguous encoding, so two states with one root are a SHA-256 collision,
+and any contiguous range of buckets can be checked on its own against the root
+(ledger/snapshots.py).
+
+Layout: an entry (namespace, key, value) goes to bucket `bucket_of(namespace, key)`, the first
+16 bits of a hash of its namespace and key (65,536 buckets). A bucket's digest is SHA-256 over
+its entries' hashes in entry order (accounts by key bytes, then values by key code points); an
+empty bucket's digest is the same formula over nothing, a constant. The root is a complete
+binary Merkle tree of depth 16 over the bucket digests, leaves and inner nodes hashed with
+different prefixes as in ledger/merkle.py. Changing entries re-hashes only their buckets and
+those buckets' 16-node paths to the root (paths shared near the root are hashed once).
+
+What bounds a bucket: nothing but the state itself. Keys are uniform under the hash, so a bucket
+holds about entries / 65,536; but a client chooses its keys and can grind about 65,536 hashes per
+key to land them in one bucket, each one still costing a committed transaction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from ledger.encoding import encode
+
+BUCKET_BITS = 16
+BUCKET_COUNT = 1 << BUCKET_BITS
+
+ACCOUNT = "account"
+VALUE = "value"
+NAMESPACES = (ACCOUNT, VALUE)  # in entry order: every account entry sorts before every value entry
+
+_BUCKET_TAG = b"pbft-ledger/state/bucket\x00"
+_ENTRY_TAG = b"pbft-ledger/state/entry\x00"
+_BUCKET_DIGEST_TAG = b"\x03"
+_LEAF_TAG = b"\x00"
+_NODE_TAG = b"\x01"
+
+
+def key_bytes(namespace: str, key: bytes | str) -> bytes:
+    """The bytes an entry's bucket is derived from: injective, since no namespace holds a NUL."""
+    raw = key if isinstance(key, bytes) else key.encode("utf-8")
+    return namespace.encode("ascii") + b"\x00" + raw
+
+
+def bucket_of(namespace: str, key: bytes | str) -> int:
+    return int.from_bytes(hashlib.sha256(_BUCKET_TAG + key_bytes(namespace, key)).digest()[:2], "big")
+
+
+def entry_hash(namespace: str, key: bytes | str, value: Any) -> bytes:
+    """The hash of one entry; `value` is [balance, nonce] for an account, the text for a value."""
+    return hashlib.sha256(_ENTRY_TAG + encode([namespace, key, value])).digest()
+
+
+def entry_order(namespace: str, key: bytes | str) -> tuple[int, bytes | str]:
+    """The sort key of entries within a bucket: namespace first, then the key's own order."""
+    return (0 if namespace == ACCOUNT else 1, key)
+
+
+def bucket_digest(entry_hashes: list[bytes]) -> bytes:
+    """The digest of a bucket from its entries' hashes, already in entry order."""
+    return hashlib.sha256(_BUCKET_DIGEST_TAG + b"".join(entry_hashes)).digest()
+
+
+def leaf_hash(digest: bytes) -> bytes:
+    return hashlib.sha256(_LEAF_TAG + digest).digest()
+
+
+def node_hash(left: bytes, right: bytes) -> bytes:
+    return hashlib.sha256(_NODE_TAG + left + right).digest()
+
+
+EMPTY_BUCKET_DIGEST = bucket_digest([])
+
+
+def _empty_subtree_hashes() -> list[bytes]:
+    """The hash of an all-empty subtree at each depth: index 0 the root, index 16 a leaf."""
+    hashes = [leaf_hash(EMPTY_BUCKET_DIGEST)]
+    for _ in range(BUCKET_BITS):
+        hashes.append(node_hash(hashes[-1], hashes[-1]))
+    return hashes[::-1]
+
+
+# Node i of the tree sits at depth i.bit_length() - 1; the root is node 1, bucket b is node BUCKET_COUNT + b.
+EMPTY_SUBTREE = _empty_subtree_hashes()
+EMPTY_ROOT = EMPTY_SUBTREE[0]
+
+
+class StateTree:
+    """The commitment over a changing set of entries. Only non-empty parts of the tree are kept.
+
+    Memory: one 32-byte entry hash per entry (the entries themselves are the application's),
+    and the tree nodes above non-empty buckets."""
+
+    def __init__(self) -> None:
+        # bucket -> {key: entry hash}; keys of the two namespaces never collide (bytes vs text).
+        self._buckets: dict[int, dict[bytes | str, bytes]] = {}
+        self._nodes: dict[int, bytes] = {}
+        self._dirty: set[int] = set()
+
+    def set(self, namespace: str, key: bytes | str, value: Any) -> None:
+        bucket = bucket_of(namespace, key)
+        self._buckets.setdefault(bucket, {})[key] = entry_hash(namespace, key, value)
+        self._dirty.add(bucket)
+
+    def bucket_keys(self, bucket: int) -> list[bytes | str]:
+        """The keys in a bucket, in entry order."""
+        return sorted(self._buckets.get(bucket, {}), key=lambda key: (isinstance(key, str), key))
+
+    def _node(self, index: int) -> bytes:
+        node = self._nodes.get(index)
+        return EMPTY_SUBTREE[index.bit_length() - 1] if node is None else node
+
+    def _refresh(self) -> None:
+        """Re-hash the buckets changed since the last call, then their paths, level by level."""
+        if not self._dirty:
+            return
+        level: set[int] = set()
+        for bucket in self._dirty:
+            entries = self._buckets.get(bucket, {})
+            ordered = sorted(entries.items(), key=lambda item: (isinstance(item[0], str), item[0]))
+            self._nodes[BUCKET_COUNT + bucket] = leaf_hash(bucket_digest([hash_ for _, hash_ in ordered]))
+            level.add((BUCKET_COUNT + bucket) >> 1)
+        self._dirty.clear()
+        while level:
+            for index in level:
+                self._nodes[index] = node_hash(self._node(2 * index), self._node(2 * index + 1))
+            level = {index >> 1 for index in level if index > 1}
+
+    def root(self) -> bytes:
+        self._refresh()
+        return self._node(1)
+
+    def range_proof(self, first_bucket: int, last_bucket: int) -> list[bytes]:
+        """The sibling hashes that lead buckets first..last (inclusive) to the root: at each
+        level from the leaves up, the left neighbour of the range if it has one, then the right."""
+        if not 0 <= first_bucket <= last_bucket < BUCKET_COUNT:
+            raise ValueError(f"bucket range {first_bucket}..{last_bucket} is not within 0..{BUCKET_COUNT - 1}")
+        self._refresh()
+        proof: list[bytes] = []
+        low, high = BUCKET_COUNT + first_bucket, BUCKET_COUNT + last_bucket
+        while low > 1:
+            if low & 1:
+                proof.append(self._node(low - 1))
+            if not high & 1:
+                proof.append(self._node(high + 1))
+            low, high = low >> 1, high >> 1
+        return proof
+
+
+def range_root(bucket_digests: list[bytes], first_bucket: int, proof: list[bytes]) -> bytes | None:
+    """The root that these consecutive bucket digests (from `first_bucket`) and `proof` lead to,
+    or None if the proof is not exactly as long as the range needs."""
+    last_bucket = first_bucket + len(bucket_digests) - 1
+    if not bucket_digests or not 0 <= first_bucket <= last_bucket < BUCKET_COUNT:
+        return None
+    level = [leaf_hash(digest) for digest in bucket_digests]
+    low, high = BUCKET_COUNT + first_bucket, BUCKET_COUNT + last_bucket
+    remaining = iter(proof)
+    used = 0
+    while low > 1:
+        if low & 1:
+            sibling = next(remaining, None)
+            if sibling is None:
+                return None
+            level.insert(0, sibling)
+            used += 1
+        if not high & 1:
+            sibling = next(remaining, None)
+            if sibling is None:
+                return None
+            level.append(sibling)
+            used += 1
+        level = [node_hash(level[i], level[i + 1]) for i in range(0, len(level), 2)]
+        low, high = low >> 1, high >> 1
+    return level[0] if used == len(proof) else None
