@@ -53,7 +53,12 @@ def bucket_of(namespace: str, key: bytes | str) -> int:
 
 def entry_hash(namespace: str, key: bytes | str, value: Any) -> bytes:
     """The hash of one entry; `value` is [balance, nonce] for an account, the text for a value."""
-    return hashlib.sha256(_ENTRY_TAG + encode([namespace, key, value])).digest()
+    return entry_hash_of_encoded(encode([namespace, key, value]))
+
+
+def entry_hash_of_encoded(encoded: bytes) -> bytes:
+    """The hash of one entry from its canonical encoding encode([namespace, key, value])."""
+    return hashlib.sha256(_ENTRY_TAG + encoded).digest()
 
 
 def entry_order(namespace: str, key: bytes | str) -> tuple[int, bytes | str]:
@@ -85,21 +90,32 @@ def _empty_subtree_hashes() -> list[bytes]:
     return hashes[::-1]
 
 
-# Node i of the tree sits at depth i.bit_length() - 1; the root is node 1, bucket b is node BUCKET_COUNT + b.
+# Node i of the tree sits at depth i.bit_length() - 1: the root is node 1, bucket b is node BUCKET_COUNT + b.
 EMPTY_SUBTREE = _empty_subtree_hashes()
 EMPTY_ROOT = EMPTY_SUBTREE[0]
 
 
+def _empty_tree() -> list[bytes]:
+    nodes = [b""]  # index 0 is unused: node i has children 2i and 2i + 1
+    for depth, empty in enumerate(EMPTY_SUBTREE):
+        nodes.extend([empty] * (1 << depth))
+    return nodes
+
+
+# Past this many changed buckets, re-hashing every node level by level beats walking the paths.
+_FULL_REBUILD_BUCKETS = BUCKET_COUNT // 16
+
+
 class StateTree:
-    """The commitment over a changing set of entries. Only non-empty parts of the tree are kept.
+    """The commitment over a changing set of entries.
 
     Memory: one 32-byte entry hash per entry (the entries themselves are the application's),
-    and the tree nodes above non-empty buckets."""
+    the hashes of the non-empty tree nodes, and a 2 * 65,536-slot list of references to them."""
 
     def __init__(self) -> None:
         # bucket -> {key: entry hash}; keys of the two namespaces never collide (bytes vs text).
         self._buckets: dict[int, dict[bytes | str, bytes]] = {}
-        self._nodes: dict[int, bytes] = {}
+        self._nodes = _empty_tree()
         self._dirty: set[int] = set()
 
     def set(self, namespace: str, key: bytes | str, value: Any) -> None:
@@ -109,31 +125,35 @@ class StateTree:
 
     def bucket_keys(self, bucket: int) -> list[bytes | str]:
         """The keys in a bucket, in entry order."""
-        return sorted(self._buckets.get(bucket, {}), key=lambda key: (isinstance(key, str), key))
-
-    def _node(self, index: int) -> bytes:
-        node = self._nodes.get(index)
-        return EMPTY_SUBTREE[index.bit_length() - 1] if node is None else node
+        return sorted(self._buckets.get(bucket, {}), key=_key_order)
 
     def _refresh(self) -> None:
         """Re-hash the buckets changed since the last call, then their paths, level by level."""
         if not self._dirty:
             return
-        level: set[int] = set()
+        nodes = self._nodes
         for bucket in self._dirty:
             entries = self._buckets.get(bucket, {})
-            ordered = sorted(entries.items(), key=lambda item: (isinstance(item[0], str), item[0]))
-            self._nodes[BUCKET_COUNT + bucket] = leaf_hash(bucket_digest([hash_ for _, hash_ in ordered]))
-            level.add((BUCKET_COUNT + bucket) >> 1)
+            ordered = sorted(entries.items(), key=lambda item: _key_order(item[0]))
+            nodes[BUCKET_COUNT + bucket] = leaf_hash(bucket_digest([hash_ for _, hash_ in ordered]))
+        sha256 = hashlib.sha256
+        if len(self._dirty) > _FULL_REBUILD_BUCKETS:
+            for depth in range(BUCKET_BITS - 1, -1, -1):
+                low, high = 1 << depth, 2 << depth
+                nodes[low:high] = [
+                    sha256(_NODE_TAG + nodes[2 * index] + nodes[2 * index + 1]).digest() for index in range(low, high)
+                ]
+        else:
+            level = {(BUCKET_COUNT + bucket) >> 1 for bucket in self._dirty}
+            while level:
+                for index in level:
+                    nodes[index] = sha256(_NODE_TAG + nodes[2 * index] + nodes[2 * index + 1]).digest()
+                level = {index >> 1 for index in level if index > 1}
         self._dirty.clear()
-        while level:
-            for index in level:
-                self._nodes[index] = node_hash(self._node(2 * index), self._node(2 * index + 1))
-            level = {index >> 1 for index in level if index > 1}
 
     def root(self) -> bytes:
         self._refresh()
-        return self._node(1)
+        return self._nodes[1]
 
     def range_proof(self, first_bucket: int, last_bucket: int) -> list[bytes]:
         """The sibling hashes that lead buckets first..last (inclusive) to the root: at each
@@ -145,11 +165,16 @@ class StateTree:
         low, high = BUCKET_COUNT + first_bucket, BUCKET_COUNT + last_bucket
         while low > 1:
             if low & 1:
-                proof.append(self._node(low - 1))
+                proof.append(self._nodes[low - 1])
             if not high & 1:
-                proof.append(self._node(high + 1))
+                proof.append(self._nodes[high + 1])
             low, high = low >> 1, high >> 1
         return proof
+
+
+def _key_order(key: bytes | str) -> tuple[bool, bytes | str]:
+    """entry_order for the keys a tree holds: account keys are bytes, value keys text."""
+    return (isinstance(key, str), key)
 
 
 def range_root(bucket_digests: list[bytes], first_bucket: int, proof: list[bytes]) -> bytes | None:

@@ -137,3 +137,18 @@ def test_a_range_proof_leads_every_range_of_buckets_to_the_root() -> None:
         shifted = [digest(bucket) for bucket in range(first + 1, last + 2)]
         if last + 1 < BUCKET_COUNT and shifted != digests:
             assert range_root(digests, first + 1, tree.range_proof(first + 1, last + 1)) != root
+
+
+def test_a_bulk_build_and_small_updates_reach_the_same_root() -> None:
+    """Many changed buckets at once re-hash the whole tree; few walk their paths: both agree."""
+    entries = [(f"key {index}", f"value {index}") for index in range(12_000)]
+    bulk = StateTree()
+    for key, value in entries:
+        bulk.set(VALUE, key, value)
+    stepwise = StateTree()
+    for start in range(0, len(entries), 1000):
+        for key, value in entries[start:start + 1000]:
+            stepwise.set(VALUE, key, value)
+        stepwise.root()
+    assert bulk.root() == stepwise.root()
+    assert bulk.range_proof(100, 5000) == stepwise.range_proof(100, 5000)
