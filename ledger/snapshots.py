@@ -46,7 +46,7 @@ from ledger.transactions import KEY_LENGTH_MAX, VALUE_LENGTH_MAX
 
 CHUNK_BYTES_MAX = 1 << 20
 CHUNK_ENTRIES_MAX = 1 << 16
-BUCKET_BYTES_MAX = 16 << 20
+BUCKET_BYTES_MAX = 4 << 20  # within the default 8 MiB frame
 BUCKET_ENTRIES_MAX = 1 << 18
 PROOF_LENGTH_MAX = 2 * BUCKET_BITS
 
@@ -59,7 +59,7 @@ class SnapshotError(ValueError):
 
 
 @dataclass(frozen=True, slots=True)
-class SnapshotChunk:
+class StateChunk:
     first_bucket: int
     last_bucket: int  # inclusive
     entries: tuple[Entry, ...]
@@ -77,7 +77,7 @@ class SnapshotChunk:
         return encode(self.to_plain())
 
     @classmethod
-    def from_plain(cls, plain: Any) -> SnapshotChunk:
+    def from_plain(cls, plain: Any) -> StateChunk:
         """Decode strictly: shapes, types and ranges; what the entries prove is verify_chunk's work."""
         items = expect_list(plain, "snapshot chunk", length=4)
         first_bucket = expect_int(items[0], "chunk first bucket", 0, BUCKET_COUNT - 1)
@@ -116,7 +116,7 @@ def _entry_encoding(entry: Entry) -> bytes:
 
 
 def verify_chunk(
-    root: bytes, chunk: SnapshotChunk, entries_max: int = CHUNK_ENTRIES_MAX, bytes_max: int = CHUNK_BYTES_MAX
+    root: bytes, chunk: StateChunk, entries_max: int = CHUNK_ENTRIES_MAX, bytes_max: int = CHUNK_BYTES_MAX
 ) -> list[Entry]:
     """The chunk's entries if it is exactly buckets first..last of the state with this root:
     every entry of those buckets, once each, in bucket then entry order, and nothing else.
@@ -169,7 +169,7 @@ def verify_chunk(
 
 def chunk_starting_at(
     application: AccountsApplication, first_bucket: int, entries_max: int = CHUNK_ENTRIES_MAX, bytes_max: int = CHUNK_BYTES_MAX
-) -> SnapshotChunk:
+) -> StateChunk:
     """The chunk of the application's current state from `first_bucket` on, as many whole
     buckets as fit the bounds (at least one). What a replica answers a fetch of that bucket with."""
     if not 0 <= first_bucket < BUCKET_COUNT:
@@ -192,15 +192,15 @@ def chunk_starting_at(
         bucket += 1
         if bucket - 1 == first_bucket and (len(found) > entries_max or found_size > bytes_max):
             break  # an oversize bucket is a chunk of its own
-    return SnapshotChunk(first_bucket, last_bucket, tuple(entries), tuple(application.state_range_proof(first_bucket, last_bucket)))
+    return StateChunk(first_bucket, last_bucket, tuple(entries), tuple(application.state_range_proof(first_bucket, last_bucket)))
 
 
 def snapshot_chunks(
     application: AccountsApplication, entries_max: int = CHUNK_ENTRIES_MAX, bytes_max: int = CHUNK_BYTES_MAX
-) -> list[SnapshotChunk]:
+) -> list[StateChunk]:
     """The whole current state as chunks covering buckets 0..65,535 once each, in order. The
     application must not change meanwhile (serve a snapshot from a state kept at its height)."""
-    chunks: list[SnapshotChunk] = []
+    chunks: list[StateChunk] = []
     bucket = 0
     while bucket < BUCKET_COUNT:
         chunks.append(chunk_starting_at(application, bucket, entries_max, bytes_max))
@@ -221,7 +221,7 @@ class SnapshotAssembly:
     def complete(self) -> bool:
         return self.next_bucket == BUCKET_COUNT
 
-    def add(self, chunk: SnapshotChunk) -> None:
+    def add(self, chunk: StateChunk) -> None:
         """Take the next chunk; raises SnapshotError (nothing taken) unless it starts at the
         next bucket wanted and verifies against the root."""
         if chunk.first_bucket != self.next_bucket:

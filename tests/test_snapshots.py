@@ -14,8 +14,8 @@ from ledger.crypto import NetworkIdentity
 from ledger.encoding import CodecError, decode
 from ledger.snapshots import (
     SnapshotAssembly,
-    SnapshotChunk,
     SnapshotError,
+    StateChunk,
     chunk_starting_at,
     snapshot_chunks,
     verify_chunk,
@@ -40,7 +40,7 @@ ROOT = APPLICATION.state_digest()
 CHUNKS = snapshot_chunks(APPLICATION, ENTRIES_MAX, BYTES_MAX)
 
 
-def shared_bucket_chunk() -> SnapshotChunk:
+def shared_bucket_chunk() -> StateChunk:
     """A chunk with a bucket holding at least two entries."""
     for chunk in CHUNKS:
         buckets = [bucket_of(namespace, key) for namespace, key, _ in chunk.entries]
@@ -57,7 +57,7 @@ def key_in_range(first: int, last: int) -> str:
     return f"extra {index}"
 
 
-def with_entries(chunk: SnapshotChunk, entries: list[Any]) -> SnapshotChunk:
+def with_entries(chunk: StateChunk, entries: list[Any]) -> StateChunk:
     return dataclasses.replace(chunk, entries=tuple(entries))
 
 
@@ -88,7 +88,7 @@ def test_a_state_after_real_blocks_is_rebuilt_from_its_chunks_and_executes_on_al
     original.execute_block([sign_transaction(NETWORK, alice, nonce, Put(f"k{nonce}", "v")) for nonce in range(30)])
     assembly = SnapshotAssembly(original.state_digest())
     for chunk in snapshot_chunks(original):
-        assembly.add(SnapshotChunk.from_plain(decode(chunk.encode())))
+        assembly.add(StateChunk.from_plain(decode(chunk.encode())))
     rebuilt = assembly.application()
     block = [sign_transaction(NETWORK, alice, 30, Transfer(bob.public_key, 5)), sign_transaction(NETWORK, alice, 31, Put("k1", "w"))]
     assert original.execute_block(block) == rebuilt.execute_block(block)
@@ -122,26 +122,26 @@ def test_a_bucket_over_the_bounds_is_a_chunk_of_its_own() -> None:
         verify_chunk(ROOT, wide, bytes_max=50)
 
 
-def missing_entry(chunk: SnapshotChunk) -> SnapshotChunk:
+def missing_entry(chunk: StateChunk) -> StateChunk:
     return with_entries(chunk, list(chunk.entries[1:]))
 
 
-def extra_entry(chunk: SnapshotChunk) -> SnapshotChunk:
+def extra_entry(chunk: StateChunk) -> StateChunk:
     key = key_in_range(chunk.first_bucket, chunk.last_bucket)
     return with_entries(chunk, sorted_entries([*chunk.entries, (VALUE, key, "planted")]))
 
 
-def duplicate_entry(chunk: SnapshotChunk) -> SnapshotChunk:
+def duplicate_entry(chunk: StateChunk) -> StateChunk:
     return with_entries(chunk, [chunk.entries[0], *chunk.entries])
 
 
-def unsorted_entries(chunk: SnapshotChunk) -> SnapshotChunk:
+def unsorted_entries(chunk: StateChunk) -> StateChunk:
     entries = list(chunk.entries)
     entries[0], entries[1] = entries[1], entries[0]
     return with_entries(chunk, entries)
 
 
-def swapped_within_a_bucket(chunk: SnapshotChunk) -> SnapshotChunk:
+def swapped_within_a_bucket(chunk: StateChunk) -> StateChunk:
     entries = list(chunk.entries)
     buckets = [bucket_of(namespace, key) for namespace, key, _ in entries]
     index = next(index for index in range(len(buckets) - 1) if buckets[index] == buckets[index + 1])
@@ -149,19 +149,19 @@ def swapped_within_a_bucket(chunk: SnapshotChunk) -> SnapshotChunk:
     return with_entries(chunk, entries)
 
 
-def entry_of_another_bucket(chunk: SnapshotChunk) -> SnapshotChunk:
+def entry_of_another_bucket(chunk: StateChunk) -> StateChunk:
     other = next(entry for other in CHUNKS if other is not chunk for entry in other.entries)
     return with_entries(chunk, [*chunk.entries, other])
 
 
-def edited_value(chunk: SnapshotChunk) -> SnapshotChunk:
+def edited_value(chunk: StateChunk) -> StateChunk:
     index = next(index for index, entry in enumerate(chunk.entries) if entry[0] == VALUE)
     entries = list(chunk.entries)
     entries[index] = (VALUE, entries[index][1], entries[index][2] + "!")
     return with_entries(chunk, entries)
 
 
-def edited_balance(chunk: SnapshotChunk) -> SnapshotChunk:
+def edited_balance(chunk: StateChunk) -> StateChunk:
     index = next(index for index, entry in enumerate(chunk.entries) if entry[0] == ACCOUNT)
     entries = list(chunk.entries)
     namespace, key, (balance, nonce) = entries[index]
@@ -169,46 +169,46 @@ def edited_balance(chunk: SnapshotChunk) -> SnapshotChunk:
     return with_entries(chunk, entries)
 
 
-def value_passed_off_as_account(chunk: SnapshotChunk) -> SnapshotChunk:
+def value_passed_off_as_account(chunk: StateChunk) -> StateChunk:
     index = next(index for index, entry in enumerate(chunk.entries) if entry[0] == ACCOUNT)
     entries = list(chunk.entries)
     entries[index] = (VALUE, entries[index][1].hex()[:32], "0")
     return with_entries(chunk, entries)
 
 
-def truncated_proof(chunk: SnapshotChunk) -> SnapshotChunk:
+def truncated_proof(chunk: StateChunk) -> StateChunk:
     return dataclasses.replace(chunk, proof=chunk.proof[:-1])
 
 
-def extra_proof_hash(chunk: SnapshotChunk) -> SnapshotChunk:
+def extra_proof_hash(chunk: StateChunk) -> StateChunk:
     return dataclasses.replace(chunk, proof=(*chunk.proof, chunk.proof[0]))
 
 
-def wrong_proof_hash(chunk: SnapshotChunk) -> SnapshotChunk:
+def wrong_proof_hash(chunk: StateChunk) -> StateChunk:
     return dataclasses.replace(chunk, proof=(bytes(32), *chunk.proof[1:]))
 
 
-def shifted_range(chunk: SnapshotChunk) -> SnapshotChunk:
+def shifted_range(chunk: StateChunk) -> StateChunk:
     return dataclasses.replace(chunk, first_bucket=chunk.first_bucket + 1, last_bucket=chunk.last_bucket + 1)
 
 
-def narrowed_range(chunk: SnapshotChunk) -> SnapshotChunk:
+def narrowed_range(chunk: StateChunk) -> StateChunk:
     """The last bucket dropped from the range but its entries kept: caught as out of range."""
     return dataclasses.replace(chunk, last_bucket=chunk.last_bucket - 1)
 
 
-def narrowed_range_and_entries(chunk: SnapshotChunk) -> SnapshotChunk:
+def narrowed_range_and_entries(chunk: StateChunk) -> StateChunk:
     """The last non-empty bucket and its entries dropped, the proof kept: the range no longer fits the proof."""
     last = bucket_of(chunk.entries[-1][0], chunk.entries[-1][1])
     kept = [entry for entry in chunk.entries if bucket_of(entry[0], entry[1]) < last]
     return dataclasses.replace(chunk, last_bucket=last - 1, entries=tuple(kept))
 
 
-def widened_range(chunk: SnapshotChunk) -> SnapshotChunk:
+def widened_range(chunk: StateChunk) -> StateChunk:
     return dataclasses.replace(chunk, last_bucket=chunk.last_bucket + 1)
 
 
-TAMPERINGS: list[Callable[[SnapshotChunk], SnapshotChunk]] = [
+TAMPERINGS: list[Callable[[StateChunk], StateChunk]] = [
     missing_entry, extra_entry, duplicate_entry, unsorted_entries, swapped_within_a_bucket, entry_of_another_bucket,
     edited_value, edited_balance, value_passed_off_as_account, truncated_proof, extra_proof_hash, wrong_proof_hash,
     shifted_range, narrowed_range, narrowed_range_and_entries, widened_range,
@@ -216,7 +216,7 @@ TAMPERINGS: list[Callable[[SnapshotChunk], SnapshotChunk]] = [
 
 
 @pytest.mark.parametrize("tamper", TAMPERINGS, ids=[tamper.__name__ for tamper in TAMPERINGS])
-def test_verify_chunk_refuses_each_kind_of_tampering(tamper: Callable[[SnapshotChunk], SnapshotChunk]) -> None:
+def test_verify_chunk_refuses_each_kind_of_tampering(tamper: Callable[[StateChunk], StateChunk]) -> None:
     chunk = shared_bucket_chunk()
     assert any(entry[0] == ACCOUNT for entry in chunk.entries) and any(entry[0] == VALUE for entry in chunk.entries)
     verify_chunk(ROOT, chunk, ENTRIES_MAX, BYTES_MAX)
@@ -226,7 +226,7 @@ def test_verify_chunk_refuses_each_kind_of_tampering(tamper: Callable[[SnapshotC
         verify_chunk(ROOT, tampered, ENTRIES_MAX, BYTES_MAX)
     # And through the wire: either the decoder or the verifier refuses it.
     with pytest.raises((SnapshotError, CodecError)):
-        verify_chunk(ROOT, SnapshotChunk.from_plain(decode(tampered.encode())), ENTRIES_MAX, BYTES_MAX)
+        verify_chunk(ROOT, StateChunk.from_plain(decode(tampered.encode())), ENTRIES_MAX, BYTES_MAX)
 
 
 def test_a_chunk_of_another_state_is_refused() -> None:
@@ -274,9 +274,9 @@ GOOD_PLAIN = CHUNKS[0].to_plain()
 )
 def test_malformed_chunks_are_refused_by_the_decoder(plain: Any) -> None:
     with pytest.raises(CodecError):
-        SnapshotChunk.from_plain(plain)
+        StateChunk.from_plain(plain)
 
 
 def test_a_chunk_round_trips_through_its_encoding() -> None:
     for chunk in CHUNKS[:5]:
-        assert SnapshotChunk.from_plain(decode(chunk.encode())) == chunk
+        assert StateChunk.from_plain(decode(chunk.encode())) == chunk
