@@ -9,7 +9,15 @@ from typing import Any, Protocol
 
 from ledger.crypto import PUBLIC_KEY_SIZE
 from ledger.encoding import CodecError, expect_bytes, expect_int, expect_list, expect_text
-from ledger.state_tree import ACCOUNT, BUCKET_COUNT, VALUE, StateTree
+from ledger.state_tree import (
+    ACCOUNT,
+    BUCKET_COUNT,
+    VALUE,
+    StateTree,
+    bucket_of,
+    entry_order,
+    nodes_range_proof,
+)
 from ledger.transactions import KEY_LENGTH_MAX, Put, Transaction, TransactionResult, Transfer
 
 # The state digest is the root of ledger/state_tree.py: entries in 65,536 buckets by a hash of
@@ -104,6 +112,7 @@ class AccountsApplication:
         self._keys_in_order: list[str] = []
         self._keys_sorted = True
         self._tree = StateTree()
+        self._frozen: list[FrozenState] = []  # views of earlier states, told of every change
         # Entries changed since the last take_changes(): what the store must write beside the
         # blocks that changed them (ledger/storage.py keeps the state durable).
         self._changed_accounts: set[bytes] = set()
@@ -113,11 +122,15 @@ class AccountsApplication:
 
     # Entries are updated through these two methods only, so the digest can never drift from the state.
     def _set_account(self, account: bytes, new: Account) -> None:
+        for view in self._frozen:
+            view._remember(ACCOUNT, account, self._accounts.get(account))
         self._tree.set(ACCOUNT, account, [new.balance, new.nonce])
         self._accounts[account] = new
         self._changed_accounts.add(account)
 
     def _set_value(self, key: str, value: str) -> None:
+        for view in self._frozen:
+            view._remember(VALUE, key, self._values.get(key))
         if key not in self._values:
             if self._keys_in_order and key < self._keys_in_order[-1]:
                 self._keys_sorted = False
@@ -185,6 +198,19 @@ class AccountsApplication:
     def state_range_proof(self, first_bucket: int, last_bucket: int) -> list[bytes]:
         """The Merkle proof of buckets first..last against state_digest() (ledger/state_tree.py)."""
         return self._tree.range_proof(first_bucket, last_bucket)
+
+    def freeze(self) -> FrozenState:
+        """A read-only view of the state as it is now, kept while the application moves on (a
+        replica serves snapshot chunks of a checkpoint's state from it). Costs a copy of the
+        tree's node list now, and afterwards one remembered old value per entry changed, until
+        the view is released: release it when it is no longer wanted."""
+        view = FrozenState(self, self._tree.frozen_nodes())
+        self._frozen.append(view)
+        return view
+
+    def _release(self, view: FrozenState) -> None:
+        if view in self._frozen:
+            self._frozen.remove(view)
 
     def query(self, kind: str, argument: Any) -> Any:
         """Answer a read. Raises CodecError for a malformed query (the caller reports it)."""
@@ -257,3 +283,55 @@ class AccountsApplication:
             key, value = expect_list(item, "snapshot value", length=2)
             application._set_value(expect_text(key, "key", KEY_LENGTH_MAX), expect_text(value, "value"))
         return application
+
+
+class FrozenState:
+    """The state of an AccountsApplication at the moment it was frozen: its digest, and each
+    bucket's entries with their range proofs (what ledger/snapshots.py builds chunks from).
+
+    It holds the old value of every entry changed since, so answers cost the current bucket
+    plus those changes; it grows with the changes until release()."""
+
+    def __init__(self, application: AccountsApplication, nodes: list[bytes]) -> None:
+        self._application: AccountsApplication | None = application
+        self._nodes = nodes
+        self._digest = nodes[1]
+        # bucket -> {key: (namespace, the entry's value when frozen, None if it did not exist)}
+        self._changed: dict[int, dict[bytes | str, tuple[str, Any]]] = {}
+        self.changed_entries = 0
+
+    def _remember(self, namespace: str, key: bytes | str, old: Any) -> None:
+        changed = self._changed.setdefault(bucket_of(namespace, key), {})
+        if key not in changed:
+            changed[key] = (namespace, old)
+            self.changed_entries += 1
+
+    def state_digest(self) -> bytes:
+        return self._digest
+
+    def bucket_entries(self, bucket: int) -> list[list[Any]]:
+        """The bucket's entries when frozen, in entry order."""
+        if self._application is None:
+            raise ValueError("the frozen state was released")
+        current = self._application.bucket_entries(bucket)
+        changed = self._changed.get(bucket)
+        if not changed:
+            return current
+        entries = {entry[1]: entry for entry in current if entry[1] not in changed}
+        for key, (namespace, old) in changed.items():
+            if isinstance(old, Account):
+                entries[key] = [namespace, key, [old.balance, old.nonce]]
+            elif old is not None:
+                entries[key] = [namespace, key, old]
+        return sorted(entries.values(), key=lambda entry: entry_order(entry[0], entry[1]))
+
+    def state_range_proof(self, first_bucket: int, last_bucket: int) -> list[bytes]:
+        return nodes_range_proof(self._nodes, first_bucket, last_bucket)
+
+    def release(self) -> None:
+        """Stop following the application and drop what was kept."""
+        if self._application is not None:
+            self._application._release(self)
+        self._application = None
+        self._changed.clear()
+        self._nodes = []

@@ -17,7 +17,7 @@ cannot be sent as a snapshot, and a replica must catch up from blocks instead.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from ledger.application import AccountsApplication
 from ledger.crypto import PUBLIC_KEY_SIZE
@@ -167,8 +167,16 @@ def verify_chunk(
     return list(chunk.entries)
 
 
+class ChunkSource(Protocol):
+    """A state chunks are built from: an AccountsApplication (its state now) or a FrozenState."""
+
+    def bucket_entries(self, bucket: int) -> list[list[Any]]: ...
+
+    def state_range_proof(self, first_bucket: int, last_bucket: int) -> list[bytes]: ...
+
+
 def chunk_starting_at(
-    application: AccountsApplication, first_bucket: int, entries_max: int = CHUNK_ENTRIES_MAX, bytes_max: int = CHUNK_BYTES_MAX
+    application: ChunkSource, first_bucket: int, entries_max: int = CHUNK_ENTRIES_MAX, bytes_max: int = CHUNK_BYTES_MAX
 ) -> StateChunk:
     """The chunk of the application's current state from `first_bucket` on, as many whole
     buckets as fit the bounds (at least one). What a replica answers a fetch of that bucket with."""
@@ -196,10 +204,10 @@ def chunk_starting_at(
 
 
 def snapshot_chunks(
-    application: AccountsApplication, entries_max: int = CHUNK_ENTRIES_MAX, bytes_max: int = CHUNK_BYTES_MAX
+    application: ChunkSource, entries_max: int = CHUNK_ENTRIES_MAX, bytes_max: int = CHUNK_BYTES_MAX
 ) -> list[StateChunk]:
-    """The whole current state as chunks covering buckets 0..65,535 once each, in order. The
-    application must not change meanwhile (serve a snapshot from a state kept at its height)."""
+    """The whole state as chunks covering buckets 0..65,535 once each, in order. An
+    application must not change meanwhile: serve a moving one's snapshot from its freeze()."""
     chunks: list[StateChunk] = []
     bucket = 0
     while bucket < BUCKET_COUNT:

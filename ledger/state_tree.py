@@ -156,20 +156,31 @@ class StateTree:
         return self._nodes[1]
 
     def range_proof(self, first_bucket: int, last_bucket: int) -> list[bytes]:
-        """The sibling hashes that lead buckets first..last (inclusive) to the root: at each
-        level from the leaves up, the left neighbour of the range if it has one, then the right."""
-        if not 0 <= first_bucket <= last_bucket < BUCKET_COUNT:
-            raise ValueError(f"bucket range {first_bucket}..{last_bucket} is not within 0..{BUCKET_COUNT - 1}")
+        """The sibling hashes that lead buckets first..last (inclusive) to the root."""
         self._refresh()
-        proof: list[bytes] = []
-        low, high = BUCKET_COUNT + first_bucket, BUCKET_COUNT + last_bucket
-        while low > 1:
-            if low & 1:
-                proof.append(self._nodes[low - 1])
-            if not high & 1:
-                proof.append(self._nodes[high + 1])
-            low, high = low >> 1, high >> 1
-        return proof
+        return nodes_range_proof(self._nodes, first_bucket, last_bucket)
+
+    def frozen_nodes(self) -> list[bytes]:
+        """A copy of the tree as it is now (2 * 65,536 references, the hashes shared): what
+        range proofs of this state are taken from after the tree has moved on."""
+        self._refresh()
+        return list(self._nodes)
+
+
+def nodes_range_proof(nodes: list[bytes], first_bucket: int, last_bucket: int) -> list[bytes]:
+    """The range proof in a tree's nodes: at each level from the leaves up, the left neighbour
+    of the range if it has one, then the right one."""
+    if not 0 <= first_bucket <= last_bucket < BUCKET_COUNT:
+        raise ValueError(f"bucket range {first_bucket}..{last_bucket} is not within 0..{BUCKET_COUNT - 1}")
+    proof: list[bytes] = []
+    low, high = BUCKET_COUNT + first_bucket, BUCKET_COUNT + last_bucket
+    while low > 1:
+        if low & 1:
+            proof.append(nodes[low - 1])
+        if not high & 1:
+            proof.append(nodes[high + 1])
+        low, high = low >> 1, high >> 1
+    return proof
 
 
 def _key_order(key: bytes | str) -> tuple[bool, bytes | str]:

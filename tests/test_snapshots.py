@@ -280,3 +280,44 @@ def test_malformed_chunks_are_refused_by_the_decoder(plain: Any) -> None:
 def test_a_chunk_round_trips_through_its_encoding() -> None:
     for chunk in CHUNKS[:5]:
         assert StateChunk.from_plain(decode(chunk.encode())) == chunk
+
+
+def test_a_frozen_state_serves_its_chunks_while_the_application_moves_on() -> None:
+    """What a replica serves at a stable checkpoint while it executes later blocks."""
+    alice, bob = deterministic_key("alice"), deterministic_key("bob")
+    application = AccountsApplication({alice.public_key: 1000, bob.public_key: 10})
+    application.execute_block([sign_transaction(NETWORK, alice, nonce, Put(f"k{nonce}", "v")) for nonce in range(40)])
+    checkpoint_digest, checkpoint_state = application.state_digest(), application.snapshot()
+    view = application.freeze()
+    later = [sign_transaction(NETWORK, alice, 40, Transfer(bob.public_key, 5))]
+    later += [sign_transaction(NETWORK, alice, 41 + index, Put(f"k{index % 60}", "new")) for index in range(80)]
+    application.execute_block(later)
+    second_digest, second_state = application.state_digest(), application.snapshot()
+    second_view = application.freeze()
+    application.execute_block([sign_transaction(NETWORK, bob, 0, Put("k0", "bob's"))])
+    assert len({checkpoint_digest, second_digest, application.state_digest()}) == 3
+
+    for frozen, digest, state in ((view, checkpoint_digest, checkpoint_state), (second_view, second_digest, second_state)):
+        assert frozen.state_digest() == digest
+        assembly = SnapshotAssembly(digest)
+        for chunk in snapshot_chunks(frozen, entries_max=8, bytes_max=400):
+            assembly.add(chunk)
+        assert assembly.application().snapshot() == state
+    # The live state's chunks are of the live digest, not the frozen one.
+    with pytest.raises(SnapshotError):
+        verify_chunk(checkpoint_digest, snapshot_chunks(application)[0])
+
+
+def test_a_released_frozen_state_stops_following_the_application() -> None:
+    application = populated()
+    view = application.freeze()
+    application.query("get", "key 1")  # reads change nothing
+    assert view.changed_entries == 0
+    alice = deterministic_key("alice")
+    application.execute_block([sign_transaction(NETWORK, alice, 0, Put("key 1", "changed"))])
+    assert view.changed_entries == 2  # alice's account (new) and the value
+    view.release()
+    application.execute_block([sign_transaction(NETWORK, alice, 1, Put("key 2", "changed"))])
+    assert view.changed_entries == 2
+    with pytest.raises(ValueError, match="released"):
+        view.bucket_entries(0)
