@@ -217,33 +217,50 @@ def snapshot_chunks(
 
 
 class SnapshotAssembly:
-    """A state put together from verified chunks taken in bucket order, from any peers."""
+    """A state put together from verified chunks, in any order and from any peers.
+
+    A chunk whose buckets are partly taken already adds only the others: two chunks that both
+    verify against one root agree on every bucket they share (or SHA-256 has a collision).
+    Memory: the entries taken, and one byte per bucket."""
 
     def __init__(self, root: bytes) -> None:
         self.root = root
-        self.next_bucket = 0
+        self._covered = bytearray(BUCKET_COUNT)
+        self.covered_buckets = 0
         self._accounts: list[tuple[bytes, int, int]] = []
         self._values: list[tuple[str, str]] = []
 
     @property
     def complete(self) -> bool:
-        return self.next_bucket == BUCKET_COUNT
+        return self.covered_buckets == BUCKET_COUNT
 
-    def add(self, chunk: StateChunk) -> None:
-        """Take the next chunk; raises SnapshotError (nothing taken) unless it starts at the
-        next bucket wanted and verifies against the root."""
-        if chunk.first_bucket != self.next_bucket:
-            raise SnapshotError(f"the chunk starts at bucket {chunk.first_bucket}, bucket {self.next_bucket} is wanted")
-        for namespace, key, value in verify_chunk(self.root, chunk):
-            if namespace == ACCOUNT:
-                self._accounts.append((key, value[0], value[1]))
-            else:
-                self._values.append((key, value))
-        self.next_bucket = chunk.last_bucket + 1
+    def first_missing(self, from_bucket: int = 0) -> int | None:
+        """The first bucket at or after `from_bucket` no chunk has covered yet."""
+        index = self._covered.find(0, from_bucket)
+        return None if index < 0 else index
+
+    def add(self, chunk: StateChunk) -> int:
+        """Take a chunk's buckets not taken yet, and return how many; raises SnapshotError
+        (nothing taken) unless it verifies against the root."""
+        entries = verify_chunk(self.root, chunk)
+        covered = self._covered
+        for namespace, key, value in entries:
+            if not covered[bucket_of(namespace, key)]:
+                if namespace == ACCOUNT:
+                    self._accounts.append((key, value[0], value[1]))
+                else:
+                    self._values.append((key, value))
+        added = 0
+        for bucket in range(chunk.first_bucket, chunk.last_bucket + 1):
+            if not covered[bucket]:
+                covered[bucket] = 1
+                added += 1
+        self.covered_buckets += added
+        return added
 
     def application(self) -> AccountsApplication:
         if not self.complete:
-            raise SnapshotError(f"the snapshot is incomplete: buckets from {self.next_bucket} are missing")
+            raise SnapshotError(f"the snapshot is incomplete: {BUCKET_COUNT - self.covered_buckets} buckets are missing")
         application = AccountsApplication.from_entries(self._accounts, self._values)
         # Every chunk was checked, so this holds unless the two digest computations disagree (our bug).
         assert application.state_digest() == self.root

@@ -237,16 +237,26 @@ def test_a_chunk_of_another_state_is_refused() -> None:
 
 def test_a_bad_chunk_leaves_the_assembly_as_it_was() -> None:
     assembly = SnapshotAssembly(ROOT)
-    assembly.add(CHUNKS[0])
-    with pytest.raises(SnapshotError, match="wanted"):
-        assembly.add(CHUNKS[2])
+    assert assembly.add(CHUNKS[0]) == CHUNKS[0].last_bucket + 1
     with pytest.raises(SnapshotError):
         assembly.add(edited_value(CHUNKS[1]) if any(entry[0] == VALUE for entry in CHUNKS[1].entries) else missing_entry(CHUNKS[1]))
+    assert assembly.first_missing() == CHUNKS[1].first_bucket
     with pytest.raises(SnapshotError, match="incomplete"):
         assembly.application()
     for chunk in CHUNKS[1:]:  # the honest peer's chunks, after the bad one was refused
         assembly.add(chunk)
     assert assembly.application().state_digest() == ROOT
+
+
+def test_chunks_in_any_order_and_overlapping_make_the_state_once() -> None:
+    """Chunks cut at other places (another peer's bounds) overlap; each bucket is taken once."""
+    other_cut = snapshot_chunks(APPLICATION, ENTRIES_MAX * 3, BYTES_MAX * 3)
+    assembly = SnapshotAssembly(ROOT)
+    for chunk in [*CHUNKS[1::2], *other_cut[::-1], *CHUNKS[::2]]:
+        assembly.add(chunk)
+    assert assembly.complete and assembly.first_missing() is None
+    assert assembly.application().snapshot() == APPLICATION.snapshot()
+    assert assembly.add(CHUNKS[0]) == 0
 
 
 GOOD_PLAIN = CHUNKS[0].to_plain()
