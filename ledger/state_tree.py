@@ -140,9 +140,7 @@ class StateTree:
         if len(self._dirty) > _FULL_REBUILD_BUCKETS:
             for depth in range(BUCKET_BITS - 1, -1, -1):
                 low, high = 1 << depth, 2 << depth
-                nodes[low:high] = [
-                    sha256(_NODE_TAG + nodes[2 * index] + nodes[2 * index + 1]).digest() for index in range(low, high)
-                ]
+                nodes[low:high] = _parents(nodes[2 * low:2 * high], depth)
         else:
             level = {(BUCKET_COUNT + bucket) >> 1 for bucket in self._dirty}
             while level:
@@ -183,6 +181,17 @@ def nodes_range_proof(nodes: list[bytes], first_bucket: int, last_bucket: int) -
     return proof
 
 
+def _parents(children: list[bytes], depth: int) -> list[bytes]:
+    """The nodes at `depth` over their children (an even count, in order); a pair of empty
+    subtrees has the empty subtree's hash, found without hashing."""
+    empty_child, empty_parent = EMPTY_SUBTREE[depth + 1], EMPTY_SUBTREE[depth]
+    sha256 = hashlib.sha256
+    return [
+        empty_parent if left == empty_child == right else sha256(_NODE_TAG + left + right).digest()
+        for left, right in zip(children[::2], children[1::2], strict=True)
+    ]
+
+
 def _key_order(key: bytes | str) -> tuple[bool, bytes | str]:
     """entry_order for the keys a tree holds: account keys are bytes, value keys text."""
     return (isinstance(key, str), key)
@@ -194,10 +203,12 @@ def range_root(bucket_digests: list[bytes], first_bucket: int, proof: list[bytes
     last_bucket = first_bucket + len(bucket_digests) - 1
     if not bucket_digests or not 0 <= first_bucket <= last_bucket < BUCKET_COUNT:
         return None
-    level = [leaf_hash(digest) for digest in bucket_digests]
+    empty_leaf = EMPTY_SUBTREE[BUCKET_BITS]
+    level = [empty_leaf if digest == EMPTY_BUCKET_DIGEST else leaf_hash(digest) for digest in bucket_digests]
     low, high = BUCKET_COUNT + first_bucket, BUCKET_COUNT + last_bucket
     remaining = iter(proof)
     used = 0
+    depth = BUCKET_BITS
     while low > 1:
         if low & 1:
             sibling = next(remaining, None)
@@ -211,6 +222,7 @@ def range_root(bucket_digests: list[bytes], first_bucket: int, proof: list[bytes
                 return None
             level.append(sibling)
             used += 1
-        level = [node_hash(level[i], level[i + 1]) for i in range(0, len(level), 2)]
+        depth -= 1
+        level = _parents(level, depth)
         low, high = low >> 1, high >> 1
     return level[0] if used == len(proof) else None
