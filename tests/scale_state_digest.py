@@ -13,7 +13,7 @@ import time
 
 from ledger.application import AccountsApplication
 from ledger.encoding import encode
-from ledger.snapshots import snapshot_chunks
+from ledger.snapshots import snapshot_chunks, verify_chunk
 from ledger.transactions import Transaction, Transfer
 
 TRANSACTIONS_PER_BLOCK = 400
@@ -60,12 +60,18 @@ def measure(entries: int) -> None:
     started = time.perf_counter()
     chunks = snapshot_chunks(application)
     chunk_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    root = application.state_digest()
+    for chunk in chunks:
+        verify_chunk(root, chunk)
+    verify_seconds = time.perf_counter() - started
     print(
         f"{entries:>8} entries: restart recompute {rebuild * 1000:8.1f} ms ({rebuild / entries * 1e6:5.2f} us/entry); "
         f"digest update per block of {TRANSACTIONS_PER_BLOCK} transfers (about {2 * TRANSACTIONS_PER_BLOCK} entries) "
         f"median {median * 1000:5.2f} ms after the execution's entry hashing (execute and digest {block_median * 1000:5.2f} ms; "
         f"AdHash's hashing alone was {adhash_update_seconds(2 * TRANSACTIONS_PER_BLOCK) * 1000:5.2f} ms); "
-        f"snapshot {len(chunks)} chunks built in {chunk_seconds * 1000:.0f} ms",
+        f"snapshot of {len(chunks)} chunks built in {chunk_seconds * 1000:.0f} ms, verified in {verify_seconds * 1000:.0f} ms "
+        f"({verify_seconds / application.entry_count() * 1e6:.2f} us/entry)",
         flush=True,
     )
 
