@@ -22,6 +22,7 @@ key to land them in one bucket, each one still costing a committed transaction.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 from typing import Any
 
@@ -109,23 +110,37 @@ _FULL_REBUILD_BUCKETS = BUCKET_COUNT // 16
 class StateTree:
     """The commitment over a changing set of entries.
 
-    Memory: one 32-byte entry hash per entry (the entries themselves are the application's),
+    Memory: one 32-byte entry hash and two list slots per entry (the entries themselves are the application's),
     the hashes of the non-empty tree nodes, and a 2 * 65,536-slot list of references to them."""
 
     def __init__(self) -> None:
-        # bucket -> {key: entry hash}; keys of the two namespaces never collide (bytes vs text).
-        self._buckets: dict[int, dict[bytes | str, bytes]] = {}
+        # bucket -> its keys in entry order, and their entries' hashes in the same order: kept
+        # sorted as keys arrive, so a bucket a client grew by grinding keys into it costs one
+        # binary search to change and one pass to re-hash, never a sort. Keys of the two
+        # namespaces never compare equal (bytes against text).
+        self._keys: dict[int, list[bytes | str]] = {}
+        self._hashes: dict[int, list[bytes]] = {}
         self._nodes = _empty_tree()
         self._dirty: set[int] = set()
 
     def set(self, namespace: str, key: bytes | str, value: Any) -> None:
         bucket = bucket_of(namespace, key)
-        self._buckets.setdefault(bucket, {})[key] = entry_hash(namespace, key, value)
+        keys = self._keys.get(bucket)
+        if keys is None:
+            keys = self._keys[bucket] = []
+            self._hashes[bucket] = []
+        hashes = self._hashes[bucket]
+        index = bisect.bisect_left(keys, _key_order(key), key=_key_order)
+        if index < len(keys) and keys[index] == key:
+            hashes[index] = entry_hash(namespace, key, value)
+        else:
+            keys.insert(index, key)
+            hashes.insert(index, entry_hash(namespace, key, value))
         self._dirty.add(bucket)
 
     def bucket_keys(self, bucket: int) -> list[bytes | str]:
         """The keys in a bucket, in entry order."""
-        return sorted(self._buckets.get(bucket, {}), key=_key_order)
+        return list(self._keys.get(bucket, ()))
 
     def _refresh(self) -> None:
         """Re-hash the buckets changed since the last call, then their paths, level by level."""
@@ -133,9 +148,7 @@ class StateTree:
             return
         nodes = self._nodes
         for bucket in self._dirty:
-            entries = self._buckets.get(bucket, {})
-            ordered = sorted(entries.items(), key=lambda item: _key_order(item[0]))
-            nodes[BUCKET_COUNT + bucket] = leaf_hash(bucket_digest([hash_ for _, hash_ in ordered]))
+            nodes[BUCKET_COUNT + bucket] = leaf_hash(bucket_digest(self._hashes[bucket]))
         sha256 = hashlib.sha256
         if len(self._dirty) > _FULL_REBUILD_BUCKETS:
             for depth in range(BUCKET_BITS - 1, -1, -1):

@@ -152,3 +152,32 @@ def test_a_bulk_build_and_small_updates_reach_the_same_root() -> None:
         stepwise.root()
     assert bulk.root() == stepwise.root()
     assert bulk.range_proof(100, 5000) == stepwise.range_proof(100, 5000)
+
+
+def keys_in_bucket(bucket: int, count: int) -> list[bytes]:
+    """Account keys ground into one bucket, as a client can (about 65,536 hashes a key)."""
+    found: list[bytes] = []
+    candidate = 0
+    while len(found) < count:
+        key = candidate.to_bytes(32, "big")
+        if bucket_of(ACCOUNT, key) == bucket:
+            found.append(key)
+        candidate += 1
+    return found
+
+
+def test_a_ground_bucket_keeps_entry_order_whatever_the_order_of_writes() -> None:
+    bucket = bucket_of(VALUE, "b")
+    value_keys = [key for key in (f"{index}" for index in range(400_000)) if bucket_of(VALUE, key) == bucket][:2]
+    account_keys = keys_in_bucket(bucket, 2)
+    writes = [(ACCOUNT, key, [1, 0]) for key in account_keys] + [(VALUE, key, "v") for key in ["b", *value_keys]]
+    roots = set()
+    generator = random.Random(5)
+    for _ in range(6):
+        generator.shuffle(writes)
+        tree = StateTree()
+        for namespace, key, value in writes:
+            tree.set(namespace, key, value)
+        assert tree.bucket_keys(bucket) == [*sorted(account_keys), *sorted(["b", *value_keys])]
+        roots.add(tree.root())
+    assert len(roots) == 1
