@@ -5,13 +5,14 @@ in bucket and entry order, and the Merkle siblings along both edges of the range
 it needs only the root (the state digest that 2f+1 CHECKPOINTs or a block's certificate sign):
 a chunk that leaves out, adds, repeats, reorders or edits any entry, or misplaces its range,
 does not lead to the root. So a joining replica can take chunks from peers it does not trust,
-one at a time, and drop a peer at its first bad chunk.
+in any order and from several at once, and drop a peer at its first bad chunk.
 
 Bounds: a chunk of several buckets holds at most CHUNK_ENTRIES_MAX entries and
 CHUNK_BYTES_MAX bytes of encoded entries (the builder closes a chunk before it would pass
 either). A single bucket over those bounds is a chunk of its own, up to BUCKET_ENTRIES_MAX and
 BUCKET_BYTES_MAX; a bucket beyond that (only a client grinding keys into one bucket makes one)
-cannot be sent as a snapshot, and a replica must catch up from blocks instead.
+cannot be sent as a snapshot (the builder refuses it), and a replica must catch up from
+blocks instead.
 """
 
 from __future__ import annotations
@@ -179,7 +180,8 @@ def chunk_starting_at(
     application: ChunkSource, first_bucket: int, entries_max: int = CHUNK_ENTRIES_MAX, bytes_max: int = CHUNK_BYTES_MAX
 ) -> StateChunk:
     """The chunk of the application's current state from `first_bucket` on, as many whole
-    buckets as fit the bounds (at least one). What a replica answers a fetch of that bucket with."""
+    buckets as fit the bounds (at least one). What a replica answers a fetch of that bucket with.
+    Raises SnapshotError if that bucket alone is over the bounds of any chunk."""
     if not 0 <= first_bucket < BUCKET_COUNT:
         raise ValueError(f"bucket {first_bucket} is not within 0..{BUCKET_COUNT - 1}")
     entries: list[Entry] = []
@@ -192,6 +194,13 @@ def chunk_starting_at(
             for namespace, key, value in application.bucket_entries(bucket)
         ]
         found_size = sum(len(_entry_encoding(entry)) for entry in found)
+        if len(found) > BUCKET_ENTRIES_MAX or found_size > BUCKET_BYTES_MAX:
+            if bucket == first_bucket:
+                raise SnapshotError(
+                    f"bucket {bucket} holds {len(found)} entries of {found_size} bytes, over what a chunk may carry "
+                    f"({BUCKET_ENTRIES_MAX} entries, {BUCKET_BYTES_MAX} bytes)"
+                )
+            break  # the chunk ends before it; a request starting there is refused
         if bucket > first_bucket and (len(entries) + len(found) > entries_max or size + found_size > bytes_max):
             break
         entries.extend(found)

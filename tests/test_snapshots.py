@@ -331,3 +331,16 @@ def test_a_released_frozen_state_stops_following_the_application() -> None:
     assert view.changed_entries == 2
     with pytest.raises(ValueError, match="released"):
         view.bucket_entries(0)
+
+
+def test_a_bucket_over_every_chunk_bound_is_refused_by_the_builder(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Such a bucket cannot be sent (the verifier would refuse it): the server says so instead,
+    and a chunk before it ends before it."""
+    import ledger.snapshots as snapshots
+
+    sizes = [len(APPLICATION.bucket_entries(bucket)) for bucket in range(BUCKET_COUNT)]
+    bucket = next(bucket for bucket in range(1, BUCKET_COUNT) if sizes[bucket] >= 2 and sizes[bucket - 1] < 2)
+    monkeypatch.setattr(snapshots, "BUCKET_ENTRIES_MAX", 1)
+    with pytest.raises(SnapshotError, match=f"bucket {bucket} holds"):
+        chunk_starting_at(APPLICATION, bucket, entries_max=1)
+    assert chunk_starting_at(APPLICATION, bucket - 1, entries_max=1000, bytes_max=10**6).last_bucket == bucket - 1
