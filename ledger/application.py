@@ -3,21 +3,28 @@
 from __future__ import annotations
 
 import bisect
-import hashlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ledger.crypto import PUBLIC_KEY_SIZE
-from ledger.encoding import CodecError, encode, expect_bytes, expect_int, expect_list, expect_text
+from ledger.encoding import CodecError, expect_bytes, expect_int, expect_list, expect_text
+from ledger.state_tree import (
+    ACCOUNT,
+    BUCKET_COUNT,
+    VALUE,
+    StateTree,
+    bucket_of,
+    entry_order,
+    nodes_range_proof,
+)
 from ledger.transactions import KEY_LENGTH_MAX, Put, Transaction, TransactionResult, Transfer
 
-# The state digest is a multiset hash: the sum, modulo 2**1024, of a 1024-bit hash of every entry
-# (in the spirit of Bellare-Micciancio AdHash / Facebook's LtHash). Updating one entry costs one
-# hash and two big-integer additions, so the digest is cheap per block however large the state
-# grows, and it depends only on the state, not the history, so a snapshot can be checked against it.
-_DIGEST_MODULUS = 1 << 1024
-_ENTRY_HASH_SIZE = 128
+# The state digest is the root of ledger/state_tree.py: entries in 65,536 buckets by a hash of
+# their key, a Merkle tree over the bucket digests. It depends only on the state, not the history;
+# a block's changes re-hash only the buckets they touch and those buckets' paths; and any range of
+# buckets can be checked on its own against it (ledger/snapshots.py), so a snapshot served by one
+# peer can be checked chunk by chunk.
 
 
 # The reason recorded for a transaction whose nonce was already used: a duplicate of one that
@@ -89,10 +96,6 @@ class Account:
     nonce: int
 
 
-def _entry_hash(namespace: str, key: Any, value: Any) -> int:
-    return int.from_bytes(hashlib.shake_256(encode([namespace, key, value])).digest(_ENTRY_HASH_SIZE))
-
-
 class AccountsApplication:
     """Account balances moved by transfers, plus a key-value namespace written by puts.
 
@@ -108,7 +111,8 @@ class AccountsApplication:
         # new tail in about linear time, once per batch of writes rather than once per key.
         self._keys_in_order: list[str] = []
         self._keys_sorted = True
-        self._digest_sum = 0
+        self._tree = StateTree()
+        self._frozen: list[FrozenState] = []  # views of earlier states, told of every change
         # Entries changed since the last take_changes(): what the store must write beside the
         # blocks that changed them (ledger/storage.py keeps the state durable).
         self._changed_accounts: set[bytes] = set()
@@ -118,24 +122,20 @@ class AccountsApplication:
 
     # Entries are updated through these two methods only, so the digest can never drift from the state.
     def _set_account(self, account: bytes, new: Account) -> None:
-        old = self._accounts.get(account)
-        if old is not None:
-            self._digest_sum -= _entry_hash("account", account, [old.balance, old.nonce])
-        self._digest_sum += _entry_hash("account", account, [new.balance, new.nonce])
-        self._digest_sum %= _DIGEST_MODULUS
+        for view in self._frozen:
+            view._remember(ACCOUNT, account, self._accounts.get(account))
+        self._tree.set(ACCOUNT, account, [new.balance, new.nonce])
         self._accounts[account] = new
         self._changed_accounts.add(account)
 
     def _set_value(self, key: str, value: str) -> None:
-        old = self._values.get(key)
-        if old is not None:
-            self._digest_sum -= _entry_hash("value", key, old)
-        else:
+        for view in self._frozen:
+            view._remember(VALUE, key, self._values.get(key))
+        if key not in self._values:
             if self._keys_in_order and key < self._keys_in_order[-1]:
                 self._keys_sorted = False
             self._keys_in_order.append(key)
-        self._digest_sum += _entry_hash("value", key, value)
-        self._digest_sum %= _DIGEST_MODULUS
+        self._tree.set(VALUE, key, value)
         self._values[key] = value
         self._changed_values.add(key)
 
@@ -179,7 +179,38 @@ class AccountsApplication:
         raise AssertionError(f"unknown operation {operation!r}")
 
     def state_digest(self) -> bytes:
-        return hashlib.sha256(self._digest_sum.to_bytes(_ENTRY_HASH_SIZE)).digest()
+        return self._tree.root()
+
+    def bucket_entries(self, bucket: int) -> list[list[Any]]:
+        """The entries of one state bucket as [namespace, key, value], in entry order (what a
+        snapshot chunk carries; ledger/snapshots.py)."""
+        if not 0 <= bucket < BUCKET_COUNT:
+            raise ValueError(f"bucket {bucket} is not within 0..{BUCKET_COUNT - 1}")
+        entries: list[list[Any]] = []
+        for key in self._tree.bucket_keys(bucket):
+            if isinstance(key, bytes):
+                account = self._accounts[key]
+                entries.append([ACCOUNT, key, [account.balance, account.nonce]])
+            else:
+                entries.append([VALUE, key, self._values[key]])
+        return entries
+
+    def state_range_proof(self, first_bucket: int, last_bucket: int) -> list[bytes]:
+        """The Merkle proof of buckets first..last against state_digest() (ledger/state_tree.py)."""
+        return self._tree.range_proof(first_bucket, last_bucket)
+
+    def freeze(self) -> FrozenState:
+        """A read-only view of the state as it is now, kept while the application moves on (a
+        replica serves snapshot chunks of a checkpoint's state from it). Costs a copy of the
+        tree's node list now, and afterwards one remembered old value per entry changed, until
+        the view is released: release it when it is no longer wanted."""
+        view = FrozenState(self, self._tree.frozen_nodes())
+        self._frozen.append(view)
+        return view
+
+    def _release(self, view: FrozenState) -> None:
+        if view in self._frozen:
+            self._frozen.remove(view)
 
     def query(self, kind: str, argument: Any) -> Any:
         """Answer a read. Raises CodecError for a malformed query (the caller reports it)."""
@@ -217,7 +248,8 @@ class AccountsApplication:
     @classmethod
     def from_entries(cls, accounts: Iterable[tuple[Any, Any, Any]], values: Iterable[tuple[Any, Any]]) -> AccountsApplication:
         """The application holding exactly these entries (read back from a store), nothing
-        changed yet. Costs one entry hash per entry: linear in the state, not the history.
+        changed yet. Costs two SHA-256 per entry (its bucket and its hash) and, at the first
+        state_digest(), one per non-empty bucket and tree node: linear in the state, not the history.
         Raises CodecError for an entry of the wrong shape (a damaged store)."""
         application = cls({})
         for key, balance, nonce in accounts:
@@ -251,3 +283,55 @@ class AccountsApplication:
             key, value = expect_list(item, "snapshot value", length=2)
             application._set_value(expect_text(key, "key", KEY_LENGTH_MAX), expect_text(value, "value"))
         return application
+
+
+class FrozenState:
+    """The state of an AccountsApplication at the moment it was frozen: its digest, and each
+    bucket's entries with their range proofs (what ledger/snapshots.py builds chunks from).
+
+    It holds the old value of every entry changed since, so answers cost the current bucket
+    plus those changes; it grows with the changes until release()."""
+
+    def __init__(self, application: AccountsApplication, nodes: list[bytes]) -> None:
+        self._application: AccountsApplication | None = application
+        self._nodes = nodes
+        self._digest = nodes[1]
+        # bucket -> {key: (namespace, the entry's value when frozen, None if it did not exist)}
+        self._changed: dict[int, dict[bytes | str, tuple[str, Any]]] = {}
+        self.changed_entries = 0
+
+    def _remember(self, namespace: str, key: bytes | str, old: Any) -> None:
+        changed = self._changed.setdefault(bucket_of(namespace, key), {})
+        if key not in changed:
+            changed[key] = (namespace, old)
+            self.changed_entries += 1
+
+    def state_digest(self) -> bytes:
+        return self._digest
+
+    def bucket_entries(self, bucket: int) -> list[list[Any]]:
+        """The bucket's entries when frozen, in entry order."""
+        if self._application is None:
+            raise ValueError("the frozen state was released")
+        current = self._application.bucket_entries(bucket)
+        changed = self._changed.get(bucket)
+        if not changed:
+            return current
+        entries = {entry[1]: entry for entry in current if entry[1] not in changed}
+        for key, (namespace, old) in changed.items():
+            if isinstance(old, Account):
+                entries[key] = [namespace, key, [old.balance, old.nonce]]
+            elif old is not None:
+                entries[key] = [namespace, key, old]
+        return sorted(entries.values(), key=lambda entry: entry_order(entry[0], entry[1]))
+
+    def state_range_proof(self, first_bucket: int, last_bucket: int) -> list[bytes]:
+        return nodes_range_proof(self._nodes, first_bucket, last_bucket)
+
+    def release(self) -> None:
+        """Stop following the application and drop what was kept."""
+        if self._application is not None:
+            self._application._release(self)
+        self._application = None
+        self._changed.clear()
+        self._nodes = []

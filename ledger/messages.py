@@ -32,6 +32,8 @@ from ledger.encoding import (
     expect_text,
 )
 from ledger.merkle import merkle_paths, merkle_proof, merkle_root, verify_merkle_proof
+from ledger.snapshots import StateChunk
+from ledger.state_tree import BUCKET_COUNT
 from ledger.transactions import Transaction, TransactionResult
 
 BLOCKS_PER_RESPONSE_MAX = 64
@@ -492,6 +494,44 @@ def encode_blocks_message(encoded_blocks: list[bytes], checkpoint: CheckpointCer
     )
 
 
+@dataclass(frozen=True, slots=True)
+class FetchSnapshot:
+    """Ask a peer for the chunk of its state at stable checkpoint `sequence` (0: its newest one)
+    that starts at `first_bucket` (ledger/snapshots.py)."""
+
+    TAG: ClassVar[str] = "fetch-snapshot"
+    sequence: int
+    first_bucket: int
+
+    def fields(self) -> list[Any]:
+        return [self.sequence, self.first_bucket]
+
+    @classmethod
+    def from_fields(cls, items: list[Any]) -> FetchSnapshot:
+        expect_list(items, cls.TAG, length=2)
+        return cls(expect_int(items[0], "sequence"), expect_int(items[1], "first bucket", 0, BUCKET_COUNT - 1))
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotChunk:
+    """A chunk of the state certified by `checkpoint` (its state digest is the root the chunk is
+    checked against), or None when the sender keeps no snapshot of the checkpoint asked for:
+    then `checkpoint` is the sender's newest stable one, for the asker to move to."""
+
+    TAG: ClassVar[str] = "snapshot-chunk"
+    checkpoint: CheckpointCertificate
+    chunk: StateChunk | None
+
+    def fields(self) -> list[Any]:
+        return [self.checkpoint.fields(), None if self.chunk is None else self.chunk.to_plain()]
+
+    @classmethod
+    def from_fields(cls, items: list[Any]) -> SnapshotChunk:
+        expect_list(items, cls.TAG, length=2)
+        checkpoint = CheckpointCertificate.from_fields(expect_list(items[0], "snapshot checkpoint"))
+        return cls(checkpoint, None if items[1] is None else StateChunk.from_plain(items[1]))
+
+
 # ---- replica connection handshake ----
 
 
@@ -922,6 +962,8 @@ MESSAGE_TYPES: dict[str, Any] = {
         Status,
         FetchBlocks,
         Blocks,
+        FetchSnapshot,
+        SnapshotChunk,
         Hello,
         HelloProof,
         Request,

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ledger.application import AccountsApplication, is_final
-from ledger.blocks import ChainError, verify_certificate, verify_execution
+from ledger.application import AccountsApplication, StateChanges, is_final
+from ledger.blocks import Block, ChainError, verify_certificate, verify_execution
 from ledger.config import NetworkConfig
 from ledger.encoding import CodecError
 from ledger.storage import BlockStore, StoreError
@@ -46,12 +46,18 @@ def restore_application(store: BlockStore, network: NetworkConfig) -> Restored:
     _check_recent_certificates(store, network)
     genesis = AccountsApplication(network.genesis_balances)
     loaded = store.load_state()
+    if loaded is None and store.base_height:
+        raise StoreError(f"{store.path}: the store starts at block {store.base_height} from a snapshot, but its state is missing")
     if loaded is None:
         application, state_height, latest_timestamp_ms = genesis, 0, 0
     else:
         state_height, digest, accounts, values, latest_timestamp_ms = loaded
         if state_height > store.height:
             raise StoreError(f"{store.path}: the stored state describes height {state_height}, above the tip {store.height}")
+        if state_height < store.base_height:
+            raise StoreError(
+                f"{store.path}: the stored state describes height {state_height}, below block {store.base_height} the store starts at"
+            )
         try:
             application = AccountsApplication.from_entries(accounts, values)
         except CodecError as error:
@@ -78,6 +84,19 @@ def restore_application(store: BlockStore, network: NetworkConfig) -> Restored:
     if loaded is None or replayed:
         store.write_state(changes, application.state_digest(), latest_timestamp_ms)
     return Restored(application, latest_timestamp_ms, None if loaded is None else loaded[0], replayed, application.entry_count())
+
+
+def install_snapshot(store: BlockStore, network: NetworkConfig, block: Block, application: AccountsApplication) -> None:
+    """Start an empty store from a snapshot: `application` holds the state of `block`, whose
+    commit certificate must verify against the network. A replica's start then restores that
+    state and replays only the blocks written after it. Raises StoreError, one line."""
+    try:
+        verify_certificate(block.header, block.certificate, network.identity, network.replica_keys, network.quorum)
+    except ChainError as error:
+        raise StoreError(f"{store.path}: the snapshot's block fails verification: {error}") from None
+    snapshot = application.snapshot()
+    changes = StateChanges(tuple((key, balance, nonce) for key, balance, nonce in snapshot[0]), tuple((key, value) for key, value in snapshot[1]))
+    store.install_snapshot(block, changes, application.state_digest())
 
 
 def _check_indexed(store: BlockStore, transaction_id: bytes, location: tuple[int, int]) -> int:
@@ -111,6 +130,11 @@ def audit_store(store: BlockStore, network: NetworkConfig, progress: Callable[[i
     re-executed (results and state digests), the transaction index, and the durable state
     compared entry by entry with the re-executed one at its height. Linear in the history.
     `progress(done, total)` is called about every tenth of the blocks. Raises StoreError."""
+    if store.base_height:
+        raise StoreError(
+            f"{store.path}: the store starts at block {store.base_height} from a snapshot: an audit from genesis "
+            "needs the blocks before it, from a replica that keeps them"
+        )
     problem = store.integrity_problem()
     if problem is not None:
         raise StoreError(f"{store.path}: the database file is damaged: {problem}")

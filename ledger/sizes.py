@@ -16,6 +16,14 @@ from ledger.messages import (
     QUERY_NONCE_SIZE,
     SUBSCRIBE_ACCOUNTS_MAX,
 )
+from ledger.snapshots import (
+    BUCKET_BYTES_MAX,
+    BUCKET_ENTRIES_MAX,
+    CHUNK_BYTES_MAX,
+    CHUNK_ENTRIES_MAX,
+    PROOF_LENGTH_MAX,
+)
+from ledger.state_tree import BUCKET_COUNT
 from ledger.transactions import KEY_LENGTH_MAX, RESULT_REASON_LENGTH_MAX, VALUE_LENGTH_MAX
 
 UTF8_BYTES_PER_CHARACTER_MAX = 4
@@ -203,3 +211,29 @@ def client_message_size_max() -> int:
 def log_size(window_size: int, checkpoint_interval: int) -> int:
     """L in the paper, as node/core.py computes it: how far above the stable checkpoint sequences go."""
     return max(window_size, 2 * checkpoint_interval)
+
+
+def state_chunk_size_max(entry_bytes: int, entries: int) -> int:
+    """[first bucket, last bucket, [entries], [proof]] with `entries` entries of `entry_bytes`
+    encoded bytes in all, and the longest proof."""
+    return (
+        head_size(4) + 2 * head_size(BUCKET_COUNT - 1) + head_size(entries) + entry_bytes
+        + head_size(PROOF_LENGTH_MAX) + PROOF_LENGTH_MAX * HASH_ENCODED_SIZE
+    )
+
+
+def snapshot_chunk_size_max(
+    replica_count: int, entry_bytes: int = BUCKET_BYTES_MAX, entries: int = BUCKET_ENTRIES_MAX
+) -> int:
+    """A SNAPSHOT-CHUNK: the checkpoint certificate and a chunk (by default the largest a decoder
+    accepts: one bucket at its bounds, 4 MiB of entries, which the default 8 MiB frame holds)."""
+    fields = checkpoint_certificate_fields_size_max(replica_count) + state_chunk_size_max(entry_bytes, entries)
+    return message_size("snapshot-chunk", 2, fields)
+
+
+def snapshot_chunk_bytes_budget(replica_count: int, frame_size_max: int) -> int:
+    """The entry bytes a served chunk of several buckets may hold so that its SNAPSHOT-CHUNK
+    fits the frame: CHUNK_BYTES_MAX (1 MiB), less in a smaller frame. A lone bucket over
+    this is sent only if its own message fits the frame."""
+    overhead = snapshot_chunk_size_max(replica_count, 0, CHUNK_ENTRIES_MAX)
+    return max(0, min(CHUNK_BYTES_MAX, frame_size_max - overhead))

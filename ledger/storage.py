@@ -7,6 +7,10 @@ the call returns, which is what lets a replica send a signed message only after 
 The application state (accounts, key-value entries) lives in two tables beside the blocks, with
 the height it describes in meta: a restart reads the state instead of re-executing the history
 (ledger/restore.py checks it against the stored chain).
+
+A store may start from a snapshot instead of genesis (install_snapshot): then it holds the
+certified block of the snapshot's height (its base, meta base_height) and the blocks after it,
+none before.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from ledger.application import StateChanges, is_final
-from ledger.blocks import Block, ChainError, verify_chain_segment
+from ledger.blocks import Block, ChainError, verify_block_contents, verify_chain_segment
 from ledger.encoding import CodecError
 from ledger.evidence import Evidence
 
@@ -156,6 +160,7 @@ class BlockStore:
         self.genesis = genesis
         self._height, self._last_hash = self._read_tip()
         self._state_height = self._read_state_height()
+        self._base_height = self._read_base_height()
 
     @classmethod
     def open(cls, path: Path, genesis: bytes, verify: bool = True) -> BlockStore:
@@ -217,9 +222,27 @@ class BlockStore:
             raise StoreError(f"{self.path}: the stored state height {row[0]!r} is not a height")
         return row[0]
 
+    def _read_base_height(self) -> int:
+        row = self._reader.execute("select value from meta where key='base_height'").fetchone()
+        if row is None:
+            return 0
+        if not isinstance(row[0], int) or row[0] < 1:
+            raise StoreError(f"{self.path}: the stored base height {row[0]!r} is not a height")
+        return row[0]
+
     @property
     def height(self) -> int:
         return self._height
+
+    @property
+    def base_height(self) -> int:
+        """The first block held: 0 for a store from genesis (block 1 on), else the height of
+        the snapshot it was installed from (that block on)."""
+        return self._base_height
+
+    @property
+    def first_height(self) -> int:
+        return max(1, self._base_height)
 
     @property
     def state_height(self) -> int | None:
@@ -238,10 +261,20 @@ class BlockStore:
         The gap check counts the entries of a narrow index over the blocks: linear in the number
         of blocks, but about 90 entries a page and no block read (see `make scale` for its cost)."""
         count = self._reader.execute("select count(*) from blocks").fetchone()[0]
-        if count != self._height:
+        base = self._base_height
+        if base and self._height < base:
+            raise StoreError(f"{self.path}: the store starts at block {base} from a snapshot, but that block is missing")
+        if count != (self._height - base + 1 if base else self._height):
             raise StoreError(f"{self.path}: {count} blocks stored but the highest is {self._height}: blocks are missing")
-        first = 1 if recent_max is None else max(1, self._height - recent_max + 1)
-        if first == 1:
+        first = self.first_height if recent_max is None else max(self.first_height, self._height - recent_max + 1)
+        if base and first == base:
+            # Nothing below the base is kept: its link down was checked (with its certificate) when installed.
+            row = self._reader.execute("select data from blocks where height=?", (base,)).fetchone()
+            try:
+                parent_hash, parent_height = Block.decode(row[0]).header.parent_hash, base - 1
+            except CodecError as error:
+                raise StoreError(f"{self.path}: store fails verification: block {base}: cannot be decoded: {error}") from None
+        elif first == 1:
             parent_hash, parent_height = self.genesis, 0
         else:
             # The link into the checked part is the stored hash of the block before it; `check` verifies that one too.
@@ -324,6 +357,41 @@ class BlockStore:
             self._height, self._last_hash = blocks[-1].height, blocks[-1].block_hash
         if state is not None:
             self._state_height = self._height
+
+    def install_snapshot(self, block: Block, changes: StateChanges, state_digest: bytes) -> None:
+        """Start an empty store from a snapshot: `block` is the block of the snapshot's height
+        (its certificate checked by the caller, ledger/restore.py) and `changes` every entry of
+        the state after it. One transaction: the store then continues from that block."""
+        if self._height:
+            raise StoreError(f"{self.path}: a snapshot is installed only in a store without blocks (this one holds {self._height})")
+        try:
+            verify_block_contents(block)
+        except ChainError as error:
+            raise StoreError(f"{self.path}: the snapshot's block fails verification: {error}") from None
+        if block.header.state_digest != state_digest:
+            raise StoreError(f"{self.path}: the snapshot's state does not have the state digest of block {block.height}")
+        with self._connection:
+            self._connection.execute("begin")
+            self._connection.execute("delete from state_accounts")
+            self._connection.execute("delete from state_values")
+            self._connection.execute("insert into blocks values (?, ?, ?)", (block.height, block.block_hash, block.encode()))
+            self._connection.executemany(
+                "insert or ignore into transactions values (?, ?, ?)",
+                [
+                    (transaction.transaction_id, block.height, index)
+                    for index, (transaction, result) in enumerate(zip(block.transactions, block.results, strict=True))
+                    if is_final(result)
+                ],
+            )
+            self._write_state(changes, block.height, state_digest, [])
+            # The latest stamp before the base is not known: the base's own (0 if it is a null
+            # block) until later blocks raise it.
+            self._connection.executemany(
+                "insert or replace into meta values (?, ?)",
+                [("base_height", block.height), ("latest_timestamp_ms", block.header.timestamp_ms)],
+            )
+        self._height, self._last_hash = block.height, block.block_hash
+        self._state_height = self._base_height = block.height
 
     def write_state(self, changes: StateChanges, state_digest: bytes, latest_timestamp_ms: int) -> None:
         """Bring the stored state to the tip: `changes` are every entry changed since the stored

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PURE_MODULES = ["node/core.py", "node/queries.py"]  # queries: the simulator answers reads with it too
+PURE_MODULES = ["node/core.py", "node/queries.py", "node/state_sync.py"]  # queries: the simulator answers reads with it too
 FORBIDDEN = {"trio", "socket", "time", "random", "os", "threading", "asyncio", "select", "subprocess", "secrets", "datetime", "sqlite3"}
 
 

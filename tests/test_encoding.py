@@ -9,6 +9,7 @@ from chain_helpers import build_chain, make_network, make_transactions
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from ledger.application import AccountsApplication
 from ledger.blocks import Block
 from ledger.encoding import (
     ENCODED_SIZE_MAX,
@@ -26,8 +27,10 @@ from ledger.messages import (
     Batch,
     BatchReply,
     Blocks,
+    CheckpointCertificate,
     Commit,
     FetchBlocks,
+    FetchSnapshot,
     Hello,
     HelloProof,
     Prepare,
@@ -36,6 +39,7 @@ from ledger.messages import (
     QueryReply,
     Reply,
     Request,
+    SnapshotChunk,
     Status,
     StatusQuery,
     StatusReply,
@@ -43,6 +47,7 @@ from ledger.messages import (
     decode_message,
     encode_message,
 )
+from ledger.snapshots import chunk_starting_at
 from ledger.transactions import Transaction, TransactionResult
 
 CBOR_INTEGER_MIN = -(2**64)
@@ -75,6 +80,12 @@ SAMPLE_MESSAGES: list[Any] = [
     Commit(view=1, sequence=3, digest=HASH, replica_id=3, signature=SIGNATURE),
     Status(replica_id=0, view=4, height=99),
     FetchBlocks(from_height=5, count=10),
+    FetchSnapshot(sequence=100, first_bucket=65535),
+    SnapshotChunk(
+        CheckpointCertificate(100, HASH, HASH, ((0, SIGNATURE), (2, SIGNATURE))),
+        chunk_starting_at(AccountsApplication.from_entries([(HASH, 5, 1)], [("key", "value")]), 0, entries_max=1, bytes_max=1),
+    ),
+    SnapshotChunk(CheckpointCertificate(100, HASH, HASH, ((0, SIGNATURE),)), None),
     Blocks(blocks=tuple(CHAIN)),
     Hello(network_id="encoding-net", replica_id=1, challenge=HASH, genesis_hash=HASH, protocol=(400, 5, 64, 2**62)),
     HelloProof(signature=SIGNATURE),

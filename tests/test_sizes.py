@@ -27,7 +27,7 @@ from ledger.config import (
     template_for,
     write_network,
 )
-from ledger.encoding import INTEGER_MAX
+from ledger.encoding import INTEGER_MAX, encode
 from ledger.messages import (
     BLOCKS_PER_RESPONSE_MAX,
     QUERY_NONCE_SIZE,
@@ -43,12 +43,14 @@ from ledger.messages import (
     PrePrepareHeader,
     Query,
     Request,
+    SnapshotChunk,
     Subscribe,
     ViewChange,
     decode_message,
     encode_message,
     make_replies,
 )
+from ledger.snapshots import BUCKET_BYTES_MAX, PROOF_LENGTH_MAX, StateChunk
 from ledger.transactions import (
     KEY_LENGTH_MAX,
     RESULT_REASON_LENGTH_MAX,
@@ -155,6 +157,31 @@ def test_blocks_response_bound_holds() -> None:
     small = largest_block(1)
     count = min(BLOCKS_PER_RESPONSE_MAX, sizes.blocks_response_budget(frame_size_max) // len(small.encode()))
     assert len(encode_message(Blocks((small,) * count, checkpoint_certificate(replica_count)))) <= bound
+
+
+def largest_snapshot_chunk(replica_count: int, entry_count: int) -> tuple[SnapshotChunk, int]:
+    """A SNAPSHOT-CHUNK of `entry_count` of the largest value entries (as many as 4 MiB holds at
+    most), the longest proof and a full certificate; and its entries' encoded bytes."""
+    entry = ("value", WIDE_CHARACTER * KEY_LENGTH_MAX, WIDE_CHARACTER * VALUE_LENGTH_MAX)
+    entry_size = len(encode(list(entry)))
+    entry_count = min(entry_count, BUCKET_BYTES_MAX // entry_size)
+    chunk = StateChunk(65535, 65535, (entry,) * entry_count, (HASH,) * PROOF_LENGTH_MAX)
+    return SnapshotChunk(checkpoint_certificate(replica_count), chunk), entry_count * entry_size
+
+
+@pytest.mark.parametrize("entry_count", [0, 1, 23, 24, 255, 10_000])
+def test_snapshot_chunk_bound_holds(entry_count: int) -> None:
+    for replica_count in (4, REPLICAS_MAX):
+        message, entry_bytes = largest_snapshot_chunk(replica_count, entry_count)
+        size = len(encode_message(message))
+        assert size <= sizes.snapshot_chunk_size_max(replica_count, entry_bytes, len(message.chunk.entries))
+        assert size <= sizes.snapshot_chunk_size_max(replica_count)
+    # The largest lone bucket's message fits the default frame; a frame's budget leaves room for the rest.
+    frame_size_max = ProtocolSettings().frame_size_max
+    assert sizes.snapshot_chunk_size_max(REPLICAS_MAX) <= frame_size_max
+    for frame in (64 * 1024, frame_size_max):
+        budget = sizes.snapshot_chunk_bytes_budget(REPLICAS_MAX, frame)
+        assert 0 < budget and sizes.snapshot_chunk_size_max(REPLICAS_MAX, budget, 1 << 16) <= frame
 
 
 def view_change_cases() -> list[tuple[int, int]]:

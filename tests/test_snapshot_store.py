@@ -1,0 +1,122 @@
+"""A store started from a verified snapshot: it holds the snapshot's block and the later ones, restarts without replay, and refuses damage."""
+
+from __future__ import annotations
+
+import dataclasses
+import sqlite3
+from pathlib import Path
+
+import pytest
+from chain_helpers import extend_executed_chain, make_network
+
+from ledger.application import AccountsApplication
+from ledger.blocks import Block, verify_execution
+from ledger.restore import audit_store, install_snapshot, restore_application
+from ledger.snapshots import SnapshotAssembly, snapshot_chunks
+from ledger.storage import BlockStore, StoreError
+
+NETWORK = make_network("snapshot-store-net")
+CHECKPOINT = 40
+TIP = 60
+
+
+def open_replica_store(path: Path) -> tuple[BlockStore, AccountsApplication, int]:
+    store = BlockStore.open(path, NETWORK.genesis)
+    try:
+        restored = restore_application(store, NETWORK.config)
+    except BaseException:
+        store.close()
+        raise
+    return store, restored.application, restored.blocks_replayed
+
+
+def source_chain() -> tuple[list[Block], AccountsApplication]:
+    """A peer's chain to the tip, and its state frozen at the checkpoint (as it serves it)."""
+    application = AccountsApplication(NETWORK.config.genesis_balances)
+    chain = extend_executed_chain(NETWORK, application, NETWORK.genesis, 0, CHECKPOINT, 3, distinct_keys=True)
+    frozen = application.freeze()
+    chain += extend_executed_chain(NETWORK, application, chain[-1].block_hash, CHECKPOINT, TIP - CHECKPOINT, 3, distinct_keys=True)
+    assembly = SnapshotAssembly(chain[CHECKPOINT - 1].header.state_digest)
+    for chunk in snapshot_chunks(frozen, entries_max=20, bytes_max=2000):
+        assembly.add(chunk)
+    frozen.release()
+    return chain, assembly.application()
+
+
+CHAIN, SNAPSHOT = source_chain()
+
+
+def join(path: Path) -> tuple[BlockStore, AccountsApplication]:
+    """A replica with an empty store: install the snapshot, then execute only the later blocks."""
+    store, _, _ = open_replica_store(path)
+    install_snapshot(store, NETWORK.config, CHAIN[CHECKPOINT - 1], SNAPSHOT)
+    store.close()
+    store, application, replayed = open_replica_store(path)
+    assert replayed == 0
+    for block in CHAIN[CHECKPOINT:]:
+        verify_execution(application, block)
+        store.write_round([], [block], None, application.take_changes())
+    return store, application
+
+
+def test_a_replica_from_a_snapshot_executes_only_later_blocks_and_restarts_without_replay(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    store, application = join(path)
+    assert (store.base_height, store.height) == (CHECKPOINT, TIP)
+    assert store.block(CHECKPOINT - 1) is None and store.block(CHECKPOINT) == CHAIN[CHECKPOINT - 1]
+    assert application.state_digest() == CHAIN[-1].header.state_digest
+    store.close()
+    store, restarted, replayed = open_replica_store(path)
+    assert replayed == 0 and store.base_height == CHECKPOINT
+    assert restarted.state_digest() == CHAIN[-1].header.state_digest
+    store.verify(recent_max=None)
+    with pytest.raises(StoreError, match="starts at block 40 from a snapshot"):
+        audit_store(store, NETWORK.config)
+    store.close()
+
+
+def test_a_snapshot_is_installed_only_in_a_store_without_blocks(tmp_path: Path) -> None:
+    store, _ = join(tmp_path / "ledger.sqlite3")
+    with pytest.raises(StoreError, match="without blocks"):
+        install_snapshot(store, NETWORK.config, CHAIN[CHECKPOINT - 1], SNAPSHOT)
+    store.close()
+
+
+def test_a_snapshot_whose_block_or_state_does_not_hold_is_refused(tmp_path: Path) -> None:
+    store, _, _ = open_replica_store(tmp_path / "ledger.sqlite3")
+    block = CHAIN[CHECKPOINT - 1]
+    uncertified = dataclasses.replace(block, certificate=dataclasses.replace(block.certificate, signatures=block.certificate.signatures[:1]))
+    with pytest.raises(StoreError, match="fails verification"):
+        install_snapshot(store, NETWORK.config, uncertified, SNAPSHOT)
+    with pytest.raises(StoreError, match="does not have the state digest"):
+        install_snapshot(store, NETWORK.config, CHAIN[CHECKPOINT], SNAPSHOT)  # the state of another block
+    assert store.height == 0 and store.base_height == 0
+    store.close()
+
+
+def execute_sql(path: Path, statement: str, parameters: tuple[object, ...] = ()) -> None:
+    connection = sqlite3.connect(path, isolation_level=None)
+    try:
+        connection.execute(statement, parameters)
+    finally:
+        connection.close()
+
+
+@pytest.mark.parametrize(
+    ("statement", "message"),
+    [
+        (f"delete from blocks where height = {TIP - 3}", "blocks are missing"),
+        (f"delete from blocks where height = {CHECKPOINT}", "blocks are missing"),
+        ("update state_values set value = 'edited' where key = (select min(key) from state_values)", "does not match its digest"),
+        (f"update meta set value = {CHECKPOINT - 1} where key = 'state_height'", "below block 40"),
+        ("delete from meta where key = 'base_height'", "blocks are missing"),
+    ],
+    ids=["deleted_block", "deleted_base_block", "edited_state_row", "state_below_the_base", "base_forgotten"],
+)
+def test_a_damaged_snapshot_store_is_refused_at_start(tmp_path: Path, statement: str, message: str) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    store, _ = join(path)
+    store.close()
+    execute_sql(path, statement)
+    with pytest.raises(StoreError, match=message):
+        open_replica_store(path)

@@ -1,0 +1,346 @@
+"""Tests of snapshot chunks: they cover the state exactly once, and each one is refused at any tampering."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from chain_helpers import deterministic_key
+
+from ledger.application import AccountsApplication
+from ledger.crypto import NetworkIdentity
+from ledger.encoding import CodecError, decode
+from ledger.snapshots import (
+    SnapshotAssembly,
+    SnapshotError,
+    StateChunk,
+    chunk_starting_at,
+    snapshot_chunks,
+    verify_chunk,
+)
+from ledger.state_tree import ACCOUNT, BUCKET_COUNT, VALUE, bucket_of, entry_order
+from ledger.transactions import Put, Transfer, sign_transaction
+
+NETWORK = NetworkIdentity("snapshot-net", bytes(32))
+ENTRIES_MAX = 40
+BYTES_MAX = 4000
+
+
+def populated() -> AccountsApplication:
+    """About 1,500 entries: enough that some buckets hold two or more."""
+    accounts = [(index.to_bytes(32, "big"), 1000 + index, index % 7) for index in range(500)]
+    values = [(f"key {index}", f"value {index}" * (index % 5)) for index in range(1000)]
+    return AccountsApplication.from_entries(accounts, values)
+
+
+APPLICATION = populated()
+ROOT = APPLICATION.state_digest()
+CHUNKS = snapshot_chunks(APPLICATION, ENTRIES_MAX, BYTES_MAX)
+
+
+def shared_bucket_chunk() -> StateChunk:
+    """A chunk with a bucket holding at least two entries."""
+    for chunk in CHUNKS:
+        buckets = [bucket_of(namespace, key) for namespace, key, _ in chunk.entries]
+        if len(set(buckets)) < len(buckets):
+            return chunk
+    raise AssertionError("no bucket holds two entries")
+
+
+def key_in_range(first: int, last: int) -> str:
+    """A value key that the state does not hold whose bucket is in first..last."""
+    index = 0
+    while not first <= bucket_of(VALUE, f"extra {index}") <= last:
+        index += 1
+    return f"extra {index}"
+
+
+def with_entries(chunk: StateChunk, entries: list[Any]) -> StateChunk:
+    return dataclasses.replace(chunk, entries=tuple(entries))
+
+
+def sorted_entries(entries: list[Any]) -> list[Any]:
+    return sorted(entries, key=lambda entry: (bucket_of(entry[0], entry[1]), entry_order(entry[0], entry[1])))
+
+
+def test_chunks_cover_the_whole_state_exactly_once() -> None:
+    assert len(CHUNKS) > 10
+    assert CHUNKS[0].first_bucket == 0 and CHUNKS[-1].last_bucket == BUCKET_COUNT - 1
+    for before, after in zip(CHUNKS, CHUNKS[1:], strict=False):
+        assert after.first_bucket == before.last_bucket + 1
+    entries = [entry for chunk in CHUNKS for entry in verify_chunk(ROOT, chunk, ENTRIES_MAX, BYTES_MAX)]
+    assert len(entries) == len({(namespace, key) for namespace, key, _ in entries}) == APPLICATION.entry_count()
+    for chunk in CHUNKS:
+        assert len(chunk.entries) <= ENTRIES_MAX or chunk.first_bucket == chunk.last_bucket
+    assembly = SnapshotAssembly(ROOT)
+    for chunk in CHUNKS:
+        assembly.add(chunk)
+    rebuilt = assembly.application()
+    assert rebuilt.snapshot() == APPLICATION.snapshot()
+    assert rebuilt.state_digest() == ROOT
+
+
+def test_a_state_after_real_blocks_is_rebuilt_from_its_chunks_and_executes_on_alike() -> None:
+    alice, bob = deterministic_key("alice"), deterministic_key("bob")
+    original = AccountsApplication({alice.public_key: 1000})
+    original.execute_block([sign_transaction(NETWORK, alice, nonce, Put(f"k{nonce}", "v")) for nonce in range(30)])
+    assembly = SnapshotAssembly(original.state_digest())
+    for chunk in snapshot_chunks(original):
+        assembly.add(StateChunk.from_plain(decode(chunk.encode())))
+    rebuilt = assembly.application()
+    block = [sign_transaction(NETWORK, alice, 30, Transfer(bob.public_key, 5)), sign_transaction(NETWORK, alice, 31, Put("k1", "w"))]
+    assert original.execute_block(block) == rebuilt.execute_block(block)
+    assert original.state_digest() == rebuilt.state_digest()
+
+
+def test_an_empty_state_is_one_chunk() -> None:
+    empty = AccountsApplication({})
+    [chunk] = snapshot_chunks(empty)
+    assert (chunk.first_bucket, chunk.last_bucket, chunk.entries, chunk.proof) == (0, BUCKET_COUNT - 1, (), ())
+    assert verify_chunk(empty.state_digest(), chunk) == []
+
+
+def test_a_bucket_over_the_bounds_is_a_chunk_of_its_own() -> None:
+    shared = shared_bucket_chunk()
+    bucket = next(
+        bucket
+        for bucket in range(shared.first_bucket, shared.last_bucket + 1)
+        if len(APPLICATION.bucket_entries(bucket)) >= 2
+    )
+    chunk = chunk_starting_at(APPLICATION, bucket, entries_max=1, bytes_max=BYTES_MAX)
+    assert chunk.first_bucket == chunk.last_bucket == bucket and len(chunk.entries) >= 2
+    assert len(verify_chunk(ROOT, chunk, entries_max=1)) == len(chunk.entries)
+    # Several buckets over the bound are refused, even with a proof that holds.
+    wide = chunk_starting_at(APPLICATION, bucket, entries_max=ENTRIES_MAX, bytes_max=BYTES_MAX)
+    assert wide.last_bucket > wide.first_bucket and len(wide.entries) > 1
+    verify_chunk(ROOT, wide, ENTRIES_MAX, BYTES_MAX)
+    with pytest.raises(SnapshotError, match="exceed the bound"):
+        verify_chunk(ROOT, wide, entries_max=1)
+    with pytest.raises(SnapshotError, match="exceed the bound"):
+        verify_chunk(ROOT, wide, bytes_max=50)
+
+
+def missing_entry(chunk: StateChunk) -> StateChunk:
+    return with_entries(chunk, list(chunk.entries[1:]))
+
+
+def extra_entry(chunk: StateChunk) -> StateChunk:
+    key = key_in_range(chunk.first_bucket, chunk.last_bucket)
+    return with_entries(chunk, sorted_entries([*chunk.entries, (VALUE, key, "planted")]))
+
+
+def duplicate_entry(chunk: StateChunk) -> StateChunk:
+    return with_entries(chunk, [chunk.entries[0], *chunk.entries])
+
+
+def unsorted_entries(chunk: StateChunk) -> StateChunk:
+    entries = list(chunk.entries)
+    entries[0], entries[1] = entries[1], entries[0]
+    return with_entries(chunk, entries)
+
+
+def swapped_within_a_bucket(chunk: StateChunk) -> StateChunk:
+    entries = list(chunk.entries)
+    buckets = [bucket_of(namespace, key) for namespace, key, _ in entries]
+    index = next(index for index in range(len(buckets) - 1) if buckets[index] == buckets[index + 1])
+    entries[index], entries[index + 1] = entries[index + 1], entries[index]
+    return with_entries(chunk, entries)
+
+
+def entry_of_another_bucket(chunk: StateChunk) -> StateChunk:
+    other = next(entry for other in CHUNKS if other is not chunk for entry in other.entries)
+    return with_entries(chunk, [*chunk.entries, other])
+
+
+def edited_value(chunk: StateChunk) -> StateChunk:
+    index = next(index for index, entry in enumerate(chunk.entries) if entry[0] == VALUE)
+    entries = list(chunk.entries)
+    entries[index] = (VALUE, entries[index][1], entries[index][2] + "!")
+    return with_entries(chunk, entries)
+
+
+def edited_balance(chunk: StateChunk) -> StateChunk:
+    index = next(index for index, entry in enumerate(chunk.entries) if entry[0] == ACCOUNT)
+    entries = list(chunk.entries)
+    namespace, key, (balance, nonce) = entries[index]
+    entries[index] = (namespace, key, (balance + 1, nonce))
+    return with_entries(chunk, entries)
+
+
+def value_passed_off_as_account(chunk: StateChunk) -> StateChunk:
+    index = next(index for index, entry in enumerate(chunk.entries) if entry[0] == ACCOUNT)
+    entries = list(chunk.entries)
+    entries[index] = (VALUE, entries[index][1].hex()[:32], "0")
+    return with_entries(chunk, entries)
+
+
+def truncated_proof(chunk: StateChunk) -> StateChunk:
+    return dataclasses.replace(chunk, proof=chunk.proof[:-1])
+
+
+def extra_proof_hash(chunk: StateChunk) -> StateChunk:
+    return dataclasses.replace(chunk, proof=(*chunk.proof, chunk.proof[0]))
+
+
+def wrong_proof_hash(chunk: StateChunk) -> StateChunk:
+    return dataclasses.replace(chunk, proof=(bytes(32), *chunk.proof[1:]))
+
+
+def shifted_range(chunk: StateChunk) -> StateChunk:
+    return dataclasses.replace(chunk, first_bucket=chunk.first_bucket + 1, last_bucket=chunk.last_bucket + 1)
+
+
+def narrowed_range(chunk: StateChunk) -> StateChunk:
+    """The last bucket dropped from the range but its entries kept: caught as out of range."""
+    return dataclasses.replace(chunk, last_bucket=chunk.last_bucket - 1)
+
+
+def narrowed_range_and_entries(chunk: StateChunk) -> StateChunk:
+    """The last non-empty bucket and its entries dropped, the proof kept: the range no longer fits the proof."""
+    last = bucket_of(chunk.entries[-1][0], chunk.entries[-1][1])
+    kept = [entry for entry in chunk.entries if bucket_of(entry[0], entry[1]) < last]
+    return dataclasses.replace(chunk, last_bucket=last - 1, entries=tuple(kept))
+
+
+def widened_range(chunk: StateChunk) -> StateChunk:
+    return dataclasses.replace(chunk, last_bucket=chunk.last_bucket + 1)
+
+
+TAMPERINGS: list[Callable[[StateChunk], StateChunk]] = [
+    missing_entry, extra_entry, duplicate_entry, unsorted_entries, swapped_within_a_bucket, entry_of_another_bucket,
+    edited_value, edited_balance, value_passed_off_as_account, truncated_proof, extra_proof_hash, wrong_proof_hash,
+    shifted_range, narrowed_range, narrowed_range_and_entries, widened_range,
+]
+
+
+@pytest.mark.parametrize("tamper", TAMPERINGS, ids=[tamper.__name__ for tamper in TAMPERINGS])
+def test_verify_chunk_refuses_each_kind_of_tampering(tamper: Callable[[StateChunk], StateChunk]) -> None:
+    chunk = shared_bucket_chunk()
+    assert any(entry[0] == ACCOUNT for entry in chunk.entries) and any(entry[0] == VALUE for entry in chunk.entries)
+    verify_chunk(ROOT, chunk, ENTRIES_MAX, BYTES_MAX)
+    tampered = tamper(chunk)
+    assert tampered != chunk
+    with pytest.raises(SnapshotError):
+        verify_chunk(ROOT, tampered, ENTRIES_MAX, BYTES_MAX)
+    # And through the wire: either the decoder or the verifier refuses it.
+    with pytest.raises((SnapshotError, CodecError)):
+        verify_chunk(ROOT, StateChunk.from_plain(decode(tampered.encode())), ENTRIES_MAX, BYTES_MAX)
+
+
+def test_a_chunk_of_another_state_is_refused() -> None:
+    other = AccountsApplication.from_entries([], [("key 0", "something else")])
+    with pytest.raises(SnapshotError):
+        verify_chunk(other.state_digest(), CHUNKS[0], ENTRIES_MAX, BYTES_MAX)
+
+
+def test_a_bad_chunk_leaves_the_assembly_as_it_was() -> None:
+    assembly = SnapshotAssembly(ROOT)
+    assert assembly.add(CHUNKS[0]) == CHUNKS[0].last_bucket + 1
+    with pytest.raises(SnapshotError):
+        assembly.add(edited_value(CHUNKS[1]) if any(entry[0] == VALUE for entry in CHUNKS[1].entries) else missing_entry(CHUNKS[1]))
+    assert assembly.first_missing() == CHUNKS[1].first_bucket
+    with pytest.raises(SnapshotError, match="incomplete"):
+        assembly.application()
+    for chunk in CHUNKS[1:]:  # the honest peer's chunks, after the bad one was refused
+        assembly.add(chunk)
+    assert assembly.application().state_digest() == ROOT
+
+
+def test_chunks_in_any_order_and_overlapping_make_the_state_once() -> None:
+    """Chunks cut at other places (another peer's bounds) overlap; each bucket is taken once."""
+    other_cut = snapshot_chunks(APPLICATION, ENTRIES_MAX * 3, BYTES_MAX * 3)
+    assembly = SnapshotAssembly(ROOT)
+    for chunk in [*CHUNKS[1::2], *other_cut[::-1], *CHUNKS[::2]]:
+        assembly.add(chunk)
+    assert assembly.complete and assembly.first_missing() is None
+    assert assembly.application().snapshot() == APPLICATION.snapshot()
+    assert assembly.add(CHUNKS[0]) == 0
+
+
+GOOD_PLAIN = CHUNKS[0].to_plain()
+
+
+@pytest.mark.parametrize(
+    "plain",
+    [
+        None,
+        [0, 1, []],
+        [-1, 0, [], []],
+        [0, BUCKET_COUNT, [], []],
+        [5, 4, [], []],
+        [0, 0, [["account", b"x" * 31, [1, 0]]], []],
+        [0, 0, [["account", b"x" * 32, [-1, 0]]], []],
+        [0, 0, [["account", b"x" * 32, [1]]], []],
+        [0, 0, [["value", "k" * 257, "v"]], []],
+        [0, 0, [["value", "k", "v" * 4097]], []],
+        [0, 0, [["other", "k", "v"]], []],
+        [0, 0, [["value", "k"]], []],
+        [0, 0, [], [bytes(31)]],
+        [0, 0, [], [bytes(32)] * 33],
+        [GOOD_PLAIN[0], GOOD_PLAIN[1], GOOD_PLAIN[2], GOOD_PLAIN[3], 0],
+    ],
+)
+def test_malformed_chunks_are_refused_by_the_decoder(plain: Any) -> None:
+    with pytest.raises(CodecError):
+        StateChunk.from_plain(plain)
+
+
+def test_a_chunk_round_trips_through_its_encoding() -> None:
+    for chunk in CHUNKS[:5]:
+        assert StateChunk.from_plain(decode(chunk.encode())) == chunk
+
+
+def test_a_frozen_state_serves_its_chunks_while_the_application_moves_on() -> None:
+    """What a replica serves at a stable checkpoint while it executes later blocks."""
+    alice, bob = deterministic_key("alice"), deterministic_key("bob")
+    application = AccountsApplication({alice.public_key: 1000, bob.public_key: 10})
+    application.execute_block([sign_transaction(NETWORK, alice, nonce, Put(f"k{nonce}", "v")) for nonce in range(40)])
+    checkpoint_digest, checkpoint_state = application.state_digest(), application.snapshot()
+    view = application.freeze()
+    later = [sign_transaction(NETWORK, alice, 40, Transfer(bob.public_key, 5))]
+    later += [sign_transaction(NETWORK, alice, 41 + index, Put(f"k{index % 60}", "new")) for index in range(80)]
+    application.execute_block(later)
+    second_digest, second_state = application.state_digest(), application.snapshot()
+    second_view = application.freeze()
+    application.execute_block([sign_transaction(NETWORK, bob, 0, Put("k0", "bob's"))])
+    assert len({checkpoint_digest, second_digest, application.state_digest()}) == 3
+
+    for frozen, digest, state in ((view, checkpoint_digest, checkpoint_state), (second_view, second_digest, second_state)):
+        assert frozen.state_digest() == digest
+        assembly = SnapshotAssembly(digest)
+        for chunk in snapshot_chunks(frozen, entries_max=8, bytes_max=400):
+            assembly.add(chunk)
+        assert assembly.application().snapshot() == state
+    # The live state's chunks are of the live digest, not the frozen one.
+    with pytest.raises(SnapshotError):
+        verify_chunk(checkpoint_digest, snapshot_chunks(application)[0])
+
+
+def test_a_released_frozen_state_stops_following_the_application() -> None:
+    application = populated()
+    view = application.freeze()
+    application.query("get", "key 1")  # reads change nothing
+    assert view.changed_entries == 0
+    alice = deterministic_key("alice")
+    application.execute_block([sign_transaction(NETWORK, alice, 0, Put("key 1", "changed"))])
+    assert view.changed_entries == 2  # alice's account (new) and the value
+    view.release()
+    application.execute_block([sign_transaction(NETWORK, alice, 1, Put("key 2", "changed"))])
+    assert view.changed_entries == 2
+    with pytest.raises(ValueError, match="released"):
+        view.bucket_entries(0)
+
+
+def test_a_bucket_over_every_chunk_bound_is_refused_by_the_builder(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Such a bucket cannot be sent (the verifier would refuse it): the server says so instead,
+    and a chunk before it ends before it."""
+    import ledger.snapshots as snapshots
+
+    sizes = [len(APPLICATION.bucket_entries(bucket)) for bucket in range(BUCKET_COUNT)]
+    bucket = next(bucket for bucket in range(1, BUCKET_COUNT) if sizes[bucket] >= 2 and sizes[bucket - 1] < 2)
+    monkeypatch.setattr(snapshots, "BUCKET_ENTRIES_MAX", 1)
+    with pytest.raises(SnapshotError, match=f"bucket {bucket} holds"):
+        chunk_starting_at(APPLICATION, bucket, entries_max=1)
+    assert chunk_starting_at(APPLICATION, bucket - 1, entries_max=1000, bytes_max=10**6).last_bucket == bucket - 1

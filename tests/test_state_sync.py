@@ -1,0 +1,143 @@
+"""Tests of fetching a certified snapshot from peers: honest ones suffice, lying or silent ones are routed around."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+from ledger.application import AccountsApplication, FrozenState
+from ledger.messages import CheckpointCertificate, FetchSnapshot, SnapshotChunk
+from ledger.snapshots import chunk_starting_at
+from ledger.state_tree import VALUE
+from node.state_sync import SnapshotFetch
+
+TIMEOUT_MS = 100
+HASH = bytes(range(32))
+
+
+def checkpoint_state() -> tuple[AccountsApplication, FrozenState, CheckpointCertificate]:
+    """A state frozen at checkpoint 8, then moved on: what peers serve while they go on committing."""
+    accounts = [(index.to_bytes(32, "big"), 1000 + index, index % 7) for index in range(300)]
+    values = [(f"key {index}", f"value {index}") for index in range(700)]
+    application = AccountsApplication.from_entries(accounts, values)
+    view = application.freeze()
+    certificate = CheckpointCertificate(8, view.state_digest(), HASH, ((0, bytes(64)), (1, bytes(64)), (2, bytes(64))))
+    for index in range(0, 700, 3):
+        application._set_value(f"key {index}", "later")  # the live state moves past the checkpoint
+    assert application.state_digest() != view.state_digest()
+    return application, view, certificate
+
+
+APPLICATION, VIEW, CERTIFICATE = checkpoint_state()
+Server = Callable[[FetchSnapshot], SnapshotChunk | None]
+
+
+def honest(request: FetchSnapshot) -> SnapshotChunk:
+    return SnapshotChunk(CERTIFICATE, chunk_starting_at(VIEW, request.first_bucket, entries_max=30, bytes_max=3000))
+
+
+def corrupting(request: FetchSnapshot) -> SnapshotChunk:
+    answer = honest(request)
+    assert answer.chunk is not None
+    entries = [
+        (namespace, key, value + "!" if namespace == VALUE else value) for namespace, key, value in answer.chunk.entries
+    ]
+    return dataclasses.replace(answer, chunk=dataclasses.replace(answer.chunk, entries=tuple(entries)))
+
+
+def live_state(request: FetchSnapshot) -> SnapshotChunk:
+    """The chunk of its current state, valid for that state but not the checkpoint's."""
+    return SnapshotChunk(CERTIFICATE, chunk_starting_at(APPLICATION, request.first_bucket, entries_max=30, bytes_max=3000))
+
+
+def other_checkpoint(request: FetchSnapshot) -> SnapshotChunk:
+    live = APPLICATION.state_digest()
+    return dataclasses.replace(live_state(request), checkpoint=dataclasses.replace(CERTIFICATE, state_digest=live))
+
+
+NEWER = dataclasses.replace(CERTIFICATE, sequence=16, state_digest=bytes(32))
+
+
+def moved_on(request: FetchSnapshot) -> SnapshotChunk:
+    return SnapshotChunk(NEWER, None)
+
+
+def silent(request: FetchSnapshot) -> None:
+    return None
+
+
+def run(servers: dict[int, Server], rounds_max: int = 10_000) -> SnapshotFetch:
+    """Drive a fetch: deliver each request's answer at once; when nothing is in flight, let time pass."""
+    fetch = SnapshotFetch(CERTIFICATE, list(servers), TIMEOUT_MS)
+    now_ms = 0
+    queue = fetch.tick(now_ms)
+    for _ in range(rounds_max):
+        if fetch.complete or fetch.failed:
+            return fetch
+        if not queue:
+            now_ms += TIMEOUT_MS
+            queue = fetch.tick(now_ms)
+            continue
+        peer, request = queue.pop(0)
+        assert request.sequence == CERTIFICATE.sequence
+        answer = servers[peer](request)
+        if answer is not None:
+            queue.extend(fetch.receive(peer, answer, now_ms))
+    raise AssertionError("the fetch neither completed nor failed")
+
+
+def test_a_snapshot_is_fetched_from_honest_peers_and_is_the_checkpoint_state() -> None:
+    fetch = run({1: honest, 2: honest, 3: honest})
+    assert fetch.complete and not fetch.dropped
+    fetched = fetch.application()
+    assert fetched.state_digest() == CERTIFICATE.state_digest
+    assert fetched.query("get", "key 0") == "value 0"  # the value at the checkpoint, not the later one
+    assert fetch.counters["snapshot chunk taken"] > 10
+
+
+def test_a_peer_serving_a_corrupted_chunk_is_dropped_and_routed_around() -> None:
+    fetch = run({1: corrupting, 2: honest, 3: honest})
+    assert fetch.complete and fetch.dropped == {1}
+    assert fetch.counters["snapshot chunk does not verify"] == 1
+    assert fetch.application().state_digest() == CERTIFICATE.state_digest
+
+
+def test_a_chunk_of_the_live_state_is_refused_for_the_checkpoint() -> None:
+    fetch = run({1: live_state, 2: other_checkpoint, 3: honest})
+    assert fetch.complete and fetch.dropped == {1, 2}
+    assert fetch.counters["snapshot chunk does not verify"] == 1
+    assert fetch.counters["snapshot chunk of another checkpoint"] == 1
+
+
+def test_a_silent_peer_is_passed_over_after_the_timeout() -> None:
+    fetch = run({1: silent, 2: honest})
+    assert fetch.complete and not fetch.dropped  # silence proves nothing: the peer is not dropped
+    assert fetch.counters["snapshot request timed out"] >= 1
+
+
+def test_a_peer_that_moved_to_a_newer_checkpoint_is_noted_and_left() -> None:
+    fetch = run({1: moved_on, 2: honest})
+    assert fetch.complete and fetch.dropped == {1}
+    assert fetch.newer_checkpoint == NEWER
+
+
+def test_the_fetch_fails_when_every_peer_lies() -> None:
+    fetch = run({1: corrupting, 2: live_state, 3: moved_on})
+    assert fetch.failed and not fetch.complete and fetch.dropped == {1, 2, 3}
+    assert fetch.tick(10**9) == []
+
+
+def test_answers_not_asked_for_are_ignored_unverified() -> None:
+    fetch = SnapshotFetch(CERTIFICATE, [1, 2], TIMEOUT_MS)
+    sends = fetch.tick(0)
+    assert sorted(peer for peer, _ in sends) == [1, 2]
+    asked = dict(sends)
+    # A peer never asked, and a peer answering another range than it was asked: ignored, not taken.
+    unasked_bucket = asked[2].first_bucket
+    assert fetch.receive(3, honest(FetchSnapshot(8, 0)), 0) == []
+    assert fetch.receive(1, corrupting(FetchSnapshot(8, unasked_bucket)), 0) == []
+    assert fetch.counters == {"snapshot chunk not asked for": 2}
+    assert fetch.assembly.covered_buckets == 0 and not fetch.dropped
+    # The real answer is still taken afterwards.
+    fetch.receive(1, honest(asked[1]), 0)
+    assert fetch.assembly.covered_buckets > 0
