@@ -35,6 +35,10 @@ class ReplyQuorum:
     its replica signed, and that signature (over the whole block's batch reply) verifies. A reply
     with a bad path or signature, for another transaction, or from a replica that already
     answered is ignored (and counted), so f traitors can neither forge nor block a receipt.
+    A replica whose reply failed its signature check is not heard again for this transaction,
+    so a traitor's forgeries cost the client one check, not one per frame; this relies on the
+    caller tying each reply's replica id to that replica's authenticated connection (as the
+    client library does), so nobody can get an honest replica ignored in its name.
     """
 
     def __init__(self, network: NetworkConfig, transaction_id: bytes, check: SignatureCheck = verify_signature) -> None:
@@ -45,6 +49,7 @@ class ReplyQuorum:
         self.replied: set[int] = set()  # replicas whose reply verified
         self.groups: dict[tuple[Any, ...], list[Reply]] = {}
         self.unverified: dict[int, Reply] = {}  # at most one per replica: its latest
+        self.forgers: set[int] = set()  # replicas whose reply failed its signature check
         self.ignored = 0
 
     def add(self, reply: Reply) -> Receipt | None:
@@ -61,6 +66,7 @@ class ReplyQuorum:
             reply.transaction_id != self.transaction_id
             or reply.replica_id >= self.network.replica_count
             or reply.replica_id in self.replied
+            or reply.replica_id in self.forgers
             or not reply.path_leads_to_root()
         ):
             self.ignored += 1
@@ -81,6 +87,7 @@ class ReplyQuorum:
                 self.replied.add(candidate.replica_id)
             else:
                 self.ignored += 1
+                self.forgers.add(candidate.replica_id)
         if verified:
             self.groups[key] = verified
         if len(verified) < needed:

@@ -125,6 +125,24 @@ def test_batch_reply_flood_with_longest_paths_keeps_reply_quorum_memory_bounded(
     assert receipt is not None and receipt.result.ok
 
 
+def test_a_traitors_forged_replies_cost_the_client_one_check_not_one_per_frame() -> None:
+    """Regression (adversarial review): once one honest reply waited, every frame from a traitor
+    (its own id, so its own connection) carrying the honest leaf, path and root with a junk
+    signature brought the group to f + 1 and cost a full Ed25519 check: 20,000 frames, 20,001
+    checks. A replica whose reply failed its check is not heard again for this transaction."""
+    checked, calls = counting(SIGNATURES.verify)
+    quorum = ReplyQuorum(NETWORK, TRANSACTION_ID, checked)
+    traitor = 3
+    honest = signed_reply(0)
+    assert quorum.add(honest) is None
+    for number in range(2000):
+        signature = honest.batch.signature[:32] + number.to_bytes(4, "big") + bytes(28)
+        frame = dataclasses.replace(honest, batch=dataclasses.replace(honest.batch, replica_id=traitor, signature=signature))
+        assert quorum.add(frame) is None
+    assert calls[0] <= 2, calls[0]  # replica 0's genuine signature and the traitor's first forgery
+    assert quorum.add(signed_reply(1)) is not None  # honest replicas still complete the receipt
+
+
 def test_a_reply_with_the_path_of_another_transaction_is_refused() -> None:
     """Replicas' honest, validly signed batch replies, relabelled for the client's transaction:
     the path binds the leaf (transaction id, result, index), so none leads to the signed root."""
