@@ -344,7 +344,7 @@ class Client:
             # Replicas send REPLYs to the connections that follow the sender's account.
             self.accounts.append(transaction.sender)
             self._broadcast(Subscribe((transaction.sender,)))
-        submission = Submission(transaction, ReplyQuorum(self.network, transaction_id, self.reply_signatures.verify))
+        submission = Submission(transaction, ReplyQuorum(self.network, transaction_id, self.reply_signatures.verify, replica_ids_authenticated=True))
         self._submissions[transaction_id] = submission
         try:
             with trio.move_on_after(deadline_s):

@@ -35,14 +35,22 @@ class ReplyQuorum:
     its replica signed, and that signature (over the whole block's batch reply) verifies. A reply
     with a bad path or signature, for another transaction, or from a replica that already
     answered is ignored (and counted), so f traitors can neither forge nor block a receipt.
-    A replica whose reply failed its signature check is not heard again for this transaction,
-    so a traitor's forgeries cost the client one check, not one per frame; this relies on the
-    caller tying each reply's replica id to that replica's authenticated connection (as the
-    client library does), so nobody can get an honest replica ignored in its name.
+    With `replica_ids_authenticated` (the caller ties each reply's replica id to that replica's
+    own connection, as the client library does), a replica whose reply failed its signature
+    check is not heard again for this transaction, so a traitor's forgeries cost the client one
+    check, not one per frame. Without it a reply may claim any id, so nobody is silenced (that
+    would let a forger silence an honest replica in its name).
     """
 
-    def __init__(self, network: NetworkConfig, transaction_id: bytes, check: SignatureCheck = verify_signature) -> None:
+    def __init__(
+        self,
+        network: NetworkConfig,
+        transaction_id: bytes,
+        check: SignatureCheck = verify_signature,
+        replica_ids_authenticated: bool = False,
+    ) -> None:
         self.network = network
+        self.replica_ids_authenticated = replica_ids_authenticated
         self.transaction_id = transaction_id
         self.check = check
         self.domain = signing_domain(network.identity, BATCH_REPLY_DOMAIN)
@@ -87,7 +95,8 @@ class ReplyQuorum:
                 self.replied.add(candidate.replica_id)
             else:
                 self.ignored += 1
-                self.forgers.add(candidate.replica_id)
+                if self.replica_ids_authenticated:
+                    self.forgers.add(candidate.replica_id)
         if verified:
             self.groups[key] = verified
         if len(verified) < needed:

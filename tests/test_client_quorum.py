@@ -131,7 +131,8 @@ def test_a_traitors_forged_replies_cost_the_client_one_check_not_one_per_frame()
     signature brought the group to f + 1 and cost a full Ed25519 check: 20,000 frames, 20,001
     checks. A replica whose reply failed its check is not heard again for this transaction."""
     checked, calls = counting(SIGNATURES.verify)
-    quorum = ReplyQuorum(NETWORK, TRANSACTION_ID, checked)
+    # As the library builds it: each reply's replica id is the connection it came on.
+    quorum = ReplyQuorum(NETWORK, TRANSACTION_ID, checked, replica_ids_authenticated=True)
     traitor = 3
     honest = signed_reply(0)
     assert quorum.add(honest) is None
