@@ -629,7 +629,10 @@ class ReplicaRuntime:
     async def _client_request(self, connection: ClientConnection, request: Request) -> None:
         transaction = request.transaction
         self._subscribe(connection, transaction.sender)
-        location = self.store.locate_transaction(transaction.transaction_id)
+        # Only a transaction whose nonce is used can be in the ledger (the store is never ahead
+        # of the core's state, and nonces only grow): a fresh one costs no query of the store.
+        used = self.core.application.check(transaction) is not None
+        location = self.store.locate_transaction(transaction.transaction_id) if used else None
         if location is not None:
             # Exactly-once: a retransmitted request is answered from the ledger, never re-executed.
             height, index = location
