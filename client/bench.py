@@ -100,6 +100,12 @@ PORT_RANGE = (20000, 60000)
 PORT_PICKS_MAX = 200
 
 
+def sampled(transaction_id: bytes) -> bool:
+    """The transactions a replica run with --trace-stages follows: node/stage_trace.py's rule
+    (repeated here, since client/ never imports node/)."""
+    return transaction_id[:1] == b"\x00"
+
+
 class BenchError(Exception):
     """The benchmark cannot run (a replica did not start, no free ports); the message says why."""
 
@@ -267,6 +273,7 @@ class BenchNetwork:
     batch_wait_ms: int
     traitor: str | None = None
     profile_directory: Path | None = None
+    trace_stages: bool = False
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     @property
@@ -300,6 +307,8 @@ class BenchNetwork:
                 command += ["--traitor", self.traitor]
             if self.profile_directory is not None:
                 command += ["--profile", str(self.profile_directory / f"replica-{index}.pstats")]
+            if self.trace_stages:
+                command += ["--trace-stages"]
             log_file = (self.directory / f"replica-{index}.log").open("wb")
             with log_file:
                 self.processes.append(
@@ -326,10 +335,15 @@ class BenchNetwork:
 
 @contextlib.contextmanager
 def running_network(
-    replica_count: int, batch_size_max: int, batch_wait_ms: int, traitor: str | None = None, profile_directory: Path | None = None
+    replica_count: int,
+    batch_size_max: int,
+    batch_wait_ms: int,
+    traitor: str | None = None,
+    profile_directory: Path | None = None,
+    trace_stages: bool = False,
 ) -> Iterator[BenchNetwork]:
     with tempfile.TemporaryDirectory(prefix="ledger-bench-") as temporary:
-        network = BenchNetwork(Path(temporary), replica_count, batch_size_max, batch_wait_ms, traitor, profile_directory)
+        network = BenchNetwork(Path(temporary), replica_count, batch_size_max, batch_wait_ms, traitor, profile_directory, trace_stages)
         try:
             network.start()
             yield network
@@ -376,6 +390,48 @@ def presign(network: NetworkIdentity, in_flight: int, total: int, progress: Prog
     return accounts
 
 
+def stage_breakdown(network: BenchNetwork, traced: dict[bytes, tuple[float, float]]) -> dict[str, float]:
+    """Median milliseconds between the stages of the sampled transactions, from the replicas'
+    `--trace-stages` lines and the load generator's submit and accept moments (one monotonic
+    clock on one host). Replica 0 is the primary (view 0); the middle stages are over all replicas."""
+    seen: dict[bytes, dict[int, dict[str, float]]] = {}
+    for index in range(network.replica_count):
+        for line in (network.directory / f"replica-{index}.log").read_text(errors="replace").splitlines():
+            position = line.find("stages replica=")
+            if position < 0:
+                continue
+            words = dict(word.split("=", 1) for word in line[position:].split()[1:] if "=" in word)
+            transaction_id = bytes.fromhex(words.pop("transaction"))
+            replica = int(words.pop("replica"))
+            if transaction_id in traced:
+                seen.setdefault(transaction_id, {})[replica] = {stage: float(value) for stage, value in words.items()}
+    gaps: dict[str, list[float]] = {}
+
+    def add(name: str, later: float | None, earlier: float | None) -> None:
+        if later is not None and earlier is not None:
+            gaps.setdefault(name, []).append(1000 * (later - earlier))
+
+    quorum = (network.replica_count - 1) // 3 + 1
+    for transaction_id, replicas in seen.items():
+        submitted_s, accepted_s = traced[transaction_id]
+        primary = replicas.get(0, {})
+        add("1 client submit -> request at primary", primary.get("request"), submitted_s)
+        add("2 request -> pre-prepare sent (primary)", primary.get("pre_prepare"), primary.get("request"))
+        for replica, stamps in replicas.items():
+            role = "primary" if replica == 0 else "backup"
+            add(f"3 pre-prepare -> prepared ({role})", stamps.get("prepared"), stamps.get("pre_prepare"))
+            add(f"4 prepared -> committed, executed ({role})", stamps.get("committed"), stamps.get("prepared"))
+            add(f"5 committed -> written ({role})", stamps.get("written"), stamps.get("committed"))
+            add(f"6 written -> reply queued ({role})", stamps.get("replied"), stamps.get("written"))
+        replied = sorted(stamps["replied"] for stamps in replicas.values() if "replied" in stamps)
+        if len(replied) >= quorum:
+            add("7 f+1-th reply queued -> client accepted", accepted_s, replied[quorum - 1])
+        add("  client submit -> accepted", accepted_s, submitted_s)
+    breakdown = {name: percentile(sorted(values), 0.5) for name, values in sorted(gaps.items())}
+    breakdown["sampled transactions"] = float(len(seen))
+    return breakdown
+
+
 def percentile(sorted_values: list[float], fraction: float) -> float:
     if not sorted_values:
         return float("nan")
@@ -408,6 +464,8 @@ async def measure(
         for _ in range(math.ceil(in_flight / ACCOUNTS_PER_CLIENT_MAX) - 1):
             clients.append(await stack.enter_async_context(open_client(network.client_config)))
         latencies: list[float] = []
+        # Sampled transactions (node/stage_trace.py): CLOCK_MONOTONIC at submit and at acceptance.
+        traced: dict[bytes, tuple[float, float]] = {}
         state = {"measuring": False, "confirmed": 0, "retries": 0, "exhausted": 0, "finished": False}
 
         async def account_writer(index: int) -> None:
@@ -415,6 +473,7 @@ async def measure(
             for transaction in accounts[index]:
                 while True:
                     started = time.perf_counter()
+                    submitted_s = time.monotonic()
                     try:
                         await client.submit(transaction, deadline_s=SUBMIT_DEADLINE_S)
                         break
@@ -423,6 +482,8 @@ async def measure(
                 if state["measuring"]:
                     state["confirmed"] += 1
                     latencies.append(time.perf_counter() - started)
+                    if network.trace_stages and sampled(transaction.transaction_id):
+                        traced[transaction.transaction_id] = (submitted_s, time.monotonic())
             if not state["finished"]:
                 state["exhausted"] += 1
 
@@ -495,6 +556,8 @@ async def measure(
         "ratio_to_floor": transactions_per_second / floor.transactions_per_second,
         "ratio_to_floor_per_transaction_reply": transactions_per_second / floor.per_transaction_reply_transactions_per_second,
     }
+    if network.trace_stages:
+        result["stages_ms"] = stage_breakdown(network, traced)
     if memory_sample_interval_s is not None:
         result["memory_samples"] = memory_samples
         first_sample, last_sample = memory_samples[0]["rss_bytes"], memory_samples[-1]["rss_bytes"]
@@ -551,6 +614,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--scenario", choices=sorted(SCENARIOS), help="replica 0 is a traitor: throughput as a fraction of a fault-free run")
     parser.add_argument("--long", action="store_true", help=f"a long run (default {LONG_DURATION_S:g} s) with each replica's memory sampled every {LONG_SAMPLE_INTERVAL_S:g} s")
     parser.add_argument("--profile", metavar="DIR", type=Path, help="run each fault-free replica under cProfile: DIR/replica-I.pstats (python -m pstats)")
+    parser.add_argument(
+        "--trace-stages",
+        action="store_true",
+        help="replicas log the stages of about one transaction in 256 (ledger-node run --trace-stages): print the median of each",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of the table")
     parser.add_argument("--quiet", action="store_true", help="no progress line on stderr")
     return parser
@@ -593,6 +661,10 @@ def describe(results: list[dict[str, Any]], primitives: Primitives, extra: dict[
             f"{result['load_generator_cpu_s']:.1f}; peak RSS MiB per replica [{rss}]; retries {result['client_retries']}"
             + (f"; {result['accounts_out_of_transactions']} accounts ran out of pre-signed transactions" if result["accounts_out_of_transactions"] else "")
         )
+        if "stages_ms" in result:
+            lines.append("  median ms per stage of the sampled transactions (ledger-node run --trace-stages):")
+            for name, value in result["stages_ms"].items():
+                lines.append(f"    {name:<48} {value:8.2f}")
         if "memory_samples" in result:
             for sample in result["memory_samples"]:
                 lines.append(f"  at {sample['at_s']:>6.1f} s RSS MiB: " + ", ".join(f"{size / 2**20:.1f}" for size in sample["rss_bytes"]))
@@ -621,7 +693,9 @@ async def run_benchmark(arguments: argparse.Namespace, progress: Progress) -> tu
         if arguments.profile is not None:
             profile_directory = arguments.profile.resolve() / f"n{replica_count}"
             profile_directory.mkdir(parents=True, exist_ok=True)
-        with running_network(replica_count, arguments.batch_size_max, arguments.batch_wait_ms, None, profile_directory) as network:
+        with running_network(
+            replica_count, arguments.batch_size_max, arguments.batch_wait_ms, None, profile_directory, arguments.trace_stages
+        ) as network:
             for in_flight in levels:
                 label = f"n={replica_count} in_flight={in_flight}"
                 results.append(

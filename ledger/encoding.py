@@ -100,22 +100,37 @@ def decode(data: bytes) -> Any:
     return value
 
 
+# What cbor2 makes of the items we allow, by exact type: a subclass (or anything else) is refused.
+_SCALAR_TYPES = frozenset({type(None), bool, int, bytes, str})
+_KEY_TYPES = frozenset({int, str})
+
+
 def _check_plain(value: Any, depth: int) -> None:
-    if depth > NESTING_DEPTH_MAX:
-        raise CodecError("nesting too deep")
-    if value is None or isinstance(value, bool | int | bytes | str):
-        return
-    if isinstance(value, list):
-        for item in value:
-            _check_plain(item, depth + 1)
-        return
-    if isinstance(value, dict):
-        for key, item in value.items():
-            if not isinstance(key, str | int):
+    """Refuse anything but the plain items `decode` allows, nested at most NESTING_DEPTH_MAX deep.
+    Iterative, and a container's scalar items are checked in its own loop: every message is
+    decoded through here, most of it lists of scalars."""
+    scalars, keys = _SCALAR_TYPES, _KEY_TYPES
+    waiting = [(value, depth)]
+    while waiting:
+        value, depth = waiting.pop()
+        kind = type(value)
+        if kind in scalars:
+            if depth > NESTING_DEPTH_MAX:
+                raise CodecError("nesting too deep")
+            continue
+        if kind is list:
+            items = value
+        elif kind is dict:
+            if any(type(key) not in keys for key in value):
                 raise CodecError("map keys must be text or integers")
-            _check_plain(item, depth + 1)
-        return
-    raise CodecError(f"CBOR value of type {type(value).__name__} is not allowed")
+            items = value.values()
+        else:
+            raise CodecError(f"CBOR value of type {kind.__name__} is not allowed")
+        if depth >= NESTING_DEPTH_MAX and (depth > NESTING_DEPTH_MAX or items):
+            raise CodecError("nesting too deep")
+        for item in items:
+            if type(item) not in scalars:
+                waiting.append((item, depth + 1))
 
 
 # Validators: each returns the value with its precise type, or raises CodecError naming the field.

@@ -163,6 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="profile the replica's event loop thread with cProfile and write pstats to FILE when it stops "
         "(read with: python -m pstats FILE)",
     )
+    run.add_argument(
+        "--trace-stages",
+        action="store_true",
+        help="log, on the node.stages logger, when each stage happened for about one transaction in 256 (request, "
+        "pre-prepare, prepared, committed, written, replied; CLOCK_MONOTONIC seconds); for ledger-bench --trace-stages",
+    )
 
     up = commands.add_parser("up", help="run every replica of a network directory on this machine", description="Start each DIR/replica-<i>.toml as a child process; Ctrl-C or SIGTERM stops them all.")
     up.add_argument("directory", type=Path, help="directory written by `ledger-node init`")
@@ -220,7 +226,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if arguments.command == "run":
             from node.runtime import run_replica_main
 
-            return run_replica_main(arguments.config, tuple(arguments.traitor), arguments.traitor_seed, arguments.profile)
+            return run_replica_main(
+                arguments.config, tuple(arguments.traitor), arguments.traitor_seed, arguments.profile, arguments.trace_stages
+            )
         if arguments.command == "check":
             from node.store_check import run_check_main
 

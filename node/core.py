@@ -463,13 +463,14 @@ class ReplicaCore:
         while self.pending and self.next_sequence <= min(self.high, self.height + self.settings.window_size):
             waited = self.now_ms - self.pending.arrived_ms(self.pending.oldest_id())
             if len(self.pending) < self.settings.batch_size_max:
-                if waited < self.settings.batch_wait_ms:
-                    return
                 # Under load, a batch that is not full waits while earlier ones are still being
                 # agreed on: it fills meanwhile, so per-batch work (votes, signatures, disk writes)
-                # is shared by more transactions. A lone request finds nothing in flight and goes
-                # out after batch_wait_ms as before; a full batch always goes at once.
-                if self._batches_in_flight() >= BATCHES_IN_FLIGHT_FILLING_MAX:
+                # is shared by more transactions. With nothing in flight there is nothing to wait
+                # for: a lone request goes out on the next tick (the runtime ticks right after each
+                # round of events). With one batch in flight the next waits batch_wait_ms to gather
+                # company. A full batch always goes at once.
+                in_flight = self._batches_in_flight()
+                if in_flight >= BATCHES_IN_FLIGHT_FILLING_MAX or (in_flight and waited < self.settings.batch_wait_ms):
                     return
             transactions = []
             while self.pending and len(transactions) < self.settings.batch_size_max:

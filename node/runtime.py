@@ -34,6 +34,7 @@ from ledger.messages import (
     STATUS_VERSION_LENGTH_MAX,
     ErrorReply,
     FetchBlocks,
+    PrePrepare,
     Query,
     QueryReply,
     Reply,
@@ -62,6 +63,7 @@ from node.log_format import LogRateLimit
 from node.metrics import ReplicaMetrics, runtime_snapshot, serve_metrics
 from node.queries import answer_query
 from node.signature_threads import PARALLEL_CHECKS_MIN, SignatureThreads
+from node.stage_trace import StageTrace
 from node.traitors import (
     SIGNED_KINDS,
     BehaviourSpec,
@@ -174,8 +176,12 @@ def make_runtime_traitor(
 
 
 class ReplicaRuntime:
-    def __init__(self, config: ReplicaConfig, traitor: tuple[BehaviourSpec, ...] = (), traitor_seed: int = 0) -> None:
+    def __init__(
+        self, config: ReplicaConfig, traitor: tuple[BehaviourSpec, ...] = (), traitor_seed: int = 0, trace_stages: bool = False
+    ) -> None:
         self.config = config
+        # Per-stage latency of sampled transactions (node/stage_trace.py), only when asked for.
+        self.stage_trace = StageTrace(config.replica_id) if trace_stages else None
         self.network = config.network
         try:
             self.key = read_key_file(config.key_path)
@@ -359,6 +365,8 @@ class ReplicaRuntime:
             if isinstance(message, FetchBlocks):
                 self._serve_fetch(origin, message)
             elif self.traitor is None or self.traitor.receive(origin, message, self._traitor_now_ms()):
+                if self.stage_trace is not None and isinstance(message, PrePrepare):
+                    self.stage_trace.pre_prepare(message, time.monotonic())
                 self.core.receive_message(origin, message)
                 self.metrics.pre_prepare_received(message, self.core)
         elif kind == "request":
@@ -423,12 +431,16 @@ class ReplicaRuntime:
             effects = self._betray(effects)
         if not effects:
             return
+        if self.stage_trace is not None:
+            self.stage_trace.round_started(effects.send, effects.blocks, time.monotonic())
         if effects.persist or effects.blocks or effects.prune is not None:
             records = [
                 (record.kind, record.view, record.sequence, encode_message(record.message)) for record in effects.persist
             ]
             prune = None if effects.prune is None else (effects.prune.through_sequence, effects.prune.view, LOG_KINDS)
             await trio.to_thread.run_sync(self.store.write_round, records, effects.blocks, prune, effects.state)
+            if self.stage_trace is not None:
+                self.stage_trace.written(effects.blocks)
             if effects.blocks:
                 self._log_progress()
         if effects.evidence:
@@ -439,6 +451,8 @@ class ReplicaRuntime:
             for connection in self.subscribers.get(client_reply.account, ()):
                 connection.send(client_reply.reply)
             self.waiting_requests.pop(client_reply.reply.transaction_id, None)
+            if self.stage_trace is not None:
+                self.stage_trace.replied(client_reply.reply.transaction_id)
         for transaction_id, reason in effects.request_errors:
             connection = self.waiting_requests.pop(transaction_id, None)
             if connection is not None:
@@ -611,7 +625,10 @@ class ReplicaRuntime:
     async def _client_request(self, connection: ClientConnection, request: Request) -> None:
         transaction = request.transaction
         self._subscribe(connection, transaction.sender)
-        location = self.store.locate_transaction(transaction.transaction_id)
+        # Only a transaction whose nonce is used can be in the ledger (the store is never ahead
+        # of the core's state, and nonces only grow): a fresh one costs no query of the store.
+        used = self.core.application.check(transaction) is not None
+        location = self.store.locate_transaction(transaction.transaction_id) if used else None
         if location is not None:
             # Exactly-once: a retransmitted request is answered from the ledger, never re-executed.
             height, index = location
@@ -624,6 +641,8 @@ class ReplicaRuntime:
                     connection.send(reply)
                 return
         self.waiting_requests[transaction.transaction_id] = connection
+        if self.stage_trace is not None:
+            self.stage_trace.request(transaction.transaction_id)
         if len(self.waiting_requests) > WAITING_REQUESTS_MAX:
             self.waiting_requests.popitem(last=False)
         await self.events_send.send(("request", None, transaction))
@@ -656,10 +675,12 @@ class ReplicaRuntime:
         return self.store.evidence(replica_id, limit)
 
 
-async def serve_replica(config: ReplicaConfig, traitor: tuple[BehaviourSpec, ...] = (), traitor_seed: int = 0) -> None:
+async def serve_replica(
+    config: ReplicaConfig, traitor: tuple[BehaviourSpec, ...] = (), traitor_seed: int = 0, trace_stages: bool = False
+) -> None:
     """Run one replica until SIGINT or SIGTERM, then shut down cleanly; with `traitor`, as a
     traitor replica running those behaviours (for attack tests)."""
-    runtime = ReplicaRuntime(config, traitor, traitor_seed)
+    runtime = ReplicaRuntime(config, traitor, traitor_seed, trace_stages)
     started = False
     try:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -685,7 +706,11 @@ def first_leaf(error: BaseException) -> BaseException:
 
 
 def run_replica_main(
-    config_path: Path, traitor: tuple[BehaviourSpec, ...] = (), traitor_seed: int = 0, profile_path: Path | None = None
+    config_path: Path,
+    traitor: tuple[BehaviourSpec, ...] = (),
+    traitor_seed: int = 0,
+    profile_path: Path | None = None,
+    trace_stages: bool = False,
 ) -> int:
     """Run one replica (with `profile_path`, under cProfile, writing pstats there when it stops)."""
     profiler = cProfile.Profile() if profile_path is not None else None
@@ -694,7 +719,9 @@ def run_replica_main(
         if profiler is not None:
             profiler.enable()
         try:
-            trio.run(serve_replica, config, traitor, traitor_seed)
+            if trace_stages:
+                logging.getLogger("node.stages").setLevel(logging.INFO)
+            trio.run(serve_replica, config, traitor, traitor_seed, trace_stages)
         finally:
             if profiler is not None:
                 profiler.disable()

@@ -1160,13 +1160,13 @@ def test_byzantine_new_primary_cannot_replace_a_committed_batch() -> None:
 
 def test_under_load_the_primary_fills_a_batch_while_two_are_in_flight_and_sends_a_full_one_at_once() -> None:
     """A batch short of batch_size_max waits while two earlier ones are still being agreed on (so
-    batches grow with the load); a lone request still goes after batch_wait_ms; a full batch at once."""
+    batches grow with the load); a lone request goes on the next tick; a full batch at once."""
     cluster = Cluster()
     proposals = [sent(cluster.request(0, put(0)), PrePrepare)]
     proposals.append(sent(cluster.tick(0, 10), PrePrepare))
     cluster.request(0, put(1))
     proposals.append(sent(cluster.tick(0, 20), PrePrepare))
-    assert [len(found) for found in proposals] == [0, 1, 1], "nothing in flight: each request goes after batch_wait_ms"
+    assert [len(found) for found in proposals] == [0, 1, 1], "each request goes on the next tick"
     for nonce in (2, 3):
         cluster.request(0, put(nonce))
     assert sent(cluster.tick(0, 30), PrePrepare) == [], "two batches in flight: the third keeps filling"
@@ -1181,3 +1181,20 @@ def test_under_load_the_primary_fills_a_batch_while_two_are_in_flight_and_sends_
     assert [len(found) for found in full] == [0] * (batch_size_max - 1) + [1], "a full batch goes at once"
     cluster.settle()
     assert cluster.core(0).height == 5 and all(host.core.height == 5 for host in cluster.hosts)
+
+
+def test_an_idle_primary_orders_a_lone_request_without_waiting_batch_wait_ms() -> None:
+    """One transaction at a time: nothing is in flight, so there is nothing to gather company
+    for while waiting. With a batch in flight, the next one still waits batch_wait_ms."""
+    cluster = Cluster()
+    wait_ms = NETWORK.protocol.batch_wait_ms
+    assert wait_ms > 1
+    cluster.tick(0, 1_000)
+    cluster.request(0, put(0))
+    effects = cluster.tick(0, 1_000)  # the same moment: no time has passed since it arrived
+    assert [send.message.sequence for send in effects.send if isinstance(send.message, PrePrepare)] == [1]
+    cluster.request(0, put(1))
+    waiting = cluster.tick(0, 1_000 + wait_ms - 1)
+    assert not [send for send in waiting.send if isinstance(send.message, PrePrepare)]
+    later = cluster.tick(0, 1_000 + wait_ms)
+    assert [send.message.sequence for send in later.send if isinstance(send.message, PrePrepare)] == [2]

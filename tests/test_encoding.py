@@ -15,6 +15,7 @@ from ledger.encoding import (
     ENCODED_SIZE_MAX,
     NESTING_DEPTH_MAX,
     CodecError,
+    _check_plain,
     decode,
     encode,
     expect_bytes,
@@ -225,6 +226,31 @@ def test_nesting_beyond_the_limit_is_refused() -> None:
     for _ in range(NESTING_DEPTH_MAX - 1):
         shallow = [shallow]
     assert decode(encode(shallow)) == shallow
+
+
+def test_plain_check_keeps_its_depth_limit_and_types_after_it_became_iterative() -> None:
+    """The checker behind every decode (made iterative for speed): a value at depth
+    NESTING_DEPTH_MAX passes, one deeper is refused, inside lists and maps alike, and a float or
+    a non-text, non-integer map key is refused at any depth."""
+
+    def nested(depth: int, container: str, leaf: Any) -> Any:
+        value = leaf
+        for _ in range(depth):
+            value = [value] if container == "list" else {"k": value}
+        return value
+
+    for container in ("list", "map"):
+        _check_plain(nested(NESTING_DEPTH_MAX, container, 0), 0)
+        _check_plain(nested(NESTING_DEPTH_MAX, container, []), 0)
+        with pytest.raises(CodecError, match="nesting"):
+            _check_plain(nested(NESTING_DEPTH_MAX + 1, container, 0), 0)
+        with pytest.raises(CodecError, match="nesting"):
+            _check_plain(nested(NESTING_DEPTH_MAX + 1, container, {}), 0)
+        with pytest.raises(CodecError, match="float"):
+            _check_plain(nested(5, container, [1, b"x", 1.5]), 0)
+    for key in (b"bytes", True, None):
+        with pytest.raises(CodecError, match="map keys"):
+            _check_plain([{"fine": 1}, {key: 1}], 0)
 
 
 @given(plain_values, st.binary(min_size=1, max_size=8))

@@ -11,9 +11,10 @@ from chain_helpers import LedgerNetwork, build_chain, deterministic_key
 from ledger.blocks import Block
 from ledger.config import load_replica_config, template_for, write_network
 from ledger.encoding import decode
-from ledger.framing import FrameQueue
-from ledger.messages import Blocks, FetchBlocks, decode_message, encode_message
-from node.runtime import ReplicaRuntime
+from ledger.framing import ByteBudget, FrameQueue
+from ledger.messages import Blocks, FetchBlocks, Request, decode_message, encode_message
+from ledger.transactions import Put, sign_transaction
+from node.runtime import ClientConnection, ReplicaRuntime
 
 PEER = 1
 
@@ -107,3 +108,28 @@ def test_fetch_answer_stays_within_half_a_frame_but_always_carries_one_block(run
     assert runtime.store.encoded_blocks(1, 64, len(stored[0]) + len(stored[1])) == stored[:2]
     assert runtime.store.encoded_blocks(1, 64, 1) == stored[:1]
     assert runtime.store.encoded_blocks(7, 64, 10**9) == []
+
+
+async def test_a_fresh_request_costs_no_store_lookup_but_a_used_nonce_still_does(
+    runtime: ReplicaRuntime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Exactly-once answers come from the store; only a transaction whose nonce is already used
+    can be there, so the common case (a new transaction) skips the SQLite query."""
+    lookups: list[bytes] = []
+    locate = runtime.store.locate_transaction
+
+    def counted(transaction_id: bytes) -> tuple[int, int] | None:
+        lookups.append(transaction_id)
+        return locate(transaction_id)
+
+    monkeypatch.setattr(runtime.store, "locate_transaction", counted)
+    key = deterministic_key("fresh client")
+    fresh = sign_transaction(runtime.network.identity, key, 0, Put("k", "v"))
+    connection = ClientConnection(FrameQueue(16, 1 << 20), ByteBudget(1 << 20))
+    await runtime._client_request(connection, Request(fresh))
+    assert lookups == []
+    assert runtime.events_receive.receive_nowait() == ("request", None, fresh)
+    runtime.core.application.execute_block([fresh])  # its nonce is now used
+    again = sign_transaction(runtime.network.identity, key, 0, Put("k", "other"))
+    await runtime._client_request(connection, Request(again))
+    assert lookups == [again.transaction_id]
