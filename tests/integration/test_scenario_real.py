@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -51,7 +52,9 @@ def test_a_partition_and_heal_run_through_the_link_proxy() -> None:
     assert "at 100 ms: partition replicas 3 (its 6 links blocked at the proxy" in result.stderr
     heal = next(line for line in result.stderr.splitlines() if "at 1400 ms: heal replicas 3" in line)
     assert "the proxy refused" in heal and "refused 0 connections" not in heal
-    assert "heights 0: 4, 2: 4, 3: 4" in result.stdout  # the cut-off replica caught up
+    # The cut-off replica caught up: every honest chain has the same height (whatever batching made it).
+    heights = re.search(r"\(heights 0: (\d+), 2: (\d+), 3: (\d+)\)", result.stdout)
+    assert heights is not None and len(set(heights.groups())) == 1, result.stdout
 
 
 def test_twins_run_as_two_processes_with_one_key() -> None:
