@@ -43,7 +43,6 @@ import os
 import random
 import resource
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -55,6 +54,7 @@ from typing import Any
 
 import trio
 
+from client import ports
 from client.library import Client, ClientError, open_client
 from ledger.crypto import NetworkIdentity, PublicKeyCache, SigningKey
 from ledger.encoding import decode, encode
@@ -96,8 +96,6 @@ STOP_DEADLINE_S = 20.0
 PROGRESS_INTERVAL_S = 1.0
 LONG_DURATION_S = 300.0
 LONG_SAMPLE_INTERVAL_S = 10.0
-PORT_RANGE = (20000, 60000)
-PORT_PICKS_MAX = 200
 
 
 def sampled(transaction_id: bytes) -> bool:
@@ -231,36 +229,12 @@ def own_cpu_seconds() -> float:
 # ---- the network under test ----
 
 
-def _ports_free(ports: range) -> bool:
-    probes: list[socket.socket] = []
-    try:
-        for port in ports:
-            probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            probes.append(probe)
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            probe.bind(("127.0.0.1", port))
-        return True
-    except OSError:
-        return False
-    finally:
-        for probe in probes:
-            probe.close()
-
-
 def pick_base_port(replica_count: int) -> int:
-    """A base port whose 2n ports are free now, outside the kernel's range for outgoing connections if possible."""
-    try:
-        low, high = (int(number) for number in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
-    except (OSError, ValueError):
-        low, high = 0, -1
-    span = 2 * replica_count
-    generator = random.Random()
-    candidates = [generator.randrange(PORT_RANGE[0], PORT_RANGE[1] - span) for _ in range(PORT_PICKS_MAX)]
-    preferred = [base for base in candidates if base + span <= low or base > high]
-    for base in [*preferred, *candidates]:
-        if _ports_free(range(base, base + span)):
-            return base
-    raise BenchError(f"no {span} consecutive free ports found in {PORT_RANGE}")
+    """A base port whose 3n ports (peers, clients, metrics) are free now (client/ports.py)."""
+    base = ports.pick_base_port(replica_count, random.Random())
+    if base is None:
+        raise BenchError(f"no {ports.PORTS_PER_REPLICA * replica_count} consecutive free ports found in {ports.PORT_RANGE}")
+    return base
 
 
 @dataclass

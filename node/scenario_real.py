@@ -32,7 +32,9 @@ from pathlib import Path
 
 import trio
 
+from client import ports
 from client.library import Client, ClientError, open_client
+from client.ports import HOST, PORT_RANGE, PORTS_PER_REPLICA
 from client.quorum import Receipt
 from ledger.blocks import Block, ChainError
 from ledger.config import (
@@ -49,10 +51,8 @@ from ledger.config import (
 )
 from ledger.crypto import NetworkIdentity, SigningKey
 from ledger.transactions import Put, sign_transaction
-from node import ports
 from node.host_network import HostNetwork, HostNetworkError, hosts_mode_refusal
 from node.link_proxy import LinkProxy
-from node.ports import HOST, PORT_RANGE, PORTS_PER_REPLICA
 from node.scenarios import ScenarioFile, Setup
 from node.scenarios import Workload as WorkloadSpec
 from node.traitors import format_behaviour_spec

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import trio
 
+from client import ports
 from ledger.config import load_replica_config, template_for, write_network
 from ledger.framing import FramedStream
 from ledger.messages import ErrorReply, StatusQuery, StatusReply, decode_message, encode_message
 from ledger.sizes import CLIENT_FRAME_SIZE_MAX
-from node import ports
 from node.runtime import CLIENT_ERRORS_LOGGED_PER_SECOND, ReplicaRuntime
 
 DEADLINE_S = 20.0

@@ -16,13 +16,13 @@ from typing import Any
 
 import trio
 
+from client import ports
 from client.library import Client, ReplicaStatus
+from client.ports import PORT_RANGE, PORTS_PER_REPLICA
 from ledger.blocks import Block
 from ledger.config import NetworkConfig, load_client_config, template_for, write_network
 from ledger.crypto import SigningKey, read_key_file
 from ledger.storage import BlockStore
-from node import ports
-from node.ports import PORT_RANGE, PORTS_PER_REPLICA
 
 NODE_COMMAND = (sys.executable, "-m", "node.cli")
 CLIENT_COMMAND = (sys.executable, "-m", "client.cli")
