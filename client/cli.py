@@ -105,34 +105,31 @@ def _account(text: str) -> bytes:
     raise UsageError(f"account {text!r}: expected 64 hex digits or a key file")
 
 
-def _amount(text: str) -> int:
+def _whole_number(text: str, expected: str, minimum: int, maximum: int | None, out_of_range: str) -> int:
+    """`text` as an int from minimum to maximum, or an argparse error in one line."""
     try:
-        amount = int(text)
+        number = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if not 1 <= amount <= AMOUNT_MAX:
-        raise argparse.ArgumentTypeError(f"must be between 1 and {AMOUNT_MAX}")
-    return amount
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if number < minimum or (maximum is not None and number > maximum):
+        raise argparse.ArgumentTypeError(out_of_range)
+    return number
+
+
+def _amount(text: str) -> int:
+    return _whole_number(text, "a whole number", 1, AMOUNT_MAX, f"must be between 1 and {AMOUNT_MAX}")
 
 
 def _height(text: str) -> int:
-    try:
-        height = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a block height, got {text!r}") from None
-    if height < 1:
-        raise argparse.ArgumentTypeError("heights start at 1")
-    return height
+    return _whole_number(text, "a block height", 1, None, "heights start at 1")
 
 
 def _min_height(text: str) -> int:
-    try:
-        height = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a block height, got {text!r}") from None
-    if height < 0:
-        raise argparse.ArgumentTypeError("must be 0 or more")
-    return height
+    return _whole_number(text, "a block height", 0, None, "must be 0 or more")
+
+
+def _count(text: str) -> int:
+    return _whole_number(text, "a whole number", 1, None, "must be 1 or more")
 
 
 def add_global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
@@ -669,16 +666,6 @@ async def command_get_prefix(arguments: argparse.Namespace, client: Client, outp
 
 
 # ---- watch: follow new blocks as they commit ----
-
-
-def _count(text: str) -> int:
-    try:
-        count = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if count < 1:
-        raise argparse.ArgumentTypeError("must be 1 or more")
-    return count
 
 
 def add_watch_parser(commands: Any) -> None:

@@ -326,6 +326,28 @@ class CheckpointCertificate:
         )
 
 
+def checkpoint_certificate_signers_problem(
+    certificate: CheckpointCertificate,
+    replica_keys: tuple[bytes, ...] | list[bytes],
+    quorum: int,
+    domain: bytes,
+    verify: Callable[[bytes, bytes, bytes, bytes], bool],
+) -> str | None:
+    """Why `certificate` is not a quorum of distinct replicas' valid CHECKPOINT signatures
+    (`domain`: the network's checkpoint signing domain), or None."""
+    signers = set()
+    for replica_id, signature in certificate.signatures:
+        if replica_id in signers or replica_id >= len(replica_keys):
+            return "checkpoint certificate repeats or invents a signer"
+        message = Checkpoint(certificate.sequence, certificate.state_digest, certificate.block_hash, replica_id, signature)
+        if not verify(replica_keys[replica_id], domain, message.signed_bytes(), signature):
+            return f"checkpoint certificate: bad signature from replica {replica_id}"
+        signers.add(replica_id)
+    if len(signers) < quorum:
+        return "checkpoint certificate without a quorum"
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class ViewChange:
     """VIEW-CHANGE: 'I leave for `new_view`; here is my stable checkpoint and what I prepared above it.'"""

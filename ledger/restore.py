@@ -8,7 +8,9 @@ from dataclasses import dataclass
 from ledger.application import AccountsApplication, StateChanges, is_final
 from ledger.blocks import Block, ChainError, verify_certificate, verify_execution
 from ledger.config import NetworkConfig
+from ledger.crypto import signing_domain, verify_signature
 from ledger.encoding import CodecError
+from ledger.messages import CheckpointCertificate, checkpoint_certificate_signers_problem
 from ledger.storage import BlockStore, StoreError
 
 # Commit certificates checked on every open, counted back from the tip (each costs a quorum of
@@ -86,14 +88,29 @@ def restore_application(store: BlockStore, network: NetworkConfig) -> Restored:
     return Restored(application, latest_timestamp_ms, None if loaded is None else loaded[0], replayed, application.entry_count())
 
 
-def install_snapshot(store: BlockStore, network: NetworkConfig, block: Block, application: AccountsApplication) -> None:
-    """Start an empty store from a snapshot: `application` holds the state of `block`, whose
-    commit certificate must verify against the network. A replica's start then restores that
-    state and replays only the blocks written after it. Raises StoreError, one line."""
-    try:
-        verify_certificate(block.header, block.certificate, network.identity, network.replica_keys, network.quorum)
-    except ChainError as error:
-        raise StoreError(f"{store.path}: the snapshot's block fails verification: {error}") from None
+def install_snapshot(
+    store: BlockStore, network: NetworkConfig, block: Block, application: AccountsApplication, checkpoint: CheckpointCertificate
+) -> None:
+    """Start an empty store from a snapshot: `application` holds the state of `block`, which a
+    stable checkpoint certifies. A block's commit certificate signs only its batch, not its state
+    digest or parent, so it is the CHECKPOINT quorum (sequence, state digest, block hash) that
+    vouches for the state: the block must be the one it names and the state must be the one it
+    signed. A replica's start then restores that state and replays only the blocks written after
+    it. Raises StoreError, one line."""
+    problem = checkpoint_certificate_signers_problem(
+        checkpoint, network.replica_keys, network.quorum, signing_domain(network.identity, "checkpoint"), verify_signature
+    )
+    if problem is None and (checkpoint.sequence != block.height or checkpoint.block_hash != block.block_hash):
+        problem = f"the checkpoint certifies block {checkpoint.sequence} {checkpoint.block_hash.hex()[:16]}, not this one"
+    if problem is None and not (checkpoint.state_digest == block.header.state_digest == application.state_digest()):
+        problem = "the state is not the one the checkpoint certifies"
+    if problem is None:
+        try:
+            verify_certificate(block.header, block.certificate, network.identity, network.replica_keys, network.quorum)
+        except ChainError as error:
+            problem = str(error)
+    if problem is not None:
+        raise StoreError(f"{store.path}: the snapshot fails verification: {problem}")
     snapshot = application.snapshot()
     changes = StateChanges(tuple((key, balance, nonce) for key, balance, nonce in snapshot[0]), tuple((key, value) for key, value in snapshot[1]))
     store.install_snapshot(block, changes, application.state_digest())

@@ -13,11 +13,11 @@ from typing import Any
 from ledger.config import NetworkConfig
 from ledger.crypto import SignatureMemo as SignatureMemo  # where the core and its tests find it
 from ledger.messages import (
-    Checkpoint,
     CheckpointCertificate,
     Prepare,
     PreparedCertificate,
     ViewChange,
+    checkpoint_certificate_signers_problem,
 )
 
 SignatureCheck = Callable[[bytes, bytes, bytes, bytes], bool]
@@ -54,17 +54,9 @@ class CertificateChecks:
     def checkpoint_certificate_problem(self, certificate: CheckpointCertificate) -> str | None:
         if certificate.sequence % self.checkpoint_interval:
             return "checkpoint certificate for a sequence that is not a checkpoint"
-        signers = set()
-        for replica_id, signature in certificate.signatures:
-            if replica_id in signers or replica_id >= self.replica_count:
-                return "checkpoint certificate repeats or invents a signer"
-            message = Checkpoint(certificate.sequence, certificate.state_digest, certificate.block_hash, replica_id, signature)
-            if not self.signed_by("checkpoint", message):
-                return f"checkpoint certificate: bad signature from replica {replica_id}"
-            signers.add(replica_id)
-        if len(signers) < self.quorum:
-            return "checkpoint certificate without a quorum"
-        return None
+        return checkpoint_certificate_signers_problem(
+            certificate, self.network.replica_keys, self.quorum, self.domains["checkpoint"], self.verify
+        )
 
     def prepared_certificate_problem(self, certificate: PreparedCertificate) -> str | None:
         header = certificate.pre_prepare

@@ -160,25 +160,7 @@ def build_chain(
 def build_executed_chain(network: LedgerNetwork, count: int, transactions_per_block: int = 3) -> list[Block]:
     """`count` certified blocks whose results and state digests are those of really executing
     them from the network's genesis balances: a chain a client's full verification accepts."""
-    application = AccountsApplication(network.balances)
-    blocks: list[Block] = []
-    parent = network.genesis
-    for height in range(1, count + 1):
-        transactions = make_transactions(network, (height - 1) * transactions_per_block, transactions_per_block)
-        results = tuple(application.execute_block(transactions))
-        header = BlockHeader(
-            height=height,
-            view=0,
-            proposer=0,
-            parent_hash=parent,
-            transactions_root=merkle_root([transaction.transaction_id for transaction in transactions]),
-            results_root=results_root(results),
-            state_digest=application.state_digest(),
-            timestamp_ms=1_700_000_000_000 + height,
-        )
-        blocks.append(Block(header, tuple(transactions), results, sign_certificate(network, header)))
-        parent = header.block_hash
-    return blocks
+    return extend_executed_chain(network, AccountsApplication(network.balances), network.genesis, 0, count, transactions_per_block)
 
 
 def extend_executed_chain(

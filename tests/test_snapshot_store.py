@@ -11,6 +11,8 @@ from chain_helpers import extend_executed_chain, make_network
 
 from ledger.application import AccountsApplication
 from ledger.blocks import Block, verify_execution
+from ledger.crypto import signing_domain
+from ledger.messages import Checkpoint, CheckpointCertificate
 from ledger.restore import audit_store, install_snapshot, restore_application
 from ledger.snapshots import SnapshotAssembly, snapshot_chunks
 from ledger.storage import BlockStore, StoreError
@@ -46,10 +48,24 @@ def source_chain() -> tuple[list[Block], AccountsApplication]:
 CHAIN, SNAPSHOT = source_chain()
 
 
+def checkpoint_certificate(block: Block, state_digest: bytes | None = None) -> CheckpointCertificate:
+    """What a quorum of CHECKPOINTs for `block` gives: every replica signs (height, state digest, hash)."""
+    digest = block.header.state_digest if state_digest is None else state_digest
+    domain = signing_domain(NETWORK.config.identity, "checkpoint")
+    signatures = tuple(
+        (replica_id, key.sign(domain, Checkpoint(block.height, digest, block.block_hash, replica_id).signed_bytes()))
+        for replica_id, key in enumerate(NETWORK.replica_signing_keys)
+    )
+    return CheckpointCertificate(block.height, digest, block.block_hash, signatures)
+
+
+CHECKPOINT_CERTIFICATE = checkpoint_certificate(CHAIN[CHECKPOINT - 1])
+
+
 def join(path: Path) -> tuple[BlockStore, AccountsApplication]:
     """A replica with an empty store: install the snapshot, then execute only the later blocks."""
     store, _, _ = open_replica_store(path)
-    install_snapshot(store, NETWORK.config, CHAIN[CHECKPOINT - 1], SNAPSHOT)
+    install_snapshot(store, NETWORK.config, CHAIN[CHECKPOINT - 1], SNAPSHOT, CHECKPOINT_CERTIFICATE)
     store.close()
     store, application, replayed = open_replica_store(path)
     assert replayed == 0
@@ -78,7 +94,7 @@ def test_a_replica_from_a_snapshot_executes_only_later_blocks_and_restarts_witho
 def test_a_snapshot_is_installed_only_in_a_store_without_blocks(tmp_path: Path) -> None:
     store, _ = join(tmp_path / "ledger.sqlite3")
     with pytest.raises(StoreError, match="without blocks"):
-        install_snapshot(store, NETWORK.config, CHAIN[CHECKPOINT - 1], SNAPSHOT)
+        install_snapshot(store, NETWORK.config, CHAIN[CHECKPOINT - 1], SNAPSHOT, CHECKPOINT_CERTIFICATE)
     store.close()
 
 
@@ -87,9 +103,30 @@ def test_a_snapshot_whose_block_or_state_does_not_hold_is_refused(tmp_path: Path
     block = CHAIN[CHECKPOINT - 1]
     uncertified = dataclasses.replace(block, certificate=dataclasses.replace(block.certificate, signatures=block.certificate.signatures[:1]))
     with pytest.raises(StoreError, match="fails verification"):
-        install_snapshot(store, NETWORK.config, uncertified, SNAPSHOT)
-    with pytest.raises(StoreError, match="does not have the state digest"):
-        install_snapshot(store, NETWORK.config, CHAIN[CHECKPOINT], SNAPSHOT)  # the state of another block
+        install_snapshot(store, NETWORK.config, uncertified, SNAPSHOT, CHECKPOINT_CERTIFICATE)
+    with pytest.raises(StoreError, match="not this one"):
+        install_snapshot(store, NETWORK.config, CHAIN[CHECKPOINT], SNAPSHOT, CHECKPOINT_CERTIFICATE)  # another block
+    with pytest.raises(StoreError, match="not the one the checkpoint certifies"):
+        install_snapshot(store, NETWORK.config, CHAIN[CHECKPOINT], SNAPSHOT, checkpoint_certificate(CHAIN[CHECKPOINT]))  # another state
+    short = dataclasses.replace(CHECKPOINT_CERTIFICATE, signatures=CHECKPOINT_CERTIFICATE.signatures[: NETWORK.quorum - 1])
+    with pytest.raises(StoreError, match="without a quorum"):
+        install_snapshot(store, NETWORK.config, CHAIN[CHECKPOINT - 1], SNAPSHOT, short)
+    assert store.height == 0 and store.base_height == 0
+    store.close()
+
+
+def test_a_forged_state_under_a_real_commit_certificate_is_refused(tmp_path: Path) -> None:
+    """Regression (adversarial review): the commit certificate signs only the batch, so a block
+    whose header names a made-up state digest still carried a valid certificate, and a store was
+    installed from a made-up state to match (an attacker's account holding 10^15 included). The
+    state must be the one a CHECKPOINT quorum signed for that block hash."""
+    store, _, _ = open_replica_store(tmp_path / "ledger.sqlite3")
+    block = CHAIN[CHECKPOINT - 1]
+    forged_state = AccountsApplication({**NETWORK.balances, bytes(range(32)): 10**15})
+    header = dataclasses.replace(block.header, state_digest=forged_state.state_digest())
+    forged_block = dataclasses.replace(block, header=header)
+    with pytest.raises(StoreError, match="not this one"):
+        install_snapshot(store, NETWORK.config, forged_block, forged_state, CHECKPOINT_CERTIFICATE)
     assert store.height == 0 and store.base_height == 0
     store.close()
 

@@ -28,11 +28,26 @@ class ScriptedSource:
     outage: bool = False
     queries: int = 0
     fetches: int = 0
+    # (how many queries, event): set once that many queries were asked, so a test waits for the
+    # follower's polls themselves instead of sleeping.
+    query_waiters: list[tuple[int, trio.Event]] = dataclasses.field(default_factory=list)
     network = NETWORK.config
     primary = 0
 
+    async def wait_for_queries(self, count: int) -> None:
+        event = trio.Event()
+        self.query_waiters.append((count, event))
+        self._wake()
+        await event.wait()
+
+    def _wake(self) -> None:
+        for count, event in self.query_waiters:
+            if self.queries >= count:
+                event.set()
+
     def _query(self) -> None:
         self.queries += 1
+        self._wake()
         if self.outage:
             raise NetworkUnavailable("no 2 matching answers to 'block-hash' within 15s")
 
@@ -79,7 +94,7 @@ async def test_a_follower_far_behind_catches_up_in_bounded_segments_then_waits_f
     async with trio.open_nursery() as nursery:
 
         async def commit_later() -> None:
-            await trio.sleep(10 * WATCH_POLL_S)
+            await source.wait_for_queries(asked + 10)  # ten polls while caught up, then block 41
             source.height = 41
 
         nursery.start_soon(commit_later)
@@ -95,7 +110,7 @@ async def test_a_follower_resumes_after_an_outage_with_no_gap_and_no_repeat(auto
     source.outage, source.height = True, 30  # the network goes away while blocks 6..30 commit
 
     async def restore() -> None:
-        await trio.sleep(5.0)
+        await source.wait_for_queries(source.queries + 25)  # many polls fail during the outage
         source.outage = False
 
     async with trio.open_nursery() as nursery:
