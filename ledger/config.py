@@ -68,6 +68,11 @@ class ProtocolSettings:
     # A backup refuses a PRE-PREPARE whose batch timestamp lies further than this from its own
     # clock: a primary cannot stamp blocks with whatever time it likes (0, 2**63 - 1, last year).
     clock_skew_max_ms: int = 15_000
+    # A replica whose store may start from a snapshot (an empty one, or one that already does)
+    # and that is more than this many blocks behind the newest stable checkpoint joins by state
+    # sync (node/state_join.py) instead of replaying every block. A local choice: not compared
+    # between replicas at the handshake.
+    state_sync_distance: int = 256
 
 
 _PROTOCOL_LIMITS: dict[str, tuple[int, int]] = {
@@ -85,9 +90,13 @@ _PROTOCOL_LIMITS: dict[str, tuple[int, int]] = {
     "client_first_frame_timeout_ms": (10, 600_000),
     "client_idle_timeout_ms": (10, 86_400_000),
     "clock_skew_max_ms": (100, 86_400_000),
+    "state_sync_distance": (1, 1 << 40),
 }
-# The order in which a replica's HELLO lists its protocol settings (node/transport.py).
-PROTOCOL_SETTING_NAMES = tuple(_PROTOCOL_LIMITS)
+# Settings each replica chooses for itself: they may differ between replicas.
+_LOCAL_SETTINGS = ("state_sync_distance",)
+# The order in which a replica's HELLO lists its protocol settings (node/transport.py): the
+# ones replicas must agree on.
+PROTOCOL_SETTING_NAMES = tuple(name for name in _PROTOCOL_LIMITS if name not in _LOCAL_SETTINGS)
 # Shrunk to fit, for large networks, when a configuration does not set them (see default_protocol).
 _LOG_SETTINGS = ("window_size", "checkpoint_interval")
 

@@ -359,11 +359,15 @@ class BlockStore:
             self._state_height = self._height
 
     def install_snapshot(self, block: Block, changes: StateChanges, state_digest: bytes) -> None:
-        """Start an empty store from a snapshot: `block` is the block of the snapshot's height
-        (its certificate checked by the caller, ledger/restore.py) and `changes` every entry of
-        the state after it. One transaction: the store then continues from that block."""
-        if self._height:
+        """Start the store from a snapshot: `block` is the block of the snapshot's height (its
+        certificate checked by the caller: ledger/restore.py, or the core's state sync) and
+        `changes` every entry of the state after it. One transaction: the store then continues
+        from that block. A store that already starts from a snapshot gives up its blocks (it
+        was no archive); one holding blocks from genesis is an archive and refuses."""
+        if self._height and not self._base_height:
             raise StoreError(f"{self.path}: a snapshot is installed only in a store without blocks (this one holds {self._height})")
+        if block.height <= self._height:
+            raise StoreError(f"{self.path}: the snapshot at {block.height} is not above the stored height {self._height}")
         try:
             verify_block_contents(block)
         except ChainError as error:
@@ -374,6 +378,8 @@ class BlockStore:
             self._connection.execute("begin")
             self._connection.execute("delete from state_accounts")
             self._connection.execute("delete from state_values")
+            self._connection.execute("delete from blocks")
+            self._connection.execute("delete from transactions")
             self._connection.execute("insert into blocks values (?, ?, ?)", (block.height, block.block_hash, block.encode()))
             self._connection.executemany(
                 "insert or ignore into transactions values (?, ?, ?)",

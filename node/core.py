@@ -52,6 +52,7 @@ from ledger.messages import (
     Reply,
     ReplyEntry,
     Request,
+    SnapshotChunk,
     Status,
     ViewChange,
     make_replies,
@@ -68,6 +69,8 @@ from node.certificates import (
 from node.evidence import EvidenceCollector
 from node.new_view import NULL_BATCH, new_view_assignments
 from node.requests import RequestQueue
+from node.snapshot_keeper import SnapshotKeeper
+from node.state_join import StateJoin
 
 # Bounds on what one replica holds in memory, whatever its peers and clients do.
 VERIFIED_CACHE_MAX = 50_000
@@ -84,6 +87,15 @@ RELAYS_PER_INTERVAL_MAX = 16  # waiting requests a backup re-relays to the prima
 TIMEOUT_DOUBLINGS_MAX = 6
 # A primary proposes a batch short of batch_size_max only while fewer than this many are in flight.
 BATCHES_IN_FLIGHT_FILLING_MAX = 2
+
+# What a state sync counts that means a peer served something useless or false (logged as refusals).
+JOIN_REFUSALS = (
+    "snapshot chunk does not verify",
+    "snapshot chunk of another checkpoint",
+    "snapshot not kept by the peer",
+    "snapshot block is not the certified one",
+    "snapshot block contents do not match its header",
+)
 
 # Kinds of durable records. The first group is garbage collected at the stable checkpoint.
 LOG_KINDS = ("pre-prepare", "prepare", "commit", "prepared", "checkpoint")
@@ -122,6 +134,17 @@ class ClientReply:
     reply: Reply
 
 
+@dataclass(frozen=True, slots=True)
+class Installed:
+    """A snapshot joined by state sync: the host stores `block` (the block of the certified
+    checkpoint) and the whole state at it (every entry) in one transaction, before this round's
+    other writes. The core has already moved on from it (ledger/storage.py install_snapshot)."""
+
+    block: Block
+    checkpoint: CheckpointCertificate
+    state: StateChanges
+
+
 @dataclass
 class Effects:
     """What the host must do, in this order: persist, send, store blocks, reply to clients.
@@ -138,10 +161,12 @@ class Effects:
     # The application entries `blocks` changed: stored in the same transaction as the blocks, so
     # the durable state is always that of the stored tip (None when there are no blocks).
     state: StateChanges | None = None
+    installed: Installed | None = None
 
     def __bool__(self) -> bool:
         return bool(
-            self.persist
+            self.installed is not None
+            or self.persist
             or self.send
             or self.blocks
             or self.replies
@@ -188,6 +213,7 @@ class ReplicaCore:
         check_signature: SignatureCheck | None = None,
         last_timestamp_ms: int = 0,
         check_signatures: SignaturesCheck | None = None,
+        state_sync_allowed: bool = False,
     ) -> None:
         self.network = network
         self.replica_id = replica_id
@@ -253,12 +279,21 @@ class ReplicaCore:
         self.fetch_peer_cursor = 0
         self.height_at_last_status = height
         self.last_status_ms = 0
+        # State sync (node/state_join.py): only where the host's store may start from a snapshot
+        # (an empty one, or one that already does); an archive replica replays every block.
+        self.state_sync_allowed = state_sync_allowed
+        self.joining: StateJoin | None = None
+        self.snapshots = SnapshotKeeper()  # the states this replica serves to joining ones
 
         self.counters: dict[str, int] = {}
         self.evidence = EvidenceCollector(replica_id, self.certificates.signed_by)
         self.effects = Effects()
         if restored_records:
             self._restore(restored_records)
+        if self.stable_checkpoint is not None and self.height == self.low:
+            # Restarted at its stable checkpoint: the state in hand is the certified one.
+            self.snapshots.freeze(self.height, self.application)
+            self.snapshots.stable(self.stable_checkpoint)
 
     # ---- queries about the state ----
 
@@ -383,6 +418,8 @@ class ReplicaCore:
         if self.now_ms - self.last_status_ms >= self.settings.status_interval_ms:
             self.last_status_ms = self.now_ms
             self._on_status_interval()
+        if self.joining is not None:
+            self._join_tick()
 
     def receive_request(self, transaction: Transaction, relayed_by: int | None = None) -> None:
         """A client's signed transaction, straight from a client or relayed by replica `relayed_by`."""
@@ -440,6 +477,8 @@ class ReplicaCore:
                 self.effects.send.append(Send(sender, BatchContent(batch)))
         elif isinstance(message, BatchContent):
             self._on_batch_content(message.batch)
+        elif isinstance(message, SnapshotChunk):
+            self._on_snapshot_chunk(sender, message)
         elif isinstance(message, FetchBlocks):
             pass  # answered by the host from its store; never reaches the core
         else:
@@ -988,6 +1027,7 @@ class ReplicaCore:
         unsigned = Checkpoint(self.height, self.application.state_digest(), self.last_block_hash, self.replica_id)
         checkpoint = _with_signature(unsigned, self.key.sign(self.domains["checkpoint"], unsigned.signed_bytes()))
         self.own_checkpoints[self.height] = checkpoint
+        self.snapshots.freeze(self.height, self.application)
         self.effects.persist.append(Persist("checkpoint", 0, self.height, checkpoint))
         self.effects.send.append(Send(None, checkpoint))
         self._count_checkpoint(checkpoint)
@@ -1027,8 +1067,13 @@ class ReplicaCore:
         self.low = certificate.sequence
         self.effects.persist.append(Persist("stable-checkpoint", 0, certificate.sequence, certificate))
         self.effects.prune = Prune(certificate.sequence, self.view)
+        self.snapshots.stable(certificate)
         self._garbage_collect()
-        if self.height < self.low:
+        if self.joining is not None:
+            return  # blocks wait for the snapshot: they would land in the store before it
+        if self._join_wanted(certificate):
+            self._start_join(certificate)
+        elif self.height < self.low:
             # The others moved past us: our slots up to there are gone, so fetch certified blocks.
             self._fetch_blocks()
 
@@ -1227,6 +1272,8 @@ class ReplicaCore:
         self.height_at_last_status = self.height
         self._retransmit()
         self._follow_higher_views()
+        if self.joining is not None:
+            return
         best = max(self.peer_heights.values(), default=0)
         fetch_due = self.fetch_sent_ms is None or self.now_ms - self.fetch_sent_ms >= 2 * self.settings.status_interval_ms
         behind = self.height < self.low or best > self.height + self.settings.window_size
@@ -1296,6 +1343,18 @@ class ReplicaCore:
         are recomputed by executing it, so a peer cannot slip in a wrong state.
         """
         self.fetch_sent_ms = None
+        checkpoint = message.checkpoint
+        if self.joining is not None:
+            self._on_join_blocks(sender, message)
+            return
+        if checkpoint is not None and checkpoint.sequence > self.low and self._join_wanted(checkpoint):
+            # Far behind: take the certificate first, and the snapshot it vouches for instead
+            # of these blocks (stored blocks would make the store unable to start from it).
+            problem = self.certificates.checkpoint_certificate_problem(checkpoint)
+            if problem is None:
+                self._make_stable(checkpoint)
+                return
+            self._reject("bad checkpoint certificate", f"from replica {sender}: {problem}")
         applied = 0
         for block in message.blocks:
             if block.height <= self.height:
@@ -1319,7 +1378,6 @@ class ReplicaCore:
                     f"fetched block {block.height} from replica {sender} claims another state; using our own execution"
                 )
             applied += 1
-        checkpoint = message.checkpoint
         if checkpoint is not None and checkpoint.sequence > self.low:
             # Peers stop re-sending CHECKPOINTs once stable for them; the certificate lets a
             # replica that caught up by fetching move its watermarks as well.
@@ -1334,6 +1392,116 @@ class ReplicaCore:
             self._execute_ready()
             if self.peer_heights.get(sender, 0) > self.height or self.height < self.low:
                 self._fetch_blocks()
+
+    # ---- joining by state sync (node/state_join.py) ----
+
+    def _join_wanted(self, certificate: CheckpointCertificate) -> bool:
+        return (
+            self.state_sync_allowed
+            and self.joining is None
+            and certificate.sequence - self.height > self.settings.state_sync_distance
+        )
+
+    def _start_join(self, certificate: CheckpointCertificate) -> None:
+        peers = [replica for replica in range(self.replica_count) if replica != self.replica_id]
+        request_timeout_ms = 2 * self.settings.status_interval_ms
+        self.joining = StateJoin(certificate, peers, request_timeout_ms, self.now_ms)
+        self.effects.events.append(
+            f"state sync: {certificate.sequence - self.height} blocks behind the stable checkpoint at {certificate.sequence}; "
+            "fetching its snapshot instead of the blocks"
+        )
+        self._join_tick()
+
+    def _join_tick(self) -> None:
+        joining = self.joining
+        assert joining is not None
+        newest = self.stable_checkpoint
+        # Peers keep a few snapshots only (node/snapshot_keeper.py): once one says it no longer
+        # keeps ours and a newer certificate is in hand (verified), move to that one at once.
+        moved_on = (
+            newest is not None
+            and newest.sequence > joining.checkpoint.sequence
+            and not joining.state_complete
+            and joining.fetch.counters.get("snapshot not kept by the peer", 0) > 0
+        )
+        if joining.failed(self.now_ms) or moved_on:
+            self._count_join(joining)
+            self.joining = None
+            why = "peers no longer keep it" if moved_on else "no peer served it in time"
+            self.effects.events.append(f"state sync at {joining.checkpoint.sequence} abandoned: {why}; trying again")
+            if newest is not None and newest.sequence - self.height > self.settings.state_sync_distance:
+                self._start_join(newest)
+            elif self.height < self.low:
+                self._fetch_blocks()
+            return
+        self._join_sends(joining.tick(self.now_ms))
+
+    def _join_sends(self, sends: list[tuple[int, Any]]) -> None:
+        for peer, message in sends:
+            self.effects.send.append(Send(peer, message))
+
+    def _on_snapshot_chunk(self, sender: int, message: SnapshotChunk) -> None:
+        if self.joining is None:
+            self._reject("snapshot chunk not asked for")
+            return
+        self._join_sends(self.joining.receive_chunk(sender, message, self.now_ms))
+
+    def _on_join_blocks(self, sender: int, message: Blocks) -> None:
+        joining = self.joining
+        assert joining is not None
+        block = joining.receive_blocks(sender, message.blocks)
+        if block is None:
+            return
+        try:
+            # The hash is certified; the commit certificate is stored with the block, so check it too.
+            verify_certificate(
+                block.header, block.certificate, self.network.identity, self.replica_keys, self.quorum, self.signatures.verify
+            )
+        except ChainError as error:
+            self._reject("bad snapshot block", f"from replica {sender}: {error}")
+            return
+        self._install(joining, block)
+
+    def _install(self, joining: StateJoin, block: Block) -> None:
+        """The snapshot and its block are both certified: continue from them."""
+        application = joining.application()
+        self._count_join(joining)
+        self.joining = None
+        self.snapshots.release_all()
+        self.application = application
+        snapshot = application.snapshot()
+        state = StateChanges(
+            tuple((key, balance, nonce) for key, balance, nonce in snapshot[0]), tuple((key, value) for key, value in snapshot[1])
+        )
+        self.effects.installed = Installed(block, joining.checkpoint, state)
+        self.height = block.height
+        self.last_block_hash = block.block_hash
+        # The latest stamp before the snapshot is not known: the block's own (0 for a null block).
+        self.last_timestamp_ms = max(self.last_timestamp_ms, block.header.timestamp_ms)
+        self.next_sequence = max(self.next_sequence, self.height + 1)
+        self.height_at_last_status = self.height
+        self.counters["state syncs"] = self.counters.get("state syncs", 0) + 1
+        self.effects.events.append(
+            f"state sync: installed the snapshot at {block.height} ({application.entry_count()} entries); fetching the blocks after it"
+        )
+        if self.stable_checkpoint is not None and self.stable_checkpoint.sequence == block.height:
+            self.snapshots.freeze(self.height, self.application)
+            self.snapshots.stable(self.stable_checkpoint)
+        # Requests watched while joining whose nonce the snapshot shows used can never execute.
+        for transaction in list(self.pending.oldest(len(self.pending))):
+            if self.application.check(transaction) is not None:
+                self.pending.remove(transaction.transaction_id)
+        self._refresh_request_timer()
+        self._execute_ready()
+        if self.height < self.low or max(self.peer_heights.values(), default=0) > self.height:
+            self._fetch_blocks()
+
+    def _count_join(self, joining: StateJoin) -> None:
+        for reason, count in list(joining.fetch.counters.items()) + list(joining.counters.items()):
+            self.counters[reason] = self.counters.get(reason, 0) + count
+            if reason in JOIN_REFUSALS:
+                # Logged as refusals (a peer lied or had nothing): operators and the scenario verdict see them.
+                self.effects.events.append(f"rejected: {reason}: {count} during the state sync at {joining.checkpoint.sequence}")
 
     # ---- reads and status ----
 

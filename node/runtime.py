@@ -34,6 +34,7 @@ from ledger.messages import (
     STATUS_VERSION_LENGTH_MAX,
     ErrorReply,
     FetchBlocks,
+    FetchSnapshot,
     PrePrepare,
     Query,
     QueryReply,
@@ -236,6 +237,9 @@ class ReplicaRuntime:
             restored,
             last_timestamp_ms=state.latest_timestamp_ms,
             check_signatures=self.signature_threads.check,
+            # A store that holds no blocks, or already starts from a snapshot, may (re)start
+            # from one; an archive (blocks from genesis) keeps replaying every block.
+            state_sync_allowed=self.store.height == 0 or self.store.base_height > 0,
         )
         self.query_domain = signing_domain(self.network.identity, "query-reply")
         self.events_send, self.events_receive = trio.open_memory_channel[tuple[str, Any, Any]](EVENT_QUEUE_MAX)
@@ -364,6 +368,8 @@ class ReplicaRuntime:
         if kind == "peer":
             if isinstance(message, FetchBlocks):
                 self._serve_fetch(origin, message)
+            elif isinstance(message, FetchSnapshot):
+                self._serve_snapshot(origin, message)
             elif self.traitor is None or self.traitor.receive(origin, message, self._traitor_now_ms()):
                 if self.stage_trace is not None and isinstance(message, PrePrepare):
                     self.stage_trace.pre_prepare(message, time.monotonic())
@@ -388,6 +394,18 @@ class ReplicaRuntime:
             encoded = self._traitor_blocks(peer, encoded)
         if encoded:
             self.transport.send_encoded(peer, encode_blocks_message(encoded, self.core.stable_checkpoint))
+
+    def _serve_snapshot(self, peer: int, request: FetchSnapshot) -> None:
+        """A chunk of a kept snapshot (node/snapshot_keeper.py), built only when the peer's
+        queue can take it: one chunk of work per request the peer's reading keeps up with."""
+        if not self.transport.has_room(peer, self.network.protocol.frame_size_max):
+            self.fetches_skipped += 1
+            return
+        answer = self.core.snapshots.answer(request)
+        if answer is not None and self.traitor is not None:
+            answer = self.traitor.serve_snapshot(peer, answer, self._traitor_now_ms())
+        if answer is not None:
+            self.transport.send(peer, answer)
 
     def _encoded_blocks(self, request: FetchBlocks) -> list[bytes]:
         """The blocks of a Blocks answer as stored: each read once and never decoded or re-encoded
@@ -433,6 +451,13 @@ class ReplicaRuntime:
             return
         if self.stage_trace is not None:
             self.stage_trace.round_started(effects.send, effects.blocks, time.monotonic())
+        if effects.installed is not None:
+            installed = effects.installed
+            # Before this round's blocks, which follow the snapshot's.
+            await trio.to_thread.run_sync(
+                self.store.install_snapshot, installed.block, installed.state, installed.checkpoint.state_digest
+            )
+            log.info("state sync: stored the snapshot at height %d", installed.block.height)
         if effects.persist or effects.blocks or effects.prune is not None:
             records = [
                 (record.kind, record.view, record.sequence, encode_message(record.message)) for record in effects.persist

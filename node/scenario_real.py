@@ -79,6 +79,8 @@ FAST_PROTOCOL = ProtocolSettings(
     view_change_timeout_ms=1000,
     checkpoint_interval=16,
     status_interval_ms=200,
+    # A replica joining (a `join` event) more than one checkpoint behind fetches a snapshot.
+    state_sync_distance=16,
 )
 NODE_COMMAND = (sys.executable, "-m", "node.cli")
 # In --hosts mode every replica process has an address of its own, so all use the same ports.
@@ -416,6 +418,8 @@ async def _run_timeline(faults: Faults, setup: Setup, started: float, progress: 
                 replicas.stop(name)
             elif event.event == "restart":
                 await replicas.restart(name)
+            elif event.event == "join":
+                await replicas.start(name)  # never started: its data directory is empty
             elif event.event == "slow":
                 seen.append(faults.set_slow(replica_id, event.delay_ms))
             elif event.event == "partition":
@@ -445,12 +449,16 @@ async def _settle(client: Client, honest: list[int], minimum_height: int, progre
     progress(f"the honest replicas did not reach one tip within {SETTLE_DEADLINE_S:g} s: comparing the chains as they are")
 
 
-async def _fetch_chain(client: Client, replica_id: int) -> list[Block]:
-    chain: list[Block] = []
+async def _fetch_chain(client: Client, replica_id: int) -> list[Block | None]:
+    """The replica's stored chain; a store that starts from a snapshot (state sync) answers from
+    its base, and the heights below it are None."""
+    chain: list[Block | None] = []
     while True:
         blocks = await client.fetch_blocks(replica_id, len(chain) + 1)
         if not blocks:
             return chain
+        if not chain and blocks[0].height > 1:
+            chain = [None] * (blocks[0].height - 1)
         for block in blocks:
             if block.height != len(chain) + 1:
                 raise ChainError(f"replica {replica_id} served block {block.height} where {len(chain) + 1} was asked")
@@ -460,7 +468,7 @@ async def _fetch_chain(client: Client, replica_id: int) -> list[Block]:
 @dataclass
 class Collected:
     views: dict[int, int] = field(default_factory=dict)
-    chains: dict[int, list[Block]] = field(default_factory=dict)
+    chains: dict[int, list[Block | None]] = field(default_factory=dict)
     broken: BrokenInvariant | None = None
 
 
@@ -472,8 +480,17 @@ async def _collect(client: Client, honest: list[int], minimum_height: int, progr
             collected.views[status.replica_id] = status.view
     for replica_id in honest:
         try:
+            chain = await _fetch_chain(client, replica_id)
+            base = next((block.height for block in chain if block is not None), 1)
+            if base > 1:
+                collected.chains[replica_id] = chain
+                progress(
+                    f"replica {replica_id}: its store starts from a snapshot at height {base} (state sync); "
+                    f"its blocks from there, height {len(chain)}, are compared with the others'"
+                )
+                continue
             report = await client.verify_chain(replica_id)
-            collected.chains[replica_id] = await _fetch_chain(client, replica_id)
+            collected.chains[replica_id] = chain
         except ChainError as error:
             if collected.broken is None:
                 collected.broken = BrokenInvariant("validity", f"honest replica {replica_id}'s chain does not verify: {error}")
@@ -576,13 +593,15 @@ async def _run_processes(
             + (f"; one network namespace each, on bridge {faults.hosts.bridge}" if faults.hosts is not None else "")
             + "); every peer link through the link proxy"
         )
+        joining = {Instance(replica_id).name for replica_id, _ in setup.late_joins()}
         for name in replicas.names:
-            await replicas.start(name)
+            if name not in joining:
+                await replicas.start(name)
         async with open_client(config_path) as client:
             network = client.network
             try:
                 with trio.fail_after(STARTUP_DEADLINE_S):
-                    while sum(status.reachable for status in await client.status(wait_s=0.5)) < replica_count:
+                    while sum(status.reachable for status in await client.status(wait_s=0.5)) < replica_count - len(joining):
                         if replicas.exited():
                             raise RealRunError(f"replica processes exited while starting: {replicas.exited()}")
                         await trio.sleep(0.05)

@@ -39,13 +39,24 @@ def simulator_scenario(scenario: ScenarioFile, setup: Setup, seed: int) -> Scena
         partitions=setup.intervals("partition", ("heal",)),
         slow_links=setup.slow_links(),
         collusion_side=setup.collusion_side,
+        late_joins=setup.late_joins(),
     )
 
 
 def fault_free(scenario: Scenario) -> Scenario:
     """The same workload, seed and delays, with no traitors, faults or losses."""
     return dataclasses.replace(
-        scenario, traitors=(), crashes=(), stalls=(), partitions=(), slow_links=(), collusion_side=(), loss_rate=0.0, duplicate_rate=0.0, faults_until_ms=0
+        scenario,
+        traitors=(),
+        crashes=(),
+        stalls=(),
+        partitions=(),
+        slow_links=(),
+        collusion_side=(),
+        late_joins=(),
+        loss_rate=0.0,
+        duplicate_rate=0.0,
+        faults_until_ms=0,
     )
 
 

@@ -21,7 +21,9 @@ from node.traitors import BEHAVIOURS, BehaviourSpec, TraitorSpec
 SCENARIO_DIRECTORY = packaged_config("scenarios")
 REPLICA_COUNTS = (4, 7)
 VERDICTS = ("holds", "breaks")
-EVENTS = ("kill", "stop", "restart", "partition", "slow", "heal")
+# join: the replica is not started with the others but at this time, with an empty store (a
+# new replica; far enough behind, it joins by state sync). It must be the replica's first event.
+EVENTS = ("kill", "stop", "restart", "partition", "slow", "heal", "join")
 # Bounds on what a file may ask for (a scenario is a small, quick demonstration).
 CLIENTS_MAX = 16
 TRANSACTIONS_PER_CLIENT_MAX = 200
@@ -113,6 +115,10 @@ class Setup:
                     if replica in opened:
                         found.append((replica, opened.pop(replica), event.at_ms))
         return tuple(sorted(found))
+
+    def late_joins(self) -> tuple[tuple[int, int], ...]:
+        """(replica, at_ms) for every join event: the replica starts then, with an empty store."""
+        return tuple(sorted((replica, event.at_ms) for event in self.timeline if event.event == "join" for replica in event.replicas))
 
     def slow_links(self) -> tuple[tuple[int, int, int, int], ...]:
         """(replica, from_ms, until_ms, delay_ms) for every slow event, until the heal that ends it."""
@@ -468,13 +474,19 @@ def _check_timeline(reader: _Reader, events: list[FaultEvent]) -> tuple[FaultEve
     cut_off: set[int] = set()
     slowed: set[int] = set()
     resolved = []
+    named: set[int] = set()  # replicas an earlier event named
     for event in sorted(events, key=lambda event: event.at_ms):
         replicas = event.replicas
         if event.event == "heal" and not replicas:
             replicas = tuple(sorted(cut_off | slowed))
         for replica in replicas:
             where = f"timeline event {event.event} at {event.at_ms} ms"
-            if event.event in ("kill", "stop"):
+            first_event = replica not in named
+            named.add(replica)
+            if event.event == "join":
+                if not first_event:
+                    raise reader.error("timeline", f"{where}: a join must be replica {replica}'s first event (it starts then)")
+            elif event.event in ("kill", "stop"):
                 if replica in state:
                     raise reader.error("timeline", f"{where}: replica {replica} is already {state[replica]}")
                 state[replica] = "killed" if event.event == "kill" else "stopped"

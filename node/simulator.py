@@ -31,6 +31,7 @@ from ledger.messages import (
     CheckpointCertificate,
     Commit,
     FetchBlocks,
+    FetchSnapshot,
     NewView,
     Prepare,
     PreparedCertificate,
@@ -43,11 +44,13 @@ from ledger.messages import (
 )
 from ledger.transactions import Put, Transaction, Transfer, sign_transaction, transaction_domain
 from node.collusion import Coalition
-from node.core import LOG_KINDS, Persist, Prune, ReplicaCore
+from node.core import LOG_KINDS, Installed, Persist, Prune, ReplicaCore
 from node.queries import answer_query
 from node.traitors import BEHAVIOURS, BehaviourSpec, Traitor, TraitorSpec, make_traitor
 
 CoreFactory = Callable[..., ReplicaCore]
+# The share of seeds with a crash whose first crashed replica is instead a new one joining late.
+LATE_JOIN_RATE = 0.3
 SignatureCheck = Callable[[bytes, bytes, bytes, bytes], bool]
 
 # Verification is a pure function of (key, domain, bytes, signature): one bounded memo serves all
@@ -164,6 +167,9 @@ class Scenario:
     # Beyond the bound (node/collusion.py): the traitors collude and show these honest replicas a
     # second signed history of every slot. Empty: no coalition.
     collusion_side: tuple[int, ...] = ()
+    # New replicas: (replica, join_ms): down from the start with an empty disk, then started
+    # at join_ms; one far enough behind joins by state sync (node/state_join.py).
+    late_joins: tuple[tuple[int, int], ...] = ()
 
     @classmethod
     def from_seed(
@@ -208,8 +214,26 @@ class Scenario:
                     {"crash": crashes, "torn-crash": torn, "stall": stalls, "partition": partitions}[kind].append((replica, start, end))
             clients = overrides.get("clients", cls.clients)
             traitors = [_add_behaviour(spec, seed, replica_count, horizon, clients) for spec in traitors]
+            # From a source of its own, so the draws above stay what they were: a crashed replica
+            # is instead a new one that starts late (the same fault budget, a longer window).
+            late_joins = []
+            join_draw = random.Random(f"scenario-join/{seed}/{replica_count}")
+            if crashes and "crashes" not in overrides and join_draw.random() < LATE_JOIN_RATE:
+                replica, _start, end = crashes.pop(0)
+                late_joins.append((replica, max(end, join_draw.randint(horizon // 4, horizon))))
+                if traitors and join_draw.random() < 0.5:
+                    # A traitor that lies to joining replicas about the snapshot (node/traitors.py).
+                    mode = join_draw.choice(["any", "entry", "omit", "proof", "checkpoint", "silent"])
+                    first = traitors[0]
+                    liar = BehaviourSpec("lying_snapshot_server", 0, (("mode", mode),))
+                    traitors[0] = TraitorSpec(first.replica_id, (*first.behaviours, liar))
             values.update(
-                crashes=tuple(crashes), torn_crashes=tuple(torn), stalls=tuple(stalls), partitions=tuple(partitions), traitors=tuple(traitors)
+                crashes=tuple(crashes),
+                torn_crashes=tuple(torn),
+                stalls=tuple(stalls),
+                partitions=tuple(partitions),
+                traitors=tuple(traitors),
+                late_joins=tuple(late_joins),
             )
         if adversarial:
             values.update(
@@ -319,7 +343,8 @@ class SimulatedReplica:
     application state) that survive."""
 
     core: ReplicaCore
-    chain: list[Block] = field(default_factory=list)
+    # Index height - 1; None below the block a state sync installed (its store starts there).
+    chain: list[Block | None] = field(default_factory=list)
     records: dict[tuple[str, int, int], Any] = field(default_factory=dict)
     transaction_ids: dict[bytes, tuple[int, int]] = field(default_factory=dict)
     # The application state as the store keeps it (ledger/storage.py state tables), written in the
@@ -353,6 +378,24 @@ class SimulatedReplica:
         for key, value in changes.values:
             self.state_values[key] = value
         self.state_height = height
+
+    def install(self, installed: Installed) -> None:
+        """The store of a replica that joined by state sync: the snapshot's block and state."""
+        block = installed.block
+        self.chain = [None] * (block.height - 1) + [block]
+        self.transaction_ids = {
+            transaction.transaction_id: (block.height, index)
+            for index, (transaction, result) in enumerate(zip(block.transactions, block.results, strict=True))
+            if is_final(result)
+        }
+        self.state_accounts = {account: (balance, nonce) for account, balance, nonce in installed.state.accounts}
+        self.state_values = dict(installed.state.values)
+        self.state_height = block.height
+
+    @property
+    def base_height(self) -> int:
+        """The first height the store holds (1 unless a state sync installed a snapshot)."""
+        return next((index + 1 for index, block in enumerate(self.chain) if block is not None), len(self.chain) + 1)
 
     def restored_records(self) -> list[tuple[str, Any]]:
         return [(key[0], self.records[key]) for key in sorted(self.records, key=lambda key: (key[2], key[1], key[0]))]
@@ -410,6 +453,8 @@ def simulated_network(seed: int, replica_count: int, client_keys: list[SigningKe
         view_change_timeout_ms=500,
         request_timeout_ms=400,
         clock_skew_max_ms=5_000,
+        # A late joiner more than one checkpoint behind joins by state sync.
+        state_sync_distance=4,
     )
     balances = {key.public_key: 1_000 for key in client_keys}
     return NetworkConfig(f"sim-{seed}", replicas, protocol, balances), keys
@@ -492,7 +537,8 @@ class Simulation:
                 [(account, *entry) for account, entry in replica.state_accounts.items()], replica.state_values.items()
             )
             height = replica.state_height
-            expected = chain[height - 1].header.state_digest if height else self.genesis_state_digest
+            tip = chain[height - 1] if height else None
+            expected = tip.header.state_digest if tip is not None else self.genesis_state_digest
             if application.state_digest() != expected:
                 raise self.fail(f"durable state: replica {index}'s stored state is not the state of its block {height}")
             if height != len(chain):
@@ -503,17 +549,21 @@ class Simulation:
         else:
             # Nothing written yet: the first write carries every entry, the genesis ones included.
             for block in chain:
+                assert block is not None  # a synced store always has its state written
                 verify_execution(application, block)
+        tip_block = chain[-1] if chain else None
         return self.scenario.core_factory(
             self.network,
             index,
             self.replica_keys[index],
             application,
             len(chain),
-            chain[-1].block_hash if chain else None,
+            tip_block.block_hash if tip_block is not None else None,
             replica.restored_records() if replica is not None else None,
             check_signature=self._counting_verifier(index),
-            last_timestamp_ms=max((block.header.timestamp_ms for block in chain), default=0),
+            last_timestamp_ms=max((block.header.timestamp_ms for block in chain if block is not None), default=0),
+            # As the runtime decides from its store: an empty one, or one that starts from a snapshot.
+            state_sync_allowed=not chain or chain[0] is None,
         )
 
     def _counting_verifier(self, index: int) -> SignatureCheck:
@@ -598,6 +648,9 @@ class Simulation:
         for replica, start, end in self.scenario.crashes:
             self.schedule(start, "crash", replica)
             self.schedule(end, "restart", replica)
+        for replica, join_ms in self.scenario.late_joins:
+            self.crash(replica)  # down before its first tick: it never signed anything
+            self.schedule(join_ms, "restart", replica)
         for replica, start, end in self.scenario.torn_crashes:
             self.schedule(start, "torn-crash", replica)
             self.schedule(end, "restart", replica)
@@ -688,6 +741,9 @@ class Simulation:
             if isinstance(message, FetchBlocks):
                 self.serve_fetch(receiver, replica, sender, message)
                 return
+            if isinstance(message, FetchSnapshot):
+                self.serve_snapshot(receiver, replica, sender, message)
+                return
             if traitor is not None and not traitor.receive(sender, message, self.now_ms):
                 self.traitor_activity[receiver].received_ignored += 1
                 return
@@ -753,7 +809,9 @@ class Simulation:
     def serve_fetch(self, server: int, instance: SimulatedReplica, requester: int, request: FetchBlocks) -> None:
         """The block server (the runtime answers FetchBlocks from its store, not the core)."""
         chain = instance.chain
-        blocks = tuple(chain[request.from_height - 1 : request.from_height - 1 + request.count])
+        stored = chain[request.from_height - 1 : request.from_height - 1 + request.count]
+        # Nothing from below a synced store's base: an answer starts at the height asked or is empty.
+        blocks = tuple(block for block in stored if block is not None) if all(block is not None for block in stored) else ()
         checkpoint = instance.core.stable_checkpoint
         traitor = self.traitor_wrappers.get(server)
         if traitor is not None:
@@ -762,6 +820,17 @@ class Simulation:
             self.check_checkpoint_certificate(server, checkpoint, "served with blocks")
         if blocks:
             self.transmit("deliver", (server, requester, Blocks(blocks, checkpoint)))
+
+    def serve_snapshot(self, server: int, instance: SimulatedReplica, requester: int, request: FetchSnapshot) -> None:
+        """The snapshot server (the runtime answers FetchSnapshot from the core's kept snapshots)."""
+        answer = instance.core.snapshots.answer(request)
+        traitor = self.traitor_wrappers.get(server)
+        if traitor is not None:
+            answer = traitor.serve_snapshot(requester, answer, self.now_ms)
+        elif answer is not None:
+            self.check_checkpoint_certificate(server, answer.checkpoint, "served with a snapshot chunk")
+        if answer is not None:
+            self.transmit("deliver", (server, requester, answer))
 
     # ---- carrying out effects, and the invariants ----
 
@@ -777,7 +846,11 @@ class Simulation:
                 sends = self.coalition.outgoing(index, sends, self.now_ms)
             self.count_activity(self.traitor_activity[index], effects.send, sends)
         honest = index not in self.traitors
-        durable = bool(effects.persist or effects.blocks or effects.prune is not None)
+        durable = bool(effects.persist or effects.blocks or effects.prune is not None or effects.installed is not None)
+        if effects.installed is not None:
+            if honest:
+                self.check_installed(index, effects.installed)
+            replica.install(effects.installed)
         for record in effects.persist:
             if honest:
                 self.check_persisted(index, record)
@@ -933,9 +1006,21 @@ class Simulation:
             return f"prepared certificate for sequence {header.sequence} has {len(signers)} valid prepares"
         return None
 
+    def check_installed(self, index: int, installed: Installed) -> None:
+        """A snapshot installed by state sync is the honest chain's block at its height and the
+        state that block's execution left (what every honest replica holds there)."""
+        block = installed.block
+        agreed = self.committed.get(block.height)
+        if agreed is None or agreed.block_hash != block.block_hash:
+            raise self.fail(f"state sync: replica {index} installed a block {block.height} the honest replicas did not commit")
+        application = AccountsApplication.from_entries(installed.state.accounts, installed.state.values)
+        if application.state_digest() != block.header.state_digest:
+            raise self.fail(f"state sync: replica {index} installed a state that is not the state of block {block.height}")
+
     def check_block(self, index: int, replica: SimulatedReplica, block: Block) -> None:
         honest = index not in self.traitors
-        expected_parent = replica.chain[-1].block_hash if replica.chain else self.network.genesis_hash
+        tip = replica.chain[-1] if replica.chain else None
+        expected_parent = tip.block_hash if tip is not None else self.network.genesis_hash
         if honest and block.height != len(replica.chain) + 1:
             raise self.fail(f"hash chain: replica {index} committed block {block.height} after {len(replica.chain)}")
         if honest and block.header.parent_hash != expected_parent:
@@ -948,7 +1033,7 @@ class Simulation:
                 holders = tuple(
                     other
                     for other in self.honest()
-                    if len(self.replicas[other].chain) >= block.height and self.replicas[other].chain[block.height - 1].block_hash == agreed.block_hash
+                    if _block_hash_at(self.replicas[other].chain, block.height) == agreed.block_hash
                 )
                 raise self.fail(
                     f"agreement: replicas committed different blocks at height {block.height}",
@@ -1151,29 +1236,37 @@ class Simulation:
         return values
 
 
+def _block_hash_at(chain: list[Block | None], height: int) -> bytes | None:
+    block = chain[height - 1] if 1 <= height <= len(chain) else None
+    return None if block is None else block.block_hash
+
+
 @dataclass
 class SimulatedLedger:
     """A simulated replica's chain, as node/queries.py reads the block store."""
 
-    chain: list[Block]
+    chain: list[Block | None]
 
     @property
     def height(self) -> int:
         return len(self.chain)
 
+    def _blocks(self) -> list[Block]:
+        return [block for block in self.chain if block is not None]
+
     def locate_transaction(self, transaction_id: bytes) -> tuple[int, int] | None:
-        for block in self.chain:
+        for block in self._blocks():
             for index, transaction in enumerate(block.transactions):
                 if transaction.transaction_id == transaction_id:
                     return block.height, index
         return None
 
     def block_hash(self, height: int) -> bytes | None:
-        return self.chain[height - 1].block_hash if 1 <= height <= len(self.chain) else None
+        return _block_hash_at(self.chain, height)
 
     def transactions_with_prefix(self, prefix: str, limit: int) -> list[tuple[bytes, int, int]]:
         first_seen: dict[bytes, tuple[int, int]] = {}
-        for block in self.chain:
+        for block in self._blocks():
             for index, transaction in enumerate(block.transactions):
                 if transaction.transaction_id.hex().startswith(prefix):
                     first_seen.setdefault(transaction.transaction_id, (block.height, index))

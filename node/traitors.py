@@ -44,6 +44,7 @@ from ledger.messages import (
     Query,
     Reply,
     Request,
+    SnapshotChunk,
     StatusQuery,
     Subscribe,
     ViewChange,
@@ -51,6 +52,7 @@ from ledger.messages import (
     make_replies,
     reply_leaf,
 )
+from ledger.state_tree import VALUE as VALUE_NAMESPACE
 from ledger.transactions import Transaction, TransactionResult
 from node.core import Send
 from node.new_view import NULL_BATCH
@@ -201,6 +203,10 @@ class Behaviour:
 
     def serve_blocks(self, context: TraitorContext, requester: int, blocks: tuple[Block, ...]) -> tuple[Block, ...]:
         return blocks
+
+    def serve_snapshot(self, context: TraitorContext, requester: int, answer: SnapshotChunk | None) -> SnapshotChunk | None:
+        """The answer to a joining replica's FetchSnapshot (None: no answer)."""
+        return answer
 
     def reply(self, context: TraitorContext, reply: Reply) -> Reply | None:
         """The REPLY a client gets (None: it gets nothing)."""
@@ -654,6 +660,48 @@ class LyingBlockServer(Behaviour):
         return blocks[:index] + (self._lie(context, blocks[index]),) + blocks[index + 1 :]
 
 
+class LyingSnapshotServer(Behaviour):
+    """Answers a joining replica's snapshot fetches with lies: an entry's value changed, an entry
+    left out, a proof hash changed (each caught by checking the chunk against the certified root),
+    a made-up newer checkpoint with no chunk (its signatures are not a quorum's), or no answer."""
+
+    name = "lying_snapshot_server"
+    choices: ClassVar[dict[str, tuple[str, ...]]] = {"mode": ("any", "entry", "omit", "proof", "checkpoint", "silent")}
+
+    def __init__(self, start_ms: int = 0, mode: str = "any") -> None:
+        super().__init__(start_ms)
+        self.mode = mode
+
+    def serve_snapshot(self, context: TraitorContext, requester: int, answer: SnapshotChunk | None) -> SnapshotChunk | None:
+        if answer is None:
+            return None
+        mode = self.mode if self.mode != "any" else context.random.choice(["entry", "omit", "proof", "checkpoint", "silent"])
+        chunk = answer.chunk
+        if mode == "silent":
+            return None
+        if mode == "checkpoint" or chunk is None:
+            made_up = replace(
+                answer.checkpoint,
+                sequence=answer.checkpoint.sequence + 1000 * context.network.protocol.checkpoint_interval,
+                state_digest=context.random_digest(),
+                block_hash=context.random_digest(),
+            )
+            return SnapshotChunk(made_up, None)
+        if mode == "proof" and chunk.proof:
+            index = context.random.randrange(len(chunk.proof))
+            proof = chunk.proof[:index] + (context.random_digest(),) + chunk.proof[index + 1 :]
+            return SnapshotChunk(answer.checkpoint, replace(chunk, proof=proof))
+        if not chunk.entries:
+            return SnapshotChunk(answer.checkpoint, replace(chunk, entries=((VALUE_NAMESPACE, "made-up", "lie"),)))
+        index = context.random.randrange(len(chunk.entries))
+        if mode == "omit":
+            return SnapshotChunk(answer.checkpoint, replace(chunk, entries=chunk.entries[:index] + chunk.entries[index + 1 :]))
+        namespace, key, value = chunk.entries[index]
+        changed = (value[0] + 1, value[1]) if isinstance(value, tuple) else value + "!"
+        entries = chunk.entries[:index] + ((namespace, key, changed),) + chunk.entries[index + 1 :]
+        return SnapshotChunk(answer.checkpoint, replace(chunk, entries=entries))
+
+
 class WrongReplies(Behaviour):
     """Tells clients lies in REPLYs: the result turned around, the height or the index moved, or
     a block hash made up, each in a validly signed batch reply whose path leads to its (wrong)
@@ -879,6 +927,7 @@ BEHAVIOURS: dict[str, Callable[..., Behaviour]] = {
         NonceReorder,
         ExtremeTimestamps,
         LyingBlockServer,
+        LyingSnapshotServer,
         WrongReplies,
         CensoringPrimary,
         SlowPrimary,
@@ -1059,6 +1108,11 @@ class Traitor:
             blocks = behaviour.serve_blocks(self.context, requester, blocks)
         self.blocks_served += len(blocks)
         return blocks
+
+    def serve_snapshot(self, requester: int, answer: SnapshotChunk | None, now_ms: int) -> SnapshotChunk | None:
+        for behaviour in self._active(now_ms):
+            answer = behaviour.serve_snapshot(self.context, requester, answer)
+        return answer
 
     def describe(self) -> str:
         return ", ".join(format_behaviour_spec(behaviour.spec) for behaviour in self.behaviours)

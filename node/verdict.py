@@ -49,7 +49,7 @@ class RunRecord:
     submitted: int
     receipts: list[Receipt]
     views: dict[int, int]  # honest replica -> its final view
-    chains: dict[int, list[Block]]  # honest replica -> its chain
+    chains: dict[int, list[Block | None]]  # honest replica -> its chain (None below a state-synced store's base)
     traitors: tuple[TraitorReport, ...]
     rejections: dict[str, int]  # why the honest replicas refused messages, summed
     broken: BrokenInvariant | None
@@ -161,8 +161,8 @@ def compare_chains(record: RunRecord) -> tuple[int, list[Fork]]:
         holders: dict[bytes, list[int]] = {}
         blocks: dict[bytes, Block] = {}
         for replica, chain in sorted(record.chains.items()):
-            if len(chain) >= height:
-                block = chain[height - 1]
+            block = chain[height - 1] if len(chain) >= height else None
+            if block is not None:
                 holders.setdefault(block.block_hash, []).append(replica)
                 blocks[block.block_hash] = block
         if len(holders) > 1:
@@ -184,9 +184,9 @@ def check_receipts(record: RunRecord) -> list[str]:
     contradictions = []
     for receipt in record.receipts:
         for replica, chain in sorted(record.chains.items()):
-            if len(chain) < receipt.height:
+            block = chain[receipt.height - 1] if len(chain) >= receipt.height else None
+            if block is None:
                 continue
-            block = chain[receipt.height - 1]
             if (
                 block.block_hash != receipt.block_hash
                 or receipt.index >= len(block.transactions)

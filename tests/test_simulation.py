@@ -180,7 +180,7 @@ def test_an_adversarial_seed_replays_exactly() -> None:
 def test_nearly_every_seed_has_a_faulty_replica() -> None:
     for adversarial in (False, True):
         scenarios = [Scenario.from_seed(seed, 4, adversarial=adversarial) for seed in range(200)]
-        faulty = [s for s in scenarios if s.crashes or s.torn_crashes or s.stalls or s.partitions or s.traitors]
+        faulty = [s for s in scenarios if s.crashes or s.torn_crashes or s.stalls or s.partitions or s.traitors or s.late_joins]
         assert len(faulty) >= 180
     scenarios = [Scenario.from_seed(seed, 7, adversarial=True) for seed in range(200)]
     assert all(len(s.crashes + s.torn_crashes + s.stalls + s.partitions + s.traitors) <= 2 for s in scenarios)

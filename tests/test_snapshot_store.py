@@ -91,10 +91,19 @@ def test_a_replica_from_a_snapshot_executes_only_later_blocks_and_restarts_witho
     store.close()
 
 
-def test_a_snapshot_is_installed_only_in_a_store_without_blocks(tmp_path: Path) -> None:
+def test_a_snapshot_is_installed_only_above_a_store_that_starts_from_one(tmp_path: Path) -> None:
     store, _ = join(tmp_path / "ledger.sqlite3")
+    with pytest.raises(StoreError, match="not above the stored height"):
+        install_snapshot(store, NETWORK.config, CHAIN[CHECKPOINT - 1], SNAPSHOT, CHECKPOINT_CERTIFICATE)
+    store.close()
+
+
+def test_an_archive_store_refuses_a_snapshot(tmp_path: Path) -> None:
+    store, _, _ = open_replica_store(tmp_path / "ledger.sqlite3")
+    store.write_round([], [CHAIN[0]], None, None)
     with pytest.raises(StoreError, match="without blocks"):
         install_snapshot(store, NETWORK.config, CHAIN[CHECKPOINT - 1], SNAPSHOT, CHECKPOINT_CERTIFICATE)
+    assert store.height == 1 and store.base_height == 0
     store.close()
 
 

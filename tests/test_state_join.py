@@ -1,0 +1,112 @@
+"""Joining by state sync, through the simulator: a new replica far behind installs a certified snapshot."""
+
+from __future__ import annotations
+
+import pytest
+
+from ledger.application import AccountsApplication
+from ledger.messages import CheckpointCertificate, FetchSnapshot
+from node.simulator import Scenario, Simulation
+from node.snapshot_keeper import SNAPSHOTS_KEPT, SnapshotKeeper
+from node.traitors import BehaviourSpec, TraitorSpec
+
+JOIN_MS = 1_000
+
+
+def late_join(seed: int, replica_count: int = 4, **overrides: object) -> Scenario:
+    newcomer = replica_count - 1
+    values: dict[object, object] = dict(
+        seed=seed,
+        replica_count=replica_count,
+        clients=3,
+        transactions_per_client=30,
+        late_joins=((newcomer, JOIN_MS),),
+        faults_until_ms=JOIN_MS + 100,
+    )
+    values.update(overrides)
+    return Scenario(**values)  # type: ignore[arg-type]
+
+
+def test_a_new_replica_far_behind_joins_by_state_sync_and_catches_up() -> None:
+    simulation = Simulation(late_join(1))
+    report = simulation.run()
+    newcomer = simulation.replicas[3]
+    assert newcomer.core.counters.get("state syncs") == 1
+    assert newcomer.base_height > 1  # its store starts from the snapshot, not from genesis
+    assert len(newcomer.chain) == report.height  # and it caught up the blocks after it
+
+
+@pytest.mark.parametrize("mode", ["entry", "omit", "proof", "checkpoint", "silent"])
+def test_a_peer_serving_a_corrupted_snapshot_is_dropped_and_routed_around(mode: str) -> None:
+    # Replica 0 is asked first (for bucket 0, which in a small state is the whole state).
+    liar = TraitorSpec(0, (BehaviourSpec("lying_snapshot_server", 0, (("mode", mode),)),))
+    simulation = Simulation(late_join(2, traitors=(liar,)))
+    simulation.run()
+    counters = simulation.replicas[3].core.counters
+    assert counters.get("state syncs") == 1
+    expected = {
+        "entry": "snapshot chunk does not verify",
+        "omit": "snapshot chunk does not verify",
+        "proof": "snapshot chunk does not verify",
+        "checkpoint": "snapshot not kept by the peer",
+        "silent": "snapshot request timed out",
+    }[mode]
+    assert counters.get(expected, 0) >= 1, counters
+
+
+def test_a_replica_with_blocks_from_genesis_catches_up_by_blocks_not_by_snapshot() -> None:
+    # An archive (its store holds blocks from genesis) replays: state sync would drop its history.
+    simulation = Simulation(late_join(3, late_joins=(), crashes=((3, 300, JOIN_MS),)))
+    report = simulation.run()
+    replica = simulation.replicas[3]
+    assert replica.chain[0] is not None and "state syncs" not in replica.core.counters
+    assert len(replica.chain) == report.height
+
+
+def test_a_newcomer_crashing_while_it_fetches_starts_the_sync_again() -> None:
+    # Nothing is stored before the snapshot is complete, so a crash midway leaves an empty store.
+    simulation = Simulation(late_join(4, crashes=((3, JOIN_MS + 2, JOIN_MS + 60),)))
+    report = simulation.run()
+    newcomer = simulation.replicas[3]
+    assert newcomer.base_height > 1 and len(newcomer.chain) == report.height
+
+
+@pytest.mark.parametrize("replica_count", [4, 7])
+def test_seeds_with_a_late_joiner_hold_every_invariant(replica_count: int) -> None:
+    seeds = [seed for seed in range(400) if Scenario.from_seed(seed, replica_count, adversarial=True).late_joins][:12]
+    assert seeds
+    synced = 0
+    for seed in seeds:
+        simulation = Simulation(Scenario.from_seed(seed, replica_count, adversarial=True))
+        simulation.run()
+        joined = simulation.replicas[simulation.scenario.late_joins[0][0]]
+        synced += joined.base_height > 1
+    assert synced >= len(seeds) // 2  # most joiners are far enough behind to sync
+
+
+def _certificate(sequence: int, application: AccountsApplication) -> CheckpointCertificate:
+    return CheckpointCertificate(sequence, application.state_digest(), b"\x00" * 32, ())
+
+
+def test_a_replica_keeps_a_bounded_number_of_snapshots_and_serves_only_certified_ones() -> None:
+    application = AccountsApplication({b"\x01" * 32: 10})
+    keeper = SnapshotKeeper()
+    for round_index in range(1, SNAPSHOTS_KEPT + 3):
+        keeper.freeze(round_index * 4, application)
+        keeper.stable(_certificate(round_index * 4, application))
+    assert len(keeper.kept_sequences()) == SNAPSHOTS_KEPT
+    assert len(application._frozen) == SNAPSHOTS_KEPT  # released views no longer follow the application
+    newest = keeper.kept_sequences()[-1]
+    assert keeper.answer(FetchSnapshot(newest, 0)).chunk is not None  # type: ignore[union-attr]
+    forgotten = keeper.answer(FetchSnapshot(4, 0))
+    assert forgotten is not None and forgotten.chunk is None and forgotten.checkpoint.sequence == newest
+
+
+def test_a_frozen_state_that_differs_from_the_certified_one_is_never_served() -> None:
+    application = AccountsApplication({b"\x01" * 32: 10})
+    keeper = SnapshotKeeper()
+    keeper.freeze(4, application)
+    other = AccountsApplication({b"\x02" * 32: 10})
+    keeper.stable(_certificate(4, other))
+    assert keeper.answer(FetchSnapshot(4, 0)) is None
+    assert not application._frozen
