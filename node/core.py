@@ -1416,12 +1416,14 @@ class ReplicaCore:
         joining = self.joining
         assert joining is not None
         newest = self.stable_checkpoint
-        # Peers keep a few snapshots only (node/snapshot_keeper.py): once one says it no longer
-        # keeps ours and a newer certificate is in hand (verified), move to that one at once.
+        # Peers keep a few snapshots only (node/snapshot_keeper.py): once f + 1 peers were dropped
+        # (so at least one honest one, which drops only for "not kept") and a newer certificate is
+        # in hand (verified), move to that one at once. One liar saying "not kept" cannot do it.
         moved_on = (
             newest is not None
             and newest.sequence > joining.checkpoint.sequence
             and not joining.state_complete
+            and len(joining.fetch.dropped) > self.faults
             and joining.fetch.counters.get("snapshot not kept by the peer", 0) > 0
         )
         if joining.failed(self.now_ms) or moved_on:
