@@ -1,9 +1,12 @@
-"""`make scale`: how a replica's start grows with its history: chains of 10k and 100k transactions, before (replay from genesis) and after (durable state)."""
+"""`make scale`: how a replica's start and a new replica's join grow with the history: chains of 10k and 100k transactions."""
 
 # Usage: python tests/scale_restart.py [TRANSACTIONS ...]   (default: 10000 100000)
 # Builds each chain with certified, really executed blocks (every put writes a new key, so the
 # state grows with the history: the worst case for a start that reads the state), then times the
-# work from "open the store" to "state ready" three ways. Timings are printed, never asserted.
+# work from "open the store" to "state ready" three ways, and a join by state sync in one process
+# (every chunk built by a serving replica's keeper, checked against the certified root, assembled,
+# installed in an empty store, which then opens): what a joiner costs apart from the network.
+# Timings are printed, never asserted.
 
 from __future__ import annotations
 
@@ -18,8 +21,13 @@ from chain_helpers import extend_executed_chain, make_network
 
 from ledger.application import AccountsApplication
 from ledger.blocks import verify_execution
+from ledger.application import StateChanges
+from ledger.messages import CheckpointCertificate, FetchSnapshot
 from ledger.restore import audit_store, restore_application
+from ledger.snapshots import SnapshotAssembly
+from ledger.state_tree import BUCKET_COUNT
 from ledger.storage import BlockStore
+from node.snapshot_keeper import SnapshotKeeper
 
 NETWORK = make_network("scale-net")
 TRANSACTIONS_PER_BLOCK = 25  # about what the issue's measured chain held (13,300 in 527 blocks)
@@ -65,6 +73,36 @@ def start_after(path: Path) -> tuple[int, int]:
     return restored.blocks_replayed, restored.state_entries
 
 
+def join(path: Path, joined_path: Path) -> tuple[int, int]:
+    """Serve the tip's state chunk by chunk, check and assemble every chunk, install it in an
+    empty store and open that store: (chunks, bytes of chunks)."""
+    store = BlockStore.open(path, NETWORK.genesis, verify=False)
+    served = restore_application(store, NETWORK.config).application
+    tip = store.block(store.height)
+    store.close()
+    assert tip is not None
+    keeper = SnapshotKeeper()
+    keeper.freeze(tip.height, served)
+    keeper.stable(CheckpointCertificate(tip.height, tip.header.state_digest, tip.block_hash, ()))
+    assembly = SnapshotAssembly(tip.header.state_digest)
+    chunks = size = 0
+    bucket: int | None = 0
+    while bucket is not None:
+        answer = keeper.answer(FetchSnapshot(tip.height, bucket))
+        assert answer is not None and answer.chunk is not None
+        size += len(answer.chunk.encode())
+        chunks += 1
+        assembly.add(answer.chunk)
+        bucket = assembly.first_missing(0) if answer.chunk.last_bucket < BUCKET_COUNT - 1 else None
+    application = assembly.application()
+    accounts, values = application.snapshot()
+    joined = BlockStore.open(joined_path, NETWORK.genesis)
+    joined.install_snapshot(tip, StateChanges(tuple(map(tuple, accounts)), tuple(map(tuple, values))), application.state_digest())
+    joined.close()
+    start_after(joined_path)
+    return chunks, size
+
+
 def measure(transactions: int) -> None:
     with tempfile.TemporaryDirectory() as directory:
         path = Path(directory) / "ledger.sqlite3"
@@ -83,9 +121,11 @@ def measure(transactions: int) -> None:
         load_s, _ = timed(lambda: AccountsApplication.from_entries(loaded[2], loaded[3]))
         check_s, _ = timed(lambda: audit_store(store, NETWORK.config))
         store.close()
+        join_s, (chunks, chunk_bytes) = timed(lambda: join(path, Path(directory) / "joined.sqlite3"))
     print(
         f"{transactions:>12} {height:>7} {entries:>13} {before_s:>9.2f} {after_s:>8.3f} {after_cpu_s:>12.3f} "
-        f"{gap_s * 1000:>12.2f} {load_s / max(entries, 1) * 1e6:>19.1f} {check_s:>8.2f}   (built in {build_s:.0f} s)",
+        f"{gap_s * 1000:>12.2f} {load_s / max(entries, 1) * 1e6:>19.1f} {check_s:>8.2f} {join_s:>7.2f} "
+        f"{chunks:>6} {chunk_bytes / 1e6:>9.1f}   (built in {build_s:.0f} s)",
         flush=True,
     )
 
@@ -94,7 +134,7 @@ def main() -> int:
     sizes = [int(argument) for argument in sys.argv[1:]] or [10_000, 100_000]
     print(
         f"{'transactions':>12} {'blocks':>7} {'state entries':>13} {'before s':>9} {'after s':>8} {'after cpu s':>12} "
-        f"{'gap check ms':>12} {'state load us/entry':>19} {'check s':>8}",
+        f"{'gap check ms':>12} {'state load us/entry':>19} {'check s':>8} {'join s':>7} {'chunks':>6} {'chunk MB':>9}",
         flush=True,
     )
     for transactions in sizes:

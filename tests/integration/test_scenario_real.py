@@ -73,3 +73,17 @@ def test_a_slow_link_is_slowed_at_the_proxy_and_healed() -> None:
     assert "MATCHES the expectation" in result.stdout
     assert "at 100 ms: slow replicas 2 by 300 ms (replica 2's 6 links now 301+9 ms at the proxy)" in result.stderr
     assert "at 1500 ms: heal replicas 2 (replica 2's 6 links back to 1+9 ms)" in result.stderr
+
+
+def test_a_traitor_serving_a_corrupted_snapshot_to_a_joining_process_is_routed_around() -> None:
+    # Replica 3 starts late with an empty store, far behind: it joins by state sync while replica
+    # 0 (asked first) serves it chunks with an entry changed.
+    result = ledger_scenario("run", "lying-snapshot-server", "--replicas", "4", "--no-baseline")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "MATCHES the expectation" in result.stdout
+    assert "at 800 ms: join replicas 3" in result.stderr
+    assert "replica 3: its store starts from a snapshot at height" in result.stderr
+    evidence = next(line for line in result.stdout.splitlines() if line.strip().startswith("evidence"))
+    assert "snapshot chunk does not verify" in evidence
+    heights = re.search(r"\(heights 1: (\d+), 2: (\d+), 3: (\d+)\)", result.stdout)
+    assert heights is not None and len(set(heights.groups())) == 1, result.stdout
