@@ -88,6 +88,7 @@ REPLY_SIGNATURES_MEMO_MAX = 4096  # checked batch-reply signatures a client reme
 # verify: how long a replica whose chain is shorter than the vouched height may take to catch up.
 CHAIN_CATCH_UP_S = 5.0
 CHAIN_CATCH_UP_POLL_S = 0.2
+HEIGHT_BEYOND_ANY = 2**62  # a block height no ledger reaches (heights are SQLite's 64-bit integers)
 T = TypeVar("T")
 
 
@@ -517,7 +518,12 @@ class Client:
         return (await self.query("get", key)).result
 
     async def locate(self, transaction_id: bytes) -> tuple[int, int] | None:
-        result = (await self.query("transaction", transaction_id)).result
+        """(height, index) of the transaction's outcome, None if a quorum say it is in no block;
+        HistoryPruned if a quorum keep too few blocks to tell."""
+        try:
+            result = (await self.query("transaction", transaction_id)).result
+        except HistoryPruned as error:
+            raise HistoryPruned(f"transaction {transaction_id.hex()}: {error}", error.kept_from_height) from None
         return None if result is None else (result[0], result[1])
 
     async def transactions_with_prefix(self, prefix: str, deadline_s: float = QUERY_DEADLINE_S) -> list[tuple[bytes, int, int]]:
@@ -713,14 +719,19 @@ class Client:
         return result, reply.height
 
     async def latest_height(self, deadline_s: float = QUERY_DEADLINE_S) -> int:
-        """A height f + 1 replicas report their ledger at, so at least one honest replica has it."""
-        return (await self.block_hash_or_height(1, deadline_s))[1]
+        """A height f + 1 replicas report their ledger at, so at least one honest replica has it.
+        Asked as the hash of a block no ledger reaches: every replica, pruned or not, answers
+        "none" with its height, so the answers match (block 1 may be pruned)."""
+        return (await self.block_hash_or_height(HEIGHT_BEYOND_ANY, deadline_s))[1]
 
     async def block(self, height: int, deadline_s: float = QUERY_DEADLINE_S) -> Block:
         """Block `height`: its commit certificate verifies against the replicas' keys, and its hash
         (which covers its results and state digest) is the one f + 1 replicas sign. NoSuchBlock
         if f + 1 replicas say the ledger does not reach that height (yet)."""
-        expected_hash, ledger_height = await self.block_hash_or_height(height, deadline_s)
+        try:
+            expected_hash, ledger_height = await self.block_hash_or_height(height, deadline_s)
+        except HistoryPruned as error:
+            raise HistoryPruned(f"block {height}: {error}", error.kept_from_height) from None
         if expected_hash is None:
             raise NoSuchBlock(f"no block {height} (height {ledger_height})")
         problems = []
