@@ -293,3 +293,23 @@ def test_reopening_without_retain_blocks_keeps_the_base(tmp_path: Path) -> None:
     with pytest.raises(StoreError):
         store.install_snapshot(store.block(30), None, b"")  # type: ignore[arg-type]
     store.close()
+
+
+def test_a_peer_fetching_below_the_base_is_served_what_is_kept(tmp_path: Path) -> None:
+    """A peer is answered from the base on (its core takes nothing that does not link, and state
+    sync needs the stable checkpoint's block); only a client is told "pruned"."""
+    path = tmp_path / "ledger.sqlite3"
+    store, application, _ = open_replica_store(path)
+    chain = grow(store, application, 40)
+    served = [Block.decode(data) for data in store.encoded_blocks(1, 4, 1 << 20)]
+    assert [block.height for block in served] == [26, 27, 28, 29] and served[0] == chain[25]
+    store.close()
+
+
+def test_health_and_metrics_show_the_base_of_a_pruned_replica() -> None:
+    from node.metrics import ReplicaSnapshot, health_of
+
+    archive = ReplicaSnapshot(0, True, 40, 0, True, 3, 2, 3, {}, 0, 0, 0, 0, 0, 0)
+    assert "base_height" not in health_of(archive).body
+    pruned = dataclasses.replace(archive, base_height=26)
+    assert health_of(pruned).body["base_height"] == 26 and health_of(pruned).healthy
