@@ -132,7 +132,7 @@ def test_pruning_deletes_a_bounded_number_of_blocks_per_round_and_the_rest_later
     grow(store, application, 40)
     store.close()
     # Switched to retain_blocks = 2 after 40 archived blocks, with a bound of 8 blocks a round.
-    monkeypatch.setattr(ledger.storage, "PRUNE_BLOCKS_PER_ROUND_MAX", 8)
+    monkeypatch.setattr(ledger.storage, "PRUNE_BLOCKS_PER_ROUND_MIN", 8)
     store, application, _ = open_replica_store(path, retain_blocks=2)
     assert store.base_height == 0  # no stable checkpoint named since the start: nothing pruned
     store.prune_messages(40, 0, LOG_KINDS)
@@ -313,3 +313,16 @@ def test_health_and_metrics_show_the_base_of_a_pruned_replica() -> None:
     assert "base_height" not in health_of(archive).body
     pruned = dataclasses.replace(archive, base_height=26)
     assert health_of(pruned).body["base_height"] == 26 and health_of(pruned).healthy
+
+
+def test_pruning_a_round_stops_at_a_bounded_number_of_transactions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    store, application, _ = open_replica_store(path, retain_blocks=None)
+    grow(store, application, 40)  # 2 transactions a block
+    store.close()
+    monkeypatch.setattr(ledger.storage, "PRUNE_TRANSACTIONS_PER_ROUND_MIN", 5)
+    store, _, _ = open_replica_store(path, retain_blocks=2)
+    store.prune_messages(40, 0, LOG_KINDS)
+    assert store.base_height == 4  # blocks 1 to 3: 6 transactions, the first past the bound of 5
+    assert min(indexed_heights(path)) == 4
+    store.close()
