@@ -16,6 +16,7 @@ from client.completion import add_completion_command, completion_script
 from client.library import (
     Client,
     ClientError,
+    HistoryPruned,
     InvalidRequest,
     NetworkUnavailable,
     TransactionRejected,
@@ -206,8 +207,14 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("status", help="each replica's view, primary, height and last block")
     evidence = commands.add_parser("evidence", help="replicas caught signing two conflicting messages, signatures checked here")
     evidence.add_argument("--replica", type=int, default=None, help="only evidence against this replica id (default: against any replica)")
-    verify = commands.add_parser("verify", help="download one replica's chain and check all of it")
+    verify = commands.add_parser("verify", help="download one replica's chain and check all of it (or, with --from-checkpoint, its recent part)")
     verify.add_argument("--replica", type=int, default=0, help="which replica to download from (default: 0)")
+    verify.add_argument(
+        "--from-checkpoint",
+        action="store_true",
+        help="start at the replica's newest stable checkpoint (its 2f+1 signatures checked here) instead of genesis: "
+        "checks the blocks after it (links, certificates), not their execution; works on pruned replicas",
+    )
     keygen = commands.add_parser("keygen", help="create a new account key file")
     keygen.add_argument("--out", type=Path, required=True, help="where to write the key file (required; mode 0600; an existing file is refused unless --force)")
     keygen.add_argument("--force", action="store_true", help="overwrite an existing file")
@@ -536,13 +543,14 @@ async def dispatch(arguments: argparse.Namespace, client: Client, output: Output
                     "uptime_s": status.uptime_s,
                     "connected_peers": status.connected_peers,
                     "store_size_bytes": status.store_size_bytes,
+                    "base_height": status.base_height,
                 }
                 for status in statuses
             ],
         }
         lines = [
             f"network {client.network.network_id!r}: n={client.network.replica_count}, f={client.network.faults_tolerated}, quorum={client.network.quorum}",
-            f"{'replica':>7}  {'state':<11} {'view':>5} {'primary':>7} {'height':>7}  {'checkpoint':>10}  {'last block':<16}  {'evidence':>8}  {'peers':>5}  {'uptime':>9}  {'store':>9}  version",
+            f"{'replica':>7}  {'state':<11} {'view':>5} {'primary':>7} {'height':>7}  {'kept from':>9}  {'checkpoint':>10}  {'last block':<16}  {'evidence':>8}  {'peers':>5}  {'uptime':>9}  {'store':>9}  version",
         ]
         for status in statuses:
             if not status.reachable:
@@ -551,7 +559,7 @@ async def dispatch(arguments: argparse.Namespace, client: Client, output: Output
             state = "view-change" if status.view_changing else "normal"
             lines.append(
                 f"{status.replica_id:>7}  {state:<11} {status.view:>5} {status.primary:>7} {status.height:>7}  "
-                f"{status.stable_checkpoint:>10}  {_short(status.last_block_hash):<16}  {status.evidence_count:>8}  "
+                f"{max(1, status.base_height):>9}  {status.stable_checkpoint:>10}  {_short(status.last_block_hash):<16}  {status.evidence_count:>8}  "
                 f"{status.connected_peers:>2}/{client.network.replica_count - 1:<2}  {_duration(status.uptime_s):>9}  "
                 f"{_size(status.store_size_bytes):>9}  {status.version}"
             )
@@ -604,20 +612,46 @@ async def dispatch(arguments: argparse.Namespace, client: Client, output: Output
                 print(f"  verified through block {height}", file=sys.stderr, flush=True)
 
         try:
-            report = await client.verify_chain(arguments.replica, progress)
+            if arguments.from_checkpoint:
+                report = await client.verify_chain_from_checkpoint(arguments.replica, progress)
+            else:
+                report = await client.verify_chain(arguments.replica, progress)
         except ChainError as error:
             raise ChainError(f"replica {arguments.replica}'s chain: {error}") from None
-        output.emit(
-            {
-                "replica": report.replica_id,
-                "height": report.height,
-                "last_block_hash": report.last_block_hash.hex(),
-                "transactions": report.transactions,
-                "valid": True,
-            },
-            f"chain of replica {report.replica_id} verified: {report.height} blocks, {report.transactions} transactions, "
-            f"every link, certificate and state digest checked; last block {_short(report.last_block_hash)}",
-        )
+        except HistoryPruned as error:
+            kept = "" if error.kept_from_height is None else f" (it keeps blocks from height {error.kept_from_height})"
+            raise HistoryPruned(
+                f"replica {arguments.replica} no longer keeps the whole chain{kept}: its history is pruned, so it cannot be "
+                "audited from genesis. Audit it from its newest stable checkpoint with `ledger-client verify --from-checkpoint`, "
+                f"or run this against a replica that keeps every block (`ledger-client status`: kept from 1). [{error}]",
+                error.kept_from_height,
+            ) from None
+        data = {
+            "replica": report.replica_id,
+            "height": report.height,
+            "last_block_hash": report.last_block_hash.hex(),
+            "transactions": report.transactions,
+            "valid": True,
+            "from_height": report.from_height,
+        }
+        if report.from_height:
+            data["checkpoint_signers"] = list(report.checkpoint_signers)
+            data["re_executed"] = False
+            text = (
+                f"chain of replica {report.replica_id} verified from its stable checkpoint at height {report.from_height} to "
+                f"{report.height}: the start is trusted because replicas {list(report.checkpoint_signers)} ({len(report.checkpoint_signers)} "
+                f"of {client.network.replica_count}, a quorum of 2f+1 = {client.network.quorum}) signed its height, block hash and state "
+                "digest, and those signatures were checked here; the block served there has that hash and a valid commit certificate. "
+                f"The {report.height - report.from_height} blocks after it: every link, transactions root and commit certificate checked "
+                f"({report.transactions} transactions); results and state digests not re-executed (that needs the state at the "
+                f"checkpoint); last block {_short(report.last_block_hash)}"
+            )
+        else:
+            text = (
+                f"chain of replica {report.replica_id} verified: {report.height} blocks, {report.transactions} transactions, "
+                f"every link, certificate and state digest checked; last block {_short(report.last_block_hash)}"
+            )
+        output.emit(data, text)
         return EXIT_OK
     raise UsageError(f"unknown command {command}")
 

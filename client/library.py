@@ -37,10 +37,12 @@ from ledger.framing import FramedStream, FrameError, FrameQueue
 from ledger.messages import (
     BLOCKS_PER_RESPONSE_MAX,
     KEY_PREFIX_MATCHES_MAX,
+    PRUNED,
     QUERY_NONCE_SIZE,
     SUBSCRIBE_ACCOUNTS_MAX,
     TRANSACTION_PREFIX_MATCHES_MAX,
     Blocks,
+    CheckpointCertificate,
     ErrorReply,
     FetchBlocks,
     Query,
@@ -50,8 +52,10 @@ from ledger.messages import (
     StatusQuery,
     StatusReply,
     Subscribe,
+    checkpoint_certificate_signers_problem,
     decode_message,
     encode_message,
+    pruned_from_height,
 )
 from ledger.receipts import (
     ReceiptError,
@@ -84,6 +88,7 @@ REPLY_SIGNATURES_MEMO_MAX = 4096  # checked batch-reply signatures a client reme
 # verify: how long a replica whose chain is shorter than the vouched height may take to catch up.
 CHAIN_CATCH_UP_S = 5.0
 CHAIN_CATCH_UP_POLL_S = 0.2
+HEIGHT_BEYOND_ANY = 2**62  # a block height no ledger reaches (heights are SQLite's 64-bit integers)
 T = TypeVar("T")
 
 
@@ -115,6 +120,16 @@ class NoSuchBlock(ClientError):
     """f + 1 replicas (one of them honest) say the ledger does not reach that height."""
 
 
+class HistoryPruned(ClientError):
+    """Replicas refused a read because the blocks it needs are below the ones they keep
+    (retain_blocks, or a start from a snapshot). `kept_from_height`: the first block kept, as the
+    refusal names it (unverified: a hint), or None."""
+
+    def __init__(self, message: str, kept_from_height: int | None = None) -> None:
+        super().__init__(message)
+        self.kept_from_height = kept_from_height
+
+
 class TransactionRejected(ClientError):
     """f + 1 replicas refused the transaction before ordering it (e.g. a used nonce)."""
 
@@ -136,6 +151,7 @@ class ReplicaStatus:
     uptime_s: int = 0
     connected_peers: int = 0  # peers it has an outgoing and an incoming connection with
     store_size_bytes: int = 0
+    base_height: int = 0  # the first block it keeps when it does not keep all (pruned); 0: all
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,6 +193,10 @@ class ChainReport:
     height: int
     last_block_hash: bytes
     transactions: int
+    # Where the audit started: 0 from genesis (every block re-executed), else the height of the
+    # stable checkpoint whose certificate `checkpoint_signers` signed (checked here).
+    from_height: int = 0
+    checkpoint_signers: tuple[int, ...] = ()
 
 
 @dataclass(eq=False)
@@ -272,7 +292,7 @@ class Client:
         # The last refusal each replica sent that named no transaction (at most one per replica).
         self.unattributed_refusals: dict[int, str] = {}
         self._queries: dict[int, Callable[[int, Any], None]] = {}
-        self._blocks: dict[int, trio.MemorySendChannel[Blocks]] = {}
+        self._blocks: dict[int, trio.MemorySendChannel[Blocks | ErrorReply]] = {}
         self.timeout_s = self.network.protocol.request_timeout_ms / 1000
 
     @property
@@ -295,6 +315,14 @@ class Client:
                 # f + 1 signed it, so some honest replica is at this height: a floor all can reach.
                 self.raise_read_floor(receipt.height)
                 submission.finish(receipt)
+        elif isinstance(message, ErrorReply) and not message.transaction_id and message.reason.startswith(PRUNED):
+            # A refused block fetch: the blocks asked for are pruned there.
+            channel = self._blocks.get(replica_id)
+            if channel is not None:
+                try:
+                    channel.send_nowait(message)
+                except trio.WouldBlock:
+                    pass
         elif isinstance(message, ErrorReply):
             submission = self._submissions.get(message.transaction_id)
             if submission is None and not message.transaction_id:
@@ -465,6 +493,8 @@ class Client:
                         answer = await receive_channel.receive()
                         if answer is not None:
                             self.raise_read_floor(quorum.vouched_height)
+                            if answer.error.startswith(PRUNED):
+                                raise HistoryPruned(f"{needed} replicas cannot answer from the blocks they keep: {answer.error}", pruned_from_height(answer.error))
                             if answer.error:
                                 raise ClientError(answer.error)
                             return SignedAnswer(query, answer, quorum.answer_group)
@@ -488,7 +518,12 @@ class Client:
         return (await self.query("get", key)).result
 
     async def locate(self, transaction_id: bytes) -> tuple[int, int] | None:
-        result = (await self.query("transaction", transaction_id)).result
+        """(height, index) of the transaction's outcome, None if a quorum say it is in no block;
+        HistoryPruned if a quorum keep too few blocks to tell."""
+        try:
+            result = (await self.query("transaction", transaction_id)).result
+        except HistoryPruned as error:
+            raise HistoryPruned(f"transaction {transaction_id.hex()}: {error}", error.kept_from_height) from None
         return None if result is None else (result[0], result[1])
 
     async def transactions_with_prefix(self, prefix: str, deadline_s: float = QUERY_DEADLINE_S) -> list[tuple[bytes, int, int]]:
@@ -566,6 +601,7 @@ class Client:
                         answer.uptime_s,
                         answer.connected_peers,
                         answer.store_size_bytes,
+                        answer.base_height,
                     )
                 )
         return statuses
@@ -631,13 +667,22 @@ class Client:
     # ---- blocks and chain verification ----
 
     async def fetch_blocks(self, replica_id: int, from_height: int, count: int = BLOCKS_PER_RESPONSE_MAX) -> list[Block]:
-        """Blocks as one replica serves them: unverified until their certificates are checked."""
-        send_channel, receive_channel = trio.open_memory_channel[Blocks](1)
+        """Blocks as one replica serves them: unverified until their certificates are checked.
+        HistoryPruned if the replica no longer keeps block `from_height`."""
+        return list((await self.fetch_blocks_message(replica_id, from_height, count)).blocks)
+
+    async def fetch_blocks_message(self, replica_id: int, from_height: int, count: int = BLOCKS_PER_RESPONSE_MAX) -> Blocks:
+        """As fetch_blocks, the whole answer: its blocks and the replica's stable checkpoint certificate (both unverified)."""
+        send_channel, receive_channel = trio.open_memory_channel[Blocks | ErrorReply](1)
         self._blocks[replica_id] = send_channel
         try:
             self.links[replica_id].send(FetchBlocks(from_height, min(count, BLOCKS_PER_RESPONSE_MAX)))
             with trio.move_on_after(self.timeout_s * 2):
-                return list((await receive_channel.receive()).blocks)
+                answer = await receive_channel.receive()
+                if isinstance(answer, ErrorReply):
+                    reason = answer.reason[:REFUSAL_SHOWN_LENGTH_MAX]
+                    raise HistoryPruned(f"replica {replica_id} refused block {from_height}: {reason}", pruned_from_height(reason))
+                return answer
             raise NetworkUnavailable(f"replica {replica_id} did not answer a block request")
         finally:
             del self._blocks[replica_id]
@@ -674,20 +719,30 @@ class Client:
         return result, reply.height
 
     async def latest_height(self, deadline_s: float = QUERY_DEADLINE_S) -> int:
-        """A height f + 1 replicas report their ledger at, so at least one honest replica has it."""
-        return (await self.block_hash_or_height(1, deadline_s))[1]
+        """A height f + 1 replicas report their ledger at, so at least one honest replica has it.
+        Asked as the hash of a block no ledger reaches: every replica, pruned or not, answers
+        "none" with its height, so the answers match (block 1 may be pruned)."""
+        return (await self.block_hash_or_height(HEIGHT_BEYOND_ANY, deadline_s))[1]
 
     async def block(self, height: int, deadline_s: float = QUERY_DEADLINE_S) -> Block:
         """Block `height`: its commit certificate verifies against the replicas' keys, and its hash
         (which covers its results and state digest) is the one f + 1 replicas sign. NoSuchBlock
         if f + 1 replicas say the ledger does not reach that height (yet)."""
-        expected_hash, ledger_height = await self.block_hash_or_height(height, deadline_s)
+        try:
+            expected_hash, ledger_height = await self.block_hash_or_height(height, deadline_s)
+        except HistoryPruned as error:
+            raise HistoryPruned(f"block {height}: {error}", error.kept_from_height) from None
         if expected_hash is None:
             raise NoSuchBlock(f"no block {height} (height {ledger_height})")
         problems = []
+        pruned: list[HistoryPruned] = []
         for replica_id in [self.primary, *[r for r in range(self.network.replica_count) if r != self.primary]]:
             try:
                 blocks = await self.fetch_blocks(replica_id, height, 1)
+            except HistoryPruned as error:
+                pruned.append(error)
+                problems.append(str(error))
+                continue
             except NetworkUnavailable as error:
                 problems.append(str(error))
                 continue
@@ -702,6 +757,8 @@ class Client:
                     problems.append(f"replica {replica_id}: serves a block whose hash f+1 replicas do not vouch for")
                     continue
                 return blocks[0]
+        if pruned and len(pruned) == len(problems):
+            raise HistoryPruned(f"block {height} is pruned on every replica that answered ({'; '.join(problems)})", pruned[0].kept_from_height)
         raise ClientError(f"no replica served a verifiable block {height}" + (f" ({'; '.join(problems)})" if problems else ""))
 
     async def transaction_receipt(self, block: Block, index: int, deadline_s: float = QUERY_DEADLINE_S) -> TransactionReceipt:
@@ -737,11 +794,70 @@ class Client:
         public keys), and every state digest and result, by re-executing all blocks from genesis;
         and the chain must reach a height f + 1 replicas vouch for before the download starts, so
         a replica cannot pass by serving only the start of its chain. Raises ChainError naming
-        the first bad block.
+        the first bad block, HistoryPruned if the replica does not keep the blocks from 1.
         """
         vouched_height = await self.latest_height()
         application = AccountsApplication(self.network.genesis_balances)
-        parent_hash, height, transactions = self.network.genesis_hash, 0, 0
+        height, last_hash, transactions = await self._verify_blocks_after(
+            replica_id, self.network.genesis_hash, 0, vouched_height, application, progress
+        )
+        return ChainReport(replica_id, height, last_hash, transactions)
+
+    async def verify_chain_from_checkpoint(self, replica_id: int, progress: Callable[[int], None] | None = None) -> ChainReport:
+        """Check one replica's chain from its newest stable checkpoint on, trusting it for nothing.
+
+        The start is trusted because of its CheckpointCertificate, verified here: 2f + 1 distinct
+        replicas' CHECKPOINT signatures over (height, state digest, block hash), so at least f + 1
+        honest replicas executed the chain to that block and that state. The block served at that
+        height must have exactly that hash (which covers its parent link and state digest) and a
+        commit certificate that verifies. Every later block is then checked as `verify_chain` does
+        (parent links, transactions roots, commit certificates, up to a height f + 1 replicas
+        vouch for), except that results and state digests are not re-executed: that needs the
+        state at the checkpoint, which is not downloaded. Works on a pruned replica (it never
+        deletes its stable checkpoint's block). Raises ChainError, or ClientError if the replica
+        has no stable checkpoint yet."""
+        vouched_height = await self.latest_height()
+        answer = await self.fetch_blocks_message(replica_id, max(1, vouched_height), 1)
+        checkpoint = answer.checkpoint
+        if checkpoint is None:
+            raise ClientError(f"replica {replica_id} has no stable checkpoint yet: use a full verify from genesis")
+        problem = self.checkpoint_problem(checkpoint)
+        if problem is not None:
+            raise ChainError(f"the stable checkpoint at {checkpoint.sequence} it serves does not verify: {problem}")
+        blocks = await self.fetch_blocks(replica_id, checkpoint.sequence, 1)
+        if not blocks or blocks[0].height != checkpoint.sequence:
+            raise ChainError(f"it does not serve block {checkpoint.sequence}, the block of its own stable checkpoint")
+        start = blocks[0]
+        if start.block_hash != checkpoint.block_hash or start.header.state_digest != checkpoint.state_digest:
+            raise ChainError(f"block {start.height}: not the block its checkpoint certificate signs (hash or state digest differs)")
+        self.verify_block(start)
+        verify_block_contents(start)
+        height, last_hash, transactions = await self._verify_blocks_after(
+            replica_id, start.block_hash, start.height, vouched_height, None, progress
+        )
+        signers = tuple(sorted(replica for replica, _ in checkpoint.signatures))
+        return ChainReport(replica_id, height, last_hash, transactions, start.height, signers)
+
+    def checkpoint_problem(self, checkpoint: CheckpointCertificate) -> str | None:
+        """Why `checkpoint` is not 2f + 1 valid CHECKPOINT signatures of distinct replicas, or None."""
+        domain = signing_domain(self.network.identity, "checkpoint")
+        return checkpoint_certificate_signers_problem(
+            checkpoint, self.network.replica_keys, self.network.quorum, domain, self.signatures.verify
+        )
+
+    async def _verify_blocks_after(
+        self,
+        replica_id: int,
+        parent_hash: bytes,
+        height: int,
+        vouched_height: int,
+        application: AccountsApplication | None,
+        progress: Callable[[int], None] | None,
+    ) -> tuple[int, bytes, int]:
+        """Fetch and check the replica's blocks after (height, parent_hash) up to at least
+        `vouched_height`: links, roots, certificates, and with `application` (the state at
+        `height`) every result and state digest. (last height, last hash, transactions)."""
+        transactions = 0
         short_since: float | None = None
         while True:
             blocks = await self.fetch_blocks(replica_id, height + 1)
@@ -761,12 +877,13 @@ class Client:
             verify_chain_segment(blocks, parent_hash, height)
             for block in blocks:
                 self.verify_block(block)
-                verify_execution(application, block)
+                if application is not None:
+                    verify_execution(application, block)
                 transactions += len(block.transactions)
             parent_hash, height = blocks[-1].block_hash, blocks[-1].height
             if progress is not None:
                 progress(height)
-        return ChainReport(replica_id, height, parent_hash, transactions)
+        return height, parent_hash, transactions
 
 
 def parse_key_range(prefix: str, result: Any) -> tuple[tuple[tuple[str, str], ...], bool]:

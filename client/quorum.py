@@ -9,7 +9,7 @@ from typing import Any
 from ledger.config import NetworkConfig
 from ledger.crypto import signing_domain, verify_signature
 from ledger.encoding import encode
-from ledger.messages import BATCH_REPLY_DOMAIN, Query, QueryReply, Reply
+from ledger.messages import BATCH_REPLY_DOMAIN, PRUNED, Query, QueryReply, Reply
 from ledger.transactions import TransactionResult
 
 SignatureCheck = Callable[[bytes, bytes, bytes, bytes], bool]
@@ -172,7 +172,9 @@ class QueryQuorum:
             return None
         if self.counts is not None and not self.counts(reply):
             return None
-        group = self.groups.setdefault(encode([reply.result, reply.error]), [])
+        # Pruned replicas refuse alike but name their own first kept block: "pruned" is one answer.
+        key = encode([None, PRUNED]) if reply.error.startswith(PRUNED) else encode([reply.result, reply.error])
+        group = self.groups.setdefault(key, [])
         group.append(reply)
         if len(group) < self.needed:
             return None

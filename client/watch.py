@@ -7,7 +7,7 @@ from typing import Protocol
 
 import trio
 
-from client.library import NetworkUnavailable
+from client.library import HistoryPruned, NetworkUnavailable
 from ledger.blocks import Block, ChainError, verify_chain_segment
 from ledger.config import NetworkConfig
 
@@ -105,6 +105,8 @@ class BlockFollower:
                 blocks = (await self.source.fetch_blocks(replica_id, self.next_height, count))[:count]
             except NetworkUnavailable:
                 continue  # down or restarting: another replica has the same blocks
+            except HistoryPruned:
+                continue  # it no longer keeps them (retain_blocks): another replica may
             if len(blocks) < count or blocks[0].height != self.next_height:
                 continue  # behind, or an answer to an earlier request: not a lie, just no use
             try:

@@ -26,6 +26,7 @@ HOST_LABEL_PATTERN = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 SUPPLY_MAX = 2**62
 # Metrics and /health listen on loopback unless a replica's [metrics] says otherwise.
 METRICS_HOST_DEFAULT = "127.0.0.1"
+RETAIN_BLOCKS_MAX = 2**62  # [storage] retain_blocks: any positive height fits (SQLite integers are 64-bit)
 
 
 class ConfigError(ValueError):
@@ -267,6 +268,9 @@ class ReplicaConfig:
     path: Path
     # Where the replica serves Prometheus metrics and /health over HTTP; None: not at all.
     metrics_address: Address | None = None
+    # [storage] retain_blocks: keep at least this many of the newest blocks (and always the stable
+    # checkpoint's block and those above it), deleting older ones; None: an archive, keeps all.
+    retain_blocks: int | None = None
 
 
 @dataclass(frozen=True)
@@ -494,9 +498,20 @@ def _metrics_address(source: str, table: Any, network: NetworkConfig, replica_id
     return Address(host, port)
 
 
+def _retain_blocks(source: str, table: Any) -> int | None:
+    """The replica's [storage] table: retain_blocks, a positive number of blocks, or absent (archive)."""
+    if table is None:
+        return None
+    fields = _Fields(source, table, "storage")
+    fields.refuse_unknown(("retain_blocks",))
+    if not fields.has("retain_blocks"):
+        return None
+    return fields.integer("retain_blocks", 1, RETAIN_BLOCKS_MAX)
+
+
 def load_replica_config(path: Path) -> ReplicaConfig:
     document = _read_toml(path)
-    network = _network(str(path), document, "replica", ("metrics",))
+    network = _network(str(path), document, "replica", ("metrics", "storage"))
     replica = _Fields(str(path), document.get("replica"), "replica")
     replica.refuse_unknown(("id", "key_file", "data_dir"))
     replica_id = replica.integer("id", 0, network.replica_count - 1)
@@ -508,6 +523,7 @@ def load_replica_config(path: Path) -> ReplicaConfig:
         base / replica.text("data_dir", f"data/replica-{replica_id}"),
         path,
         _metrics_address(str(path), document.get("metrics"), network, replica_id),
+        _retain_blocks(str(path), document.get("storage")),
     )
 
 

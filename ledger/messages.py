@@ -41,6 +41,9 @@ SUBSCRIBE_ACCOUNTS_MAX = 1024
 QUERY_KIND_LENGTH_MAX = 32
 QUERY_NONCE_SIZE = 16
 QUERY_BEHIND = "behind:"  # how a QUERY-REPLY's error starts when the replica is below the query's min_height
+# How a refusal starts (a QUERY-REPLY's error, a client's ErrorReply) when what was asked for is in
+# blocks this replica pruned (retain_blocks): "pruned: this replica keeps blocks from height H".
+PRUNED = "pruned:"
 # A 'transaction-prefix' query: the prefix is 8 to 64 lowercase hex digits (8: few enough
 # transactions share one that a prefix is useful), and a replica lists at most this many matches.
 TRANSACTION_PREFIX_LENGTH_MIN = 8
@@ -502,6 +505,23 @@ class Blocks:
         return cls(tuple(Block.from_plain(item) for item in plain), checkpoint)
 
 
+def pruned_reason(kept_from_height: int, detail: str = "") -> str:
+    """The refusal of a read below the blocks a pruned replica keeps."""
+    return f"{PRUNED} this replica keeps blocks from height {kept_from_height}" + (f"; {detail}" if detail else "")
+
+
+def pruned_from_height(reason: str) -> int | None:
+    """The height a "pruned:" refusal says the replica keeps blocks from; None if `reason` is not
+    one or names no height (it comes from one unverified replica: a hint, never proof)."""
+    if not reason.startswith(PRUNED):
+        return None
+    words = reason[len(PRUNED):].replace(";", " ").split()
+    for index, word in enumerate(words[:-1]):
+        if word == "height" and words[index + 1].isdigit() and len(words[index + 1]) <= 20:
+            return int(words[index + 1])
+    return None
+
+
 def encode_blocks_message(encoded_blocks: list[bytes], checkpoint: CheckpointCertificate | None) -> bytes:
     """encode_message(Blocks(...)) for blocks already in their canonical encoding (as the store
     keeps them): a response is assembled from stored bytes, never decoded and encoded again."""
@@ -896,6 +916,9 @@ class StatusReply:
     uptime_s: int = 0  # whole seconds since the replica process started
     connected_peers: int = 0  # peers with an outgoing and an incoming connection open right now
     store_size_bytes: int = 0  # the SQLite store on disk: the database file plus its write-ahead log
+    # The first block the replica keeps when it does not keep them all (pruned with retain_blocks,
+    # or started from a snapshot); 0 for an archive that keeps every block from 1.
+    base_height: int = 0
 
     def fields(self) -> list[Any]:
         return [
@@ -913,11 +936,12 @@ class StatusReply:
             self.uptime_s,
             self.connected_peers,
             self.store_size_bytes,
+            self.base_height,
         ]
 
     @classmethod
     def from_fields(cls, items: list[Any]) -> StatusReply:
-        expect_list(items, cls.TAG, length=14)
+        expect_list(items, cls.TAG, length=15)
         duplicates = []
         for pair in expect_list(items[8], "duplicate identities", length_max=REPLICAS_MAX):
             expect_list(pair, "duplicate identity", length=2)
@@ -937,6 +961,7 @@ class StatusReply:
             expect_int(items[11], "uptime"),
             expect_int(items[12], "connected peers", maximum=REPLICAS_MAX - 1),
             expect_int(items[13], "store size"),
+            expect_int(items[14], "base height"),
         )
 
 

@@ -10,7 +10,9 @@ the height it describes in meta: a restart reads the state instead of re-executi
 
 A store may start from a snapshot instead of genesis (install_snapshot): then it holds the
 certified block of the snapshot's height (its base, meta base_height) and the blocks after it,
-none before.
+none before. A store with `retain_blocks` prunes itself to the same shape: it moves its base up,
+never past the stable checkpoint's block, and deletes the blocks (and their transaction-index
+rows) below it.
 """
 
 from __future__ import annotations
@@ -57,6 +59,15 @@ RECENT_BLOCKS_CHECKED = 16
 # Evidence of other replicas' equivocation kept at most, in all; each replica's share is
 # EVIDENCE_MAX // replica_count, so one traitor flooding cannot push out the evidence against others.
 EVIDENCE_MAX = 1000
+
+
+# What one write round deletes at most when pruning, however far behind the pruning is (the rest
+# goes in later rounds): this many blocks and transaction-index rows, or twice what the round itself
+# writes if that is more, so pruning keeps pace with any commit rate at most doubling a round's
+# work. Each block deleted is read and decoded once for its transaction ids (about 1.1 ms for a
+# block of 100 transactions; deleting its 100 index rows about as much again).
+PRUNE_BLOCKS_PER_ROUND_MIN = 64
+PRUNE_TRANSACTIONS_PER_ROUND_MIN = 1024
 
 
 def evidence_per_replica_max(replica_count: int) -> int:
@@ -151,7 +162,7 @@ class DataDirectoryLock:
 class BlockStore:
     """One replica's blocks and protocol records. Not thread-safe: one owner at a time."""
 
-    def __init__(self, connection: sqlite3.Connection, path: Path, genesis: bytes) -> None:
+    def __init__(self, connection: sqlite3.Connection, path: Path, genesis: bytes, retain_blocks: int | None = None) -> None:
         # Two connections: the writer may commit from a worker thread (so an fsync never stalls
         # the event loop) while reads go on through the reader; WAL lets them run side by side.
         self._connection = connection
@@ -161,10 +172,17 @@ class BlockStore:
         self._height, self._last_hash = self._read_tip()
         self._state_height = self._read_state_height()
         self._base_height = self._read_base_height()
+        if retain_blocks is not None and retain_blocks < 1:
+            raise ValueError(f"retain_blocks must be a positive number of blocks, not {retain_blocks}")
+        self.retain_blocks = retain_blocks  # None: an archive, every block kept
+        # The newest stable checkpoint a write round named (prune): no block from it up is ever
+        # deleted. 0 until the first one after opening, so a restart prunes nothing before it.
+        self._stable_sequence = 0
 
     @classmethod
-    def open(cls, path: Path, genesis: bytes, verify: bool = True) -> BlockStore:
-        """Open (creating if new) the store for the chain whose block 1 has parent `genesis`."""
+    def open(cls, path: Path, genesis: bytes, verify: bool = True, retain_blocks: int | None = None) -> BlockStore:
+        """Open (creating if new) the store for the chain whose block 1 has parent `genesis`.
+        With `retain_blocks`, write rounds prune the blocks older than that (see write_round)."""
         path.parent.mkdir(parents=True, exist_ok=True)
         connection: sqlite3.Connection | None = None
         try:
@@ -183,7 +201,7 @@ class BlockStore:
             else:
                 with connection:  # a version-1 store: its new tables were just created, empty
                     connection.execute("insert or replace into meta values ('schema', ?)", (SCHEMA_VERSION,))
-            store = cls(connection, path, genesis)
+            store = cls(connection, path, genesis, retain_blocks)
             if verify:
                 store.verify()
         except sqlite3.DatabaseError as error:
@@ -237,7 +255,7 @@ class BlockStore:
     @property
     def base_height(self) -> int:
         """The first block held: 0 for a store from genesis (block 1 on), else the height of
-        the snapshot it was installed from (that block on)."""
+        the snapshot it was installed from, or the one pruning moved it to (that block on)."""
         return self._base_height
 
     @property
@@ -317,7 +335,12 @@ class BlockStore:
 
         Blocks written without `state` leave the stored state behind them (a restart replays
         the difference); `state` is a change to the stored state, so it is refused unless that
-        state was at the tip before these blocks."""
+        state was at the tip before these blocks.
+
+        `prune` (stable checkpoint sequence, view, log kinds) also names the newest stable
+        checkpoint: with `retain_blocks`, this round and the later ones delete blocks below
+        min(that checkpoint, tip - retain_blocks + 1, the stored state's height), a bounded
+        number a round (see PRUNE_BLOCKS_PER_ROUND_MIN)."""
         records, blocks = list(records), list(blocks)
         if not records and not blocks and prune is None:
             return
@@ -353,10 +376,65 @@ class BlockStore:
                 self._write_state(state, blocks[-1].height, blocks[-1].header.state_digest, blocks)
             if prune is not None:
                 self._prune(*prune)
+            stable_sequence = self._stable_sequence if prune is None else max(self._stable_sequence, prune[0])
+            tip = blocks[-1].height if blocks else self._height
+            state_height = tip if state is not None else self._state_height
+            written_transactions = sum(len(block.transactions) for block in blocks)
+            base_height = self._prune_blocks(
+                stable_sequence,
+                tip,
+                state_height,
+                max(PRUNE_BLOCKS_PER_ROUND_MIN, 2 * len(blocks)),
+                max(PRUNE_TRANSACTIONS_PER_ROUND_MIN, 2 * written_transactions),
+            )
         if blocks:
             self._height, self._last_hash = blocks[-1].height, blocks[-1].block_hash
         if state is not None:
             self._state_height = self._height
+        self._stable_sequence, self._base_height = stable_sequence, base_height
+
+    def prune_target(self, stable_sequence: int, tip: int, state_height: int | None) -> int:
+        """The base pruning works towards: the last `retain_blocks` blocks are kept, and so is
+        the stable checkpoint's block (a joining replica's state sync needs it: its hash is what
+        2f+1 CHECKPOINTs sign) and the stored state's block (a restart replays from there).
+        The current base when there is nothing to prune."""
+        if self.retain_blocks is None or state_height is None or stable_sequence < 1:
+            return self._base_height
+        target = min(stable_sequence, tip - self.retain_blocks + 1, state_height)
+        return target if target > self.first_height else self._base_height
+
+    def _prune_blocks(self, stable_sequence: int, tip: int, state_height: int | None, blocks_max: int, transactions_max: int) -> int:
+        """Inside a write round's transaction: delete the oldest blocks below the prune target
+        with their index rows, at most `blocks_max` blocks and, past the first, `transactions_max`
+        transactions; move meta base_height. The new base."""
+        target = self.prune_target(stable_sequence, tip, state_height)
+        first = self.first_height
+        if target <= first:
+            return self._base_height
+        new_base, transactions = first, 0
+        rows = self._connection.execute(
+            "select height, data from blocks where height>=? and height<? order by height limit ?", (first, target, blocks_max)
+        )
+        try:
+            for height, data in rows:
+                if new_base > first and transactions >= transactions_max:
+                    break
+                ids = [(transaction.transaction_id, height + 1) for transaction in Block.decode(data).transactions]
+                # An index row names a transaction's first final appearance: only rows at or
+                # below this block go (a replay of it in a kept block was never indexed).
+                self._connection.executemany("delete from transactions where transaction_id=? and height<?", ids)
+                new_base, transactions = height + 1, transactions + len(ids)
+        except CodecError:
+            # A damaged old block must not stop the replica: find its rows by height instead (a scan).
+            new_base = min(target, first + blocks_max)
+            self._connection.execute("delete from transactions where height<?", (new_base,))
+        finally:
+            rows.close()
+        if new_base == first:
+            return self._base_height
+        self._connection.execute("delete from blocks where height<?", (new_base,))
+        self._connection.execute("insert or replace into meta values ('base_height', ?)", (new_base,))
+        return new_base
 
     def install_snapshot(self, block: Block, changes: StateChanges, state_digest: bytes) -> None:
         """Start the store from a snapshot: `block` is the block of the snapshot's height (its

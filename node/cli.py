@@ -186,7 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
         "check",
         help="audit a stopped replica's store from genesis",
         description="Re-execute every stored block from genesis and check every link, certificate, result, state digest, "
-        "the transaction index and the durable state; print progress and one verdict line. Exit 0 if the store is sound, "
+        "the transaction index and the durable state; print progress and one verdict line. A store that keeps blocks only "
+        "from a base (pruned with [storage] retain_blocks, or started from a snapshot) is checked from its base, and the "
+        "verdict says so: its durable state against its block's digest, later blocks re-executed. Exit 0 if the store is sound, "
         "1 if it is damaged, missing or in use, 2 for a bad config.",
     )
     check.add_argument("target", type=Path, help="a replica's config (net/replica-2.toml), or a network directory (every replica in it)")

@@ -59,6 +59,7 @@ class ReplicaSnapshot:
     evidence_stored: int
     clients_timed_out: int
     fetches_skipped: int
+    base_height: int = 0  # the first block kept when not all are (pruned, or from a snapshot); 0: all
 
 
 def runtime_snapshot(runtime: ReplicaRuntime) -> ReplicaSnapshot:
@@ -81,6 +82,7 @@ def runtime_snapshot(runtime: ReplicaRuntime) -> ReplicaSnapshot:
         evidence_stored=runtime.evidence_count,
         clients_timed_out=runtime.clients_timed_out,
         fetches_skipped=runtime.fetches_skipped,
+        base_height=runtime.store.base_height,
     )
 
 
@@ -99,6 +101,9 @@ class _StateCollector(Collector):
 
     def _families(self, state: ReplicaSnapshot) -> Iterable[Metric]:
         yield GaugeMetricFamily("ledger_height", "Height of the last block in this replica's chain.", state.height)
+        yield GaugeMetricFamily(
+            "ledger_base_height", "The first block this replica keeps (0: it keeps every block from 1).", state.base_height
+        )
         yield GaugeMetricFamily("ledger_view", "The view this replica is in.", state.view)
         yield GaugeMetricFamily("ledger_view_active", "1 in normal operation, 0 during a view change.", int(state.view_active))
         yield GaugeMetricFamily("ledger_peers_connected", "Peers connected both ways.", state.peers_connected)
@@ -134,6 +139,8 @@ class Health:
 def health_of(state: ReplicaSnapshot) -> Health:
     """Healthy when serving and connected to enough peers to make a quorum with them."""
     body: dict[str, Any] = {"status": "ok", "height": state.height, "view": state.view, "peers": state.peers_connected}
+    if state.base_height:
+        body["base_height"] = state.base_height  # a pruned replica: blocks below it are not served
     reason = None
     if not state.serving:
         reason = "not serving yet"

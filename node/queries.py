@@ -16,6 +16,7 @@ from ledger.messages import (
     TRANSACTION_PREFIX_MATCHES_MAX,
     Query,
     QueryReply,
+    pruned_reason,
 )
 from ledger.transactions import KEY_LENGTH_MAX
 
@@ -50,9 +51,14 @@ def answer_query(
     application_height: int,
     ledger: LedgerIndex,
     evidence: EvidenceSource | None = None,
+    kept_from_height: int = 1,
 ) -> QueryReply:
     """The unsigned QUERY-REPLY for `query`; the caller signs it. `evidence(replica or None, limit)`
     lists the evidence this replica keeps (newest first); without it an `evidence` query gets none.
+
+    `kept_from_height` is the first block the ledger keeps (above 1 once pruned): a block-hash
+    read below it, or a transaction not found in the kept blocks, is refused with an error that
+    starts with PRUNED rather than answered "no such block / transaction", which may be false.
 
     The reported height is the height of the state the answer was read from: the application's
     for its kinds, the store's for ledger kinds (the store may trail the application by the round
@@ -71,7 +77,19 @@ def answer_query(
             result = _result(query, application, ledger, evidence)
         except CodecError as problem:
             error = str(problem)
+        if not error and kept_from_height > 1:
+            error = _pruned_problem(query, result, kept_from_height)
+            result = None if error else result
     return QueryReply(query.query_id, query.digest, replica_id, height, result, error)
+
+
+def _pruned_problem(query: Query, result: Any, kept_from_height: int) -> str:
+    """Why a read cannot be answered from the blocks kept, or "" if it can."""
+    if query.kind == "block-hash" and query.argument < kept_from_height:
+        return pruned_reason(kept_from_height)
+    if query.kind in ("transaction", "transaction-prefix") and not result:
+        return pruned_reason(kept_from_height, "not found in the blocks kept (older ones may hold it)")
+    return ""
 
 
 def _result(query: Query, application: Application, ledger: LedgerIndex, evidence: EvidenceSource | None) -> Any:

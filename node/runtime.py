@@ -46,6 +46,7 @@ from ledger.messages import (
     decode_message,
     encode_blocks_message,
     encode_message,
+    pruned_reason,
 )
 from ledger.restore import restore_application
 from ledger.sizes import CLIENT_FRAME_SIZE_MAX, blocks_response_budget, blocks_size_max
@@ -209,7 +210,7 @@ class ReplicaRuntime:
             raise StartupError(str(error)) from None
         try:
             opening_s = time.monotonic()
-            self.store = BlockStore.open(config.data_dir / "ledger.sqlite3", self.network.genesis_hash)
+            self.store = BlockStore.open(config.data_dir / "ledger.sqlite3", self.network.genesis_hash, retain_blocks=config.retain_blocks)
             state = restore_application(self.store, self.network)
             restored = [(record[0], decode_message(record[3])) for record in self.store.load_messages()]
         except (StoreError, CodecError) as error:
@@ -222,7 +223,9 @@ class ReplicaRuntime:
         self.opened_summary = (
             f"store opened at height {self.store.height} in {int((time.monotonic() - opening_s) * 1000)} ms: durable state at height "
             f"{'none' if state.state_height is None else state.state_height}, {state.state_entries} entries; "
-            f"{state.blocks_replayed} blocks re-executed"
+            f"{state.blocks_replayed} blocks re-executed; "
+            + (f"keeps blocks from height {self.store.first_height}" if self.store.base_height else "keeps every block")
+            + ("" if config.retain_blocks is None else f" (retain_blocks {config.retain_blocks})")
         )
         # Client signatures of a batch (and of a round's requests) are checked on every core.
         self.signature_threads = SignatureThreads(os.cpu_count() or 1)
@@ -629,6 +632,8 @@ class ReplicaRuntime:
             connection.send(self._answer_query(message))
         elif isinstance(message, StatusQuery):
             connection.send(self._status(message.query_id))
+        elif isinstance(message, FetchBlocks) and self._pruned_below(message.from_height):
+            connection.send(ErrorReply(b"", pruned_reason(self.store.first_height)))
         elif isinstance(message, FetchBlocks):
             # One response may wait per connection, and a few across all clients: a client
             # that asks again before the last answer was written (it may read the answer
@@ -672,9 +677,20 @@ class ReplicaRuntime:
             self.waiting_requests.popitem(last=False)
         await self.events_send.send(("request", None, transaction))
 
+    def _pruned_below(self, height: int) -> bool:
+        """Whether block `height` is below the ones this store keeps (a client is told so; a peer
+        fetching is served what is kept, from the base on)."""
+        return self.store.base_height > 0 and height < self.store.first_height
+
     def _answer_query(self, query: Query) -> QueryReply:
         unsigned = answer_query(
-            query, self.config.replica_id, self.core.application, self.core.height, self.store, self._evidence
+            query,
+            self.config.replica_id,
+            self.core.application,
+            self.core.height,
+            self.store,
+            self._evidence,
+            self.store.first_height if self.store.base_height else 1,
         )
         return dataclasses.replace(unsigned, signature=self.key.sign(self.query_domain, unsigned.signed_bytes()))
 
@@ -694,6 +710,7 @@ class ReplicaRuntime:
             int(time.monotonic() - self.started_monotonic_s),
             len(self.transport.connected_out & self.transport.connected_in),
             self.store.size_bytes(),
+            self.store.base_height,
         )
 
     def _evidence(self, replica_id: int | None, limit: int) -> list[Evidence]:

@@ -445,3 +445,52 @@ def test_unknown_config_keys_are_refused(network_directory: Path, tmp_path: Path
     path.write_text(text.replace(replace, by, 1))
     with pytest.raises(ConfigError, match=re.escape(named) + ".*unknown"):
         load_replica_config(path)
+
+
+# ---- [storage] retain_blocks: block pruning, off unless asked for ----
+
+
+@pytest.fixture(scope="module")
+def storage_network(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from ledger.config import template_for, write_network
+
+    out = tmp_path_factory.mktemp("storage") / "net"
+    write_network(template_for(4, base_port=7400), out)
+    return out
+
+
+def with_storage_table(network: Path, tmp_path: Path, table: str) -> Path:
+    path = tmp_path / "replica-1.toml"
+    path.write_text(table + "\n" + (network / "replica-1.toml").read_text())
+    return path
+
+
+def test_a_replica_is_an_archive_unless_retain_blocks_is_set(storage_network: Path, tmp_path: Path) -> None:
+    assert load_replica_config(storage_network / "replica-1.toml").retain_blocks is None
+    assert load_replica_config(with_storage_table(storage_network, tmp_path, "[storage]\n")).retain_blocks is None
+    assert load_replica_config(with_storage_table(storage_network, tmp_path, "[storage]\nretain_blocks = 1000\n")).retain_blocks == 1000
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ("[storage]\nretain_blocks = 0\n", "storage.retain_blocks: 0 is outside"),
+        ("[storage]\nretain_blocks = -5\n", "storage.retain_blocks: -5 is outside"),
+        ('[storage]\nretain_blocks = "100"\n', "storage.retain_blocks: expected an integer"),
+        ("[storage]\nretain_blocks = true\n", "storage.retain_blocks: expected an integer"),
+        ("[storage]\nretain_blocks = 1.5\n", "storage.retain_blocks: expected an integer"),
+        ("[storage]\nretain_block = 100\n", "storage.retain_block: unknown setting"),
+        ("storage = 100\n", "[storage] must be a table"),
+    ],
+)
+def test_a_bad_retain_blocks_is_refused_naming_the_field(storage_network: Path, tmp_path: Path, table: str, message: str) -> None:
+    path = with_storage_table(storage_network, tmp_path, table)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_replica_config(path)
+
+
+def test_a_client_config_refuses_a_storage_table(storage_network: Path, tmp_path: Path) -> None:
+    path = tmp_path / "client.toml"
+    path.write_text("[storage]\nretain_blocks = 10\n\n" + (storage_network / "client.toml").read_text())
+    with pytest.raises(ConfigError, match="storage: unknown setting"):
+        load_client_config(path)

@@ -118,6 +118,7 @@ SAMPLE_MESSAGES: list[Any] = [
         uptime_s=3600,
         connected_peers=3,
         store_size_bytes=1 << 20,
+        base_height=9,
     ),
     StatusReply(11, 0, 1, 1, 20, HASH, 16, True, ((2, 2), (3, 5))),
 ]
@@ -352,7 +353,7 @@ GOOD_STATUS_REPLY_FIELDS = SAMPLE_MESSAGES[[type(message) for message in SAMPLE_
 
 
 def test_status_reply_of_the_old_ten_field_layout_or_longer_is_refused() -> None:
-    assert len(GOOD_STATUS_REPLY_FIELDS) == 14
+    assert len(GOOD_STATUS_REPLY_FIELDS) == 15
     with pytest.raises(CodecError):
         decode_message(encode(["status-reply", *GOOD_STATUS_REPLY_FIELDS[:10]]))
     with pytest.raises(CodecError):
@@ -372,6 +373,8 @@ def test_status_reply_of_the_old_ten_field_layout_or_longer_is_refused() -> None
         pytest.param(12, 64, id="more-peers-than-replicas"),
         pytest.param(12, True, id="peers-a-boolean"),
         pytest.param(13, -1, id="negative-store-size"),
+        pytest.param(14, -1, id="negative-base-height"),
+        pytest.param(14, "9", id="base-height-not-a-number"),
     ],
 )
 def test_status_reply_with_malformed_new_fields_is_refused(position: int, value: Any) -> None:

@@ -9,7 +9,7 @@ import trio
 import trio.testing
 from chain_helpers import build_chain, make_network
 
-from client.library import NetworkUnavailable
+from client.library import HistoryPruned, NetworkUnavailable
 from client.watch import WATCH_BLOCKS_PER_FETCH, WATCH_POLL_S, BlockFollower
 from ledger.blocks import Block, verify_certificate
 
@@ -25,6 +25,7 @@ class ScriptedSource:
     height: int
     down: set[int] = dataclasses.field(default_factory=set)
     forged: dict[int, list[Block]] = dataclasses.field(default_factory=dict)
+    pruned_below: dict[int, int] = dataclasses.field(default_factory=dict)  # replica -> the first block it keeps
     outage: bool = False
     queries: int = 0
     fetches: int = 0
@@ -64,6 +65,8 @@ class ScriptedSource:
         self.fetches += 1
         if self.outage or replica_id in self.down:
             raise NetworkUnavailable(f"replica {replica_id} did not answer a block request")
+        if from_height < self.pruned_below.get(replica_id, 0):
+            raise HistoryPruned(f"replica {replica_id} refused block {from_height}: pruned", self.pruned_below[replica_id])
         chain = self.forged.get(replica_id, CHAIN)[: self.height]
         return chain[from_height - 1 : from_height - 1 + count]
 
@@ -139,3 +142,13 @@ async def test_a_follower_skips_a_replica_whose_blocks_do_not_lead_to_the_signed
     source.height = 25
     assert [block.height for block in await follow(follower, 25)] == list(range(21, 26))
     assert len(reports) == 1
+
+
+async def test_a_follower_skips_a_replica_that_pruned_the_blocks_it_needs(autojump_clock: trio.testing.MockClock) -> None:
+    """Regression: a replica refusing a fetch as pruned (retain_blocks) ended the watch with an
+    error although the other replicas keep those blocks."""
+    source = ScriptedSource(height=20, pruned_below={0: 15})
+    reports: list[str] = []
+    follower = BlockFollower(source, 10, None, reports.append)
+    shown = await follow(follower, 20)
+    assert [block.height for block in shown] == list(range(10, 21)) and reports == []

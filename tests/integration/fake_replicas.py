@@ -20,6 +20,7 @@ from ledger.messages import (
     BLOCKS_PER_RESPONSE_MAX,
     QUERY_BEHIND,
     Blocks,
+    CheckpointCertificate,
     FetchBlocks,
     Query,
     QueryReply,
@@ -37,6 +38,7 @@ class FakeReplica:
     honest_chain: list[Block]
     served_chain: list[Block]
     port: int = 0
+    checkpoint: CheckpointCertificate | None = None  # the stable checkpoint sent with every Blocks answer
 
     async def serve(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
@@ -63,7 +65,7 @@ class FakeReplica:
         height = len(self.honest_chain)
         if isinstance(message, FetchBlocks):
             start = message.from_height - 1
-            return Blocks(tuple(self.served_chain[start : start + min(message.count, BLOCKS_PER_RESPONSE_MAX)]))
+            return Blocks(tuple(self.served_chain[start : start + min(message.count, BLOCKS_PER_RESPONSE_MAX)]), self.checkpoint)
         if isinstance(message, StatusQuery):
             last = self.honest_chain[-1].block_hash if self.honest_chain else self.network.genesis
             return StatusReply(message.query_id, self.replica_id, 0, 0, height, last, 0, False)
