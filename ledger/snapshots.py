@@ -243,6 +243,9 @@ class SnapshotAssembly:
     def complete(self) -> bool:
         return self.covered_buckets == BUCKET_COUNT
 
+    def is_covered(self, bucket: int) -> bool:
+        return bool(self._covered[bucket])
+
     def first_missing(self, from_bucket: int = 0) -> int | None:
         """The first bucket at or after `from_bucket` no chunk has covered yet."""
         index = self._covered.find(0, from_bucket)
