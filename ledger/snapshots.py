@@ -83,9 +83,19 @@ class StateChunk:
         items = expect_list(plain, "snapshot chunk", length=4)
         first_bucket = expect_int(items[0], "chunk first bucket", 0, BUCKET_COUNT - 1)
         last_bucket = expect_int(items[1], "chunk last bucket", first_bucket, BUCKET_COUNT - 1)
-        entries = tuple(
-            _entry_from_plain(item) for item in expect_list(items[2], "chunk entries", length_max=BUCKET_ENTRIES_MAX)
-        )
+        # verify_chunk's bounds (at its defaults), checked here so that what it would refuse is
+        # refused before its entries are built: the count at once, the bytes as they add up.
+        count_max, size_max = _bounds(first_bucket == last_bucket, CHUNK_ENTRIES_MAX, CHUNK_BYTES_MAX)
+        plain_entries = expect_list(items[2], "chunk entries", length_max=count_max)
+        entries_list: list[Entry] = []
+        size = 0
+        for item in plain_entries:
+            entry = _entry_from_plain(item)
+            size += _entry_size(entry)
+            if size > size_max:
+                raise CodecError(f"chunk entries: over the bound of {size_max} bytes for a chunk of this range")
+            entries_list.append(entry)
+        entries = tuple(entries_list)
         proof = tuple(
             expect_bytes(item, "chunk proof hash", 32) for item in expect_list(items[3], "chunk proof", length_max=PROOF_LENGTH_MAX)
         )
@@ -116,6 +126,32 @@ def _entry_encoding(entry: Entry) -> bytes:
     return encode(_entry_to_plain(entry))
 
 
+def _head_size(value: int) -> int:
+    """The canonical CBOR head of an unsigned integer, or of a length."""
+    if value < 24:
+        return 1
+    return 2 if value < 1 << 8 else 3 if value < 1 << 16 else 5 if value < 1 << 32 else 9
+
+
+def _text_size(text: str) -> int:
+    length = len(text) if text.isascii() else len(text.encode("utf-8"))
+    return _head_size(length) + length
+
+
+def _entry_size(entry: Entry) -> int:
+    """len(_entry_encoding(entry)) of a well-formed entry, without encoding it."""
+    namespace, key, value = entry
+    if namespace == ACCOUNT:
+        balance, nonce = value
+        return 1 + _text_size(namespace) + _head_size(len(key)) + len(key) + 1 + _head_size(balance) + _head_size(nonce)
+    return 1 + _text_size(namespace) + _text_size(key) + _text_size(value)
+
+
+def _bounds(single_bucket: bool, entries_max: int, bytes_max: int) -> tuple[int, int]:
+    """The entries and bytes a chunk may carry: a lone bucket has bounds of its own."""
+    return (BUCKET_ENTRIES_MAX, BUCKET_BYTES_MAX) if single_bucket else (entries_max, bytes_max)
+
+
 def verify_chunk(
     root: bytes, chunk: StateChunk, entries_max: int = CHUNK_ENTRIES_MAX, bytes_max: int = CHUNK_BYTES_MAX
 ) -> list[Entry]:
@@ -128,11 +164,11 @@ def verify_chunk(
         raise SnapshotError(f"bucket range {first}..{last} is not within 0..{BUCKET_COUNT - 1}")
     if len(chunk.proof) > PROOF_LENGTH_MAX:
         raise SnapshotError(f"a proof of {len(chunk.proof)} hashes is longer than any range needs ({PROOF_LENGTH_MAX})")
-    single = first == last
-    count_max, size_max = (BUCKET_ENTRIES_MAX, BUCKET_BYTES_MAX) if single else (entries_max, bytes_max)
+    count_max, size_max = _bounds(first == last, entries_max, bytes_max)
     if len(chunk.entries) > count_max:
         raise SnapshotError(f"{len(chunk.entries)} entries exceed the bound of {count_max} for a chunk of this range")
     digests: list[bytes] = []
+    checked_entries: list[Entry] = []
     current_bucket = first
     current_hashes: list[bytes] = []
     previous: tuple[int, tuple[int, Any]] | None = None
@@ -159,13 +195,14 @@ def verify_chunk(
             current_hashes = []
             current_bucket += 1
         current_hashes.append(entry_hash_of_encoded(encoded))
+        checked_entries.append(checked)
     while current_bucket <= last:
         digests.append(bucket_digest(current_hashes) if current_hashes else EMPTY_BUCKET_DIGEST)
         current_hashes = []
         current_bucket += 1
     if range_root(digests, first, list(chunk.proof)) != root:
         raise SnapshotError(f"buckets {first}..{last} with this proof do not lead to the state digest (an entry is missing, extra or edited, or the proof is wrong)")
-    return list(chunk.entries)
+    return checked_entries  # as the decoder makes them (tuples), whatever types the chunk held
 
 
 class ChunkSource(Protocol):

@@ -344,3 +344,47 @@ def test_a_bucket_over_every_chunk_bound_is_refused_by_the_builder(monkeypatch: 
     with pytest.raises(SnapshotError, match=f"bucket {bucket} holds"):
         chunk_starting_at(APPLICATION, bucket, entries_max=1)
     assert chunk_starting_at(APPLICATION, bucket - 1, entries_max=1000, bytes_max=10**6).last_bucket == bucket - 1
+
+
+def test_verify_chunk_returns_entries_exactly_as_the_builder_makes_them() -> None:
+    """Found by review: verify_chunk returned the entries it was given, so an account value sent
+    as a list (which encodes, hashes and verifies the same) came back a list, not a tuple."""
+    chunk = next(chunk for chunk in CHUNKS if any(entry[0] == ACCOUNT for entry in chunk.entries))
+    listed = with_entries(chunk, [(namespace, key, list(value) if namespace == ACCOUNT else value) for namespace, key, value in chunk.entries])
+    entries = verify_chunk(ROOT, listed, ENTRIES_MAX, BYTES_MAX)
+    assert entries == list(chunk.entries)
+    assert all(type(entry) is tuple and (entry[0] != ACCOUNT or type(entry[2]) is tuple) for entry in entries)
+
+
+def test_an_entry_size_is_its_encoded_size() -> None:
+    import ledger.snapshots as snapshots
+
+    entries: list[Any] = [entry for chunk in CHUNKS[:3] for entry in chunk.entries]
+    entries += [
+        (VALUE, "", ""), (VALUE, "k" * 23, "v" * 24), (VALUE, "\U0001f600" * 256, "\u00e9" * 4096), (VALUE, "k" * 255, "v" * 65_536),
+        (ACCOUNT, bytes(32), (0, 0)), (ACCOUNT, bytes(32), (23, 24)), (ACCOUNT, bytes(32), (2**32, 2**63 - 1)), (ACCOUNT, bytes(32), (255, 65_536)),
+    ]
+    for entry in entries:
+        assert snapshots._entry_size(entry) == len(snapshots._entry_encoding(entry)), entry
+
+
+def test_the_decoder_refuses_a_chunk_over_the_verifiers_bounds_before_building_its_entries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by review: the decoder let every chunk carry as many entries as a lone bucket may
+    (262,144), four times what verify_chunk takes for several buckets, and never looked at the
+    bytes: a 2.4 MB frame of tiny entries decoded to about 57 MB of objects before any check."""
+    import ledger.snapshots as snapshots
+
+    built: list[Any] = []
+    real = snapshots._entry_from_plain
+    monkeypatch.setattr(snapshots, "_entry_from_plain", lambda plain: built.append(plain) or real(plain))
+    with pytest.raises(CodecError, match="entries"):
+        StateChunk.from_plain([0, 1, [["value", "", ""]] * (snapshots.CHUNK_ENTRIES_MAX + 1), []])
+    assert built == []
+    # By bytes: 65 values of 16 KiB and a bit are over the 1 MiB of a chunk of several buckets.
+    wide = ["value", "k", "\U0001f600" * 4096]
+    with pytest.raises(CodecError, match="bytes"):
+        StateChunk.from_plain([0, 1, [wide] * 65, []])
+    assert len(built) <= 65
+    # What the verifier takes, the decoder takes.
+    for chunk in CHUNKS:
+        assert StateChunk.from_plain(decode(chunk.encode())) == chunk
