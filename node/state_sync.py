@@ -2,9 +2,10 @@
 
 The caller holds a checkpoint certificate it verified (2f+1 signatures over a sequence, a state
 digest and a block hash) and the peers to ask. The fetch splits the 65,536 state buckets into
-lanes, one request in flight per lane, each to a different peer; every answer is checked on its
-own against the certified state digest (ledger/snapshots.py), so whoever sent it and whenever it
-arrives, an answer that verifies is taken.
+lanes, one request in flight per lane, each to a different peer, for the first bucket (and entry:
+a bucket too large for one chunk comes in parts) the lane still misses; every answer is checked
+on its own against the certified state digest (ledger/snapshots.py), so whoever sent it and
+whenever it arrives, an answer that verifies is taken.
 
 Peers: one whose answer is wrong (a chunk that does not verify, or of another checkpoint) or who
 keeps no snapshot of ours is dropped for the rest of the fetch. One that does not answer in time
@@ -47,7 +48,7 @@ class _Lane:
     first_bucket: int
     end_bucket: int  # exclusive
     peer: int | None = None
-    asked_bucket: int | None = None
+    asked: tuple[int, int] | None = None  # the (bucket, entry) of the request in flight
     asked_ms: int = 0
 
 
@@ -56,9 +57,9 @@ class _Peer:
     """What the fetch remembers of one peer."""
 
     timeouts_in_a_row: int = 0
-    # The buckets of the latest requests to it not answered yet, oldest first: an answer to one
-    # of them is verified even after its request timed out; an answer to anything else is not.
-    asked: list[int] = field(default_factory=list)
+    # The (bucket, entry) of the latest requests to it not answered yet, oldest first: an answer
+    # to one of them is verified even after its request timed out; an answer to anything else is not.
+    asked: list[tuple[int, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -137,9 +138,9 @@ class SnapshotFetch:
         if self._past_deadline(now_ms) or self.complete:
             return []
         for lane in self._lanes:
-            if lane.asked_bucket is not None and now_ms - lane.asked_ms >= self.request_timeout_ms:
+            if lane.asked is not None and now_ms - lane.asked_ms >= self.request_timeout_ms:
                 self._count("snapshot request timed out")
-                lane.asked_bucket = None
+                lane.asked = None
                 assert lane.peer is not None
                 state = self._peer_states[lane.peer]
                 state.timeouts_in_a_row += 1
@@ -147,31 +148,32 @@ class SnapshotFetch:
                     self._drop(lane.peer, "snapshot peer dropped after timeouts")
         sends: list[tuple[int, FetchSnapshot]] = []
         for lane in self._lanes:
-            if lane.asked_bucket is not None:
+            if lane.asked is not None:
                 continue
             missing = self.assembly.first_missing(lane.first_bucket)
             if missing is None or missing >= lane.end_bucket:
                 continue
-            busy = {other.peer for other in self._lanes if other.asked_bucket is not None and other.peer is not None}
+            position = (missing, self.assembly.first_missing_entry(missing))  # past a large bucket's parts taken
+            busy = {other.peer for other in self._lanes if other.asked is not None and other.peer is not None}
             previous = lane.peer
             if previous is not None:
                 busy.add(previous)  # the lane's last peer (maybe one that timed out) is passed over if another one is free
             peer = self._next_peer(busy)
             if peer is None:
                 break
-            lane.peer, lane.asked_bucket, lane.asked_ms = peer, missing, now_ms
+            lane.peer, lane.asked, lane.asked_ms = peer, position, now_ms
             asked = self._peer_states[peer].asked
-            if missing in asked:
-                asked.remove(missing)
-            asked.append(missing)
+            if position in asked:
+                asked.remove(position)
+            asked.append(position)
             del asked[:-ASKED_REMEMBERED_MAX]
-            sends.append((peer, FetchSnapshot(self.checkpoint.sequence, missing)))
+            sends.append((peer, FetchSnapshot(self.checkpoint.sequence, *position)))
         return sends
 
     def receive(self, sender: int, message: SnapshotChunk, now_ms: int) -> list[tuple[int, FetchSnapshot]]:
         """Take an answer; returns the requests to send next (as tick does). An answer is
         verified only if it answers one of the latest requests made of its sender (in time or
-        late) for the bucket it starts at, once; any other is ignored unverified."""
+        late) for the bucket and entry it starts at, once; any other is ignored unverified."""
         if self._past_deadline(now_ms) or self.complete:
             self._count("snapshot answer after the fetch ended")
             return []
@@ -180,18 +182,19 @@ class SnapshotFetch:
             self._count("snapshot chunk not asked for")
             return []
         if message.chunk is None:
-            bucket = state.asked[0] if state.asked else None  # it keeps no snapshot: an answer to any request
+            position = state.asked[0] if state.asked else None  # it keeps no snapshot: an answer to any request
         else:
-            bucket = message.chunk.first_bucket if message.chunk.first_bucket in state.asked else None
-        if bucket is None:
+            position = (message.chunk.first_bucket, message.chunk.first_entry)
+            position = position if position in state.asked else None
+        if position is None:
             self._count("snapshot chunk not asked for")
             return []
-        state.asked.remove(bucket)
-        lane = next((lane for lane in self._lanes if lane.peer == sender and lane.asked_bucket == bucket), None)
+        state.asked.remove(position)
+        lane = next((lane for lane in self._lanes if lane.peer == sender and lane.asked == position), None)
         if lane is None:
             self._count("snapshot late answer")  # its request timed out, or its buckets came from another peer
         else:
-            lane.asked_bucket = None
+            lane.asked = None
         ours = (self.checkpoint.sequence, self.checkpoint.state_digest, self.checkpoint.block_hash)
         theirs = (message.checkpoint.sequence, message.checkpoint.state_digest, message.checkpoint.block_hash)
         if message.chunk is None:
@@ -210,8 +213,8 @@ class SnapshotFetch:
                 self._count("snapshot chunk taken")
                 state.timeouts_in_a_row = 0
                 for other in self._lanes:
-                    if other.asked_bucket is not None and self.assembly.is_covered(other.asked_bucket):
-                        other.asked_bucket = None  # answered by another peer: ask for what is still missing
+                    if other.asked is not None and self.assembly.is_covered(*other.asked):
+                        other.asked = None  # answered by another peer: ask for what is still missing
         return self.tick(now_ms)
 
     def _drop(self, peer: int, reason: str) -> None:
@@ -222,4 +225,4 @@ class SnapshotFetch:
         self._peer_states[peer].asked.clear()
         for lane in self._lanes:
             if lane.peer == peer:
-                lane.asked_bucket = None
+                lane.asked = None

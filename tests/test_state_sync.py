@@ -6,8 +6,18 @@ import dataclasses
 import heapq
 from collections.abc import Callable
 
+import pytest
+from bucket_helpers import GROUND_BUCKET, GROUND_KEYS
+
 from ledger.application import AccountsApplication, FrozenState
-from ledger.messages import CheckpointCertificate, FetchSnapshot, SnapshotChunk
+from ledger.encoding import CodecError, encode
+from ledger.messages import (
+    CheckpointCertificate,
+    FetchSnapshot,
+    SnapshotChunk,
+    decode_message,
+    encode_message,
+)
 from ledger.snapshots import chunk_starting_at
 from ledger.state_tree import VALUE
 from node.state_sync import LANES_MAX, TIMEOUTS_IN_A_ROW_MAX, SnapshotFetch
@@ -34,7 +44,7 @@ Server = Callable[[FetchSnapshot], SnapshotChunk | None]
 
 
 def honest(request: FetchSnapshot) -> SnapshotChunk:
-    return SnapshotChunk(CERTIFICATE, chunk_starting_at(VIEW, request.first_bucket, entries_max=30, bytes_max=3000))
+    return SnapshotChunk(CERTIFICATE, chunk_starting_at(VIEW, request.first_bucket, entries_max=30, bytes_max=3000, first_entry=request.first_entry))
 
 
 def corrupting(request: FetchSnapshot) -> SnapshotChunk:
@@ -48,7 +58,7 @@ def corrupting(request: FetchSnapshot) -> SnapshotChunk:
 
 def live_state(request: FetchSnapshot) -> SnapshotChunk:
     """The chunk of its current state, valid for that state but not the checkpoint's."""
-    return SnapshotChunk(CERTIFICATE, chunk_starting_at(APPLICATION, request.first_bucket, entries_max=30, bytes_max=3000))
+    return SnapshotChunk(CERTIFICATE, chunk_starting_at(APPLICATION, request.first_bucket, entries_max=30, bytes_max=3000, first_entry=request.first_entry))
 
 
 def other_checkpoint(request: FetchSnapshot) -> SnapshotChunk:
@@ -241,3 +251,38 @@ def test_every_newer_checkpoint_offered_is_kept_one_per_peer() -> None:
     fetch, _, _ = run_timed(servers)
     assert fetch.failed and fetch.dropped == {1, 2, 3}
     assert fetch.newer_checkpoints == {1: forged, 2: real, 3: real}
+
+
+def test_a_state_with_a_bucket_too_large_for_a_chunk_is_fetched_in_parts() -> None:
+    """The ground bucket of 70 entries comes in parts of at most 30 entries, each asked from where the last one ended."""
+    application = AccountsApplication.from_entries([], [(key, "v" * 40) for key in GROUND_KEYS] + [(f"key {index}", "x") for index in range(200)])
+    view = application.freeze()
+    certificate = dataclasses.replace(CERTIFICATE, state_digest=view.state_digest())
+    for key in GROUND_KEYS[::2]:
+        application._set_value(key, "later")  # the bucket moves on; the view serves it as it was
+    asked: list[FetchSnapshot] = []
+
+    def serve(request: FetchSnapshot) -> SnapshotChunk:
+        asked.append(request)
+        chunk = chunk_starting_at(view, request.first_bucket, entries_max=30, bytes_max=3000, first_entry=request.first_entry)
+        return SnapshotChunk(certificate, chunk)
+
+    fetch = SnapshotFetch(certificate, [1, 2], TIMEOUT_MS)
+    queue = fetch.tick(0)
+    while queue:
+        peer, request = queue.pop(0)
+        queue.extend(fetch.receive(peer, serve(request), 0))
+    assert fetch.complete and not fetch.dropped
+    assert [request.first_entry for request in asked if request.first_bucket == GROUND_BUCKET] == [0, 30, 60]
+    assert fetch.application().snapshot() == AccountsApplication.from_entries(
+        [], [(key, "v" * 40) for key in GROUND_KEYS] + [(f"key {index}", "x") for index in range(200)]
+    ).snapshot()
+
+
+def test_a_fetch_from_an_entry_round_trips_and_has_one_encoding() -> None:
+    for request in (FetchSnapshot(8, 5), FetchSnapshot(8, 5, 30)):
+        assert decode_message(encode_message(request)) == request
+    assert encode_message(FetchSnapshot(8, 5)) == encode([FetchSnapshot.TAG, 8, 5])
+    for fields in ([8, 5, 0], [8, 5, -1], [8, 5, 1, 2], [8]):
+        with pytest.raises(CodecError):
+            decode_message(encode([FetchSnapshot.TAG, *fields]))
