@@ -10,7 +10,9 @@ whenever it arrives, an answer that verifies is taken.
 Peers: one whose answer is wrong (a chunk that does not verify, or of another checkpoint) or who
 keeps no snapshot of ours is dropped for the rest of the fetch. One that does not answer in time
 is passed over for another, and dropped after TIMEOUTS_IN_A_ROW_MAX timeouts with no chunk taken
-from it in between, so a silent peer costs a few timeouts, not one per request. An answer that
+from it in between (requests that time out within one timeout of each other count once), so a
+silent peer costs a few timeouts, not one per request, and an honest peer slower than the
+timeout (but answering within a few of them) is kept. An answer that
 comes after its request timed out is still verified and taken, if it answers one of the last
 ASKED_REMEMBERED_MAX requests made of that peer: peers slower than the timeout still finish.
 
@@ -57,6 +59,10 @@ class _Peer:
     """What the fetch remembers of one peer."""
 
     timeouts_in_a_row: int = 0
+    # When a timeout was last counted: requests in flight together that time out together count
+    # once, so a peer is dropped for being silent for TIMEOUTS_IN_A_ROW_MAX timeouts of time,
+    # not for having been asked by several lanes at once.
+    timeout_counted_ms: int | None = None
     # The (bucket, entry) of the latest requests to it not answered yet, oldest first: an answer
     # to one of them is verified even after its request timed out; an answer to anything else is not.
     asked: list[tuple[int, int]] = field(default_factory=list)
@@ -143,7 +149,9 @@ class SnapshotFetch:
                 lane.asked = None
                 assert lane.peer is not None
                 state = self._peer_states[lane.peer]
-                state.timeouts_in_a_row += 1
+                if state.timeout_counted_ms is None or now_ms - state.timeout_counted_ms >= self.request_timeout_ms:
+                    state.timeouts_in_a_row += 1
+                    state.timeout_counted_ms = now_ms
                 if state.timeouts_in_a_row >= self.timeouts_in_a_row_max and lane.peer not in self.dropped:
                     self._drop(lane.peer, "snapshot peer dropped after timeouts")
         sends: list[tuple[int, FetchSnapshot]] = []
