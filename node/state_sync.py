@@ -12,9 +12,9 @@ keeps no snapshot of ours is dropped for the rest of the fetch. One that does no
 is passed over for another, and dropped after TIMEOUTS_IN_A_ROW_MAX timeouts with no chunk taken
 from it in between (requests that time out within one timeout of each other count once), so a
 silent peer costs a few timeouts, not one per request, and an honest peer slower than the
-timeout (but answering within a few of them) is kept. An answer that
-comes after its request timed out is still verified and taken, if it answers one of the last
-ASKED_REMEMBERED_MAX requests made of that peer: peers slower than the timeout still finish.
+timeout (but answering within a few of them) is kept. An answer that comes after its request
+timed out is still verified and taken, if it answers one of the last ASKED_REMEMBERED_MAX
+requests made of that peer: peers slower than the timeout still finish.
 
 The fetch has failed when every peer is dropped or `deadline_ms` has passed since it started
 (its first tick or answer); the caller starts another (with a newer checkpoint, or later). Peers
@@ -23,8 +23,8 @@ peer, in `newer_checkpoints`, unverified (this module holds no keys): the caller
 signatures and moves to the highest valid one. Time is only the caller's `now_ms`.
 
 Work per answer is bounded: an answer is verified only if it answers a request made of its
-sender (the range asked, once), and verifying one chunk costs at most one hash per entry and two
-per bucket it covers.
+sender (the bucket and entry asked, once), and verifying one chunk costs at most two hashes per
+entry, two per bucket it covers and, for a part of a bucket, two per level of its page tree.
 """
 
 from __future__ import annotations
