@@ -15,6 +15,7 @@ from ledger.state_tree import (
     VALUE,
     StateTree,
     bucket_of,
+    entry_hash,
     entry_order,
     nodes_range_proof,
 )
@@ -195,6 +196,12 @@ class AccountsApplication:
                 entries.append([VALUE, key, self._values[key]])
         return entries
 
+    def bucket_entry_hashes(self, bucket: int) -> list[bytes]:
+        """The hashes of a bucket's entries, in entry order (what a part of a bucket is checked with)."""
+        if not 0 <= bucket < BUCKET_COUNT:
+            raise ValueError(f"bucket {bucket} is not within 0..{BUCKET_COUNT - 1}")
+        return self._tree.bucket_hashes(bucket)
+
     def state_range_proof(self, first_bucket: int, last_bucket: int) -> list[bytes]:
         """The Merkle proof of buckets first..last against state_digest() (ledger/state_tree.py)."""
         return self._tree.range_proof(first_bucket, last_bucket)
@@ -298,6 +305,7 @@ class FrozenState:
         self._digest = nodes[1]
         # bucket -> {key: (namespace, the entry's value when frozen, None if it did not exist)}
         self._changed: dict[int, dict[bytes | str, tuple[str, Any]]] = {}
+        self._changed_hashes: dict[int, list[bytes]] = {}  # of changed buckets, once asked for
         self.changed_entries = 0
 
     def _remember(self, namespace: str, key: bytes | str, old: Any) -> None:
@@ -325,6 +333,18 @@ class FrozenState:
                 entries[key] = [namespace, key, old]
         return sorted(entries.values(), key=lambda entry: entry_order(entry[0], entry[1]))
 
+    def bucket_entry_hashes(self, bucket: int) -> list[bytes]:
+        """The hashes of the bucket's entries when frozen, in entry order. A bucket changed since
+        is hashed once and kept: the parts of a large bucket are each built from them."""
+        if self._application is None:
+            raise ValueError("the frozen state was released")
+        if bucket not in self._changed:
+            return self._application.bucket_entry_hashes(bucket)
+        hashes = self._changed_hashes.get(bucket)
+        if hashes is None:
+            hashes = self._changed_hashes[bucket] = [entry_hash(*entry) for entry in self.bucket_entries(bucket)]
+        return hashes
+
     def state_range_proof(self, first_bucket: int, last_bucket: int) -> list[bytes]:
         return nodes_range_proof(self._nodes, first_bucket, last_bucket)
 
@@ -334,4 +354,5 @@ class FrozenState:
             self._application._release(self)
         self._application = None
         self._changed.clear()
+        self._changed_hashes.clear()
         self._nodes = []

@@ -539,19 +539,24 @@ def encode_blocks_message(encoded_blocks: list[bytes], checkpoint: CheckpointCer
 @dataclass(frozen=True, slots=True)
 class FetchSnapshot:
     """Ask a peer for the chunk of its state at stable checkpoint `sequence` (0: its newest one)
-    that starts at `first_bucket` (ledger/snapshots.py)."""
+    that starts at `first_bucket`, from entry `first_entry` of it: not 0 only to go on with a
+    bucket too large for one chunk, sent in parts (ledger/snapshots.py)."""
 
     TAG: ClassVar[str] = "fetch-snapshot"
     sequence: int
     first_bucket: int
+    first_entry: int = 0
 
     def fields(self) -> list[Any]:
-        return [self.sequence, self.first_bucket]
+        # Two fields when from a bucket's start: one encoding for each request.
+        return [self.sequence, self.first_bucket] + ([self.first_entry] if self.first_entry else [])
 
     @classmethod
     def from_fields(cls, items: list[Any]) -> FetchSnapshot:
-        expect_list(items, cls.TAG, length=2)
-        return cls(expect_int(items[0], "sequence"), expect_int(items[1], "first bucket", 0, BUCKET_COUNT - 1))
+        if not isinstance(items, list) or len(items) not in (2, 3):
+            raise CodecError(f"{cls.TAG}: expected 2 or 3 fields")
+        first_entry = expect_int(items[2], "first entry", 1) if len(items) == 3 else 0
+        return cls(expect_int(items[0], "sequence"), expect_int(items[1], "first bucket", 0, BUCKET_COUNT - 1), first_entry)
 
 
 @dataclass(frozen=True, slots=True)

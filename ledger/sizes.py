@@ -17,10 +17,10 @@ from ledger.messages import (
     SUBSCRIBE_ACCOUNTS_MAX,
 )
 from ledger.snapshots import (
-    BUCKET_BYTES_MAX,
-    BUCKET_ENTRIES_MAX,
     CHUNK_BYTES_MAX,
     CHUNK_ENTRIES_MAX,
+    EDGE_HASHES_MAX,
+    PAGE_PROOF_LENGTH_MAX,
     PROOF_LENGTH_MAX,
 )
 from ledger.state_tree import BUCKET_COUNT
@@ -214,26 +214,31 @@ def log_size(window_size: int, checkpoint_interval: int) -> int:
 
 
 def state_chunk_size_max(entry_bytes: int, entries: int) -> int:
-    """[first bucket, last bucket, [entries], [proof]] with `entries` entries of `entry_bytes`
-    encoded bytes in all, and the longest proof."""
+    """[first bucket, last bucket, [entries], [proof], part] with `entries` entries of
+    `entry_bytes` encoded bytes in all, the longest proof and the largest part of a bucket
+    ([first entry, entry count, [edge hashes], [page proof]])."""
+    part = (
+        head_size(4) + 2 * INTEGER_SIZE_MAX + head_size(EDGE_HASHES_MAX) + EDGE_HASHES_MAX * HASH_ENCODED_SIZE
+        + head_size(PAGE_PROOF_LENGTH_MAX) + PAGE_PROOF_LENGTH_MAX * HASH_ENCODED_SIZE
+    )
     return (
-        head_size(4) + 2 * head_size(BUCKET_COUNT - 1) + head_size(entries) + entry_bytes
-        + head_size(PROOF_LENGTH_MAX) + PROOF_LENGTH_MAX * HASH_ENCODED_SIZE
+        head_size(5) + 2 * head_size(BUCKET_COUNT - 1) + head_size(entries) + entry_bytes
+        + head_size(PROOF_LENGTH_MAX) + PROOF_LENGTH_MAX * HASH_ENCODED_SIZE + part
     )
 
 
 def snapshot_chunk_size_max(
-    replica_count: int, entry_bytes: int = BUCKET_BYTES_MAX, entries: int = BUCKET_ENTRIES_MAX
+    replica_count: int, entry_bytes: int = CHUNK_BYTES_MAX, entries: int = CHUNK_ENTRIES_MAX
 ) -> int:
     """A SNAPSHOT-CHUNK: the checkpoint certificate and a chunk (by default the largest a decoder
-    accepts: one bucket at its bounds, 4 MiB of entries, which the default 8 MiB frame holds)."""
+    accepts: 1 MiB of entries, a part's hashes and the longest proofs)."""
     fields = checkpoint_certificate_fields_size_max(replica_count) + state_chunk_size_max(entry_bytes, entries)
     return message_size("snapshot-chunk", 2, fields)
 
 
 def snapshot_chunk_bytes_budget(replica_count: int, frame_size_max: int) -> int:
-    """The entry bytes a served chunk of several buckets may hold so that its SNAPSHOT-CHUNK
-    fits the frame: CHUNK_BYTES_MAX (1 MiB), less in a smaller frame. A lone bucket over
-    this is sent only if its own message fits the frame."""
+    """The entry bytes a served chunk may hold so that its SNAPSHOT-CHUNK fits the frame:
+    CHUNK_BYTES_MAX (1 MiB), less in a smaller frame. A single entry over this is sent alone
+    (at most ENTRY_BYTES_MAX, 17,421 bytes, which the smallest frame allowed holds with the rest)."""
     overhead = snapshot_chunk_size_max(replica_count, 0, CHUNK_ENTRIES_MAX)
     return max(0, min(CHUNK_BYTES_MAX, frame_size_max - overhead))

@@ -17,9 +17,15 @@ those buckets' 16-node paths to the root (paths shared near the root are hashed 
 
 What bounds a bucket: nothing but the state itself. Keys are uniform under the hash, so a bucket
 holds about entries / 65,536; but a client chooses its keys and can grind about 65,536 hashes per
-key to land them in one bucket, each one still costing a committed transaction. What such a
-bucket costs: a block touching it re-hashes it in one pass (about 5 ms at 100,000 entries), and
-a snapshot sends it as a chunk of its own, which has a bound (ledger/snapshots.py).
+key to land them in one bucket, each one still costing a committed transaction. So a bucket of
+more than PAGE_ENTRIES (32) entries has a digest a snapshot can check in parts: its entries'
+hashes are cut into pages of 32, and its digest is over its entry count and the root of a Merkle
+tree over the pages' digests (a page digest is the formula of a small bucket's digest). A part
+of a bucket (any run of its entries) is then checked with the hashes of the other entries on its
+edge pages and the page tree's siblings along its edges (ledger/snapshots.py): a bucket of any
+size is sent in chunks of bounded bytes. Buckets of 32 entries or fewer, every bucket of a state
+under about a million entries, keep the one-pass digest. What a ground bucket costs: a block
+touching it re-hashes it in one pass plus one hash per page (a few ms at 100,000 entries).
 """
 
 from __future__ import annotations
@@ -38,7 +44,11 @@ VALUE = "value"
 
 _BUCKET_TAG = b"pbft-ledger/state/bucket\x00"
 _ENTRY_TAG = b"pbft-ledger/state/entry\x00"
-_BUCKET_DIGEST_TAG = b"\x03"
+_BUCKET_DIGEST_TAG = b"\x03"  # a small bucket's digest, and a page's
+_PAGED_BUCKET_DIGEST_TAG = b"\x04"
+_PAGE_NODE_TAG = b"\x05"
+_PAGE_PADDING = hashlib.sha256(b"pbft-ledger/state/no page").digest()  # the page tree's leaves past the last page
+PAGE_ENTRIES = 32
 _LEAF_TAG = b"\x00"
 _NODE_TAG = b"\x01"
 
@@ -69,8 +79,95 @@ def entry_order(namespace: str, key: bytes | str) -> tuple[int, bytes | str]:
 
 
 def bucket_digest(entry_hashes: list[bytes]) -> bytes:
-    """The digest of a bucket from its entries' hashes, already in entry order."""
+    """The digest of a bucket from its entries' hashes, already in entry order: one pass over
+    them up to PAGE_ENTRIES, else over the entry count and the page tree's root."""
+    if len(entry_hashes) <= PAGE_ENTRIES:
+        return page_digest(entry_hashes)
+    return paged_bucket_digest(len(entry_hashes), page_tree_root(page_digests(entry_hashes)))
+
+
+def page_digest(entry_hashes: list[bytes]) -> bytes:
     return hashlib.sha256(_BUCKET_DIGEST_TAG + b"".join(entry_hashes)).digest()
+
+
+def page_digests(entry_hashes: list[bytes]) -> list[bytes]:
+    """The digests of a bucket's pages: its entry hashes cut into runs of PAGE_ENTRIES."""
+    return [page_digest(entry_hashes[start:start + PAGE_ENTRIES]) for start in range(0, len(entry_hashes), PAGE_ENTRIES)]
+
+
+def paged_bucket_digest(entry_count: int, page_root: bytes) -> bytes:
+    """The digest of a bucket of more than PAGE_ENTRIES entries: the count fixes the page tree's
+    shape, so a part cannot claim another position in it."""
+    return hashlib.sha256(_PAGED_BUCKET_DIGEST_TAG + entry_count.to_bytes(8, "big") + page_root).digest()
+
+
+def page_tree_depth(page_count: int) -> int:
+    """The depth of the complete binary tree over this many pages (padded up to a power of two)."""
+    return max(0, page_count - 1).bit_length()
+
+
+def _page_parents(level: list[bytes]) -> list[bytes]:
+    sha256 = hashlib.sha256
+    return [sha256(_PAGE_NODE_TAG + left + right).digest() for left, right in zip(level[::2], level[1::2], strict=True)]
+
+
+def page_tree_levels(digests: list[bytes]) -> list[list[bytes]]:
+    """The page tree, leaves first (padded to a power of two), root last."""
+    level = digests + [_PAGE_PADDING] * ((1 << page_tree_depth(len(digests))) - len(digests))
+    levels = [level]
+    while len(level) > 1:
+        level = _page_parents(level)
+        levels.append(level)
+    return levels
+
+
+def page_tree_root(digests: list[bytes]) -> bytes:
+    return page_tree_levels(digests)[-1][0]
+
+
+def page_range_proof(digests: list[bytes], first_page: int, last_page: int) -> list[bytes]:
+    """The siblings that lead pages first..last (inclusive) to the page tree's root: at each
+    level from the leaves up, the left neighbour of the range if it has one, then the right one."""
+    if not 0 <= first_page <= last_page < len(digests):
+        raise ValueError(f"page range {first_page}..{last_page} is not within 0..{len(digests) - 1}")
+    proof: list[bytes] = []
+    low, high = first_page, last_page
+    for level in page_tree_levels(digests)[:-1]:
+        if low & 1:
+            proof.append(level[low - 1])
+        if not high & 1:
+            proof.append(level[high + 1])
+        low, high = low >> 1, high >> 1
+    return proof
+
+
+def page_range_root(digests: list[bytes], first_page: int, page_count: int, proof: list[bytes]) -> bytes | None:
+    """The page tree root that these consecutive page digests (from `first_page`, of a bucket of
+    `page_count` pages) and `proof` lead to, or None if the proof is not exactly as long as the
+    range needs."""
+    last_page = first_page + len(digests) - 1
+    if not digests or not 0 <= first_page <= last_page < page_count:
+        return None
+    level = list(digests)
+    low, high = first_page, last_page
+    remaining = iter(proof)
+    used = 0
+    for _ in range(page_tree_depth(page_count)):
+        if low & 1:
+            sibling = next(remaining, None)
+            if sibling is None:
+                return None
+            level.insert(0, sibling)
+            used += 1
+        if not high & 1:
+            sibling = next(remaining, None)
+            if sibling is None:
+                return None
+            level.append(sibling)
+            used += 1
+        level = _page_parents(level)
+        low, high = low >> 1, high >> 1
+    return level[0] if used == len(proof) else None
 
 
 def leaf_hash(digest: bytes) -> bytes:
@@ -143,6 +240,10 @@ class StateTree:
     def bucket_keys(self, bucket: int) -> list[bytes | str]:
         """The keys in a bucket, in entry order."""
         return list(self._keys.get(bucket, ()))
+
+    def bucket_hashes(self, bucket: int) -> list[bytes]:
+        """The hashes of a bucket's entries, in entry order."""
+        return list(self._hashes.get(bucket, ()))
 
     def _refresh(self) -> None:
         """Re-hash the buckets changed since the last call, then their paths, level by level."""

@@ -48,7 +48,7 @@ from ledger.messages import (
     decode_message,
     encode_message,
 )
-from ledger.snapshots import chunk_starting_at
+from ledger.snapshots import BucketPart, StateChunk, chunk_starting_at
 from ledger.transactions import Transaction, TransactionResult
 
 CBOR_INTEGER_MIN = -(2**64)
@@ -82,9 +82,14 @@ SAMPLE_MESSAGES: list[Any] = [
     Status(replica_id=0, view=4, height=99),
     FetchBlocks(from_height=5, count=10),
     FetchSnapshot(sequence=100, first_bucket=65535),
+    FetchSnapshot(sequence=100, first_bucket=65535, first_entry=40),
     SnapshotChunk(
         CheckpointCertificate(100, HASH, HASH, ((0, SIGNATURE), (2, SIGNATURE))),
         chunk_starting_at(AccountsApplication.from_entries([(HASH, 5, 1)], [("key", "value")]), 0, entries_max=1, bytes_max=1),
+    ),
+    SnapshotChunk(  # a part of a bucket too large for one chunk
+        CheckpointCertificate(100, HASH, HASH, ((0, SIGNATURE),)),
+        StateChunk(7, 7, (("value", "key", "value"),), (HASH,) * 16, BucketPart(40, 70, (HASH,) * 8, (HASH,) * 2)),
     ),
     SnapshotChunk(CheckpointCertificate(100, HASH, HASH, ((0, SIGNATURE),)), None),
     Blocks(blocks=tuple(CHAIN)),

@@ -50,7 +50,15 @@ from ledger.messages import (
     encode_message,
     make_replies,
 )
-from ledger.snapshots import BUCKET_BYTES_MAX, PROOF_LENGTH_MAX, StateChunk
+from ledger.snapshots import (
+    CHUNK_BYTES_MAX,
+    EDGE_HASHES_MAX,
+    ENTRY_BYTES_MAX,
+    PAGE_PROOF_LENGTH_MAX,
+    PROOF_LENGTH_MAX,
+    BucketPart,
+    StateChunk,
+)
 from ledger.transactions import (
     KEY_LENGTH_MAX,
     RESULT_REASON_LENGTH_MAX,
@@ -160,12 +168,15 @@ def test_blocks_response_bound_holds() -> None:
 
 
 def largest_snapshot_chunk(replica_count: int, entry_count: int) -> tuple[SnapshotChunk, int]:
-    """A SNAPSHOT-CHUNK of `entry_count` of the largest value entries (as many as 4 MiB holds at
-    most), the longest proof and a full certificate; and its entries' encoded bytes."""
+    """A SNAPSHOT-CHUNK of `entry_count` of the largest value entries (as many as 1 MiB holds at
+    most, or one), the longest proof, the largest part of a bucket and a full certificate; and
+    its entries' encoded bytes."""
     entry = ("value", WIDE_CHARACTER * KEY_LENGTH_MAX, WIDE_CHARACTER * VALUE_LENGTH_MAX)
     entry_size = len(encode(list(entry)))
-    entry_count = min(entry_count, BUCKET_BYTES_MAX // entry_size)
-    chunk = StateChunk(65535, 65535, (entry,) * entry_count, (HASH,) * PROOF_LENGTH_MAX)
+    assert entry_size == ENTRY_BYTES_MAX
+    entry_count = min(entry_count, max(1, CHUNK_BYTES_MAX // entry_size))
+    part = BucketPart(2**63 - 2, 2**63 - 1, (HASH,) * EDGE_HASHES_MAX, (HASH,) * PAGE_PROOF_LENGTH_MAX)
+    chunk = StateChunk(65535, 65535, (entry,) * entry_count, (HASH,) * PROOF_LENGTH_MAX, part)
     return SnapshotChunk(checkpoint_certificate(replica_count), chunk), entry_count * entry_size
 
 
@@ -176,9 +187,11 @@ def test_snapshot_chunk_bound_holds(entry_count: int) -> None:
         size = len(encode_message(message))
         assert size <= sizes.snapshot_chunk_size_max(replica_count, entry_bytes, len(message.chunk.entries))
         assert size <= sizes.snapshot_chunk_size_max(replica_count)
-    # The largest lone bucket's message fits the default frame; a frame's budget leaves room for the rest.
+    # The largest chunk's message fits the default frame, the largest entry alone fits the
+    # smallest frame; a frame's budget leaves room for the rest.
     frame_size_max = ProtocolSettings().frame_size_max
     assert sizes.snapshot_chunk_size_max(REPLICAS_MAX) <= frame_size_max
+    assert sizes.snapshot_chunk_size_max(REPLICAS_MAX, ENTRY_BYTES_MAX, 1) <= 64 * 1024
     for frame in (64 * 1024, frame_size_max):
         budget = sizes.snapshot_chunk_bytes_budget(REPLICAS_MAX, frame)
         assert 0 < budget and sizes.snapshot_chunk_size_max(REPLICAS_MAX, budget, 1 << 16) <= frame

@@ -7,12 +7,15 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from bucket_helpers import GROUND_BUCKET, GROUND_KEYS
 from chain_helpers import deterministic_key
 
 from ledger.application import AccountsApplication
 from ledger.crypto import NetworkIdentity
 from ledger.encoding import CodecError, decode
 from ledger.snapshots import (
+    CHUNK_BYTES_MAX,
+    BucketPart,
     SnapshotAssembly,
     SnapshotError,
     StateChunk,
@@ -20,8 +23,18 @@ from ledger.snapshots import (
     snapshot_chunks,
     verify_chunk,
 )
-from ledger.state_tree import ACCOUNT, BUCKET_COUNT, VALUE, bucket_of, entry_order
-from ledger.transactions import Put, Transfer, sign_transaction
+from ledger.state_tree import (
+    ACCOUNT,
+    BUCKET_COUNT,
+    PAGE_ENTRIES,
+    VALUE,
+    bucket_digest,
+    bucket_of,
+    entry_hash,
+    entry_order,
+    page_digest,
+)
+from ledger.transactions import VALUE_LENGTH_MAX, Put, Transfer, sign_transaction
 
 NETWORK = NetworkIdentity("snapshot-net", bytes(32))
 ENTRIES_MAX = 40
@@ -102,16 +115,19 @@ def test_an_empty_state_is_one_chunk() -> None:
     assert verify_chunk(empty.state_digest(), chunk) == []
 
 
-def test_a_bucket_over_the_bounds_is_a_chunk_of_its_own() -> None:
+def test_a_bucket_over_the_bounds_is_sent_in_parts() -> None:
     shared = shared_bucket_chunk()
     bucket = next(
         bucket
         for bucket in range(shared.first_bucket, shared.last_bucket + 1)
         if len(APPLICATION.bucket_entries(bucket)) >= 2
     )
-    chunk = chunk_starting_at(APPLICATION, bucket, entries_max=1, bytes_max=BYTES_MAX)
-    assert chunk.first_bucket == chunk.last_bucket == bucket and len(chunk.entries) >= 2
-    assert len(verify_chunk(ROOT, chunk, entries_max=1)) == len(chunk.entries)
+    count = len(APPLICATION.bucket_entries(bucket))
+    parts = [chunk_starting_at(APPLICATION, bucket, entries_max=1, bytes_max=BYTES_MAX, first_entry=entry) for entry in range(count)]
+    assert all(part.first_bucket == part.last_bucket == bucket and len(part.entries) == 1 for part in parts)
+    assert [part.part.first_entry if part.part else None for part in parts] == list(range(count))
+    taken = [entry for part in parts for entry in verify_chunk(ROOT, part, entries_max=1)]
+    assert taken == [tuple(entry[:2]) + (entry[2],) for entry in APPLICATION.bucket_entries(bucket)]
     # Several buckets over the bound are refused, even with a proof that holds.
     wide = chunk_starting_at(APPLICATION, bucket, entries_max=ENTRIES_MAX, bytes_max=BYTES_MAX)
     assert wide.last_bucket > wide.first_bucket and len(wide.entries) > 1
@@ -120,6 +136,8 @@ def test_a_bucket_over_the_bounds_is_a_chunk_of_its_own() -> None:
         verify_chunk(ROOT, wide, entries_max=1)
     with pytest.raises(SnapshotError, match="exceed the bound"):
         verify_chunk(ROOT, wide, bytes_max=50)
+    with pytest.raises(SnapshotError, match="no part of it starts at entry"):
+        chunk_starting_at(APPLICATION, bucket, first_entry=count)
 
 
 def missing_entry(chunk: StateChunk) -> StateChunk:
@@ -333,14 +351,203 @@ def test_a_released_frozen_state_stops_following_the_application() -> None:
         view.bucket_entries(0)
 
 
-def test_a_bucket_over_every_chunk_bound_is_refused_by_the_builder(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Such a bucket cannot be sent (the verifier would refuse it): the server says so instead,
-    and a chunk before it ends before it."""
+def test_verify_chunk_returns_entries_exactly_as_the_builder_makes_them() -> None:
+    """Found by review: verify_chunk returned the entries it was given, so an account value sent
+    as a list (which encodes, hashes and verifies the same) came back a list, not a tuple."""
+    chunk = next(chunk for chunk in CHUNKS if any(entry[0] == ACCOUNT for entry in chunk.entries))
+    listed = with_entries(chunk, [(namespace, key, list(value) if namespace == ACCOUNT else value) for namespace, key, value in chunk.entries])
+    entries = verify_chunk(ROOT, listed, ENTRIES_MAX, BYTES_MAX)
+    assert entries == list(chunk.entries)
+    assert all(type(entry) is tuple and (entry[0] != ACCOUNT or type(entry[2]) is tuple) for entry in entries)
+
+
+def test_an_entry_size_is_its_encoded_size() -> None:
     import ledger.snapshots as snapshots
 
-    sizes = [len(APPLICATION.bucket_entries(bucket)) for bucket in range(BUCKET_COUNT)]
-    bucket = next(bucket for bucket in range(1, BUCKET_COUNT) if sizes[bucket] >= 2 and sizes[bucket - 1] < 2)
-    monkeypatch.setattr(snapshots, "BUCKET_ENTRIES_MAX", 1)
-    with pytest.raises(SnapshotError, match=f"bucket {bucket} holds"):
-        chunk_starting_at(APPLICATION, bucket, entries_max=1)
-    assert chunk_starting_at(APPLICATION, bucket - 1, entries_max=1000, bytes_max=10**6).last_bucket == bucket - 1
+    entries: list[Any] = [entry for chunk in CHUNKS[:3] for entry in chunk.entries]
+    entries += [
+        (VALUE, "", ""), (VALUE, "k" * 23, "v" * 24), (VALUE, "\U0001f600" * 256, "\u00e9" * 4096), (VALUE, "k" * 255, "v" * 65_536),
+        (ACCOUNT, bytes(32), (0, 0)), (ACCOUNT, bytes(32), (23, 24)), (ACCOUNT, bytes(32), (2**32, 2**63 - 1)), (ACCOUNT, bytes(32), (255, 65_536)),
+    ]
+    for entry in entries:
+        assert snapshots._entry_size(entry) == len(snapshots._entry_encoding(entry)), entry
+
+
+def test_the_decoder_refuses_a_chunk_over_the_verifiers_bounds_before_building_its_entries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by review: the decoder let every chunk carry as many entries as a lone bucket may
+    (262,144), four times what verify_chunk takes for several buckets, and never looked at the
+    bytes: a 2.4 MB frame of tiny entries decoded to about 57 MB of objects before any check."""
+    import ledger.snapshots as snapshots
+
+    built: list[Any] = []
+    real = snapshots._entry_from_plain
+    monkeypatch.setattr(snapshots, "_entry_from_plain", lambda plain: built.append(plain) or real(plain))
+    with pytest.raises(CodecError, match="entries"):
+        StateChunk.from_plain([0, 1, [["value", "", ""]] * (snapshots.CHUNK_ENTRIES_MAX + 1), []])
+    assert built == []
+    # By bytes: 65 values of 16 KiB and a bit are over the 1 MiB of a chunk of several buckets.
+    wide = ["value", "k", "\U0001f600" * 4096]
+    with pytest.raises(CodecError, match="bytes"):
+        StateChunk.from_plain([0, 1, [wide] * 65, []])
+    assert len(built) <= 65
+    # What the verifier takes, the decoder takes.
+    for chunk in CHUNKS:
+        assert StateChunk.from_plain(decode(chunk.encode())) == chunk
+
+
+# ---- a bucket a client grew past what a chunk carries, by grinding keys into it ----
+
+WIDE_VALUE = "\U0001f600" * VALUE_LENGTH_MAX  # the largest value a Put writes: 16 KiB encoded
+
+
+def ground_state(key_count: int, value: str = "v") -> AccountsApplication:
+    values = [(key, value) for key in GROUND_KEYS[:key_count]] + [(f"key {index}", f"value {index}") for index in range(300)]
+    return AccountsApplication.from_entries([(index.to_bytes(32, "big"), 1000, 0) for index in range(100)], values)
+
+
+def entry_bytes(chunk: StateChunk) -> int:
+    import ledger.snapshots as snapshots
+
+    return sum(snapshots._entry_size(entry) for entry in chunk.entries)
+
+
+def test_a_ground_bucket_over_the_chunk_bytes_is_served_in_bounded_parts() -> None:
+    """Found by review: a bucket over BUCKET_BYTES_MAX (4 MiB: about 256 puts of the largest
+    values, their keys ground into one bucket with about 2**24 hashes in all) made the whole state
+    unsnapshottable, since a bucket had to be a chunk of its own; and any lone bucket up to 4 MiB
+    was a chunk past CHUNK_BYTES_MAX. Here, scaled: 70 values of 16 KiB (1.1 MiB) in one bucket."""
+    application = ground_state(70, WIDE_VALUE)
+    root = application.state_digest()
+    assert len(application.bucket_entries(GROUND_BUCKET)) == 70
+    chunks = snapshot_chunks(application)
+    assert all(entry_bytes(chunk) <= CHUNK_BYTES_MAX for chunk in chunks)
+    parts = [chunk for chunk in chunks if chunk.part is not None]
+    assert len(parts) == 2 and [part.first_entry for part in parts] == [0, len(parts[0].entries)]
+    assembly = SnapshotAssembly(root)
+    for chunk in reversed(chunks):
+        assembly.add(StateChunk.from_plain(decode(chunk.encode())))
+    assert assembly.application().snapshot() == application.snapshot()
+
+
+@pytest.mark.parametrize("key_count", [2, 32, 33, 70])
+def test_parts_of_any_length_verify_and_rebuild_the_state(key_count: int) -> None:
+    application = ground_state(key_count)
+    root = application.state_digest()
+    hashes = application.bucket_entry_hashes(GROUND_BUCKET)
+    # A bucket of up to one page keeps the one-pass digest: a state's digest changes only past it.
+    assert (bucket_digest(hashes) == page_digest(hashes)) == (key_count <= PAGE_ENTRIES)
+    for entries_max in (1, 5, 31, 32, 33):
+        chunks = snapshot_chunks(application, entries_max=entries_max, bytes_max=10**6)
+        parts = [chunk for chunk in chunks if chunk.part is not None and chunk.first_bucket == GROUND_BUCKET]
+        assert sum(len(part.entries) for part in parts) == (key_count if key_count > entries_max else 0)
+        assembly = SnapshotAssembly(root)
+        for chunk in [*chunks[1::2], *chunks[::2]]:
+            verify_chunk(root, chunk, entries_max, 10**6)
+            assembly.add(chunk)
+        assert assembly.application().snapshot() == application.snapshot()
+
+
+def test_a_frozen_state_serves_the_parts_of_a_bucket_changed_since() -> None:
+    application = ground_state(70)
+    view = application.freeze()
+    frozen_root, frozen_state = application.state_digest(), application.snapshot()
+    for key in GROUND_KEYS[:70:3]:
+        application._set_value(key, "later")
+    application._set_value(GROUND_KEYS[70 - 1] + "!", "new")  # maybe in another bucket: either way the view holds
+    assembly = SnapshotAssembly(frozen_root)
+    for chunk in snapshot_chunks(view, entries_max=10, bytes_max=10**6):
+        assembly.add(chunk)
+    assert assembly.application().snapshot() == frozen_state
+
+
+PART_APPLICATION = ground_state(70)
+PART_ROOT = PART_APPLICATION.state_digest()
+# Entries 30..34 of 70: across the first two pages, with edge hashes on both sides.
+PART = chunk_starting_at(PART_APPLICATION, GROUND_BUCKET, entries_max=5, bytes_max=10**6, first_entry=30)
+
+
+def with_part(chunk: StateChunk, **changes: Any) -> StateChunk:
+    assert chunk.part is not None
+    return dataclasses.replace(chunk, part=dataclasses.replace(chunk.part, **changes))
+
+
+def part_tamperings() -> list[tuple[str, StateChunk]]:
+    part = PART.part
+    assert part is not None and part.first_entry == 30 and len(PART.entries) == 5 and len(part.edge_hashes) == 30 + 29
+    entries = list(PART.entries)
+    edited = [*entries[:2], (VALUE, entries[2][1], "edited"), *entries[3:]]
+    first = chunk_starting_at(PART_APPLICATION, GROUND_BUCKET, entries_max=5, bytes_max=10**6)
+    bucket_entries = PART_APPLICATION.bucket_entries(GROUND_BUCKET)
+    shifted = [tuple(entry[:2]) + (entry[2],) for entry in bucket_entries[31:36]]
+    return [
+        ("entry edited", with_entries(PART, edited)),
+        ("entry left out", with_entries(PART, entries[1:])),
+        ("entries of the next place", dataclasses.replace(PART, entries=tuple(shifted))),
+        ("first entry moved", with_part(PART, first_entry=31)),
+        ("entry count plus one", with_part(PART, entry_count=71)),
+        ("entry count minus one", with_part(PART, entry_count=69)),
+        ("bucket of one page claimed", with_part(PART, entry_count=32, page_proof=())),
+        ("edge hash edited", with_part(PART, edge_hashes=(bytes(32), *part.edge_hashes[1:]))),
+        ("edge hashes moved across", with_part(PART, edge_hashes=(*part.edge_hashes[1:31], part.edge_hashes[0], *part.edge_hashes[31:]))),
+        ("edge hash left out", with_part(PART, edge_hashes=part.edge_hashes[:-1])),
+        ("page proof edited", with_part(PART, page_proof=(bytes(32), *part.page_proof[1:]))),
+        ("page proof truncated", with_part(PART, page_proof=part.page_proof[:-1])),
+        ("page proof extended", with_part(PART, page_proof=(*part.page_proof, bytes(32)))),
+        ("part passed off as the whole bucket", dataclasses.replace(PART, part=None)),
+        ("the first part passed off as the whole bucket", dataclasses.replace(first, part=None)),
+        ("another bucket's proof", dataclasses.replace(PART, proof=tuple(PART_APPLICATION.state_range_proof(GROUND_BUCKET + 1, GROUND_BUCKET + 1)))),
+        ("part of two buckets", dataclasses.replace(PART, last_bucket=GROUND_BUCKET + 1)),
+        ("no entries", with_entries(PART, [])),
+        ("entry of another bucket", with_entries(PART, [*entries, CHUNKS[0].entries[0]])),
+    ]
+
+
+@pytest.mark.parametrize("name, tampered", part_tamperings(), ids=[name for name, _ in part_tamperings()])
+def test_verify_chunk_refuses_each_kind_of_tampering_with_a_part(name: str, tampered: StateChunk) -> None:
+    assert verify_chunk(PART_ROOT, PART) == list(PART.entries)
+    with pytest.raises(SnapshotError):
+        verify_chunk(PART_ROOT, tampered)
+    assembly = SnapshotAssembly(PART_ROOT)
+    with pytest.raises(SnapshotError):
+        assembly.add(tampered)
+    assert assembly.first_missing_entry(GROUND_BUCKET) == 0
+
+
+@pytest.mark.parametrize(
+    "plain",
+    [
+        [5, 6, [["value", "k", "v"]], [], [0, 2, [], []]],
+        [5, 5, [["value", "k", "v"]], [], [0, 0, [], []]],
+        [5, 5, [["value", "k", "v"]], [], [-1, 2, [], []]],
+        [5, 5, [["value", "k", "v"]], [], [1, 1, [], []]],
+        [5, 5, [["value", "k", "v"]], [], [0, 2, [bytes(32)] * 63, []]],
+        [5, 5, [["value", "k", "v"]], [], [0, 2, [], [bytes(32)] * 117]],
+        [5, 5, [["value", "k", "v"]], [], [0, 2, [bytes(31)], []]],
+        [5, 5, [], [], [0, 2, [], []]],
+        [5, 5, [["value", "k", "v"]] * 3, [], [0, 2, [], []]],
+        [5, 5, [["value", "k", "v"]], [], [0, 2, [], []], None],
+        [5, 5, [["value", "k", "v"]], [], [0, 2, []]],
+    ],
+)
+def test_malformed_parts_are_refused_by_the_decoder(plain: Any) -> None:
+    with pytest.raises(CodecError):
+        StateChunk.from_plain(plain)
+
+
+def test_a_part_round_trips_through_its_encoding() -> None:
+    assert StateChunk.from_plain(decode(PART.encode())) == PART
+    assert isinstance(PART.part, BucketPart) and PART.next_position() == (GROUND_BUCKET, 35)
+
+
+def test_an_assembly_takes_parts_that_overlap_and_come_in_any_order() -> None:
+    """Peers with other bounds cut a bucket elsewhere: every part is placed by its first entry."""
+    assembly = SnapshotAssembly(PART_ROOT)
+    starts = [(40, 20), (0, 7), (5, 32), (60, 3), (30, 12), (63, 7)]
+    for first_entry, entries_max in starts:
+        chunk = chunk_starting_at(PART_APPLICATION, GROUND_BUCKET, entries_max=entries_max, bytes_max=10**6, first_entry=first_entry)
+        assert assembly.add(chunk) == (1 if first_entry == 63 else 0)
+    assert assembly.is_covered(GROUND_BUCKET)
+    for chunk in snapshot_chunks(PART_APPLICATION, entries_max=9, bytes_max=10**6):
+        assembly.add(chunk)
+    assert assembly.application().snapshot() == PART_APPLICATION.snapshot()
+    assert entry_hash(*PART_APPLICATION.bucket_entries(GROUND_BUCKET)[0]) == PART_APPLICATION.bucket_entry_hashes(GROUND_BUCKET)[0]
