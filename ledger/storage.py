@@ -259,6 +259,12 @@ class BlockStore:
         return self._base_height
 
     @property
+    def may_install_snapshot(self) -> bool:
+        """Whether a snapshot may replace what is stored: an empty store, one that starts from a
+        snapshot or pruning already, or one told to prune; never an archive's blocks from genesis."""
+        return not self._height or self._base_height > 0 or self.retain_blocks is not None
+
+    @property
     def first_height(self) -> int:
         return max(1, self._base_height)
 
@@ -440,9 +446,9 @@ class BlockStore:
         """Start the store from a snapshot: `block` is the block of the snapshot's height (its
         certificate checked by the caller: ledger/restore.py, or the core's state sync) and
         `changes` every entry of the state after it. One transaction: the store then continues
-        from that block. A store that already starts from a snapshot gives up its blocks (it
-        was no archive); one holding blocks from genesis is an archive and refuses."""
-        if self._height and not self._base_height:
+        from that block. A store that starts from a snapshot, or prunes, gives up its blocks
+        (it is no archive); one holding blocks from genesis without pruning refuses."""
+        if not self.may_install_snapshot:
             raise StoreError(f"{self.path}: a snapshot is installed only in a store without blocks (this one holds {self._height})")
         if block.height <= self._height:
             raise StoreError(f"{self.path}: the snapshot at {block.height} is not above the stored height {self._height}")

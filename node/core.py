@@ -1347,12 +1347,19 @@ class ReplicaCore:
         if self.joining is not None:
             self._on_join_blocks(sender, message)
             return
-        if checkpoint is not None and checkpoint.sequence > self.low and self._join_wanted(checkpoint):
+        # A peer that pruned the blocks we need answers from its base up: only a snapshot helps.
+        pruned_past_us = bool(message.blocks) and message.blocks[0].height > self.height + 1
+        if checkpoint is not None and checkpoint.sequence >= self.low and self._join_wanted(checkpoint, pruned_past_us):
             # Far behind: take the certificate first, and the snapshot it vouches for instead
             # of these blocks (stored blocks would make the store unable to start from it).
-            problem = self.certificates.checkpoint_certificate_problem(checkpoint)
+            if checkpoint == self.stable_checkpoint:
+                self._start_join(checkpoint)  # already verified, and stable here
+                return
+            problem = self.certificates.checkpoint_certificate_problem(checkpoint) if checkpoint.sequence > self.low else "not above ours"
             if problem is None:
                 self._make_stable(checkpoint)
+                if self.joining is None:
+                    self._start_join(checkpoint)
                 return
             self._reject("bad checkpoint certificate", f"from replica {sender}: {problem}")
         applied = 0
@@ -1395,11 +1402,14 @@ class ReplicaCore:
 
     # ---- joining by state sync (node/state_join.py) ----
 
-    def _join_wanted(self, certificate: CheckpointCertificate) -> bool:
+    def _join_wanted(self, certificate: CheckpointCertificate, blocks_pruned: bool = False) -> bool:
+        """Whether to join at `certificate` by state sync: far behind it, or behind it with the
+        blocks in between pruned by the peer asked."""
+        behind = certificate.sequence - self.height
         return (
             self.state_sync_allowed
             and self.joining is None
-            and certificate.sequence - self.height > self.settings.state_sync_distance
+            and (behind > self.settings.state_sync_distance or (blocks_pruned and behind > 0))
         )
 
     def _start_join(self, certificate: CheckpointCertificate) -> None:

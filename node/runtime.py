@@ -242,7 +242,7 @@ class ReplicaRuntime:
             check_signatures=self.signature_threads.check,
             # A store that holds no blocks, or already starts from a snapshot, may (re)start
             # from one; an archive (blocks from genesis) keeps replaying every block.
-            state_sync_allowed=self.store.height == 0 or self.store.base_height > 0,
+            state_sync_allowed=self.store.may_install_snapshot,
         )
         self.query_domain = signing_domain(self.network.identity, "query-reply")
         self.events_send, self.events_receive = trio.open_memory_channel[tuple[str, Any, Any]](EVENT_QUEUE_MAX)

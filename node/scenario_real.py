@@ -449,10 +449,10 @@ async def _settle(client: Client, honest: list[int], minimum_height: int, progre
     progress(f"the honest replicas did not reach one tip within {SETTLE_DEADLINE_S:g} s: comparing the chains as they are")
 
 
-async def _fetch_chain(client: Client, replica_id: int) -> list[Block | None]:
-    """The replica's stored chain; a store that starts from a snapshot (state sync) answers from
-    its base, and the heights below it are None."""
-    chain: list[Block | None] = []
+async def _fetch_chain(client: Client, replica_id: int, base_height: int = 0) -> list[Block | None]:
+    """The replica's stored chain; for a store that starts from a snapshot (state sync, or
+    pruned) the heights below its base are None."""
+    chain: list[Block | None] = [None] * max(0, base_height - 1)
     while True:
         blocks = await client.fetch_blocks(replica_id, len(chain) + 1)
         if not blocks:
@@ -475,12 +475,14 @@ class Collected:
 async def _collect(client: Client, honest: list[int], minimum_height: int, progress: Progress) -> Collected:
     collected = Collected()
     await _settle(client, honest, minimum_height, progress)
+    bases: dict[int, int] = {}
     for status in await client.status(wait_s=1.0):
         if status.replica_id in honest and status.reachable:
             collected.views[status.replica_id] = status.view
+            bases[status.replica_id] = status.base_height
     for replica_id in honest:
         try:
-            chain = await _fetch_chain(client, replica_id)
+            chain = await _fetch_chain(client, replica_id, bases.get(replica_id, 0))
             base = next((block.height for block in chain if block is not None), 1)
             if base > 1:
                 collected.chains[replica_id] = chain

@@ -76,9 +76,10 @@ class SnapshotKeeper:
 
     def answer(self, request: FetchSnapshot) -> SnapshotChunk | None:
         """The chunk asked for, or (chunk None) the newest certificate kept when this replica
-        keeps no snapshot of the sequence asked (sequence 0 asks for the newest), or when that
-        bucket alone is too large for any chunk; None with nothing stable to offer. Costs one
-        chunk's worth of work (ledger/snapshots.py bounds)."""
+        keeps no snapshot of the sequence asked (sequence 0 asks for the newest), or when the
+        request is past the end of its bucket; None with nothing stable to offer. Costs one
+        chunk's worth of work (ledger/snapshots.py bounds; a part of a large bucket costs a pass
+        over that bucket)."""
         newest = self.newest
         if newest is None:
             return None
@@ -86,7 +87,7 @@ class SnapshotKeeper:
         if kept is None:
             return SnapshotChunk(newest.certificate, None)
         try:
-            chunk = chunk_starting_at(kept.state, request.first_bucket)
+            chunk = chunk_starting_at(kept.state, request.first_bucket, first_entry=request.first_entry)
         except SnapshotError:
             return SnapshotChunk(kept.certificate, None)
         self.chunks_served += 1

@@ -19,9 +19,8 @@ from typing import TypeVar
 
 from chain_helpers import extend_executed_chain, make_network
 
-from ledger.application import AccountsApplication
+from ledger.application import AccountsApplication, StateChanges
 from ledger.blocks import verify_execution
-from ledger.application import StateChanges
 from ledger.messages import CheckpointCertificate, FetchSnapshot
 from ledger.restore import audit_store, restore_application
 from ledger.snapshots import SnapshotAssembly

@@ -167,3 +167,13 @@ def test_a_damaged_snapshot_store_is_refused_at_start(tmp_path: Path, statement:
     execute_sql(path, statement)
     with pytest.raises(StoreError, match=message):
         open_replica_store(path)
+
+
+def test_a_store_told_to_prune_gives_up_its_blocks_for_a_newer_snapshot(tmp_path: Path) -> None:
+    # A pruning replica is no archive: behind what its peers keep, it must be able to start over.
+    store = BlockStore.open(tmp_path / "ledger.sqlite3", NETWORK.genesis, retain_blocks=100)
+    store.write_round([], [CHAIN[0]], None, None)
+    assert store.may_install_snapshot
+    install_snapshot(store, NETWORK.config, CHAIN[CHECKPOINT - 1], SNAPSHOT, CHECKPOINT_CERTIFICATE)
+    assert store.height == store.base_height == CHECKPOINT and store.block(1) is None
+    store.close()

@@ -82,3 +82,43 @@ async def test_a_new_replica_joins_a_live_network_by_state_sync_and_then_commits
     finally:
         for store in stores.values():
             store.close()
+
+
+async def test_a_pruned_replica_behind_what_its_peers_keep_catches_up_by_state_sync(tmp_path: Path) -> None:
+    # Checkpoints every 4 blocks, every replica keeping 6: after 40 blocks without it, the blocks
+    # replica 3 needs are gone everywhere. It is nowhere near state_sync_distance (256) behind,
+    # but the peers answer its block fetch from their base up: only a snapshot helps.
+    replicas = ReplicaProcesses(tmp_path / "net", 4)
+    await replicas.initialise()
+    for path in replicas.directory.glob("*.toml"):
+        text = path.read_text().replace("checkpoint_interval = 16", "checkpoint_interval = 4")
+        if path.name.startswith("replica-"):
+            text = "[storage]\nretain_blocks = 6\n\n" + text
+        path.write_text(text)
+    behind = 3
+    try:
+        with trio.fail_after(DEADLINE_S):
+            await replicas.start_all()
+            async with open_client(replicas.client_config_path) as client:
+                await client.wait_until_ready(replicas.network.quorum, deadline_s=30)
+                while not all(status.reachable and status.connected_peers == 3 for status in await client.status(wait_s=1.0)):
+                    await trio.sleep(0.05)
+                for index in range(5):
+                    await client.put(f"first-{index}", str(index))
+                await replicas.kill(behind)
+                last = None
+                for index in range(40):
+                    last = await client.put(f"later-{index}", str(index))
+                assert last is not None
+                statuses = {status.replica_id: status for status in await client.status() if status.reachable}
+                assert min(status.base_height for status in statuses.values()) > 10  # the others pruned
+                await replicas.start(behind)
+                while True:
+                    status = next(status for status in await client.status() if status.replica_id == behind)
+                    if status.reachable and status.height >= last.height:
+                        break
+                    await trio.sleep(0.05)
+        log = replicas.log_path(behind).read_text()
+        assert "state sync: installed the snapshot" in log, replicas.diagnostics()
+    finally:
+        await replicas.stop_all()
