@@ -8,6 +8,7 @@ traitor sends), and must cost its Ed25519 checks once, not once per message that
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import fields
 from typing import Any
 
 from ledger.config import NetworkConfig
@@ -97,3 +98,9 @@ class CertificateChecks:
             if problem is not None:
                 return problem
         return None
+
+
+def with_signature(message: Any, signature: bytes) -> Any:
+    """The same frozen message, signed."""
+    values = {item.name: getattr(message, item.name) for item in fields(message) if item.init and item.name != "signature"}
+    return type(message)(**values, signature=signature)

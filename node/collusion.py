@@ -18,7 +18,7 @@ from typing import Any
 from ledger.config import NetworkConfig
 from ledger.crypto import SigningKey
 from ledger.messages import Commit, Prepare, PrePrepare
-from node.core import Send
+from node.effects import Send
 from node.traitors import COLLECTED_SLOTS_MAX, TraitorContext, expand, own_pre_prepare, rebatched
 
 

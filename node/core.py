@@ -5,36 +5,35 @@ Nothing here touches sockets, clocks, threads or randomness. The runtime (or the
 in order: persist, send, store blocks, reply. A replica never sends a signed message that is not
 yet durable, so restarting an honest replica can never make it sign two things for one slot.
 
-Protocol map (Castro & Liskov, TOCS 2002, the variant with signatures):
-  normal case      _propose, _on_pre_prepare, _on_prepare, _on_commit, _execute_ready
-  checkpoints      _make_checkpoint, _on_checkpoint, _make_stable (garbage collection, watermarks)
-  view changes     _start_view_change, _on_view_change, _send_new_view, _on_new_view, _enter_view
-  catching up      _on_status_interval, _fetch_blocks, _on_blocks, FetchBatch/BatchContent
+Protocol map (Castro & Liskov, TOCS 2002, the variant with signatures). ReplicaCore is one state
+machine; the sub-protocols' methods live beside it, one module each, as mixins over its state:
+  normal case      here: _propose, _on_pre_prepare, _on_prepare, _on_commit, _execute_ready
+  checkpoints      node/checkpoints.py: _make_checkpoint, _on_checkpoint, _make_stable (watermarks)
+  view changes     node/view_change.py: _start_view_change, _on_view_change, _try_new_view, _enter_view
+  catching up      node/catch_up.py: status, retransmission, _fetch_blocks, _on_blocks, state sync
+  effects          node/effects.py: what a round asks of the host (persist, send, blocks, replies)
+Pure helpers beside them: node/new_view.py (the NEW-VIEW rule), node/certificates.py (checks of
+signed evidence), node/requests.py (the request queue), node/snapshot_keeper.py (snapshots kept
+to serve), node/state_join.py and node/state_sync.py (joining from a snapshot).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
-from ledger.application import AccountsApplication, StateChanges, is_deferred, is_replay
+from ledger.application import AccountsApplication, is_deferred, is_replay
 from ledger.blocks import (
     Block,
     BlockHeader,
-    ChainError,
     CommitCertificate,
     results_root,
-    verify_block_contents,
-    verify_certificate,
 )
 from ledger.config import NetworkConfig
 from ledger.crypto import PublicKeyCache, SigningKey, signing_domain
-from ledger.encoding import CodecError
-from ledger.evidence import Evidence
 from ledger.messages import (
     BATCH_REPLY_DOMAIN,
-    BLOCKS_PER_RESPONSE_MAX,
     Batch,
     BatchContent,
     Blocks,
@@ -59,18 +58,23 @@ from ledger.messages import (
     make_reply,
 )
 from ledger.transactions import Transaction, transaction_domain
+from node.catch_up import CatchUp
 from node.certificates import (
     CertificateChecks,
     SignatureCheck,
     SignatureMemo,
     SignaturesCheck,
     one_by_one,
+    with_signature,
 )
+from node.checkpoints import CheckpointProtocol
+from node.effects import ClientReply, Effects, Persist, Send
 from node.evidence import EvidenceCollector
-from node.new_view import NULL_BATCH, new_view_assignments
+from node.new_view import NULL_BATCH
 from node.requests import RequestQueue
 from node.snapshot_keeper import SnapshotKeeper
 from node.state_join import StateJoin
+from node.view_change import ViewChangeProtocol
 
 # Bounds on what one replica holds in memory, whatever its peers and clients do.
 VERIFIED_CACHE_MAX = 50_000
@@ -83,98 +87,12 @@ FORGED_CACHE_MAX = 10_000
 # (as one-by-one checking cost at most one before the checks went to worker threads), while a
 # genuine batch of 400 still needs only 7 calls to share among the cores.
 SIGNATURE_CHUNK_FIRST = 4
-RELAYS_PER_INTERVAL_MAX = 16  # waiting requests a backup re-relays to the primary per status interval
 TIMEOUT_DOUBLINGS_MAX = 6
 # A primary proposes a batch short of batch_size_max only while fewer than this many are in flight.
 BATCHES_IN_FLIGHT_FILLING_MAX = 2
 
-# What a state sync counts that means a peer served something useless or false (logged as refusals).
-JOIN_REFUSALS = (
-    "snapshot chunk does not verify",
-    "snapshot chunk of another checkpoint",
-    "snapshot not kept by the peer",
-    "snapshot block is not the certified one",
-    "snapshot block contents do not match its header",
-)
-
 # Kinds of durable records. The first group is garbage collected at the stable checkpoint.
 LOG_KINDS = ("pre-prepare", "prepare", "commit", "prepared", "checkpoint")
-
-
-@dataclass(frozen=True, slots=True)
-class Send:
-    """Send `message` to replica `to`, or to every other replica when `to` is None."""
-
-    to: int | None
-    message: Any
-
-
-@dataclass(frozen=True, slots=True)
-class Persist:
-    """Make this record durable before any Send that follows it."""
-
-    kind: str
-    view: int
-    sequence: int
-    message: Any
-
-
-@dataclass(frozen=True, slots=True)
-class Prune:
-    """Durable records may go: log kinds at or below `through_sequence`, and the
-    stable-checkpoint, view-change and new-view records older than the ones in force."""
-
-    through_sequence: int
-    view: int
-
-
-@dataclass(frozen=True, slots=True)
-class ClientReply:
-    account: bytes
-    reply: Reply
-
-
-@dataclass(frozen=True, slots=True)
-class Installed:
-    """A snapshot joined by state sync: the host stores `block` (the block of the certified
-    checkpoint) and the whole state at it (every entry) in one transaction, before this round's
-    other writes. The core has already moved on from it (ledger/storage.py install_snapshot)."""
-
-    block: Block
-    checkpoint: CheckpointCertificate
-    state: StateChanges
-
-
-@dataclass
-class Effects:
-    """What the host must do, in this order: persist, send, store blocks, reply to clients.
-    `evidence` (another replica's proven equivocation) is kept and reported, in no particular order."""
-
-    persist: list[Persist] = field(default_factory=list)
-    send: list[Send] = field(default_factory=list)
-    blocks: list[Block] = field(default_factory=list)
-    replies: list[ClientReply] = field(default_factory=list)
-    prune: Prune | None = None
-    request_errors: list[tuple[bytes, str]] = field(default_factory=list)
-    events: list[str] = field(default_factory=list)
-    evidence: list[Evidence] = field(default_factory=list)
-    # The application entries `blocks` changed: stored in the same transaction as the blocks, so
-    # the durable state is always that of the stored tip (None when there are no blocks).
-    state: StateChanges | None = None
-    installed: Installed | None = None
-
-    def __bool__(self) -> bool:
-        return bool(
-            self.installed is not None
-            or self.persist
-            or self.send
-            or self.blocks
-            or self.replies
-            or self.prune
-            or self.request_errors
-            or self.events
-            or self.evidence
-        )
 
 
 @dataclass
@@ -198,7 +116,7 @@ class Slot:
         return None if self.pre_prepare is None else self.pre_prepare.digest
 
 
-class ReplicaCore:
+class ReplicaCore(CheckpointProtocol, ViewChangeProtocol, CatchUp):
     """One replica's PBFT state machine. Deterministic: same events in, same effects out."""
 
     def __init__(
@@ -341,7 +259,7 @@ class ReplicaCore:
             assert digest is None or existing_digest == digest, f"refusing to equivocate on {key}"
             return existing
         signature = self.key.sign(self.domains[kind], message.signed_bytes())
-        signed = _with_signature(message, signature)
+        signed = with_signature(message, signature)
         self.signed[key] = signed
         if persist:
             self.effects.persist.append(Persist(kind, view, sequence, signed))
@@ -1021,500 +939,6 @@ class ReplicaCore:
                 return make_reply(self.replica_id, self.view, block.height, block.block_hash, entries, position, self._sign_batch_reply)
         return None
 
-    # ---- checkpoints and garbage collection ----
-
-    def _make_checkpoint(self) -> None:
-        unsigned = Checkpoint(self.height, self.application.state_digest(), self.last_block_hash, self.replica_id)
-        checkpoint = _with_signature(unsigned, self.key.sign(self.domains["checkpoint"], unsigned.signed_bytes()))
-        self.own_checkpoints[self.height] = checkpoint
-        self.snapshots.freeze(self.height, self.application)
-        self.effects.persist.append(Persist("checkpoint", 0, self.height, checkpoint))
-        self.effects.send.append(Send(None, checkpoint))
-        self._count_checkpoint(checkpoint)
-
-    def _on_checkpoint(self, message: Checkpoint) -> None:
-        if message.sequence <= self.low or message.sequence % self.settings.checkpoint_interval:
-            return
-        if message.sequence > self.low + 4 * self.log_size:
-            self._reject("checkpoint too far ahead")
-            return
-        if message.replica_id in self.checkpoints.get(message.sequence, {}):
-            return
-        if not self.certificates.signed_by("checkpoint", message):
-            self._reject("bad checkpoint signature", f"replica {message.replica_id}")
-            return
-        self._count_checkpoint(message)
-
-    def _count_checkpoint(self, checkpoint: Checkpoint) -> None:
-        votes = self.checkpoints.setdefault(checkpoint.sequence, {})
-        votes.setdefault(checkpoint.replica_id, checkpoint)
-        matching = [
-            vote for vote in votes.values()
-            if (vote.state_digest, vote.block_hash) == (checkpoint.state_digest, checkpoint.block_hash)
-        ]
-        if len(matching) >= self.quorum and checkpoint.sequence > self.low:
-            certificate = CheckpointCertificate(
-                checkpoint.sequence,
-                checkpoint.state_digest,
-                checkpoint.block_hash,
-                tuple(sorted((vote.replica_id, vote.signature) for vote in matching)),
-            )
-            self._make_stable(certificate)
-
-    def _make_stable(self, certificate: CheckpointCertificate) -> None:
-        """A quorum certified the state at this sequence: it is the new low watermark."""
-        self.stable_checkpoint = certificate
-        self.low = certificate.sequence
-        self.effects.persist.append(Persist("stable-checkpoint", 0, certificate.sequence, certificate))
-        self.effects.prune = Prune(certificate.sequence, self.view)
-        self.snapshots.stable(certificate)
-        self._garbage_collect()
-        if self.joining is not None:
-            return  # blocks wait for the snapshot: they would land in the store before it
-        if self._join_wanted(certificate):
-            self._start_join(certificate)
-        elif self.height < self.low:
-            # The others moved past us: our slots up to there are gone, so fetch certified blocks.
-            self._fetch_blocks()
-
-    def _garbage_collect(self) -> None:
-        low = self.low
-        self.next_sequence = max(self.next_sequence, low + 1)
-        for table in (self.slots, self.prepared, self.checkpoints, self.own_checkpoints):
-            for sequence in [sequence for sequence in table if sequence <= low]:
-                del table[sequence]
-        for key in [key for key in self.signed if key[2] <= low]:
-            del self.signed[key]
-        # A batch stays while anything above low may still need its content: a slot, a prepared
-        # certificate, anything this replica signed (a primary alone may hold its batch and must
-        # re-send it; this also runs on restart, before slots are rebuilt), or the NEW-VIEW in force.
-        live = {slot.digest for slot in self.slots.values()} | {record.certificate.digest for record in self.prepared.values()}
-        live |= {message.batch.digest if isinstance(message, PrePrepare) else message.digest for message in self.signed.values()}
-        if self.new_view is not None:
-            live |= {header.digest for header in self.new_view.pre_prepares if header.sequence > low}
-        for digest in [digest for digest in self.batches if digest not in live]:
-            del self.batches[digest]
-        for digest in [digest for digest in self.missing_batches if digest not in live]:
-            del self.missing_batches[digest]
-
-    # ---- view changes ----
-
-    def _start_view_change(self, new_view: int) -> None:
-        """Leave the current view: stop normal-case work and announce what we prepared."""
-        if new_view <= self.view and not (new_view == self.view and not self.view_active):
-            return
-        self.effects.events.append(f"view change: moving to view {new_view} (primary {self.network.primary(new_view)})")
-        self.view = new_view
-        self.view_active = False
-        self.view_change_started_ms = None
-        self.view_change_attempts += 1
-        self.timed_request = None
-        self.request_timer_started_ms = None
-        self.new_view = None
-        self.slots.clear()
-        self.proposed.clear()
-        unsigned = ViewChange(
-            new_view,
-            self.stable_checkpoint,
-            tuple(self.prepared[sequence].certificate for sequence in sorted(self.prepared)),
-            self.replica_id,
-        )
-        view_change = _with_signature(unsigned, self.key.sign(self.domains["view-change"], unsigned.signed_bytes()))
-        self.own_view_change = view_change
-        self.latest_view_changes[self.replica_id] = view_change
-        self.effects.persist.append(Persist("view-change", new_view, 0, view_change))
-        self.effects.send.append(Send(None, view_change))
-        self._check_view_change_quorum()
-        self._try_new_view()
-
-    def _check_view_change_quorum(self) -> None:
-        if self.view_active or self.view_change_started_ms is not None:
-            return
-        # A replica that already moved on to a later view still asked for this one: count it, or
-        # lost messages could leave the others short of a quorum for good.
-        asking = sum(1 for view_change in self.latest_view_changes.values() if view_change.new_view >= self.view)
-        if asking >= self.quorum:
-            self.view_change_started_ms = self.now_ms
-
-    def _on_view_change(self, sender: int, message: ViewChange) -> None:
-        if message.new_view < self.view:
-            return
-        if message.new_view == self.view and self.view_active:
-            # A replica that missed our NEW-VIEW is still asking for this view: answer it.
-            if self.is_primary and self.new_view is not None and self.certificates.signed_by("view-change", message):
-                self.effects.send.append(Send(message.replica_id, self.new_view))
-            return
-        current = self.latest_view_changes.get(message.replica_id)
-        if current is not None and current.new_view >= message.new_view:
-            return
-        problem = self.certificates.view_change_problem(message)
-        if problem is not None:
-            self._reject("invalid view-change", f"from replica {message.replica_id}: {problem}")
-            return
-        self.latest_view_changes[message.replica_id] = message
-        for certificate in message.prepared:
-            self._check_prepared_conflicts(certificate)
-        self._check_view_change_quorum()
-        # PBFT liveness rule: f + 1 replicas want a higher view, so at least one honest one does;
-        # join the lowest view among the f + 1 highest instead of waiting for our own timer.
-        higher = sorted(
-            (view_change.new_view for view_change in self.latest_view_changes.values() if view_change.new_view > self.view),
-            reverse=True,
-        )
-        if len(higher) >= self.faults + 1 and (self.view_active or higher[self.faults] > self.view):
-            self._start_view_change(higher[self.faults])
-        self._try_new_view()
-
-    def _try_new_view(self) -> None:
-        """The new primary sends NEW-VIEW once a quorum of replicas asked for its view."""
-        if self.view_active or not self.is_primary:
-            return
-        ready = sorted(
-            (view_change for view_change in self.latest_view_changes.values() if view_change.new_view == self.view),
-            key=lambda view_change: view_change.replica_id,
-        )
-        if len(ready) < self.quorum:
-            return
-        chosen = tuple(ready[: self.quorum])
-        _, assignments = new_view_assignments(chosen)
-        # Made durable by the NEW-VIEW record that carries them, in the same write.
-        headers = tuple(
-            self._sign_once(
-                "pre-prepare", self.view, sequence, PrePrepareHeader(self.view, sequence, digest, self.replica_id), digest, persist=False
-            )
-            for sequence, digest in assignments
-        )
-        new_view = NewView(self.view, chosen, headers, self.replica_id)
-        self.effects.persist.append(Persist("new-view", self.view, 0, new_view))
-        self.effects.send.append(Send(None, new_view))
-        self._enter_view(new_view)
-
-    def _on_new_view(self, message: NewView) -> None:
-        if message.view < self.view or (message.view == self.view and self.view_active):
-            return
-        problem = self._new_view_problem(message)
-        if problem is not None:
-            self._reject("invalid new-view", f"view {message.view}: {problem}")
-            return
-        self.effects.persist.append(Persist("new-view", message.view, 0, message))
-        self._enter_view(message)
-
-    def _new_view_problem(self, message: NewView) -> str | None:
-        primary = self.network.primary(message.view)
-        if message.replica_id != primary:
-            return f"sent by replica {message.replica_id}, not the view's primary {primary}"
-        senders = set()
-        for view_change in message.view_changes:
-            if view_change.new_view != message.view or view_change.replica_id in senders:
-                return "a view-change is for another view or repeated"
-            problem = self.certificates.view_change_problem(view_change)
-            if problem is not None:
-                return f"view-change from replica {view_change.replica_id}: {problem}"
-            senders.add(view_change.replica_id)
-        if len(senders) < self.quorum:
-            return f"only {len(senders)} view-changes, {self.quorum} needed"
-        _, expected = new_view_assignments(message.view_changes)
-        received = [(header.sequence, header.digest) for header in message.pre_prepares]
-        if received != expected:
-            return "its pre-prepares are not the ones its view-changes imply"
-        for header in message.pre_prepares:
-            if header.view != message.view or header.replica_id != primary or not self.certificates.signed_by("pre-prepare", header):
-                return f"pre-prepare for sequence {header.sequence} is not signed by the primary"
-        return None
-
-    def _enter_view(self, new_view: NewView) -> None:
-        """Start normal operation in the NEW-VIEW's view, with its pre-prepares as the first slots."""
-        self.view = new_view.view
-        self.view_active = True
-        self.new_view = new_view
-        self.view_timestamp_floor_ms = 0
-        self.slots.clear()
-        self.proposed.clear()
-        self.latest_view_changes = {r: vc for r, vc in self.latest_view_changes.items() if vc.new_view > self.view}
-        self.effects.events.append(f"entered view {self.view} (primary {self.primary})")
-        # New proposals go after every sequence number the NEW-VIEW assigns.
-        self.next_sequence = max([self.height + 1, self.low + 1] + [header.sequence + 1 for header in new_view.pre_prepares])
-        best_checkpoint = max(
-            (view_change.checkpoint for view_change in new_view.view_changes if view_change.checkpoint is not None),
-            key=lambda certificate: certificate.sequence,
-            default=None,
-        )
-        if best_checkpoint is not None and best_checkpoint.sequence > self.low:
-            self._make_stable(best_checkpoint)
-        highest = self.low
-        for header in new_view.pre_prepares:
-            highest = max(highest, header.sequence)
-            if header.sequence <= self.low:
-                continue
-            slot = self._slot(header.sequence)
-            slot.pre_prepare = header
-            slot.batch = self._find_batch(header.digest)
-            if slot.batch is not None and header.sequence > self.height:
-                # Only what is still to execute: a transaction deferred in a block we already
-                # hold must stay free to be proposed again.
-                self.proposed.update(transaction.transaction_id for transaction in slot.batch.transactions)
-            elif header.sequence > self.height:
-                self._ask_for_batch(header.digest)
-            if not self.is_primary:
-                self._send_prepare(slot)
-            self._advance(slot)
-        # Proposals continue right after the NEW-VIEW's assignments: a number left over from an
-        # earlier view would leave a gap nobody fills.
-        self.next_sequence = max(highest + 1, self.height + 1, self.low + 1)
-        self.timed_request, self.request_timer_started_ms = None, None
-        self._refresh_request_timer()
-
-    # ---- catching up: status, retransmission, block fetching ----
-
-    def _on_status_interval(self) -> None:
-        self.effects.send.append(Send(None, Status(self.replica_id, self.view, self.height)))
-        stalled = self.height == self.height_at_last_status
-        self.height_at_last_status = self.height
-        self._retransmit()
-        self._follow_higher_views()
-        if self.joining is not None:
-            return
-        best = max(self.peer_heights.values(), default=0)
-        fetch_due = self.fetch_sent_ms is None or self.now_ms - self.fetch_sent_ms >= 2 * self.settings.status_interval_ms
-        behind = self.height < self.low or best > self.height + self.settings.window_size
-        if best > self.height and (stalled or behind) and fetch_due:
-            self._fetch_blocks()
-
-    def _follow_higher_views(self) -> None:
-        """f + 1 peers report a higher view: at least one honest replica is there, so go too."""
-        higher = sorted((view for view in self.peer_views.values() if view > self.view), reverse=True)
-        if len(higher) >= self.faults + 1:
-            self._start_view_change(higher[self.faults])
-
-    def _fetch_blocks(self) -> None:
-        # Rotate among the peers that claim to be ahead, so one lying or slow peer cannot stall us.
-        ahead = [replica for replica, height in sorted(self.peer_heights.items()) if height > self.height]
-        if not ahead:
-            ahead = [replica for replica in range(self.replica_count) if replica != self.replica_id]
-        peer = ahead[self.fetch_peer_cursor % len(ahead)]
-        self.fetch_peer_cursor += 1
-        self.fetch_sent_ms = self.now_ms
-        self.effects.send.append(Send(peer, FetchBlocks(self.height + 1, BLOCKS_PER_RESPONSE_MAX)))
-
-    def _retransmit(self) -> None:
-        """Re-send own messages that may have been lost; PBFT assumes eventual delivery."""
-        if not self.view_active:
-            if self.own_view_change is not None and self.own_view_change.new_view == self.view:
-                self.effects.send.append(Send(None, self.own_view_change))
-            return
-        checkpoint = max(self.own_checkpoints.items(), default=None)
-        if checkpoint is not None and checkpoint[0] > self.low:
-            self.effects.send.append(Send(None, checkpoint[1]))
-        if not self.is_primary:
-            # A relay is a message like any other: one lost on the way would let the request
-            # timer expire against a primary that never heard of the request.
-            for transaction in self.pending.oldest(RELAYS_PER_INTERVAL_MAX):
-                if transaction.transaction_id not in self.proposed:
-                    self.effects.send.append(Send(self.primary, Request(transaction)))
-        interval = self.settings.status_interval_ms
-        for sequence in sorted(self.slots):
-            slot = self.slots[sequence]
-            if sequence <= self.height or self.now_ms - slot.last_sent_ms < interval:
-                continue
-            slot.last_sent_ms = self.now_ms
-            if self.is_primary and slot.pre_prepare is not None and slot.batch is not None:
-                header = slot.pre_prepare
-                self.effects.send.append(
-                    Send(None, PrePrepare(header.view, header.sequence, slot.batch, header.replica_id, header.signature))
-                )
-            if slot.own_prepare is not None:
-                self.effects.send.append(Send(None, slot.own_prepare))
-            if slot.own_commit is not None:
-                self.effects.send.append(Send(None, slot.own_commit))
-            if slot.pre_prepare is not None and slot.batch is None:
-                self._ask_for_batch(slot.pre_prepare.digest)
-
-    def _on_status(self, sender: int, message: Status) -> None:
-        if message.replica_id != sender:
-            self._reject("status for another replica")
-            return
-        self.peer_heights[sender] = message.height
-        self.peer_views[sender] = message.view
-
-    def _on_blocks(self, sender: int, message: Blocks) -> None:
-        """Apply fetched blocks whose commit certificates verify; trust the sender for nothing.
-
-        Only the certified batch is taken from the peer. Results, state digest and block hash
-        are recomputed by executing it, so a peer cannot slip in a wrong state.
-        """
-        self.fetch_sent_ms = None
-        checkpoint = message.checkpoint
-        if self.joining is not None:
-            self._on_join_blocks(sender, message)
-            return
-        # A peer that pruned the blocks we need answers from its base up: only a snapshot helps.
-        pruned_past_us = bool(message.blocks) and message.blocks[0].height > self.height + 1
-        if checkpoint is not None and checkpoint.sequence >= self.low and self._join_wanted(checkpoint, pruned_past_us):
-            # Far behind: take the certificate first, and the snapshot it vouches for instead
-            # of these blocks (stored blocks would make the store unable to start from it).
-            if checkpoint == self.stable_checkpoint:
-                self._start_join(checkpoint)  # already verified, and stable here
-                return
-            problem = self.certificates.checkpoint_certificate_problem(checkpoint) if checkpoint.sequence > self.low else "not above ours"
-            if problem is None:
-                self._make_stable(checkpoint)
-                if self.joining is None:
-                    self._start_join(checkpoint)
-                return
-            self._reject("bad checkpoint certificate", f"from replica {sender}: {problem}")
-        applied = 0
-        for block in message.blocks:
-            if block.height <= self.height:
-                continue
-            if block.height != self.height + 1:
-                break
-            try:
-                verify_block_contents(block)
-                verify_certificate(
-                    block.header, block.certificate, self.network.identity, self.replica_keys, self.quorum, self.signatures.verify
-                )
-            except (ChainError, CodecError) as error:
-                self._reject("bad fetched block", f"from replica {sender}: {error}")
-                break
-            header = block.header
-            batch = Batch(header.view, header.proposer, header.timestamp_ms, block.transactions)
-            assert block.certificate is not None
-            own = self._execute_batch(batch, block.certificate)
-            if own.block_hash != block.block_hash:
-                self.effects.events.append(
-                    f"fetched block {block.height} from replica {sender} claims another state; using our own execution"
-                )
-            applied += 1
-        if checkpoint is not None and checkpoint.sequence > self.low:
-            # Peers stop re-sending CHECKPOINTs once stable for them; the certificate lets a
-            # replica that caught up by fetching move its watermarks as well.
-            problem = self.certificates.checkpoint_certificate_problem(checkpoint)
-            if problem is None:
-                self._make_stable(checkpoint)
-            else:
-                self._reject("bad checkpoint certificate", f"from replica {sender}: {problem}")
-        if applied:
-            self.effects.events.append(f"caught up {applied} blocks from replica {sender}, height {self.height}")
-            self.peer_heights[sender] = max(self.peer_heights.get(sender, 0), self.height)
-            self._execute_ready()
-            if self.peer_heights.get(sender, 0) > self.height or self.height < self.low:
-                self._fetch_blocks()
-
-    # ---- joining by state sync (node/state_join.py) ----
-
-    def _join_wanted(self, certificate: CheckpointCertificate, blocks_pruned: bool = False) -> bool:
-        """Whether to join at `certificate` by state sync: far behind it, or behind it with the
-        blocks in between pruned by the peer asked."""
-        behind = certificate.sequence - self.height
-        return (
-            self.state_sync_allowed
-            and self.joining is None
-            and (behind > self.settings.state_sync_distance or (blocks_pruned and behind > 0))
-        )
-
-    def _start_join(self, certificate: CheckpointCertificate) -> None:
-        peers = [replica for replica in range(self.replica_count) if replica != self.replica_id]
-        request_timeout_ms = 2 * self.settings.status_interval_ms
-        self.joining = StateJoin(certificate, peers, request_timeout_ms, self.now_ms)
-        self.effects.events.append(
-            f"state sync: {certificate.sequence - self.height} blocks behind the stable checkpoint at {certificate.sequence}; "
-            "fetching its snapshot instead of the blocks"
-        )
-        self._join_tick()
-
-    def _join_tick(self) -> None:
-        joining = self.joining
-        assert joining is not None
-        newest = self.stable_checkpoint
-        # Peers keep a few snapshots only (node/snapshot_keeper.py): once f + 1 peers were dropped
-        # (so at least one honest one, which drops only for "not kept") and a newer certificate is
-        # in hand (verified), move to that one at once. One liar saying "not kept" cannot do it.
-        moved_on = (
-            newest is not None
-            and newest.sequence > joining.checkpoint.sequence
-            and not joining.state_complete
-            and len(joining.fetch.dropped) > self.faults
-            and joining.fetch.counters.get("snapshot not kept by the peer", 0) > 0
-        )
-        if joining.failed(self.now_ms) or moved_on:
-            self._count_join(joining)
-            self.joining = None
-            why = "peers no longer keep it" if moved_on else "no peer served it in time"
-            self.effects.events.append(f"state sync at {joining.checkpoint.sequence} abandoned: {why}; trying again")
-            if newest is not None and newest.sequence - self.height > self.settings.state_sync_distance:
-                self._start_join(newest)
-            elif self.height < self.low:
-                self._fetch_blocks()
-            return
-        self._join_sends(joining.tick(self.now_ms))
-
-    def _join_sends(self, sends: list[tuple[int, Any]]) -> None:
-        for peer, message in sends:
-            self.effects.send.append(Send(peer, message))
-
-    def _on_snapshot_chunk(self, sender: int, message: SnapshotChunk) -> None:
-        if self.joining is None:
-            self._reject("snapshot chunk not asked for")
-            return
-        self._join_sends(self.joining.receive_chunk(sender, message, self.now_ms))
-
-    def _on_join_blocks(self, sender: int, message: Blocks) -> None:
-        joining = self.joining
-        assert joining is not None
-        block = joining.receive_blocks(sender, message.blocks)
-        if block is None:
-            return
-        try:
-            # The hash is certified; the commit certificate is stored with the block, so check it too.
-            verify_certificate(
-                block.header, block.certificate, self.network.identity, self.replica_keys, self.quorum, self.signatures.verify
-            )
-        except ChainError as error:
-            self._reject("bad snapshot block", f"from replica {sender}: {error}")
-            return
-        self._install(joining, block)
-
-    def _install(self, joining: StateJoin, block: Block) -> None:
-        """The snapshot and its block are both certified: continue from them."""
-        application = joining.application()
-        self._count_join(joining)
-        self.joining = None
-        self.snapshots.release_all()
-        self.application = application
-        snapshot = application.snapshot()
-        state = StateChanges(
-            tuple((key, balance, nonce) for key, balance, nonce in snapshot[0]), tuple((key, value) for key, value in snapshot[1])
-        )
-        self.effects.installed = Installed(block, joining.checkpoint, state)
-        self.height = block.height
-        self.last_block_hash = block.block_hash
-        # The latest stamp before the snapshot is not known: the block's own (0 for a null block).
-        self.last_timestamp_ms = max(self.last_timestamp_ms, block.header.timestamp_ms)
-        self.next_sequence = max(self.next_sequence, self.height + 1)
-        self.height_at_last_status = self.height
-        self.counters["state syncs"] = self.counters.get("state syncs", 0) + 1
-        self.effects.events.append(
-            f"state sync: installed the snapshot at {block.height} ({application.entry_count()} entries); fetching the blocks after it"
-        )
-        if self.stable_checkpoint is not None and self.stable_checkpoint.sequence == block.height:
-            self.snapshots.freeze(self.height, self.application)
-            self.snapshots.stable(self.stable_checkpoint)
-        # Requests watched while joining whose nonce the snapshot shows used can never execute.
-        for transaction in list(self.pending.oldest(len(self.pending))):
-            if self.application.check(transaction) is not None:
-                self.pending.remove(transaction.transaction_id)
-        self._refresh_request_timer()
-        self._execute_ready()
-        if self.height < self.low or max(self.peer_heights.values(), default=0) > self.height:
-            self._fetch_blocks()
-
-    def _count_join(self, joining: StateJoin) -> None:
-        for reason, count in list(joining.fetch.counters.items()) + list(joining.counters.items()):
-            self.counters[reason] = self.counters.get(reason, 0) + count
-            if reason in JOIN_REFUSALS:
-                # Logged as refusals (a peer lied or had nothing): operators and the scenario verdict see them.
-                self.effects.events.append(f"rejected: {reason}: {count} during the state sync at {joining.checkpoint.sequence}")
-
     # ---- reads and status ----
 
     def query(self, kind: str, argument: Any) -> Any:
@@ -1533,9 +957,3 @@ def in_nonce_order(transactions: list[Transaction]) -> tuple[Transaction, ...]:
             for position, transaction in zip(positions, sorted((transactions[p] for p in positions), key=lambda t: t.nonce), strict=True):
                 ordered[position] = transaction
     return tuple(ordered)
-
-
-def _with_signature(message: Any, signature: bytes) -> Any:
-    """The same frozen message, signed."""
-    values = {item.name: getattr(message, item.name) for item in fields(message) if item.init and item.name != "signature"}
-    return type(message)(**values, signature=signature)

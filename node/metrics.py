@@ -23,7 +23,8 @@ from node.log_format import LogRateLimit
 from node.transport import ListenError, listen
 
 if TYPE_CHECKING:
-    from node.core import ReplicaCore, Send
+    from node.core import ReplicaCore
+    from node.effects import Send
     from node.runtime import ReplicaRuntime
 
 # Upper bounds of the histograms' buckets.

@@ -60,7 +60,8 @@ from ledger.storage import (
 from ledger.transactions import Transaction, transaction_domain
 from ledger.version import package_version
 from node.admission import ClientAdmission, address_key
-from node.core import LOG_KINDS, ClientReply, Effects, ReplicaCore
+from node.core import LOG_KINDS, ReplicaCore
+from node.effects import ClientReply, Effects
 from node.log_format import LogRateLimit
 from node.metrics import ReplicaMetrics, runtime_snapshot, serve_metrics
 from node.queries import answer_query

@@ -44,7 +44,8 @@ from ledger.messages import (
 )
 from ledger.transactions import Put, Transaction, Transfer, sign_transaction, transaction_domain
 from node.collusion import Coalition
-from node.core import LOG_KINDS, Installed, Persist, Prune, ReplicaCore
+from node.core import LOG_KINDS, ReplicaCore
+from node.effects import Installed, Persist, Prune
 from node.queries import answer_query
 from node.traitors import BEHAVIOURS, BehaviourSpec, Traitor, TraitorSpec, make_traitor
 

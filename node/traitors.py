@@ -54,7 +54,7 @@ from ledger.messages import (
 )
 from ledger.state_tree import VALUE as VALUE_NAMESPACE
 from ledger.transactions import Transaction, TransactionResult
-from node.core import Send
+from node.effects import Send
 from node.new_view import NULL_BATCH
 
 # Bounds on what a traitor remembers, whatever runs through it.

@@ -32,14 +32,8 @@ from ledger.messages import (
     ViewChange,
 )
 from ledger.transactions import Put, Transaction, TransactionResult, sign_transaction
-from node.core import (
-    LOG_KINDS,
-    ClientReply,
-    Effects,
-    Persist,
-    Prune,
-    ReplicaCore,
-)
+from node.core import LOG_KINDS, ReplicaCore
+from node.effects import ClientReply, Effects, Persist, Prune
 from node.new_view import NULL_BATCH, new_view_assignments
 from node.simulator import _key, simulated_network
 

@@ -13,7 +13,7 @@ import trio.testing
 from prometheus_client.parser import text_string_to_metric_families
 
 from ledger.messages import PrePrepare
-from node.core import Send
+from node.effects import Send
 from node.http import (
     REQUEST_HEAD_SIZE_MAX,
     REQUEST_TIMEOUT_S,

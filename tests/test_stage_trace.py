@@ -8,7 +8,7 @@ import pytest
 from core_network import Network
 
 from ledger.transactions import Put, Transaction, sign_transaction
-from node.core import Effects
+from node.effects import Effects
 from node.stage_trace import STAGES, TRACED_MAX, StageTrace, sampled
 
 

@@ -28,7 +28,8 @@ from ledger.messages import (
     make_replies,
 )
 from ledger.transactions import Put, TransactionResult, sign_transaction
-from node.core import ReplicaCore, Send
+from node.core import ReplicaCore
+from node.effects import Send
 from node.new_view import NULL_BATCH
 from node.simulator import Scenario, Simulation, _key, simulated_network
 from node.traitors import (
