@@ -23,6 +23,7 @@ its entries.
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -348,7 +349,18 @@ def chunk_starting_at(
     size = 0
     last_bucket = first_bucket
     bucket = first_bucket
+    occupied_of = getattr(application, "occupied_buckets", None)
+    occupied = occupied_of() if occupied_of is not None else None
     while bucket < BUCKET_COUNT:
+        if occupied is not None:
+            # Empty buckets carry nothing and fit any chunk: go straight to the next one that has entries.
+            index = bisect.bisect_left(occupied, bucket)
+            if index == len(occupied):
+                last_bucket = BUCKET_COUNT - 1
+                break
+            if occupied[index] > bucket:
+                last_bucket = occupied[index] - 1
+                bucket = occupied[index]
         found = _bucket_entries(application, bucket)
         found_size = sum(_entry_size(entry) for entry in found)
         if _over_bounds(len(entries) + len(found), size + found_size, entries_max, bytes_max):

@@ -241,6 +241,10 @@ class StateTree:
         """The keys in a bucket, in entry order."""
         return list(self._keys.get(bucket, ()))
 
+    def occupied_buckets(self) -> list[int]:
+        """The buckets holding at least one entry, in order (entries are never removed)."""
+        return sorted(bucket for bucket, keys in self._keys.items() if keys)
+
     def bucket_hashes(self, bucket: int) -> list[bytes]:
         """The hashes of a bucket's entries, in entry order."""
         return list(self._hashes.get(bucket, ()))

@@ -22,8 +22,11 @@ from ledger.messages import (
     Status,
 )
 from node.effects import Installed, Send
-from node.state_join import StateJoin
+from node.state_join import ATTEMPT_TIMEOUTS_MAX, StateJoin
 
+# After an install, the next join needs a checkpoint this many state_sync_distances above it (or
+# the blocks in between pruned): the blocks made during a join are fetched, not chased.
+JOIN_AGAIN_DISTANCES = 4
 RELAYS_PER_INTERVAL_MAX = 16  # waiting requests a backup re-relays to the primary per status interval
 
 # What a state sync counts that means a peer served something useless or false (logged as refusals).
@@ -179,11 +182,12 @@ class CatchUp:
         """Whether to join at `certificate` by state sync: far behind it, or behind it with the
         blocks in between pruned by the peer asked."""
         behind = certificate.sequence - self.height
-        return (
-            self.state_sync_allowed
-            and self.joining is None
-            and (behind > self.settings.state_sync_distance or (blocks_pruned and behind > 0))
-        )
+        if not self.state_sync_allowed or self.joining is not None or certificate.sequence <= self.join_failed_through:
+            return False
+        if blocks_pruned:
+            return behind > 0
+        distance = self.settings.state_sync_distance
+        return behind > distance and (self.joined_at is None or certificate.sequence > self.joined_at + JOIN_AGAIN_DISTANCES * distance)
 
     def _start_join(self, certificate: CheckpointCertificate) -> None:
         peers = [replica for replica in range(self.replica_count) if replica != self.replica_id]
@@ -198,6 +202,7 @@ class CatchUp:
     def _join_tick(self) -> None:
         joining = self.joining
         assert joining is not None
+        self._take_newer_checkpoints(joining)
         newest = self.stable_checkpoint
         # Peers keep a few snapshots only (node/snapshot_keeper.py): once f + 1 peers were dropped
         # (so at least one honest one, which drops only for "not kept") and a newer certificate is
@@ -212,14 +217,34 @@ class CatchUp:
         if joining.failed(self.now_ms) or moved_on:
             self._count_join(joining)
             self.joining = None
-            why = "peers no longer keep it" if moved_on else "no peer served it in time"
-            self.effects.events.append(f"state sync at {joining.checkpoint.sequence} abandoned: {why}; trying again")
-            if newest is not None and newest.sequence - self.height > self.settings.state_sync_distance:
+            # Never this checkpoint again: the next attempt is at a newer one, or blocks are
+            # fetched (their answer brings the peer's newest certificate, and with it maybe a join).
+            self.join_failed_through = max(self.join_failed_through, joining.checkpoint.sequence)
+            why = "peers no longer keep it" if moved_on else f"no chunk came for {ATTEMPT_TIMEOUTS_MAX} request timeouts"
+            if newest is not None and self._join_wanted(newest):
+                self.effects.events.append(f"state sync at {joining.checkpoint.sequence} abandoned: {why}; trying {newest.sequence}")
                 self._start_join(newest)
-            elif self.height < self.low:
+            else:
+                self.effects.events.append(f"state sync at {joining.checkpoint.sequence} abandoned: {why}; fetching blocks")
                 self._fetch_blocks()
             return
         self._join_sends(joining.tick(self.now_ms))
+
+    def _take_newer_checkpoints(self, joining: StateJoin) -> None:
+        """Certificates peers offered instead of our snapshot (one per peer, unverified): the
+        newest valid one moves the stable checkpoint, so the next attempt can be at it. A joiner
+        cut off while the network moved on hears of no CHECKPOINT it could take (all too far
+        ahead): this is how it learns where the network is."""
+        offered = sorted(joining.fetch.newer_checkpoints.values(), key=lambda certificate: certificate.sequence, reverse=True)
+        joining.fetch.newer_checkpoints.clear()  # each is checked once
+        for certificate in offered:
+            if certificate.sequence <= self.low:
+                break
+            problem = self.certificates.checkpoint_certificate_problem(certificate)
+            if problem is None:
+                self._make_stable(certificate)
+                break
+            self._reject("bad checkpoint certificate", f"offered instead of a snapshot chunk: {problem}")
 
     def _join_sends(self, sends: list[tuple[int, Any]]) -> None:
         for peer, message in sends:
@@ -265,6 +290,7 @@ class CatchUp:
         self.last_timestamp_ms = max(self.last_timestamp_ms, block.header.timestamp_ms)
         self.next_sequence = max(self.next_sequence, self.height + 1)
         self.height_at_last_status = self.height
+        self.joined_at = block.height
         self.counters["state syncs"] = self.counters.get("state syncs", 0) + 1
         self.effects.events.append(
             f"state sync: installed the snapshot at {block.height} ({application.entry_count()} entries); fetching the blocks after it"

@@ -132,6 +132,7 @@ class ReplicaCore(CheckpointProtocol, ViewChangeProtocol, CatchUp):
         last_timestamp_ms: int = 0,
         check_signatures: SignaturesCheck | None = None,
         state_sync_allowed: bool = False,
+        store_prunes: bool = False,
     ) -> None:
         self.network = network
         self.replica_id = replica_id
@@ -200,7 +201,17 @@ class ReplicaCore(CheckpointProtocol, ViewChangeProtocol, CatchUp):
         # State sync (node/state_join.py): only where the host's store may start from a snapshot
         # (an empty one, or one that already does); an archive replica replays every block.
         self.state_sync_allowed = state_sync_allowed
+        # A store that prunes gives up blocks anyway; one that does not becomes an archive as
+        # soon as it holds block 1, and from then on must never be replaced by a snapshot.
+        self.store_prunes = store_prunes
         self.joining: StateJoin | None = None
+        # No join at or below this checkpoint: an attempt at it failed (its peers keep no snapshot
+        # of it, or stopped serving it), so the next is at a newer one, or blocks are fetched.
+        self.join_failed_through = 0
+        # The height of the last install: the next join (unless the blocks after it are pruned)
+        # needs a checkpoint JOIN_AGAIN_DISTANCES * state_sync_distance above it, so a joiner
+        # catches up the gap by blocks instead of chasing each newer checkpoint.
+        self.joined_at: int | None = None
         self.snapshots = SnapshotKeeper()  # the states this replica serves to joining ones
 
         self.counters: dict[str, int] = {}
@@ -321,7 +332,8 @@ class ReplicaCore(CheckpointProtocol, ViewChangeProtocol, CatchUp):
             if self.is_primary:
                 self._propose_batches()
             elif (
-                self.request_timer_started_ms is not None
+                self.joining is None
+                and self.request_timer_started_ms is not None
                 and self.now_ms - self.request_timer_started_ms >= self._timeout_ms()
             ):
                 self.effects.events.append(
@@ -867,6 +879,8 @@ class ReplicaCore(CheckpointProtocol, ViewChangeProtocol, CatchUp):
             timestamp_ms=batch.timestamp_ms,
         )
         block = Block(header, tuple(transactions), tuple(results), certificate)
+        if height == 1 and not self.store_prunes:
+            self.state_sync_allowed = False  # the store now holds the chain from genesis: an archive
         self.height = height
         self.last_block_hash = header.block_hash
         self.last_timestamp_ms = max(self.last_timestamp_ms, batch.timestamp_ms)
@@ -891,7 +905,8 @@ class ReplicaCore(CheckpointProtocol, ViewChangeProtocol, CatchUp):
     def _refresh_request_timer(self) -> None:
         """Keep timing the request the timer runs for while it is pending; once it executed (or
         there is none), time the oldest pending request from now."""
-        if self.is_primary or not self.view_active or not self.pending:
+        if self.is_primary or not self.view_active or not self.pending or self.joining is not None:
+            # While joining nothing executes here, whatever the primary does: time nothing.
             self.timed_request, self.request_timer_started_ms = None, None
             return
         if self.timed_request in self.pending and self.request_timer_started_ms is not None:

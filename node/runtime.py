@@ -10,7 +10,7 @@ import random
 import signal
 import sys
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,6 +80,9 @@ from node.transport import ListenError, PeerTransport, listen
 EVENT_QUEUE_MAX = 10_000
 WAITING_REQUESTS_MAX = 10_000
 EVENTS_PER_ROUND_MAX = 512
+# FetchSnapshot answers per peer per second: a joiner asks at most 4 lanes' worth at a time, each
+# answer up to 1 MiB, so this is 64 MiB/s to one peer, while a flood costs at most 64 chunks a second.
+SNAPSHOT_REQUESTS_PER_SECOND_MAX = 64
 CLIENT_QUEUE_FRAMES_MAX = 4096
 # What may wait to be written to one client, block responses aside: replies are a few hundred
 # bytes, so this is about a thousand of them. A client that does not read loses replies; it retries.
@@ -244,6 +247,7 @@ class ReplicaRuntime:
             # A store that holds no blocks, or already starts from a snapshot, may (re)start
             # from one; an archive (blocks from genesis) keeps replaying every block.
             state_sync_allowed=self.store.may_install_snapshot,
+            store_prunes=config.retain_blocks is not None,
         )
         self.query_domain = signing_domain(self.network.identity, "query-reply")
         self.events_send, self.events_receive = trio.open_memory_channel[tuple[str, Any, Any]](EVENT_QUEUE_MAX)
@@ -260,6 +264,8 @@ class ReplicaRuntime:
         )
         self.client_blocks_budget = ByteBudget(CLIENT_BLOCK_RESPONSES_MAX * self.blocks_response_size_max)
         self.fetches_skipped = 0
+        # When each peer's recent FetchSnapshot requests were answered (at most SNAPSHOT_REQUESTS_PER_SECOND_MAX a second).
+        self.snapshot_answers: dict[int, deque[float]] = {}
         self.clients_timed_out = 0
         self.subscribers: dict[bytes, set[ClientConnection]] = {}
         # Which connection sent a request, so a refusal reaches it; oldest forgotten first.
@@ -405,6 +411,16 @@ class ReplicaRuntime:
         if not self.transport.has_room(peer, self.network.protocol.frame_size_max):
             self.fetches_skipped += 1
             return
+        # Each answer is a chunk's worth of work (up to 1 MiB built): a peer asking faster than an
+        # honest joiner's lanes ever do gets nothing for the rest of the second.
+        answered = self.snapshot_answers.setdefault(peer, deque())
+        moment = time.monotonic()
+        while answered and moment - answered[0] >= 1.0:
+            answered.popleft()
+        if len(answered) >= SNAPSHOT_REQUESTS_PER_SECOND_MAX:
+            self.fetches_skipped += 1
+            return
+        answered.append(moment)
         answer = self.core.snapshots.answer(request)
         if answer is not None and self.traitor is not None:
             answer = self.traitor.serve_snapshot(peer, answer, self._traitor_now_ms())

@@ -849,6 +849,9 @@ class Simulation:
         honest = index not in self.traitors
         durable = bool(effects.persist or effects.blocks or effects.prune is not None or effects.installed is not None)
         if effects.installed is not None:
+            if replica.chain and replica.chain[0] is not None:
+                # The SQLite store refuses this (ledger/storage.py may_install_snapshot): the replica would stop.
+                raise self.fail(f"state sync: replica {index} installed a snapshot over its blocks from genesis (an archive)")
             if honest:
                 self.check_installed(index, effects.installed)
             replica.install(effects.installed)

@@ -24,8 +24,9 @@ from ledger.encoding import CodecError
 from ledger.messages import CheckpointCertificate, FetchBlocks, SnapshotChunk
 from node.state_sync import SnapshotFetch
 
-# An attempt that has not installed its snapshot after this many request timeouts has failed: the
-# caller starts again from its newest certificate (peers may no longer keep this one).
+# An attempt that took no chunk (and, once the state is complete, got no block) for this many
+# request timeouts has failed: the caller starts again from its newest certificate, or falls back
+# to blocks. Counted from the last progress, not the start: a large state takes as long as it takes.
 ATTEMPT_TIMEOUTS_MAX = 20
 
 
@@ -37,6 +38,7 @@ class StateJoin:
         self.peers = sorted(peers)
         self.request_timeout_ms = request_timeout_ms
         self.started_ms = now_ms
+        self.progress_ms = now_ms  # when a chunk was last taken
         self.fetch = SnapshotFetch(checkpoint, list(self.peers), request_timeout_ms)
         self.block_asked_ms: int | None = None
         self.block_cursor = 0
@@ -46,8 +48,12 @@ class StateJoin:
         self.counters[reason] = self.counters.get(reason, 0) + 1
 
     def failed(self, now_ms: int) -> bool:
-        """Every peer dropped, or the attempt ran out of time (a silent peer must not hold it)."""
-        return self.fetch.failed or now_ms - self.started_ms >= ATTEMPT_TIMEOUTS_MAX * self.request_timeout_ms
+        """Every peer dropped, or no progress for ATTEMPT_TIMEOUTS_MAX timeouts (a silent peer must not hold it)."""
+        return self.fetch.failed or now_ms - self.progress_ms >= ATTEMPT_TIMEOUTS_MAX * self.request_timeout_ms
+
+    @property
+    def chunks_taken(self) -> int:
+        return self.fetch.counters.get("snapshot chunk taken", 0)
 
     @property
     def state_complete(self) -> bool:
@@ -69,7 +75,10 @@ class StateJoin:
         return [(peer, FetchBlocks(self.checkpoint.sequence, 1))]
 
     def receive_chunk(self, sender: int, message: SnapshotChunk, now_ms: int) -> list[tuple[int, Any]]:
+        taken = self.chunks_taken
         sends = list(self.fetch.receive(sender, message, now_ms))
+        if self.chunks_taken > taken:
+            self.progress_ms = now_ms
         if self.fetch.complete:
             sends += self.tick(now_ms)
         return sends

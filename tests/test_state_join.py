@@ -6,6 +6,7 @@ import pytest
 
 from ledger.application import AccountsApplication
 from ledger.messages import CheckpointCertificate, FetchSnapshot
+from node.core import ReplicaCore
 from node.simulator import Scenario, Simulation
 from node.snapshot_keeper import SNAPSHOTS_KEPT, SnapshotKeeper
 from node.traitors import BehaviourSpec, TraitorSpec
@@ -110,3 +111,82 @@ def test_a_frozen_state_that_differs_from_the_certified_one_is_never_served() ->
     keeper.stable(_certificate(4, other))
     assert keeper.answer(FetchSnapshot(4, 0)) is None
     assert not application._frozen
+
+
+# ---- holes an adversarial review found in the first wiring (each failed before its fix) ----
+
+
+def test_a_joiner_whose_peers_keep_no_snapshot_falls_back_to_blocks() -> None:
+    # Every peer restarted on an idle network: none keeps a snapshot until a new checkpoint is
+    # stable, which never comes. The joiner used to retry the same checkpoint for ever.
+    scenario = Scenario(
+        seed=8, clients=3, transactions_per_client=13, late_joins=((3, 9_000),),
+        crashes=((0, 6_000, 6_300), (1, 6_500, 6_800), (2, 7_000, 7_300)), faults_until_ms=9_100, time_limit_ms=40_000,
+    )
+    simulation = Simulation(scenario)
+    report = simulation.run()
+    joiner = simulation.replicas[3]
+    assert len(joiner.chain) == report.height and joiner.core.join_failed_through > 0
+
+
+def test_a_joiner_cut_off_while_the_network_moves_on_learns_the_new_checkpoint() -> None:
+    # Its checkpoint expired everywhere while it was cut off, and every CHECKPOINT it heard was
+    # "too far ahead": the certificates peers offer instead of a chunk now move it on.
+    scenario = Scenario(
+        seed=1, clients=3, transactions_per_client=100, late_joins=((3, 1_000),), partitions=((3, 1_240, 2_500),),
+        slow_links=((3, 1_000, 1_240, 60),), faults_until_ms=2_600, time_limit_ms=20_000,
+    )
+    simulation = Simulation(scenario)
+    report = simulation.run()
+    joiner = simulation.replicas[3]
+    assert joiner.core.counters.get("state syncs", 0) >= 1 and len(joiner.chain) == report.height
+
+
+def test_a_replica_that_replayed_from_genesis_never_installs_a_snapshot() -> None:
+    # It started empty (so state sync was allowed), replayed blocks from 1, then fell far behind:
+    # the store, now an archive, refuses an install, and the replica used to stop there.
+    scenario = Scenario(
+        seed=1, clients=3, transactions_per_client=60, late_joins=((3, 5),), partitions=((3, 600, 2_600),), faults_until_ms=2_700,
+    )
+    simulation = Simulation(scenario)  # the simulator fails on an install over blocks from genesis
+    report = simulation.run()
+    replica = simulation.replicas[3]
+    assert replica.base_height == 1 and not replica.core.state_sync_allowed and len(replica.chain) == report.height
+
+
+class _ViewChangeLog(ReplicaCore):
+    moves: list[tuple[int, str]] = []
+
+    def take_effects(self):  # type: ignore[no-untyped-def]
+        effects = super().take_effects()
+        if self.replica_id == 3:
+            self.moves.extend((self.now_ms, event) for event in effects.events if "request timer expired" in event)
+        return effects
+
+
+def test_a_joiner_does_not_suspect_the_primary_while_nothing_executes_for_it() -> None:
+    # While joining, requests it hears of cannot execute at its own height: its request timer
+    # used to fire and take it alone into view 1, where it sat out the rest of the run.
+    _ViewChangeLog.moves = []
+    scenario = Scenario(
+        seed=1, clients=6, transactions_per_client=100, pipeline_depth=4, late_joins=((3, 1_000),), faults_until_ms=1_100,
+        core_factory=_ViewChangeLog, slow_links=((3, 1_000, 3_000, 90),), time_limit_ms=60_000,
+    )
+    simulation = Simulation(scenario)
+    simulation.run()
+    assert _ViewChangeLog.moves == []
+    assert {replica.core.view for replica in simulation.replicas} == {0}
+
+
+def test_a_joiner_under_load_catches_up_by_blocks_after_its_install_instead_of_chasing() -> None:
+    # Each join took longer than the network needed for state_sync_distance blocks: it joined 11
+    # times in 4 s, throwing away its chunks each time. Now a second join needs the network
+    # JOIN_AGAIN_DISTANCES * state_sync_distance past the install (16 blocks here, 1,024 by default).
+    scenario = Scenario(
+        seed=1, clients=6, transactions_per_client=100, pipeline_depth=4, late_joins=((3, 1_000),), faults_until_ms=1_100,
+        slow_links=((3, 1_000, 3_000, 90),), time_limit_ms=60_000,
+    )
+    simulation = Simulation(scenario)
+    report = simulation.run()
+    joiner = simulation.replicas[3]
+    assert joiner.core.counters.get("state syncs", 0) <= 6 and len(joiner.chain) == report.height
