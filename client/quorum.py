@@ -59,6 +59,7 @@ class ReplyQuorum:
         self.unverified: dict[int, Reply] = {}  # at most one per replica: its latest
         self.forgers: set[int] = set()  # replicas whose reply failed its signature check
         self.ignored = 0
+        self.receipt: Receipt | None = None  # once decided; later replies change nothing
 
     def add(self, reply: Reply) -> Receipt | None:
         """The path is checked at once (a few hashes); signatures lazily, only once matching
@@ -69,7 +70,12 @@ class ReplyQuorum:
 
         Memory stays bounded by the replica count whatever arrives: at most one unverified reply
         per replica (its latest, its path at most REPLY_PATH_LENGTH_MAX hashes), and a group
-        exists only once a reply in it verified, each replica verifying at most once."""
+        exists only once a reply in it verified, each replica verifying at most once.
+
+        Once decided, the receipt is returned once; later replies are dropped unchecked (the
+        n - f - 1 replies that follow the deciding one cost nothing)."""
+        if self.receipt is not None:
+            return None
         if (
             reply.transaction_id != self.transaction_id
             or reply.replica_id >= self.network.replica_count
@@ -101,7 +107,7 @@ class ReplyQuorum:
             self.groups[key] = verified
         if len(verified) < needed:
             return None
-        return Receipt(
+        self.receipt = Receipt(
             reply.transaction_id,
             reply.result,
             reply.height,
@@ -111,6 +117,7 @@ class ReplyQuorum:
             # The lowest view in the group: a traitor cannot point the client at a far-off primary.
             min(r.view for r in verified),
         )
+        return self.receipt
 
 
 class QueryQuorum:
