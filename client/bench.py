@@ -12,7 +12,7 @@ SHA-256 of that encoded list, about a block (H). Every committed transaction cos
 summed over every process on the machine, at least
 
     replica = V + (E + D) / B + (2 * 2f * V + 2 * S + H) / B + R
-    client  = (f + 1) * V
+    client  = (f + 1) * V / B      with one signed reply per batch; (f + 1) * V with one per transaction
     C       = n * replica + client
     floor   = cores / C            (cores = os.cpu_count(); n replicas and the load generator share them)
 
@@ -21,7 +21,8 @@ and per batch verifies the 2f other replicas' votes of each phase (the pre-prepa
 then the COMMITs: 2 * 2f * V), signs its own two votes (2 * S) and hashes the block (H). R is the
 signed reply: S with one per transaction (the floor_per_transaction figure), S / B with one per
 batch (the floor figure, the higher one, which the ratio is taken against). The client verifies
-f + 1 reply signatures per transaction. Signing the transactions themselves (S each) is left out:
+f + 1 reply signatures: per block with one reply per batch (one signature covers every transaction
+of the block, and a client remembers the ones it checked), per transaction otherwise. Signing the transactions themselves (S each) is left out:
 they are signed before the timed part. Checkpoints, status messages and disk writes are left out
 too, so the floor is an upper bound no implementation on this machine can pass.
 
@@ -173,7 +174,7 @@ class Floor:
     transactions_per_second: float  # one signed reply per batch
     per_transaction_reply_transactions_per_second: float  # one signed reply per transaction
     replica_cpu_s_per_transaction: float  # with one reply per batch
-    client_cpu_s_per_transaction: float
+    client_cpu_s_per_transaction: float  # with one reply per batch
     cores: int
 
 
@@ -184,14 +185,16 @@ def compute_floor(primitives: Primitives, replica_count: int, cores: int) -> Flo
     verify, sign = primitives.verify_s, primitives.sign_s
     shared = verify + (primitives.encode_batch_s + primitives.decode_batch_s) / batch
     shared += (2 * 2 * faults * verify + 2 * sign + primitives.hash_block_s) / batch
-    client = (faults + 1) * verify
+    # One signed batch reply covers a block: a client checks f + 1 of them per block, not per transaction.
+    client_batch_reply = (faults + 1) * verify / batch
+    client_transaction_reply = (faults + 1) * verify
     replica_batch_reply = shared + sign / batch
     replica_transaction_reply = shared + sign
     return Floor(
-        transactions_per_second=cores / (replica_count * replica_batch_reply + client),
-        per_transaction_reply_transactions_per_second=cores / (replica_count * replica_transaction_reply + client),
+        transactions_per_second=cores / (replica_count * replica_batch_reply + client_batch_reply),
+        per_transaction_reply_transactions_per_second=cores / (replica_count * replica_transaction_reply + client_transaction_reply),
         replica_cpu_s_per_transaction=replica_batch_reply,
-        client_cpu_s_per_transaction=client,
+        client_cpu_s_per_transaction=client_batch_reply,
         cores=cores,
     )
 
