@@ -452,10 +452,16 @@ class ReplicaRuntime:
             return
         if self.stage_trace is not None:
             self.stage_trace.round_started(effects.send, effects.blocks, time.monotonic())
+        # What was encoded to be persisted is sent as it is: a pre-prepare (a whole batch) or a
+        # vote is encoded once, not once for the disk and again for the peers. Keyed by identity:
+        # the core persists and sends the very same signed object, alive until this round ends.
+        encoded: dict[int, bytes] = {}
         if effects.persist or effects.blocks or effects.prune is not None:
-            records = [
-                (record.kind, record.view, record.sequence, encode_message(record.message)) for record in effects.persist
-            ]
+            records = []
+            for record in effects.persist:
+                payload = encode_message(record.message)
+                encoded[id(record.message)] = payload
+                records.append((record.kind, record.view, record.sequence, payload))
             prune = None if effects.prune is None else (effects.prune.through_sequence, effects.prune.view, LOG_KINDS)
             if write_inline(events_handled, records, effects.blocks):
                 self.store.write_round(records, effects.blocks, prune, effects.state)
@@ -468,7 +474,11 @@ class ReplicaRuntime:
         if effects.evidence:
             await self._keep_evidence(effects.evidence)
         for send in effects.send:
-            self.transport.send(send.to, send.message)
+            payload = encoded.get(id(send.message))
+            if payload is None:
+                self.transport.send(send.to, send.message)
+            else:
+                self.transport.send_encoded(send.to, payload)
         for client_reply in effects.replies:
             for connection in self.subscribers.get(client_reply.account, ()):
                 connection.send(client_reply.reply)
