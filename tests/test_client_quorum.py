@@ -543,3 +543,27 @@ async def test_a_client_does_not_validate_replies_for_transactions_it_no_longer_
     assert submission.outcome is not None and not isinstance(submission.outcome, Exception)
     assert built == [NETWORK.reply_quorum]
     assert client.replies_not_awaited == 2 * NETWORK.replica_count - NETWORK.reply_quorum
+
+
+def test_a_reply_quorum_hashes_a_merkle_path_once_however_many_replicas_send_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Honest replicas of one block send the same leaf, path and root: the path is hashed for the
+    first and recognised for the rest; a reply whose path differs in anything is still hashed."""
+    import ledger.messages as messages_module
+
+    hashed = [0]
+    original = messages_module.verify_merkle_proof
+
+    def counted(*arguments: Any) -> bool:
+        hashed[0] += 1
+        return original(*arguments)
+
+    monkeypatch.setattr(messages_module, "verify_merkle_proof", counted)
+    quorum = ReplyQuorum(NETWORK, TRANSACTION_ID, SIGNATURES.verify)
+    first = signed_reply(0)
+    bent = dataclasses.replace(signed_reply(1), path=tuple(bytes(32) for _ in first.path))
+    assert quorum.add(bent) is None  # its path leads nowhere: hashed and refused
+    assert hashed == [1] and quorum.ignored == 1
+    assert quorum.add(first) is None
+    receipt = quorum.add(signed_reply(2))
+    assert receipt is not None and receipt.replicas == (0, 2)
+    assert hashed == [2]
