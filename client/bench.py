@@ -444,6 +444,9 @@ async def measure(
         # Sampled transactions (node/stage_trace.py): CLOCK_MONOTONIC at submit and at acceptance.
         traced: dict[bytes, tuple[float, float]] = {}
         state = {"measuring": False, "confirmed": 0, "retries": 0, "exhausted": 0, "finished": False}
+        # When the first account used up its pre-signed transactions (perf_counter): from then on
+        # the load falls, so a long run's later memory samples are taken under less load.
+        first_exhausted_s: list[float] = []
 
         async def account_writer(index: int) -> None:
             client = clients[index // ACCOUNTS_PER_CLIENT_MAX]
@@ -463,6 +466,8 @@ async def measure(
                         traced[transaction.transaction_id] = (submitted_s, time.monotonic())
             if not state["finished"]:
                 state["exhausted"] += 1
+                if not first_exhausted_s:
+                    first_exhausted_s.append(time.perf_counter())
 
         memory_samples: list[dict[str, Any]] = []
         async with trio.open_nursery() as nursery:
@@ -528,6 +533,8 @@ async def measure(
         "replica_peak_rss_bytes": [memory_bytes(pid, "VmHWM") for pid in network.pids],
         "client_retries": state["retries"],
         "accounts_out_of_transactions": state["exhausted"],
+        # Seconds into the measured window (negative: during the warm-up); None: none ran out.
+        "first_account_out_of_transactions_at_s": round(first_exhausted_s[0] - began, 1) if first_exhausted_s else None,
         "floor_transactions_per_second": floor.transactions_per_second,
         "floor_per_transaction_reply_transactions_per_second": floor.per_transaction_reply_transactions_per_second,
         "ratio_to_floor": transactions_per_second / floor.transactions_per_second,
@@ -636,7 +643,12 @@ def describe(results: list[dict[str, Any]], primitives: Primitives, extra: dict[
         lines.append(
             f"n={result['replicas']} in_flight={result['in_flight']}: CPU seconds per replica [{cpu}], load generator "
             f"{result['load_generator_cpu_s']:.1f}; peak RSS MiB per replica [{rss}]; retries {result['client_retries']}"
-            + (f"; {result['accounts_out_of_transactions']} accounts ran out of pre-signed transactions" if result["accounts_out_of_transactions"] else "")
+            + (
+                f"; {result['accounts_out_of_transactions']} accounts ran out of pre-signed transactions "
+                f"(the first at {result['first_account_out_of_transactions_at_s']} s: the load falls from there)"
+                if result["accounts_out_of_transactions"]
+                else ""
+            )
         )
         if "stages_ms" in result:
             lines.append("  median ms per stage of the sampled transactions (ledger-node run --trace-stages):")
