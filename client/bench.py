@@ -12,7 +12,7 @@ SHA-256 of that encoded list, about a block (H). Every committed transaction cos
 summed over every process on the machine, at least
 
     replica = V + (E + D) / B + (2 * 2f * V + 2 * S + H) / B + R
-    client  = (f + 1) * V
+    client  = (f + 1) * V / B      with one signed reply per batch; (f + 1) * V with one per transaction
     C       = n * replica + client
     floor   = cores / C            (cores = os.cpu_count(); n replicas and the load generator share them)
 
@@ -21,7 +21,8 @@ and per batch verifies the 2f other replicas' votes of each phase (the pre-prepa
 then the COMMITs: 2 * 2f * V), signs its own two votes (2 * S) and hashes the block (H). R is the
 signed reply: S with one per transaction (the floor_per_transaction figure), S / B with one per
 batch (the floor figure, the higher one, which the ratio is taken against). The client verifies
-f + 1 reply signatures per transaction. Signing the transactions themselves (S each) is left out:
+f + 1 reply signatures: per block with one reply per batch (one signature covers every transaction
+of the block, and a client remembers the ones it checked), per transaction otherwise. Signing the transactions themselves (S each) is left out:
 they are signed before the timed part. Checkpoints, status messages and disk writes are left out
 too, so the floor is an upper bound no implementation on this machine can pass.
 
@@ -173,7 +174,7 @@ class Floor:
     transactions_per_second: float  # one signed reply per batch
     per_transaction_reply_transactions_per_second: float  # one signed reply per transaction
     replica_cpu_s_per_transaction: float  # with one reply per batch
-    client_cpu_s_per_transaction: float
+    client_cpu_s_per_transaction: float  # with one reply per batch
     cores: int
 
 
@@ -184,14 +185,16 @@ def compute_floor(primitives: Primitives, replica_count: int, cores: int) -> Flo
     verify, sign = primitives.verify_s, primitives.sign_s
     shared = verify + (primitives.encode_batch_s + primitives.decode_batch_s) / batch
     shared += (2 * 2 * faults * verify + 2 * sign + primitives.hash_block_s) / batch
-    client = (faults + 1) * verify
+    # One signed batch reply covers a block: a client checks f + 1 of them per block, not per transaction.
+    client_batch_reply = (faults + 1) * verify / batch
+    client_transaction_reply = (faults + 1) * verify
     replica_batch_reply = shared + sign / batch
     replica_transaction_reply = shared + sign
     return Floor(
-        transactions_per_second=cores / (replica_count * replica_batch_reply + client),
-        per_transaction_reply_transactions_per_second=cores / (replica_count * replica_transaction_reply + client),
+        transactions_per_second=cores / (replica_count * replica_batch_reply + client_batch_reply),
+        per_transaction_reply_transactions_per_second=cores / (replica_count * replica_transaction_reply + client_transaction_reply),
         replica_cpu_s_per_transaction=replica_batch_reply,
-        client_cpu_s_per_transaction=client,
+        client_cpu_s_per_transaction=client_batch_reply,
         cores=cores,
     )
 
@@ -441,6 +444,9 @@ async def measure(
         # Sampled transactions (node/stage_trace.py): CLOCK_MONOTONIC at submit and at acceptance.
         traced: dict[bytes, tuple[float, float]] = {}
         state = {"measuring": False, "confirmed": 0, "retries": 0, "exhausted": 0, "finished": False}
+        # When the first account used up its pre-signed transactions (perf_counter): from then on
+        # the load falls, so a long run's later memory samples are taken under less load.
+        first_exhausted_s: list[float] = []
 
         async def account_writer(index: int) -> None:
             client = clients[index // ACCOUNTS_PER_CLIENT_MAX]
@@ -460,6 +466,8 @@ async def measure(
                         traced[transaction.transaction_id] = (submitted_s, time.monotonic())
             if not state["finished"]:
                 state["exhausted"] += 1
+                if not first_exhausted_s:
+                    first_exhausted_s.append(time.perf_counter())
 
         memory_samples: list[dict[str, Any]] = []
         async with trio.open_nursery() as nursery:
@@ -525,6 +533,8 @@ async def measure(
         "replica_peak_rss_bytes": [memory_bytes(pid, "VmHWM") for pid in network.pids],
         "client_retries": state["retries"],
         "accounts_out_of_transactions": state["exhausted"],
+        # Seconds into the measured window (negative: during the warm-up); None: none ran out.
+        "first_account_out_of_transactions_at_s": round(first_exhausted_s[0] - began, 1) if first_exhausted_s else None,
         "floor_transactions_per_second": floor.transactions_per_second,
         "floor_per_transaction_reply_transactions_per_second": floor.per_transaction_reply_transactions_per_second,
         "ratio_to_floor": transactions_per_second / floor.transactions_per_second,
@@ -633,7 +643,12 @@ def describe(results: list[dict[str, Any]], primitives: Primitives, extra: dict[
         lines.append(
             f"n={result['replicas']} in_flight={result['in_flight']}: CPU seconds per replica [{cpu}], load generator "
             f"{result['load_generator_cpu_s']:.1f}; peak RSS MiB per replica [{rss}]; retries {result['client_retries']}"
-            + (f"; {result['accounts_out_of_transactions']} accounts ran out of pre-signed transactions" if result["accounts_out_of_transactions"] else "")
+            + (
+                f"; {result['accounts_out_of_transactions']} accounts ran out of pre-signed transactions "
+                f"(the first at {result['first_account_out_of_transactions_at_s']} s: the load falls from there)"
+                if result["accounts_out_of_transactions"]
+                else ""
+            )
         )
         if "stages_ms" in result:
             lines.append("  median ms per stage of the sampled transactions (ledger-node run --trace-stages):")

@@ -53,9 +53,11 @@ from ledger.messages import (
     StatusReply,
     Subscribe,
     checkpoint_certificate_signers_problem,
-    decode_message,
+    decode_message_items,
     encode_message,
+    message_from_items,
     pruned_from_height,
+    reply_transaction_id,
 )
 from ledger.receipts import (
     ReceiptError,
@@ -260,7 +262,14 @@ class ReplicaLink:
             if data is None:
                 return
             try:
-                message = decode_message(data)
+                items = decode_message_items(data)
+                # Most replies arrive after their transaction was accepted (n - f - 1 of every
+                # n): dropped before they are validated and checked, which is most of their cost.
+                transaction_id = reply_transaction_id(items)
+                if transaction_id is not None and not self.client.awaits_reply(transaction_id):
+                    self.client.replies_not_awaited += 1
+                    continue
+                message = message_from_items(items)
             except CodecError:
                 self.client.ignored_messages += 1
                 continue
@@ -288,6 +297,7 @@ class Client:
         # So it reads its own confirmed writes, and never reads older state than it already saw.
         self.read_floor = 0
         self.ignored_messages = 0
+        self.replies_not_awaited = 0  # replies for no transaction in flight (most: after acceptance)
         self._submissions: dict[bytes, Submission] = {}
         # The last refusal each replica sent that named no transaction (at most one per replica).
         self.unattributed_refusals: dict[int, str] = {}
@@ -300,6 +310,11 @@ class Client:
         return self.network.primary(self.view)
 
     # ---- incoming ----
+
+    def awaits_reply(self, transaction_id: bytes) -> bool:
+        """Whether a REPLY for this transaction could still change anything: it is in flight, undecided."""
+        submission = self._submissions.get(transaction_id)
+        return submission is not None and submission.outcome is None
 
     def _dispatch(self, replica_id: int, message: Any) -> None:
         if isinstance(message, Reply):

@@ -59,6 +59,13 @@ class ReplyQuorum:
         self.unverified: dict[int, Reply] = {}  # at most one per replica: its latest
         self.forgers: set[int] = set()  # replicas whose reply failed its signature check
         self.ignored = 0
+        self.receipt: Receipt | None = None  # once decided; later replies change nothing
+        # Paths already hashed to their root, with the leaf they proved (at most one per replica):
+        # honest replicas of one block send identical ones, so each is hashed once.
+        self.proven_paths: set[tuple[Any, ...]] = set()
+        self.replica_count = network.replica_count
+        self.reply_quorum = network.reply_quorum
+        self.replica_keys = network.replica_keys
 
     def add(self, reply: Reply) -> Receipt | None:
         """The path is checked at once (a few hashes); signatures lazily, only once matching
@@ -69,26 +76,38 @@ class ReplyQuorum:
 
         Memory stays bounded by the replica count whatever arrives: at most one unverified reply
         per replica (its latest, its path at most REPLY_PATH_LENGTH_MAX hashes), and a group
-        exists only once a reply in it verified, each replica verifying at most once."""
+        exists only once a reply in it verified, each replica verifying at most once.
+
+        Once decided, the receipt is returned once; later replies are dropped unchecked (the
+        n - f - 1 replies that follow the deciding one cost nothing)."""
+        if self.receipt is not None:
+            return None
         if (
             reply.transaction_id != self.transaction_id
-            or reply.replica_id >= self.network.replica_count
+            or reply.replica_id >= self.replica_count
             or reply.replica_id in self.replied
             or reply.replica_id in self.forgers
-            or not reply.path_leads_to_root()
         ):
             self.ignored += 1
             return None
+        # Everything the path check depends on (the transaction id is this quorum's own).
+        path_key = (reply.result, reply.index, reply.position, reply.batch.leaf_count, reply.batch.replies_root, reply.path)
+        if path_key not in self.proven_paths:
+            if not reply.path_leads_to_root():
+                self.ignored += 1
+                return None
+            if len(self.proven_paths) < self.replica_count:
+                self.proven_paths.add(path_key)
         self.unverified[reply.replica_id] = reply
         key = reply.matching_key()
         verified = self.groups.get(key, [])
         candidates = [waiting for waiting in self.unverified.values() if waiting.matching_key() == key]
-        needed = self.network.reply_quorum
+        needed = self.reply_quorum
         if len(verified) + len(candidates) < needed:
             return None
         for candidate in candidates:
             del self.unverified[candidate.replica_id]
-            public_key = self.network.replica_keys[candidate.replica_id]
+            public_key = self.replica_keys[candidate.replica_id]
             batch = candidate.batch
             if self.check(public_key, self.domain, batch.signed_bytes(), batch.signature):
                 verified.append(candidate)
@@ -101,7 +120,7 @@ class ReplyQuorum:
             self.groups[key] = verified
         if len(verified) < needed:
             return None
-        return Receipt(
+        self.receipt = Receipt(
             reply.transaction_id,
             reply.result,
             reply.height,
@@ -111,6 +130,7 @@ class ReplyQuorum:
             # The lowest view in the group: a traitor cannot point the client at a far-off primary.
             min(r.view for r in verified),
         )
+        return self.receipt
 
 
 class QueryQuorum:

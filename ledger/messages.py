@@ -1036,9 +1036,28 @@ def encode_message(message: Any) -> bytes:
 
 def decode_message(data: bytes) -> Any:
     """Decode and validate one message; anything malformed raises CodecError."""
+    return message_from_items(decode_message_items(data))
+
+
+def decode_message_items(data: bytes) -> list[Any]:
+    """The first half of decode_message: the CBOR decode, plain values checked, not yet a message."""
     items = decode(data)
     if not isinstance(items, list) or not items:
         raise CodecError("message: expected a non-empty array")
+    return items
+
+
+def reply_transaction_id(items: list[Any]) -> bytes | None:
+    """The transaction a REPLY in decode_message_items form names, before anything else of it is
+    checked; None if the items are not a REPLY. Only for dropping replies nobody waits for: a
+    reply that names a transaction in flight is still validated whole (message_from_items)."""
+    if len(items) == 7 and items[0] == Reply.TAG and type(items[2]) is bytes:
+        return items[2]
+    return None
+
+
+def message_from_items(items: list[Any]) -> Any:
+    """The second half of decode_message: the message the items make, validated."""
     tag = items[0]
     message_type = MESSAGE_TYPES.get(tag) if isinstance(tag, str) else None
     if message_type is None:

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import trio
 
-from client.library import Client, NetworkUnavailable
+from client.library import Client, NetworkUnavailable, Submission
 from client.quorum import QueryQuorum, ReplyQuorum
 from ledger.application import AccountsApplication
 from ledger.blocks import BLOCK_TRANSACTIONS_MAX
@@ -27,6 +27,7 @@ from ledger.messages import (
     Reply,
     ReplyEntry,
     Request,
+    encode_message,
     make_replies,
 )
 from ledger.transactions import Put, TransactionResult, sign_transaction
@@ -494,3 +495,75 @@ async def test_client_ignores_an_honest_answer_to_another_question_with_the_same
 def test_query_quorum_refuses_to_accept_fewer_than_f_plus_one_answers() -> None:
     with pytest.raises(ValueError, match="f \\+ 1"):
         QueryQuorum(NETWORK, Query(1, "get", "k", 0, NONCE), needed=FAULTS)
+
+
+# ---- what a client spends on replies once a transaction is accepted ----
+
+
+def test_a_decided_reply_quorum_spends_no_check_and_builds_no_receipt_for_later_replies() -> None:
+    """The f + 1-th matching reply decides; the other replicas' replies (n - f - 1 of them) are
+    dropped at once: no signature check, no second receipt."""
+    check, calls = counting(SIGNATURES.verify)
+    quorum = ReplyQuorum(NETWORK, TRANSACTION_ID, check)
+    receipts = [quorum.add(signed_reply(replica_id)) for replica_id in range(NETWORK.replica_count)]
+    assert receipts[NETWORK.reply_quorum - 1] is not None
+    assert receipts[NETWORK.reply_quorum :] == [None] * (NETWORK.replica_count - NETWORK.reply_quorum)
+    assert calls == [NETWORK.reply_quorum]
+
+
+class ScriptedFrames:
+    """A FramedStream that yields these frames, then the end of the stream."""
+
+    def __init__(self, frames: list[bytes]) -> None:
+        self.frames = list(frames)
+
+    async def receive(self) -> bytes | None:
+        return self.frames.pop(0) if self.frames else None
+
+
+async def test_a_client_does_not_validate_replies_for_transactions_it_no_longer_waits_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Replies after acceptance, and replies naming no transaction in flight, are dropped after
+    the CBOR decode and before a REPLY is built and checked (the load generator's main cost)."""
+    client = scripted_client()
+    transaction = sign_transaction(NETWORK.identity, CLIENT_KEY, 0, Put("k", "v"))
+    submission = Submission(transaction, ReplyQuorum(NETWORK, transaction.transaction_id, client.reply_signatures.verify, replica_ids_authenticated=True))
+    client._submissions[transaction.transaction_id] = submission
+    built = [0]
+    original = Reply.from_fields.__func__  # type: ignore[attr-defined]
+
+    def counted(cls: type[Reply], items: list[Any]) -> Reply:
+        built[0] += 1
+        return original(cls, items)
+
+    monkeypatch.setattr(Reply, "from_fields", classmethod(counted))
+    for replica_id in range(NETWORK.replica_count):
+        reply = signed_reply_for(transaction.transaction_id, replica_id, 5)
+        stranger = signed_reply_for(bytes(32), replica_id, 5)
+        await client.links[replica_id]._read(ScriptedFrames([encode_message(reply), encode_message(stranger)]))  # type: ignore[arg-type]
+    assert submission.outcome is not None and not isinstance(submission.outcome, Exception)
+    assert built == [NETWORK.reply_quorum]
+    assert client.replies_not_awaited == 2 * NETWORK.replica_count - NETWORK.reply_quorum
+
+
+def test_a_reply_quorum_hashes_a_merkle_path_once_however_many_replicas_send_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Honest replicas of one block send the same leaf, path and root: the path is hashed for the
+    first and recognised for the rest; a reply whose path differs in anything is still hashed."""
+    import ledger.messages as messages_module
+
+    hashed = [0]
+    original = messages_module.verify_merkle_proof
+
+    def counted(*arguments: Any) -> bool:
+        hashed[0] += 1
+        return original(*arguments)
+
+    monkeypatch.setattr(messages_module, "verify_merkle_proof", counted)
+    quorum = ReplyQuorum(NETWORK, TRANSACTION_ID, SIGNATURES.verify)
+    first = signed_reply(0)
+    bent = dataclasses.replace(signed_reply(1), path=tuple(bytes(32) for _ in first.path))
+    assert quorum.add(bent) is None  # its path leads nowhere: hashed and refused
+    assert hashed == [1] and quorum.ignored == 1
+    assert quorum.add(first) is None
+    receipt = quorum.add(signed_reply(2))
+    assert receipt is not None and receipt.replicas == (0, 2)
+    assert hashed == [2]
