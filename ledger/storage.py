@@ -175,6 +175,9 @@ class BlockStore:
         if retain_blocks is not None and retain_blocks < 1:
             raise ValueError(f"retain_blocks must be a positive number of blocks, not {retain_blocks}")
         self.retain_blocks = retain_blocks  # None: an archive, every block kept
+        # The oldest checkpoint whose snapshot the replica serves (set by the runtime): its block
+        # is kept too, since a joiner fetching that snapshot then fetches its block.
+        self.snapshot_floor: int | None = None
         # The newest stable checkpoint a write round named (prune): no block from it up is ever
         # deleted. 0 until the first one after opening, so a restart prunes nothing before it.
         self._stable_sequence = 0
@@ -407,6 +410,8 @@ class BlockStore:
         if self.retain_blocks is None or state_height is None or stable_sequence < 1:
             return self._base_height
         target = min(stable_sequence, tip - self.retain_blocks + 1, state_height)
+        if self.snapshot_floor is not None:
+            target = min(target, self.snapshot_floor)
         return target if target > self.first_height else self._base_height
 
     def _prune_blocks(self, stable_sequence: int, tip: int, state_height: int | None, blocks_max: int, transactions_max: int) -> int:

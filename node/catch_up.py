@@ -24,9 +24,6 @@ from ledger.messages import (
 from node.effects import Installed, Send
 from node.state_join import ATTEMPT_TIMEOUTS_MAX, StateJoin
 
-# After an install, the next join needs a checkpoint this many state_sync_distances above it (or
-# the blocks in between pruned): the blocks made during a join are fetched, not chased.
-JOIN_AGAIN_DISTANCES = 4
 RELAYS_PER_INTERVAL_MAX = 16  # waiting requests a backup re-relays to the primary per status interval
 
 # What a state sync counts that means a peer served something useless or false (logged as refusals).
@@ -124,7 +121,11 @@ class CatchUp:
             self._on_join_blocks(sender, message)
             return
         # A peer that pruned the blocks we need answers from its base up: only a snapshot helps.
-        pruned_past_us = bool(message.blocks) and message.blocks[0].height > self.height + 1
+        # Believed from f + 1 peers only (at least one honest): one traitor leaving out a block
+        # must not make a replica throw its state away for a snapshot.
+        if message.blocks and message.blocks[0].height > self.height + 1:
+            self.pruned_reports[sender] = self.height
+        pruned_past_us = sum(1 for height in self.pruned_reports.values() if height == self.height) > self.faults
         if checkpoint is not None and checkpoint.sequence >= self.low and self._join_wanted(checkpoint, pruned_past_us):
             # Far behind: take the certificate first, and the snapshot it vouches for instead
             # of these blocks (stored blocks would make the store unable to start from it).
@@ -187,7 +188,9 @@ class CatchUp:
         if blocks_pruned:
             return behind > 0
         distance = self.settings.state_sync_distance
-        return behind > distance and (self.joined_at is None or certificate.sequence > self.joined_at + JOIN_AGAIN_DISTANCES * distance)
+        # After an install, join again only if catching up by blocks loses ground: the gap grew
+        # by more than the distance since (not merely because the network moved on meanwhile).
+        return behind > distance and (self.joined_at is None or behind > self.gap_at_install + distance)
 
     def _start_join(self, certificate: CheckpointCertificate) -> None:
         peers = [replica for replica in range(self.replica_count) if replica != self.replica_id]
@@ -217,10 +220,20 @@ class CatchUp:
         if joining.failed(self.now_ms) or moved_on:
             self._count_join(joining)
             self.joining = None
-            # Never this checkpoint again: the next attempt is at a newer one, or blocks are
-            # fetched (their answer brings the peer's newest certificate, and with it maybe a join).
+            gone = moved_on or len(joining.not_kept_by) > self.faults
+            if not gone:
+                # Timeouts only (a blip, slow peers): the honest peers may well serve it still.
+                target = newest if newest is not None and newest.sequence > joining.checkpoint.sequence else joining.checkpoint
+                self.effects.events.append(
+                    f"state sync at {joining.checkpoint.sequence} stalled: no chunk came for {ATTEMPT_TIMEOUTS_MAX} request timeouts; trying {target.sequence}"
+                )
+                self._start_join(target)
+                return
+            # f + 1 peers keep no snapshot of it (one honest): never this checkpoint again. The next
+            # attempt is at a newer one, or blocks are fetched (their answer brings the peer's newest
+            # certificate, and with it maybe a join).
             self.join_failed_through = max(self.join_failed_through, joining.checkpoint.sequence)
-            why = "peers no longer keep it" if moved_on else f"no chunk came for {ATTEMPT_TIMEOUTS_MAX} request timeouts"
+            why = "peers no longer keep it"
             if newest is not None and self._join_wanted(newest):
                 self.effects.events.append(f"state sync at {joining.checkpoint.sequence} abandoned: {why}; trying {newest.sequence}")
                 self._start_join(newest)
@@ -291,6 +304,8 @@ class CatchUp:
         self.next_sequence = max(self.next_sequence, self.height + 1)
         self.height_at_last_status = self.height
         self.joined_at = block.height
+        newest = self.stable_checkpoint
+        self.gap_at_install = max(0, (newest.sequence if newest is not None else block.height) - block.height)
         self.counters["state syncs"] = self.counters.get("state syncs", 0) + 1
         self.effects.events.append(
             f"state sync: installed the snapshot at {block.height} ({application.entry_count()} entries); fetching the blocks after it"

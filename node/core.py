@@ -212,6 +212,10 @@ class ReplicaCore(CheckpointProtocol, ViewChangeProtocol, CatchUp):
         # needs a checkpoint JOIN_AGAIN_DISTANCES * state_sync_distance above it, so a joiner
         # catches up the gap by blocks instead of chasing each newer checkpoint.
         self.joined_at: int | None = None
+        self.gap_at_install = 0  # how far the newest stable checkpoint was above the install
+        # Peers whose block fetch answer began above our next height, with our height then: f + 1
+        # of them (one honest) at our current height mean the blocks we need are pruned.
+        self.pruned_reports: dict[int, int] = {}
         self.snapshots = SnapshotKeeper()  # the states this replica serves to joining ones
 
         self.counters: dict[str, int] = {}

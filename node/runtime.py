@@ -10,7 +10,7 @@ import random
 import signal
 import sys
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,6 +66,7 @@ from node.log_format import LogRateLimit
 from node.metrics import ReplicaMetrics, runtime_snapshot, serve_metrics
 from node.queries import answer_query
 from node.signature_threads import PARALLEL_CHECKS_MIN, SignatureThreads
+from node.snapshot_serving import ServingBudget
 from node.stage_trace import StageTrace
 from node.traitors import (
     SIGNED_KINDS,
@@ -80,9 +81,6 @@ from node.transport import ListenError, PeerTransport, listen
 EVENT_QUEUE_MAX = 10_000
 WAITING_REQUESTS_MAX = 10_000
 EVENTS_PER_ROUND_MAX = 512
-# FetchSnapshot answers per peer per second: a joiner asks at most 4 lanes' worth at a time, each
-# answer up to 1 MiB, so this is 64 MiB/s to one peer, while a flood costs at most 64 chunks a second.
-SNAPSHOT_REQUESTS_PER_SECOND_MAX = 64
 CLIENT_QUEUE_FRAMES_MAX = 4096
 # What may wait to be written to one client, block responses aside: replies are a few hundred
 # bytes, so this is about a thousand of them. A client that does not read loses replies; it retries.
@@ -282,8 +280,8 @@ class ReplicaRuntime:
         )
         self.client_blocks_budget = ByteBudget(CLIENT_BLOCK_RESPONSES_MAX * self.blocks_response_size_max)
         self.fetches_skipped = 0
-        # When each peer's recent FetchSnapshot requests were answered (at most SNAPSHOT_REQUESTS_PER_SECOND_MAX a second).
-        self.snapshot_answers: dict[int, deque[float]] = {}
+        # What snapshot serving may cost, per peer and in all (node/snapshot_serving.py).
+        self.serving_budget = ServingBudget()
         self.clients_timed_out = 0
         self.subscribers: dict[bytes, set[ClientConnection]] = {}
         # Which connection sent a request, so a refusal reaches it; oldest forgotten first.
@@ -366,6 +364,7 @@ class ReplicaRuntime:
                 self._check_request_signatures(events)
                 for event in events:
                     self._handle(event)
+            self._serve_waiting_snapshots()
             self.core.tick(now_ms())
             await self._carry_out(self.core.take_effects(), len(events))
             await trio.sleep(0)
@@ -429,21 +428,24 @@ class ReplicaRuntime:
         if not self.transport.has_room(peer, self.network.protocol.frame_size_max):
             self.fetches_skipped += 1
             return
-        # Each answer is a chunk's worth of work (up to 1 MiB built): a peer asking faster than an
-        # honest joiner's lanes ever do gets nothing for the rest of the second.
-        answered = self.snapshot_answers.setdefault(peer, deque())
         moment = time.monotonic()
-        while answered and moment - answered[0] >= 1.0:
-            answered.popleft()
-        if len(answered) >= SNAPSHOT_REQUESTS_PER_SECOND_MAX:
-            self.fetches_skipped += 1
+        if not self.serving_budget.may_serve(peer, moment):
+            self.serving_budget.wait(peer, request)  # served when the budget refills (_serve_waiting_snapshots)
             return
-        answered.append(moment)
-        answer = self.core.snapshots.answer(request)
+        answer = self.core.snapshots.answer(request, self.core.stable_checkpoint)
+        self.serving_budget.charge(peer, 0 if answer is None or answer.chunk is None else len(answer.chunk.entries), moment)
         if answer is not None and self.traitor is not None:
             answer = self.traitor.serve_snapshot(peer, answer, self._traitor_now_ms())
         if answer is not None:
             self.transport.send(peer, answer)
+
+    def _serve_waiting_snapshots(self) -> None:
+        """Answer the FetchSnapshot requests that waited for the serving budget, as it allows."""
+        while self.serving_budget.waiting:
+            payable = self.serving_budget.next_payable(time.monotonic())
+            if payable is None:
+                return
+            self._serve_snapshot(*payable)
 
     def _encoded_blocks(self, request: FetchBlocks) -> list[bytes]:
         """The blocks of a Blocks answer as stored: each read once and never decoded or re-encoded
@@ -502,6 +504,7 @@ class ReplicaRuntime:
         # the core persists and sends the very same signed object, alive until this round ends.
         encoded: dict[int, bytes] = {}
         if effects.persist or effects.blocks or effects.prune is not None:
+            self.store.snapshot_floor = min(self.core.snapshots.kept_sequences(), default=None)
             records = []
             for record in effects.persist:
                 payload = encode_message(record.message)

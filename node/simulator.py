@@ -171,6 +171,8 @@ class Scenario:
     # New replicas: (replica, join_ms): down from the start with an empty disk, then started
     # at join_ms; one far enough behind joins by state sync (node/state_join.py).
     late_joins: tuple[tuple[int, int], ...] = ()
+    # The simulated network's [protocol] state_sync_distance, if not the default of 4 blocks.
+    state_sync_distance: int | None = None
 
     @classmethod
     def from_seed(
@@ -475,6 +477,9 @@ class Simulation:
         self.network, self.replica_keys = simulated_network(
             scenario.seed, scenario.replica_count, [client.key for client in self.clients]
         )
+        if scenario.state_sync_distance is not None:
+            protocol = dataclasses.replace(self.network.protocol, state_sync_distance=scenario.state_sync_distance)
+            self.network = dataclasses.replace(self.network, protocol=protocol)
         self.verify = memoizing_verifier()
         self.signature_checks: list[dict[bytes, int]] = [{} for _ in range(scenario.replica_count)]
         self.domains = {
@@ -824,7 +829,7 @@ class Simulation:
 
     def serve_snapshot(self, server: int, instance: SimulatedReplica, requester: int, request: FetchSnapshot) -> None:
         """The snapshot server (the runtime answers FetchSnapshot from the core's kept snapshots)."""
-        answer = instance.core.snapshots.answer(request)
+        answer = instance.core.snapshots.answer(request, instance.core.stable_checkpoint)
         traitor = self.traitor_wrappers.get(server)
         if traitor is not None:
             answer = traitor.serve_snapshot(requester, answer, self.now_ms)

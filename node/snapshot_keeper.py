@@ -74,18 +74,20 @@ class SnapshotKeeper:
     def kept_sequences(self) -> list[int]:
         return sorted(self._stable)
 
-    def answer(self, request: FetchSnapshot) -> SnapshotChunk | None:
-        """The chunk asked for, or (chunk None) the newest certificate kept when this replica
-        keeps no snapshot of the sequence asked (sequence 0 asks for the newest), or when the
-        request is past the end of its bucket; None with nothing stable to offer. Costs one
-        chunk's worth of work (ledger/snapshots.py bounds; a part of a large bucket costs a pass
-        over that bucket)."""
+    def answer(self, request: FetchSnapshot, stable: CheckpointCertificate | None = None) -> SnapshotChunk | None:
+        """The chunk asked for, or (chunk None) a certificate when this replica keeps no snapshot
+        of the sequence asked (sequence 0 asks for the newest), or when the request is past the
+        end of its bucket: the newest kept one's, else `stable` (the replica's stable checkpoint:
+        a replica that restarted keeps no snapshot until its next checkpoint is stable, and says
+        so rather than stay silent); None with no certificate at all. Costs one chunk's worth of
+        work (ledger/snapshots.py bounds; a part of a large bucket costs a pass over that bucket)."""
         newest = self.newest
         if newest is None:
-            return None
+            return None if stable is None else SnapshotChunk(stable, None)
         kept = newest if request.sequence == 0 else self._stable.get(request.sequence)
         if kept is None:
-            return SnapshotChunk(newest.certificate, None)
+            newer = stable if stable is not None and stable.sequence > newest.certificate.sequence else newest.certificate
+            return SnapshotChunk(newer, None)
         try:
             chunk = chunk_starting_at(kept.state, request.first_bucket, first_entry=request.first_entry)
         except SnapshotError:

@@ -39,10 +39,13 @@ class StateJoin:
         self.request_timeout_ms = request_timeout_ms
         self.started_ms = now_ms
         self.progress_ms = now_ms  # when a chunk was last taken
-        self.fetch = SnapshotFetch(checkpoint, list(self.peers), request_timeout_ms)
+        # The fetch's own deadline counts from its start; this attempt's counts from its last
+        # progress (failed below), so a large state takes as long as it needs.
+        self.fetch = SnapshotFetch(checkpoint, list(self.peers), request_timeout_ms, deadline_ms=1 << 62)
         self.block_asked_ms: int | None = None
         self.block_cursor = 0
         self.counters: dict[str, int] = {}
+        self.not_kept_by: set[int] = set()  # peers that answered they keep no snapshot of it
 
     def _count(self, reason: str) -> None:
         self.counters[reason] = self.counters.get(reason, 0) + 1
@@ -76,6 +79,8 @@ class StateJoin:
 
     def receive_chunk(self, sender: int, message: SnapshotChunk, now_ms: int) -> list[tuple[int, Any]]:
         taken = self.chunks_taken
+        if message.chunk is None and sender in self.peers:
+            self.not_kept_by.add(sender)
         sends = list(self.fetch.receive(sender, message, now_ms))
         if self.chunks_taken > taken:
             self.progress_ms = now_ms

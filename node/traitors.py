@@ -627,10 +627,12 @@ class ExtremeTimestamps(Behaviour):
 
 class LyingBlockServer(Behaviour):
     """Answers block fetches with altered blocks: results (with a matching results root and state
-    digest, so only re-execution can tell), a transaction, the certificate, or the parent link."""
+    digest, so only re-execution can tell), a transaction, the certificate, or the parent link;
+    or (mode `gap`, never drawn by `any`) leaves out the first block, so its answer looks like a
+    replica that pruned the blocks asked for."""
 
     name = "lying_block_server"
-    choices: ClassVar[dict[str, tuple[str, ...]]] = {"mode": ("any", "results", "transactions", "certificate", "link")}
+    choices: ClassVar[dict[str, tuple[str, ...]]] = {"mode": ("any", "results", "transactions", "certificate", "link", "gap")}
 
     def __init__(self, start_ms: int = 0, mode: str = "any") -> None:
         super().__init__(start_ms)
@@ -656,6 +658,8 @@ class LyingBlockServer(Behaviour):
     def serve_blocks(self, context: TraitorContext, requester: int, blocks: tuple[Block, ...]) -> tuple[Block, ...]:
         if not blocks:
             return blocks
+        if self.mode == "gap":
+            return blocks[1:]
         index = context.random.randrange(len(blocks))
         return blocks[:index] + (self._lie(context, blocks[index]),) + blocks[index + 1 :]
 

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+from chain_helpers import deterministic_key, extend_executed_chain, make_network
 
 from ledger.application import AccountsApplication
-from ledger.messages import CheckpointCertificate, FetchSnapshot
+from ledger.messages import CheckpointCertificate, FetchSnapshot, SnapshotChunk
+from ledger.restore import restore_application
+from ledger.snapshots import chunk_starting_at
+from ledger.storage import BlockStore
 from node.core import ReplicaCore
 from node.simulator import Scenario, Simulation
 from node.snapshot_keeper import SNAPSHOTS_KEPT, SnapshotKeeper
+from node.state_join import StateJoin
 from node.traitors import BehaviourSpec, TraitorSpec
 
 JOIN_MS = 1_000
@@ -190,3 +197,78 @@ def test_a_joiner_under_load_catches_up_by_blocks_after_its_install_instead_of_c
     report = simulation.run()
     joiner = simulation.replicas[3]
     assert joiner.core.counters.get("state syncs", 0) <= 6 and len(joiner.chain) == report.height
+
+
+# ---- holes a second adversarial review found (each failed before its fix) ----
+
+
+def test_a_join_that_keeps_taking_chunks_never_runs_out_of_time() -> None:
+    # The fetch's own 600 s deadline counted from its start: a large state or slow honest peers
+    # failed at 600 s however steadily chunks came.
+    application = AccountsApplication({deterministic_key(f"deadline-{index}").public_key: 1_000 for index in range(2_400)})
+    frozen = application.freeze()
+    certificate = CheckpointCertificate(64, frozen.state_digest(), b"\x00" * 32, ())
+    join = StateJoin(certificate, [0, 1, 2], 1_000, 0)
+    now_ms = 0
+    sends = join.tick(now_ms)
+    while not join.failed(now_ms) and not join.state_complete:
+        now_ms += 900  # each answer one small valid chunk, just inside the timeout
+        answers = []
+        for peer, request in sends:
+            chunk = chunk_starting_at(frozen, request.first_bucket, entries_max=1, first_entry=request.first_entry)
+            answers += join.receive_chunk(peer, SnapshotChunk(certificate, chunk), now_ms)
+        sends = answers + join.tick(now_ms)
+    assert join.state_complete and now_ms > 600_000
+
+
+def test_pruning_keeps_the_block_of_every_snapshot_the_replica_serves(tmp_path: Path) -> None:
+    # Pruning kept only the newest stable checkpoint's block while 4 snapshots were served: a
+    # joiner fetching an older one got its state and then no block, every time.
+    network = make_network("prune-floor")
+    store = BlockStore.open(tmp_path / "ledger.sqlite3", network.genesis, retain_blocks=4)
+    application = restore_application(store, network.config).application
+    blocks = extend_executed_chain(network, application, store.last_hash, 0, 40, 2)
+    store.snapshot_floor = 16  # the oldest snapshot kept
+    store.write_round([], blocks, (32, 0, ()), application.take_changes())
+    assert store.block(16) is not None and store.block(15) is None
+    store.close()
+
+
+def test_a_short_blip_does_not_make_a_new_replica_give_up_a_snapshot_every_peer_serves() -> None:
+    # Cut off for 1.26 s as it started: three timeouts dropped each peer, the checkpoint was
+    # banned, and the new replica replayed the whole history from genesis (an archive).
+    scenario = Scenario(
+        seed=1, clients=3, transactions_per_client=30, late_joins=((3, 5_000),), partitions=((3, 5_010, 6_270),),
+        faults_until_ms=6_600, time_limit_ms=20_000,
+    )
+    simulation = Simulation(scenario)
+    report = simulation.run()
+    joiner = simulation.replicas[3]
+    assert joiner.base_height > 1 and len(joiner.chain) == report.height
+
+
+def test_one_traitor_leaving_out_blocks_cannot_make_a_replica_throw_its_state_away() -> None:
+    # A Blocks answer starting above the height asked (as from a pruned peer) made a replica
+    # join however near it was, from one unverified answer.
+    traitor = TraitorSpec(2, (BehaviourSpec("lying_block_server", 0, (("mode", "gap"),)),))
+    cuts = tuple((3, start, start + 60) for start in range(2_000, 5_000, 250))
+    scenario = Scenario(
+        seed=1, clients=3, transactions_per_client=150, late_joins=((3, 1_500),), partitions=cuts, faults_until_ms=5_400,
+        traitors=(traitor,), state_sync_distance=40, time_limit_ms=60_000,
+    )
+    simulation = Simulation(scenario)
+    simulation.run()
+    assert simulation.replicas[3].core.counters.get("state syncs") == 1
+
+
+def test_a_joiner_behind_a_long_slow_link_catches_up_by_blocks_after_one_install() -> None:
+    # A fixed "4 x distance" bar still chased (12 installs in 4.5 s with the link slow until 6 s):
+    # now it joins again only if catching up by blocks loses ground.
+    scenario = Scenario(
+        seed=2, clients=6, transactions_per_client=150, pipeline_depth=4, late_joins=((3, 1_000),), faults_until_ms=6_100,
+        slow_links=((3, 1_000, 6_000, 90),), time_limit_ms=60_000,
+    )
+    simulation = Simulation(scenario)
+    report = simulation.run()
+    joiner = simulation.replicas[3]
+    assert joiner.core.counters.get("state syncs", 0) <= 2 and len(joiner.chain) == report.height
