@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+from collections import defaultdict
 from typing import Any
 
 from ledger.encoding import array_head, encode
@@ -274,8 +275,10 @@ class StateTree:
         values in key order, each key once: then appending keeps every bucket in entry order
         (accounts, then values, each sorted)."""
         tree = cls()
-        keys_of: list[list[bytes | str]] = [[] for _ in range(BUCKET_COUNT)]
-        hashes_of: list[list[bytes]] = [[] for _ in range(BUCKET_COUNT)]
+        # A list per bucket is the faster to append to, but costs 131,072 lists however few the entries.
+        small = len(accounts) + len(values) < BUCKET_COUNT // 4
+        keys_of: Any = defaultdict(list) if small else [[] for _ in range(BUCKET_COUNT)]
+        hashes_of: Any = defaultdict(list) if small else [[] for _ in range(BUCKET_COUNT)]
         account_keys = [key for key, _, _ in accounts]
         value_keys = [key for key, _ in values]
         raw_value_keys = [key.encode("utf-8") for key in value_keys]
@@ -286,7 +289,7 @@ class StateTree:
             for bucket, key, hashed in zip(_buckets(namespace, raw_keys), keys, _entry_hashes(namespace, encoded), strict=True):
                 keys_of[bucket].append(key)
                 hashes_of[bucket].append(hashed)
-        tree._keys = {bucket: keys for bucket, keys in enumerate(keys_of) if keys}
+        tree._keys = {bucket: keys for bucket, keys in (keys_of.items() if small else enumerate(keys_of)) if keys}
         tree._hashes = {bucket: hashes_of[bucket] for bucket in tree._keys}
         tree._dirty = set(tree._keys)
         return tree
