@@ -278,10 +278,10 @@ class AccountsApplication:
         rows do: about a third of the Python work per entry); anything else, entry by entry."""
         accounts, values = list(accounts), list(values)
         if _well_formed(accounts, values):
-            # Sorting is cheap when the rows come sorted (a store's): one pass finds it so.
-            accounts.sort(key=_first)
-            values.sort(key=_first)
-            if _strictly_increasing(list(map(_first, accounts))) and _strictly_increasing(list(map(_first, values))):
+            if not _sorted_by_key(accounts, values):  # a store's rows come sorted; others may not
+                accounts.sort(key=_first)
+                values.sort(key=_first)
+            if _sorted_by_key(accounts, values):  # else some key repeats: the last one must win
                 return cls._from_sorted(accounts, values)
         application = cls({})
         for key, balance, nonce in accounts:
@@ -396,6 +396,10 @@ class FrozenState:
 def _strictly_increasing(keys: list[Any]) -> bool:
     """Whether every key is below the next (so none repeats), compared in C."""
     return all(map(operator.lt, keys, itertools.islice(keys, 1, None)))
+
+
+def _sorted_by_key(accounts: list[Any], values: list[Any]) -> bool:
+    return _strictly_increasing(list(map(_first, accounts))) and _strictly_increasing(list(map(_first, values)))
 
 
 def _types_within(items: list[Any], kind: type, lowest: int, highest: int) -> bool:

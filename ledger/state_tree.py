@@ -230,6 +230,9 @@ def _empty_tree() -> list[bytes]:
     return nodes
 
 
+# Entries StateTree.from_sorted hashes at a time.
+_LOAD_RUN = 1 << 14
+
 # Past this many changed buckets, re-hashing every node level by level beats walking the paths.
 _FULL_REBUILD_BUCKETS = BUCKET_COUNT // 16
 
@@ -279,14 +282,21 @@ class StateTree:
         small = len(accounts) + len(values) < BUCKET_COUNT // 4
         keys_of: Any = defaultdict(list) if small else [[] for _ in range(BUCKET_COUNT)]
         hashes_of: Any = defaultdict(list) if small else [[] for _ in range(BUCKET_COUNT)]
-        account_keys = [key for key, _, _ in accounts]
-        value_keys = [key for key, _ in values]
-        raw_value_keys = [key.encode("utf-8") for key in value_keys]
-        for namespace, keys, raw_keys, encoded in (
-            (ACCOUNT, account_keys, account_keys, [encode(key) + encode([balance, nonce]) for key, balance, nonce in accounts]),
-            (VALUE, value_keys, raw_value_keys, _encoded_texts(raw_value_keys, [value.encode("utf-8") for _, value in values])),
-        ):
-            for bucket, key, hashed in zip(_buckets(namespace, raw_keys), keys, _entry_hashes(namespace, encoded), strict=True):
+        # In runs of _LOAD_RUN entries, so what is held beside the entries (their bytes, encodings
+        # and bucket numbers before they are grouped) stays bounded whatever the state's size.
+        for start in range(0, len(accounts), _LOAD_RUN):
+            run = accounts[start:start + _LOAD_RUN]
+            keys = [key for key, _, _ in run]
+            encoded = [encode(key) + encode([balance, nonce]) for key, balance, nonce in run]
+            for bucket, key, hashed in zip(_buckets(ACCOUNT, keys), keys, _entry_hashes(ACCOUNT, encoded), strict=True):
+                keys_of[bucket].append(key)
+                hashes_of[bucket].append(hashed)
+        for start in range(0, len(values), _LOAD_RUN):
+            run = values[start:start + _LOAD_RUN]
+            keys = [key for key, _ in run]
+            raw_keys = [key.encode("utf-8") for key in keys]
+            encoded = _encoded_texts(raw_keys, [value.encode("utf-8") for _, value in run])
+            for bucket, key, hashed in zip(_buckets(VALUE, raw_keys), keys, _entry_hashes(VALUE, encoded), strict=True):
                 keys_of[bucket].append(key)
                 hashes_of[bucket].append(hashed)
         tree._keys = {bucket: keys for bucket, keys in (keys_of.items() if small else enumerate(keys_of)) if keys}

@@ -9,7 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ledger.application import AccountsApplication
+from ledger.encoding import encode
 from ledger.state_tree import (
+    _TEXT_HEADS,
     ACCOUNT,
     BUCKET_COUNT,
     EMPTY_ROOT,
@@ -226,3 +228,21 @@ def test_the_bulk_load_keeps_a_ground_bucket_in_entry_order_and_paged() -> None:
     assert bulk.bucket_keys(GROUND_BUCKET) == stepwise.bucket_keys(GROUND_BUCKET) == [*account_keys, *sorted(GROUND_KEYS)]
     assert len(bulk.bucket_keys(GROUND_BUCKET)) > PAGE_ENTRIES  # the paged digest
     assert bulk.root() == stepwise.root()
+
+
+def test_the_bulk_load_of_a_large_state_builds_the_same_tree() -> None:
+    """Past BUCKET_COUNT // 4 entries the load appends to a list per bucket, and hashes in runs:
+    a state of several runs, in both namespaces, gives the tree of entry-by-entry writes."""
+    accounts = [(index.to_bytes(32, "big"), index, index % 7) for index in range(20_000)]
+    values = sorted((f"key {index}", f"value {index % 13}") for index in range(40_000))
+    bulk, stepwise = StateTree.from_sorted(accounts, values), _stepwise(accounts, values)
+    assert bulk.root() == stepwise.root()
+    assert bulk.range_proof(0, 10) == stepwise.range_proof(0, 10)
+    for bucket in range(0, BUCKET_COUNT, 997):
+        assert bulk.bucket_keys(bucket) == stepwise.bucket_keys(bucket)
+        assert bulk.bucket_hashes(bucket) == stepwise.bucket_hashes(bucket)
+
+
+def test_the_looked_up_text_heads_are_the_canonical_encodings() -> None:
+    for length in range(len(_TEXT_HEADS)):
+        assert _TEXT_HEADS[length] + b"x" * length == encode("x" * length)
