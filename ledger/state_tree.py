@@ -278,8 +278,9 @@ class StateTree:
         values in key order, each key once: then appending keeps every bucket in entry order
         (accounts, then values, each sorted)."""
         tree = cls()
-        # A list per bucket is the faster to append to, but costs 131,072 lists however few the entries.
-        small = len(accounts) + len(values) < BUCKET_COUNT // 4
+        # A list per bucket is the faster to append to once most buckets hold entries (measured:
+        # from about BUCKET_COUNT entries), but costs 131,072 lists however few the entries.
+        small = len(accounts) + len(values) < BUCKET_COUNT
         keys_of: Any = defaultdict(list) if small else [[] for _ in range(BUCKET_COUNT)]
         hashes_of: Any = defaultdict(list) if small else [[] for _ in range(BUCKET_COUNT)]
         # In runs of _LOAD_RUN entries, so what is held beside the entries (their bytes, encodings

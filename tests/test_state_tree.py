@@ -231,10 +231,10 @@ def test_the_bulk_load_keeps_a_ground_bucket_in_entry_order_and_paged() -> None:
 
 
 def test_the_bulk_load_of_a_large_state_builds_the_same_tree() -> None:
-    """Past BUCKET_COUNT // 4 entries the load appends to a list per bucket, and hashes in runs:
+    """Past BUCKET_COUNT entries the load appends to a list per bucket, and hashes in runs:
     a state of several runs, in both namespaces, gives the tree of entry-by-entry writes."""
     accounts = [(index.to_bytes(32, "big"), index, index % 7) for index in range(20_000)]
-    values = sorted((f"key {index}", f"value {index % 13}") for index in range(40_000))
+    values = sorted((f"key {index}", f"value {index % 13}") for index in range(50_000))
     bulk, stepwise = StateTree.from_sorted(accounts, values), _stepwise(accounts, values)
     assert bulk.root() == stepwise.root()
     assert bulk.range_proof(0, 10) == stepwise.range_proof(0, 10)
