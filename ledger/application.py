@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import bisect
+import itertools
+import operator
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ledger.crypto import PUBLIC_KEY_SIZE
-from ledger.encoding import CodecError, expect_bytes, expect_int, expect_list, expect_text
+from ledger.encoding import (
+    INTEGER_MAX,
+    CodecError,
+    expect_bytes,
+    expect_int,
+    expect_list,
+    expect_text,
+)
 from ledger.state_tree import (
     ACCOUNT,
     BUCKET_COUNT,
@@ -39,6 +48,12 @@ REPLAYED = "replayed:"
 # REPLY for it and do not index it. Otherwise f + 1 signed "failed" replies would exist for a
 # transaction that executes later, and a client retrying the "failed" payment would pay twice.
 DEFERRED = "deferred:"
+
+# The longest stored value text a store may hold (a put's own bound, VALUE_LENGTH_MAX, is lower):
+# what reading the state back accepts.
+STORED_TEXT_LENGTH_MAX = 1 << 16
+_ROW_TYPES = frozenset({tuple, list})
+_first, _second, _third = operator.itemgetter(0), operator.itemgetter(1), operator.itemgetter(2)
 
 
 def is_replay(result: TransactionResult) -> bool:
@@ -262,7 +277,17 @@ class AccountsApplication:
         """The application holding exactly these entries (read back from a store), nothing
         changed yet. Costs two SHA-256 per entry (its bucket and its hash) and, at the first
         state_digest(), one per non-empty bucket and tree node: linear in the state, not the history.
-        Raises CodecError for an entry of the wrong shape (a damaged store)."""
+        Raises CodecError for an entry of the wrong shape (a damaged store).
+
+        Entries of the right shape, each key once, take the bulk path (what a store's sorted
+        rows do: about a third of the Python work per entry); anything else, entry by entry."""
+        accounts, values = list(accounts), list(values)
+        if _well_formed(accounts, values):
+            if not _sorted_by_key(accounts, values):  # a store's rows come sorted; others may not
+                accounts.sort(key=_first)
+                values.sort(key=_first)
+            if _sorted_by_key(accounts, values):  # else some key repeats: the last one must win
+                return cls._from_sorted(accounts, values)
         application = cls({})
         for key, balance, nonce in accounts:
             application._set_account(
@@ -270,9 +295,19 @@ class AccountsApplication:
                 Account(expect_int(balance, "stored balance"), expect_int(nonce, "stored nonce")),
             )
         for key, value in values:
-            application._set_value(expect_text(key, "stored key", KEY_LENGTH_MAX), expect_text(value, "stored value"))
+            application._set_value(expect_text(key, "stored key", KEY_LENGTH_MAX), expect_text(value, "stored value", STORED_TEXT_LENGTH_MAX))
         application._changed_accounts.clear()
         application._changed_values.clear()
+        return application
+
+    @classmethod
+    def _from_sorted(cls, accounts: list[tuple[bytes, int, int]], values: list[tuple[str, str]]) -> AccountsApplication:
+        """from_entries for entries _well_formed found well formed and sorted by key, each key once."""
+        application = cls({})
+        application._accounts = {key: Account(balance, nonce) for key, balance, nonce in accounts}
+        application._values = dict(values)
+        application._keys_in_order = [key for key, _ in values]
+        application._tree = StateTree.from_sorted(accounts, values)
         return application
 
     def snapshot(self) -> list[Any]:
@@ -372,3 +407,42 @@ class FrozenState:
         self._changed.clear()
         self._changed_hashes.clear()
         self._nodes = []
+
+
+def _strictly_increasing(keys: list[Any]) -> bool:
+    """Whether every key is below the next (so none repeats), compared in C."""
+    return all(map(operator.lt, keys, itertools.islice(keys, 1, None)))
+
+
+def _sorted_by_key(accounts: list[Any], values: list[Any]) -> bool:
+    return _strictly_increasing(list(map(_first, accounts))) and _strictly_increasing(list(map(_first, values)))
+
+
+def _types_within(items: list[Any], kind: type, lowest: int, highest: int) -> bool:
+    """Whether every item is exactly of `kind` (no subclass, so no bool for int) and its size
+    (the int itself, else its length) is within lowest..highest, checked in C."""
+    if not items:
+        return True
+    if set(map(type, items)) != {kind}:
+        return False
+    sizes = items if kind is int else list(map(len, items))
+    return lowest <= min(sizes) and max(sizes) <= highest
+
+
+def _well_formed(accounts: list[Any], values: list[Any]) -> bool:
+    """Whether every entry is what from_entries' checks accept entry by entry: rows of three
+    and two items, a 32-byte account, a balance and nonce within [0, INTEGER_MAX], text keys of
+    at most KEY_LENGTH_MAX characters and text values of at most STORED_TEXT_LENGTH_MAX. Every check runs
+    in C over a whole column, so a restart pays a few passes over the state rather than a few
+    calls per entry; an entry that fails any of them is found again, by name, entry by entry."""
+    if accounts and (not set(map(type, accounts)) <= _ROW_TYPES or set(map(len, accounts)) != {3}):
+        return False
+    if values and (not set(map(type, values)) <= _ROW_TYPES or set(map(len, values)) != {2}):
+        return False
+    return (
+        _types_within(list(map(_first, accounts)), bytes, PUBLIC_KEY_SIZE, PUBLIC_KEY_SIZE)
+        and _types_within(list(map(_second, accounts)), int, 0, INTEGER_MAX)
+        and _types_within(list(map(_third, accounts)), int, 0, INTEGER_MAX)
+        and _types_within(list(map(_first, values)), str, 0, KEY_LENGTH_MAX)
+        and _types_within(list(map(_second, values)), str, 0, STORED_TEXT_LENGTH_MAX)
+    )

@@ -32,9 +32,10 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+from collections import defaultdict
 from typing import Any
 
-from ledger.encoding import encode
+from ledger.encoding import array_head, encode
 
 BUCKET_BITS = 16
 BUCKET_COUNT = 1 << BUCKET_BITS
@@ -71,6 +72,34 @@ def entry_hash(namespace: str, key: bytes | str, value: Any) -> bytes:
 def entry_hash_of_encoded(encoded: bytes) -> bytes:
     """The hash of one entry from its canonical encoding encode([namespace, key, value])."""
     return hashlib.sha256(_ENTRY_TAG + encoded).digest()
+
+
+def _buckets(namespace: str, raw_keys: list[bytes]) -> list[int]:
+    """bucket_of for many keys of one namespace, given their raw bytes."""
+    prefix = _BUCKET_TAG + key_bytes(namespace, b"")
+    sha256, from_bytes = hashlib.sha256, int.from_bytes
+    return [from_bytes(sha256(prefix + raw).digest()[:2], "big") for raw in raw_keys]
+
+
+def _entry_hashes(namespace: str, encoded_keys_and_values: list[bytes]) -> list[bytes]:
+    """entry_hash for many entries of one namespace, given encode(key) + encode(value) of each:
+    the canonical encoding of the array [namespace, key, value] is its head, then its items'."""
+    prefix = _ENTRY_TAG + array_head(3) + encode(namespace)
+    sha256 = hashlib.sha256
+    return [sha256(prefix + encoded).digest() for encoded in encoded_keys_and_values]
+
+
+# The canonical CBOR heads of text strings by their length in bytes, for the lengths a key can take.
+_TEXT_HEADS = [encode("x" * length)[:-length or None] for length in range(4 * 256 + 1)]
+
+
+def _encoded_texts(first: list[bytes], second: list[bytes]) -> list[bytes]:
+    """encode(a) + encode(b) for each pair of texts given as UTF-8 (what a value entry's
+    hash is over, after its namespace): the head is looked up, not encoded, when both are short."""
+    heads = _TEXT_HEADS
+    if max(map(len, first), default=0) < len(heads) and max(map(len, second), default=0) < len(heads):
+        return [heads[len(a)] + a + heads[len(b)] + b for a, b in zip(first, second, strict=True)]
+    return [encode(a.decode("utf-8")) + encode(b.decode("utf-8")) for a, b in zip(first, second, strict=True)]
 
 
 def entry_order(namespace: str, key: bytes | str) -> tuple[int, bytes | str]:
@@ -201,6 +230,9 @@ def _empty_tree() -> list[bytes]:
     return nodes
 
 
+# Entries StateTree.from_sorted hashes at a time.
+_LOAD_RUN = 1 << 14
+
 # Past this many changed buckets, re-hashing every node level by level beats walking the paths.
 _FULL_REBUILD_BUCKETS = BUCKET_COUNT // 16
 
@@ -237,6 +269,42 @@ class StateTree:
             hashes.insert(index, entry_hash(namespace, key, value))
         self._dirty.add(bucket)
 
+    @classmethod
+    def from_sorted(cls, accounts: list[tuple[bytes, int, int]], values: list[tuple[str, str]]) -> StateTree:
+        """The tree set() would build from these entries, built in one pass (a restart's load):
+        every entry hashed twice from precomputed prefixes in one comprehension each, then
+        appended to its bucket, instead of a bisect and eight Python calls per entry; the tree
+        is hashed once, at the first root(). The caller guarantees accounts in key order and
+        values in key order, each key once: then appending keeps every bucket in entry order
+        (accounts, then values, each sorted)."""
+        tree = cls()
+        # A list per bucket is the faster to append to once most buckets hold entries (measured:
+        # from about BUCKET_COUNT entries), but costs 131,072 lists however few the entries.
+        small = len(accounts) + len(values) < BUCKET_COUNT
+        keys_of: Any = defaultdict(list) if small else [[] for _ in range(BUCKET_COUNT)]
+        hashes_of: Any = defaultdict(list) if small else [[] for _ in range(BUCKET_COUNT)]
+        # In runs of _LOAD_RUN entries, so what is held beside the entries (their bytes, encodings
+        # and bucket numbers before they are grouped) stays bounded whatever the state's size.
+        for start in range(0, len(accounts), _LOAD_RUN):
+            run = accounts[start:start + _LOAD_RUN]
+            keys = [key for key, _, _ in run]
+            encoded = [encode(key) + encode([balance, nonce]) for key, balance, nonce in run]
+            for bucket, key, hashed in zip(_buckets(ACCOUNT, keys), keys, _entry_hashes(ACCOUNT, encoded), strict=True):
+                keys_of[bucket].append(key)
+                hashes_of[bucket].append(hashed)
+        for start in range(0, len(values), _LOAD_RUN):
+            run = values[start:start + _LOAD_RUN]
+            keys = [key for key, _ in run]
+            raw_keys = [key.encode("utf-8") for key in keys]
+            encoded = _encoded_texts(raw_keys, [value.encode("utf-8") for _, value in run])
+            for bucket, key, hashed in zip(_buckets(VALUE, raw_keys), keys, _entry_hashes(VALUE, encoded), strict=True):
+                keys_of[bucket].append(key)
+                hashes_of[bucket].append(hashed)
+        tree._keys = {bucket: keys for bucket, keys in (keys_of.items() if small else enumerate(keys_of)) if keys}
+        tree._hashes = {bucket: hashes_of[bucket] for bucket in tree._keys}
+        tree._dirty = set(tree._keys)
+        return tree
+
     def bucket_keys(self, bucket: int) -> list[bytes | str]:
         """The keys in a bucket, in entry order."""
         return list(self._keys.get(bucket, ()))
@@ -253,10 +321,13 @@ class StateTree:
         """Re-hash the buckets changed since the last call, then their paths, level by level."""
         if not self._dirty:
             return
-        nodes = self._nodes
-        for bucket in self._dirty:
-            nodes[BUCKET_COUNT + bucket] = leaf_hash(bucket_digest(self._hashes[bucket]))
+        nodes, hashes_of = self._nodes, self._hashes
         sha256 = hashlib.sha256
+        # bucket_digest and leaf_hash inlined for small buckets: a restart hashes every bucket here.
+        for bucket in self._dirty:
+            hashes = hashes_of[bucket]
+            digest = sha256(_BUCKET_DIGEST_TAG + b"".join(hashes)).digest() if len(hashes) <= PAGE_ENTRIES else bucket_digest(hashes)
+            nodes[BUCKET_COUNT + bucket] = sha256(_LEAF_TAG + digest).digest()
         if len(self._dirty) > _FULL_REBUILD_BUCKETS:
             for depth in range(BUCKET_BITS - 1, -1, -1):
                 low, high = 1 << depth, 2 << depth

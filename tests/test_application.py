@@ -230,3 +230,57 @@ def test_snapshot_of_any_reachable_state_can_be_restored() -> None:
     assert application.account(BOB.public_key).balance == SUPPLY_MAX <= INTEGER_MAX
     restored = AccountsApplication.from_snapshot(application.snapshot())
     assert restored.state_digest() == application.state_digest()
+
+
+def _entry_by_entry(accounts: list[tuple[Any, Any, Any]], values: list[tuple[Any, Any]]) -> AccountsApplication:
+    """The application from_entries must equal: every entry written in turn (a later one of a key wins)."""
+    application = AccountsApplication.from_snapshot([[list(row) for row in accounts], [list(row) for row in values]])
+    application.take_changes()
+    return application
+
+
+@given(
+    st.lists(st.tuples(st.sampled_from([bytes([index]) * 32 for index in range(6)]), st.integers(0, INTEGER_MAX), st.integers(0, 9)), max_size=12),
+    st.lists(st.tuples(st.text(max_size=8), st.text(max_size=40)), max_size=30),
+)
+@settings(derandomize=True, max_examples=80, deadline=None)
+def test_from_entries_holds_exactly_the_entries_in_any_order(accounts: list[tuple[bytes, int, int]], values: list[tuple[str, str]]) -> None:
+    """Sorted rows (a store's) take the bulk path; unsorted or repeated keys must give the same application."""
+    for rows in ((accounts, values), (sorted(accounts), sorted(values)), (accounts[::-1], values[::-1])):
+        loaded, expected = AccountsApplication.from_entries(*rows), _entry_by_entry(*rows)
+        assert loaded.snapshot() == expected.snapshot()
+        assert loaded.state_digest() == expected.state_digest()
+        assert loaded.entry_count() == expected.entry_count()
+        assert not loaded.take_changes()
+        assert list(loaded.values_with_prefix("")) == list(expected.values_with_prefix(""))
+        for key, _, _ in accounts:
+            assert loaded.account(key) == expected.account(key)
+        # It goes on executing like the other one.
+        key = deterministic_key("writer")
+        for application in (loaded, expected):
+            application.execute_block([signed(key, 0, Put("a new key", "v"))])
+        assert loaded.state_digest() == expected.state_digest()
+        assert loaded.take_changes() == expected.take_changes()
+
+
+@pytest.mark.parametrize(
+    ("accounts", "values", "field"),
+    [
+        pytest.param([(b"x" * 31, 1, 0)], [], "stored account", id="short-account"),
+        pytest.param([("x" * 32, 1, 0)], [], "stored account", id="account-not-bytes"),
+        pytest.param([(b"x" * 32, -1, 0)], [], "stored balance", id="negative-balance"),
+        pytest.param([(b"x" * 32, INTEGER_MAX + 1, 0)], [], "stored balance", id="balance-too-large"),
+        pytest.param([(b"x" * 32, True, 0)], [], "stored balance", id="balance-a-boolean"),
+        pytest.param([(b"x" * 32, 1.0, 0)], [], "stored balance", id="balance-a-real"),
+        pytest.param([(b"x" * 32, 1, None)], [], "stored nonce", id="nonce-null"),
+        pytest.param([], [(b"key", "value")], "stored key", id="key-not-text"),
+        pytest.param([], [(7, "value")], "stored key", id="key-an-integer"),
+        pytest.param([], [("k" * 257, "value")], "stored key", id="key-too-long"),
+        pytest.param([], [("key", b"value")], "stored value", id="value-not-text"),
+        pytest.param([], [("key", "v" * ((1 << 16) + 1))], "stored value", id="value-too-long"),
+    ],
+)
+def test_from_entries_refuses_a_malformed_entry_by_name(accounts: list[Any], values: list[Any], field: str) -> None:
+    good_accounts, good_values = [(bytes(32), 5, 0), (b"\xff" * 32, 5, 0)], [("a", "x"), ("zz", "y")]
+    with pytest.raises(CodecError, match=field):
+        AccountsApplication.from_entries(sorted(good_accounts + accounts, key=repr), sorted(good_values + values, key=repr))

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import random
 
+from bucket_helpers import GROUND_BUCKET, GROUND_KEYS
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ledger.application import AccountsApplication
+from ledger.encoding import encode
 from ledger.state_tree import (
+    _TEXT_HEADS,
     ACCOUNT,
     BUCKET_COUNT,
     EMPTY_ROOT,
+    PAGE_ENTRIES,
     VALUE,
     StateTree,
     bucket_digest,
@@ -181,3 +185,64 @@ def test_a_ground_bucket_keeps_entry_order_whatever_the_order_of_writes() -> Non
         assert tree.bucket_keys(bucket) == [*sorted(account_keys), *sorted(["b", *value_keys])]
         roots.add(tree.root())
     assert len(roots) == 1
+
+
+def _stepwise(accounts: list[tuple[bytes, int, int]], values: list[tuple[str, str]]) -> StateTree:
+    tree = StateTree()
+    for key, balance, nonce in accounts:
+        tree.set(ACCOUNT, key, [balance, nonce])
+    for key, value in values:
+        tree.set(VALUE, key, value)
+    return tree
+
+
+# Keys and values of every CBOR text head width (1, 2 and 3 bytes), past the looked-up heads
+# (over 1024 bytes), and of several UTF-8 widths; balances up to INTEGER_MAX.
+text_strategy = st.one_of(st.text(max_size=30), st.text(min_size=20, max_size=300), st.just("é" * 300), st.just("v" * 70_000))
+account_strategy = st.tuples(st.binary(min_size=32, max_size=32), st.integers(0, 2**63 - 1), st.integers(0, 2**63 - 1))
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(account_strategy, max_size=20), st.lists(st.tuples(st.text(max_size=256), text_strategy), max_size=20))
+def test_the_bulk_load_builds_the_tree_of_entry_by_entry_writes(
+    accounts: list[tuple[bytes, int, int]], values: list[tuple[str, str]]
+) -> None:
+    accounts = sorted({key: (key, balance, nonce) for key, balance, nonce in accounts}.values())
+    values = sorted(dict(values).items())
+    bulk, stepwise = StateTree.from_sorted(accounts, values), _stepwise(accounts, values)
+    assert bulk.root() == stepwise.root()
+    for bucket in {bucket_of(ACCOUNT, key) for key, _, _ in accounts} | {bucket_of(VALUE, key) for key, _ in values}:
+        assert bulk.bucket_keys(bucket) == stepwise.bucket_keys(bucket)
+        assert bulk.bucket_hashes(bucket) == stepwise.bucket_hashes(bucket)
+    # Both go on changing alike.
+    bulk.set(VALUE, "later", "x")
+    stepwise.set(VALUE, "later", "x")
+    assert bulk.root() == stepwise.root()
+
+
+def test_the_bulk_load_keeps_a_ground_bucket_in_entry_order_and_paged() -> None:
+    account_keys = keys_in_bucket(GROUND_BUCKET, 2)
+    accounts = [(key, 5, 1) for key in account_keys]
+    values = sorted([(key, "v") for key in GROUND_KEYS] + [(f"other {index}", "w") for index in range(500)])
+    bulk, stepwise = StateTree.from_sorted(accounts, values), _stepwise(accounts, values)
+    assert bulk.bucket_keys(GROUND_BUCKET) == stepwise.bucket_keys(GROUND_BUCKET) == [*account_keys, *sorted(GROUND_KEYS)]
+    assert len(bulk.bucket_keys(GROUND_BUCKET)) > PAGE_ENTRIES  # the paged digest
+    assert bulk.root() == stepwise.root()
+
+
+def test_the_bulk_load_of_a_large_state_builds_the_same_tree() -> None:
+    """Past BUCKET_COUNT entries the load appends to a list per bucket, and hashes in runs:
+    a state of several runs, in both namespaces, gives the tree of entry-by-entry writes."""
+    accounts = [(index.to_bytes(32, "big"), index, index % 7) for index in range(20_000)]
+    values = sorted((f"key {index}", f"value {index % 13}") for index in range(50_000))
+    bulk, stepwise = StateTree.from_sorted(accounts, values), _stepwise(accounts, values)
+    assert bulk.root() == stepwise.root()
+    assert bulk.range_proof(0, 10) == stepwise.range_proof(0, 10)
+    for bucket in range(0, BUCKET_COUNT, 997):
+        assert bulk.bucket_keys(bucket) == stepwise.bucket_keys(bucket)
+        assert bulk.bucket_hashes(bucket) == stepwise.bucket_hashes(bucket)
+
+
+def test_the_looked_up_text_heads_are_the_canonical_encodings() -> None:
+    for length in range(len(_TEXT_HEADS)):
+        assert _TEXT_HEADS[length] + b"x" * length == encode("x" * length)
