@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 from ledger.messages import FetchSnapshot
-from node.snapshot_serving import PEER_ENTRIES_PER_SECOND, REQUEST_COST_ENTRIES, WAITING_PER_PEER_MAX, ServingBudget
+from node.snapshot_serving import (
+    PEER_ENTRIES_PER_SECOND,
+    REQUEST_COST_ENTRIES,
+    WAITING_PER_PEER_MAX,
+    ServingBudget,
+)
 
 FULL_CHUNK = 65_536
 
