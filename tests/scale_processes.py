@@ -326,7 +326,9 @@ def measure(transactions: int, lock_path: Path | None, keep: Path | None) -> Res
         # What the joiner fetches, counted in one process (the same chunks the keepers serve).
         result.chunks, result.snapshot_bytes = join(built, directory / "built" / "joined.sqlite3")
         # The default distance unless the chain is too short for it: the join must be by state sync.
-        state_sync_distance = min(ProtocolSettings().state_sync_distance, max(1, height // 2))
+        state_sync_distance = ProtocolSettings().state_sync_distance
+        if height <= state_sync_distance:
+            state_sync_distance = max(1, height // 2)
         network = write_configs(directory, interval, state_sync_distance)
         (directory / "logs").mkdir()
         for replica_id in SERVERS:
