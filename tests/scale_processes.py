@@ -6,8 +6,9 @@
 # checkpoint of its tip (2f+1 signed CHECKPOINTs) is written into it, as a replica that stopped
 # right after that checkpoint became stable keeps it. A 4-replica network's config files are
 # written with the keys and genesis the chain was built with; replicas 0-2 each get their own copy
-# of the store and are started (`ledger-node run`, one process each, all three at once), each
-# timed from its process start to its first status answer. Then replica 3 starts with an empty
+# of the store; replica 0 is started alone (`ledger-node run`) and stopped, then replicas 0-2
+# are started at once (one process each), each timed from its process start to its first status
+# answer. Then replica 3 starts with an empty
 # data directory and is timed from its process start until its status height reaches the others'
 # (it joins by state sync: its log must say "state sync: installed the snapshot"). Where the time
 # went comes from the logs' timestamps. Timings are printed, never asserted. With --cpu-lock the
@@ -28,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -93,8 +95,9 @@ def build_replica_store(path: Path, transactions: int) -> tuple[int, int]:
     return tip.height, checkpoint_interval_for(tip.height)
 
 
-def write_configs(directory: Path, checkpoint_interval: int, state_sync_distance: int) -> NetworkConfig:
-    """A 4-replica network's config and key files with the chain's keys and genesis, on free loopback ports."""
+def write_configs(directory: Path, checkpoint_interval: int, state_sync_distance: int) -> tuple[NetworkConfig, Address]:
+    """A 4-replica network's config and key files with the chain's keys and genesis, on free loopback
+    ports; the joiner serves metrics (its counters say how its fetch went) on the address returned."""
     base_port = pick_base_port(REPLICA_COUNT, random.Random())
     if base_port is None:
         raise RuntimeError("no free loopback ports for 4 replicas")
@@ -106,12 +109,28 @@ def write_configs(directory: Path, checkpoint_interval: int, state_sync_distance
     network = NetworkConfig(NETWORK.network_id, replicas, protocol, NETWORK.balances)
     assert network.genesis_hash == NETWORK.genesis  # addresses and settings are not part of the genesis
     shared = network_toml(network)
+    # The port pick_base_port left free for it, after every peer and client port.
+    metrics = Address(HOST, base_port + 2 * REPLICA_COUNT + JOINER)
     for index, key in enumerate(NETWORK.replica_signing_keys):
         write_key_file(directory / f"replica-{index}.key", key)
+        metrics_table = f'[metrics]\nhost = "{metrics.host}"\nport = {metrics.port}\n\n' if index == JOINER else ""
         (directory / f"replica-{index}.toml").write_text(
-            f'[replica]\nid = {index}\nkey_file = "replica-{index}.key"\ndata_dir = "data/replica-{index}"\n\n' + shared
+            f'[replica]\nid = {index}\nkey_file = "replica-{index}.key"\ndata_dir = "data/replica-{index}"\n\n'
+            + metrics_table
+            + shared
         )
-    return network
+    return network, metrics
+
+
+def fetch_counters(metrics: Address) -> dict[str, int]:
+    """The replica's core counters whose reason names the snapshot or the state sync, from its /metrics."""
+    with urllib.request.urlopen(f"http://{metrics}/metrics", timeout=PROBE_TIMEOUT_S) as response:
+        text = response.read().decode()
+    counters = {}
+    for match in re.finditer(r'^ledger_rejections_total\{reason="([^"]*)"\} ([0-9.e+]+)$', text, re.MULTILINE):
+        if "snapshot" in match.group(1) or "state sync" in match.group(1):
+            counters[match.group(1)] = int(float(match.group(2)))
+    return counters
 
 
 def log_time_s(line: str) -> float | None:
@@ -159,9 +178,10 @@ class Replicas:
     network: NetworkConfig
     processes: dict[int, trio.Process] = field(default_factory=dict)
     started_s: dict[int, float] = field(default_factory=dict)
+    logs: dict[int, Path] = field(default_factory=dict)  # each replica's log of its latest start
 
     def log_path(self, replica_id: int) -> Path:
-        return self.directory / "logs" / f"replica-{replica_id}.log"
+        return self.logs[replica_id]
 
     def log_tail(self, replica_id: int, lines: int = 15) -> str:
         try:
@@ -169,7 +189,9 @@ class Replicas:
         except OSError:
             return "(no log)"
 
-    async def start(self, replica_id: int) -> None:
+    async def start(self, replica_id: int, run: str = "") -> None:
+        """Start the replica's process; its log is logs/replica-<id><run>.log."""
+        self.logs[replica_id] = self.directory / "logs" / f"replica-{replica_id}{run}.log"
         with self.log_path(replica_id).open("ab") as log:
             self.started_s[replica_id] = time.time()
             self.processes[replica_id] = await trio.lowlevel.open_process(
@@ -205,6 +227,13 @@ class Replicas:
                     return time.time() - self.started_s[replica_id]
                 await trio.sleep(POLL_INTERVAL_S)
 
+    async def stop(self, replica_id: int) -> None:
+        """SIGTERM, and wait until it exited."""
+        process = self.processes[replica_id]
+        os.killpg(process.pid, signal.SIGTERM)
+        with trio.fail_after(STOP_DEADLINE_S):
+            await process.wait()
+
     async def stop_all(self) -> None:
         """SIGTERM every process group; SIGKILL what lingers."""
         with trio.CancelScope(shield=True):
@@ -232,8 +261,10 @@ class Result:
     height: int
     checkpoint_interval: int
     state_entries: int = 0
+    restart_alone_s: float = 0.0
     restart_s: dict[int, float] = field(default_factory=dict)
     join_s: float = 0.0
+    join_in_process_s: float = 0.0
     snapshot_bytes: int = 0
     chunks: int = 0
     notes: list[str] = field(default_factory=list)
@@ -285,9 +316,14 @@ async def wait_for_log(replicas: Replicas, replica_id: int, markers: tuple[str, 
             await trio.sleep(POLL_INTERVAL_S)
 
 
-async def run_processes(directory: Path, network: NetworkConfig, height: int, result: Result) -> None:
+async def run_processes(directory: Path, network: NetworkConfig, metrics: Address, height: int, result: Result) -> None:
     replicas = Replicas(directory, network)
     try:
+        # One replica alone first (the others wait), so the figure has no neighbour on the cores.
+        await replicas.start(SERVERS[0], "-alone")
+        result.restart_alone_s = await replicas.first_answer_s(SERVERS[0])
+        result.notes.append("alone, " + restart_phases(replicas, SERVERS[0], result.restart_alone_s))
+        await replicas.stop(SERVERS[0])
         async with trio.open_nursery() as nursery:
             for replica_id in SERVERS:
                 await replicas.start(replica_id)
@@ -310,6 +346,8 @@ async def run_processes(directory: Path, network: NetworkConfig, height: int, re
         # A join by blocks would not log these: the join measured must be by state sync.
         await wait_for_log(replicas, JOINER, ("state sync: stored the snapshot", "state sync: installed the snapshot"))
         result.notes.append(join_phases(replicas, result.join_s))
+        counters = await trio.to_thread.run_sync(fetch_counters, metrics)
+        result.notes.append("joiner's counters: " + ", ".join(f"{reason} {count}" for reason, count in sorted(counters.items())))
     finally:
         await replicas.stop_all()
 
@@ -323,13 +361,17 @@ def measure(transactions: int, lock_path: Path | None, keep: Path | None) -> Res
         height, interval = build_replica_store(built, transactions)
         build_s = time.perf_counter() - started
         result = Result(transactions, height, interval)
-        # What the joiner fetches, counted in one process (the same chunks the keepers serve).
+        # What the joiner fetches, counted in one process (the chunks a keeper serves, one after the
+        # other; the real fetch splits the buckets into lanes, so it takes a few more, smaller ones),
+        # and what serving, checking, assembling and installing them costs without the network.
+        started = time.perf_counter()
         result.chunks, result.snapshot_bytes = join(built, directory / "built" / "joined.sqlite3")
+        result.join_in_process_s = time.perf_counter() - started
         # The default distance unless the chain is too short for it: the join must be by state sync.
         state_sync_distance = ProtocolSettings().state_sync_distance
         if height <= state_sync_distance:
             state_sync_distance = max(1, height // 2)
-        network = write_configs(directory, interval, state_sync_distance)
+        network, metrics = write_configs(directory, interval, state_sync_distance)
         (directory / "logs").mkdir()
         for replica_id in SERVERS:
             data = directory / "data" / f"replica-{replica_id}"
@@ -342,7 +384,7 @@ def measure(transactions: int, lock_path: Path | None, keep: Path | None) -> Res
             f"state_sync_distance {state_sync_distance}"
         )
         with cpu_lock(lock_path):
-            trio.run(run_processes, directory, network, height, result)
+            trio.run(run_processes, directory, network, metrics, height, result)
     return result
 
 
@@ -360,15 +402,16 @@ def main() -> int:
         flush=True,
     )
     print(
-        f"{'transactions':>12} {'blocks':>7} {'state entries':>13} {'restart s (each)':>22} {'join s':>7} {'chunks':>6} {'snapshot MB':>11}",
+        f"{'transactions':>12} {'blocks':>7} {'state entries':>13} {'restart s alone':>15} {'restart s (3 at once)':>22} "
+        f"{'join s':>7} {'snapshot MB':>11} {'join s in one process':>21}",
         flush=True,
     )
     for transactions in sizes:
         result = measure(transactions, arguments.cpu_lock, arguments.keep_in)
         restarts = " ".join(f"{result.restart_s[replica_id]:.2f}" for replica_id in SERVERS)
         print(
-            f"{result.transactions:>12} {result.height:>7} {result.state_entries:>13} {restarts:>22} {result.join_s:>7.2f} "
-            f"{result.chunks:>6} {result.snapshot_bytes / 1e6:>11.2f}",
+            f"{result.transactions:>12} {result.height:>7} {result.state_entries:>13} {result.restart_alone_s:>15.2f} {restarts:>22} "
+            f"{result.join_s:>7.2f} {result.snapshot_bytes / 1e6:>11.2f} {result.join_in_process_s:>21.2f}",
             flush=True,
         )
         for note in result.notes:
