@@ -270,6 +270,12 @@ class Result:
     notes: list[str] = field(default_factory=list)
 
 
+def described(total_s: float, phases: list[tuple[str, float]]) -> str:
+    """`total = a + b + ...; most: the largest`."""
+    largest = max(phases, key=lambda phase: phase[1])[0]
+    return f"{total_s:.2f} s = " + " + ".join(f"{name} {seconds:.2f} s" for name, seconds in phases) + f"; most: {largest}"
+
+
 def restart_phases(replicas: Replicas, replica_id: int, answered_s: float) -> str:
     """Interpreter and imports, store open (the replica's own figure), the rest until it answered."""
     ready = first_line(replicas.log_path(replica_id), "store opened at height")
@@ -279,33 +285,35 @@ def restart_phases(replicas: Replicas, replica_id: int, answered_s: float) -> st
     opened = re.search(r" in (\d+) ms", line)
     open_s = int(opened.group(1)) / 1000 if opened else 0.0
     started = replicas.started_s[replica_id]
-    before_open_s = ready_s - open_s - started
-    return (
-        f"replica {replica_id}: {answered_s:.2f} s = start-up and imports {before_open_s:.2f} s + store open and state load "
-        f"{open_s:.2f} s + listening to first answer {answered_s - (ready_s - started):.2f} s"
-    )
+    phases = [
+        ("start-up and imports", ready_s - open_s - started),
+        ("store open and state load", open_s),
+        ("listening to first answer", answered_s - (ready_s - started)),
+    ]
+    return f"replica {replica_id}: " + described(answered_s, phases)
 
 
 def join_phases(replicas: Replicas, joined_s: float) -> str:
-    """Where the joiner's time went, from its log: start-up, finding the certified checkpoint,
-    fetching, checking and storing the snapshot and its block (the core takes the snapshot, and
-    its status reports the height, while the store write runs on a worker thread: the "stored"
-    line may come after the status answer)."""
+    """Where the joiner's time went, from its log and its status answers: start-up, finding the
+    certified checkpoint, fetching and checking the snapshot and its block (until its status shows
+    the height: the core took the snapshot), storing it (the store write runs on a worker thread
+    while the replica answers status, until its log says it stored the snapshot)."""
     log_path = replicas.log_path(JOINER)
     started = replicas.started_s[JOINER]
-    marks = [
-        ("start-up, imports, store open", "ready: peers on"),
-        ("finding the stable checkpoint", "blocks behind the stable checkpoint"),
-        ("fetching, checking and storing the snapshot", "state sync: stored the snapshot"),
-    ]
-    parts = []
-    previous = started
-    for name, marker in marks:
+    moments = {}
+    for marker in ("ready: peers on", "blocks behind the stable checkpoint", "state sync: stored the snapshot"):
         found = first_line(log_path, marker)
         assert found is not None  # wait_for_log saw them all
-        parts.append(f"{name} {found[0] - previous:.2f} s")
-        previous = found[0]
-    return f"join: status caught up at {joined_s:.2f} s; snapshot stored at {previous - started:.2f} s = " + " + ".join(parts)
+        moments[marker] = found[0] - started
+    ready_s, found_s, stored_s = moments.values()
+    taken_s = min(joined_s, stored_s)  # the status answer comes at most one poll after the core took it
+    phases = [
+        ("start-up, imports, store open", ready_s),
+        ("finding the stable checkpoint", found_s - ready_s),
+        ("fetching and checking the snapshot", taken_s - found_s),
+        ("storing it", stored_s - taken_s),
+    ]
+    return f"join: status caught up at {joined_s:.2f} s, snapshot stored at " + described(stored_s, phases)
 
 
 async def wait_for_log(replicas: Replicas, replica_id: int, markers: tuple[str, ...]) -> None:
