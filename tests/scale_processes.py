@@ -32,7 +32,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import trio
@@ -95,7 +95,7 @@ def build_replica_store(path: Path, transactions: int) -> tuple[int, int]:
     return tip.height, checkpoint_interval_for(tip.height)
 
 
-def write_configs(directory: Path, checkpoint_interval: int, state_sync_distance: int) -> tuple[NetworkConfig, Address]:
+def write_configs(directory: Path, protocol: ProtocolSettings) -> tuple[NetworkConfig, Address]:
     """A 4-replica network's config and key files with the chain's keys and genesis, on free loopback
     ports; the joiner serves metrics (its counters say how its fetch went) on the address returned."""
     base_port = pick_base_port(REPLICA_COUNT, random.Random())
@@ -105,7 +105,6 @@ def write_configs(directory: Path, checkpoint_interval: int, state_sync_distance
         ReplicaInfo(index, key.public_key, Address(HOST, base_port + 2 * index), Address(HOST, base_port + 2 * index + 1))
         for index, key in enumerate(NETWORK.replica_signing_keys)
     )
-    protocol = ProtocolSettings(checkpoint_interval=checkpoint_interval, state_sync_distance=state_sync_distance)
     network = NetworkConfig(NETWORK.network_id, replicas, protocol, NETWORK.balances)
     assert network.genesis_hash == NETWORK.genesis  # addresses and settings are not part of the genesis
     shared = network_toml(network)
@@ -360,7 +359,7 @@ async def run_processes(directory: Path, network: NetworkConfig, metrics: Addres
         await replicas.stop_all()
 
 
-def measure(transactions: int, lock_path: Path | None, keep: Path | None) -> Result:
+def measure(transactions: int, lock_path: Path | None, keep: Path | None, settings: dict[str, int]) -> Result:
     with tempfile.TemporaryDirectory(dir=keep) as temporary:
         directory = Path(temporary)
         built = directory / "built" / "ledger.sqlite3"
@@ -379,7 +378,8 @@ def measure(transactions: int, lock_path: Path | None, keep: Path | None) -> Res
         state_sync_distance = ProtocolSettings().state_sync_distance
         if height <= state_sync_distance:
             state_sync_distance = max(1, height // 2)
-        network, metrics = write_configs(directory, interval, state_sync_distance)
+        protocol = replace(ProtocolSettings(checkpoint_interval=interval, state_sync_distance=state_sync_distance), **settings)
+        network, metrics = write_configs(directory, protocol)
         (directory / "logs").mkdir()
         for replica_id in SERVERS:
             data = directory / "data" / f"replica-{replica_id}"
@@ -388,8 +388,10 @@ def measure(transactions: int, lock_path: Path | None, keep: Path | None) -> Res
                 shutil.copyfile(file, data / file.name)
         (directory / "data" / f"replica-{JOINER}").mkdir(parents=True)
         result.notes.append(
-            f"built {height} blocks in {build_s:.0f} s; store {built.stat().st_size / 1e6:.0f} MB; checkpoint_interval {interval}, "
-            f"state_sync_distance {state_sync_distance}; the snapshot is {result.chunks} chunks when one keeper serves it in order"
+            f"built {height} blocks in {build_s:.0f} s; store {built.stat().st_size / 1e6:.0f} MB; "
+            f"checkpoint_interval {protocol.checkpoint_interval}, state_sync_distance {protocol.state_sync_distance}"
+            + "".join(f", {name} {value}" for name, value in sorted(settings.items()) if name != "state_sync_distance")
+            + f"; the snapshot is {result.chunks} chunks when one keeper serves it in order"
         )
         with cpu_lock(lock_path):
             trio.run(run_processes, directory, network, metrics, height, result)
@@ -400,9 +402,23 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("sizes", nargs="*", type=int, help="transactions of history (default: 10000 100000)")
     parser.add_argument("--cpu-lock", type=Path, help="hold an exclusive flock on this file while measuring")
+    parser.add_argument(
+        "--protocol",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a [protocol] setting for every replica, e.g. status_interval_ms=1500 (repeatable)",
+    )
     parser.add_argument("--keep-in", type=Path, help="make the working directories here (default: the system's temporary directory)")
     arguments = parser.parse_args()
     sizes = arguments.sizes or [10_000, 100_000]
+    settings = {}
+    for setting in arguments.protocol:
+        name, _, value = setting.partition("=")
+        if name not in ProtocolSettings.__dataclass_fields__ or name == "checkpoint_interval" or not value.isdigit():
+            # The checkpoint interval is chosen to make the tip a checkpoint (checkpoint_interval_for).
+            parser.error(f"--protocol {setting}: expected NAME=INTEGER with a [protocol] setting's name other than checkpoint_interval")
+        settings[name] = int(value)
     print(
         f"real processes, {REPLICA_COUNT} replicas, {TRANSACTIONS_PER_BLOCK} transactions a block; "
         f"restart: replicas {', '.join(map(str, SERVERS))} started at once, each from its process start to its first status answer; "
@@ -415,7 +431,7 @@ def main() -> int:
         flush=True,
     )
     for transactions in sizes:
-        result = measure(transactions, arguments.cpu_lock, arguments.keep_in)
+        result = measure(transactions, arguments.cpu_lock, arguments.keep_in, settings)
         restarts = " ".join(f"{result.restart_s[replica_id]:.2f}" for replica_id in SERVERS)
         print(
             f"{result.transactions:>12} {result.height:>7} {result.state_entries:>13} {result.restart_alone_s:>15.2f} {restarts:>22} "
