@@ -43,9 +43,13 @@ bench: $(INSTALLED)
 	$(VENV)/bin/ledger-bench --replicas 4,7 $(BENCH_ARGS)
 
 # A replica's start against its history: chains of 10k and 100k transactions (`make scale SCALE_ARGS="10000 1000000"`),
-# timed before (replay from genesis) and after (durable state); timings live here, never in tests.
+# timed before (replay from genesis) and after (durable state) in one process, then with real `ledger-node run`
+# processes: a restart to its first status answer and a new replica's join by state sync to caught up.
+# CPU_LOCK=/path makes each measured part hold an exclusive flock on that file (not `flock /path make scale`: the
+# second script's own lock would wait for that one forever). Timings live here, never in tests.
 scale: $(INSTALLED)
-	cd tests && ../$(PYTHON) scale_restart.py $(SCALE_ARGS)
+	cd tests && $(if $(CPU_LOCK),flock $(CPU_LOCK)) ../$(PYTHON) scale_restart.py $(SCALE_ARGS)
+	cd tests && ../$(PYTHON) scale_processes.py $(if $(CPU_LOCK),--cpu-lock $(CPU_LOCK)) $(SCALE_ARGS)
 
 lint: $(INSTALLED)
 	$(VENV)/bin/ruff check ledger node client tests

@@ -17,8 +17,9 @@ from ledger.blocks import (
     results_root,
 )
 from ledger.config import Address, NetworkConfig, ProtocolSettings, ReplicaInfo
-from ledger.crypto import NetworkIdentity, SigningKey, write_key_file
+from ledger.crypto import NetworkIdentity, SigningKey, signing_domain, write_key_file
 from ledger.merkle import merkle_root
+from ledger.messages import CheckpointCertificate, checkpoint_signed_bytes
 from ledger.transactions import Put, Transaction, TransactionResult, Transfer, sign_transaction
 
 
@@ -114,6 +115,25 @@ def sign_certificate(
         for replica_id in chosen
     )
     return CommitCertificate(certificate_view, signatures)
+
+
+def sign_checkpoint_certificate(
+    network: LedgerNetwork, sequence: int, state_digest: bytes, block_hash: bytes, signers: Sequence[int] | None = None
+) -> CheckpointCertificate:
+    """CHECKPOINTs over (sequence, state digest, block hash) by `signers` (default: the first
+    quorum): what 2f+1 replicas that reached that checkpoint would have made stable."""
+    domain = signing_domain(network.identity, "checkpoint")
+    chosen = sorted(range(network.quorum) if signers is None else signers)
+    signatures = tuple(
+        (
+            replica_id,
+            network.replica_signing_keys[replica_id].sign(
+                domain, checkpoint_signed_bytes(sequence, state_digest, block_hash, replica_id)
+            ),
+        )
+        for replica_id in chosen
+    )
+    return CheckpointCertificate(sequence, state_digest, block_hash, signatures)
 
 
 def build_block(
