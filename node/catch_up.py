@@ -194,7 +194,9 @@ class CatchUp:
 
     def _start_join(self, certificate: CheckpointCertificate) -> None:
         peers = [replica for replica in range(self.replica_count) if replica != self.replica_id]
-        request_timeout_ms = 2 * self.settings.status_interval_ms
+        # A full chunk (1 MiB, 65,536 entries) takes about a second to build, send and check on a
+        # slow machine: a shorter timeout asks twice for much of a large state (late answers count).
+        request_timeout_ms = 4 * self.settings.status_interval_ms
         self.joining = StateJoin(certificate, peers, request_timeout_ms, self.now_ms)
         self.effects.events.append(
             f"state sync: {certificate.sequence - self.height} blocks behind the stable checkpoint at {certificate.sequence}; "
