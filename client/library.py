@@ -332,12 +332,7 @@ class Client:
                 submission.finish(receipt)
         elif isinstance(message, ErrorReply) and not message.transaction_id and message.reason.startswith(PRUNED):
             # A refused block fetch: the blocks asked for are pruned there.
-            channel = self._blocks.get(replica_id)
-            if channel is not None:
-                try:
-                    channel.send_nowait(message)
-                except trio.WouldBlock:
-                    pass
+            self._deliver_blocks_answer(replica_id, message)
         elif isinstance(message, ErrorReply):
             submission = self._submissions.get(message.transaction_id)
             if submission is None and not message.transaction_id:
@@ -357,12 +352,16 @@ class Client:
             if handler is not None:
                 handler(replica_id, message)
         elif isinstance(message, Blocks):
-            channel = self._blocks.get(replica_id)
-            if channel is not None:
-                try:
-                    channel.send_nowait(message)
-                except trio.WouldBlock:
-                    pass
+            self._deliver_blocks_answer(replica_id, message)
+
+    def _deliver_blocks_answer(self, replica_id: int, message: Blocks | ErrorReply) -> None:
+        """To the block fetch waiting on this replica, if any (one answer at a time: more are dropped)."""
+        channel = self._blocks.get(replica_id)
+        if channel is not None:
+            try:
+                channel.send_nowait(message)
+            except trio.WouldBlock:
+                pass
 
     def _broadcast(self, message: Any) -> None:
         for link in self.links:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from ledger.application import AccountsApplication, StateChanges, is_final, is_replay
 from ledger.blocks import Block, ChainError, verify_certificate, verify_execution
@@ -37,6 +38,17 @@ def _check_recent_certificates(store: BlockStore, network: NetworkConfig) -> Non
             raise StoreError(f"{store.path}: store fails verification: {error}") from None
 
 
+def _stored_application(store: BlockStore, accounts: Any, values: Any, digest: bytes) -> AccountsApplication:
+    """The application of the stored state rows, which must have the stored digest. Raises StoreError."""
+    try:
+        application = AccountsApplication.from_entries(accounts, values)
+    except CodecError as error:
+        raise StoreError(f"{store.path}: a stored state entry is malformed: {error}") from None
+    if application.state_digest() != digest:
+        raise StoreError(f"{store.path}: the stored state does not match its digest (a state row was edited or lost)")
+    return application
+
+
 def restore_application(store: BlockStore, network: NetworkConfig) -> Restored:
     """Open the durable state and bring it to the tip, re-executing only the blocks after it.
 
@@ -60,12 +72,7 @@ def restore_application(store: BlockStore, network: NetworkConfig) -> Restored:
             raise StoreError(
                 f"{store.path}: the stored state describes height {state_height}, below block {store.base_height} the store starts at"
             )
-        try:
-            application = AccountsApplication.from_entries(accounts, values)
-        except CodecError as error:
-            raise StoreError(f"{store.path}: a stored state entry is malformed: {error}") from None
-        if application.state_digest() != digest:
-            raise StoreError(f"{store.path}: the stored state does not match its digest (a state row was edited or lost)")
+        application = _stored_application(store, accounts, values, digest)
         if state_height == 0:
             expected = genesis.state_digest()
         else:
@@ -225,12 +232,7 @@ def audit_from_base(store: BlockStore, network: NetworkConfig, progress: Callabl
     state_height, digest, accounts, values, _ = loaded
     if not store.base_height <= state_height <= store.height:
         raise StoreError(f"{store.path}: the stored state describes height {state_height}, outside the blocks kept ({store.base_height}..{store.height})")
-    try:
-        application = AccountsApplication.from_entries(accounts, values)
-    except CodecError as error:
-        raise StoreError(f"{store.path}: a stored state entry is malformed: {error}") from None
-    if application.state_digest() != digest:
-        raise StoreError(f"{store.path}: the stored state does not match its digest (a state row was edited or lost)")
+    application = _stored_application(store, accounts, values, digest)
     total = store.height - store.base_height + 1
     step = max(1, total // 10)
     transactions = indexed = re_executed = 0

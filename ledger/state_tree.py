@@ -33,6 +33,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 from ledger.encoding import array_head, encode
@@ -177,11 +178,18 @@ def page_range_root(digests: list[bytes], first_page: int, page_count: int, proo
     last_page = first_page + len(digests) - 1
     if not digests or not 0 <= first_page <= last_page < page_count:
         return None
-    level = list(digests)
-    low, high = first_page, last_page
+    return fold_range_proof(list(digests), first_page, last_page, proof, page_tree_depth(page_count), lambda level, _: _page_parents(level))
+
+
+def fold_range_proof(
+    level: list[bytes], low: int, high: int, proof: list[bytes], rounds: int, parents: Callable[[list[bytes], int], list[bytes]]
+) -> bytes | None:
+    """Climb a binary tree from the consecutive nodes `level` (positions low..high), taking each
+    round's missing left and right siblings from `proof` in order; `parents(level, round)` hashes a
+    level's pairs. The root, or None unless the proof is used exactly."""
     remaining = iter(proof)
     used = 0
-    for _ in range(page_tree_depth(page_count)):
+    for round_index in range(rounds):
         if low & 1:
             sibling = next(remaining, None)
             if sibling is None:
@@ -194,7 +202,7 @@ def page_range_root(digests: list[bytes], first_page: int, page_count: int, proo
                 return None
             level.append(sibling)
             used += 1
-        level = _page_parents(level)
+        level = parents(level, round_index)
         low, high = low >> 1, high >> 1
     return level[0] if used == len(proof) else None
 
@@ -396,24 +404,8 @@ def range_root(bucket_digests: list[bytes], first_bucket: int, proof: list[bytes
         return None
     empty_leaf = EMPTY_SUBTREE[BUCKET_BITS]
     level = [empty_leaf if digest == EMPTY_BUCKET_DIGEST else leaf_hash(digest) for digest in bucket_digests]
-    low, high = BUCKET_COUNT + first_bucket, BUCKET_COUNT + last_bucket
-    remaining = iter(proof)
-    used = 0
-    depth = BUCKET_BITS
-    while low > 1:
-        if low & 1:
-            sibling = next(remaining, None)
-            if sibling is None:
-                return None
-            level.insert(0, sibling)
-            used += 1
-        if not high & 1:
-            sibling = next(remaining, None)
-            if sibling is None:
-                return None
-            level.append(sibling)
-            used += 1
-        depth -= 1
-        level = _parents(level, depth)
-        low, high = low >> 1, high >> 1
-    return level[0] if used == len(proof) else None
+    # Heap positions: the leaves are BUCKET_COUNT.., and round r makes the nodes at depth BUCKET_BITS - 1 - r.
+    return fold_range_proof(
+        level, BUCKET_COUNT + first_bucket, BUCKET_COUNT + last_bucket, proof, BUCKET_BITS,
+        lambda nodes, round_index: _parents(nodes, BUCKET_BITS - 1 - round_index),
+    )

@@ -20,6 +20,8 @@ from ledger.config import Address, NetworkConfig, ProtocolSettings, ReplicaInfo
 from ledger.crypto import NetworkIdentity, SigningKey, signing_domain, write_key_file
 from ledger.merkle import merkle_root
 from ledger.messages import CheckpointCertificate, checkpoint_signed_bytes
+from ledger.restore import restore_application
+from ledger.storage import BlockStore
 from ledger.transactions import Put, Transaction, TransactionResult, Transfer, sign_transaction
 
 
@@ -251,3 +253,16 @@ def write_network_config(network: LedgerNetwork, directory: Path, replica_id: in
     path = directory / f"replica-{replica_id}.toml"
     path.write_text("\n".join(lines))
     return path
+
+
+def open_replica_store(
+    path: Path, network: LedgerNetwork, retain_blocks: int | None = None
+) -> tuple[BlockStore, AccountsApplication, int]:
+    """As a replica starts (node/runtime.py): open, restore, and say how many blocks it re-executed."""
+    store = BlockStore.open(path, network.genesis, retain_blocks=retain_blocks)
+    try:
+        restored = restore_application(store, network.config)
+    except BaseException:
+        store.close()
+        raise
+    return store, restored.application, restored.blocks_replayed

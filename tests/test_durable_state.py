@@ -9,12 +9,12 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import chain_helpers
 import pytest
 from chain_helpers import extend_executed_chain, make_network, write_network_config
 
 from ledger.application import AccountsApplication
 from ledger.blocks import Block
-from ledger.restore import restore_application
 from ledger.storage import SCHEMA_VERSION, BlockStore, StoreError
 
 NETWORK = make_network("durable-net")
@@ -24,14 +24,7 @@ LEDGER_NODE = Path(sys.executable).with_name("ledger-node")
 
 
 def open_replica_store(path: Path) -> tuple[BlockStore, AccountsApplication, int]:
-    """As a replica starts (node/runtime.py): open, restore, and say how many blocks it re-executed."""
-    store = BlockStore.open(path, NETWORK.genesis)
-    try:
-        restored = restore_application(store, NETWORK.config)
-    except BaseException:
-        store.close()
-        raise
-    return store, restored.application, restored.blocks_replayed
+    return chain_helpers.open_replica_store(path, NETWORK)
 
 
 def grow(store: BlockStore, application: AccountsApplication, count: int, with_state: bool = True, distinct_keys: bool = False) -> None:

@@ -6,6 +6,7 @@ import dataclasses
 import sqlite3
 from pathlib import Path
 
+import chain_helpers
 import pytest
 from chain_helpers import extend_executed_chain, make_network, sign_certificate
 
@@ -15,7 +16,7 @@ from ledger.application import AccountsApplication
 from ledger.blocks import Block, BlockHeader, results_root
 from ledger.merkle import merkle_root
 from ledger.messages import PRUNED, Query, pruned_from_height, pruned_reason
-from ledger.restore import audit_store, restore_application
+from ledger.restore import audit_store
 from ledger.storage import BlockStore, StoreError
 from ledger.transactions import Transaction
 from node.core import LOG_KINDS
@@ -28,14 +29,7 @@ BLOCKS_PER_WRITE = 5
 
 
 def open_replica_store(path: Path, retain_blocks: int | None = RETAIN) -> tuple[BlockStore, AccountsApplication, int]:
-    """As a replica starts (node/runtime.py): open, restore, and say how many blocks it re-executed."""
-    store = BlockStore.open(path, NETWORK.genesis, retain_blocks=retain_blocks)
-    try:
-        restored = restore_application(store, NETWORK.config)
-    except BaseException:
-        store.close()
-        raise
-    return store, restored.application, restored.blocks_replayed
+    return chain_helpers.open_replica_store(path, NETWORK, retain_blocks)
 
 
 def grow(store: BlockStore, application: AccountsApplication, count: int, stable_lag: int = 0) -> list[Block]:

@@ -6,6 +6,7 @@ import dataclasses
 import sqlite3
 from pathlib import Path
 
+import chain_helpers
 import pytest
 from chain_helpers import extend_executed_chain, make_network
 
@@ -13,7 +14,7 @@ from ledger.application import AccountsApplication
 from ledger.blocks import Block, verify_execution
 from ledger.crypto import signing_domain
 from ledger.messages import Checkpoint, CheckpointCertificate
-from ledger.restore import audit_store, install_snapshot, restore_application
+from ledger.restore import audit_store, install_snapshot
 from ledger.snapshots import SnapshotAssembly, snapshot_chunks
 from ledger.storage import BlockStore, StoreError
 
@@ -23,13 +24,7 @@ TIP = 60
 
 
 def open_replica_store(path: Path) -> tuple[BlockStore, AccountsApplication, int]:
-    store = BlockStore.open(path, NETWORK.genesis)
-    try:
-        restored = restore_application(store, NETWORK.config)
-    except BaseException:
-        store.close()
-        raise
-    return store, restored.application, restored.blocks_replayed
+    return chain_helpers.open_replica_store(path, NETWORK)
 
 
 def source_chain() -> tuple[list[Block], AccountsApplication]:
