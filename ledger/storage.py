@@ -527,8 +527,12 @@ class BlockStore:
         timestamp = self.get_meta("latest_timestamp_ms")
         if not isinstance(digest, bytes) or not isinstance(timestamp, int):
             raise StoreError(f"{self.path}: the stored state's digest or latest timestamp is missing or malformed")
-        accounts = self._reader.execute("select account, balance, nonce from state_accounts order by account").fetchall()
-        values = self._reader.execute("select key, value from state_values order by key").fetchall()
+        try:
+            accounts = self._reader.execute("select account, balance, nonce from state_accounts order by account").fetchall()
+            values = self._reader.execute("select key, value from state_values order by key").fetchall()
+        except sqlite3.Error as error:
+            # e.g. a text cell that is not UTF-8: the pages are sound (quick_check passes), the row is not.
+            raise StoreError(f"{self.path}: a stored state entry is unreadable: {error}") from None
         return self._state_height, bytes(digest), accounts, values, timestamp
 
     def integrity_problem(self) -> str | None:

@@ -139,6 +139,11 @@ def malformed_row(path: Path) -> None:
     execute_sql(path, "update state_accounts set balance = 'lots'")
 
 
+def undecodable_value(path: Path) -> None:
+    """A value cell that is not UTF-8 (found by an adversarial review: a raw sqlite3 traceback at start)."""
+    execute_sql(path, "update state_values set value = cast(x'ff' as text) where key = (select min(key) from state_values)")
+
+
 def state_above_tip(path: Path) -> None:
     execute_sql(path, "update meta set value = ? where key = 'state_height'", (CHAIN_HEIGHT + 1,))
 
@@ -170,6 +175,7 @@ def uncertified_tip(path: Path) -> None:
         (added_account, "does not match its digest"),
         (edited_balance_and_digest, f"is not the state of block {CHAIN_HEIGHT}"),
         (malformed_row, "malformed"),
+        (undecodable_value, "unreadable"),
         (state_above_tip, "above the tip"),
         (deleted_old_block, "blocks are missing"),
         (edited_recent_block, "store fails verification"),
