@@ -10,7 +10,7 @@ TEST_WORKERS ?= auto
 # 1: traitor replicas and the rest of the adversarial mode (node/traitors.py); 0: network faults only.
 ADVERSARIAL ?= 1
 
-.PHONY: test demo sim scenarios lint bench scale clean
+.PHONY: test demo sim scenarios lint bench bench-attacks scale clean
 
 $(INSTALLED): pyproject.toml
 	test -x $(PYTHON) || python3 -m venv $(VENV)
@@ -41,6 +41,11 @@ scenarios: $(INSTALLED)
 # (timings live here, never in tests): `make bench BENCH_ARGS="--sweep"`, "--scenario silent-primary", "--long".
 bench: $(INSTALLED)
 	$(VENV)/bin/ledger-bench --replicas 4,7 $(BENCH_ARGS)
+
+# Throughput while each attack scenario's f traitors run, as a fraction of a fault-free run (Aardvark's measure);
+# the scenarios the bench cannot stage (f+1 traitors, timelines, twins) are listed with the command that runs them.
+bench-attacks: $(INSTALLED)
+	$(VENV)/bin/ledger-bench --replicas 4 --duration 10 --scenario all $(BENCH_ARGS)
 
 # A replica's start against its history: chains of 10k and 100k transactions (`make scale SCALE_ARGS="10000 1000000"`),
 # timed before (replay from genesis) and after (durable state) in one process, then with real `ledger-node run`

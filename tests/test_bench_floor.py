@@ -1,10 +1,10 @@
-"""The benchmark's floor formula (client/bench.py), on made-up primitive costs: no timing here."""
+"""The benchmark's floor formula (node/bench.py), on made-up primitive costs: no timing here."""
 
 from __future__ import annotations
 
 import pytest
 
-from client.bench import Primitives, compute_floor
+from node.bench import Primitives, compute_floor
 
 VERIFY_S = 100e-6
 SIGN_S = 30e-6

@@ -1,13 +1,13 @@
-"""The long run's pieces (client/bench.py): signing on the fly once the pre-signed supply is used,
+"""The long run's pieces (node/bench.py): signing on the fly once the pre-signed supply is used,
 and the memory verdict over the second half. No timing here."""
 
 from __future__ import annotations
 
 import itertools
 
-from client.bench import Account, account_transactions, bench_transactions, memory_verdict
 from ledger.crypto import NetworkIdentity, PublicKeyCache, SigningKey
 from ledger.transactions import transaction_domain
+from node.bench import Account, account_transactions, bench_transactions, memory_verdict
 
 MIB = 2**20
 

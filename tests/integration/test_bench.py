@@ -85,3 +85,27 @@ async def test_ledger_node_run_profile_writes_pstats_when_the_replica_stops(
             process.kill()
     functions = {(Path(filename).name, name) for filename, _, name in pstats.Stats(str(profile_path)).stats}  # type: ignore[attr-defined]
     assert ("runtime.py", "_event_loop") in functions
+
+
+async def test_ledger_bench_scenario_measures_throughput_while_a_traitor_attacks() -> None:
+    """`--scenario NAME` starts the scenario's traitor processes and reports the attacked run against the fault-free one."""
+    script = Path(sys.executable).with_name("ledger-bench")
+    result = await run_command(
+        [str(script), "--replicas", "4", "--duration", "2", "--warmup", "1", "--in-flight", "16", "--scenario", "wrong-replies", "--json"],
+        deadline_s=BENCH_DEADLINE_S,
+    )
+    assert result.exit_code == 0, result.describe()
+    report = json.loads(result.stdout)
+    attack = report["scenario"]
+    assert attack["name"] == "wrong-replies" and attack["replicas"] == 4
+    assert attack["traitors"] == "replica 1: --traitor wrong_replies --traitor-seed 1"
+    assert attack["fault_free_transactions_per_second"] == report["transactions_per_second"]
+    assert attack["run"]["confirmed"] > 0, "a replica signing wrong replies does not stop clients from accepting"
+    assert attack["fraction_of_fault_free"] == pytest.approx(attack["transactions_per_second"] / attack["fault_free_transactions_per_second"])
+
+
+async def test_ledger_bench_refuses_a_scenario_beyond_f_before_starting_anything() -> None:
+    script = Path(sys.executable).with_name("ledger-bench")
+    result = await run_command([str(script), "--scenario", "silent-f-plus-one"], deadline_s=BENCH_DEADLINE_S)
+    assert result.exit_code == 2, result.describe()
+    assert "more than f = 1" in result.stderr and "Traceback" not in result.stderr

@@ -60,6 +60,10 @@ from client.library import Client, ClientError, open_client
 from ledger.crypto import NetworkIdentity, PublicKeyCache, SigningKey
 from ledger.encoding import decode, encode
 from ledger.transactions import Put, Transaction, sign_transaction, transaction_domain
+from node.scenario_real import real_mode_refusal
+from node.scenarios import ScenarioError, load_scenario, scenario_names, scenario_path
+from node.stage_trace import sampled
+from node.traitors import format_behaviour_spec
 
 TEMPLATE = """\
 [network]
@@ -103,12 +107,6 @@ LONG_PRESIGNED_S = 20.0
 # Flat: over the second half of a long run no replica's resident memory grew by more than this
 # fraction of what it was at half time (allocator noise, SQLite's page cache settling).
 MEMORY_FLAT_FRACTION = 0.05
-
-
-def sampled(transaction_id: bytes) -> bool:
-    """The transactions a replica run with --trace-stages follows: node/stage_trace.py's rule
-    (repeated here, since client/ never imports node/)."""
-    return transaction_id[:1] == b"\x00"
 
 
 class BenchError(Exception):
@@ -254,7 +252,7 @@ class BenchNetwork:
     replica_count: int
     batch_size_max: int
     batch_wait_ms: int
-    traitor: str | None = None
+    traitor_arguments: dict[int, tuple[str, ...]] = field(default_factory=dict)  # replica id -> `--traitor ...`
     profile_directory: Path | None = None
     trace_stages: bool = False
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
@@ -286,8 +284,7 @@ class BenchNetwork:
             raise BenchError(f"ledger-node init failed: {initialised.stderr.strip()}")
         for index in range(self.replica_count):
             command = [*NODE_COMMAND, "--log-level", "warning", "run", str(network / f"replica-{index}.toml")]
-            if index == 0 and self.traitor is not None:
-                command += ["--traitor", self.traitor]
+            command += self.traitor_arguments.get(index, ())
             if self.profile_directory is not None:
                 command += ["--profile", str(self.profile_directory / f"replica-{index}.pstats")]
             if self.trace_stages:
@@ -321,12 +318,13 @@ def running_network(
     replica_count: int,
     batch_size_max: int,
     batch_wait_ms: int,
-    traitor: str | None = None,
+    attack: Attack | None = None,
     profile_directory: Path | None = None,
     trace_stages: bool = False,
 ) -> Iterator[BenchNetwork]:
     with tempfile.TemporaryDirectory(prefix="ledger-bench-") as temporary:
-        network = BenchNetwork(Path(temporary), replica_count, batch_size_max, batch_wait_ms, traitor, profile_directory, trace_stages)
+        traitors = {} if attack is None else dict(attack.traitor_arguments)
+        network = BenchNetwork(Path(temporary), replica_count, batch_size_max, batch_wait_ms, traitors, profile_directory, trace_stages)
         try:
             network.start()
             yield network
@@ -622,12 +620,82 @@ def _positive(kind: type[int] | type[float]) -> Callable[[str], Any]:
     return parse
 
 
-SCENARIOS = {
-    # The primary sends nothing to any peer: the backups' timers expire and they replace it.
-    "silent-primary": "withhold",
-    # The primary holds every pre-prepare for 0.9 of the view-change timeout (configs/scenarios/slow-primary.toml).
-    "slow-primary": "slow_primary",
-}
+# ---- attacks: f traitor replicas while the load runs ----
+
+# Not a scenario file: the primary sends nothing to any peer, so the backups' timers expire and
+# they replace it (the withhold scenario's traitor is a backup withholding from some peers).
+SILENT_PRIMARY = "silent-primary"
+ALL_ATTACKS = "all"
+
+
+@dataclass(frozen=True)
+class Attack:
+    """Traitor replicas the bench starts for one measurement: each one's `ledger-node run` arguments."""
+
+    name: str
+    traitor_arguments: tuple[tuple[int, tuple[str, ...]], ...]  # (replica id, its --traitor ... arguments)
+
+    def describe(self) -> str:
+        return "; ".join(f"replica {replica_id}: {' '.join(arguments)}" for replica_id, arguments in self.traitor_arguments)
+
+
+class AttackRefused(BenchError):
+    """A scenario the bench cannot measure at this size; the message says why and what runs it instead."""
+
+
+def attack_names() -> list[str]:
+    return sorted([SILENT_PRIMARY, *scenario_names()])
+
+
+def bench_attack(name: str, replica_count: int) -> Attack:
+    """The traitors of scenario `name` (configs/scenarios/NAME.toml) at `replica_count`, or
+    AttackRefused: the bench measures throughput while at most f traitors attack, on plain
+    loopback, so a scenario whose point is more than that (f + 1 traitors, a timeline of crashes,
+    partitions or joins, lossy links, twins, a colluding coalition) is left to `ledger-scenario run`."""
+    if name == SILENT_PRIMARY:
+        return Attack(name, ((0, ("--traitor", "withhold")),))
+    try:
+        scenario = load_scenario(scenario_path(name))
+    except (OSError, ScenarioError) as error:
+        raise BenchError(f"scenario {name}: {error}") from None
+    setup = scenario.setups.get(replica_count)
+    if setup is None:
+        raise AttackRefused(f"{name} is written for n = {', '.join(map(str, sorted(scenario.setups)))}, not {replica_count}")
+    faults = (replica_count - 1) // 3
+    runner = f"`ledger-scenario run {name} --replicas {replica_count}`"
+    refusal = real_mode_refusal(scenario, setup)
+    if refusal is not None:
+        raise AttackRefused(f"{name}: {refusal}")
+    if not setup.traitors:
+        raise AttackRefused(f"{name} has no traitor (its faults are crashes and the network): {runner}")
+    if len(setup.traitors) > faults:
+        raise AttackRefused(f"{name} has {len(setup.traitors)} traitors, more than f = {faults}: {runner} shows what breaks")
+    if setup.timeline:
+        events = ", ".join(sorted({event.event for event in setup.timeline}))
+        raise AttackRefused(f"{name} needs its timeline ({events}), which the bench does not replay: {runner}")
+    if scenario.network.loss_rate or scenario.network.duplicate_rate:
+        raise AttackRefused(f"{name} needs lossy links, which the bench does not make: {runner}")
+    traitors = []
+    for traitor in setup.traitors:
+        names = [behaviour.name for behaviour in traitor.behaviours]
+        if not names or "twins" in names:
+            raise AttackRefused(f"{name}: replica {traitor.replica_id} is a twin or a colluder, which the bench does not start: {runner}")
+        arguments = [part for behaviour in traitor.behaviours for part in ("--traitor", format_behaviour_spec(behaviour))]
+        traitors.append((traitor.replica_id, (*arguments, "--traitor-seed", str(scenario.seed))))
+    return Attack(name, tuple(traitors))
+
+
+def chosen_attacks(name: str, replica_count: int) -> tuple[list[Attack], dict[str, str]]:
+    """The attacks `--scenario name` asks for at this size, and (for `all`) those left out with why."""
+    if name != ALL_ATTACKS:
+        return [bench_attack(name, replica_count)], {}
+    attacks, skipped = [], {}
+    for each in attack_names():
+        try:
+            attacks.append(bench_attack(each, replica_count))
+        except AttackRefused as refusal:
+            skipped[each] = str(refusal)
+    return attacks, skipped
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -642,7 +710,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size-max", type=_positive(int), default=400, help="protocol.batch_size_max (default: 400)")
     parser.add_argument("--batch-wait-ms", type=int, default=5, help="protocol.batch_wait_ms (default: 5)")
     parser.add_argument("--sweep", action="store_true", help=f"raise --in-flight step by step ({', '.join(map(str, SWEEP_IN_FLIGHT))}) and print the curve")
-    parser.add_argument("--scenario", choices=sorted(SCENARIOS), help="replica 0 is a traitor: throughput as a fraction of a fault-free run")
+    parser.add_argument(
+        "--scenario",
+        metavar="NAME",
+        help=f"measure again while a scenario's f traitors attack (configs/scenarios/NAME.toml, or {SILENT_PRIMARY}; "
+        f"`{ALL_ATTACKS}`: every one the bench can run): throughput as a fraction of the fault-free run",
+    )
     parser.add_argument("--long", action="store_true", help=f"a long run (default {LONG_DURATION_S:g} s) with each replica's memory sampled every {LONG_SAMPLE_INTERVAL_S:g} s")
     parser.add_argument("--profile", metavar="DIR", type=Path, help="run each fault-free replica under cProfile: DIR/replica-I.pstats (python -m pstats)")
     parser.add_argument(
@@ -710,13 +783,20 @@ def describe(results: list[dict[str, Any]], primitives: Primitives, extra: dict[
                 + ", ".join(f"{size / 2**20:+.1f}" for size in result["rss_second_half_growth_bytes"])
                 + f"; memory {'flat' if result['memory_flat'] else 'NOT flat'} (each under {100 * MEMORY_FLAT_FRACTION:g}% of its half-time size)"
             )
-    if "scenario" in extra:
-        scenario = extra["scenario"]
+    attacks = [extra["scenario"]] if "scenario" in extra else extra.get("scenarios", [])
+    if attacks:
+        lines.append("under attack (Aardvark's measure: throughput while f traitors attack, over the fault-free run above):")
+    for entry in attacks:
+        if "skipped" in entry:
+            lines.append(f"  n={entry['replicas']} {entry['name']:<22} skipped: {entry['skipped']}")
+            continue
         lines.append(
-            f"scenario {scenario['name']} (replica 0 runs --traitor {scenario['traitor']}): {scenario['transactions_per_second']:.0f} tx/s, "
-            f"{scenario['fraction_of_fault_free']:.3f} of the fault-free {scenario['fault_free_transactions_per_second']:.0f} tx/s, "
-            f"p50 {scenario['latency_p50_ms']:.1f} ms"
+            f"  n={entry['replicas']} {entry['name']:<22} {entry['transactions_per_second']:>7.0f} tx/s, "
+            f"{entry['fraction_of_fault_free']:.3f} of the fault-free {entry['fault_free_transactions_per_second']:.0f}, "
+            f"p50 {entry['latency_p50_ms']:.1f} ms, p99 {entry['latency_p99_ms']:.1f} ms, retries {entry['client_retries']} ({entry['traitors']})"
         )
+    if "worst_fraction_of_fault_free" in extra:
+        lines.append(f"  worst: {extra['worst_fraction_of_fault_free']:.3f} of fault-free")
     return "\n".join(lines)
 
 
@@ -725,6 +805,7 @@ async def run_benchmark(arguments: argparse.Namespace, progress: Progress) -> tu
     primitives = time_primitives(arguments.batch_size_max)
     cores = os.cpu_count() or 1
     results: list[dict[str, Any]] = []
+    attack_results: list[dict[str, Any]] = []
     extra: dict[str, Any] = {}
     memory_interval = LONG_SAMPLE_INTERVAL_S if arguments.long else None
     levels = list(SWEEP_IN_FLIGHT) if arguments.sweep else [arguments.in_flight]
@@ -743,21 +824,37 @@ async def run_benchmark(arguments: argparse.Namespace, progress: Progress) -> tu
                     await measure(network, floor, in_flight, arguments.warmup, arguments.duration, progress, label, memory_interval)
                 )
         if arguments.scenario is not None:
-            traitor = SCENARIOS[arguments.scenario]
-            with running_network(replica_count, arguments.batch_size_max, arguments.batch_wait_ms, traitor) as network:
-                label = f"n={replica_count} {arguments.scenario}"
-                attacked = await measure(network, floor, levels[-1], arguments.warmup, arguments.duration, progress, label)
-            fault_free = results[-1]["transactions_per_second"]
-            extra["scenario"] = {
-                "name": arguments.scenario,
-                "traitor": traitor,
-                "replicas": replica_count,
-                "transactions_per_second": attacked["transactions_per_second"],
-                "fault_free_transactions_per_second": fault_free,
-                "fraction_of_fault_free": attacked["transactions_per_second"] / fault_free if fault_free else 0.0,
-                "latency_p50_ms": attacked["latency_p50_ms"],
-                "run": attacked,
-            }
+            attacks, skipped = chosen_attacks(arguments.scenario, replica_count)
+            fault_free = results[-1]
+            for attack in attacks:
+                with running_network(replica_count, arguments.batch_size_max, arguments.batch_wait_ms, attack) as network:
+                    label = f"n={replica_count} {attack.name}"
+                    attacked = await measure(network, floor, levels[-1], arguments.warmup, arguments.duration, progress, label)
+                attack_results.append(
+                    {
+                        "name": attack.name,
+                        "traitors": attack.describe(),
+                        "replicas": replica_count,
+                        "transactions_per_second": attacked["transactions_per_second"],
+                        "fault_free_transactions_per_second": fault_free["transactions_per_second"],
+                        "fraction_of_fault_free": (
+                            attacked["transactions_per_second"] / fault_free["transactions_per_second"] if fault_free["transactions_per_second"] else 0.0
+                        ),
+                        "latency_p50_ms": attacked["latency_p50_ms"],
+                        "latency_p99_ms": attacked["latency_p99_ms"],
+                        "client_retries": attacked["client_retries"],
+                        "run": attacked,
+                    }
+                )
+            for name, reason in skipped.items():
+                attack_results.append({"name": name, "replicas": replica_count, "skipped": reason})
+    measured = [entry for entry in attack_results if "skipped" not in entry]
+    if len(measured) == 1 and len(attack_results) == 1:
+        extra["scenario"] = measured[0]
+    elif attack_results:
+        extra["scenarios"] = attack_results
+        if measured:
+            extra["worst_fraction_of_fault_free"] = min(entry["fraction_of_fault_free"] for entry in measured)
     return results, primitives, extra
 
 
@@ -776,6 +873,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     arguments = build_parser().parse_args(argv)
     if arguments.duration is None:
         arguments.duration = LONG_DURATION_S if arguments.long else DURATION_S
+    if arguments.scenario is not None and arguments.scenario != ALL_ATTACKS:
+        # Before anything starts: a typo or a scenario the bench cannot measure is a one-line error.
+        if arguments.scenario not in attack_names():
+            print(f"ledger-bench: unknown scenario {arguments.scenario!r}; known: {', '.join(attack_names())}, or {ALL_ATTACKS}", file=sys.stderr)
+            return 2
+        for replica_count in arguments.replicas:
+            try:
+                bench_attack(arguments.scenario, replica_count)
+            except BenchError as error:
+                print(f"ledger-bench: {error}", file=sys.stderr)
+                return 2
     progress = Progress(arguments.quiet)
     try:
         results, primitives, extra = trio.run(run_benchmark, arguments, progress)
