@@ -327,6 +327,22 @@ class ReplicaCore(CheckpointProtocol, ViewChangeProtocol, CatchUp):
         for slot in self.slots.values():
             slot.last_sent_ms = -self.settings.status_interval_ms
 
+    def quiet(self) -> bool:
+        """Whether nothing here waits on a timer finer than the status interval: no request waiting
+        or proposed, no batch proposed and not executed, none being fetched, no peer known to be
+        ahead, no view change and no join. The host may then tick less often: a message wakes it
+        anyway, and the status exchange runs on the status interval."""
+        return (
+            self.view_active
+            and self.joining is None
+            and not self.pending
+            and not self.proposed
+            and not self.missing_batches
+            and self.fetch_sent_ms is None
+            and max(self.slots, default=0) <= self.height
+            and max(self.peer_heights.values(), default=0) <= self.height
+        )
+
     # ---- events ----
 
     def tick(self, now_ms: int) -> None:
