@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 import trio
 
-from client.quorum import QueryQuorum, Receipt, ReplyQuorum
+from client.quorum import BatchSignatures, QueryQuorum, Receipt, ReplyQuorum
 from ledger.application import AccountsApplication
 from ledger.blocks import (
     Block,
@@ -30,8 +30,8 @@ from ledger.blocks import (
     verify_execution,
 )
 from ledger.config import ClientConfig, load_client_config
-from ledger.crypto import PublicKeyCache, SignatureMemo, SigningKey, read_key_file, signing_domain
-from ledger.encoding import CodecError
+from ledger.crypto import PublicKeyCache, SigningKey, read_key_file, signing_domain
+from ledger.encoding import CodecError, array_head, decode, encode
 from ledger.evidence import Evidence
 from ledger.framing import FramedStream, FrameError, FrameQueue
 from ledger.messages import (
@@ -41,6 +41,7 @@ from ledger.messages import (
     QUERY_NONCE_SIZE,
     SUBSCRIBE_ACCOUNTS_MAX,
     TRANSACTION_PREFIX_MATCHES_MAX,
+    BatchReply,
     Blocks,
     CheckpointCertificate,
     ErrorReply,
@@ -86,7 +87,13 @@ EVIDENCE_PER_ANSWER_MAX = 1024  # entries read from one replica's evidence answe
 SUBMIT_DEADLINE_S = 30.0
 REFUSAL_SHOWN_LENGTH_MAX = 200
 SEND_QUEUE_MAX = 1024
-REPLY_SIGNATURES_MEMO_MAX = 4096  # checked batch-reply signatures a client remembers
+REPLY_SIGNATURES_MEMO_MAX = 4096  # checked batch replies a client remembers
+# A REPLY frame is an array of the tag and six fields, the batch reply first, then the transaction
+# id (a byte string of 32) and four more (client/library.py ReplicaLink.receive_frame reads them so).
+REPLY_FRAME_HEAD = array_head(7) + encode(Reply.TAG)
+REPLY_TAIL_HEAD = array_head(5)
+TRANSACTION_ID_HEAD = encode(bytes(32))[:2]
+TRANSACTION_ID_SIZE = 32
 # verify: how long a replica whose chain is shorter than the vouched height may take to catch up.
 CHAIN_CATCH_UP_S = 5.0
 CHAIN_CATCH_UP_POLL_S = 0.2
@@ -228,6 +235,10 @@ class ReplicaLink:
         self.replica_id = replica_id
         self.address = client.network.replicas[replica_id].client_address
         self.queue = FrameQueue(SEND_QUEUE_MAX, 2 * client.network.protocol.frame_size_max)
+        # The last batch reply this replica sent, validated, and its encoding in that frame: a
+        # replica sends one REPLY per transaction of a block, all under the same batch reply.
+        self.batch: BatchReply | None = None
+        self.batch_encoding = b""
 
     def send(self, message: Any) -> None:
         self.queue.put(encode_message(message))  # if full, the caller's retry covers it
@@ -261,19 +272,51 @@ class ReplicaLink:
             data = await framed.receive()
             if data is None:
                 return
+            self.receive_frame(data)
+
+    def receive_frame(self, data: bytes) -> None:
+        """Decode one frame from this replica and hand it on.
+
+        Most replies arrive after their transaction was accepted (n - f - 1 of every n): dropped
+        before they are validated and checked, which is most of their cost. A REPLY whose bytes
+        after its head are exactly the encoding of the batch reply this replica sent last (the
+        CBOR is canonical: equal bytes, equal values) reuses that batch reply, validated when it
+        first came, and only its transaction id is read before the drop; the rest of it is then
+        decoded and validated as any REPLY is. Anything else takes the general path."""
+        client = self.client
+        start = len(REPLY_FRAME_HEAD)
+        if self.batch is not None and data.startswith(REPLY_FRAME_HEAD) and data.startswith(self.batch_encoding, start):
+            tail = start + len(self.batch_encoding)
+            if data.startswith(TRANSACTION_ID_HEAD, tail):
+                id_start = tail + len(TRANSACTION_ID_HEAD)
+                if not client.awaits_reply(data[id_start : id_start + TRANSACTION_ID_SIZE]):
+                    client.replies_not_awaited += 1
+                    return
             try:
-                items = decode_message_items(data)
-                # Most replies arrive after their transaction was accepted (n - f - 1 of every
-                # n): dropped before they are validated and checked, which is most of their cost.
-                transaction_id = reply_transaction_id(items)
-                if transaction_id is not None and not self.client.awaits_reply(transaction_id):
-                    self.client.replies_not_awaited += 1
-                    continue
-                message = message_from_items(items)
+                message: Any = Reply.from_batch_and_fields(self.batch, decode(REPLY_TAIL_HEAD + data[tail:]))
             except CodecError:
-                self.client.ignored_messages += 1
-                continue
-            self.client._dispatch(self.replica_id, message)
+                client.ignored_messages += 1
+                return
+            client._dispatch(self.replica_id, message)
+            return
+        try:
+            items = decode_message_items(data)
+            transaction_id = reply_transaction_id(items)
+            if transaction_id is None:
+                message = message_from_items(items)
+            else:
+                batch = BatchReply.from_plain(items[1])
+                encoding = encode(items[1])
+                if data.startswith(REPLY_FRAME_HEAD) and data.startswith(encoding, start):
+                    self.batch, self.batch_encoding = batch, encoding
+                if not client.awaits_reply(transaction_id):
+                    client.replies_not_awaited += 1
+                    return
+                message = Reply.from_batch_and_fields(batch, items[2:])
+        except CodecError:
+            client.ignored_messages += 1
+            return
+        client._dispatch(self.replica_id, message)
 
 
 class Client:
@@ -287,7 +330,7 @@ class Client:
         self.signatures = PublicKeyCache()
         # One signed batch reply covers every transaction of a block: a client with many of them
         # in flight checks each replica's signature on it once (bounded; successes only).
-        self.reply_signatures = SignatureMemo(self.signatures.verify, REPLY_SIGNATURES_MEMO_MAX)
+        self.batch_signatures = BatchSignatures(self.network, self.signatures.verify, REPLY_SIGNATURES_MEMO_MAX)
         self.links = [ReplicaLink(self, replica.replica_id) for replica in self.network.replicas]
         self.query_ids = itertools.count(1)
         self.view = 0
@@ -386,7 +429,7 @@ class Client:
             # Replicas send REPLYs to the connections that follow the sender's account.
             self.accounts.append(transaction.sender)
             self._broadcast(Subscribe((transaction.sender,)))
-        submission = Submission(transaction, ReplyQuorum(self.network, transaction_id, self.reply_signatures.verify, replica_ids_authenticated=True))
+        submission = Submission(transaction, self.reply_quorum(transaction_id))
         self._submissions[transaction_id] = submission
         try:
             with trio.move_on_after(deadline_s):
@@ -401,6 +444,11 @@ class Client:
             if submission.outcome is None:
                 submission.finish(self._timed_out(submission, deadline_s))
             del self._submissions[transaction_id]
+
+    def reply_quorum(self, transaction_id: bytes) -> ReplyQuorum:
+        """The quorum a submission's replies go to: each reply's replica id is the connection it
+        came on (see _dispatch), and batch reply signatures are checked once for all quorums."""
+        return ReplyQuorum(self.network, transaction_id, replica_ids_authenticated=True, batch_signatures=self.batch_signatures)
 
     def _timed_out(self, submission: Submission, deadline_s: float) -> NetworkUnavailable:
         replied = sorted(submission.quorum.replied)
