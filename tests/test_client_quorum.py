@@ -655,3 +655,35 @@ def test_a_reply_frame_under_a_remembered_batch_reply_is_still_checked_in_full()
     assert submissions[0].outcome.replicas == (0, 1)  # type: ignore[union-attr]
     assert submissions[1].outcome.replicas == (1, 2)  # type: ignore[union-attr]
     assert client.batch_signatures.checks == checks_before + 4
+
+
+def test_a_reply_rebuilt_from_the_bytes_of_an_earlier_one_is_validated_against_its_own_batch_reply() -> None:
+    """A link builds a reply from the fields an earlier replica's reply decoded to when the bytes
+    after the batch reply are the same (Submission.last_reply), but only under a batch reply of
+    the same leaf count: a traitor's batch reply claiming fewer leaves than the position the
+    honest bytes name is decoded and refused, not rebuilt."""
+    client = scripted_client()
+    transactions = [sign_transaction(NETWORK.identity, CLIENT_KEY, nonce, Put("k", str(nonce))) for nonce in range(2)]
+    entries = [(transaction.transaction_id, TransactionResult(True), index) for index, transaction in enumerate(transactions)]
+    submissions = [Submission(transaction, client.reply_quorum(transaction.transaction_id)) for transaction in transactions]
+    for submission in submissions:
+        client._submissions[submission.transaction.transaction_id] = submission
+    honest = signed_replies(0, entries)
+    client.links[0].receive_frame(encode_message(honest[0]))  # remembers replica 0's batch reply
+    client.links[0].receive_frame(encode_message(honest[1]))
+    assert submissions[1].last_reply is not None and submissions[1].last_reply[2] == honest[1]
+    traitor = signed_replies(1, entries)
+    short_batch = dataclasses.replace(traitor[0].batch, leaf_count=1)
+    # A valid reply at position 0 under the short batch reply, so the link remembers it ...
+    client.links[1].receive_frame(encode_message(dataclasses.replace(traitor[0], batch=short_batch, path=())))
+    assert client.links[1].batch == short_batch
+    # ... then the honest bytes for position 1 under it: not rebuilt, decoded, and refused.
+    ignored = client.ignored_messages
+    client.links[1].receive_frame(encode_message(dataclasses.replace(traitor[1], batch=short_batch)))
+    assert client.ignored_messages == ignored + 1
+    assert submissions[1].quorum.unverified.keys() == {0} and submissions[1].outcome is None
+    # Replica 2's genuine reply, rebuilt from the same bytes under its own batch reply, decides.
+    client.links[2].receive_frame(encode_message(signed_replies(2, entries)[0]))
+    client.links[2].receive_frame(encode_message(signed_replies(2, entries)[1]))
+    receipt = submissions[1].outcome
+    assert isinstance(receipt, Receipt) and receipt.replicas == (0, 2) and receipt.index == 1
