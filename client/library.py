@@ -208,7 +208,7 @@ class ChainReport:
     checkpoint_signers: tuple[int, ...] = ()
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Submission:
     """One transaction in flight: its reply quorum, refusals heard, and the outcome once known.
 

@@ -79,6 +79,24 @@ class ReplyQuorum:
     would let a forger silence an honest replica in its name).
     """
 
+    # One quorum per transaction in flight: slots keep each small, and give the garbage
+    # collector, which walks every young object in flight, one object fewer per transaction.
+    __slots__ = (
+        "network",
+        "replica_ids_authenticated",
+        "transaction_id",
+        "batch_signatures",
+        "replied",
+        "groups",
+        "unverified",
+        "forgers",
+        "ignored",
+        "receipt",
+        "proven_paths",
+        "replica_count",
+        "reply_quorum",
+    )
+
     def __init__(
         self,
         network: NetworkConfig,
@@ -138,11 +156,13 @@ class ReplyQuorum:
                 self.proven_paths.add(path_key)
         key = reply.matching_key()
         self.unverified[reply.replica_id] = reply
-        verified = self.groups.get(key, [])
+        verified = self.groups.get(key)
         candidates = [waiting for waiting in self.unverified.values() if waiting.matching_key() == key]
         needed = self.reply_quorum
-        if len(verified) + len(candidates) < needed:
+        if (len(verified) if verified is not None else 0) + len(candidates) < needed:
             return None
+        if verified is None:
+            verified = []
         for candidate in candidates:
             del self.unverified[candidate.replica_id]
             if self.batch_signatures.verify(candidate.batch):
