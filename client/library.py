@@ -87,7 +87,6 @@ EVIDENCE_PER_ANSWER_MAX = 1024  # entries read from one replica's evidence answe
 SUBMIT_DEADLINE_S = 30.0
 REFUSAL_SHOWN_LENGTH_MAX = 200
 SEND_QUEUE_MAX = 1024
-REPLY_SIGNATURES_MEMO_MAX = 4096  # checked batch replies a client remembers
 # A REPLY frame is an array of the tag and six fields, the batch reply first, then the transaction
 # id (a byte string of 32) and four more (client/library.py ReplicaLink.receive_frame reads them so).
 REPLY_FRAME_HEAD = array_head(7) + encode(Reply.TAG)
@@ -348,7 +347,7 @@ class Client:
         self.signatures = PublicKeyCache()
         # One signed batch reply covers every transaction of a block: a client with many of them
         # in flight checks each replica's signature on it once (bounded; successes only).
-        self.batch_signatures = BatchSignatures(self.network, self.signatures.verify, REPLY_SIGNATURES_MEMO_MAX)
+        self.batch_signatures = BatchSignatures(self.network, self.signatures.verify)
         self.links = [ReplicaLink(self, replica.replica_id) for replica in self.network.replicas]
         self.query_ids = itertools.count(1)
         self.view = 0
