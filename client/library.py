@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 import trio
 
-from client.quorum import QueryQuorum, Receipt, ReplyQuorum
+from client.quorum import BatchSignatures, QueryQuorum, Receipt, ReplyQuorum
 from ledger.application import AccountsApplication
 from ledger.blocks import (
     Block,
@@ -30,8 +30,8 @@ from ledger.blocks import (
     verify_execution,
 )
 from ledger.config import ClientConfig, load_client_config
-from ledger.crypto import PublicKeyCache, SignatureMemo, SigningKey, read_key_file, signing_domain
-from ledger.encoding import CodecError
+from ledger.crypto import PublicKeyCache, SigningKey, read_key_file, signing_domain
+from ledger.encoding import CodecError, array_head, decode, encode
 from ledger.evidence import Evidence
 from ledger.framing import FramedStream, FrameError, FrameQueue
 from ledger.messages import (
@@ -41,6 +41,7 @@ from ledger.messages import (
     QUERY_NONCE_SIZE,
     SUBSCRIBE_ACCOUNTS_MAX,
     TRANSACTION_PREFIX_MATCHES_MAX,
+    BatchReply,
     Blocks,
     CheckpointCertificate,
     ErrorReply,
@@ -86,7 +87,12 @@ EVIDENCE_PER_ANSWER_MAX = 1024  # entries read from one replica's evidence answe
 SUBMIT_DEADLINE_S = 30.0
 REFUSAL_SHOWN_LENGTH_MAX = 200
 SEND_QUEUE_MAX = 1024
-REPLY_SIGNATURES_MEMO_MAX = 4096  # checked batch-reply signatures a client remembers
+# A REPLY frame is an array of the tag and six fields, the batch reply first, then the transaction
+# id (a byte string of 32) and four more (client/library.py ReplicaLink.receive_frame reads them so).
+REPLY_FRAME_HEAD = array_head(7) + encode(Reply.TAG)
+REPLY_TAIL_HEAD = array_head(5)
+TRANSACTION_ID_HEAD = encode(bytes(32))[:2]
+TRANSACTION_ID_SIZE = 32
 # verify: how long a replica whose chain is shorter than the vouched height may take to catch up.
 CHAIN_CATCH_UP_S = 5.0
 CHAIN_CATCH_UP_POLL_S = 0.2
@@ -201,7 +207,7 @@ class ChainReport:
     checkpoint_signers: tuple[int, ...] = ()
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Submission:
     """One transaction in flight: its reply quorum, refusals heard, and the outcome once known.
 
@@ -213,6 +219,10 @@ class Submission:
     refusals: dict[int, str] = field(default_factory=dict)
     done: trio.Event = field(default_factory=trio.Event)
     outcome: Receipt | ClientError | None = None
+    # The last REPLY decoded for it under a remembered batch reply: (its bytes after the batch
+    # reply, that batch reply's leaf count, the reply). Honest replicas send the same bytes there
+    # (the leaf and its path), so the next replica's reply is built without decoding them again.
+    last_reply: tuple[bytes, int, Reply] | None = None
 
     def finish(self, outcome: Receipt | ClientError) -> None:
         if self.outcome is None:
@@ -228,6 +238,10 @@ class ReplicaLink:
         self.replica_id = replica_id
         self.address = client.network.replicas[replica_id].client_address
         self.queue = FrameQueue(SEND_QUEUE_MAX, 2 * client.network.protocol.frame_size_max)
+        # The last batch reply this replica sent, validated, and its encoding in that frame: a
+        # replica sends one REPLY per transaction of a block, all under the same batch reply.
+        self.batch: BatchReply | None = None
+        self.batch_encoding = b""
 
     def send(self, message: Any) -> None:
         self.queue.put(encode_message(message))  # if full, the caller's retry covers it
@@ -261,19 +275,64 @@ class ReplicaLink:
             data = await framed.receive()
             if data is None:
                 return
-            try:
-                items = decode_message_items(data)
-                # Most replies arrive after their transaction was accepted (n - f - 1 of every
-                # n): dropped before they are validated and checked, which is most of their cost.
-                transaction_id = reply_transaction_id(items)
-                if transaction_id is not None and not self.client.awaits_reply(transaction_id):
-                    self.client.replies_not_awaited += 1
-                    continue
+            self.receive_frame(data)
+
+    def receive_frame(self, data: bytes) -> None:
+        """Decode one frame from this replica and hand it on.
+
+        Most replies arrive after their transaction was accepted (n - f - 1 of every n): dropped
+        before they are validated and checked, which is most of their cost. A REPLY whose bytes
+        after its head are exactly the encoding of the batch reply this replica sent last (the
+        CBOR is canonical: equal bytes, equal values) reuses that batch reply, validated when it
+        first came, and only its transaction id is read before the drop; the rest of it is then
+        decoded and validated as any REPLY is. Anything else takes the general path."""
+        client = self.client
+        start = len(REPLY_FRAME_HEAD)
+        if self.batch is not None and data.startswith(REPLY_FRAME_HEAD) and data.startswith(self.batch_encoding, start):
+            batch = self.batch
+            tail = start + len(self.batch_encoding)
+            submission = None
+            if data.startswith(TRANSACTION_ID_HEAD, tail):
+                id_start = tail + len(TRANSACTION_ID_HEAD)
+                submission = client.awaited_submission(data[id_start : id_start + TRANSACTION_ID_SIZE])
+                if submission is None:
+                    client.replies_not_awaited += 1
+                    return
+            rest = data[tail:]
+            last = submission.last_reply if submission is not None else None
+            # The same bytes under a batch reply of the same leaf count: the same fields, and the
+            # same validation outcome (it depends on the batch reply through its leaf count only).
+            if last is not None and last[0] == rest and last[1] == batch.leaf_count:
+                known = last[2]
+                message: Any = Reply(batch, known.transaction_id, known.result, known.index, known.position, known.path)
+            else:
+                try:
+                    message = Reply.from_batch_and_fields(batch, decode(REPLY_TAIL_HEAD + rest))
+                except CodecError:
+                    client.ignored_messages += 1
+                    return
+                if submission is not None:
+                    submission.last_reply = (rest, batch.leaf_count, message)
+            client._dispatch(self.replica_id, message)
+            return
+        try:
+            items = decode_message_items(data)
+            transaction_id = reply_transaction_id(items)
+            if transaction_id is None:
                 message = message_from_items(items)
-            except CodecError:
-                self.client.ignored_messages += 1
-                continue
-            self.client._dispatch(self.replica_id, message)
+            else:
+                batch = BatchReply.from_plain(items[1])
+                encoding = encode(items[1])
+                if data.startswith(REPLY_FRAME_HEAD) and data.startswith(encoding, start):
+                    self.batch, self.batch_encoding = batch, encoding
+                if not client.awaits_reply(transaction_id):
+                    client.replies_not_awaited += 1
+                    return
+                message = Reply.from_batch_and_fields(batch, items[2:])
+        except CodecError:
+            client.ignored_messages += 1
+            return
+        client._dispatch(self.replica_id, message)
 
 
 class Client:
@@ -284,10 +343,11 @@ class Client:
         self.network = config.network
         self.key = key
         self.accounts: list[bytes] = [key.public_key] if key is not None else []
+        self.followed = set(self.accounts)  # the same accounts, for the check on every submit
         self.signatures = PublicKeyCache()
         # One signed batch reply covers every transaction of a block: a client with many of them
         # in flight checks each replica's signature on it once (bounded; successes only).
-        self.reply_signatures = SignatureMemo(self.signatures.verify, REPLY_SIGNATURES_MEMO_MAX)
+        self.batch_signatures = BatchSignatures(self.network, self.signatures.verify)
         self.links = [ReplicaLink(self, replica.replica_id) for replica in self.network.replicas]
         self.query_ids = itertools.count(1)
         self.view = 0
@@ -313,8 +373,12 @@ class Client:
 
     def awaits_reply(self, transaction_id: bytes) -> bool:
         """Whether a REPLY for this transaction could still change anything: it is in flight, undecided."""
+        return self.awaited_submission(transaction_id) is not None
+
+    def awaited_submission(self, transaction_id: bytes) -> Submission | None:
+        """The submission a REPLY for this transaction could still change: in flight, undecided."""
         submission = self._submissions.get(transaction_id)
-        return submission is not None and submission.outcome is None
+        return submission if submission is not None and submission.outcome is None else None
 
     def _dispatch(self, replica_id: int, message: Any) -> None:
         if isinstance(message, Reply):
@@ -382,25 +446,35 @@ class Client:
             with trio.move_on_after(deadline_s):
                 await shared.done.wait()
             return self._outcome(shared, deadline_s)
-        if transaction.sender not in self.accounts:
+        if transaction.sender not in self.followed:
             # Replicas send REPLYs to the connections that follow the sender's account.
             self.accounts.append(transaction.sender)
+            self.followed.add(transaction.sender)
             self._broadcast(Subscribe((transaction.sender,)))
-        submission = Submission(transaction, ReplyQuorum(self.network, transaction_id, self.reply_signatures.verify, replica_ids_authenticated=True))
+        submission = Submission(transaction, self.reply_quorum(transaction_id))
         self._submissions[transaction_id] = submission
         try:
-            with trio.move_on_after(deadline_s):
-                self.links[self.primary].send(Request(transaction))
-                while True:
-                    with trio.move_on_after(self.timeout_s):
-                        await submission.done.wait()
-                        break
-                    self._broadcast(Request(transaction))
+            deadline = trio.current_time() + deadline_s
+            self.links[self.primary].send(Request(transaction))
+            # One cancel scope per wait (the first usually the only one): nested deadline and
+            # timeout scopes cost the load generator a few percent of its CPU.
+            while True:
+                now = trio.current_time()
+                with trio.move_on_at(min(deadline, now + self.timeout_s)):
+                    await submission.done.wait()
+                if submission.done.is_set() or trio.current_time() >= deadline:
+                    break
+                self._broadcast(Request(transaction))
             return self._outcome(submission, deadline_s)
         finally:
             if submission.outcome is None:
                 submission.finish(self._timed_out(submission, deadline_s))
             del self._submissions[transaction_id]
+
+    def reply_quorum(self, transaction_id: bytes) -> ReplyQuorum:
+        """The quorum a submission's replies go to: each reply's replica id is the connection it
+        came on (see _dispatch), and batch reply signatures are checked once for all quorums."""
+        return ReplyQuorum(self.network, transaction_id, replica_ids_authenticated=True, batch_signatures=self.batch_signatures)
 
     def _timed_out(self, submission: Submission, deadline_s: float) -> NetworkUnavailable:
         replied = sorted(submission.quorum.replied)

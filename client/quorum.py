@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -9,10 +10,46 @@ from typing import Any
 from ledger.config import NetworkConfig
 from ledger.crypto import signing_domain, verify_signature
 from ledger.encoding import encode
-from ledger.messages import BATCH_REPLY_DOMAIN, PRUNED, Query, QueryReply, Reply
+from ledger.messages import BATCH_REPLY_DOMAIN, PRUNED, BatchReply, Query, QueryReply, Reply
 from ledger.transactions import TransactionResult
 
 SignatureCheck = Callable[[bytes, bytes, bytes, bytes], bool]
+BATCH_SIGNATURES_MAX = 4096  # checked batch replies a client remembers (about 300 bytes each)
+
+
+class BatchSignatures:
+    """Checks batch replies' signatures against the network's replica keys, remembering (bounded,
+    oldest forgotten first) the batch replies that verified.
+
+    One signed batch reply covers every transaction of a block, and a replica sends the same one
+    with each of them: a client with many transactions in a block checks it once. A batch reply
+    is remembered whole (replica id, view, height, block hash, root, leaf count and signature),
+    so only one equal in every field, and so signed by the same key over the same bytes, is
+    recognised; failures are never remembered, so a forgery is checked (and refused) each time
+    and can push out no genuine entry faster than it costs the forger.
+    """
+
+    def __init__(self, network: NetworkConfig, check: SignatureCheck = verify_signature, entries_max: int = BATCH_SIGNATURES_MAX) -> None:
+        self.check = check
+        self.entries_max = entries_max
+        self.domain = signing_domain(network.identity, BATCH_REPLY_DOMAIN)
+        self.replica_keys = network.replica_keys
+        self.verified: OrderedDict[BatchReply, None] = OrderedDict()
+        self.checks = 0  # signature checks actually run (the rest were remembered)
+
+    def verify(self, batch: BatchReply) -> bool:
+        if batch in self.verified:
+            self.verified.move_to_end(batch)
+            return True
+        if not 0 <= batch.replica_id < len(self.replica_keys):
+            return False
+        self.checks += 1
+        if not self.check(self.replica_keys[batch.replica_id], self.domain, batch.signed_bytes(), batch.signature):
+            return False
+        self.verified[batch] = None
+        if len(self.verified) > self.entries_max:
+            self.verified.popitem(last=False)
+        return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,18 +79,38 @@ class ReplyQuorum:
     would let a forger silence an honest replica in its name).
     """
 
+    # One quorum per transaction in flight: slots keep each small, and give the garbage
+    # collector, which walks every young object in flight, one object fewer per transaction.
+    __slots__ = (
+        "network",
+        "replica_ids_authenticated",
+        "transaction_id",
+        "batch_signatures",
+        "replied",
+        "groups",
+        "unverified",
+        "forgers",
+        "ignored",
+        "receipt",
+        "proven_paths",
+        "replica_count",
+        "reply_quorum",
+    )
+
     def __init__(
         self,
         network: NetworkConfig,
         transaction_id: bytes,
         check: SignatureCheck = verify_signature,
         replica_ids_authenticated: bool = False,
+        batch_signatures: BatchSignatures | None = None,
     ) -> None:
+        """`batch_signatures`: shared by a client's quorums, so each batch reply is checked once
+        for all the transactions it covers; without it this quorum checks with `check` alone."""
         self.network = network
         self.replica_ids_authenticated = replica_ids_authenticated
         self.transaction_id = transaction_id
-        self.check = check
-        self.domain = signing_domain(network.identity, BATCH_REPLY_DOMAIN)
+        self.batch_signatures = batch_signatures if batch_signatures is not None else BatchSignatures(network, check)
         self.replied: set[int] = set()  # replicas whose reply verified
         self.groups: dict[tuple[Any, ...], list[Reply]] = {}
         self.unverified: dict[int, Reply] = {}  # at most one per replica: its latest
@@ -65,7 +122,6 @@ class ReplyQuorum:
         self.proven_paths: set[tuple[Any, ...]] = set()
         self.replica_count = network.replica_count
         self.reply_quorum = network.reply_quorum
-        self.replica_keys = network.replica_keys
 
     def add(self, reply: Reply) -> Receipt | None:
         """The path is checked at once (a few hashes); signatures lazily, only once matching
@@ -98,18 +154,18 @@ class ReplyQuorum:
                 return None
             if len(self.proven_paths) < self.replica_count:
                 self.proven_paths.add(path_key)
-        self.unverified[reply.replica_id] = reply
         key = reply.matching_key()
-        verified = self.groups.get(key, [])
+        self.unverified[reply.replica_id] = reply
+        verified = self.groups.get(key)
         candidates = [waiting for waiting in self.unverified.values() if waiting.matching_key() == key]
         needed = self.reply_quorum
-        if len(verified) + len(candidates) < needed:
+        if (len(verified) if verified is not None else 0) + len(candidates) < needed:
             return None
+        if verified is None:
+            verified = []
         for candidate in candidates:
             del self.unverified[candidate.replica_id]
-            public_key = self.replica_keys[candidate.replica_id]
-            batch = candidate.batch
-            if self.check(public_key, self.domain, batch.signed_bytes(), batch.signature):
+            if self.batch_signatures.verify(candidate.batch):
                 verified.append(candidate)
                 self.replied.add(candidate.replica_id)
             else:

@@ -767,14 +767,20 @@ class Reply:
     @classmethod
     def from_fields(cls, items: list[Any]) -> Reply:
         expect_list(items, cls.TAG, length=6)
-        batch = BatchReply.from_plain(items[0])
-        path = expect_list(items[5], "reply path", length_max=REPLY_PATH_LENGTH_MAX)
+        return cls.from_batch_and_fields(BatchReply.from_plain(items[0]), items[1:])
+
+    @classmethod
+    def from_batch_and_fields(cls, batch: BatchReply, items: list[Any]) -> Reply:
+        """The reply whose fields after its batch reply are `items`, under an already validated
+        `batch` (a client reuses the one it validated for the block's other replies)."""
+        expect_list(items, cls.TAG, length=5)
+        path = expect_list(items[4], "reply path", length_max=REPLY_PATH_LENGTH_MAX)
         return cls(
             batch,
-            _hash(items[1], "transaction id"),
-            TransactionResult.from_plain(items[2]),
-            expect_int(items[3], "index", 0, BLOCK_TRANSACTIONS_MAX - 1),
-            expect_int(items[4], "reply position", 0, batch.leaf_count - 1),
+            _hash(items[0], "transaction id"),
+            TransactionResult.from_plain(items[1]),
+            expect_int(items[2], "index", 0, BLOCK_TRANSACTIONS_MAX - 1),
+            expect_int(items[3], "reply position", 0, batch.leaf_count - 1),
             tuple(_hash(item, "reply path") for item in path),
         )
 

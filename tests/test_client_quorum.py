@@ -12,7 +12,7 @@ import pytest
 import trio
 
 from client.library import Client, NetworkUnavailable, Submission
-from client.quorum import QueryQuorum, ReplyQuorum
+from client.quorum import BatchSignatures, QueryQuorum, Receipt, ReplyQuorum
 from ledger.application import AccountsApplication
 from ledger.blocks import BLOCK_TRANSACTIONS_MAX
 from ledger.config import ClientConfig
@@ -522,20 +522,21 @@ class ScriptedFrames:
 
 
 async def test_a_client_does_not_validate_replies_for_transactions_it_no_longer_waits_for(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Replies after acceptance, and replies naming no transaction in flight, are dropped after
-    the CBOR decode and before a REPLY is built and checked (the load generator's main cost)."""
+    """Replies after acceptance, and replies naming no transaction in flight, are dropped before
+    a REPLY is built and checked (the load generator's main cost): after the CBOR decode at most,
+    and with none at all under the batch reply the link remembers (see the test below)."""
     client = scripted_client()
     transaction = sign_transaction(NETWORK.identity, CLIENT_KEY, 0, Put("k", "v"))
-    submission = Submission(transaction, ReplyQuorum(NETWORK, transaction.transaction_id, client.reply_signatures.verify, replica_ids_authenticated=True))
+    submission = Submission(transaction, client.reply_quorum(transaction.transaction_id))
     client._submissions[transaction.transaction_id] = submission
     built = [0]
-    original = Reply.from_fields.__func__  # type: ignore[attr-defined]
+    original = Reply.from_batch_and_fields.__func__  # type: ignore[attr-defined]
 
-    def counted(cls: type[Reply], items: list[Any]) -> Reply:
+    def counted(cls: type[Reply], batch: Any, items: list[Any]) -> Reply:
         built[0] += 1
-        return original(cls, items)
+        return original(cls, batch, items)
 
-    monkeypatch.setattr(Reply, "from_fields", classmethod(counted))
+    monkeypatch.setattr(Reply, "from_batch_and_fields", classmethod(counted))
     for replica_id in range(NETWORK.replica_count):
         reply = signed_reply_for(transaction.transaction_id, replica_id, 5)
         stranger = signed_reply_for(bytes(32), replica_id, 5)
@@ -567,3 +568,153 @@ def test_a_reply_quorum_hashes_a_merkle_path_once_however_many_replicas_send_it(
     receipt = quorum.add(signed_reply(2))
     assert receipt is not None and receipt.replicas == (0, 2)
     assert hashed == [2]
+
+
+def test_the_batch_signature_memo_recognises_only_a_batch_reply_equal_in_every_field() -> None:
+    """Regression for the client's memo of checked batch replies (BatchSignatures): once a
+    replica's genuine batch reply verified, the same one with any field changed is checked again
+    and refused, each time (a refusal is never remembered); the memo stays bounded."""
+    check, calls = counting(SIGNATURES.verify)
+    batches = BatchSignatures(NETWORK, check, entries_max=4)
+    genuine = signed_reply(0).batch
+    assert batches.verify(genuine) and batches.verify(genuine)
+    assert calls == [1]
+    changes: dict[str, Any] = {
+        "signature": FORGED_SIGNATURE,
+        "replies_root": bytes(32),
+        "height": 6,
+        "view": 1,
+        "block_hash": bytes(32),
+        "leaf_count": 4,
+        "replica_id": 1,
+    }
+    for name, value in changes.items():
+        altered = dataclasses.replace(genuine, **{name: value})
+        assert not batches.verify(altered), name
+        assert not batches.verify(altered), name
+    assert calls == [1 + 2 * len(changes)]
+    assert not batches.verify(dataclasses.replace(genuine, replica_id=NETWORK.replica_count))  # no such replica: no check
+    for height in range(6, 16):
+        assert batches.verify(signed_reply(0, height=height).batch)
+    assert len(batches.verified) == 4
+
+
+def test_a_reply_frame_under_a_remembered_batch_reply_is_still_checked_in_full() -> None:
+    """A link reuses the batch reply its replica sent last when a frame repeats that batch reply's
+    bytes exactly (ReplicaLink.receive_frame). Everything else is still checked: under the same
+    bytes, a reply with another transaction's path or a lying result counts for nothing, a
+    malformed rest is refused, and a batch reply differing in one byte of its signature is
+    decoded and checked (and refused); another replica's batch reply on this link is ignored.
+    The genuine replies of f + 1 replicas still make every receipt, each honest replica's batch
+    reply checked once for the whole block."""
+    client = scripted_client()
+    transactions = [sign_transaction(NETWORK.identity, CLIENT_KEY, nonce, Put("k", str(nonce))) for nonce in range(3)]
+    entries = [(transaction.transaction_id, TransactionResult(True), index) for index, transaction in enumerate(transactions)]
+    submissions = []
+    for transaction in transactions:
+        submissions.append(Submission(transaction, client.reply_quorum(transaction.transaction_id)))
+        client._submissions[transaction.transaction_id] = submissions[-1]
+    replies = {replica_id: signed_replies(replica_id, entries) for replica_id in range(NETWORK.replica_count)}
+    link = client.links[0]
+    link.receive_frame(encode_message(replies[0][0]))
+    assert link.batch == replies[0][0].batch
+    remembered = link.batch
+    checks_before = client.batch_signatures.checks
+
+    # Under the remembered batch reply's bytes: transaction 1's id with transaction 0's path, and a lying result.
+    moved_path = dataclasses.replace(replies[0][1], path=replies[0][0].path, position=0)
+    lying = dataclasses.replace(replies[0][1], result=TransactionResult(False, "lie"))
+    for reply in (moved_path, lying):
+        link.receive_frame(encode_message(reply))
+        assert link.batch is remembered
+    assert submissions[1].quorum.ignored == 2 and submissions[1].quorum.unverified == {}
+    ignored = client.ignored_messages
+    link.receive_frame(encode_message(replies[0][2])[:-1])  # the rest cut short
+    assert client.ignored_messages == ignored + 1 and submissions[2].quorum.unverified == {}
+
+    # One signature byte changed: not the remembered bytes, so decoded whole and checked.
+    signature = bytes([replies[0][1].batch.signature[0] ^ 1]) + replies[0][1].batch.signature[1:]
+    forged = dataclasses.replace(replies[0][1], batch=dataclasses.replace(replies[0][1].batch, signature=signature))
+    link.receive_frame(encode_message(forged))
+    # Another replica's genuine reply on replica 0's link (a traitor relaying it): ignored.
+    ignored = client.ignored_messages
+    link.receive_frame(encode_message(replies[1][1]))
+    assert client.ignored_messages == ignored + 1 and submissions[1].quorum.replied == set()
+    # Replica 1's genuine reply makes the forged one a candidate: checked, refused, and replica 0 not heard again for it.
+    client.links[1].receive_frame(encode_message(replies[1][1]))
+    assert submissions[1].outcome is None and 0 in submissions[1].quorum.forgers
+    assert client.batch_signatures.checks == checks_before + 2
+
+    # The genuine replies of replicas 1 and 2 decide the rest: replica 0's genuine batch reply
+    # and replica 2's are checked once each, replica 1's not again.
+    for replica_id in (1, 2):
+        for reply in replies[replica_id]:
+            client.links[replica_id].receive_frame(encode_message(reply))
+    for submission in submissions:
+        assert isinstance(submission.outcome, Receipt), submission.outcome
+        assert submission.outcome.result.ok and submission.outcome.height == 5
+    assert submissions[0].outcome.replicas == (0, 1)  # type: ignore[union-attr]
+    assert submissions[1].outcome.replicas == (1, 2)  # type: ignore[union-attr]
+    assert client.batch_signatures.checks == checks_before + 4
+
+
+def test_a_reply_rebuilt_from_the_bytes_of_an_earlier_one_is_validated_against_its_own_batch_reply() -> None:
+    """A link builds a reply from the fields an earlier replica's reply decoded to when the bytes
+    after the batch reply are the same (Submission.last_reply), but only under a batch reply of
+    the same leaf count: a traitor's batch reply claiming fewer leaves than the position the
+    honest bytes name is decoded and refused, not rebuilt."""
+    client = scripted_client()
+    transactions = [sign_transaction(NETWORK.identity, CLIENT_KEY, nonce, Put("k", str(nonce))) for nonce in range(2)]
+    entries = [(transaction.transaction_id, TransactionResult(True), index) for index, transaction in enumerate(transactions)]
+    submissions = [Submission(transaction, client.reply_quorum(transaction.transaction_id)) for transaction in transactions]
+    for submission in submissions:
+        client._submissions[submission.transaction.transaction_id] = submission
+    honest = signed_replies(0, entries)
+    client.links[0].receive_frame(encode_message(honest[0]))  # remembers replica 0's batch reply
+    client.links[0].receive_frame(encode_message(honest[1]))
+    assert submissions[1].last_reply is not None and submissions[1].last_reply[2] == honest[1]
+    traitor = signed_replies(1, entries)
+    short_batch = dataclasses.replace(traitor[0].batch, leaf_count=1)
+    # A valid reply at position 0 under the short batch reply, so the link remembers it ...
+    client.links[1].receive_frame(encode_message(dataclasses.replace(traitor[0], batch=short_batch, path=())))
+    assert client.links[1].batch == short_batch
+    # ... then the honest bytes for position 1 under it: not rebuilt, decoded, and refused.
+    ignored = client.ignored_messages
+    client.links[1].receive_frame(encode_message(dataclasses.replace(traitor[1], batch=short_batch)))
+    assert client.ignored_messages == ignored + 1
+    assert submissions[1].quorum.unverified.keys() == {0} and submissions[1].outcome is None
+    # Replica 2's genuine reply, rebuilt from the same bytes under its own batch reply, decides.
+    client.links[2].receive_frame(encode_message(signed_replies(2, entries)[0]))
+    client.links[2].receive_frame(encode_message(signed_replies(2, entries)[1]))
+    receipt = submissions[1].outcome
+    assert isinstance(receipt, Receipt) and receipt.replicas == (0, 2) and receipt.index == 1
+
+
+def test_a_reply_nobody_waits_for_under_a_remembered_batch_reply_is_dropped_without_a_decode(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under the batch reply its link remembers, a reply for a transaction already decided (the
+    n - f - 1 late ones) or never sent is dropped on its transaction id alone: no CBOR decode."""
+    import client.library as library_module
+
+    client = scripted_client()
+    transaction = sign_transaction(NETWORK.identity, CLIENT_KEY, 0, Put("k", "v"))
+    submission = Submission(transaction, client.reply_quorum(transaction.transaction_id))
+    client._submissions[transaction.transaction_id] = submission
+    entries = [(bytes(32), TransactionResult(True), 0), (transaction.transaction_id, TransactionResult(True), 1), (bytes([1]) * 32, TransactionResult(True), 2)]
+    replies = {replica_id: signed_replies(replica_id, entries) for replica_id in range(NETWORK.replica_count)}
+    for replica_id in range(NETWORK.replica_count):
+        client.links[replica_id].receive_frame(encode_message(replies[replica_id][0]))  # remembers its batch reply
+    decoded = [0]
+    original = library_module.decode
+
+    def counted(data: bytes) -> Any:
+        decoded[0] += 1
+        return original(data)
+
+    monkeypatch.setattr(library_module, "decode", counted)
+    for replica_id in range(NETWORK.replica_count):
+        for reply in replies[replica_id][1:]:
+            client.links[replica_id].receive_frame(encode_message(reply))
+    assert isinstance(submission.outcome, Receipt)
+    # One decode for the first reply for the transaction; the second is rebuilt from its bytes.
+    assert decoded == [1]
+    assert client.replies_not_awaited == NETWORK.replica_count * 2 + (NETWORK.replica_count - NETWORK.reply_quorum)
