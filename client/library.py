@@ -291,15 +291,17 @@ class ReplicaLink:
         if self.batch is not None and data.startswith(REPLY_FRAME_HEAD) and data.startswith(self.batch_encoding, start):
             batch = self.batch
             tail = start + len(self.batch_encoding)
-            submission = None
-            if data.startswith(TRANSACTION_ID_HEAD, tail):
-                id_start = tail + len(TRANSACTION_ID_HEAD)
-                submission = client.awaited_submission(data[id_start : id_start + TRANSACTION_ID_SIZE])
-                if submission is None:
-                    client.replies_not_awaited += 1
-                    return
+            if not data.startswith(TRANSACTION_ID_HEAD, tail):
+                # An honest replica encodes canonically: a 32-byte id has exactly this head.
+                client.ignored_messages += 1
+                return
+            id_start = tail + len(TRANSACTION_ID_HEAD)
+            submission = client.awaited_submission(data[id_start : id_start + TRANSACTION_ID_SIZE])
+            if submission is None:
+                client.replies_not_awaited += 1
+                return
             rest = data[tail:]
-            last = submission.last_reply if submission is not None else None
+            last = submission.last_reply
             # The same bytes under a batch reply of the same leaf count: the same fields, and the
             # same validation outcome (it depends on the batch reply through its leaf count only).
             if last is not None and last[0] == rest and last[1] == batch.leaf_count:
@@ -311,8 +313,7 @@ class ReplicaLink:
                 except CodecError:
                     client.ignored_messages += 1
                     return
-                if submission is not None:
-                    submission.last_reply = (rest, batch.leaf_count, message)
+                submission.last_reply = (rest, batch.leaf_count, message)
             client._dispatch(self.replica_id, message)
             return
         try:
@@ -321,13 +322,15 @@ class ReplicaLink:
             if transaction_id is None:
                 message = message_from_items(items)
             else:
+                # Dropped before the batch reply is validated or remembered, as before the
+                # shortcut: a flood of replies nobody waits for costs a decode, no more.
+                if not client.awaits_reply(transaction_id):
+                    client.replies_not_awaited += 1
+                    return
                 batch = BatchReply.from_plain(items[1])
                 encoding = encode(items[1])
                 if data.startswith(REPLY_FRAME_HEAD) and data.startswith(encoding, start):
                     self.batch, self.batch_encoding = batch, encoding
-                if not client.awaits_reply(transaction_id):
-                    client.replies_not_awaited += 1
-                    return
                 message = Reply.from_batch_and_fields(batch, items[2:])
         except CodecError:
             client.ignored_messages += 1
@@ -388,6 +391,10 @@ class Client:
             if message.replica_id != replica_id:
                 self.ignored_messages += 1
                 return
+            if submission.outcome is not None:
+                # Decided: a late reply changes nothing (not even the view or the read floor).
+                self.replies_not_awaited += 1
+                return
             receipt = submission.quorum.add(message)
             if receipt is not None:
                 self.view = max(self.view, receipt.view)
@@ -439,6 +446,8 @@ class Client:
         The request goes to the primary first; if no receipt arrives within the request
         timeout it goes to every replica, as in PBFT, so a silent primary cannot hide it.
         """
+        if not deadline_s >= 0:  # also refuses NaN, before anything is sent
+            raise ValueError(f"deadline_s must be a number of seconds, at least 0, got {deadline_s!r}")
         transaction_id = transaction.transaction_id
         shared = self._submissions.get(transaction_id)
         if shared is not None:

@@ -696,13 +696,17 @@ def test_a_reply_nobody_waits_for_under_a_remembered_batch_reply_is_dropped_with
     import client.library as library_module
 
     client = scripted_client()
-    transaction = sign_transaction(NETWORK.identity, CLIENT_KEY, 0, Put("k", "v"))
+    first, transaction = (sign_transaction(NETWORK.identity, CLIENT_KEY, nonce, Put("k", "v")) for nonce in range(2))
     submission = Submission(transaction, client.reply_quorum(transaction.transaction_id))
     client._submissions[transaction.transaction_id] = submission
-    entries = [(bytes(32), TransactionResult(True), 0), (transaction.transaction_id, TransactionResult(True), 1), (bytes([1]) * 32, TransactionResult(True), 2)]
+    # A link remembers a batch reply only from a reply someone waits for (the first transaction's).
+    client._submissions[first.transaction_id] = Submission(first, client.reply_quorum(first.transaction_id))
+    entries = [(first.transaction_id, TransactionResult(True), 0), (transaction.transaction_id, TransactionResult(True), 1), (bytes([1]) * 32, TransactionResult(True), 2)]
     replies = {replica_id: signed_replies(replica_id, entries) for replica_id in range(NETWORK.replica_count)}
     for replica_id in range(NETWORK.replica_count):
         client.links[replica_id].receive_frame(encode_message(replies[replica_id][0]))  # remembers its batch reply
+    # The first f + 1 decided it; the later ones were dropped before anything was remembered.
+    assert [link.batch is not None for link in client.links] == [index < NETWORK.reply_quorum for index in range(NETWORK.replica_count)]
     decoded = [0]
     original = library_module.decode
 
@@ -717,4 +721,65 @@ def test_a_reply_nobody_waits_for_under_a_remembered_batch_reply_is_dropped_with
     assert isinstance(submission.outcome, Receipt)
     # One decode for the first reply for the transaction; the second is rebuilt from its bytes.
     assert decoded == [1]
-    assert client.replies_not_awaited == NETWORK.replica_count * 2 + (NETWORK.replica_count - NETWORK.reply_quorum)
+    # The late replies for the two transactions, and every reply for the one never sent.
+    assert client.replies_not_awaited == 2 * (NETWORK.replica_count - NETWORK.reply_quorum) + NETWORK.replica_count
+
+
+def test_a_reply_nobody_waits_for_is_dropped_before_its_batch_reply_is_validated_or_remembered() -> None:
+    """On the general path (no batch reply remembered), a reply for a transaction nobody waits for
+    is dropped right after the decode: a flood of them under ever different batch replies costs
+    no validation and leaves nothing remembered (found by an adversarial review of the shortcut)."""
+    client = scripted_client()
+    entries = [(bytes([index]) * 32, TransactionResult(True), index) for index in range(2)]
+    link = client.links[0]
+    for view in range(3):
+        reply = signed_replies(0, entries)[0]
+        link.receive_frame(encode_message(dataclasses.replace(reply, batch=dataclasses.replace(reply.batch, view=view))))
+    assert link.batch is None and client.replies_not_awaited == 3
+
+
+def test_a_wide_transaction_id_head_under_a_remembered_batch_reply_is_ignored() -> None:
+    """An honest replica encodes a 32-byte id with the head 0x58 0x20; the same id under a longer
+    head (0x59 0x00 0x20) is a traitor's frame: ignored, never decoded and dispatched."""
+    client = scripted_client()
+    transactions = [sign_transaction(NETWORK.identity, CLIENT_KEY, nonce, Put("k", str(nonce))) for nonce in range(2)]
+    entries = [(transaction.transaction_id, TransactionResult(True), index) for index, transaction in enumerate(transactions)]
+    submissions = [Submission(transaction, client.reply_quorum(transaction.transaction_id)) for transaction in transactions]
+    for submission in submissions:
+        client._submissions[submission.transaction.transaction_id] = submission
+    replies = signed_replies(0, entries)
+    link = client.links[0]
+    link.receive_frame(encode_message(replies[0]))
+    assert link.batch == replies[0].batch
+    frame = encode_message(replies[1])
+    canonical_id = b"\x58\x20" + transactions[1].transaction_id
+    assert frame.count(canonical_id) == 1
+    wide = frame.replace(canonical_id, b"\x59\x00\x20" + transactions[1].transaction_id)
+    ignored = client.ignored_messages
+    link.receive_frame(wide)
+    assert client.ignored_messages == ignored + 1 and submissions[1].quorum.unverified == {}
+
+
+def test_a_reply_for_a_decided_transaction_changes_nothing_in_the_client() -> None:
+    """Once a submission has its outcome (a receipt, or f + 1 refusals), a later validly signed
+    reply for it builds no receipt and moves neither the client's view nor its read floor."""
+    client = scripted_client()
+    transaction = sign_transaction(NETWORK.identity, CLIENT_KEY, 0, Put("k", "v"))
+    submission = Submission(transaction, client.reply_quorum(transaction.transaction_id))
+    client._submissions[transaction.transaction_id] = submission
+    submission.finish(NetworkUnavailable("refused by f + 1"))
+    floor, view = client.read_floor, client.view
+    for replica_id in range(NETWORK.replica_count):
+        client._dispatch(replica_id, signed_replies(replica_id, [(transaction.transaction_id, TransactionResult(True), 0)])[0])
+    assert client.read_floor == floor and client.view == view
+    assert submission.quorum.unverified == {} and isinstance(submission.outcome, NetworkUnavailable)
+
+
+@pytest.mark.parametrize("deadline_s", [-1.0, float("nan")])
+async def test_submit_refuses_a_deadline_that_is_no_number_of_seconds_before_sending(deadline_s: float) -> None:
+    client = scripted_client()
+    transaction = sign_transaction(NETWORK.identity, CLIENT_KEY, 0, Put("k", "v"))
+    with pytest.raises(ValueError, match="deadline_s"):
+        await client.submit(transaction, deadline_s=deadline_s)
+    assert all(link.queue.queued_bytes == 0 for link in client.links), "nothing was sent"
+    assert transaction.transaction_id not in client._submissions
