@@ -55,6 +55,13 @@ class Costs:
     """One replica's measured thread time, in seconds, and its Ed25519 operations."""
 
     total_s: float = 0.0
+    # Where total_s went, by phase of the round (the crypto is inside core_s, mostly).
+    decode_s: float = 0.0
+    core_s: float = 0.0
+    persist_s: float = 0.0  # encoding the records, and write_round
+    write_s: float = 0.0  # write_round alone
+    send_s: float = 0.0
+    reply_s: float = 0.0
     client_verifies: int = 0
     replica_verifies: int = 0
     signs: int = 0
@@ -217,6 +224,8 @@ class Harness:
                 events.append(("request", None, transaction))
             else:
                 events.append(("peer", origin, message))
+        decoded = time.thread_time()
+        replica.costs.decode_s += decoded - start
         if events:
             check_request_signatures(replica, events)
             for kind, origin, message in events:
@@ -226,12 +235,15 @@ class Harness:
                     replica.core.receive_request(message)
         replica.core.tick(self.now_ms)
         effects = replica.core.take_effects()
+        replica.costs.core_s += time.thread_time() - decoded
         replied = self.carry_out(replica, effects)
         replica.costs.total_s += time.thread_time() - start
         return replied
 
     def carry_out(self, replica: HarnessReplica, effects: Effects) -> list[tuple[bytes, bytes]]:
         """ReplicaRuntime._carry_out for an honest replica: persist, send, reply."""
+        costs = replica.costs
+        started = time.thread_time()
         encoded: dict[int, bytes] = {}
         if effects.persist or effects.blocks or effects.prune is not None:
             records = []
@@ -240,7 +252,11 @@ class Harness:
                 encoded[id(record.message)] = payload
                 records.append((record.kind, record.view, record.sequence, payload))
             prune = None if effects.prune is None else (effects.prune.through_sequence, effects.prune.view, LOG_KINDS)
+            writing = time.thread_time()
             replica.store.write_round(records, effects.blocks, prune, effects.state)
+            costs.write_s += time.thread_time() - writing
+        persisted = time.thread_time()
+        costs.persist_s += persisted - started
         for send in effects.send:
             payload = encoded.get(id(send.message))
             if payload is None:
@@ -250,6 +266,8 @@ class Harness:
                 self.replicas[target].inbox.append(("peer", replica.replica_id, payload))
         replica.blocks += len(effects.blocks)
         replica.transactions += sum(len(block.transactions) for block in effects.blocks)
+        sent = time.thread_time()
+        costs.send_s += sent - persisted
         replied = []
         replies = ReplyEncoder() if ReplyEncoder is not None else None
         for client_reply in effects.replies:
@@ -259,6 +277,7 @@ class Harness:
             else:
                 encode_message(client_reply.reply)
             replied.append((client_reply.account, client_reply.reply.transaction_id))
+        costs.reply_s += time.thread_time() - sent
         return replied
 
     def run(self, transactions_total: int) -> None:
@@ -308,6 +327,10 @@ def report(harness: Harness, wall_s: float, verify_s: float, sign_s: float) -> s
             f"{costs.client_verifies * per:>18.2f}  {client_verify:>19.1f}  {costs.replica_verifies * per:>19.3f}  {costs.signs * per:>8.3f}  "
             f"{non_verify:>16.1f}  {non_crypto:>16.1f}"
         )
+    lines.append("phase us/tx (backups' mean): " + ", ".join(
+        f"{name} {sum(getattr(replica.costs, name + '_s') / max(1, replica.transactions) for replica in harness.replicas[1:]) / (len(harness.replicas) - 1) * 1e6:.1f}"
+        for name in ("decode", "core", "persist", "write", "send", "reply")
+    ) + " (core holds the Ed25519 work; write is within persist)")
     for name, chosen in (("replicas", rows), ("backups", rows[1:])):
         means = [sum(column) / len(chosen) for column in zip(*chosen, strict=True)]
         lines.append(
