@@ -182,6 +182,32 @@ class Block:
     def transaction_ids(self) -> list[bytes]:
         return [transaction.transaction_id for transaction in self.transactions]
 
+    def computed_roots(self) -> tuple[bytes, bytes]:
+        """The transactions root and the results root of this block's own contents (what
+        verify_block_contents compares with its header), computed once: the contents are immutable."""
+        roots = self.__dict__.get("_computed_roots")
+        if roots is None:
+            roots = (merkle_root(self.transaction_ids()), results_root(self.results))
+            object.__setattr__(self, "_computed_roots", roots)
+        return roots
+
+
+def executed_block(
+    header: BlockHeader,
+    transactions: tuple[Transaction, ...],
+    results: tuple[TransactionResult, ...],
+    certificate: CommitCertificate | None,
+    transactions_root: bytes,
+    results_root: bytes,
+) -> Block:
+    """A block made of contents whose roots the caller has just computed from these very
+    transactions and results (a replica executing a batch: the batch's root, and the root of the
+    results it got): they are kept as the block's computed roots, so checking the block before it
+    is stored does not hash its contents again. Only for roots computed from these contents."""
+    block = Block(header, transactions, results, certificate)
+    object.__setattr__(block, "_computed_roots", (transactions_root, results_root))
+    return block
+
 
 def genesis_hash(network_id: str, replica_keys: Sequence[bytes], balances: dict[bytes, int]) -> bytes:
     """The parent hash of block 1: it pins the network id, the replicas and the initial balances."""
@@ -224,11 +250,12 @@ def verify_certificate(
 def verify_block_contents(block: Block) -> None:
     """Raise ChainError unless the block's transactions and results match its header."""
     header = block.header
-    if merkle_root(block.transaction_ids()) != header.transactions_root:
+    computed_transactions_root, computed_results_root = block.computed_roots()
+    if computed_transactions_root != header.transactions_root:
         raise ChainError(f"block {header.height}: transactions do not match the transactions root")
     if len(block.results) != len(block.transactions):
         raise ChainError(f"block {header.height}: {len(block.results)} results for {len(block.transactions)} transactions")
-    if results_root(block.results) != header.results_root:
+    if computed_results_root != header.results_root:
         raise ChainError(f"block {header.height}: results do not match the results root")
     if len(set(block.transaction_ids())) != len(block.transactions):
         raise ChainError(f"block {header.height}: a transaction appears twice")

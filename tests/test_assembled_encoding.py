@@ -5,11 +5,20 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from chain_helpers import deterministic_key
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ledger.blocks import Block, BlockHeader, CommitCertificate, results_root
+from ledger.blocks import (
+    Block,
+    BlockHeader,
+    ChainError,
+    CommitCertificate,
+    executed_block,
+    results_root,
+    verify_block_contents,
+)
 from ledger.crypto import NetworkIdentity
 from ledger.encoding import digest, encode
 from ledger.merkle import merkle_root
@@ -115,3 +124,19 @@ def test_replies_encode_as_the_generic_encoding(count: int, result: TransactionR
     everything: list[Reply] = [*replies, *others]
     assert encode_replies(everything) == [generic(reply) for reply in everything]
     assert isinstance(replies[0].batch, BatchReply)
+
+
+def test_a_block_checks_its_contents_against_roots_of_those_contents() -> None:
+    body = transactions(5, Put("key", "value"), 7)
+    outcomes = (TransactionResult(True),) * 4 + (TransactionResult(False, "insufficient funds"),)
+    transactions_root, outcomes_root = merkle_root([t.transaction_id for t in body]), results_root(outcomes)
+    header = BlockHeader(3, 1, 0, bytes(32), transactions_root, outcomes_root, bytes(32), 9)
+    executed = executed_block(header, body, outcomes, None, transactions_root, outcomes_root)
+    decoded = Block.decode(executed.encode())
+    assert decoded == executed and decoded.computed_roots() == executed.computed_roots() == (transactions_root, outcomes_root)
+    verify_block_contents(executed)
+    verify_block_contents(decoded)
+    # Other contents under the same header: their own roots are computed, and the check fails.
+    for tampered in (Block(header, body, (TransactionResult(True),) * 5, None), Block(header, body[::-1], outcomes, None)):
+        with pytest.raises(ChainError):
+            verify_block_contents(tampered)
