@@ -698,7 +698,7 @@ ReplyEntry = tuple[bytes, TransactionResult, int]
 def reply_leaf(transaction_id: bytes, result: TransactionResult, index: int) -> bytes:
     """The leaf of a batch reply's tree: everything a receipt states that the signed part does not.
     encode([transaction_id, result.to_plain(), index]), assembled (a replica makes one per transaction)."""
-    if type(transaction_id) is not bytes or type(index) is not int or index < 0:
+    if type(transaction_id) is not bytes or type(index) is not int or not 0 <= index < 1 << 64:
         return encode([transaction_id, result.to_plain(), index])
     return b"".join([_THREE_ITEMS, encode_hash(transaction_id), result.encoded(), encode_unsigned(index)])
 
@@ -808,7 +808,13 @@ _REPLY_HEAD = array_head(7) + encode(Reply.TAG)
 def _encode_reply_rest(reply: Reply) -> bytes:
     """The fields of a REPLY after its batch reply, encoded: what differs between a block's replies."""
     transaction_id, index, position, path = reply.transaction_id, reply.index, reply.position, reply.path
-    if type(transaction_id) is not bytes or type(index) is not int or type(position) is not int or index < 0 or position < 0:
+    if (
+        type(transaction_id) is not bytes
+        or type(index) is not int
+        or type(position) is not int
+        or not 0 <= index < 1 << 64
+        or not 0 <= position < 1 << 64
+    ):
         return encode_items([transaction_id, reply.result.to_plain(), index, position, list(path)])
     return b"".join(
         [

@@ -3,6 +3,7 @@ a block, a PRE-PREPARE, a reply) are byte for byte the generic canonical encodin
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -140,3 +141,11 @@ def test_a_block_checks_its_contents_against_roots_of_those_contents() -> None:
     for tampered in (Block(header, body, (TransactionResult(True),) * 5, None), Block(header, body[::-1], outcomes, None)):
         with pytest.raises(ChainError):
             verify_block_contents(tampered)
+
+
+def test_a_reply_with_fields_no_replica_would_send_still_encodes_as_the_generic_encoding() -> None:
+    """A traitor may rewrite a reply before it is encoded: a huge index, a short id."""
+    (reply,) = make_replies(1, 0, 1, bytes(32), [(bytes(32), TransactionResult(True), 0)], lambda data: bytes(64))
+    for odd in (dataclasses.replace(reply, index=2**64), dataclasses.replace(reply, transaction_id=b"short", position=2**70)):
+        assert encode_replies([odd]) == [generic(odd)]
+    assert reply_leaf(bytes(31), TransactionResult(False, "x"), 2**64) == encode([bytes(31), [False, "x"], 2**64])
