@@ -140,7 +140,7 @@ class AccountsApplication:
     def _set_account(self, account: bytes, new: Account) -> None:
         for view in self._frozen:
             view._remember(ACCOUNT, account, self._accounts.get(account))
-        self._tree.set(ACCOUNT, account, [new.balance, new.nonce])
+        self._tree.set_account(account, new.balance, new.nonce)
         self._accounts[account] = new
         self._changed_accounts.add(account)
 
@@ -151,7 +151,7 @@ class AccountsApplication:
             if self._keys_in_order and key < self._keys_in_order[-1]:
                 self._keys_sorted = False
             self._keys_in_order.append(key)
-        self._tree.set(VALUE, key, value)
+        self._tree.set_value(key, value)
         self._values[key] = value
         self._changed_values.add(key)
 

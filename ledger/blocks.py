@@ -9,6 +9,7 @@ from typing import Any, Protocol
 from ledger.crypto import SIGNATURE_SIZE, NetworkIdentity, signing_domain, verify_signature
 from ledger.encoding import (
     CodecError,
+    array_head,
     decode,
     digest,
     encode,
@@ -17,7 +18,7 @@ from ledger.encoding import (
     expect_list,
 )
 from ledger.merkle import merkle_proof, merkle_root, verify_merkle_proof
-from ledger.transactions import Transaction, TransactionResult
+from ledger.transactions import OK_RESULT_ENCODED, Transaction, TransactionResult
 
 HASH_SIZE = 32
 REPLICAS_MAX = 64
@@ -30,10 +31,14 @@ class ChainError(ValueError):
     """A block or chain segment fails verification; the message says which block and why."""
 
 
+_OK_RESULT_DIGEST = digest(OK_RESULT_ENCODED)
+
+
 def results_root(results: Sequence[TransactionResult]) -> bytes:
     """The header commits to every result, so a block hash that f+1 replicas vouch for vouches
     for the results too (the commit certificate covers only the batch)."""
-    return merkle_root([digest(encode(result.to_plain())) for result in results])
+    ok_digest = _OK_RESULT_DIGEST
+    return merkle_root([ok_digest if encoded is OK_RESULT_ENCODED else digest(encoded) for encoded in map(TransactionResult.encoded, results)])
 
 
 def batch_digest(view: int, proposer: int, timestamp_ms: int, transactions_root: bytes) -> bytes:
@@ -143,7 +148,18 @@ class Block:
         ]
 
     def encode(self) -> bytes:
-        return encode(self.to_plain())
+        """encode(to_plain()), assembled from the transactions' encodings as they already are."""
+        return b"".join(
+            [
+                array_head(4),
+                encode(self.header.to_plain()),
+                array_head(len(self.transactions)),
+                *[transaction.encoded for transaction in self.transactions],
+                array_head(len(self.results)),
+                *[result.encoded() for result in self.results],
+                encode(None if self.certificate is None else self.certificate.to_plain()),
+            ]
+        )
 
     @classmethod
     def from_plain(cls, plain: Any) -> Block:
@@ -165,6 +181,32 @@ class Block:
 
     def transaction_ids(self) -> list[bytes]:
         return [transaction.transaction_id for transaction in self.transactions]
+
+    def computed_roots(self) -> tuple[bytes, bytes]:
+        """The transactions root and the results root of this block's own contents (what
+        verify_block_contents compares with its header), computed once: the contents are immutable."""
+        roots = self.__dict__.get("_computed_roots")
+        if roots is None:
+            roots = (merkle_root(self.transaction_ids()), results_root(self.results))
+            object.__setattr__(self, "_computed_roots", roots)
+        return roots
+
+
+def executed_block(
+    header: BlockHeader,
+    transactions: tuple[Transaction, ...],
+    results: tuple[TransactionResult, ...],
+    certificate: CommitCertificate | None,
+    transactions_root: bytes,
+    results_root: bytes,
+) -> Block:
+    """A block made of contents whose roots the caller has just computed from these very
+    transactions and results (a replica executing a batch: the batch's root, and the root of the
+    results it got): they are kept as the block's computed roots, so checking the block before it
+    is stored does not hash its contents again. Only for roots computed from these contents."""
+    block = Block(header, transactions, results, certificate)
+    object.__setattr__(block, "_computed_roots", (transactions_root, results_root))
+    return block
 
 
 def genesis_hash(network_id: str, replica_keys: Sequence[bytes], balances: dict[bytes, int]) -> bytes:
@@ -208,11 +250,12 @@ def verify_certificate(
 def verify_block_contents(block: Block) -> None:
     """Raise ChainError unless the block's transactions and results match its header."""
     header = block.header
-    if merkle_root(block.transaction_ids()) != header.transactions_root:
+    computed_transactions_root, computed_results_root = block.computed_roots()
+    if computed_transactions_root != header.transactions_root:
         raise ChainError(f"block {header.height}: transactions do not match the transactions root")
     if len(block.results) != len(block.transactions):
         raise ChainError(f"block {header.height}: {len(block.results)} results for {len(block.transactions)} transactions")
-    if results_root(block.results) != header.results_root:
+    if computed_results_root != header.results_root:
         raise ChainError(f"block {header.height}: results do not match the results root")
     if len(set(block.transaction_ids())) != len(block.transactions):
         raise ChainError(f"block {header.height}: a transaction appears twice")

@@ -35,6 +35,33 @@ def array_head(count: int) -> bytes:
     raise CodecError(f"array of {count} items is too long")
 
 
+_SMALL_UNSIGNED = [bytes([value]) for value in range(24)]
+
+
+def encode_unsigned(value: int) -> bytes:
+    """encode(value) for an integer in [0, 2**64): its head alone (major type 0)."""
+    if value < 24:
+        return _SMALL_UNSIGNED[value]
+    for marker, width in ((0x18, 1), (0x19, 2), (0x1A, 4), (0x1B, 8)):
+        if value < 1 << (8 * width):
+            return bytes([marker]) + value.to_bytes(width, "big")
+    raise CodecError(f"integer {value} is too large")
+
+
+def encode_hash(value: bytes) -> bytes:
+    """encode(value) for a 32-byte string: its head 0x58 0x20, then the bytes."""
+    return _HASH_HEAD + value if len(value) == 32 else encode(value)
+
+
+_HASH_HEAD = b"\x58\x20"
+
+
+def encode_items(items: list[Any]) -> bytes:
+    """The items' encodings one after another: encode(items) without its array head. With
+    array_head, an encoding is assembled from parts some of which are already encoded."""
+    return encode(items)[len(array_head(len(items))):]
+
+
 def digest(data: bytes) -> bytes:
     """The one hash function of the ledger: SHA-256."""
     return hashlib.sha256(data).digest()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Any, ClassVar
 
 from ledger.blocks import (
@@ -25,6 +26,9 @@ from ledger.encoding import (
     array_head,
     decode,
     encode,
+    encode_hash,
+    encode_items,
+    encode_unsigned,
     expect_bool,
     expect_bytes,
     expect_int,
@@ -92,6 +96,19 @@ class Batch:
 
     def to_plain(self) -> list[Any]:
         return [self.view, self.proposer, self.timestamp_ms, [t.to_plain() for t in self.transactions]]
+
+    @cached_property
+    def encoded(self) -> bytes:
+        """encode(to_plain()), assembled from the transactions' encodings as they already are:
+        a batch goes into a PRE-PREPARE, a prepared record and a block, and is encoded once."""
+        return b"".join(
+            [
+                array_head(4),
+                encode_items([self.view, self.proposer, self.timestamp_ms]),
+                array_head(len(self.transactions)),
+                *[transaction.encoded for transaction in self.transactions],
+            ]
+        )
 
     @classmethod
     def from_plain(cls, plain: Any) -> Batch:
@@ -679,8 +696,14 @@ ReplyEntry = tuple[bytes, TransactionResult, int]
 
 
 def reply_leaf(transaction_id: bytes, result: TransactionResult, index: int) -> bytes:
-    """The leaf of a batch reply's tree: everything a receipt states that the signed part does not."""
-    return encode([transaction_id, result.to_plain(), index])
+    """The leaf of a batch reply's tree: everything a receipt states that the signed part does not.
+    encode([transaction_id, result.to_plain(), index]), assembled (a replica makes one per transaction)."""
+    if type(transaction_id) is not bytes or type(index) is not int or not 0 <= index < 1 << 64:
+        return encode([transaction_id, result.to_plain(), index])
+    return b"".join([_THREE_ITEMS, encode_hash(transaction_id), result.encoded(), encode_unsigned(index)])
+
+
+_THREE_ITEMS = array_head(3)
 
 
 @dataclass(frozen=True, slots=True)
@@ -783,6 +806,55 @@ class Reply:
             expect_int(items[3], "reply position", 0, batch.leaf_count - 1),
             tuple(_hash(item, "reply path") for item in path),
         )
+
+
+_REPLY_HEAD = array_head(7) + encode(Reply.TAG)
+
+
+def _encode_reply_rest(reply: Reply) -> bytes:
+    """The fields of a REPLY after its batch reply, encoded: what differs between a block's replies."""
+    transaction_id, index, position, path = reply.transaction_id, reply.index, reply.position, reply.path
+    if (
+        type(transaction_id) is not bytes
+        or type(index) is not int
+        or type(position) is not int
+        or not 0 <= index < 1 << 64
+        or not 0 <= position < 1 << 64
+    ):
+        return encode_items([transaction_id, reply.result.to_plain(), index, position, list(path)])
+    return b"".join(
+        [
+            encode_hash(transaction_id),
+            reply.result.encoded(),
+            encode_unsigned(index),
+            encode_unsigned(position),
+            array_head(len(path)),
+            *[encode_hash(node) for node in path],
+        ]
+    )
+
+
+class ReplyEncoder:
+    """encode_message for REPLYs, the batch reply they share encoded once: a replica sends one
+    REPLY per transaction, all of a block's under one batch reply. Holds each batch reply it
+    encoded (so an identity it is keyed by is never reused): one encoder per round of replies."""
+
+    def __init__(self) -> None:
+        self._batches: dict[int, tuple[BatchReply, bytes]] = {}
+
+    def encode(self, reply: Reply) -> bytes:
+        if type(reply) is not Reply:
+            return encode_message(reply)
+        known = self._batches.get(id(reply.batch))
+        if known is None:
+            known = self._batches[id(reply.batch)] = (reply.batch, encode(reply.batch.fields()))
+        return b"".join([_REPLY_HEAD, known[1], _encode_reply_rest(reply)])
+
+
+def encode_replies(replies: list[Reply]) -> list[bytes]:
+    """encode_message of each reply (see ReplyEncoder)."""
+    encoder = ReplyEncoder()
+    return [encoder.encode(reply) for reply in replies]
 
 
 def make_replies(
@@ -1036,7 +1108,44 @@ MESSAGE_TYPES: dict[str, Any] = {
 }
 
 
+def _encode_pre_prepare(message: PrePrepare) -> bytes:
+    return b"".join(
+        [
+            array_head(6),
+            encode_items([message.TAG, message.view, message.sequence]),
+            message.batch.encoded,
+            encode_items([message.replica_id, message.signature]),
+        ]
+    )
+
+
+def _encode_prepared_record(message: PreparedRecord) -> bytes:
+    batch = encode(None) if message.batch is None else message.batch.encoded
+    return b"".join([array_head(3), encode_items([message.TAG, message.certificate.to_plain()]), batch])
+
+
+def _encode_batch_content(message: BatchContent) -> bytes:
+    return b"".join([array_head(2), encode(message.TAG), message.batch.encoded])
+
+
+def _encode_request(message: Request) -> bytes:
+    return b"".join([array_head(2), encode(message.TAG), message.transaction.encoded])
+
+
+# Messages that carry transactions, encoded from the encodings the transactions already have
+# (the same bytes as the generic encoding: tests/test_messages_encoding.py). By exact type.
+_ASSEMBLED_ENCODERS: dict[type, Callable[[Any], bytes]] = {
+    PrePrepare: _encode_pre_prepare,
+    PreparedRecord: _encode_prepared_record,
+    BatchContent: _encode_batch_content,
+    Request: _encode_request,
+}
+
+
 def encode_message(message: Any) -> bytes:
+    assembled = _ASSEMBLED_ENCODERS.get(type(message))
+    if assembled is not None:
+        return assembled(message)
     return encode([message.TAG, *message.fields()])
 
 

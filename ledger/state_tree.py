@@ -36,7 +36,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
-from ledger.encoding import array_head, encode
+from ledger.encoding import array_head, encode, encode_unsigned
 
 BUCKET_BITS = 16
 BUCKET_COUNT = 1 << BUCKET_BITS
@@ -70,6 +70,23 @@ def entry_hash(namespace: str, key: bytes | str, value: Any) -> bytes:
     return entry_hash_of_encoded(encode([namespace, key, value]))
 
 
+def account_entry_hash(account: bytes, balance: int, nonce: int) -> bytes:
+    """entry_hash(ACCOUNT, account, [balance, nonce]), the encoding assembled: a block re-hashes
+    every account it touches."""
+    if len(account) != 32 or not (0 <= balance < 1 << 64 and 0 <= nonce < 1 << 64):
+        return entry_hash(ACCOUNT, account, [balance, nonce])
+    return hashlib.sha256(_ACCOUNT_ENTRY_PREFIX + account + _TWO_ITEMS + encode_unsigned(balance) + encode_unsigned(nonce)).digest()
+
+
+def value_entry_hash(key: str, value: str) -> bytes:
+    """entry_hash(VALUE, key, value), the encoding assembled (see account_entry_hash)."""
+    raw_key, raw_value = key.encode("utf-8"), value.encode("utf-8")
+    heads = _TEXT_HEADS
+    if len(raw_key) >= len(heads) or len(raw_value) >= len(heads):
+        return entry_hash(VALUE, key, value)
+    return hashlib.sha256(_VALUE_ENTRY_PREFIX + heads[len(raw_key)] + raw_key + heads[len(raw_value)] + raw_value).digest()
+
+
 def entry_hash_of_encoded(encoded: bytes) -> bytes:
     """The hash of one entry from its canonical encoding encode([namespace, key, value])."""
     return hashlib.sha256(_ENTRY_TAG + encoded).digest()
@@ -101,6 +118,15 @@ def _encoded_texts(first: list[bytes], second: list[bytes]) -> list[bytes]:
     if max(map(len, first), default=0) < len(heads) and max(map(len, second), default=0) < len(heads):
         return [heads[len(a)] + a + heads[len(b)] + b for a, b in zip(first, second, strict=True)]
     return [encode(a.decode("utf-8")) + encode(b.decode("utf-8")) for a, b in zip(first, second, strict=True)]
+
+
+_ACCOUNT_ENTRY_PREFIX = _ENTRY_TAG + array_head(3) + encode(ACCOUNT) + encode(bytes(32))[:2]  # then the 32 key bytes
+_VALUE_ENTRY_PREFIX = _ENTRY_TAG + array_head(3) + encode(VALUE)
+_TWO_ITEMS = array_head(2)
+
+# Keys whose bucket a tree remembers, per namespace, at most (then it forgets them all): a
+# bucket costs a SHA-256 to find, and the keys a block touches are mostly ones touched before.
+BUCKET_MEMO_MAX = 1 << 15
 
 
 def entry_order(namespace: str, key: bytes | str) -> tuple[int, bytes | str]:
@@ -261,20 +287,43 @@ class StateTree:
         self._hashes: dict[int, list[bytes]] = {}
         self._nodes = _empty_tree()
         self._dirty: set[int] = set()
+        # bucket_of of recently set keys, per namespace (bounded: BUCKET_MEMO_MAX).
+        self._buckets_memo: dict[str, dict[bytes | str, int]] = {ACCOUNT: {}, VALUE: {}}
 
     def set(self, namespace: str, key: bytes | str, value: Any) -> None:
-        bucket = bucket_of(namespace, key)
+        self._set_hash(namespace, key, entry_hash(namespace, key, value))
+
+    def set_account(self, account: bytes, balance: int, nonce: int) -> None:
+        """set(ACCOUNT, account, [balance, nonce]), the entry hashed from its assembled encoding."""
+        self._set_hash(ACCOUNT, account, account_entry_hash(account, balance, nonce))
+
+    def set_value(self, key: str, value: str) -> None:
+        """set(VALUE, key, value), the entry hashed from its assembled encoding."""
+        self._set_hash(VALUE, key, value_entry_hash(key, value))
+
+    def _set_hash(self, namespace: str, key: bytes | str, hashed: bytes) -> None:
+        memo = self._buckets_memo.get(namespace)
+        bucket = None if memo is None else memo.get(key)
+        if bucket is None:
+            bucket = bucket_of(namespace, key)
+            if memo is not None:
+                if len(memo) >= BUCKET_MEMO_MAX:
+                    memo.clear()
+                memo[key] = bucket
         keys = self._keys.get(bucket)
         if keys is None:
             keys = self._keys[bucket] = []
             self._hashes[bucket] = []
         hashes = self._hashes[bucket]
-        index = bisect.bisect_left(keys, _key_order(key), key=_key_order)
-        if index < len(keys) and keys[index] == key:
-            hashes[index] = entry_hash(namespace, key, value)
+        if len(keys) == 1 and keys[0] == key:  # most buckets hold one entry
+            hashes[0] = hashed
         else:
-            keys.insert(index, key)
-            hashes.insert(index, entry_hash(namespace, key, value))
+            index = bisect.bisect_left(keys, _key_order(key), key=_key_order)
+            if index < len(keys) and keys[index] == key:
+                hashes[index] = hashed
+            else:
+                keys.insert(index, key)
+                hashes.insert(index, hashed)
         self._dirty.add(bucket)
 
     @classmethod
@@ -341,10 +390,12 @@ class StateTree:
                 low, high = 1 << depth, 2 << depth
                 nodes[low:high] = _parents(nodes[2 * low:2 * high], depth)
         else:
+            node_tag = _NODE_TAG
             level = {(BUCKET_COUNT + bucket) >> 1 for bucket in self._dirty}
             while level:
                 for index in level:
-                    nodes[index] = sha256(_NODE_TAG + nodes[2 * index] + nodes[2 * index + 1]).digest()
+                    left = index << 1
+                    nodes[index] = sha256(node_tag + nodes[left] + nodes[left | 1]).digest()
                 level = {index >> 1 for index in level if index > 1}
         self._dirty.clear()
 

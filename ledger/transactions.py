@@ -13,6 +13,7 @@ from ledger.crypto import (
     signing_domain,
 )
 from ledger.encoding import (
+    INTEGER_MAX,
     CodecError,
     decode,
     digest,
@@ -27,6 +28,10 @@ KEY_LENGTH_MAX = 256
 VALUE_LENGTH_MAX = 4096
 RESULT_REASON_LENGTH_MAX = 256
 AMOUNT_MAX = 2**62
+# A transaction's body is its encoding without the signature (signed_bytes): the array head of
+# 3 items, where the whole has the head of 4, and the encoded signature (head 0x58 0x40) left off.
+_BODY_HEAD = b"\x83"
+_ENCODED_SIGNATURE_SIZE = 2 + SIGNATURE_SIZE
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +56,15 @@ Operation = Transfer | Put
 
 
 def operation_from_plain(plain: Any) -> Operation:
+    # The common case inline (see Transaction.from_plain); the checks below accept the same.
+    if type(plain) is list and len(plain) == 3:
+        kind, first, second = plain
+        if kind == "put" and type(first) is str and type(second) is str:
+            if 0 < len(first) <= KEY_LENGTH_MAX and len(second) <= VALUE_LENGTH_MAX:
+                return Put(first, second)
+        elif kind == "transfer" and type(first) is bytes and type(second) is int:
+            if len(first) == PUBLIC_KEY_SIZE and 1 <= second <= AMOUNT_MAX:
+                return Transfer(first, second)
     items = expect_list(plain, "operation", length_max=3)
     if not items:
         raise CodecError("operation: empty")
@@ -97,10 +111,29 @@ class Transaction:
         return [self.sender, self.nonce, self.operation.to_plain(), self.signature]
 
     def signed_bytes(self) -> bytes:
+        """encode(body_plain()), cut from `encoded` rather than encoded again: the body is the
+        same array without its last item, and a 64-byte signature's encoding is its 2-byte head
+        and the bytes (the array heads of 3 and 4 items are one byte each)."""
+        if type(self.signature) is bytes and len(self.signature) == SIGNATURE_SIZE:
+            return _BODY_HEAD + self.encoded[1:-_ENCODED_SIGNATURE_SIZE]
         return encode(self.body_plain())
 
     @classmethod
     def from_plain(cls, plain: Any) -> Transaction:
+        # The common case checked inline (exact types, as `decode` gives them): a batch of
+        # transactions is decoded on every replica. Anything else takes the checks below,
+        # which accept the same and name what is wrong.
+        if type(plain) is list and len(plain) == 4:
+            sender, nonce, operation, signature = plain
+            if (
+                type(sender) is bytes
+                and len(sender) == PUBLIC_KEY_SIZE
+                and type(nonce) is int
+                and 0 <= nonce <= INTEGER_MAX
+                and type(signature) is bytes
+                and len(signature) == SIGNATURE_SIZE
+            ):
+                return cls(sender, nonce, operation_from_plain(operation), signature)
         items = expect_list(plain, "transaction", length=4)
         return cls(
             sender=expect_bytes(items[0], "transaction sender", PUBLIC_KEY_SIZE),
@@ -134,6 +167,12 @@ class TransactionResult:
     def to_plain(self) -> list[Any]:
         return [self.ok, self.reason]
 
+    def encoded(self) -> bytes:
+        """encode(to_plain()); a success, nearly every result, is one constant."""
+        if self.ok is True and self.reason == "":
+            return OK_RESULT_ENCODED
+        return encode(self.to_plain())
+
     @classmethod
     def from_plain(cls, plain: Any) -> TransactionResult:
         items = expect_list(plain, "result", length=2)
@@ -143,3 +182,6 @@ class TransactionResult:
 
     def describe(self) -> str:
         return "ok" if self.ok else f"failed: {self.reason}"
+
+
+OK_RESULT_ENCODED = encode([True, ""])

@@ -28,6 +28,7 @@ from ledger.blocks import (
     Block,
     BlockHeader,
     CommitCertificate,
+    executed_block,
     results_root,
 )
 from ledger.config import NetworkConfig
@@ -888,17 +889,19 @@ class ReplicaCore(CheckpointProtocol, ViewChangeProtocol, CatchUp):
         height = self.height + 1
         transactions = list(batch.transactions)
         results = self.application.execute_block(transactions)
+        root_of_results = results_root(results)
         header = BlockHeader(
             height=height,
             view=batch.view,
             proposer=batch.proposer,
             parent_hash=self.last_block_hash,
             transactions_root=batch.transactions_root,
-            results_root=results_root(results),
+            results_root=root_of_results,
             state_digest=self.application.state_digest(),
             timestamp_ms=batch.timestamp_ms,
         )
-        block = Block(header, tuple(transactions), tuple(results), certificate)
+        # The batch's root is of these transactions, and root_of_results of these results.
+        block = executed_block(header, tuple(transactions), tuple(results), certificate, batch.transactions_root, root_of_results)
         if height == 1 and not self.store_prunes:
             self.state_sync_allowed = False  # the store now holds the chain from genesis: an archive
         self.height = height

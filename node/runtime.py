@@ -39,6 +39,7 @@ from ledger.messages import (
     Query,
     QueryReply,
     Reply,
+    ReplyEncoder,
     Request,
     StatusQuery,
     StatusReply,
@@ -535,9 +536,13 @@ class ReplicaRuntime:
                 self.transport.send(send.to, send.message)
             else:
                 self.transport.send_encoded(send.to, payload)
+        replies = ReplyEncoder()
         for client_reply in effects.replies:
-            for connection in self.subscribers.get(client_reply.account, ()):
-                connection.send(client_reply.reply)
+            followers = self.subscribers.get(client_reply.account)
+            if followers:
+                payload = replies.encode(client_reply.reply)
+                for connection in followers:
+                    connection.send_encoded(payload)
             self.waiting_requests.pop(client_reply.reply.transaction_id, None)
             if self.stage_trace is not None:
                 self.stage_trace.replied(client_reply.reply.transaction_id)
