@@ -182,14 +182,22 @@ class Block:
     def transaction_ids(self) -> list[bytes]:
         return [transaction.transaction_id for transaction in self.transactions]
 
-    def computed_roots(self) -> tuple[bytes, bytes]:
-        """The transactions root and the results root of this block's own contents (what
-        verify_block_contents compares with its header), computed once: the contents are immutable."""
-        roots = self.__dict__.get("_computed_roots")
-        if roots is None:
-            roots = (merkle_root(self.transaction_ids()), results_root(self.results))
-            object.__setattr__(self, "_computed_roots", roots)
-        return roots
+    def computed_transactions_root(self) -> bytes:
+        """The transactions root of this block's own contents (what verify_block_contents compares
+        with its header), computed once: the contents are immutable."""
+        root = self.__dict__.get("_computed_transactions_root")
+        if root is None:
+            root = merkle_root(self.transaction_ids())
+            object.__setattr__(self, "_computed_transactions_root", root)
+        return root
+
+    def computed_results_root(self) -> bytes:
+        """The results root of this block's own contents, computed once (see computed_transactions_root)."""
+        root = self.__dict__.get("_computed_results_root")
+        if root is None:
+            root = results_root(self.results)
+            object.__setattr__(self, "_computed_results_root", root)
+        return root
 
 
 def executed_block(
@@ -205,7 +213,8 @@ def executed_block(
     results it got): they are kept as the block's computed roots, so checking the block before it
     is stored does not hash its contents again. Only for roots computed from these contents."""
     block = Block(header, transactions, results, certificate)
-    object.__setattr__(block, "_computed_roots", (transactions_root, results_root))
+    object.__setattr__(block, "_computed_transactions_root", transactions_root)
+    object.__setattr__(block, "_computed_results_root", results_root)
     return block
 
 
@@ -250,12 +259,12 @@ def verify_certificate(
 def verify_block_contents(block: Block) -> None:
     """Raise ChainError unless the block's transactions and results match its header."""
     header = block.header
-    computed_transactions_root, computed_results_root = block.computed_roots()
-    if computed_transactions_root != header.transactions_root:
+    # Cheapest first: a bad block costs no more hashing than it did before the roots were cached.
+    if block.computed_transactions_root() != header.transactions_root:
         raise ChainError(f"block {header.height}: transactions do not match the transactions root")
     if len(block.results) != len(block.transactions):
         raise ChainError(f"block {header.height}: {len(block.results)} results for {len(block.transactions)} transactions")
-    if computed_results_root != header.results_root:
+    if block.computed_results_root() != header.results_root:
         raise ChainError(f"block {header.height}: results do not match the results root")
     if len(set(block.transaction_ids())) != len(block.transactions):
         raise ChainError(f"block {header.height}: a transaction appears twice")

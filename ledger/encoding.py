@@ -40,6 +40,9 @@ _SMALL_UNSIGNED = [bytes([value]) for value in range(24)]
 
 def encode_unsigned(value: int) -> bytes:
     """encode(value) for an integer in [0, 2**64): its head alone (major type 0)."""
+    if type(value) is not int or value < 0:
+        # A bool or a negative number has another encoding: refuse rather than hash a wrong one.
+        raise CodecError(f"encode_unsigned: expected an integer of at least 0, got {value!r}")
     if value < 24:
         return _SMALL_UNSIGNED[value]
     for marker, width in ((0x18, 1), (0x19, 2), (0x1A, 4), (0x1B, 8)):
@@ -50,7 +53,7 @@ def encode_unsigned(value: int) -> bytes:
 
 def encode_hash(value: bytes) -> bytes:
     """encode(value) for a 32-byte string: its head 0x58 0x20, then the bytes."""
-    return _HASH_HEAD + value if len(value) == 32 else encode(value)
+    return _HASH_HEAD + value if type(value) is bytes and len(value) == 32 else encode(value)
 
 
 _HASH_HEAD = b"\x58\x20"

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from functools import cached_property
 from typing import Any, ClassVar
 
 from ledger.blocks import (
@@ -97,7 +96,7 @@ class Batch:
     def to_plain(self) -> list[Any]:
         return [self.view, self.proposer, self.timestamp_ms, [t.to_plain() for t in self.transactions]]
 
-    @cached_property
+    @property
     def encoded(self) -> bytes:
         """encode(to_plain()), assembled from the transactions' encodings as they already are:
         a batch goes into a PRE-PREPARE, a prepared record and a block, and is encoded once."""

@@ -304,18 +304,16 @@ class StateTree:
     def _set_hash(self, namespace: str, key: bytes | str, hashed: bytes) -> None:
         memo = self._buckets_memo.get(namespace)
         bucket = None if memo is None else memo.get(key)
+        remember = bucket is None and memo is not None
         if bucket is None:
             bucket = bucket_of(namespace, key)
-            if memo is not None:
-                if len(memo) >= BUCKET_MEMO_MAX:
-                    memo.clear()
-                memo[key] = bucket
         keys = self._keys.get(bucket)
         if keys is None:
             keys = self._keys[bucket] = []
             self._hashes[bucket] = []
         hashes = self._hashes[bucket]
         if len(keys) == 1 and keys[0] == key:  # most buckets hold one entry
+            index = 0
             hashes[0] = hashed
         else:
             index = bisect.bisect_left(keys, _key_order(key), key=_key_order)
@@ -324,6 +322,12 @@ class StateTree:
             else:
                 keys.insert(index, key)
                 hashes.insert(index, hashed)
+        if remember:
+            if len(memo) >= BUCKET_MEMO_MAX:  # type: ignore[arg-type]
+                memo.clear()  # type: ignore[union-attr]
+            # The tree's own key object, not the caller's equal copy: the memo holds no second
+            # copy of a key (found by an adversarial review: re-puts of long keys kept 38 MiB).
+            memo[keys[index]] = bucket  # type: ignore[index]
         self._dirty.add(bucket)
 
     @classmethod

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import hashlib
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import ledger.state_tree as state_tree
+from ledger.encoding import CodecError, encode, encode_unsigned
 from ledger.state_tree import (
     ACCOUNT,
     VALUE,
@@ -54,3 +56,25 @@ def test_the_bucket_memo_stays_bounded_and_never_changes_a_root(monkeypatch: obj
         plain.set(ACCOUNT, account, [2, index])
         plain.set(VALUE, f"key-{index}", "2")
     assert plain.root() == tree.root()
+
+
+def test_the_bucket_memo_holds_the_trees_own_key_object_not_the_callers_copy() -> None:
+    """Re-setting an existing key after the memo forgot it stores the key object the tree holds,
+    so a flood of re-puts of long keys keeps no second copy of each (an adversarial review found
+    38 MiB kept by 32,768 re-puts of 256-character keys)."""
+    tree = StateTree()
+    original = "k" * 256
+    tree.set(VALUE, original, "v")
+    tree._buckets_memo[VALUE].clear()
+    copy = "".join(["k"] * 256)
+    assert copy == original and copy is not original
+    tree.set(VALUE, copy, "w")
+    (remembered,) = tree._buckets_memo[VALUE]
+    assert remembered is original
+
+
+def test_encode_unsigned_refuses_what_has_another_encoding() -> None:
+    for value in (-1, -25, True, 1.0):
+        with pytest.raises(CodecError):
+            encode_unsigned(value)  # type: ignore[arg-type]
+    assert encode_unsigned(23) == encode(23) and encode_unsigned(2**64 - 1) == encode(2**64 - 1)
