@@ -73,7 +73,7 @@ def entry_hash(namespace: str, key: bytes | str, value: Any) -> bytes:
 def account_entry_hash(account: bytes, balance: int, nonce: int) -> bytes:
     """entry_hash(ACCOUNT, account, [balance, nonce]), the encoding assembled: a block re-hashes
     every account it touches."""
-    if len(account) != 32 or not (0 <= balance < 1 << 64 and 0 <= nonce < 1 << 64):
+    if len(account) != 32 or type(balance) is not int or type(nonce) is not int or not (0 <= balance < 1 << 64 and 0 <= nonce < 1 << 64):
         return entry_hash(ACCOUNT, account, [balance, nonce])
     return hashlib.sha256(_ACCOUNT_ENTRY_PREFIX + account + _TWO_ITEMS + encode_unsigned(balance) + encode_unsigned(nonce)).digest()
 

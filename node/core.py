@@ -328,6 +328,12 @@ class ReplicaCore(CheckpointProtocol, ViewChangeProtocol, CatchUp):
         for slot in self.slots.values():
             slot.last_sent_ms = -self.settings.status_interval_ms
 
+    def advance_clock(self, now_ms: int) -> None:
+        """Logical time advances without running timers: the host calls it before handing over a
+        round's events, so they are judged (batch timestamps, the request timer, arrival times) by
+        the time they arrived, not by the last tick's (up to 100 ms old on a quiet replica)."""
+        self.now_ms = max(self.now_ms, now_ms)
+
     def quiet(self) -> bool:
         """Whether nothing here waits on a timer finer than the status interval: no request waiting
         or proposed, no batch proposed and not executed, none being fetched, no peer known to be

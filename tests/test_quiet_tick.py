@@ -39,3 +39,21 @@ def test_a_replica_that_knows_a_peer_is_ahead_is_not_quiet() -> None:
     core = network.cores[2]
     core.peer_heights[0] = core.height + 3
     assert not core.quiet(), "it is catching up"
+
+
+def test_events_are_judged_by_the_clock_the_host_advanced_not_by_the_last_tick() -> None:
+    """The runtime hands a round's events to the core before it ticks; on a quiet replica the
+    last tick may be 100 ms old. It advances the core's clock first (advance_clock), so a request
+    is timed from when it arrived, and a pre-prepare's timestamp is compared with now (found by an
+    adversarial review: at clock_skew_max_ms = 100 a quiet backup refused a fresh pre-prepare, and
+    at a short view_change_timeout_ms the request timer expired in the round the request came)."""
+    network = Network()
+    backup = network.cores[1]
+    backup.tick(1_000)
+    backup.advance_clock(1_100)
+    assert backup.now_ms == 1_100
+    transaction = network.submit(0)
+    backup.receive_request(transaction)
+    assert backup.request_timer_started_ms == 1_100
+    backup.advance_clock(900)  # never backwards
+    assert backup.now_ms == 1_100
