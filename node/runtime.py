@@ -199,6 +199,17 @@ def make_runtime_traitor(
         raise StartupError(f"traitor: {error}") from None
 
 
+def round_requests(events: list[tuple[str, Any, Any]]) -> list[tuple[Transaction, int | None]]:
+    """A round's client requests, each with the replica that relayed it (None: straight from a client)."""
+    requests: list[tuple[Transaction, int | None]] = []
+    for kind, origin, message in events:
+        if kind == "request":
+            requests.append((message, None))
+        elif kind == "peer" and isinstance(message, Request):
+            requests.append((message.transaction, origin))
+    return requests
+
+
 class ReplicaRuntime:
     def __init__(
         self, config: ReplicaConfig, traitor: tuple[BehaviourSpec, ...] = (), traitor_seed: int = 0, trace_stages: bool = False
@@ -386,14 +397,8 @@ class ReplicaRuntime:
         """Check the client signatures of this round's requests together, on every core, and tell
         the core which verified and which did not (so a forged request costs one check, not two);
         with too few to share, the core checks them itself. Each request costs at most one check."""
-        requests: list[tuple[Transaction, int | None]] = []
-        for kind, origin, message in events:
-            if kind == "request":
-                requests.append((message, None))
-            elif kind == "peer" and isinstance(message, Request):
-                requests.append((message.transaction, origin))
         # Only those the core would check: one refused as busy must stay free of any check.
-        transactions = self.core.requests_worth_checking(requests)
+        transactions = self.core.requests_worth_checking(round_requests(events))
         if len(transactions) < PARALLEL_CHECKS_MIN:
             return
         results = self.signature_threads.check(

@@ -44,7 +44,7 @@ from ledger.storage import BlockStore
 from ledger.transactions import Put, Transaction, sign_transaction, transaction_domain
 from node.core import LOG_KINDS, ReplicaCore
 from node.effects import Effects
-from node.runtime import EVENTS_PER_ROUND_MAX
+from node.runtime import EVENTS_PER_ROUND_MAX, round_requests
 from node.signature_threads import PARALLEL_CHECKS_MIN
 
 REPLICA_COUNT = 4
@@ -157,13 +157,7 @@ def make_network(client_keys: list[SigningKey], batch_size_max: int) -> tuple[Ne
 
 def check_request_signatures(replica: HarnessReplica, events: list[tuple[str, Any, Any]]) -> None:
     """ReplicaRuntime._check_request_signatures: the round's requests checked together."""
-    requests: list[tuple[Transaction, int | None]] = []
-    for kind, origin, message in events:
-        if kind == "request":
-            requests.append((message, None))
-        elif kind == "peer" and isinstance(message, Request):
-            requests.append((message.transaction, origin))
-    transactions = replica.core.requests_worth_checking(requests)
+    transactions = replica.core.requests_worth_checking(round_requests(events))
     if len(transactions) < PARALLEL_CHECKS_MIN:
         return
     domain = replica.verifier.client_domain

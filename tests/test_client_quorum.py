@@ -658,17 +658,23 @@ def test_a_reply_frame_under_a_remembered_batch_reply_is_still_checked_in_full()
     assert client.batch_signatures.checks == checks_before + 4
 
 
+def awaited_puts(client: Client, count: int) -> tuple[list[Any], list[Any], list[Submission]]:
+    """`count` signed puts the client waits for, their reply entries (all ok, in block order) and submissions."""
+    transactions = [sign_transaction(NETWORK.identity, CLIENT_KEY, nonce, Put("k", str(nonce))) for nonce in range(count)]
+    entries = [(transaction.transaction_id, TransactionResult(True), index) for index, transaction in enumerate(transactions)]
+    submissions = [Submission(transaction, client.reply_quorum(transaction.transaction_id)) for transaction in transactions]
+    for submission in submissions:
+        client._submissions[submission.transaction.transaction_id] = submission
+    return transactions, entries, submissions
+
+
 def test_a_reply_rebuilt_from_the_bytes_of_an_earlier_one_is_validated_against_its_own_batch_reply() -> None:
     """A link builds a reply from the fields an earlier replica's reply decoded to when the bytes
     after the batch reply are the same (Submission.last_reply), but only under a batch reply of
     the same leaf count: a traitor's batch reply claiming fewer leaves than the position the
     honest bytes name is decoded and refused, not rebuilt."""
     client = scripted_client()
-    transactions = [sign_transaction(NETWORK.identity, CLIENT_KEY, nonce, Put("k", str(nonce))) for nonce in range(2)]
-    entries = [(transaction.transaction_id, TransactionResult(True), index) for index, transaction in enumerate(transactions)]
-    submissions = [Submission(transaction, client.reply_quorum(transaction.transaction_id)) for transaction in transactions]
-    for submission in submissions:
-        client._submissions[submission.transaction.transaction_id] = submission
+    transactions, entries, submissions = awaited_puts(client, 2)
     honest = signed_replies(0, entries)
     client.links[0].receive_frame(encode_message(honest[0]))  # remembers replica 0's batch reply
     client.links[0].receive_frame(encode_message(honest[1]))
@@ -742,11 +748,7 @@ def test_a_wide_transaction_id_head_under_a_remembered_batch_reply_is_ignored() 
     """An honest replica encodes a 32-byte id with the head 0x58 0x20; the same id under a longer
     head (0x59 0x00 0x20) is a traitor's frame: ignored, never decoded and dispatched."""
     client = scripted_client()
-    transactions = [sign_transaction(NETWORK.identity, CLIENT_KEY, nonce, Put("k", str(nonce))) for nonce in range(2)]
-    entries = [(transaction.transaction_id, TransactionResult(True), index) for index, transaction in enumerate(transactions)]
-    submissions = [Submission(transaction, client.reply_quorum(transaction.transaction_id)) for transaction in transactions]
-    for submission in submissions:
-        client._submissions[submission.transaction.transaction_id] = submission
+    transactions, entries, submissions = awaited_puts(client, 2)
     replies = signed_replies(0, entries)
     link = client.links[0]
     link.receive_frame(encode_message(replies[0]))
