@@ -244,7 +244,10 @@ class ReplicaLink:
         self.batch_encoding = b""
 
     def send(self, message: Any) -> None:
-        self.queue.put(encode_message(message))  # if full, the caller's retry covers it
+        self.send_encoded(encode_message(message))
+
+    def send_encoded(self, data: bytes) -> None:
+        self.queue.put(data)  # if full, the caller's retry covers it
 
     async def run(self) -> None:
         backoff = CONNECT_BACKOFF_S[0]
@@ -435,16 +438,19 @@ class Client:
                 pass
 
     def _broadcast(self, message: Any) -> None:
+        data = encode_message(message)  # once, whatever the number of replicas
         for link in self.links:
-            link.send(message)
+            link.send_encoded(data)
 
     # ---- transactions ----
 
     async def submit(self, transaction: Transaction, deadline_s: float = 30.0) -> Receipt:
         """Send a signed transaction; return once f + 1 replicas sent matching signed replies.
 
-        The request goes to the primary first; if no receipt arrives within the request
-        timeout it goes to every replica, as in PBFT, so a silent primary cannot hide it.
+        The request goes to every replica at once (as in Aardvark): the backups then know what
+        the primary was given, and replace it if it leaves the request unordered
+        (node/ordering_monitor.py). If no receipt arrives within the request timeout it goes to
+        every replica again.
         """
         if not deadline_s >= 0:  # also refuses NaN, before anything is sent
             raise ValueError(f"deadline_s must be a number of seconds, at least 0, got {deadline_s!r}")
@@ -464,7 +470,7 @@ class Client:
         self._submissions[transaction_id] = submission
         try:
             deadline = trio.current_time() + deadline_s
-            self.links[self.primary].send(Request(transaction))
+            self._broadcast(Request(transaction))
             # One cancel scope per wait (the first usually the only one): nested deadline and
             # timeout scopes cost the load generator a few percent of its CPU.
             while True:

@@ -69,6 +69,10 @@ class ProtocolSettings:
     # A backup refuses a PRE-PREPARE whose batch timestamp lies further than this from its own
     # clock: a primary cannot stamp blocks with whatever time it likes (0, 2**63 - 1, last year).
     clock_skew_max_ms: int = 15_000
+    # A backup suspects a primary that leaves the requests it was sent unordered this long while
+    # it had room to propose (node/ordering_monitor.py): the most a slow primary can add to each
+    # request. 0 turns the watch off (then only the request timer replaces a primary).
+    ordering_timeout_ms: int = 500
     # A replica whose store may start from a snapshot (an empty one, or one that already does)
     # and that is more than this many blocks behind the newest stable checkpoint joins by state
     # sync (node/state_join.py) instead of replaying every block. A local choice: not compared
@@ -91,6 +95,7 @@ _PROTOCOL_LIMITS: dict[str, tuple[int, int]] = {
     "client_first_frame_timeout_ms": (10, 600_000),
     "client_idle_timeout_ms": (10, 86_400_000),
     "clock_skew_max_ms": (100, 86_400_000),
+    "ordering_timeout_ms": (0, 600_000),
     "state_sync_distance": (1, 1 << 40),
 }
 # Settings each replica chooses for itself: they may differ between replicas.

@@ -81,7 +81,7 @@ class CatchUp:
         if not self.is_primary:
             # A relay is a message like any other: one lost on the way would let the request
             # timer expire against a primary that never heard of the request.
-            for transaction in self.pending.oldest(RELAYS_PER_INTERVAL_MAX):
+            for transaction in self._relayed_requests(RELAYS_PER_INTERVAL_MAX):
                 if transaction.transaction_id not in self.proposed:
                     self.effects.send.append(Send(self.primary, Request(transaction)))
         interval = self.settings.status_interval_ms

@@ -72,6 +72,7 @@ from node.checkpoints import CheckpointProtocol
 from node.effects import ClientReply, Effects, Persist, Send
 from node.evidence import EvidenceCollector
 from node.new_view import NULL_BATCH
+from node.ordering_monitor import BATCHES_IN_FLIGHT_FILLING_MAX, OrderingMonitor, OrderingWatch
 from node.requests import RequestQueue
 from node.snapshot_keeper import SnapshotKeeper
 from node.state_join import StateJoin
@@ -89,8 +90,6 @@ FORGED_CACHE_MAX = 10_000
 # genuine batch of 400 still needs only 7 calls to share among the cores.
 SIGNATURE_CHUNK_FIRST = 4
 TIMEOUT_DOUBLINGS_MAX = 6
-# A primary proposes a batch short of batch_size_max only while fewer than this many are in flight.
-BATCHES_IN_FLIGHT_FILLING_MAX = 2
 
 # Kinds of durable records. The first group is garbage collected at the stable checkpoint.
 LOG_KINDS = ("pre-prepare", "prepare", "commit", "prepared", "checkpoint")
@@ -117,7 +116,7 @@ class Slot:
         return None if self.pre_prepare is None else self.pre_prepare.digest
 
 
-class ReplicaCore(CheckpointProtocol, ViewChangeProtocol, CatchUp):
+class ReplicaCore(CheckpointProtocol, ViewChangeProtocol, OrderingWatch, CatchUp):
     """One replica's PBFT state machine. Deterministic: same events in, same effects out."""
 
     def __init__(
@@ -189,6 +188,8 @@ class ReplicaCore(CheckpointProtocol, ViewChangeProtocol, CatchUp):
 
         # Requests not yet executed: at the primary, waiting to be proposed; at a backup, watched.
         self.pending = RequestQueue(self.replica_count)
+        # At a backup, the requests no pre-prepare of this view carried yet, and the ordering timer.
+        self.ordering = OrderingMonitor(self.settings.ordering_timeout_ms)
         self.proposed: set[bytes] = set()
         self.verified: OrderedDict[bytes, None] = OrderedDict()
         self.forged: OrderedDict[bytes, None] = OrderedDict()
@@ -367,6 +368,8 @@ class ReplicaCore(CheckpointProtocol, ViewChangeProtocol, CatchUp):
                     f"request timer expired in view {self.view}: suspecting primary {self.primary}"
                 )
                 self._start_view_change(self.view + 1)
+            elif self.joining is None:
+                self._watch_ordering()
         elif self.view_change_started_ms is not None and self.now_ms - self.view_change_started_ms >= self._timeout_ms():
             # PBFT: the NEW-VIEW timer runs only once a quorum asked for this view; a replica
             # alone (cut off, say) keeps asking for the same view instead of running ahead.
@@ -401,11 +404,16 @@ class ReplicaCore(CheckpointProtocol, ViewChangeProtocol, CatchUp):
             if self.view_active and len(self.pending) >= self.settings.batch_size_max:
                 self._propose_batches()
         else:
-            # PBFT: a backup that hears of a request relays it to the primary, in case the client
-            # could not reach it (unless it already saw it in a pre-prepare), and times it: if it
-            # is not executed in time, the primary is suspected and replaced.
+            # PBFT: a backup that hears of a request times it: if it is not executed in time, the
+            # primary is suspected and replaced. Clients send every request to every replica, so
+            # the primary has it already: the ordering watch relays it only if it is not ordered
+            # soon (node/ordering_monitor.py). With the watch off, it is relayed at once, as in
+            # PBFT, in case the client could not reach the primary.
             if transaction_id not in self.proposed:
-                self.effects.send.append(Send(self.primary, Request(transaction)))
+                if self.ordering.enabled:
+                    self.ordering.heard(transaction_id, self.now_ms)
+                else:
+                    self.effects.send.append(Send(self.primary, Request(transaction)))
             self._refresh_request_timer()
 
     def receive_message(self, sender: int, message: Any) -> None:
@@ -658,6 +666,8 @@ class ReplicaCore(CheckpointProtocol, ViewChangeProtocol, CatchUp):
         if message.sequence > self.height:
             for transaction in message.batch.transactions:
                 self.proposed.add(transaction.transaction_id)
+        self.ordering.pre_prepare_arrived()
+        self._advance_ordered_run()
         # Votes that arrived before the pre-prepare with another digest never count.
         slot.prepares = {r: p for r, p in slot.prepares.items() if p.digest == digest}
         slot.commits = {r: c for r, c in slot.commits.items() if c.digest == digest}
@@ -857,6 +867,7 @@ class ReplicaCore(CheckpointProtocol, ViewChangeProtocol, CatchUp):
                     self.proposed.add(transaction.transaction_id)
                 if slot.prepared:
                     self._record_prepared(slot)  # now with its batch
+        self._advance_ordered_run()
         self._execute_ready()
 
     def _on_batch_content(self, batch: Batch) -> None:
@@ -921,6 +932,7 @@ class ReplicaCore(CheckpointProtocol, ViewChangeProtocol, CatchUp):
             senders.add(transaction.sender)
             self.pending.remove(transaction_id)
             self.proposed.discard(transaction_id)
+            self.ordering.ordered(transaction_id)
         for reply in self._signed_replies(block):
             self.effects.replies.append(ClientReply(block.transactions[reply.index].sender, reply))
         self._drop_stale_requests(senders)
@@ -951,6 +963,7 @@ class ReplicaCore(CheckpointProtocol, ViewChangeProtocol, CatchUp):
             for transaction in self.pending.of_account(sender):
                 if self.application.check(transaction) is not None:
                     self.pending.remove(transaction.transaction_id)
+                    self.ordering.ordered(transaction.transaction_id)
 
     @staticmethod
     def _reply_entries(block: Block) -> list[ReplyEntry]:

@@ -94,6 +94,13 @@ class RequestQueue:
     def oldest_id(self) -> bytes:
         return next(iter(self._requests))
 
+    def transaction(self, transaction_id: bytes) -> Transaction:
+        return self._requests[transaction_id][0]
+
+    def ids(self) -> list[bytes]:
+        """The waiting requests' ids, oldest first."""
+        return list(self._requests)
+
     def arrived_ms(self, transaction_id: bytes) -> int:
         return self._requests[transaction_id][1]
 

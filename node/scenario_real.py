@@ -77,6 +77,7 @@ FAST_PROTOCOL = ProtocolSettings(
     window_size=32,
     request_timeout_ms=600,
     view_change_timeout_ms=1000,
+    ordering_timeout_ms=300,
     checkpoint_interval=16,
     status_interval_ms=200,
     # A replica joining (a `join` event) more than one checkpoint behind fetches a snapshot.

@@ -455,6 +455,7 @@ def simulated_network(seed: int, replica_count: int, client_keys: list[SigningKe
         status_interval_ms=100,
         view_change_timeout_ms=500,
         request_timeout_ms=400,
+        ordering_timeout_ms=400,
         clock_skew_max_ms=5_000,
         # A late joiner more than one checkpoint behind joins by state sync.
         state_sync_distance=4,
@@ -1157,7 +1158,9 @@ class Simulation:
                 client.submitted += 1
                 quorum = ReplyQuorum(self.network, transaction.transaction_id, self.verify)
                 client.in_flight[transaction.transaction_id] = InFlight(transaction, quorum, self.now_ms)
-                self.transmit("request", (self.network.primary(self.client_view), transaction))
+                # As the client library does: to every replica, so backups watch the primary's pace.
+                for replica in range(self.scenario.replica_count):
+                    self.transmit("request", (replica, transaction))
             for waiting in client.in_flight.values():
                 if self.now_ms - waiting.sent_at_ms >= self.scenario.client_timeout_ms:
                     # PBFT: a client that waited too long sends its request to every replica.

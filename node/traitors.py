@@ -774,8 +774,9 @@ class CensoringPrimary(Behaviour):
 
 
 class SlowPrimary(Behaviour):
-    """As primary, holds each pre-prepare it sends for `fraction` of the view-change timeout: just
-    slow enough to drag every batch out, maybe not enough to be replaced for it."""
+    """As primary, holds each pre-prepare it sends for `fraction` of the tightest timer it must
+    beat: the backups' ordering timer (node/ordering_monitor.py), or the view-change timeout when
+    that watch is off. Below 1, slow enough to drag every batch out, not enough to be replaced."""
 
     name = "slow_primary"
 
@@ -791,7 +792,8 @@ class SlowPrimary(Behaviour):
         result = []
         while self.held and self.held[0][0] <= context.now_ms:
             result.append(self.held.popleft()[1])
-        hold_ms = int(self.fraction * context.network.protocol.view_change_timeout_ms)
+        protocol = context.network.protocol
+        hold_ms = int(self.fraction * (protocol.ordering_timeout_ms or protocol.view_change_timeout_ms))
         for send in sends:
             if own_pre_prepare(context, send.message) and len(self.held) < DELAYED_SENDS_MAX:
                 self.held.append((context.now_ms + hold_ms, send))

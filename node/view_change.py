@@ -28,6 +28,7 @@ class ViewChangeProtocol:
         self.new_view = None
         self.slots.clear()
         self.proposed.clear()
+        self.ordering.new_view((), self.now_ms)  # between views no primary is watched
         unsigned = ViewChange(
             new_view,
             self.stable_checkpoint,
@@ -176,5 +177,10 @@ class ViewChangeProtocol:
         # Proposals continue right after the NEW-VIEW's assignments: a number left over from an
         # earlier view would leave a gap nobody fills.
         self.next_sequence = max(highest + 1, self.height + 1, self.low + 1)
+        if not self.is_primary and self.ordering.enabled:
+            # What waits here waits for this view's primary now, which may never have heard of it,
+            # except what the NEW-VIEW's unbroken run of batches already carries.
+            self.ordering.new_view(self.pending.ids(), self.now_ms)
+            self._advance_ordered_run()
         self.timed_request, self.request_timer_started_ms = None, None
         self._refresh_request_timer()
