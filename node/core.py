@@ -409,11 +409,13 @@ class ReplicaCore(CheckpointProtocol, ViewChangeProtocol, OrderingWatch, CatchUp
             # the primary has it already: the ordering watch relays it only if it is not ordered
             # soon (node/ordering_monitor.py). With the watch off, it is relayed at once, as in
             # PBFT, in case the client could not reach the primary.
-            if transaction_id not in self.proposed:
-                if self.ordering.enabled:
+            if self.ordering.enabled:
+                # Watched unless the unbroken run already carries it: a pre-prepare behind a gap
+                # that came before the client's copy must not hide it (an adversarial review).
+                if transaction_id not in self.proposed or not self._in_ordered_run(transaction_id):
                     self.ordering.heard(transaction_id, self.now_ms)
-                else:
-                    self.effects.send.append(Send(self.primary, Request(transaction)))
+            elif transaction_id not in self.proposed:
+                self.effects.send.append(Send(self.primary, Request(transaction)))
             self._refresh_request_timer()
 
     def receive_message(self, sender: int, message: Any) -> None:

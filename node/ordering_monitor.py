@@ -12,9 +12,10 @@ So a backup runs one more timer, the ordering timer, for the oldest request it h
 pre-prepare of this view has carried in the unbroken run of sequence numbers above its height (a
 batch behind a gap cannot execute, so a primary cannot hide a held pre-prepare behind later ones).
 It runs while, as far as the backup can see, the primary has room to propose and the backup itself
-is not behind (a lost pre-prepare that f + 1 peers voted on, a batch it still fetches, f + 1 peers
-higher); it restarts only when that oldest request is carried, so traffic of others cannot hide
-one client's request. At half of ordering_timeout_ms the backup relays the waiting requests to the
+is not behind (a lost pre-prepare that f + 1 backups voted on, a batch it still fetches, f + 1
+peers higher); time the primary is busy pauses it and never resets it, and it moves on only when
+that oldest request is carried, so neither a flash of busy batches nor others' traffic buys a
+primary a fresh start. At half of ordering_timeout_ms the backup relays the waiting requests to the
 primary (a client may have reached only the backups); at ordering_timeout_ms it suspects the
 primary and asks for a view change. A request that waits while the primary has no room (it is
 busy) is relayed once it waited half the request timer, so a client that reaches only the backups
@@ -55,9 +56,12 @@ class OrderingMonitor:
         self.fresh: OrderedDict[bytes, int] = OrderedDict()
         # Relayed to the primary in this view and still not in a pre-prepare (same values).
         self.relayed: OrderedDict[bytes, int] = OrderedDict()
-        self.timer_started_ms: int | None = None
         self.timer_for: bytes | None = None  # the oldest waiting request, which the timer runs for
+        # How long it waited while the primary had room: time the primary is busy pauses the
+        # timer, never resets it (a flash of two batches in flight must not buy a fresh start).
+        self.timer_waited_ms = 0
         self.room_since_ms: int | None = None  # since when the primary has had room, unbroken
+        self.last_room_step_ms = 0
         self.timer_relayed = False  # whether this run of the timer already relayed what waits
         # Armed once a pre-prepare of this view arrived: a new primary first fetches the batches its
         # view starts with, and it is not suspected before it has shown it is ready (what waits
@@ -92,7 +96,8 @@ class OrderingMonitor:
         """A view starts (or this replica leaves one): every request still waiting waits anew."""
         self.fresh = OrderedDict.fromkeys(waiting, now_ms)
         self.relayed = OrderedDict()
-        self.timer_started_ms, self.timer_relayed, self.armed, self.room_since_ms = None, False, False, None
+        self.timer_for, self.timer_waited_ms, self.timer_relayed, self.room_since_ms = None, 0, False, None
+        self.armed = False
         self.ordered_through = 0
 
     def pre_prepare_arrived(self) -> None:
@@ -135,25 +140,35 @@ class OrderingMonitor:
         return due
 
     def step(self, now_ms: int, primary_has_room: bool) -> str | None:
-        """Advance the timer: None, "relay" (relay what waits, once per run) or "expired" (only
-        once armed: before, relaying is all it does)."""
-        if not (self.enabled and primary_has_room and len(self)):
-            self.timer_started_ms, self.timer_relayed, self.room_since_ms = None, False, None
+        """Advance the timer: None, "relay" (relay what waits, once per request timed) or
+        "expired" (only once armed: before, relaying is all it does)."""
+        if not (self.enabled and len(self)):
+            self.timer_for, self.timer_waited_ms, self.timer_relayed, self.room_since_ms = None, 0, False, None
+            return None
+        if not primary_has_room:
+            self.room_since_ms = None  # paused: what was waited with room is kept
             return None
         if self.room_since_ms is None:
-            self.room_since_ms = now_ms
+            self.room_since_ms = self.last_room_step_ms = now_ms
         oldest = self.oldest()
         assert oldest is not None
-        if self.timer_started_ms is None or oldest[0] != self.timer_for:
+        if oldest[0] != self.timer_for:
             # Started, or the request it ran for was carried: time the oldest one, from when it
-            # came or the primary got room, whichever is later. Each request then has its own
+            # came or the primary got room, whichever is later. Each request has its own
             # deadline; a primary cannot chain one hold after another.
-            self.timer_started_ms = max(oldest[1], self.room_since_ms)
             self.timer_for, self.timer_relayed = oldest[0], False
-        waited = now_ms - self.timer_started_ms
+            self.timer_waited_ms = now_ms - max(oldest[1], self.room_since_ms)
+        else:
+            self.timer_waited_ms += now_ms - self.last_room_step_ms
+        self.last_room_step_ms = now_ms
+        if not self.armed:
+            # A primary not yet proposing in its view is not judged: time enough to relay to it,
+            # and once it proposed, the rest of the timeout.
+            self.timer_waited_ms = min(self.timer_waited_ms, self.timeout_ms // 2)
+        waited = self.timer_waited_ms
         if waited >= self.timeout_ms and self.armed:
             self.expirations += 1
-            self.timer_started_ms, self.timer_relayed = None, False
+            self.timer_for, self.timer_waited_ms, self.timer_relayed = None, 0, False
             return "expired"
         if waited >= self.timeout_ms // 2 and not self.timer_relayed:
             self.timer_relayed = True
@@ -181,8 +196,14 @@ class OrderingWatch:
 
     def _proposed_here(self, slot: Any) -> bool:
         """The primary proposed this slot, as far as this backup knows: it holds the pre-prepare,
-        or f + 1 peers voted on one (at least one of them honest: the pre-prepare to us was lost)."""
-        return slot.pre_prepare is not None or len(slot.prepares.keys() | slot.commits.keys()) > self.faults
+        or f + 1 backups voted on one (at least one of them honest: the pre-prepare to us was
+        lost). The primary's own COMMIT does not count: found by an adversarial review, a primary
+        that sent each backup the pre-prepare of another slot plus its own commit for the one it
+        lacked made every honest backup pause, and held requests for 2.7 s unreplaced."""
+        if slot.pre_prepare is not None:
+            return True
+        voters = (slot.prepares.keys() | slot.commits.keys()) - {self.primary}
+        return len(voters) > self.faults
 
     def _primary_owes_a_proposal(self) -> bool:
         """Whether an honest primary would be proposing now, as far as this backup can tell: fewer
@@ -204,6 +225,15 @@ class OrderingWatch:
                 return False  # the pre-prepare to us was lost (its retransmission will come), or its content is being fetched
             run += 1
         return run < BATCHES_IN_FLIGHT_FILLING_MAX and self.height + run + 1 <= min(self.high, self.height + self.settings.window_size)
+
+    def _in_ordered_run(self, transaction_id: bytes) -> bool:
+        """Whether a batch of the unbroken run above our height carries it (rare to ask: only for
+        a request that reaches a backup after a pre-prepare carrying it)."""
+        for sequence in range(self.height + 1, self.ordering.ordered_through + 1):
+            slot = self.slots.get(sequence)
+            if slot is not None and slot.batch is not None and any(t.transaction_id == transaction_id for t in slot.batch.transactions):
+                return True
+        return False
 
     def _advance_ordered_run(self) -> None:
         """Requests in the unbroken run of pre-prepared batches above our height are ordered: they

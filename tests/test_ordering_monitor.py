@@ -9,7 +9,7 @@ from typing import Any
 
 from core_network import Network
 
-from ledger.messages import Batch, PrePrepare, Request
+from ledger.messages import Batch, Commit, PrePrepare, Request
 from ledger.transactions import Put, Transaction, sign_transaction
 from node.ordering_monitor import OrderingMonitor
 
@@ -60,18 +60,33 @@ def test_the_timer_waits_until_armed_relays_at_half_and_expires_at_its_timeout()
     monitor.heard(second, 400)
     assert monitor.step(0, True) is None
     assert monitor.step(100, True) == "relay"
-    assert monitor.step(300, True) is None, "no pre-prepare of this view yet: relayed, never suspected"
+    assert monitor.step(300, True) is None and monitor.timer_waited_ms == 100, "not armed: relayed, never suspected"
     monitor.pre_prepare_arrived()
-    assert monitor.step(310, False) is None and monitor.timer_started_ms is None, "a busy primary is not timed"
-    assert monitor.step(320, True) is None and monitor.timer_started_ms == 320, "from when the primary got room"
-    assert monitor.step(420, True) == "relay"
-    assert monitor.relay_all(10) == [first, second] and monitor.step(450, True) is None
+    assert monitor.step(310, False) is None, "a busy primary is not timed"
+    assert monitor.step(320, True) is None and monitor.timer_waited_ms == 100, "busy time paused the timer"
+    assert monitor.relay_all(10) == [first, second]
+    assert monitor.step(419, True) is None
     monitor.ordered(first)
-    assert monitor.step(460, True) is None and monitor.timer_started_ms == 400, "the oldest was carried: the next one, from its arrival"
+    assert monitor.step(460, True) is None and monitor.timer_waited_ms == 60, "the next one, from its arrival"
     assert monitor.step(500, True) == "relay" and monitor.step(599, True) is None
     assert monitor.step(600, True) == "expired"
     monitor.ordered(second)
     assert len(monitor) == 0 and monitor.step(700, True) is None
+
+
+def test_a_flash_of_busy_pauses_the_timer_and_never_restarts_it() -> None:
+    """Found by an adversarial review: a busy moment reset the timer, so a primary that proposed
+    two empty batches every 400 ms held every request for 2.7 s unreplaced."""
+    monitor = OrderingMonitor(500)
+    monitor.pre_prepare_arrived()
+    monitor.heard(b"a" * 32, 0)
+    outcomes = []
+    for now_ms in range(0, 1_000, 10):
+        busy = now_ms % 400 < 20  # two batches in flight for 20 ms of every 400
+        outcomes.append(monitor.step(now_ms, not busy))
+        if "expired" in outcomes:
+            break
+    assert "expired" in outcomes and now_ms < 600
 
 
 def test_requests_waiting_long_are_relayed_once_even_to_a_busy_primary() -> None:
@@ -261,3 +276,65 @@ def test_a_primary_holding_one_clients_requests_while_serving_others_is_caught()
         if all(core.view >= 1 for core in network.cores[1:]):
             break
     assert all(core.view >= 1 for core in network.cores[1:]) and network.now_ms < 1_500
+
+
+def test_a_request_first_seen_in_a_pre_prepare_behind_a_gap_is_still_watched() -> None:
+    """Found by an adversarial review: a primary put R at sequence 2 and never sent 1; the
+    pre-prepare reached the backups before the client's copy of R, and a backup watched nothing
+    it saw proposed, so R waited 2.8 s with no suspicion. Now only the unbroken run counts."""
+    network = Network()
+    real_timers(network)
+    primary = network.cores[0]
+    primary._propose_batches = lambda: None  # type: ignore[method-assign]  # it proposes only by hand
+    network.run(200, STEP_MS)
+    transaction = put(network, 0)
+    stamp = primary._proposal_timestamp()
+    primary.next_sequence = 2  # sequence 1 stays a gap
+    primary._propose(Batch(0, 0, stamp, (transaction,)))
+    network.collect(0)
+    network.deliver()
+    multicast(network, transaction, replicas=(1, 2, 3))  # the client's copy, just after
+    assert all(len(core.ordering) == 1 for core in network.cores[1:])
+    run_until(network, lambda: all(core.view >= 1 for core in network.cores[1:]), 1_000)
+
+
+def test_cross_delivered_pre_prepares_with_the_primarys_own_commits_do_not_pause_the_timer() -> None:
+    """Found by an adversarial review: a primary sent one slot's pre-prepare to backup 1 only and
+    the next one's to backups 2 and 3 only, each with its own COMMIT to the backups that lacked
+    it; every backup then counted f + 1 votes on a pre-prepare it missed, paused as if behind,
+    and requests waited 2.7 s unreplaced. The primary's own votes no longer count."""
+    network = Network()
+    real_timers(network)
+    primary = network.cores[0]
+    hidden: dict[int, tuple[int, ...]] = {}
+    real_propose = primary._propose_batches
+
+    def stuck_pairs() -> None:
+        if hidden:
+            return  # holds everything while the pair is stuck
+        real_propose()
+        if primary._batches_in_flight() or primary.next_sequence + 1 > min(primary.high, primary.height + primary.settings.window_size):
+            return
+        for targets in ((2, 3), (1,)):
+            sequence = primary.next_sequence
+            primary._propose(Batch(primary.view, primary.replica_id, primary._proposal_timestamp(), ()))
+            hidden[sequence] = targets
+            digest = primary.slots[sequence].pre_prepare.digest  # type: ignore[union-attr]
+            commit = primary._sign_once("commit", primary.view, sequence, Commit(primary.view, sequence, digest, 0), digest)
+            network.queue.extend((0, target, commit) for target in targets)
+
+    primary._propose_batches = stuck_pairs  # type: ignore[method-assign]
+
+    def withheld(sender: int, receiver: int, message: Any) -> bool:
+        return sender == 0 and isinstance(message, PrePrepare) and receiver in hidden.get(message.sequence, ())
+
+    nonce = 0
+    for step in range(200):
+        if step % 10 == 0:
+            multicast(network, put(network, nonce))
+            nonce += 1
+        network.tick(STEP_MS)
+        network.deliver(withheld)
+        if sum(core.view >= 1 for core in network.cores[1:]) >= 2:
+            break
+    assert sum(core.view >= 1 for core in network.cores[1:]) >= 2 and network.now_ms < 1_500, "replaced"
