@@ -338,3 +338,25 @@ def test_cross_delivered_pre_prepares_with_the_primarys_own_commits_do_not_pause
         if sum(core.view >= 1 for core in network.cores[1:]) >= 2:
             break
     assert sum(core.view >= 1 for core in network.cores[1:]) >= 2 and network.now_ms < 1_500, "replaced"
+
+
+def test_a_full_batch_in_flight_means_the_primary_is_busy() -> None:
+    """At 1,024 in flight (n = 4, real processes) one backup suspected an honest primary: batches
+    were full, replicas saw requests in different orders, and its oldest request waited a batch or
+    two. A full batch in flight now counts as a busy primary."""
+    network = Network()
+    batch_size_max = network.config.protocol.batch_size_max
+    for nonce in range(batch_size_max):  # in one round: the primary proposes one full batch
+        transaction = put(network, nonce)
+        for index in range(4):
+            network.cores[index].receive_request(transaction)
+            network.collect(index)
+
+    def votes_lost(sender: int, receiver: int, message: Any) -> bool:
+        return not isinstance(message, PrePrepare)  # it stays in flight
+
+    network.deliver(votes_lost)
+    backup = network.cores[1]
+    assert len(backup.slots[1].batch.transactions) == batch_size_max  # type: ignore[union-attr]
+    multicast(network, put(network, batch_size_max), replicas=(1,))
+    assert len(backup.ordering) == 1 and not backup._primary_owes_a_proposal()
