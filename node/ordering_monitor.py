@@ -62,7 +62,7 @@ class OrderingMonitor:
         self.timer_waited_ms = 0
         self.room_since_ms: int | None = None  # since when the primary has had room, unbroken
         self.last_room_step_ms = 0
-        self.timer_relayed = False  # whether this run of the timer already relayed what waits
+        self.timer_relayed = False  # whether what waits was relayed for the request timed now
         # Armed once a pre-prepare of this view arrived: a new primary first fetches the batches its
         # view starts with, and it is not suspected before it has shown it is ready (what waits
         # is still relayed to it).
@@ -126,15 +126,6 @@ class OrderingMonitor:
             if now_ms - since_ms < waited_ms:
                 break
             self.fresh.popitem(last=False)
-            self.relayed[transaction_id] = since_ms
-            due.append(transaction_id)
-        return due
-
-    def relay_all(self, count_max: int) -> list[bytes]:
-        """The oldest waiting requests not relayed yet (at most count_max), now relayed."""
-        due = []
-        while self.fresh and len(due) < count_max:
-            transaction_id, since_ms = self.fresh.popitem(last=False)
             self.relayed[transaction_id] = since_ms
             due.append(transaction_id)
         return due
@@ -274,15 +265,15 @@ class OrderingWatch:
         # Waiting while the primary is busy is no fault, but half the request timer is long
         # enough: the primary may never have heard of it.
         relay = monitor.due_for_relay(self.now_ms, self._timeout_ms() // 2, batch_size_max)
-        outcome = monitor.step(self.now_ms, bool(len(monitor)) and self._primary_owes_a_proposal())
+        outcome = monitor.step(self.now_ms, self._primary_owes_a_proposal())
         if outcome == "relay":
-            relay += monitor.relay_all(batch_size_max)
+            relay += monitor.due_for_relay(self.now_ms, 0, batch_size_max)  # all that wait, oldest first
         for transaction_id in relay:
             if transaction_id in self.pending:
                 self.effects.send.append(Send(self.primary, Request(self.pending.transaction(transaction_id))))
         if outcome == "expired":
             self.effects.events.append(
-                f"ordering timer expired in view {self.view}: primary {self.primary} proposed nothing for "
-                f"{monitor.timeout_ms} ms while {len(monitor)} requests waited here and it had room"
+                f"ordering timer expired in view {self.view}: primary {self.primary} left a request unordered for "
+                f"{monitor.timeout_ms} ms while it had room ({len(monitor)} requests waited here)"
             )
             self._start_view_change(self.view + 1)

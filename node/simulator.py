@@ -528,7 +528,6 @@ class Simulation:
         self.messages_sent = 0
         self.messages_dropped = 0
         self.crash_count = 0
-        self.client_view = 0
         self.partition_round = -1
         self.partition_side: set[int] | None = None
         self.last_receipt_ms = 0  # when a client last accepted a receipt
@@ -1179,7 +1178,6 @@ class Simulation:
             del client.in_flight[reply.transaction_id]
             client.receipts.append(receipt)
             self.last_receipt_ms = self.now_ms
-            self.client_view = max(self.client_view, receipt.view)
             if receipt.result.ok:
                 client.accepted_ok += 1
             else:

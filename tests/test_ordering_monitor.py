@@ -64,7 +64,7 @@ def test_the_timer_waits_until_armed_relays_at_half_and_expires_at_its_timeout()
     monitor.pre_prepare_arrived()
     assert monitor.step(310, False) is None, "a busy primary is not timed"
     assert monitor.step(320, True) is None and monitor.timer_waited_ms == 100, "busy time paused the timer"
-    assert monitor.relay_all(10) == [first, second]
+    assert monitor.due_for_relay(420, 0, 10) == [first, second]
     assert monitor.step(419, True) is None
     monitor.ordered(first)
     assert monitor.step(460, True) is None and monitor.timer_waited_ms == 60, "the next one, from its arrival"
