@@ -61,6 +61,7 @@ class ReplicaSnapshot:
     clients_timed_out: int
     fetches_skipped: int
     base_height: int = 0  # the first block kept when not all are (pruned, or from a snapshot); 0: all
+    retransmits_unanswered: int = 0  # retransmitted requests over their connection's ledger-answer budget
 
 
 def runtime_snapshot(runtime: ReplicaRuntime) -> ReplicaSnapshot:
@@ -83,6 +84,7 @@ def runtime_snapshot(runtime: ReplicaRuntime) -> ReplicaSnapshot:
         evidence_stored=runtime.evidence_count,
         clients_timed_out=runtime.clients_timed_out,
         fetches_skipped=runtime.fetches_skipped,
+        retransmits_unanswered=runtime.retransmits_unanswered,
         base_height=runtime.store.base_height,
     )
 
@@ -128,6 +130,11 @@ class _StateCollector(Collector):
         )
         yield CounterMetricFamily(
             "ledger_fetches_skipped", "Block fetches from peers not answered: their queue was full.", state.fetches_skipped
+        )
+        yield CounterMetricFamily(
+            "ledger_retransmits_unanswered",
+            "Retransmitted requests for old transactions dropped: over their connection's budget of answers read from the ledger.",
+            state.retransmits_unanswered,
         )
 
 

@@ -66,6 +66,7 @@ from node.effects import ClientReply, Effects
 from node.log_format import LogRateLimit
 from node.metrics import ReplicaMetrics, runtime_snapshot, serve_metrics
 from node.queries import answer_query
+from node.recent_replies import LedgerAnswerBudget, RecentReplies
 from node.signature_threads import PARALLEL_CHECKS_MIN, SignatureThreads
 from node.snapshot_serving import ServingBudget
 from node.stage_trace import StageTrace
@@ -167,6 +168,8 @@ class ClientConnection:
     last_frame_s: float = field(default_factory=trio.current_time)
     closed: bool = False
     dropped: int = 0
+    # Retransmitted requests it may have answered from the ledger (node/recent_replies.py).
+    ledger_answers: LedgerAnswerBudget = field(default_factory=lambda: LedgerAnswerBudget(trio.current_time()))
 
     def send(self, message: Any) -> None:
         self.send_encoded(encode_message(message))
@@ -293,6 +296,9 @@ class ReplicaRuntime:
         )
         self.client_blocks_budget = ByteBudget(CLIENT_BLOCK_RESPONSES_MAX * self.blocks_response_size_max)
         self.fetches_skipped = 0
+        # Encoded REPLYs of recently executed transactions, for retransmitted requests.
+        self.recent_replies = RecentReplies()
+        self.retransmits_unanswered = 0  # over a connection's LedgerAnswerBudget: dropped
         # What snapshot serving may cost, per peer and in all (node/snapshot_serving.py).
         self.serving_budget = ServingBudget()
         self.clients_timed_out = 0
@@ -552,6 +558,8 @@ class ReplicaRuntime:
                 payload = replies.encode(client_reply.reply)
                 for connection in followers:
                     connection.send_encoded(payload)
+                # Written before it is sent: a retransmission may be answered with it from now on.
+                self.recent_replies.remember(client_reply.reply.transaction_id, payload)
             self.waiting_requests.pop(client_reply.reply.transaction_id, None)
             if self.stage_trace is not None:
                 self.stage_trace.replied(client_reply.reply.transaction_id)
@@ -732,9 +740,20 @@ class ReplicaRuntime:
         # Only a transaction whose nonce is used can be in the ledger (the store is never ahead
         # of the core's state, and nonces only grow): a fresh one costs no query of the store.
         used = self.core.application.check(transaction) is not None
+        if used:
+            # Exactly-once: a retransmitted request is answered, never re-executed: with the REPLY
+            # sent when its block was written, if it is recent (no read, decode or signature) ...
+            payload = self.recent_replies.get(transaction.transaction_id)
+            if payload is not None:
+                connection.send_encoded(payload)
+                return
         location = self.store.locate_transaction(transaction.transaction_id) if used else None
         if location is not None:
-            # Exactly-once: a retransmitted request is answered from the ledger, never re-executed.
+            # ... or from the ledger, within the connection's budget: each answer reads and decodes
+            # a whole block and signs its batch reply again.
+            if not connection.ledger_answers.take(trio.current_time()):
+                self.retransmits_unanswered += 1
+                return
             height, index = location
             block = self.store.block(height)
             if block is not None:

@@ -1,0 +1,135 @@
+"""A retransmitted request is answered from the recent REPLYs without touching the store, and
+answers read back from the ledger are budgeted per connection (a flood of old requests made a
+replica decode a block and sign for every 200-byte frame)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+from chain_helpers import deterministic_key
+
+from ledger.config import load_replica_config, template_for, write_network
+from ledger.framing import ByteBudget, FrameQueue
+from ledger.messages import Request, make_reply
+from ledger.transactions import Put, Transaction, sign_transaction
+from node.effects import ClientReply, Effects
+from node.recent_replies import (
+    LEDGER_ANSWERS_BURST,
+    LEDGER_ANSWERS_PER_S,
+    LedgerAnswerBudget,
+    RecentReplies,
+)
+from node.runtime import ClientConnection, ReplicaRuntime
+
+
+@pytest.fixture
+def runtime(tmp_path: Path) -> Iterator[ReplicaRuntime]:
+    write_network(template_for(4), tmp_path / "net")
+    replica = ReplicaRuntime(load_replica_config(tmp_path / "net" / "replica-0.toml"))
+    try:
+        yield replica
+    finally:
+        replica.close()
+
+
+def queued(queue: FrameQueue) -> list[bytes]:
+    payloads = []
+    while True:
+        try:
+            payloads.append(queue._receive.receive_nowait()[0])
+        except trio.WouldBlock:
+            return payloads
+
+
+def new_connection() -> ClientConnection:
+    return ClientConnection(FrameQueue(256, 1 << 22), ByteBudget(1 << 22))
+
+
+class StoreReads:
+    """Counts the store's lookups and block reads a retransmission makes (and lets them run)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, runtime: ReplicaRuntime, location: tuple[int, int] | None = None) -> None:
+        self.lookups = 0
+        self.block_reads = 0
+        locate = runtime.store.locate_transaction
+
+        def counted_locate(transaction_id: bytes) -> tuple[int, int] | None:
+            self.lookups += 1
+            return location if location is not None else locate(transaction_id)
+
+        def counted_block(height: int) -> Any:
+            self.block_reads += 1
+            return None  # as if pruned meanwhile: nothing to answer with
+
+        monkeypatch.setattr(runtime.store, "locate_transaction", counted_locate)
+        monkeypatch.setattr(runtime.store, "block", counted_block)
+
+
+def executed(runtime: ReplicaRuntime, name: str) -> Transaction:
+    """A transaction whose nonce the replica's state has used (as after its block executed)."""
+    transaction = sign_transaction(runtime.network.identity, deterministic_key(name), 0, Put("k", name))
+    runtime.core.application.execute_block([transaction])
+    return transaction
+
+
+async def test_a_retransmitted_request_for_a_recent_transaction_is_answered_without_the_store(
+    runtime: ReplicaRuntime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    transaction = executed(runtime, "recent")
+    [result] = runtime.core.application.execute_block([transaction])  # a replay: any result will do here
+    reply = make_reply(0, 0, 1, b"\x01" * 32, [(transaction.transaction_id, result, 0)], 0, lambda data: b"\x02" * 64)
+    follower = new_connection()
+    runtime._subscribe(follower, transaction.sender)
+    await runtime._carry_out(Effects(replies=[ClientReply(transaction.sender, reply)]))
+    [sent] = queued(follower.queue)
+    reads = StoreReads(monkeypatch, runtime)
+    retransmitting = new_connection()
+    await runtime._client_request(retransmitting, Request(transaction))
+    assert queued(retransmitting.queue) == [sent]  # the very bytes sent when the block was written
+    assert (reads.lookups, reads.block_reads) == (0, 0)
+    assert runtime.events_receive.statistics().current_buffer_used == 0  # not handed to the core
+
+
+async def test_a_flood_of_old_retransmissions_is_answered_from_the_ledger_only_within_the_budget(
+    runtime: ReplicaRuntime, monkeypatch: pytest.MonkeyPatch, mock_clock: trio.testing.MockClock
+) -> None:
+    """The hole: each request for an old transaction made the replica read and decode its block
+    and sign a batch reply again, for a 200-byte frame; one client could keep a replica busy."""
+    transaction = executed(runtime, "old")
+    reads = StoreReads(monkeypatch, runtime, location=(1, 0))
+    flooding = new_connection()
+    extra = 10
+    for _ in range(int(LEDGER_ANSWERS_BURST) + extra):
+        await runtime._client_request(flooding, Request(transaction))
+    assert reads.block_reads == LEDGER_ANSWERS_BURST
+    assert runtime.retransmits_unanswered == extra
+    # The budget refills: a second later the connection gets LEDGER_ANSWERS_PER_S more.
+    mock_clock.jump(1.0)
+    for _ in range(int(LEDGER_ANSWERS_PER_S) + 1):
+        await runtime._client_request(flooding, Request(transaction))
+    assert reads.block_reads == LEDGER_ANSWERS_BURST + LEDGER_ANSWERS_PER_S
+    # Another connection has a budget of its own.
+    await runtime._client_request(new_connection(), Request(transaction))
+    assert reads.block_reads == LEDGER_ANSWERS_BURST + LEDGER_ANSWERS_PER_S + 1
+
+
+def test_recent_replies_keep_the_newest_within_the_bound() -> None:
+    recent = RecentReplies(size_max=3)
+    for number in range(5):
+        recent.remember(bytes([number]), b"reply %d" % number)
+    assert len(recent) == 3
+    assert recent.get(bytes([1])) is None
+    assert recent.get(bytes([4])) == b"reply 4"
+
+
+def test_ledger_answer_budget_refills_at_its_rate_up_to_its_burst() -> None:
+    budget = LedgerAnswerBudget(now_s=0.0, rate_per_s=2.0, burst=3.0)
+    assert [budget.take(0.0) for _ in range(4)] == [True, True, True, False]
+    assert [budget.take(0.5) for _ in range(2)] == [True, False]
+    assert [budget.take(100.0) for _ in range(4)] == [True, True, True, False]  # never above the burst
+    assert budget.take(99.0) is False  # a clock that goes back refills nothing
