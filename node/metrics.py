@@ -61,7 +61,7 @@ class ReplicaSnapshot:
     clients_timed_out: int
     fetches_skipped: int
     base_height: int = 0  # the first block kept when not all are (pruned, or from a snapshot); 0: all
-    retransmits_unanswered: int = 0  # retransmitted requests over their connection's ledger-answer budget
+    retransmits_unanswered: int = 0  # retransmitted requests over their address's ledger-answer budget
 
 
 def runtime_snapshot(runtime: ReplicaRuntime) -> ReplicaSnapshot:
@@ -133,7 +133,7 @@ class _StateCollector(Collector):
         )
         yield CounterMetricFamily(
             "ledger_retransmits_unanswered",
-            "Retransmitted requests for old transactions dropped: over their connection's budget of answers read from the ledger.",
+            "Retransmitted requests for old transactions dropped: over their address's budget of answers read from the ledger.",
             state.retransmits_unanswered,
         )
 

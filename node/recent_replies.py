@@ -10,12 +10,15 @@ from collections import OrderedDict
 # already. Answering one from the ledger reads and decodes its whole block and signs its batch
 # reply again (about 1 ms); these keep the last few seconds of replies at about 4 MiB.
 RECENT_REPLIES_MAX = 8192
-# Per client connection: answers read back from the ledger (a request older than the kept
-# replies). A client flooding old transactions made its replica decode a block and sign for each
-# 200-byte frame; now it gets this many a second (after a burst), and the rest are dropped and
-# counted (its own retry, or another replica, answers).
+# Per client address (an IPv4 address, an IPv6 /64: node/admission.py), shared by its
+# connections: answers read back from the ledger (a request older than the kept replies). A
+# client flooding old transactions made its replica decode a block and sign for each 200-byte
+# frame; now it gets this many a second (after a burst), and the rest are dropped and counted
+# (its own retry, or another replica, answers). Per address, not per connection, so that
+# reconnecting does not buy a fresh burst.
 LEDGER_ANSWERS_PER_S = 20.0
 LEDGER_ANSWERS_BURST = 64.0
+LEDGER_ANSWER_ADDRESSES_MAX = 4096  # addresses whose budget is remembered (least recent forgotten)
 
 
 class RecentReplies:
@@ -55,3 +58,29 @@ class LedgerAnswerBudget:
             return False
         self.tokens -= 1
         return True
+
+
+class LedgerAnswerBudgets:
+    """One LedgerAnswerBudget per client address, the least recently used forgotten beyond
+    LEDGER_ANSWER_ADDRESSES_MAX (a forgotten address starts again with a full burst)."""
+
+    def __init__(
+        self, addresses_max: int = LEDGER_ANSWER_ADDRESSES_MAX, rate_per_s: float = LEDGER_ANSWERS_PER_S, burst: float = LEDGER_ANSWERS_BURST
+    ) -> None:
+        self.addresses_max = addresses_max
+        self.rate_per_s = rate_per_s
+        self.burst = burst
+        self._budgets: OrderedDict[str, LedgerAnswerBudget] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._budgets)
+
+    def for_address(self, address: str, now_s: float) -> LedgerAnswerBudget:
+        budget = self._budgets.get(address)
+        if budget is None:
+            budget = self._budgets[address] = LedgerAnswerBudget(now_s, self.rate_per_s, self.burst)
+            if len(self._budgets) > self.addresses_max:
+                self._budgets.popitem(last=False)
+        else:
+            self._budgets.move_to_end(address)
+        return budget

@@ -66,7 +66,7 @@ from node.effects import ClientReply, Effects
 from node.log_format import LogRateLimit
 from node.metrics import ReplicaMetrics, runtime_snapshot, serve_metrics
 from node.queries import answer_query
-from node.recent_replies import LedgerAnswerBudget, RecentReplies
+from node.recent_replies import LedgerAnswerBudget, LedgerAnswerBudgets, RecentReplies
 from node.signature_threads import PARALLEL_CHECKS_MIN, SignatureThreads
 from node.snapshot_serving import ServingBudget
 from node.stage_trace import StageTrace
@@ -168,7 +168,8 @@ class ClientConnection:
     last_frame_s: float = field(default_factory=trio.current_time)
     closed: bool = False
     dropped: int = 0
-    # Retransmitted requests it may have answered from the ledger (node/recent_replies.py).
+    # Retransmitted requests it may have answered from the ledger (node/recent_replies.py):
+    # the replica gives every connection from one address the same budget.
     ledger_answers: LedgerAnswerBudget = field(default_factory=lambda: LedgerAnswerBudget(trio.current_time()))
 
     def send(self, message: Any) -> None:
@@ -298,6 +299,7 @@ class ReplicaRuntime:
         self.fetches_skipped = 0
         # Encoded REPLYs of recently executed transactions, for retransmitted requests.
         self.recent_replies = RecentReplies()
+        self.ledger_answer_budgets = LedgerAnswerBudgets()
         self.retransmits_unanswered = 0  # over a connection's LedgerAnswerBudget: dropped
         # What snapshot serving may cost, per peer and in all (node/snapshot_serving.py).
         self.serving_budget = ServingBudget()
@@ -628,6 +630,7 @@ class ReplicaRuntime:
         connection = ClientConnection(
             FrameQueue(CLIENT_QUEUE_FRAMES_MAX, CLIENT_QUEUE_BYTES_MAX),
             ByteBudget(self.blocks_response_size_max, parent=self.client_blocks_budget),
+            ledger_answers=self.ledger_answer_budgets.for_address(address, trio.current_time()),
         )
         admitted, evicted = self.clients.admit(connection, address)
         if evicted is not None:

@@ -4,6 +4,7 @@ replica decode a block and sign for every 200-byte frame)."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,14 +15,15 @@ import trio.testing
 from chain_helpers import deterministic_key
 
 from ledger.config import load_replica_config, template_for, write_network
-from ledger.framing import ByteBudget, FrameQueue
-from ledger.messages import Request, make_reply
+from ledger.framing import ByteBudget, FrameQueue, frame
+from ledger.messages import Request, encode_message, make_reply
 from ledger.transactions import Put, Transaction, sign_transaction
 from node.effects import ClientReply, Effects
 from node.recent_replies import (
     LEDGER_ANSWERS_BURST,
     LEDGER_ANSWERS_PER_S,
     LedgerAnswerBudget,
+    LedgerAnswerBudgets,
     RecentReplies,
 )
 from node.runtime import ClientConnection, ReplicaRuntime
@@ -56,10 +58,14 @@ class StoreReads:
     def __init__(self, monkeypatch: pytest.MonkeyPatch, runtime: ReplicaRuntime, location: tuple[int, int] | None = None) -> None:
         self.lookups = 0
         self.block_reads = 0
+        self.awaited_lookups = -1
+        self.awaited = trio.Event()
         locate = runtime.store.locate_transaction
 
         def counted_locate(transaction_id: bytes) -> tuple[int, int] | None:
             self.lookups += 1
+            if self.lookups == self.awaited_lookups:
+                self.awaited.set()
             return location if location is not None else locate(transaction_id)
 
         def counted_block(height: int) -> Any:
@@ -68,6 +74,11 @@ class StoreReads:
 
         monkeypatch.setattr(runtime.store, "locate_transaction", counted_locate)
         monkeypatch.setattr(runtime.store, "block", counted_block)
+
+    def after_lookups(self, count: int) -> trio.Event:
+        """An event set once `count` lookups were made in all."""
+        self.awaited_lookups, self.awaited = count, trio.Event()
+        return self.awaited
 
 
 def executed(runtime: ReplicaRuntime, name: str) -> Transaction:
@@ -133,3 +144,38 @@ def test_ledger_answer_budget_refills_at_its_rate_up_to_its_burst() -> None:
     assert [budget.take(0.5) for _ in range(2)] == [True, False]
     assert [budget.take(100.0) for _ in range(4)] == [True, True, True, False]  # never above the burst
     assert budget.take(99.0) is False  # a clock that goes back refills nothing
+
+
+async def test_reconnecting_does_not_buy_a_fresh_budget_of_ledger_answers(
+    runtime: ReplicaRuntime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by review of the per-connection budget: connect, send a burst, disconnect, repeat.
+    Every connection from one address shares one budget (over real TCP on 127.0.0.1)."""
+    transaction = executed(runtime, "reconnecting")
+    runtime.ledger_answer_budgets = LedgerAnswerBudgets(rate_per_s=0.0)  # no refill: exact counts
+    reads = StoreReads(monkeypatch, runtime, location=(1, 0))
+    frames = frame(encode_message(Request(transaction))) * int(LEDGER_ANSWERS_BURST)
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(functools.partial(trio.serve_tcp, runtime._serve_client, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        for connection_number in range(3):
+            handled = reads.after_lookups((connection_number + 1) * int(LEDGER_ANSWERS_BURST))
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            await stream.send_all(frames)
+            with trio.fail_after(10):
+                await handled.wait()
+            await stream.aclose()
+        nursery.cancel_scope.cancel()
+    assert reads.block_reads == LEDGER_ANSWERS_BURST  # one burst for the address, not one a connection
+    assert runtime.retransmits_unanswered == 2 * LEDGER_ANSWERS_BURST
+
+
+def test_ledger_answer_budgets_are_shared_by_address_and_bounded() -> None:
+    budgets = LedgerAnswerBudgets(addresses_max=2)
+    first = budgets.for_address("10.0.0.1", 0.0)
+    assert budgets.for_address("10.0.0.1", 5.0) is first
+    budgets.for_address("10.0.0.2", 0.0)
+    budgets.for_address("10.0.0.1", 0.0)  # the most recent again
+    budgets.for_address("10.0.0.3", 0.0)  # forgets 10.0.0.2, the least recent
+    assert len(budgets) == 2
+    assert budgets.for_address("10.0.0.1", 0.0) is first
