@@ -300,7 +300,7 @@ class ReplicaRuntime:
         # Encoded REPLYs of recently executed transactions, for retransmitted requests.
         self.recent_replies = RecentReplies()
         self.ledger_answer_budgets = LedgerAnswerBudgets()
-        self.retransmits_unanswered = 0  # over a connection's LedgerAnswerBudget: dropped
+        self.retransmits_unanswered = 0  # over its address's LedgerAnswerBudget: dropped
         # What snapshot serving may cost, per peer and in all (node/snapshot_serving.py).
         self.serving_budget = ServingBudget()
         self.clients_timed_out = 0
@@ -752,7 +752,7 @@ class ReplicaRuntime:
                 return
         location = self.store.locate_transaction(transaction.transaction_id) if used else None
         if location is not None:
-            # ... or from the ledger, within the connection's budget: each answer reads and decodes
+            # ... or from the ledger, within the budget of the connection's address: each answer reads and decodes
             # a whole block and signs its batch reply again.
             if not connection.ledger_answers.take(trio.current_time()):
                 self.retransmits_unanswered += 1
