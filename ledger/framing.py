@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import deque
 
 import trio
 
@@ -55,7 +56,7 @@ class FramedStream:
     def __init__(self, stream: trio.abc.Stream, frame_size_max: int, receive_chunk_size: int = RECEIVE_CHUNK_SIZE) -> None:
         self.stream = stream
         self.decoder = FrameDecoder(frame_size_max)
-        self.ready: list[bytes] = []
+        self.ready: deque[bytes] = deque()
         self.receive_chunk_size = receive_chunk_size
 
     async def receive(self) -> bytes | None:
@@ -67,7 +68,12 @@ class FramedStream:
             self.ready.extend(self.decoder.feed(data))
             if not self.ready:
                 self.decoder.feed(b"")  # raises a pending FrameError
-        return self.ready.pop(0)
+        return self.ready.popleft()
+
+    def receive_ready(self) -> bytes | None:
+        """The next frame if one already arrived (no wait, no checkpoint), else None: a reader
+        that needs a timeout scope only around a real wait takes buffered frames this way."""
+        return self.ready.popleft() if self.ready else None
 
     async def send(self, payload: bytes) -> None:
         await self.stream.send_all(frame(payload))
