@@ -1,5 +1,5 @@
 """A retransmitted request is answered from the recent REPLYs without touching the store, and
-answers read back from the ledger are budgeted per connection (a flood of old requests made a
+answers read back from the ledger are budgeted per client address and in all (a flood of old requests made a
 replica decode a block and sign for every 200-byte frame)."""
 
 from __future__ import annotations
@@ -179,3 +179,31 @@ def test_ledger_answer_budgets_are_shared_by_address_and_bounded() -> None:
     budgets.for_address("10.0.0.3", 0.0)  # forgets 10.0.0.2, the least recent
     assert len(budgets) == 2
     assert budgets.for_address("10.0.0.1", 0.0) is first
+
+
+async def test_a_reply_nobody_followed_is_still_answered_without_the_ledger_budget(
+    runtime: ReplicaRuntime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by review: a client reconnecting while its block executed had no REPLY kept, so
+    its retransmission fell to the address's ledger budget, which others behind the same
+    address (a NAT, an IPv6 /64) could drain by replaying old public transactions."""
+    transaction = executed(runtime, "reconnecting as it executed")
+    [result] = runtime.core.application.execute_block([transaction])
+    reply = make_reply(0, 0, 1, b"\x01" * 32, [(transaction.transaction_id, result, 0)], 0, lambda data: b"\x02" * 64)
+    await runtime._carry_out(Effects(replies=[ClientReply(transaction.sender, reply)]))  # no follower
+    runtime.ledger_answer_budgets = LedgerAnswerBudgets(rate_per_s=0.0, burst=0.0)  # drained
+    reads = StoreReads(monkeypatch, runtime)
+    retransmitting = new_connection()
+    await runtime._client_request(retransmitting, Request(transaction))
+    assert queued(retransmitting.queue) == [encode_message(reply)]
+    assert (reads.lookups, reads.block_reads, runtime.retransmits_unanswered) == (0, 0, 0)
+
+
+def test_ledger_answers_of_all_addresses_together_are_bounded() -> None:
+    """Found by review: the 256 /64s of one /56 each had a budget of their own, 62,464 answers
+    in 10 s (about 1 ms of the event loop each)."""
+    budgets = LedgerAnswerBudgets(total_rate_per_s=0.0, total_burst=100.0)
+    granted = sum(budgets.for_address(f"2001:db8:0:{number:x}::", 0.0).take(0.0) for number in range(256) for _ in range(64))
+    assert granted == 100
+    # A refused answer costs the address nothing: its own budget is still full.
+    assert budgets.for_address("2001:db8:0:ff::", 0.0).tokens == LEDGER_ANSWERS_BURST
