@@ -37,7 +37,7 @@ from ledger.encoding import (
 from ledger.merkle import merkle_paths, merkle_proof, merkle_root, verify_merkle_proof
 from ledger.snapshots import StateChunk
 from ledger.state_tree import BUCKET_COUNT
-from ledger.transactions import Transaction, TransactionResult
+from ledger.transactions import KnownTransactions, Transaction, TransactionResult
 
 BLOCKS_PER_RESPONSE_MAX = 64
 SUBSCRIBE_ACCOUNTS_MAX = 1024
@@ -110,10 +110,10 @@ class Batch:
         )
 
     @classmethod
-    def from_plain(cls, plain: Any) -> Batch:
+    def from_plain(cls, plain: Any, known: KnownTransactions | None = None) -> Batch:
         items = expect_list(plain, "batch", length=4)
         transactions = tuple(
-            Transaction.from_plain(item)
+            Transaction.from_plain(item, known)
             for item in expect_list(items[3], "batch transactions", length_max=BLOCK_TRANSACTIONS_MAX)
         )
         return cls(
@@ -148,12 +148,12 @@ class PrePrepare:
         return PrePrepareHeader(self.view, self.sequence, self.batch.digest, self.replica_id, self.signature)
 
     @classmethod
-    def from_fields(cls, items: list[Any]) -> PrePrepare:
+    def from_fields(cls, items: list[Any], known: KnownTransactions | None = None) -> PrePrepare:
         expect_list(items, "pre-prepare", length=5)
         return cls(
             expect_int(items[0], "view"),
             expect_int(items[1], "sequence", 1),
-            Batch.from_plain(items[2]),
+            Batch.from_plain(items[2], known),
             _replica(items[3], "replica"),
             _signature(items[4], "signature"),
         )
@@ -1148,9 +1148,13 @@ def encode_message(message: Any) -> bytes:
     return encode([message.TAG, *message.fields()])
 
 
-def decode_message(data: bytes) -> Any:
-    """Decode and validate one message; anything malformed raises CodecError."""
-    return message_from_items(decode_message_items(data))
+def decode_message(data: bytes, known: KnownTransactions | None = None) -> Any:
+    """Decode and validate one message; anything malformed raises CodecError. A PRE-PREPARE's
+    transactions decoded before (`known`) are reused (KnownTransactions)."""
+    items = decode_message_items(data)
+    if known is not None and items[0] == PrePrepare.TAG:
+        return PrePrepare.from_fields(items[1:], known)
+    return message_from_items(items)
 
 
 def decode_message_items(data: bytes) -> list[Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import cProfile
 import dataclasses
+import functools
 import logging
 import os
 import random
@@ -58,7 +59,7 @@ from ledger.storage import (
     StoreError,
     evidence_per_replica_max,
 )
-from ledger.transactions import Transaction, transaction_domain
+from ledger.transactions import KnownTransactions, Transaction, transaction_domain
 from ledger.version import package_version
 from node.admission import ClientAdmission, address_key
 from node.core import LOG_KINDS, ReplicaCore
@@ -284,7 +285,16 @@ class ReplicaRuntime:
         )
         self.query_domain = signing_domain(self.network.identity, "query-reply")
         self.events_send, self.events_receive = trio.open_memory_channel[tuple[str, Any, Any]](EVENT_QUEUE_MAX)
-        self.transport = PeerTransport(self.network, config.replica_id, self.key, self._deliver_from_peer)
+        # Each client transaction is decoded from its REQUEST, then again from the PRE-PREPARE:
+        # the second time reuses the first (ledger/transactions.py, KnownTransactions).
+        self.known_transactions = KnownTransactions()
+        self.transport = PeerTransport(
+            self.network,
+            config.replica_id,
+            self.key,
+            self._deliver_from_peer,
+            functools.partial(decode_message, known=self.known_transactions),
+        )
         protocol = self.network.protocol
         self.clients: ClientAdmission[ClientConnection] = ClientAdmission(
             protocol.client_connections_max,
@@ -794,6 +804,7 @@ class ReplicaRuntime:
                     connection.send(reply)
                 return
         self.waiting_requests[transaction.transaction_id] = connection
+        self.known_transactions.add(transaction)
         if self.stage_trace is not None:
             self.stage_trace.request(transaction.transaction_id)
         if len(self.waiting_requests) > WAITING_REQUESTS_MAX:

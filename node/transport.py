@@ -105,11 +105,13 @@ class PeerTransport:
         replica_id: int,
         key: SigningKey,
         deliver: Callable[[int, Any], Awaitable[None]],
+        decode: Callable[[bytes], Any] = decode_message,
     ) -> None:
         self.network = network
         self.replica_id = replica_id
         self.key = key
         self.deliver = deliver
+        self.decode = decode  # decode_message, perhaps with the replica's KnownTransactions
         self.domain = signing_domain(network.identity, "handshake")
         self.frame_size_max = network.protocol.frame_size_max
         self.queues: dict[int, FrameQueue] = {
@@ -315,7 +317,7 @@ class PeerTransport:
                 # deliver() does not yield while the event queue has room, nor does a buffered frame.
                 await trio.lowlevel.checkpoint()
             try:
-                message = decode_message(data)
+                message = self.decode(data)
             except CodecError as error:
                 self.bad_frames += 1
                 self.warnings.warning("dropped a malformed message from replica %d: %s", peer, error)
