@@ -456,8 +456,14 @@ class ReplicaCore(CheckpointProtocol, ViewChangeProtocol, OrderingWatch, CatchUp
     def _ready_to_propose(self) -> bool:
         """A new primary proposes only once it holds every batch its view starts with: then it
         knows every timestamp of this view a backup may hold, so a stamp of its own is never
-        refused for going back (which would be for good: a PRE-PREPARE cannot be re-stamped)."""
-        return all(slot.batch is not None for slot in self.slots.values() if slot.pre_prepare is not None)
+        refused for going back (which would be for good: a PRE-PREPARE cannot be re-stamped).
+        Only the slots not executed yet count: an executed one's stamp is in the chain
+        (last_timestamp_ms), and its batch may never arrive, since a replica that caught those
+        blocks up by fetching them never held their batches and nobody sends them any more (a
+        crash test stalled for good: every new primary waited for such a batch)."""
+        return all(
+            slot.batch is not None for sequence, slot in self.slots.items() if sequence > self.height and slot.pre_prepare is not None
+        )
 
     def _batches_in_flight(self) -> int:
         """Batches of this view proposed (or assigned by its NEW-VIEW) and not executed yet."""

@@ -7,6 +7,7 @@ from typing import Any
 from core_network import Network
 
 from ledger.messages import Checkpoint, Commit, Prepare, PrePrepare, ViewChange
+from ledger.transactions import Put, sign_transaction
 
 
 def test_lost_view_changes_do_not_leave_replicas_waiting_forever() -> None:
@@ -67,3 +68,30 @@ def test_a_batch_reproposed_after_a_checkpoint_jump_is_not_garbage_collected() -
     network.run(60_000)
     for index in (1, 2, 3):
         assert network.cores[index].height == 5, f"replica {index} stalled at {network.cores[index].height}"
+
+
+def test_a_new_primary_missing_batches_of_executed_blocks_still_proposes() -> None:
+    """Found by the crash test (20 rounds of SIGKILL and restart, n = 4): a replica that caught
+    blocks up by fetching them never held their batches, and a NEW-VIEW re-proposing those
+    executed sequences (below any stable checkpoint) left it waiting as primary for batches
+    nobody would send; every new primary in turn waited so, and the network stalled for good."""
+    network = Network()
+    for nonce in range(3):
+        network.submit(nonce)
+        network.run(200)
+    network.start_view_change((0, 1, 2, 3), 1)
+    network.run(3000)
+    primary = network.cores[1]
+    assert primary.is_primary and primary.view_active
+    executed = [sequence for sequence in primary.slots if sequence <= primary.height]
+    assert executed  # the view starts with slots already executed here
+    for sequence in executed:
+        primary.slots[sequence].batch = None  # as after catching those blocks up by fetch
+    transaction = sign_transaction(network.config.identity, network.client, 3, Put("key", "3"))
+    for index, core in enumerate(network.cores):
+        core.receive_request(transaction)
+        network.collect(index)
+    height_before = network.heights[1]
+    network.run(3000)
+    assert min(network.heights) > height_before
+    assert [core.view for core in network.cores] == [1, 1, 1, 1]  # ordered by this primary, no view change
