@@ -170,6 +170,7 @@ class BlockStore:
         self.path = path
         self.genesis = genesis
         self._height, self._last_hash = self._read_tip()
+        self._tip = (self._height, self._last_hash)
         self._state_height = self._read_state_height()
         self._base_height = self._read_base_height()
         if retain_blocks is not None and retain_blocks < 1:
@@ -280,6 +281,14 @@ class BlockStore:
     @property
     def last_hash(self) -> bytes:
         return self._last_hash if self._last_hash is not None else self.genesis
+
+    @property
+    def tip(self) -> tuple[int, bytes]:
+        """(height, last_hash) as one pair: read from another thread than the one writing, two
+        reads of height and last_hash can straddle a write and pair a height with another
+        block's hash (found by review of the status reply); this pair is replaced in one store."""
+        height, last_hash = self._tip
+        return height, last_hash if last_hash is not None else self.genesis
 
     def verify(self, recent_max: int | None = RECENT_BLOCKS_CHECKED, batch_size: int = 256) -> None:
         """Check no block is missing, and that the last `recent_max` blocks (all of them with
@@ -398,6 +407,7 @@ class BlockStore:
             )
         if blocks:
             self._height, self._last_hash = blocks[-1].height, blocks[-1].block_hash
+            self._tip = (self._height, self._last_hash)
         if state is not None:
             self._state_height = self._height
         self._stable_sequence, self._base_height = stable_sequence, base_height
@@ -486,6 +496,7 @@ class BlockStore:
                 [("base_height", block.height), ("latest_timestamp_ms", block.header.timestamp_ms)],
             )
         self._height, self._last_hash = block.height, block.block_hash
+        self._tip = (self._height, self._last_hash)
         self._state_height = self._base_height = block.height
 
     def write_state(self, changes: StateChanges, state_digest: bytes, latest_timestamp_ms: int) -> None:

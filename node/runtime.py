@@ -832,13 +832,15 @@ class ReplicaRuntime:
         # The tip on disk, not the core's: while a round's blocks are being written (on a worker
         # thread) the core is ahead, and a client told height h must be able to fetch block h
         # (a fault test saw status 50 and then only 13 blocks served, 36 ms after a catch-up).
+        # Read as one pair: the write thread may move it between two reads.
+        height, last_hash = self.store.tip
         return StatusReply(
             query_id,
             self.config.replica_id,
             self.core.view,
             self.core.primary,
-            self.store.height,
-            self.store.last_hash,
+            height,
+            last_hash,
             self.core.low,
             not self.core.view_active,
             tuple(sorted(self.transport.duplicate_identities().items())),
