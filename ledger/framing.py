@@ -10,7 +10,7 @@ import trio
 FRAME_HEADER_SIZE = 4
 FRAME_SIZE_MAX_DEFAULT = 8 * 1024 * 1024
 RECEIVE_CHUNK_SIZE = 256 * 1024
-# A reader handing buffered frames on without waiting yields to the scheduler after this many:
+# FramedStream.receive handing buffered frames on without waiting yields after this many:
 # a 256 KiB chunk of tiny frames is thousands of them, and an adversarial review measured a
 # 126 ms stall of the event loop behind one peer's chunk without it (13 ms with a yield per frame).
 FRAMES_PER_CHECKPOINT = 64
@@ -62,22 +62,34 @@ class FramedStream:
         self.decoder = FrameDecoder(frame_size_max)
         self.ready: deque[bytes] = deque()
         self.receive_chunk_size = receive_chunk_size
+        self._taken_without_reading = 0
+
+    @property
+    def has_frame(self) -> bool:
+        """Whether receive() has a frame already read (it will not wait for the peer). True only
+        while one task reads this stream, as each connection has exactly one reader (the pump
+        only writes): a second reader could take the frame first and leave receive() waiting."""
+        return bool(self.ready)
 
     async def receive(self) -> bytes | None:
-        """The next frame, or None at end of stream."""
+        """The next frame, or None at end of stream. A frame already read is handed out without
+        reading the socket, and so without yielding, except every FRAMES_PER_CHECKPOINT of them:
+        the readers queue events without yielding too (node/runtime.py), and a chunk of tiny
+        frames must not hold the scheduler."""
+        if self.ready:
+            self._taken_without_reading += 1
+            if self._taken_without_reading >= FRAMES_PER_CHECKPOINT:
+                self._taken_without_reading = 0
+                await trio.lowlevel.checkpoint()
         while not self.ready:
             data = await self.stream.receive_some(self.receive_chunk_size)
+            self._taken_without_reading = 0  # reading the socket yielded
             if not data:
                 return None
             self.ready.extend(self.decoder.feed(data))
             if not self.ready:
                 self.decoder.feed(b"")  # raises a pending FrameError
         return self.ready.popleft()
-
-    def receive_ready(self) -> bytes | None:
-        """The next frame if one already arrived (no wait, no checkpoint), else None: a reader
-        that needs a timeout scope only around a real wait takes buffered frames this way."""
-        return self.ready.popleft() if self.ready else None
 
     async def send(self, payload: bytes) -> None:
         await self.stream.send_all(frame(payload))

@@ -169,8 +169,9 @@ class BlockStore:
         self._reader = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self.path = path
         self.genesis = genesis
-        self._height, self._last_hash = self._read_tip()
-        self._tip = (self._height, self._last_hash)
+        # (height, last hash) replaced in one store, so that a reader on another thread never
+        # pairs a height with another block's hash (found by review of the status reply).
+        self._tip: tuple[int, bytes | None] = self._read_tip()
         self._state_height = self._read_state_height()
         self._base_height = self._read_base_height()
         if retain_blocks is not None and retain_blocks < 1:
@@ -253,8 +254,12 @@ class BlockStore:
         return row[0]
 
     @property
+    def _height(self) -> int:
+        return self._tip[0]
+
+    @property
     def height(self) -> int:
-        return self._height
+        return self._tip[0]
 
     @property
     def base_height(self) -> int:
@@ -280,13 +285,12 @@ class BlockStore:
 
     @property
     def last_hash(self) -> bytes:
-        return self._last_hash if self._last_hash is not None else self.genesis
+        return self.tip[1]
 
     @property
     def tip(self) -> tuple[int, bytes]:
-        """(height, last_hash) as one pair: read from another thread than the one writing, two
-        reads of height and last_hash can straddle a write and pair a height with another
-        block's hash (found by review of the status reply); this pair is replaced in one store."""
+        """(height, last_hash) as one pair: from another thread than the one writing, reading
+        height and then last_hash can straddle a write."""
         height, last_hash = self._tip
         return height, last_hash if last_hash is not None else self.genesis
 
@@ -406,8 +410,7 @@ class BlockStore:
                 max(PRUNE_TRANSACTIONS_PER_ROUND_MIN, 2 * written_transactions),
             )
         if blocks:
-            self._height, self._last_hash = blocks[-1].height, blocks[-1].block_hash
-            self._tip = (self._height, self._last_hash)
+            self._tip = (blocks[-1].height, blocks[-1].block_hash)
         if state is not None:
             self._state_height = self._height
         self._stable_sequence, self._base_height = stable_sequence, base_height
@@ -495,8 +498,7 @@ class BlockStore:
                 "insert or replace into meta values (?, ?)",
                 [("base_height", block.height), ("latest_timestamp_ms", block.header.timestamp_ms)],
             )
-        self._height, self._last_hash = block.height, block.block_hash
-        self._tip = (self._height, self._last_hash)
+        self._tip = (block.height, block.block_hash)
         self._state_height = self._base_height = block.height
 
     def write_state(self, changes: StateChanges, state_digest: bytes, latest_timestamp_ms: int) -> None:

@@ -29,7 +29,7 @@ from ledger.config import (
 from ledger.crypto import KeyFileError, SigningKey, read_key_file, signing_domain
 from ledger.encoding import CodecError
 from ledger.evidence import Evidence
-from ledger.framing import FRAMES_PER_CHECKPOINT, ByteBudget, FramedStream, FrameError, FrameQueue
+from ledger.framing import ByteBudget, FramedStream, FrameError, FrameQueue
 from ledger.messages import (
     BLOCKS_PER_RESPONSE_MAX,
     STATUS_VERSION_LENGTH_MAX,
@@ -705,26 +705,19 @@ class ReplicaRuntime:
         the first-frame timeout of connecting, then within the idle timeout of its last frame."""
         protocol = self.network.protocol
         timeout_s = protocol.client_first_frame_timeout_ms / 1000
-        frames_since_checkpoint = 0
         while True:
             if connection.closed:
                 return  # evicted or closed: what it had sent and we had not read yet is dropped
-            # A frame already read needs no wait, so no timeout scope: a scope per frame was a
-            # few percent of a replica's CPU under load. Every FRAMES_PER_CHECKPOINT buffered
-            # frames yield anyway, so one client's chunk cannot hold the event loop back.
-            data = framed.receive_ready()
-            if data is not None:
-                frames_since_checkpoint += 1
-                if frames_since_checkpoint >= FRAMES_PER_CHECKPOINT:
-                    frames_since_checkpoint = 0
-                    await trio.lowlevel.checkpoint()
-            if data is None:
+            if framed.has_frame:
+                # A frame already read needs no wait, so no timeout scope: a scope per frame was
+                # a few percent of a replica's CPU under load.
+                data = await framed.receive()
+            else:
                 with trio.move_on_after(timeout_s) as waiting:
                     data = await framed.receive()
                 if waiting.cancelled_caught:
                     self.clients_timed_out += 1
                     return
-                frames_since_checkpoint = 0  # the socket read yielded
             if data is None:
                 return
             connection.last_frame_s = trio.current_time()

@@ -21,7 +21,7 @@ import trio
 from ledger.config import Address, NetworkConfig
 from ledger.crypto import SigningKey, signing_domain, verify_signature
 from ledger.encoding import CodecError
-from ledger.framing import FRAMES_PER_CHECKPOINT, FramedStream, FrameError, FrameQueue
+from ledger.framing import FramedStream, FrameError, FrameQueue
 from ledger.messages import (
     Hello,
     HelloProof,
@@ -307,15 +307,10 @@ class PeerTransport:
         return peer
 
     async def _receive_loop(self, framed: FramedStream, peer: int) -> None:
-        frames = 0
         while True:
-            data = await framed.receive()
+            data = await framed.receive()  # yields at least every FRAMES_PER_CHECKPOINT frames
             if data is None:
                 return
-            frames += 1
-            if frames % FRAMES_PER_CHECKPOINT == 0:
-                # deliver() does not yield while the event queue has room, nor does a buffered frame.
-                await trio.lowlevel.checkpoint()
             try:
                 message = self.decode(data)
             except CodecError as error:
