@@ -52,6 +52,19 @@ from node.traitors import BEHAVIOURS, BehaviourSpec, Traitor, TraitorSpec, make_
 CoreFactory = Callable[..., ReplicaCore]
 # The share of seeds with a crash whose first crashed replica is instead a new one joining late.
 LATE_JOIN_RATE = 0.3
+# The share of seeds (drawn from a source of their own) that also get rolling kills: the primary
+# or a backup is killed and restarted from its disk, again and again (the crash test's rounds of
+# SIGKILL), while PRE-PREPAREs to backups go missing, and checkpoints may be far apart. Replicas
+# then catch sequences up by fetched blocks (never holding their batches) and become primary of a
+# view whose NEW-VIEW re-proposes them: hole 1 of the crash test, which seeds never reached (a
+# checkpoint every 4 blocks put those sequences below the NEW-VIEW, no kill came after the heal).
+ROTATION_RATE = 0.25
+ROTATION_FAULTS_UNTIL_MS = 8_000
+# Once the network healed, an honest primary of an active view with requests waiting, room in its
+# window and nothing of its view left to execute proposes within this long (it waits batch_wait_ms
+# at most, and for nothing else). One that does not waits for something nobody sends: the next
+# view change hides that (its primary proposes), so without this check a seed never fails on it.
+PRIMARY_IDLE_MAX_MS = 1_000
 SignatureCheck = Callable[[bytes, bytes, bytes, bytes], bool]
 
 # Verification is a pure function of (key, domain, bytes, signature): one bounded memo serves all
@@ -173,6 +186,18 @@ class Scenario:
     late_joins: tuple[tuple[int, int], ...] = ()
     # The simulated network's [protocol] state_sync_distance, if not the default of 4 blocks.
     state_sync_distance: int | None = None
+    # Rolling kills, one after the other (the real crash test's rounds of SIGKILL and restart):
+    # (blocks, down_ms, offset): once the honest chain grew by `blocks` since the last restart (or
+    # the start), the replica `offset` places after the primary then (of the highest view a live
+    # honest replica is in; offset 0: the primary, a view change) crashes, and restarts from its
+    # disk down_ms later (by faults_until_ms). One at a time: never more than one replica down.
+    primary_kills: tuple[tuple[int, int, int], ...] = ()
+    # While faults are on, each PRE-PREPARE sent to a backup is lost with this probability (on top
+    # of loss_rate): the backup cannot vote, and catches the sequence up by a fetched block.
+    pre_prepare_loss_rate: float = 0.0
+    # The simulated network's [protocol] checkpoint_interval, if not the default of 4 blocks: a
+    # long one keeps a whole run above the stable checkpoint, so every NEW-VIEW re-proposes it all.
+    checkpoint_interval: int | None = None
 
     @classmethod
     def from_seed(
@@ -238,6 +263,14 @@ class Scenario:
                 traitors=tuple(traitors),
                 late_joins=tuple(late_joins),
             )
+        # From a source of its own, so the draws above stay what they were.
+        rotation_draw = random.Random(f"scenario-rotation/{seed}/{replica_count}")
+        rotation_fields = (
+            "primary_kills", "pre_prepare_loss_rate", "checkpoint_interval", "crashes", "torn_crashes", "stalls", "partitions", "late_joins",
+        )
+        if faults and not any(name in overrides for name in rotation_fields) and rotation_draw.random() < ROTATION_RATE:
+            # On top of the faults drawn above (theirs end by `horizon`, the kills go on after).
+            values.update(_draw_rotation(rotation_draw, replica_count))
         if adversarial:
             values.update(
                 partition_round_ms=draw.choice([100, 250, 500]),
@@ -269,6 +302,24 @@ class Scenario:
         if self.overrides:
             command += f"  (plus the test's overrides: {', '.join(self.overrides)})"
         return command
+
+
+def _draw_rotation(draw: random.Random, replica_count: int) -> dict[str, Any]:
+    """Kill the primary (so the view passes through the replicas) or a backup, again and again,
+    while backups miss PRE-PREPAREs, with checkpoints far apart or at the default."""
+    # Half of them the primary, down long enough for the others to change view (a request timer of
+    # 500 ms, then the votes); a backup killed misses what commits meanwhile, and fetches it.
+    kills = tuple(
+        (draw.randint(1, 3), draw.randint(600, 1_000), 0 if draw.random() < 0.5 else draw.randrange(1, replica_count))
+        for _ in range(draw.randint(replica_count, 2 * replica_count + 2))
+    )
+    return dict(
+        # Time for every kill: each is a view change of a second or so, then a few blocks.
+        faults_until_ms=ROTATION_FAULTS_UNTIL_MS,
+        primary_kills=kills,
+        pre_prepare_loss_rate=draw.choice([0.3, 0.5, 0.7]),
+        checkpoint_interval=draw.choice([4, 16, 32]),
+    )
 
 
 def _draw_traitor(draw: random.Random, replica: int, replica_count: int, horizon: int) -> TraitorSpec:
@@ -481,6 +532,16 @@ class Simulation:
         if scenario.state_sync_distance is not None:
             protocol = dataclasses.replace(self.network.protocol, state_sync_distance=scenario.state_sync_distance)
             self.network = dataclasses.replace(self.network, protocol=protocol)
+        if scenario.checkpoint_interval is not None:
+            protocol = dataclasses.replace(self.network.protocol, checkpoint_interval=scenario.checkpoint_interval)
+            self.network = dataclasses.replace(self.network, protocol=protocol)
+        # Its own source: a seed without PRE-PREPARE loss draws exactly what it did before.
+        self.pre_prepare_loss = random.Random(f"pre-prepare-loss/{scenario.seed}")
+        # Per replica: when it last sent a PRE-PREPARE of its own, or its view or activity changed.
+        self.primary_busy_ms = [0] * scenario.replica_count
+        self.primary_view_seen: list[tuple[int, bool]] = [(0, True)] * scenario.replica_count
+        self.kills_left = list(scenario.primary_kills)
+        self.kill_armed_height: int | None = 0 if self.kills_left else None  # kill once the chain passes this + blocks
         self.verify = memoizing_verifier()
         self.signature_checks: list[dict[bytes, int]] = [{} for _ in range(scenario.replica_count)]
         self.domains = {
@@ -626,6 +687,14 @@ class Simulation:
         self.messages_sent += 1
         copies = 1
         if self.faulty_period():
+            if (
+                self.scenario.pre_prepare_loss_rate
+                and kind == "deliver"
+                and isinstance(payload[2], PrePrepare)
+                and self.pre_prepare_loss.random() < self.scenario.pre_prepare_loss_rate
+            ):
+                self.messages_dropped += 1
+                return
             if self.random.random() < self.scenario.loss_rate:
                 self.messages_dropped += 1
                 return
@@ -672,6 +741,8 @@ class Simulation:
                 break
             self.steps += 1
             self.step(kind, payload)
+            if self.kill_armed_height is not None:
+                self.maybe_kill_primary()
             if self.finished():
                 break
         if self.scenario.require_liveness and not self.finished():
@@ -729,6 +800,8 @@ class Simulation:
             if not replica.crashed and self.now_ms >= replica.paused_until_ms:
                 replica.core.tick(self.now_ms)
                 self.apply(index, replica)
+                if index not in self.traitors:
+                    self.check_primary_progress(index, replica)
             twin = self.twins.get(index)
             if twin is not None:
                 twin.core.tick(self.now_ms)
@@ -790,6 +863,9 @@ class Simulation:
         elif kind == "crash":
             # Whatever the core held in memory is lost; its disk (records and chain) survives.
             self.crash(payload)
+        elif kind == "killed-restart":
+            self.step("restart", payload)
+            self.kill_armed_height = len(self.committed) if self.kills_left else None
         elif kind == "torn-crash":
             # Lands inside the replica's next round that writes to disk: after the write, before the sends.
             self.replicas[payload].crash_after_write = True
@@ -806,6 +882,31 @@ class Simulation:
             self.replicas[payload].isolated = True
         elif kind == "reconnect":
             self.replicas[payload].isolated = False
+
+    def maybe_kill_primary(self) -> None:
+        """The next primary kill, once the chain grew enough since the last restart."""
+        assert self.kill_armed_height is not None
+        blocks, down_ms, offset = self.kills_left[0]
+        if len(self.committed) < self.kill_armed_height + blocks or not self.faulty_period():
+            return
+        primary = self.current_primary()
+        if primary is None:
+            return
+        victim = (primary + offset) % self.scenario.replica_count
+        if self.replicas[victim].crashed:
+            return
+        self.kills_left.pop(0)
+        self.kill_armed_height = None  # re-armed by the restart
+        self.crash(victim)
+        self.schedule(min(down_ms, self.scenario.faults_until_ms - self.now_ms), "killed-restart", victim)
+
+    def current_primary(self) -> int | None:
+        """The primary of the highest view a live honest replica is in (None if it is down)."""
+        live = [index for index in self.honest() if not self.replicas[index].crashed]
+        if not live:
+            return None
+        primary = self.network.primary(max(self.replicas[index].core.view for index in live))
+        return None if self.replicas[primary].crashed else primary
 
     def crash(self, index: int) -> None:
         self.replicas[index].crashed = True
@@ -877,6 +978,8 @@ class Simulation:
         for send in sends:
             if honest:
                 self.check_sent(index, send.message)
+                if isinstance(send.message, PrePrepare) and send.message.replica_id == index:
+                    self.primary_busy_ms[index] = self.now_ms
             targets = [send.to] if send.to is not None else [r for r in range(self.scenario.replica_count) if r != index]
             for target in targets:
                 if twin_side is not None and (target in twin_side) != (replica is self.twins[index]):
@@ -901,6 +1004,33 @@ class Simulation:
         unchanged = sum(1 for identity in went_out if identity in remembered)
         activity.sent_unchanged += unchanged
         activity.sent_forged += len(went_out) - unchanged
+
+    def check_primary_progress(self, index: int, replica: SimulatedReplica) -> None:
+        """Liveness, per view: after the heal an honest primary proposes what waits, unless it
+        still has batches of its view to execute (those it may be fetching) or no room."""
+        core = replica.core
+        seen = (core.view, core.view_active)
+        if seen != self.primary_view_seen[index]:
+            self.primary_view_seen[index] = seen
+            self.primary_busy_ms[index] = self.now_ms
+        if self.faulty_period() or not core.view_active or not core.is_primary or core.joining is not None:
+            return
+        idle = (
+            bool(core.pending)
+            and core.height >= core.low
+            and core._batches_in_flight() == 0
+            and core.next_sequence <= min(core.high, core.height + self.network.protocol.window_size)
+        )
+        if not idle:
+            self.primary_busy_ms[index] = self.now_ms
+            return
+        since = max(self.primary_busy_ms[index], self.scenario.faults_until_ms)
+        if self.now_ms - since > PRIMARY_IDLE_MAX_MS:
+            raise self.fail(
+                f"liveness: honest primary {index} of view {core.view} proposed nothing for {self.now_ms - since} ms after the "
+                f"network healed, with {len(core.pending)} requests waiting, height {core.height}, nothing of its view to "
+                f"execute and room in its window"
+            )
 
     def check_signed(self, index: int, kind: str, view: int, sequence: int, digest: bytes) -> None:
         """No honest replica signs two different pre-prepares, prepares or commits for one slot,
