@@ -60,7 +60,7 @@ LATE_JOIN_RATE = 0.3
 # checkpoint every 4 blocks put those sequences below the NEW-VIEW, no kill came after the heal).
 ROTATION_RATE = 0.25
 ROTATION_FAULTS_UNTIL_MS = 8_000
-# Once the network healed, an honest primary of an active view with requests waiting, room in its
+# At any time (faults or not), an honest primary of an active view with requests waiting, room in its
 # window and nothing of its view left to execute proposes within this long (it waits batch_wait_ms
 # at most, and for nothing else). One that does not waits for something nobody sends: the next
 # view change hides that (its primary proposes), so without this check a seed never fails on it.
@@ -190,7 +190,8 @@ class Scenario:
     # (blocks, down_ms, offset): once the honest chain grew by `blocks` since the last restart (or
     # the start), the replica `offset` places after the primary then (of the highest view a live
     # honest replica is in; offset 0: the primary, a view change) crashes, and restarts from its
-    # disk down_ms later (by faults_until_ms). One at a time: never more than one replica down.
+    # disk down_ms later (by faults_until_ms). One kill at a time: the next waits for the restart;
+    # the seed's other faults (crashes, stalls, late joins) may overlap one, as they end by `horizon`.
     primary_kills: tuple[tuple[int, int, int], ...] = ()
     # While faults are on, each PRE-PREPARE sent to a backup is lost with this probability (on top
     # of loss_rate): the backup cannot vote, and catches the sequence up by a fetched block.
@@ -1006,14 +1007,18 @@ class Simulation:
         activity.sent_forged += len(went_out) - unchanged
 
     def check_primary_progress(self, index: int, replica: SimulatedReplica) -> None:
-        """Liveness, per view: after the heal an honest primary proposes what waits, unless it
-        still has batches of its view to execute (those it may be fetching) or no room."""
+        """Liveness, per view, from the start (faults included: it judges the primary's own state,
+        and nothing the network does keeps an honest primary with room from proposing): an honest
+        primary proposes what waits, unless it still has batches of its view to execute (those it
+        may be fetching) or no room."""
         core = replica.core
         seen = (core.view, core.view_active)
         if seen != self.primary_view_seen[index]:
             self.primary_view_seen[index] = seen
             self.primary_busy_ms[index] = self.now_ms
-        if self.faulty_period() or not core.view_active or not core.is_primary or core.joining is not None:
+        if not self.scenario.require_liveness or replica.crashed:
+            return  # crashed: a torn crash can land inside the round just applied
+        if not core.view_active or not core.is_primary or core.joining is not None:
             return
         idle = (
             bool(core.pending)
@@ -1024,11 +1029,11 @@ class Simulation:
         if not idle:
             self.primary_busy_ms[index] = self.now_ms
             return
-        since = max(self.primary_busy_ms[index], self.scenario.faults_until_ms)
+        since = self.primary_busy_ms[index]
         if self.now_ms - since > PRIMARY_IDLE_MAX_MS:
             raise self.fail(
-                f"liveness: honest primary {index} of view {core.view} proposed nothing for {self.now_ms - since} ms after the "
-                f"network healed, with {len(core.pending)} requests waiting, height {core.height}, nothing of its view to "
+                f"liveness: honest primary {index} of view {core.view} proposed nothing for {self.now_ms - since} ms "
+                f"with {len(core.pending)} requests waiting, height {core.height}, nothing of its view to "
                 f"execute and room in its window"
             )
 
