@@ -242,6 +242,11 @@ class ReplicaLink:
         # replica sends one REPLY per transaction of a block, all under the same batch reply.
         self.batch: BatchReply | None = None
         self.batch_encoding = b""
+        # The encoding of the batch reply of the last REPLY nobody waited for, not validated: a
+        # replica that answers after f + 1 others sends a whole block of such replies, and each
+        # is then dropped on its transaction id alone, not after a decode. Only ever a filter:
+        # a reply someone waits for under these bytes is decoded and checked in full.
+        self.late_batch_encoding = b""
 
     def send(self, message: Any) -> None:
         self.send_encoded(encode_message(message))
@@ -288,9 +293,21 @@ class ReplicaLink:
         after its head are exactly the encoding of the batch reply this replica sent last (the
         CBOR is canonical: equal bytes, equal values) reuses that batch reply, validated when it
         first came, and only its transaction id is read before the drop; the rest of it is then
-        decoded and validated as any REPLY is. Anything else takes the general path."""
+        decoded and validated as any REPLY is. A replica that answers after f + 1 others sends
+        a block of replies nobody waits for: the first is decoded, its batch reply's bytes kept
+        unvalidated as a filter, and the rest under the same bytes are dropped on their id.
+        Anything else takes the general path."""
         client = self.client
         start = len(REPLY_FRAME_HEAD)
+        late = self.late_batch_encoding
+        if late and data.startswith(REPLY_FRAME_HEAD) and data.startswith(late, start):
+            id_start = start + len(late) + len(TRANSACTION_ID_HEAD)
+            if data.startswith(TRANSACTION_ID_HEAD, id_start - len(TRANSACTION_ID_HEAD)) and (
+                client.awaited_submission(data[id_start : id_start + TRANSACTION_ID_SIZE]) is None
+            ):
+                client.replies_not_awaited += 1
+                return
+            # Awaited (or not as an honest replica encodes): the paths below decide, as for any frame.
         if self.batch is not None and data.startswith(REPLY_FRAME_HEAD) and data.startswith(self.batch_encoding, start):
             batch = self.batch
             tail = start + len(self.batch_encoding)
@@ -329,6 +346,9 @@ class ReplicaLink:
                 # shortcut: a flood of replies nobody waits for costs a decode, no more.
                 if not client.awaits_reply(transaction_id):
                     client.replies_not_awaited += 1
+                    late = encode(items[1])
+                    if data.startswith(REPLY_FRAME_HEAD) and data.startswith(late, start):
+                        self.late_batch_encoding = late
                     return
                 batch = BatchReply.from_plain(items[1])
                 encoding = encode(items[1])
