@@ -94,6 +94,10 @@ async def test_a_second_up_on_a_running_directory_is_refused_and_leaves_its_logs
 async def test_a_taken_port_is_named_in_one_line(initialised_network: LocalNetwork) -> None:
     client_address = initialised_network.network.replicas[0].client_address
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as squatter:
+        # Found flaky in a full run (EADDRINUSE here, not in the replica): the port, free when the
+        # network was initialised, was left in TIME_WAIT by another test's connection. As for the
+        # replica's own listener, a listening socket on the port still keeps the replica out.
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         squatter.bind((client_address.host, client_address.port))
         squatter.listen()
         result = await run_command([*NODE_COMMAND, "run", str(initialised_network.replica_config_path(0))])
@@ -107,6 +111,10 @@ async def test_up_does_not_report_another_processs_port_as_its_replica(initialis
     another process was reported as the replica listening there."""
     client_address = initialised_network.network.replicas[0].client_address
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as squatter:
+        # Found flaky in a full run (EADDRINUSE here, not in the replica): the port, free when the
+        # network was initialised, was left in TIME_WAIT by another test's connection. As for the
+        # replica's own listener, a listening socket on the port still keeps the replica out.
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         squatter.bind((client_address.host, client_address.port))
         squatter.listen()
         result = await run_command([*NODE_COMMAND, "up", str(initialised_network.directory), "--only", "0"])
@@ -307,6 +315,10 @@ async def test_up_with_fewer_replicas_than_a_quorum_warns(initialised_network: L
     # The replica's client port is taken, so it exits by itself and `up` ends without a signal.
     client_address = initialised_network.network.replicas[0].client_address
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as squatter:
+        # Found flaky in a full run (EADDRINUSE here, not in the replica): the port, free when the
+        # network was initialised, was left in TIME_WAIT by another test's connection. As for the
+        # replica's own listener, a listening socket on the port still keeps the replica out.
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         squatter.bind((client_address.host, client_address.port))
         squatter.listen()
         result = await run_command([*NODE_COMMAND, "up", str(initialised_network.directory), "--only", "0"])
