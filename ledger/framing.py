@@ -192,8 +192,12 @@ class FrameQueue:
             charges = [(len(payload), charged) for payload, charged in taken]
             del parts, taken, first
             try:
-                with trio.fail_after(write_timeout_s):
+                # move_on_after is a bare cancel scope; fail_after wraps one in a generator-based
+                # context manager, a few microseconds per write (one per message at low load).
+                with trio.move_on_after(write_timeout_s) as writing:
                     await framed.stream.send_all(data)
+                if writing.cancelled_caught:
+                    raise trio.TooSlowError
             finally:
                 for size, charged in charges:
                     charged.give_back(size)

@@ -42,6 +42,26 @@ async def test_bytes_stay_counted_until_written_and_are_freed_after() -> None:
         nursery.cancel_scope.cancel()
 
 
+async def test_a_write_the_peer_never_reads_ends_the_pump_with_too_slow_and_frees_its_bytes(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A pump's write that takes longer than write_timeout_s raises trio.TooSlowError (the
+    runtime then drops the connection), and the bytes it held are given back."""
+    sender, _receiver = trio.testing.lockstep_stream_pair()  # nobody reads: the write never completes
+    queue = FrameQueue(16, 1000)
+    shared = ByteBudget(500)
+    assert queue.put(b"a" * 300, shared)
+    started = trio.current_time()
+    try:
+        await queue.pump(FramedStream(sender, 1 << 20), write_timeout_s=2.0)
+    except trio.TooSlowError:
+        pass
+    else:
+        raise AssertionError("the pump returned without its write completing")
+    assert trio.current_time() - started == 2.0
+    assert shared.used == 0 and queue.queued_bytes == 0
+
+
 def test_clearing_a_queue_gives_every_budget_back() -> None:
     queue = FrameQueue(16, 1000)
     shared = ByteBudget(500)
