@@ -342,13 +342,21 @@ class ReplicaLink:
             if transaction_id is None:
                 message = message_from_items(items)
             else:
-                # Dropped before the batch reply is validated or remembered, as before the
-                # shortcut: a flood of replies nobody waits for costs a decode, no more.
+                # Dropped before its batch reply's signature is checked. Its bytes become the
+                # link's late filter only if they are shaped like a batch reply (a few hundred
+                # bytes, checked before they are encoded again): found by an adversarial review,
+                # a traitor's megabyte map in that slot cost a canonical re-encode (a sort of its
+                # keys, 4x the decode) per frame and stayed pinned on the link. So a flood of
+                # replies nobody waits for still costs a decode and a shape check, no more.
                 if not client.awaits_reply(transaction_id):
                     client.replies_not_awaited += 1
-                    late = encode(items[1])
-                    if data.startswith(REPLY_FRAME_HEAD) and data.startswith(late, start):
-                        self.late_batch_encoding = late
+                    if data.startswith(REPLY_FRAME_HEAD):
+                        try:
+                            late = encode(BatchReply.from_plain(items[1]).fields())
+                        except CodecError:
+                            return  # no batch reply: counted above, nothing remembered
+                        if data.startswith(late, start):
+                            self.late_batch_encoding = late
                     return
                 batch = BatchReply.from_plain(items[1])
                 encoding = encode(items[1])
@@ -383,7 +391,9 @@ class Client:
         # So it reads its own confirmed writes, and never reads older state than it already saw.
         self.read_floor = 0
         self.ignored_messages = 0
-        self.replies_not_awaited = 0  # replies for no transaction in flight (most: after acceptance)
+        # Replies for no transaction in flight (most: after acceptance), and frames cut short
+        # inside the transaction id under a link's remembered batch reply bytes.
+        self.replies_not_awaited = 0
         self._submissions: dict[bytes, Submission] = {}
         # The last refusal each replica sent that named no transaction (at most one per replica).
         self.unattributed_refusals: dict[int, str] = {}

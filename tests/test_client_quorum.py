@@ -17,6 +17,7 @@ from ledger.application import AccountsApplication
 from ledger.blocks import BLOCK_TRANSACTIONS_MAX
 from ledger.config import ClientConfig
 from ledger.crypto import PublicKeyCache, SignatureMemo, signing_domain
+from ledger.encoding import encode
 from ledger.messages import (
     BATCH_REPLY_DOMAIN,
     QUERY_BEHIND,
@@ -782,6 +783,8 @@ def test_a_reply_someone_waits_for_under_a_late_batch_filter_is_decoded_and_chec
     link.receive_frame(encode_message(dataclasses.replace(genuine[2], batch=forged_batch)))  # nobody waits: the filter
     assert link.late_batch_encoding and link.batch is None
     checks = client.batch_signatures.checks
+    # Twice: the first takes the general path and is held unverified; the second, under the
+    # same bytes, must take it again (not be dropped by the filter nor trusted).
     link.receive_frame(encode_message(dataclasses.replace(genuine[0], batch=forged_batch)))
     link.receive_frame(encode_message(dataclasses.replace(genuine[0], batch=forged_batch)))
     assert submissions[0].outcome is None and submissions[0].quorum.unverified.keys() == {0}
@@ -791,6 +794,62 @@ def test_a_reply_someone_waits_for_under_a_late_batch_filter_is_decoded_and_chec
     assert client.batch_signatures.checks > checks
     for submission in submissions:
         assert isinstance(submission.outcome, Receipt) and submission.outcome.replicas == (1, 2)
+
+
+def late_reply_frame(batch_slot: Any, transaction_id: bytes) -> bytes:
+    """A canonical REPLY frame with anything in its batch reply's place (a traitor's bytes)."""
+    import client.library as library_module
+
+    rest = encode(transaction_id) + encode([True, ""]) + encode(0) + encode(0) + encode([])
+    return library_module.REPLY_FRAME_HEAD + encode(batch_slot) + rest
+
+
+def test_a_flood_of_replies_nobody_waits_for_costs_no_re_encode_of_a_traitors_batch_slot(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by an adversarial review of the late filter: its bytes were the batch slot encoded
+    again, whatever the slot held, so a traitor's megabyte map there cost a canonical re-encode
+    (a sort of its keys, about 4x the decode) per frame, and stayed pinned on the link. Only a
+    slot shaped like a batch reply (a few hundred bytes) is encoded and kept now."""
+    import client.library as library_module
+
+    encoded = [0]
+    original = library_module.encode
+
+    def counted(value: Any) -> bytes:
+        data = original(value)
+        encoded[0] += len(data)
+        return data
+
+    monkeypatch.setattr(library_module, "encode", counted)
+    client = scripted_client()
+    link = client.links[3]
+    for number in range(4):
+        link.receive_frame(late_reply_frame({key: number for key in range(20_000)}, bytes([0xEE, number]) * 16))
+    link.receive_frame(late_reply_frame([0, 0, 1, bytes(32), bytes(32), 1, bytes(1 << 20)], bytes([0xEE]) * 32))
+    assert client.replies_not_awaited == 5 and client.ignored_messages == 0
+    assert encoded[0] == 0 and link.late_batch_encoding == b""
+
+
+def test_the_late_filter_is_per_link_and_a_frame_cut_inside_the_id_under_it_is_dropped() -> None:
+    """A link's late filter never touches another link: an honest replica's awaited replies make
+    the receipt whatever filter a traitor's link holds, even the honest replica's own batch bytes.
+    Under the filter, a frame cut inside the transaction id is dropped (it names no awaited id)."""
+    client = scripted_client()
+    transactions, entries, submissions = awaited_puts(client, 2)
+    block = entries + [(bytes([9]) * 32, TransactionResult(True), len(entries))]
+    honest = {replica_id: signed_replies(replica_id, block) for replica_id in range(NETWORK.replica_count)}
+    client.links[3].receive_frame(encode_message(honest[1][2]))  # replica 1's reply relayed by a traitor, nobody waits
+    client.links[1].receive_frame(encode_message(honest[1][2]))  # replica 1's own: its link's filter
+    assert client.links[1].late_batch_encoding == client.links[3].late_batch_encoding != b""
+    frame = encode_message(honest[1][0])
+    cut = frame[: frame.index(transactions[0].transaction_id) + 10]
+    not_awaited = client.replies_not_awaited
+    client.links[1].receive_frame(cut)
+    assert client.replies_not_awaited == not_awaited + 1 and submissions[0].quorum.unverified == {}
+    for replica_id in (0, 1):
+        for reply in honest[replica_id][:2]:
+            client.links[replica_id].receive_frame(encode_message(reply))
+    for submission in submissions:
+        assert isinstance(submission.outcome, Receipt) and submission.outcome.replicas == (0, 1)
 
 
 def test_a_wide_transaction_id_head_under_a_remembered_batch_reply_is_ignored() -> None:
