@@ -95,3 +95,51 @@ def test_a_new_primary_missing_batches_of_executed_blocks_still_proposes() -> No
     network.run(3000)
     assert min(network.heights) > height_before
     assert [core.view for core in network.cores] == [1, 1, 1, 1]  # ordered by this primary, no view change
+
+
+def test_a_vote_after_its_slots_quorum_is_dropped_unchecked_and_in_no_certificate() -> None:
+    """A PREPARE matching a slot that already prepared, or a COMMIT matching one that already
+    committed, proves nothing new: it costs no signature check (at n = 4 a third of a replica's
+    vote checks each block) and is not kept, so even a forged one cannot reach a certificate.
+    A vote before the quorum is still checked: a forged one is refused as before."""
+    network = Network()
+    network.submit(0)
+    late = {}
+
+    def hold_replica_3s_votes_to_1(sender: int, receiver: int, message: Any) -> bool:
+        if sender == 3 and receiver == 1 and isinstance(message, Prepare | Commit):
+            late[type(message)] = message
+            return True
+        return False
+
+    for _ in range(10):
+        network.tick(10)
+        network.deliver(hold_replica_3s_votes_to_1)
+    assert network.heights[1] == 1 and set(late) == {Prepare, Commit}
+    core = network.cores[1]
+
+    def no_check(*_: Any) -> bool:
+        raise AssertionError("a late vote's signature was checked")
+
+    core.certificates.verify = no_check  # type: ignore[method-assign]
+    for message in late.values():
+        forged = message.__class__(message.view, message.sequence, message.digest, message.replica_id, bytes(64))
+        core.receive_message(3, forged)
+        core.receive_message(3, message)
+    assert core.late_votes == 4 and core.counters == {}
+    slot = core.slots.get(1)
+    assert slot is None or (3 not in slot.prepares and 3 not in slot.commits)
+    assert 3 not in {replica_id for replica_id, _ in network.blocks[1][0].certificate.signatures}
+
+
+def test_a_forged_vote_before_the_quorum_is_still_checked_and_refused() -> None:
+    """The other side of dropping late votes unchecked: one that could count is checked."""
+    network = Network()
+    network.submit(0)
+    network.tick(10)
+    network.deliver(lambda sender, receiver, message: isinstance(message, Prepare | Commit))
+    core = network.cores[1]
+    pre_prepare = core.slots[1].pre_prepare
+    assert pre_prepare is not None and not core.slots[1].prepared
+    core.receive_message(2, Prepare(pre_prepare.view, 1, pre_prepare.digest, 2, bytes(64)))
+    assert core.counters.get("bad prepare signature") == 1 and 2 not in core.slots[1].prepares and core.late_votes == 0
