@@ -105,6 +105,10 @@ class Slot:
     batch: Batch | None = None
     prepares: dict[int, Prepare] = field(default_factory=dict)
     commits: dict[int, Commit] = field(default_factory=dict)
+    # Votes that matched after the quorum, unchecked, one per replica: only ever compared with a
+    # later conflicting vote as evidence (which checks both); never counted, never in a certificate.
+    late_prepares: dict[int, Prepare] = field(default_factory=dict)
+    late_commits: dict[int, Commit] = field(default_factory=dict)
     own_prepare: Prepare | None = None
     own_commit: Commit | None = None
     prepared: bool = False
@@ -738,7 +742,7 @@ class ReplicaCore(CheckpointProtocol, ViewChangeProtocol, OrderingWatch, CatchUp
             self._reject("prepare from the primary")
             return
         slot = self._slot(message.sequence)
-        held = slot.prepares.get(message.replica_id)
+        held = slot.prepares.get(message.replica_id) or slot.late_prepares.get(message.replica_id)
         if held is not None:
             # One vote per replica: a duplicate or a conflicting second vote never counts; a
             # conflicting one is evidence against its signer.
@@ -751,7 +755,7 @@ class ReplicaCore(CheckpointProtocol, ViewChangeProtocol, OrderingWatch, CatchUp
         if slot.prepared:
             # The same digest, after the quorum: it proves nothing the slot lacks, so its
             # signature is not checked (n - 2f - 1 such votes a block; see _late_vote).
-            self._late_vote()
+            self._late_vote(slot.late_prepares, message)
             return
         if not self.certificates.signed_by("prepare", message):
             self._reject("bad prepare signature", f"replica {message.replica_id}")
@@ -763,7 +767,7 @@ class ReplicaCore(CheckpointProtocol, ViewChangeProtocol, OrderingWatch, CatchUp
         if not self._accepts(message.view, message.sequence):
             return
         slot = self._slot(message.sequence)
-        held = slot.commits.get(message.replica_id)
+        held = slot.commits.get(message.replica_id) or slot.late_commits.get(message.replica_id)
         if held is not None:
             if held.digest != message.digest:
                 self._check_conflict("commit", held, message)
@@ -772,7 +776,7 @@ class ReplicaCore(CheckpointProtocol, ViewChangeProtocol, OrderingWatch, CatchUp
             self._reject("commit for another digest", f"replica {message.replica_id} sequence {message.sequence}")
             return
         if slot.committed:
-            self._late_vote()
+            self._late_vote(slot.late_commits, message)
             return
         if not self.certificates.signed_by("commit", message):
             self._reject("bad commit signature", f"replica {message.replica_id}")
@@ -780,14 +784,20 @@ class ReplicaCore(CheckpointProtocol, ViewChangeProtocol, OrderingWatch, CatchUp
         slot.commits[message.replica_id] = message
         self._advance(slot)
 
-    def _late_vote(self) -> None:
-        """A PREPARE or COMMIT matching a slot that already prepared (committed): dropped
-        unchecked and unkept. Checking it would cost an Ed25519 verify for nothing (at n = 4 one
-        PREPARE and one COMMIT a block, a third of a replica's vote checks); keeping it unchecked
-        could put a forged signature into a certificate. So a late vote is in no certificate: the
-        quorum's own votes make them. Nothing is lost to accountability: a traitor that wants
-        no evidence against it already sends each replica one of its two votes only."""
+    def _late_vote(self, late: dict[int, Any], message: Prepare | Commit) -> None:
+        """A PREPARE or COMMIT matching a slot that already prepared (committed): its signature
+        is not checked, which would cost an Ed25519 verify for nothing (at n = 4 one PREPARE and
+        one COMMIT a block, a third to two fifths of a replica's vote checks), and it is kept
+        apart from the votes that count, so an unchecked signature never reaches a certificate.
+        It is kept (one per replica, the first) for one use: a later conflicting vote from the
+        same replica, or a VIEW-CHANGE certificate naming it for another digest, is compared with
+        it as evidence, and evidence checks both signatures (found by an adversarial review:
+        dropping late votes unkept lost evidence against a replica whose matching vote came late,
+        such as a key run twice). A forged late vote can at most hide another traitor's conflict
+        from this replica, never frame an honest one."""
         self.late_votes += 1
+        if message.replica_id < self.network.replica_count:
+            late.setdefault(message.replica_id, message)
 
     def _check_conflict(self, kind: str, held: Any, other: Any) -> None:
         """Report `other` as evidence if it and the `held` message prove their signer equivocated."""
@@ -809,7 +819,7 @@ class ReplicaCore(CheckpointProtocol, ViewChangeProtocol, OrderingWatch, CatchUp
         if slot.pre_prepare is not None and slot.pre_prepare.digest != header.digest:
             self._check_conflict("pre-prepare", slot.pre_prepare, header)
         for replica_id, signature in certificate.prepares:
-            held = slot.prepares.get(replica_id)
+            held = slot.prepares.get(replica_id) or slot.late_prepares.get(replica_id)
             if held is not None and held.digest != header.digest:
                 self._check_conflict("prepare", held, Prepare(header.view, header.sequence, header.digest, replica_id, signature))
 

@@ -5,8 +5,18 @@ from __future__ import annotations
 from typing import Any
 
 from core_network import Network
+from test_core import (
+    NETWORK,
+    commit,
+    new_core,
+    pre_prepare,
+    prepare,
+    prepared_certificate,
+    put,
+    view_change,
+)
 
-from ledger.messages import Checkpoint, Commit, Prepare, PrePrepare, ViewChange
+from ledger.messages import Batch, Checkpoint, Commit, Prepare, PrePrepare, ViewChange
 from ledger.transactions import Put, sign_transaction
 
 
@@ -100,7 +110,8 @@ def test_a_new_primary_missing_batches_of_executed_blocks_still_proposes() -> No
 def test_a_vote_after_its_slots_quorum_is_dropped_unchecked_and_in_no_certificate() -> None:
     """A PREPARE matching a slot that already prepared, or a COMMIT matching one that already
     committed, proves nothing new: it costs no signature check (at n = 4 a third of a replica's
-    vote checks each block) and is not kept, so even a forged one cannot reach a certificate.
+    vote checks each block) and is kept apart from the votes that count, so even a forged one
+    cannot reach a certificate.
     A vote before the quorum is still checked: a forged one is refused as before."""
     network = Network()
     network.submit(0)
@@ -126,7 +137,8 @@ def test_a_vote_after_its_slots_quorum_is_dropped_unchecked_and_in_no_certificat
         forged = message.__class__(message.view, message.sequence, message.digest, message.replica_id, bytes(64))
         core.receive_message(3, forged)
         core.receive_message(3, message)
-    assert core.late_votes == 4 and core.counters == {}
+    # The forged one came first: kept apart, unchecked (for evidence only); the genuine one is then a duplicate.
+    assert core.late_votes == 2 and core.counters == {}
     slot = core.slots.get(1)
     assert slot is None or (3 not in slot.prepares and 3 not in slot.commits)
     assert 3 not in {replica_id for replica_id, _ in network.blocks[1][0].certificate.signatures}
@@ -143,3 +155,54 @@ def test_a_forged_vote_before_the_quorum_is_still_checked_and_refused() -> None:
     assert pre_prepare is not None and not core.slots[1].prepared
     core.receive_message(2, Prepare(pre_prepare.view, 1, pre_prepare.digest, 2, bytes(64)))
     assert core.counters.get("bad prepare signature") == 1 and 2 not in core.slots[1].prepares and core.late_votes == 0
+
+
+# Found by an adversarial review of dropping late votes: kept nowhere, a late matching vote left
+# nothing for its signer's conflicting vote (or a VIEW-CHANGE certificate) to be compared with.
+
+
+def prepared_backup() -> tuple[Any, bytes, bytes]:
+    """Replica 1 with slot 1 prepared (its own PREPARE and replica 2's): replica 3's is late."""
+    core = new_core(1)
+    proposal = pre_prepare(1, (put(5),))
+    core.receive_message(0, proposal)
+    core.receive_message(2, prepare(1, proposal.batch.digest, replica=2))
+    assert core.slots[1].prepared
+    core.take_effects()
+    return core, proposal.batch.digest, Batch(0, 0, 99, (put(5),)).digest
+
+
+def test_a_late_prepare_then_a_conflicting_one_from_the_same_replica_is_evidence() -> None:
+    """What the simulator's conflicting_votes traitor and a key run twice (twins) do once its
+    status-interval retransmissions reach a peer in both versions."""
+    core, digest, other = prepared_backup()
+    core.receive_message(3, prepare(1, digest, replica=3))  # after the quorum
+    core.receive_message(3, prepare(1, other, replica=3))  # the same replica, the same slot, another digest
+    evidence = core.take_effects().evidence
+    assert [item.key for item in evidence] == [(3, "prepare", 0, 1)]
+    evidence[0].verify(NETWORK)
+
+
+def test_a_late_commit_then_a_conflicting_one_from_the_same_replica_is_evidence() -> None:
+    core, digest, other = prepared_backup()
+    core.receive_message(0, commit(1, digest, replica=0))
+    core.receive_message(2, commit(1, digest, replica=2))
+    assert core.slots[1].committed
+    core.take_effects()
+    core.receive_message(3, commit(1, digest, replica=3))  # after the quorum
+    core.receive_message(3, commit(1, other, replica=3))
+    evidence = core.take_effects().evidence
+    assert [item.key for item in evidence] == [(3, "commit", 0, 1)]
+    evidence[0].verify(NETWORK)
+
+
+def test_a_view_change_certificate_convicts_a_backup_whose_matching_prepare_came_late() -> None:
+    """An equivocating primary plus one backup voting for both versions: the VIEW-CHANGE of a
+    replica that prepared the other version carries replica 3's other PREPARE."""
+    core, digest, _ = prepared_backup()
+    core.receive_message(3, prepare(1, digest, replica=3))  # after the quorum
+    certificate = prepared_certificate(prepare_signers=((2, 2), (3, 3)))  # BATCH_A, the other version
+    assert certificate.digest != digest
+    core.receive_message(2, view_change(prepared=(certificate,), replica=2, signer=2))
+    keys = sorted(item.key for item in core.take_effects().evidence)
+    assert keys == [(0, "pre-prepare", 0, 1), (2, "prepare", 0, 1), (3, "prepare", 0, 1)]
