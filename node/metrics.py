@@ -62,6 +62,7 @@ class ReplicaSnapshot:
     fetches_skipped: int
     base_height: int = 0  # the first block kept when not all are (pruned, or from a snapshot); 0: all
     retransmits_unanswered: int = 0  # retransmitted requests over their address's ledger-answer budget
+    late_votes: int = 0  # votes after their slot's quorum, not checked (node/core.py _late_vote)
 
 
 def runtime_snapshot(runtime: ReplicaRuntime) -> ReplicaSnapshot:
@@ -86,6 +87,7 @@ def runtime_snapshot(runtime: ReplicaRuntime) -> ReplicaSnapshot:
         fetches_skipped=runtime.fetches_skipped,
         retransmits_unanswered=runtime.retransmits_unanswered,
         base_height=runtime.store.base_height,
+        late_votes=runtime.core.late_votes,
     )
 
 
@@ -135,6 +137,11 @@ class _StateCollector(Collector):
             "ledger_retransmits_unanswered",
             "Retransmitted requests for old transactions dropped: over their address's budget of answers read from the ledger.",
             state.retransmits_unanswered,
+        )
+        yield CounterMetricFamily(
+            "ledger_late_votes",
+            "PREPAREs and COMMITs that matched a slot already past its quorum: not checked, kept for evidence only.",
+            state.late_votes,
         )
 
 

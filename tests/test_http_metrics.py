@@ -47,6 +47,7 @@ SNAPSHOT = ReplicaSnapshot(
     evidence_stored=1,
     clients_timed_out=0,
     fetches_skipped=0,
+    late_votes=6,
 )
 
 
@@ -199,6 +200,7 @@ def test_the_state_and_the_rounds_fed_show_in_the_scrape() -> None:
     assert samples["ledger_request_queue_depth{}"] == 5
     assert samples["ledger_client_connections{}"] == 2
     assert samples["ledger_evidence_stored{}"] == 1
+    assert samples["ledger_late_votes_total{}"] == 6
     assert samples["ledger_blocks_committed_total{}"] == 1
     assert samples["ledger_transactions_committed_total{}"] == 3
     assert samples["ledger_view_changes_total{}"] == 1
