@@ -697,6 +697,19 @@ def test_a_reply_rebuilt_from_the_bytes_of_an_earlier_one_is_validated_against_i
     assert isinstance(receipt, Receipt) and receipt.replicas == (0, 2) and receipt.index == 1
 
 
+def count_calls(monkeypatch: pytest.MonkeyPatch, module: Any, name: str) -> list[int]:
+    """Wrap module.name so its calls are counted: the list's one item is the count so far."""
+    calls = [0]
+    original = getattr(module, name)
+
+    def counted(*arguments: Any) -> Any:
+        calls[0] += 1
+        return original(*arguments)
+
+    monkeypatch.setattr(module, name, counted)
+    return calls
+
+
 def test_a_reply_nobody_waits_for_under_a_remembered_batch_reply_is_dropped_without_a_decode(monkeypatch: pytest.MonkeyPatch) -> None:
     """Under the batch reply its link remembers, a reply for a transaction already decided (the
     n - f - 1 late ones) or never sent is dropped on its transaction id alone: no CBOR decode."""
@@ -714,14 +727,7 @@ def test_a_reply_nobody_waits_for_under_a_remembered_batch_reply_is_dropped_with
         client.links[replica_id].receive_frame(encode_message(replies[replica_id][0]))  # remembers its batch reply
     # The first f + 1 decided it; the later ones were dropped before anything was remembered.
     assert [link.batch is not None for link in client.links] == [index < NETWORK.reply_quorum for index in range(NETWORK.replica_count)]
-    decoded = [0]
-    original = library_module.decode
-
-    def counted(data: bytes) -> Any:
-        decoded[0] += 1
-        return original(data)
-
-    monkeypatch.setattr(library_module, "decode", counted)
+    decoded = count_calls(monkeypatch, library_module, "decode")
     for replica_id in range(NETWORK.replica_count):
         for reply in replies[replica_id][1:]:
             client.links[replica_id].receive_frame(encode_message(reply))
@@ -754,14 +760,7 @@ def test_a_late_replicas_block_of_replies_nobody_waits_for_costs_one_decode(monk
 
     client = scripted_client()
     entries = [(bytes([index]) * 32, TransactionResult(True), index) for index in range(8)]
-    decoded = [0]
-    original = library_module.decode_message_items
-
-    def counted(data: bytes) -> Any:
-        decoded[0] += 1
-        return original(data)
-
-    monkeypatch.setattr(library_module, "decode_message_items", counted)
+    decoded = count_calls(monkeypatch, library_module, "decode_message_items")
     link = client.links[3]
     for reply in signed_replies(3, entries):
         link.receive_frame(encode_message(reply))
