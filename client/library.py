@@ -301,10 +301,9 @@ class ReplicaLink:
         start = len(REPLY_FRAME_HEAD)
         late = self.late_batch_encoding
         if late and data.startswith(REPLY_FRAME_HEAD) and data.startswith(late, start):
-            id_start = start + len(late) + len(TRANSACTION_ID_HEAD)
-            if data.startswith(TRANSACTION_ID_HEAD, id_start - len(TRANSACTION_ID_HEAD)) and (
-                client.awaited_submission(data[id_start : id_start + TRANSACTION_ID_SIZE]) is None
-            ):
+            tail = start + len(late)
+            id_start = tail + len(TRANSACTION_ID_HEAD)
+            if data.startswith(TRANSACTION_ID_HEAD, tail) and client.awaited_submission(data[id_start : id_start + TRANSACTION_ID_SIZE]) is None:
                 client.replies_not_awaited += 1
                 return
             # Awaited (or not as an honest replica encodes): the paths below decide, as for any frame.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 from core_network import Network
@@ -206,3 +207,87 @@ def test_a_view_change_certificate_convicts_a_backup_whose_matching_prepare_came
     core.receive_message(2, view_change(prepared=(certificate,), replica=2, signer=2))
     keys = sorted(item.key for item in core.take_effects().evidence)
     assert keys == [(0, "pre-prepare", 0, 1), (2, "prepare", 0, 1), (3, "prepare", 0, 1)]
+
+
+# From an adversarial review of keeping late votes unchecked: a forgery planted first in another
+# replica's name must never frame it, never stop a slot, and cost one check at most.
+def forged(message: Any) -> Any:
+    return message.__class__(message.view, message.sequence, message.digest, message.replica_id, bytes(64))
+
+
+def committed_backup() -> tuple[Any, bytes, bytes]:
+    core, digest, other = prepared_backup()
+    core.receive_message(0, commit(1, digest, replica=0))
+    core.receive_message(2, commit(1, digest, replica=2))
+    assert core.slots[1].committed
+    core.take_effects()
+    return core, digest, other
+
+
+def test_fuzz_forged_votes_never_frame_an_honest_replica_and_all_evidence_verifies() -> None:
+    """Every order of forged/genuine late and conflicting votes naming replicas 0,2,3 (3 is the
+    only one that signs both digests): evidence only ever against 3, always verifying."""
+    for kind in ("prepare", "commit"):
+        make = prepare if kind == "prepare" else commit
+        for names in ((2,), (3,), (0,)) if kind == "commit" else ((2,), (3,)):
+            r = names[0]
+            core0, digest, other = (committed_backup() if kind == "commit" else prepared_backup())
+            pool = [make(1, digest, replica=r), forged(make(1, digest, replica=r)), forged(make(1, other, replica=r))]
+            if r == 3:
+                pool.append(make(1, other, replica=r))
+            for order in itertools.permutations(pool):
+                core, digest2, _ = (committed_backup() if kind == "commit" else prepared_backup())
+                for message in order:
+                    core.receive_message(1 if r != 1 else 2, message)
+                for item in core.take_effects().evidence:
+                    assert item.replica_id == 3
+                    item.verify(NETWORK)
+
+
+def test_a_planted_forged_late_vote_costs_one_check_not_two_per_conflicting_vote() -> None:
+    """CPU: with a forged late vote held, each conflicting vote of a new digest costs two Ed25519
+    checks (other succeeds and enters the memo, held fails and is never remembered as failed, the
+    slot never marked reported), where a genuine held costs one check once, then nothing."""
+    def run(plant_forged: bool) -> int:
+        core, digest, _ = prepared_backup()
+        if plant_forged:
+            core.receive_message(3, forged(prepare(1, digest, replica=3)))
+        else:
+            core.receive_message(3, prepare(1, digest, replica=3))
+        before = core.signatures.checks
+        for k in range(20):
+            core.receive_message(3, prepare(1, bytes([k]) * 32, replica=3))
+        return core.signatures.checks - before
+
+    genuine, planted = run(False), run(True)
+    assert planted <= genuine + 1, (genuine, planted)
+
+
+def test_forged_late_votes_in_every_name_never_stop_a_prepared_slot_committing() -> None:
+    core, digest, other = prepared_backup()
+    for r in range(4):
+        core.receive_message(2, forged(prepare(1, digest, replica=r)))
+        core.receive_message(2, forged(prepare(1, other, replica=r)))
+    for r in (0, 2):
+        core.receive_message(r, forged(commit(1, digest, replica=r)))
+    assert not core.slots[1].committed
+    core.receive_message(0, commit(1, digest, replica=0))
+    core.receive_message(2, commit(1, digest, replica=2))
+    assert core.slots[1].committed and core.height == 1
+    assert all(sig != bytes(64) for _, sig in core.slots[1].prepares.items() for sig in [sig.signature])
+    assert not core.take_effects().evidence
+
+
+def test_a_planted_forged_late_vote_is_forgotten_when_a_conflict_shows_it_and_the_signers_own_takes_its_place() -> None:
+    """A traitor's forgery planted first in replica 3's name hides 3's conflict only until a
+    conflicting vote shows it forged: then it is forgotten, 3's own late vote is kept, and 3's
+    next conflicting vote is evidence."""
+    core, digest, other = prepared_backup()
+    core.receive_message(2, forged(prepare(1, digest, replica=3)))  # planted by a traitor
+    core.receive_message(3, prepare(1, other, replica=3))  # shows it forged: forgotten
+    assert 3 not in core.slots[1].late_prepares
+    core.receive_message(3, prepare(1, digest, replica=3))  # 3's own late vote, resent
+    core.receive_message(3, prepare(1, other, replica=3))
+    evidence = core.take_effects().evidence
+    assert [item.key for item in evidence] == [(3, "prepare", 0, 1)]
+    evidence[0].verify(NETWORK)
