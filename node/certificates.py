@@ -28,7 +28,7 @@ SignatureCheck = Callable[[bytes, bytes, bytes, bytes], bool]
 SignaturesCheck = Callable[[Sequence[tuple[bytes, bytes, bytes, bytes]]], list[bool]]
 
 
-def memo_entries_max(replica_count: int, log_size: int) -> int:
+def memo_entries_max(replica_count: int, faults: int, log_size: int) -> int:
     """How many verified replica signatures a replica remembers: every one it may meet again.
 
     They live in the log (per sequence a PRE-PREPARE, n - 1 PREPAREs, n COMMITs; the CHECKPOINTs
@@ -36,9 +36,8 @@ def memo_entries_max(replica_count: int, log_size: int) -> int:
     certificate of 2f + 1 signatures per logged sequence and a checkpoint certificate of 2f + 1),
     whose NEW-VIEW repeats them. Twice that, so the log and two view changes in a row fit. Sized
     from the protocol, not one figure for all: 65,536 entries (about 11 MiB) took a 4-replica
-    network 15 minutes to fill, so a long run's memory only looked flat after that.
+    network about 15 minutes to fill, and its memory grew all that while.
     """
-    faults = (replica_count - 1) // 3
     log = log_size * 2 * replica_count + 2 * replica_count
     view_change = replica_count * ((log_size + 1) * (2 * faults + 1) + 1)
     return min(VERIFIED_SIGNATURES_MAX, 2 * (log + view_change))

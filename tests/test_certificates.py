@@ -53,11 +53,11 @@ def test_the_replica_memo_holds_a_full_log_and_a_view_change_and_stays_bounded()
         for log_size in (16, 128, 256):
             log = log_size * (1 + (replica_count - 1) + replica_count)
             view_changes = replica_count * log_size * (2 * faults + 1)
-            entries = memo_entries_max(replica_count, log_size)
+            entries = memo_entries_max(replica_count, faults, log_size)
             assert log + view_changes <= entries <= VERIFIED_SIGNATURES_MAX
-    assert memo_entries_max(100, 10_000) == VERIFIED_SIGNATURES_MAX
+    assert memo_entries_max(100, 33, 10_000) == VERIFIED_SIGNATURES_MAX
 
 
 def test_a_core_sizes_its_memo_from_its_protocol() -> None:
     core = new_core(0)
-    assert core.signatures.entries_max == memo_entries_max(core.replica_count, core.log_size) < VERIFIED_SIGNATURES_MAX
+    assert core.signatures.entries_max == memo_entries_max(core.replica_count, core.faults, core.log_size) < VERIFIED_SIGNATURES_MAX
