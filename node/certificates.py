@@ -12,7 +12,6 @@ from dataclasses import fields
 from typing import Any
 
 from ledger.config import NetworkConfig
-from ledger.crypto import VERIFIED_SIGNATURES_MAX
 from ledger.crypto import SignatureMemo as SignatureMemo  # where the core and its tests find it
 from ledger.messages import (
     CheckpointCertificate,
@@ -26,21 +25,6 @@ SignatureCheck = Callable[[bytes, bytes, bytes, bytes], bool]
 # Many (public key, domain, message, signature) checks at once, one result each, in order: the
 # runtime spreads them over worker threads, the simulator checks them one by one.
 SignaturesCheck = Callable[[Sequence[tuple[bytes, bytes, bytes, bytes]]], list[bool]]
-
-
-def memo_entries_max(replica_count: int, faults: int, log_size: int) -> int:
-    """How many verified replica signatures a replica remembers: every one it may meet again.
-
-    They live in the log (per sequence a PRE-PREPARE, n - 1 PREPAREs, n COMMITs; the CHECKPOINTs
-    of its two checkpoints) and in a view change (n VIEW-CHANGEs, each with up to a prepared
-    certificate of 2f + 1 signatures per logged sequence and a checkpoint certificate of 2f + 1),
-    whose NEW-VIEW repeats them. Twice that, so the log and two view changes in a row fit. Sized
-    from the protocol, not one figure for all: 65,536 entries (about 11 MiB) took a 4-replica
-    network about 15 minutes to fill, and its memory grew all that while.
-    """
-    log = log_size * 2 * replica_count + 2 * replica_count
-    view_change = replica_count * ((log_size + 1) * (2 * faults + 1) + 1)
-    return min(VERIFIED_SIGNATURES_MAX, 2 * (log + view_change))
 
 
 def one_by_one(check: SignatureCheck) -> SignaturesCheck:

@@ -65,7 +65,6 @@ from node.certificates import (
     SignatureCheck,
     SignatureMemo,
     SignaturesCheck,
-    memo_entries_max,
     one_by_one,
     with_signature,
 )
@@ -159,7 +158,7 @@ class ReplicaCore(CheckpointProtocol, ViewChangeProtocol, OrderingWatch, CatchUp
         self.transaction_domain = transaction_domain(network.identity)
         # L in the paper: how far above the stable checkpoint sequence numbers are accepted.
         self.log_size = max(self.settings.window_size, 2 * self.settings.checkpoint_interval)
-        self.signatures = SignatureMemo(self.check_signature, memo_entries_max(self.replica_count, self.faults, self.log_size))
+        self.signatures = SignatureMemo(self.check_signature)
         self.certificates = CertificateChecks(network, self.domains, self.signatures.verify, self.log_size)
 
         self.view = 0

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import hashlib
 
-from test_core import new_core
-
-from ledger.crypto import VERIFIED_SIGNATURES_MAX, PublicKeyCache, SigningKey
-from node.certificates import SignatureMemo, memo_entries_max
+from ledger.crypto import PublicKeyCache, SigningKey
+from node.certificates import SignatureMemo
 
 KEY = SigningKey.from_private_bytes(hashlib.sha256(b"memo").digest())
 DOMAIN = b"test/domain"
@@ -45,19 +43,3 @@ def test_the_memo_is_bounded_oldest_forgotten_first() -> None:
     checks = memo.checks
     assert memo.verify(KEY.public_key, DOMAIN, bytes([0]), signatures[0])
     assert memo.checks == checks + 1
-
-
-def test_the_replica_memo_holds_a_full_log_and_a_view_change_and_stays_bounded() -> None:
-    for replica_count in (4, 7, 10):
-        faults = (replica_count - 1) // 3
-        for log_size in (16, 128, 256):
-            log = log_size * (1 + (replica_count - 1) + replica_count)
-            view_changes = replica_count * log_size * (2 * faults + 1)
-            entries = memo_entries_max(replica_count, faults, log_size)
-            assert log + view_changes <= entries <= VERIFIED_SIGNATURES_MAX
-    assert memo_entries_max(100, 33, 10_000) == VERIFIED_SIGNATURES_MAX
-
-
-def test_a_core_sizes_its_memo_from_its_protocol() -> None:
-    core = new_core(0)
-    assert core.signatures.entries_max == memo_entries_max(core.replica_count, core.faults, core.log_size) < VERIFIED_SIGNATURES_MAX
