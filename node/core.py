@@ -32,7 +32,7 @@ from ledger.blocks import (
     results_root,
 )
 from ledger.config import NetworkConfig
-from ledger.crypto import PublicKeyCache, SigningKey, signing_domain
+from ledger.crypto import VERIFIED_SIGNATURES_MAX, PublicKeyCache, SigningKey, signing_domain
 from ledger.messages import (
     BATCH_REPLY_DOMAIN,
     Batch,
@@ -137,6 +137,7 @@ class ReplicaCore(CheckpointProtocol, ViewChangeProtocol, OrderingWatch, CatchUp
         check_signatures: SignaturesCheck | None = None,
         state_sync_allowed: bool = False,
         store_prunes: bool = False,
+        signature_memo_entries: int = VERIFIED_SIGNATURES_MAX,
     ) -> None:
         self.network = network
         self.replica_id = replica_id
@@ -158,7 +159,9 @@ class ReplicaCore(CheckpointProtocol, ViewChangeProtocol, OrderingWatch, CatchUp
         self.transaction_domain = transaction_domain(network.identity)
         # L in the paper: how far above the stable checkpoint sequence numbers are accepted.
         self.log_size = max(self.settings.window_size, 2 * self.settings.checkpoint_interval)
-        self.signatures = SignatureMemo(self.check_signature)
+        # How many verified replica signatures are remembered; the simulator draws small memos, so
+        # that a peer making us check the same evidence again shows within a short run.
+        self.signatures = SignatureMemo(self.check_signature, signature_memo_entries)
         self.certificates = CertificateChecks(network, self.domains, self.signatures.verify, self.log_size)
 
         self.view = 0
@@ -180,6 +183,13 @@ class ReplicaCore(CheckpointProtocol, ViewChangeProtocol, OrderingWatch, CatchUp
         self.own_checkpoints: dict[int, Checkpoint] = {}
         self.signed: dict[tuple[str, int, int], Any] = {}  # what this replica signed, by (kind, view, sequence)
         self.latest_view_changes: dict[int, ViewChange] = {}  # per replica, its highest valid VIEW-CHANGE
+        # Replicas whose VIEW-CHANGE there is signed but its certificates not checked yet: it is
+        # for a view more than one ahead (node/view_change.py, _check_view_change).
+        self.unchecked_view_changes: set[int] = set()
+        # Per replica (per primary), the highest view of a VIEW-CHANGE (NEW-VIEW) it signed (sent)
+        # that did not hold: nothing more from it up to there is looked at.
+        self.refused_view_changes: dict[int, int] = {}
+        self.refused_new_views: dict[int, int] = {}
         self.own_view_change: ViewChange | None = None
         self.new_view: NewView | None = None
         self.view_change_started_ms: int | None = None  # when a quorum of VIEW-CHANGEs arrived
@@ -442,7 +452,7 @@ class ReplicaCore(CheckpointProtocol, ViewChangeProtocol, OrderingWatch, CatchUp
         elif isinstance(message, ViewChange):
             self._on_view_change(sender, message)
         elif isinstance(message, NewView):
-            self._on_new_view(message)
+            self._on_new_view(sender, message)
         elif isinstance(message, FetchBatch):
             batch = self._find_batch(message.digest)
             if batch is not None:

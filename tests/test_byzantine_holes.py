@@ -19,6 +19,7 @@ from ledger.messages import (
     Commit,
     FetchBatch,
     Prepare,
+    PreparedCertificate,
     PrePrepare,
     Request,
     ViewChange,
@@ -382,3 +383,112 @@ def test_a_client_flood_straight_to_the_primary_leaves_room_for_relays() -> None
     primary.receive_message(1, Request(honest))
     assert honest.transaction_id in primary.pending
     assert not primary.take_effects().request_errors
+
+
+def committed_network(sequences: int) -> tuple[Network, list[PreparedCertificate]]:
+    """Four cores that committed `sequences` one-transaction blocks in view 0, and the prepared
+    certificates replica 3 kept on the way (checkpoints garbage-collect them from its log)."""
+    network = Network()
+    kept: dict[int, PreparedCertificate] = {}
+    for nonce in range(sequences):
+        network.submit(nonce)
+        network.tick(10)
+        for _ in range(4):
+            network.deliver()
+            kept.update(
+                (sequence, prepared.certificate)
+                for sequence, prepared in network.cores[3].prepared.items()
+            )
+    assert network.heights == [sequences] * 4
+    return network, [kept[sequence] for sequence in sorted(kept)]
+
+
+def counting_victim(network: Network, memo_entries: int) -> tuple[ReplicaCore, list[int]]:
+    """A fresh replica 0 of `network` whose every Ed25519 check is counted, with a memo of
+    `memo_entries` verified signatures (the history a traitor cycles through outgrows it)."""
+    checks = [0]
+    verifier = PublicKeyCache()
+
+    def counting(public_key: bytes, domain: bytes, message: bytes, signature: bytes) -> bool:
+        checks[0] += 1
+        return verifier.verify(public_key, domain, message, signature)
+
+    victim = ReplicaCore(
+        network.config,
+        0,
+        network.keys[0],
+        network.cores[0].application,
+        3,
+        network.cores[0].last_block_hash,
+        check_signature=counting,
+        signature_memo_entries=memo_entries,
+    )
+    return victim, checks
+
+
+def traitor_view_change(
+    network: Network, new_view: int, prepared: tuple[PreparedCertificate, ...]
+) -> ViewChange:
+    """Replica 3's VIEW-CHANGE for `new_view`, signed with its own key, carrying `prepared`."""
+    traitor = network.cores[3]
+    unsigned = ViewChange(new_view, None, prepared, 3)
+    return dataclasses.replace(
+        unsigned,
+        signature=network.keys[3].sign(traitor.domains["view-change"], unsigned.signed_bytes()),
+    )
+
+
+def test_an_old_window_flood_costs_one_check_per_view_change() -> None:
+    """Hole 13: a traitor sends VIEW-CHANGEs for views 2, 3, 4, ... each carrying another slice
+    of the genuine certificates it kept from history. Each was checked on arrival, and once the
+    history it cycles through outgrew the signature memo every one cost every replica all its
+    certificates' checks again (~388 at n = 4, L = 128), for one signature of the traitor's own.
+    A VIEW-CHANGE for a view more than one ahead now costs its own signature; its certificates are
+    checked when that view comes near."""
+    network, history = committed_network(8)
+    victim, checks = counting_victim(network, memo_entries=4)  # smaller than the 24 in history
+
+    copies = 40
+    for index in range(copies):
+        # Two certificates each (6 signatures), the slices cycling through all the history.
+        slice_ = (history[(2 * index) % 8], history[(2 * index + 1) % 8])
+        victim.receive_message(
+            3,
+            traitor_view_change(
+                network, 2 + index, tuple(sorted(slice_, key=lambda c: c.pre_prepare.sequence))
+            ),
+        )
+    assert victim.latest_view_changes[3].new_view == copies + 1
+    assert 3 in victim.unchecked_view_changes
+    # Checked on arrival, each would have cost 1 + 2 * 3 = 7: here each costs its own signature.
+    assert checks[0] == copies, checks[0]
+    assert victim.counters.get("invalid view-change") is None
+
+
+def test_a_far_view_change_is_checked_when_its_view_comes_near_and_refused_for_good() -> None:
+    """The other half of hole 13's fix: certificates held unchecked still count for nothing until
+    they hold. A forged certificate in a VIEW-CHANGE for view 2 is found once the replica moves to
+    view 1; the VIEW-CHANGE is dropped, and nothing more its signer sends up to view 2 is looked at."""
+    network, history = committed_network(2)
+    genuine = history[0]
+    forged = dataclasses.replace(
+        genuine, prepares=((1, genuine.prepares[0][1]), (2, genuine.prepares[0][1]))
+    )
+    victim, checks = counting_victim(network, memo_entries=64)
+    victim.receive_message(3, traitor_view_change(network, 2, (forged,)))
+    assert victim.latest_view_changes[3].new_view == 2 and checks[0] == 1
+    victim.take_effects()
+
+    victim._start_view_change(1)
+    effects = victim.take_effects()
+    assert any(
+        "invalid view-change" in event and "from replica 3" in event for event in effects.events
+    ), effects.events
+    assert 3 not in victim.latest_view_changes and 3 not in victim.unchecked_view_changes
+    assert victim.counters.get("invalid view-change") == 1
+
+    before = checks[0]
+    victim.receive_message(3, traitor_view_change(network, 2, (genuine,)))
+    assert checks[0] == before and 3 not in victim.latest_view_changes  # not even its signature
+    victim.receive_message(3, traitor_view_change(network, 3, (genuine,)))
+    assert victim.latest_view_changes[3].new_view == 3  # a later view is looked at again

@@ -814,9 +814,30 @@ def test_forged_new_view_is_rejected(case: str) -> None:
     assert any(problem in event for event in effects.events), effects.events
     assert core.view == 1 and not core.view_active and core.slots == {}
     assert effects.send == [] and effects.persist == []
-    # The genuine NEW-VIEW is still accepted afterwards.
+    # It came over the primary's own link, so the primary is faulty: nothing more it sends for
+    # this view is looked at (a traitor primary could otherwise make every backup check the
+    # certificates in NEW-VIEW after NEW-VIEW); the view times out like any with a faulty primary.
     effects = cluster.deliver(3, 1, scenario.new_view)
-    assert core.view_active and core.counters.get("invalid new-view") == 1
+    assert not core.view_active and core.counters.get("invalid new-view") == 1
+    assert effects.send == [] and effects.persist == []
+
+
+@pytest.mark.parametrize("case", list(FORGED_NEW_VIEWS))
+def test_a_new_view_relayed_by_another_replica_is_refused_and_spoils_nothing(case: str) -> None:
+    """A NEW-VIEW has no signature of its own, so only the primary's link vouches for it: one sent
+    by another replica is refused, forged or not, and the primary's own is still accepted."""
+    forge, _ = FORGED_NEW_VIEWS[case]
+    scenario = view_change_scenario()
+    cluster = scenario.cluster
+    core = cluster.core(3)
+    for message in (forge(scenario.new_view), scenario.new_view):
+        effects = cluster.deliver(3, 2, message)
+        assert any(
+            "sent by replica 2, not the view's primary 1" in event for event in effects.events
+        ), effects.events
+    assert core.counters.get("invalid new-view") == 2 and not core.view_active
+    effects = cluster.deliver(3, 1, scenario.new_view)
+    assert core.view_active and core.counters.get("invalid new-view") == 2
     assert [p.digest for p in sent(effects, Prepare)] == [scenario.batch.digest]
 
 
