@@ -22,7 +22,7 @@ from client.quorum import QueryQuorum, Receipt, ReplyQuorum
 from ledger.application import AccountsApplication, StateChanges, is_final, is_outcome
 from ledger.blocks import Block, ChainError, verify_certificate, verify_execution
 from ledger.config import Address, NetworkConfig, ProtocolSettings, ReplicaInfo
-from ledger.crypto import PublicKeyCache, SigningKey, signing_domain
+from ledger.crypto import VERIFIED_SIGNATURES_MAX, PublicKeyCache, SigningKey, signing_domain
 from ledger.messages import (
     BATCH_REPLY_DOMAIN,
     QUERY_NONCE_SIZE,
@@ -102,6 +102,13 @@ ANY_REPLICA_BEHAVIOURS = (
 ADDED_PRIMARY_BEHAVIOURS = ("censoring_primary", "slow_primary")
 ADDED_ANY_REPLICA_BEHAVIOURS = ("wrong_replies", "malformed_sender")
 ADDED_BEHAVIOUR_RATE = 0.4
+# The same, for the VIEW-CHANGE flood of old windows; and how often an adversarial run gives the
+# honest cores a small memo of verified signatures, so that evidence checked again shows.
+OLD_WINDOW_FLOOD_RATE = 0.2
+SMALL_MEMO_RATE = 0.3
+# 32: at 64 the old re-checking bug never showed within a run; at 16 honest peers came too close to
+# the bound (25 checks of one signature against 32).
+SMALL_MEMO_ENTRIES = 32
 MESSAGE_KINDS = ("PrePrepare", "Prepare", "Commit", "Checkpoint", "ViewChange", "NewView", "BatchContent", "Status", "Blocks")
 
 
@@ -199,6 +206,10 @@ class Scenario:
     # The simulated network's [protocol] checkpoint_interval, if not the default of 4 blocks: a
     # long one keeps a whole run above the stable checkpoint, so every NEW-VIEW re-proposes it all.
     checkpoint_interval: int | None = None
+    # Entries in each honest core's memo of verified replica signatures, if not the core's default:
+    # a small one makes a peer that gets evidence checked again and again show within a short run
+    # (SIGNATURE_CHECKS_PER_SIGNATURE_MAX), as it would after hours with the default.
+    signature_memo_entries: int | None = None
 
     @classmethod
     def from_seed(
@@ -272,6 +283,13 @@ class Scenario:
         if faults and not any(name in overrides for name in rotation_fields) and rotation_draw.random() < ROTATION_RATE:
             # On top of the faults drawn above (theirs end by `horizon`, the kills go on after).
             values.update(_draw_rotation(rotation_draw, replica_count))
+        if adversarial:
+            # From a source of its own, so the draws above stay what they were.
+            memo_draw = random.Random(f"scenario-memo/{seed}/{replica_count}")
+            if "traitors" in values:
+                values["traitors"] = tuple(_add_old_window_flood(memo_draw, spec, horizon) for spec in values["traitors"])
+            if memo_draw.random() < SMALL_MEMO_RATE:
+                values["signature_memo_entries"] = SMALL_MEMO_ENTRIES
         if adversarial:
             values.update(
                 partition_round_ms=draw.choice([100, 250, 500]),
@@ -366,6 +384,15 @@ def _draw_traitor(draw: random.Random, replica: int, replica_count: int, horizon
             parameters = (("mode", draw.choice(["any", "results", "transactions", "certificate", "link"])),)
         behaviours.append(BehaviourSpec(name, start(), parameters))
     return TraitorSpec(replica, tuple(behaviours))
+
+
+def _add_old_window_flood(draw: random.Random, spec: TraitorSpec, horizon: int) -> TraitorSpec:
+    """Maybe an old_window_flood (node/traitors.py) on top of a drawn traitor."""
+    if any(behaviour.name == "twins" for behaviour in spec.behaviours) or draw.random() >= OLD_WINDOW_FLOOD_RATE:
+        return spec
+    parameters = (("burst", draw.choice([1, 3])), ("rate", draw.choice([0.2, 1.0])))
+    start_ms = 0 if draw.random() < 0.5 else draw.randint(0, horizon)
+    return TraitorSpec(spec.replica_id, (*spec.behaviours, BehaviourSpec("old_window_flood", start_ms, parameters)))
 
 
 def _add_behaviour(spec: TraitorSpec, seed: int, replica_count: int, horizon: int, clients: int) -> TraitorSpec:
@@ -632,6 +659,7 @@ class Simulation:
             last_timestamp_ms=max((block.header.timestamp_ms for block in chain if block is not None), default=0),
             # As the runtime decides from its store: an empty one, or one that starts from a snapshot.
             state_sync_allowed=not chain or chain[0] is None,
+            signature_memo_entries=self.scenario.signature_memo_entries or VERIFIED_SIGNATURES_MAX,
         )
 
     def _counting_verifier(self, index: int) -> SignatureCheck:

@@ -32,6 +32,7 @@ from ledger.messages import (
     BatchContent,
     BatchReply,
     Checkpoint,
+    CheckpointCertificate,
     Commit,
     ErrorReply,
     Hello,
@@ -413,6 +414,67 @@ class EquivocatingPrimary(Behaviour):
         return result
 
 
+class SignedHistory:
+    """The signed PRE-PREPAREs (NEW-VIEWs' included), PREPAREs and CHECKPOINTs a traitor saw,
+    bounded: what genuine certificates it can assemble from other replicas' signatures."""
+
+    def __init__(self) -> None:
+        self.headers: dict[tuple[int, int, bytes], PrePrepareHeader] = {}
+        self.prepares: dict[tuple[int, int, bytes], dict[int, bytes]] = {}
+        self.checkpoints: dict[tuple[int, bytes, bytes], dict[int, bytes]] = {}
+
+    def _collect_header(self, header: PrePrepareHeader) -> None:
+        if len(self.headers) < COLLECTED_SLOTS_MAX:
+            self.headers[(header.view, header.sequence, header.digest)] = header
+
+    def collect(self, message: Any) -> None:
+        if isinstance(message, PrePrepare):
+            self._collect_header(message.header)
+        elif isinstance(message, NewView):
+            for header in message.pre_prepares:
+                self._collect_header(header)
+        elif isinstance(message, Prepare):
+            key = (message.view, message.sequence, message.digest)
+            if key in self.prepares or len(self.prepares) < COLLECTED_SLOTS_MAX:
+                self.prepares.setdefault(key, {})[message.replica_id] = message.signature
+        elif isinstance(message, Checkpoint):
+            key = (message.sequence, message.state_digest, message.block_hash)
+            if key in self.checkpoints or len(self.checkpoints) < COLLECTED_SLOTS_MAX:
+                self.checkpoints.setdefault(key, {})[message.replica_id] = message.signature
+
+    def checkpoint_certificates(self, quorum: int) -> list[CheckpointCertificate]:
+        """Every stable checkpoint it can prove, lowest first."""
+        return [
+            CheckpointCertificate(
+                sequence, state_digest, block_hash, tuple(sorted(signatures.items()))[:quorum]
+            )
+            for (sequence, state_digest, block_hash), signatures in sorted(self.checkpoints.items())
+            if len(signatures) >= quorum
+        ]
+
+    def prepared_certificates(
+        self, network: NetworkConfig, low: int, high: int, below_view: int
+    ) -> dict[int, PreparedCertificate]:
+        """For each sequence in (low, high], the highest-view prepared certificate from before
+        `below_view` that it holds every signature of."""
+        found: dict[int, PreparedCertificate] = {}
+        for key, header in sorted(self.headers.items()):
+            view, sequence, _ = key
+            if view >= below_view or not low < sequence <= high:
+                continue
+            primary = network.primary(view)
+            signers = tuple(
+                sorted(
+                    (replica, signature)
+                    for replica, signature in self.prepares.get(key, {}).items()
+                    if replica != primary
+                )
+            )
+            if len(signers) >= network.quorum - 1:
+                found[sequence] = PreparedCertificate(header, signers[: network.quorum - 1])
+        return found
+
+
 class ForgedViewChange(Behaviour):
     """Rewrites its VIEW-CHANGEs with prepared certificates of its own making, assembled from the
     honest replicas' signed PREPAREs it collected (null batches of a NEW-VIEW included):
@@ -430,23 +492,11 @@ class ForgedViewChange(Behaviour):
         super().__init__(start_ms)
         self.mode, self.hoard = mode, hoard
         self.certified: set[bytes] = set()
-        self.headers: dict[tuple[int, int, bytes], PrePrepareHeader] = {}
-        self.prepares: dict[tuple[int, int, bytes], dict[int, bytes]] = {}
-
-    def _collect_header(self, header: PrePrepareHeader) -> None:
-        if len(self.headers) < COLLECTED_SLOTS_MAX:
-            self.headers[(header.view, header.sequence, header.digest)] = header
+        self.history = SignedHistory()
+        self.headers, self.prepares = self.history.headers, self.history.prepares
 
     def _collect(self, message: Any) -> None:
-        if isinstance(message, PrePrepare):
-            self._collect_header(message.header)
-        elif isinstance(message, NewView):
-            for header in message.pre_prepares:
-                self._collect_header(header)
-        elif isinstance(message, Prepare):
-            key = (message.view, message.sequence, message.digest)
-            if key in self.prepares or len(self.prepares) < COLLECTED_SLOTS_MAX:
-                self.prepares.setdefault(key, {})[message.replica_id] = message.signature
+        self.history.collect(message)
 
     def incoming(self, context: TraitorContext, sender: int, message: Any) -> bool:
         self._collect(message)
@@ -533,6 +583,61 @@ class ViewChangeFlood(Behaviour):
             if self.next_view - self.first_view >= FLOOD_VIEWS_AHEAD_MAX:
                 break
             extra.append(Send(None, context.sign(template, new_view=self.next_view)))
+            self.next_view += 1
+        return [*sends, *extra]
+
+
+class OldWindowFlood(Behaviour):
+    """VIEW-CHANGEs for ever higher views, each carrying another OLD window of genuine evidence
+    it collected (a stable checkpoint's certificate and the prepared certificates above it), one
+    window after the other. Each costs it one signature; a replica that checked every certificate
+    of every VIEW-CHANGE on arrival checked hundreds of signatures for each, once the windows
+    cycled through outgrew its memo of checked signatures (found by an adversarial review)."""
+
+    name = "old_window_flood"
+
+    def __init__(self, start_ms: int = 0, burst: int = 2, rate: float = 0.5) -> None:
+        super().__init__(start_ms)
+        self.burst, self.rate = burst, rate
+        self.history = SignedHistory()
+        self.next_view = self.first_view = 1
+        self.window = 0  # which window the next VIEW-CHANGE carries
+
+    def incoming(self, context: TraitorContext, sender: int, message: Any) -> bool:
+        self.history.collect(message)
+        return True
+
+    def _window(self, context: TraitorContext, new_view: int) -> ViewChange:
+        checkpoints: list[CheckpointCertificate | None] = [
+            None,
+            *self.history.checkpoint_certificates(context.network.quorum),
+        ]
+        checkpoint = checkpoints[self.window % len(checkpoints)]
+        self.window += 1
+        low = checkpoint.sequence if checkpoint is not None else 0
+        certificates = self.history.prepared_certificates(
+            context.network, low, low + context.log_size, new_view
+        )
+        prepared = tuple(certificates[sequence] for sequence in sorted(certificates))
+        return context.sign(ViewChange(new_view, checkpoint, prepared, context.replica_id))
+
+    def outgoing(self, context: TraitorContext, sends: list[Send]) -> list[Send]:
+        for send in sends:
+            message = send.message
+            self.history.collect(message)
+            if (
+                isinstance(message, ViewChange)
+                and message.replica_id == context.replica_id
+                and message.new_view >= self.next_view
+            ):
+                self.next_view = self.first_view = message.new_view + 1
+        if context.random.random() >= self.rate:
+            return sends
+        extra = []
+        for _ in range(self.burst):
+            if self.next_view - self.first_view >= FLOOD_VIEWS_AHEAD_MAX:
+                break
+            extra.append(Send(None, self._window(context, self.next_view)))
             self.next_view += 1
         return [*sends, *extra]
 
@@ -930,6 +1035,7 @@ BEHAVIOURS: dict[str, Callable[..., Behaviour]] = {
         EquivocatingPrimary,
         ForgedViewChange,
         ViewChangeFlood,
+        OldWindowFlood,
         NonceReorder,
         ExtremeTimestamps,
         LyingBlockServer,

@@ -16,6 +16,7 @@ from node import simulator as simulator_module
 from node.cli import main
 from node.core import ReplicaCore
 from node.simulator import (
+    SMALL_MEMO_ENTRIES,
     Scenario,
     Simulation,
     SimulationFailure,
@@ -325,6 +326,19 @@ def test_hole_4_block_timestamps_stay_near_the_time() -> None:
 def test_hole_6_a_view_change_flood_does_not_multiply_verification_work() -> None:
     scenario = Scenario.from_seed(FLOOD_SEED, 4, adversarial=True)
     assert any(b.name == "view_change_flood" for spec in scenario.traitors for b in spec.behaviours)
+    run_simulation(scenario)
+
+
+@pytest.mark.parametrize("seed, replica_count", [(346, 4), (146, 7)])
+def test_hole_13_an_old_window_flood_does_not_multiply_verification_work(
+    seed: int, replica_count: int
+) -> None:
+    """A traitor's VIEW-CHANGEs for ever later views, each with another window of genuine old
+    certificates, against a 32-entry memo: these seeds failed the amplification invariant (33 and
+    more checks of one signature) while VIEW-CHANGE certificates were checked on arrival."""
+    scenario = Scenario.from_seed(seed, replica_count, adversarial=True)
+    assert any(b.name == "old_window_flood" for spec in scenario.traitors for b in spec.behaviours)
+    assert scenario.signature_memo_entries == SMALL_MEMO_ENTRIES
     run_simulation(scenario)
 
 

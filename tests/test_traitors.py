@@ -201,6 +201,50 @@ def test_view_change_flood_re_signs_ever_higher_views() -> None:
     assert all(validly_signed(send.message) for send in sent)
 
 
+def test_old_window_flood_sends_ever_higher_views_each_with_another_window_of_genuine_evidence() -> (
+    None
+):
+    """Hole 13's traitor: it keeps the honest signatures it saw and cycles through the windows it
+    can prove, a stable checkpoint's certificate and the prepared certificates above it."""
+    flooder = traitor("old_window_flood", replica_id=3, burst=3, rate=1.0)
+    for sequence in (1, 2, 5, 6):
+        pre_prepare = signed_pre_prepare(sequence=sequence, nonces=(sequence,))
+        flooder.receive(0, pre_prepare, 0)
+        for replica_id in (1, 2):
+            flooder.receive(
+                replica_id,
+                signed_vote(Prepare, replica_id, pre_prepare.batch.digest, sequence=sequence),
+                0,
+            )
+    for replica_id in (0, 1, 2):
+        flooder.receive(
+            replica_id,
+            context(replica_id).sign(Checkpoint(4, b"\x07" * 32, b"\x08" * 32, replica_id)),
+            0,
+        )
+    own = context(3).sign(ViewChange(1, None, (), 3))
+    sent = flooder.send([Send(None, own)], 0) + flooder.send([], 5)
+    assert sent[0].message == own
+    floods = [send.message for send in sent[1:]]
+    assert [view_change.new_view for view_change in floods] == [2, 3, 4, 5, 6, 7]
+    assert all(validly_signed(view_change) for view_change in floods)
+    windows = [
+        (
+            view_change.checkpoint_sequence,
+            [certificate.sequence for certificate in view_change.prepared],
+        )
+        for view_change in floods
+    ]
+    assert windows == [(0, [1, 2, 5, 6]), (4, [5, 6])] * 3  # windows (0, 8] and (4, 12]
+    for view_change in floods:
+        for certificate in view_change.prepared:
+            for replica_id, signature in certificate.prepares:
+                vote = Prepare(0, certificate.sequence, certificate.digest, replica_id)
+                assert verify_signature(
+                    KEYS[replica_id].public_key, DOMAINS["prepare"], vote.signed_bytes(), signature
+                )
+
+
 def test_nonce_reorder_orders_a_later_nonce_first_then_proposes_it_again() -> None:
     reorderer = traitor("nonce_reorder", repeats=1)
     first = reorderer.send([Send(None, signed_pre_prepare(sequence=1, nonces=(0, 1)))], 0)[0].message
