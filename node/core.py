@@ -190,6 +190,8 @@ class ReplicaCore(CheckpointProtocol, ViewChangeProtocol, OrderingWatch, CatchUp
         # that did not hold: nothing more from it up to there is looked at.
         self.refused_view_changes: dict[int, int] = {}
         self.refused_new_views: dict[int, int] = {}
+        # When this primary last answered each replica's VIEW-CHANGE for its view with NEW-VIEW (at most n).
+        self.new_view_answered_ms: dict[int, int] = {}
         self.own_view_change: ViewChange | None = None
         self.new_view: NewView | None = None
         self.view_change_started_ms: int | None = None  # when a quorum of VIEW-CHANGEs arrived

@@ -57,9 +57,16 @@ class ViewChangeProtocol:
         if message.new_view < self.view:
             return
         if message.new_view == self.view and self.view_active:
-            # A replica that missed our NEW-VIEW is still asking for this view: answer it.
+            # A replica that missed our NEW-VIEW is still asking for this view: answer it, once
+            # per status interval (its own retransmit interval) however often it asks. A replayed
+            # VIEW-CHANGE costs nothing to check (the memo knows it), but each answer is a whole
+            # NEW-VIEW carrying 2f + 1 VIEW-CHANGEs: a traitor replaying a small one to the primary
+            # would have it send hundreds of times the bytes (found by an adversarial review).
             if self.is_primary and self.new_view is not None and self.certificates.signed_by("view-change", message):
-                self.effects.send.append(Send(message.replica_id, self.new_view))
+                answered_ms = self.new_view_answered_ms.get(message.replica_id)
+                if answered_ms is None or self.now_ms - answered_ms >= self.settings.status_interval_ms:
+                    self.new_view_answered_ms[message.replica_id] = self.now_ms
+                    self.effects.send.append(Send(message.replica_id, self.new_view))
             return
         current = self.latest_view_changes.get(message.replica_id)
         if current is not None and current.new_view >= message.new_view:
@@ -211,6 +218,7 @@ class ViewChangeProtocol:
         self.view = new_view.view
         self.view_active = True
         self.new_view = new_view
+        self.new_view_answered_ms.clear()
         self.view_timestamp_floor_ms = 0
         self.slots.clear()
         self.proposed.clear()

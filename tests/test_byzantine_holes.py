@@ -492,3 +492,37 @@ def test_a_far_view_change_is_checked_when_its_view_comes_near_and_refused_for_g
     assert checks[0] == before and 3 not in victim.latest_view_changes  # not even its signature
     victim.receive_message(3, traitor_view_change(network, 3, (genuine,)))
     assert victim.latest_view_changes[3].new_view == 3  # a later view is looked at again
+
+
+def test_a_replayed_view_change_pulls_one_new_view_per_status_interval() -> None:
+    """Hole 14: the primary of an active view answers a VIEW-CHANGE for that view with its NEW-VIEW
+    (the asker missed it). A replay costs no check (the memo knows it) but each answer is a whole
+    NEW-VIEW carrying 2f + 1 VIEW-CHANGEs: 100 replays of one made the primary send 100 NEW-VIEWs,
+    about 3 times the bytes they cost the traitor here (a 357-byte VIEW-CHANGE, 1,049-byte
+    NEW-VIEWs), far more when the others' VIEW-CHANGEs carry full windows and the replayed one is
+    small. Now it answers each replica at most once per status interval, its retransmit interval."""
+    network, _ = committed_network(8)
+    network.start_view_change((1, 2, 3), 1)
+    for _ in range(6):
+        network.deliver()
+    primary = network.cores[1]
+    assert primary.view == 1 and primary.view_active and primary.new_view is not None
+    asked = next(view_change for view_change in primary.new_view.view_changes if view_change.replica_id == 3)
+    primary.take_effects()
+
+    def new_views_sent() -> list[Any]:
+        return [send for send in primary.take_effects().send if send.message is primary.new_view]
+
+    answers = []
+    for _ in range(100):
+        primary.receive_message(3, asked)
+        answers += new_views_sent()
+    assert len(answers) == 1 and answers[0].to == 3
+    # A replica that still asks one status interval later is answered again: a lost answer
+    # costs the asker one of its retransmit intervals, never the view.
+    primary.tick(primary.now_ms + primary.settings.status_interval_ms)
+    primary.take_effects()
+    primary.receive_message(3, asked)
+    assert len(new_views_sent()) == 1
+    primary.receive_message(3, asked)
+    assert new_views_sent() == []
