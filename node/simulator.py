@@ -45,7 +45,7 @@ from ledger.messages import (
 from ledger.transactions import Put, Transaction, Transfer, sign_transaction, transaction_domain
 from node.collusion import Coalition
 from node.core import LOG_KINDS, ReplicaCore
-from node.effects import Installed, Persist, Prune
+from node.effects import Installed, Persist, Prune, Send
 from node.queries import answer_query
 from node.traitors import BEHAVIOURS, BehaviourSpec, Traitor, TraitorSpec, make_traitor
 
@@ -572,6 +572,8 @@ class Simulation:
         self.kill_armed_height: int | None = 0 if self.kills_left else None  # kill once the chain passes this + blocks
         self.verify = memoizing_verifier()
         self.signature_checks: list[dict[bytes, int]] = [{} for _ in range(scenario.replica_count)]
+        # Per honest replica: when it last answered each peer's VIEW-CHANGE with a NEW-VIEW.
+        self.new_view_answers_ms: list[dict[int, int]] = [{} for _ in range(scenario.replica_count)]
         self.domains = {
             kind: signing_domain(self.network.identity, kind)
             for kind in ("pre-prepare", "prepare", "commit", "checkpoint", "view-change", BATCH_REPLY_DOMAIN)
@@ -903,6 +905,7 @@ class Simulation:
             replica.crash_after_write = False
             if replica.crashed:
                 replica.core = self._new_core(payload, replica)
+                self.new_view_answers_ms[payload].clear()  # a new process knows nothing it answered
                 replica.crashed = False
         elif kind == "stall":
             replica_index, until_ms = payload
@@ -970,6 +973,23 @@ class Simulation:
 
     # ---- carrying out effects, and the invariants ----
 
+    def check_new_view_answers(self, index: int, sends: list[Send]) -> None:
+        """Amplification by replay: a NEW-VIEW answers a VIEW-CHANGE asking for its view at most
+        once per peer per status interval, so a replayed VIEW-CHANGE (free to check: the memo knows
+        it) cannot make an honest primary send its whole NEW-VIEW again and again."""
+        answered = self.new_view_answers_ms[index]
+        interval_ms = self.network.protocol.status_interval_ms
+        for send in sends:
+            if send.to is None or not isinstance(send.message, NewView):
+                continue
+            last_ms = answered.get(send.to)
+            if last_ms is not None and self.now_ms - last_ms < interval_ms:
+                raise self.fail(
+                    f"amplification: honest replica {index} answered replica {send.to} with NEW-VIEW twice "
+                    f"within {self.now_ms - last_ms} ms (status interval {interval_ms} ms); a replayed VIEW-CHANGE pulls it"
+                )
+            answered[send.to] = self.now_ms
+
     def apply(self, index: int, replica: SimulatedReplica) -> None:
         """The runtime's order (node/runtime.py _carry_out): persist records, blocks and prune in
         one durable write; then sends; then replies. A torn crash lands between the write and the sends."""
@@ -982,6 +1002,8 @@ class Simulation:
                 sends = self.coalition.outgoing(index, sends, self.now_ms)
             self.count_activity(self.traitor_activity[index], effects.send, sends)
         honest = index not in self.traitors
+        if honest:
+            self.check_new_view_answers(index, effects.send)
         durable = bool(effects.persist or effects.blocks or effects.prune is not None or effects.installed is not None)
         if effects.installed is not None:
             if replica.chain and replica.chain[0] is not None:

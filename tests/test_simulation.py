@@ -342,6 +342,18 @@ def test_hole_13_an_old_window_flood_does_not_multiply_verification_work(
     run_simulation(scenario)
 
 
+@pytest.mark.parametrize("seed, replica_count, behaviour", [(88, 4, "replay"), (199, 7, "twins")])
+def test_hole_14_a_replayed_view_change_does_not_pull_new_view_after_new_view(
+    seed: int, replica_count: int, behaviour: str
+) -> None:
+    """Seeds that failed the NEW-VIEW answer invariant (an honest primary answering one peer's
+    VIEW-CHANGE twice within a status interval) while every copy of a VIEW-CHANGE for the active
+    view was answered: a traitor replaying VIEW-CHANGEs (88), a twin's second copy (199)."""
+    scenario = Scenario.from_seed(seed, replica_count, adversarial=True)
+    assert any(b.name == behaviour for spec in scenario.traitors for b in spec.behaviours)
+    run_simulation(scenario)
+
+
 def test_hole_1_a_forged_null_batch_certificate_does_not_stall_later_views() -> None:
     """Replica 2 builds a prepared certificate for view 1's null batch from its own PREPARE and
     replica 0's (replica 3 is cut off, replica 0 stalled before), keeps its vote, the batch and its
