@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -14,6 +15,20 @@ from client.library import Client, open_client
 from .local_network import GeneratedNetwork, LocalNetwork, generate_network, pick_base_port
 
 READY_DEADLINE_S = 30.0
+
+
+@pytest.fixture(autouse=True, scope="session")
+def children_take_ctrl_c() -> None:
+    """Let the processes these tests start feel SIGINT, however the suite was started.
+
+    A shell that starts `make test` in the background without job control (`make test &` in a
+    script, `nohup`) starts it with SIGINT ignored, and every process it starts inherits that
+    through exec: Python and Trio then leave SIGINT ignored, as Unix tools must. The tests that
+    press Ctrl-C on a client, a watch or a scenario run then waited for their deadlines and failed.
+    A Python handler here becomes the default action in each child, which installs its own.
+    """
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(params=[4, 7], ids=["n4", "n7"])

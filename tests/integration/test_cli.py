@@ -7,6 +7,7 @@ import random
 import signal
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -206,6 +207,19 @@ async def test_node_argument_errors_are_one_line(tmp_path: Path, arguments: tupl
     line = one_line_error(result, "ledger-node", EXIT_USAGE)
     assert phrase in line, line
     assert not (tmp_path / "n").exists()
+
+
+def test_processes_the_suite_starts_take_ctrl_c_even_when_the_suite_ignores_it() -> None:
+    """Regression: `make test` started in the background without job control ignored SIGINT, its
+    children inherited that, and the Ctrl-C tests here waited for their deadlines (conftest's
+    `children_take_ctrl_c` undoes it). A child that ignores SIGINT itself still may."""
+    probe = "import signal, sys; sys.exit(0 if signal.getsignal(signal.SIGINT) is signal.default_int_handler else 1)"
+    assert subprocess.run([sys.executable, "-c", probe], check=False).returncode == 0
+    ignoring = "import signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); " + (
+        "import subprocess; sys.exit(subprocess.run([sys.executable, '-c', sys.argv[1]]).returncode)"
+    )
+    # The case the fixture exists for: under a parent that ignores SIGINT, a child does too.
+    assert subprocess.run([sys.executable, "-c", ignoring, probe], check=False).returncode == 1
 
 
 @pytest.mark.parametrize("replica_count", [4])
