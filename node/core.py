@@ -818,10 +818,12 @@ class ReplicaCore(CheckpointProtocol, ViewChangeProtocol, OrderingWatch, CatchUp
         is forgotten, so a traitor's planted forgery costs one check, not two per conflicting
         vote for good, and leaves room for the signer's own late vote (found by an adversarial
         review: 20 conflicting votes cost 40 checks against a planted forgery, 2 against a
-        genuine late vote)."""
+        genuine late vote). A forgery found so is counted like one refused on arrival: an operator
+        reading ledger_rejections_total sees that someone forges votes."""
         held = late.get(other.replica_id)
         if held is not None and held.digest != other.digest and not self.certificates.signed_by(kind, held):
             del late[other.replica_id]
+            self._reject(f"bad {kind} signature", f"replica {other.replica_id} sequence {other.sequence} (a late vote, found forged)")
             return None
         return held
 

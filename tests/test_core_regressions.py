@@ -278,6 +278,19 @@ def test_forged_late_votes_in_every_name_never_stop_a_prepared_slot_committing()
     assert not core.take_effects().evidence
 
 
+def test_a_forged_late_vote_is_counted_as_a_bad_signature_once_a_conflict_shows_it() -> None:
+    """Found in a review: a forged late vote was forgotten but never counted, so an operator saw
+    nothing in ledger_rejections_total. It costs no check on arrival (so it is not counted then),
+    and is counted once, under the reason a forged vote refused on arrival has."""
+    for kind, make in (("prepare", prepare), ("commit", commit)):
+        core, digest, other = committed_backup()
+        core.receive_message(2, forged(make(1, digest, replica=3)))  # late: kept unchecked, not counted
+        assert core.counters == {}
+        core.receive_message(3, make(1, other, replica=3))  # shows it forged
+        core.receive_message(3, make(1, bytes(32), replica=3))  # nothing held any more: not counted again
+        assert core.counters.get(f"bad {kind} signature") == 1, (kind, core.counters)
+
+
 def test_a_planted_forged_late_vote_is_forgotten_when_a_conflict_shows_it_and_the_signers_own_takes_its_place() -> None:
     """A traitor's forgery planted first in replica 3's name hides 3's conflict only until a
     conflicting vote shows it forged: then it is forgotten, 3's own late vote is kept, and 3's
