@@ -105,6 +105,7 @@ ADDED_BEHAVIOUR_RATE = 0.4
 # The same, for the VIEW-CHANGE flood of old windows; and how often an adversarial run gives the
 # honest cores a small memo of verified signatures, so that evidence checked again shows.
 OLD_WINDOW_FLOOD_RATE = 0.2
+WITHDRAWN_VIEW_CHANGE_RATE = 0.2
 SMALL_MEMO_RATE = 0.3
 # 32: at 64 the old re-checking bug never showed within a run; at 16 honest peers came too close to
 # the bound (25 checks of one signature against 32).
@@ -287,9 +288,25 @@ class Scenario:
             # From a source of its own, so the draws above stay what they were.
             memo_draw = random.Random(f"scenario-memo/{seed}/{replica_count}")
             if "traitors" in values:
-                values["traitors"] = tuple(_add_old_window_flood(memo_draw, spec, horizon) for spec in values["traitors"])
+                values["traitors"] = tuple(
+                    _add_on_top(
+                        memo_draw, spec, horizon, "old_window_flood", OLD_WINDOW_FLOOD_RATE,
+                        lambda: (("burst", memo_draw.choice([1, 3])), ("rate", memo_draw.choice([0.2, 1.0]))),
+                    )
+                    for spec in values["traitors"]
+                )
             if memo_draw.random() < SMALL_MEMO_RATE:
                 values["signature_memo_entries"] = SMALL_MEMO_ENTRIES
+            # From a source of its own too: a VIEW-CHANGE withdrawn by a bad one for the next view.
+            withdraw_draw = random.Random(f"scenario-withdraw/{seed}/{replica_count}")
+            if "traitors" in values:
+                values["traitors"] = tuple(
+                    _add_on_top(
+                        withdraw_draw, spec, horizon, "withdrawn_view_change", WITHDRAWN_VIEW_CHANGE_RATE,
+                        lambda: (("rate", withdraw_draw.choice([0.5, 1.0])),),
+                    )
+                    for spec in values["traitors"]
+                )
         if adversarial:
             values.update(
                 partition_round_ms=draw.choice([100, 250, 500]),
@@ -386,13 +403,15 @@ def _draw_traitor(draw: random.Random, replica: int, replica_count: int, horizon
     return TraitorSpec(replica, tuple(behaviours))
 
 
-def _add_old_window_flood(draw: random.Random, spec: TraitorSpec, horizon: int) -> TraitorSpec:
-    """Maybe an old_window_flood (node/traitors.py) on top of a drawn traitor."""
-    if any(behaviour.name == "twins" for behaviour in spec.behaviours) or draw.random() >= OLD_WINDOW_FLOOD_RATE:
+def _add_on_top(
+    draw: random.Random, spec: TraitorSpec, horizon: int, name: str, rate: float, parameters: Callable[[], tuple[tuple[str, Any], ...]]
+) -> TraitorSpec:
+    """Maybe behaviour `name` (node/traitors.py), with `parameters()` drawn, on top of a drawn traitor."""
+    if any(behaviour.name == "twins" for behaviour in spec.behaviours) or draw.random() >= rate:
         return spec
-    parameters = (("burst", draw.choice([1, 3])), ("rate", draw.choice([0.2, 1.0])))
+    drawn = parameters()
     start_ms = 0 if draw.random() < 0.5 else draw.randint(0, horizon)
-    return TraitorSpec(spec.replica_id, (*spec.behaviours, BehaviourSpec("old_window_flood", start_ms, parameters)))
+    return TraitorSpec(spec.replica_id, (*spec.behaviours, BehaviourSpec(name, start_ms, drawn)))
 
 
 def _add_behaviour(spec: TraitorSpec, seed: int, replica_count: int, horizon: int, clients: int) -> TraitorSpec:

@@ -642,6 +642,32 @@ class OldWindowFlood(Behaviour):
         return [*sends, *extra]
 
 
+class WithdrawnViewChange(Behaviour):
+    """After each VIEW-CHANGE of its own for view v, sends another for v + 1 that is well formed
+    but carries a prepared certificate whose pre-prepare is forged, so its receivers refuse it and
+    forget the one for v. Aimed at the NEW-VIEW timer: a replica whose quorum for v was complete
+    only with this traitor's VIEW-CHANGE once timed out alone into v + 1 (found by a review)."""
+
+    name = "withdrawn_view_change"
+
+    def __init__(self, start_ms: int = 0, rate: float = 1.0) -> None:
+        super().__init__(start_ms)
+        self.rate = rate
+
+    def outgoing(self, context: TraitorContext, sends: list[Send]) -> list[Send]:
+        result = []
+        for send in sends:
+            result.append(send)
+            message = send.message
+            if isinstance(message, ViewChange) and message.replica_id == context.replica_id and context.random.random() < self.rate:
+                sequence = message.checkpoint_sequence + 1
+                view = message.new_view
+                header = PrePrepareHeader(view, sequence, context.random_digest(), context.network.primary(view), bytes(64))
+                forged = PreparedCertificate(header, ())
+                result.append(Send(send.to, context.sign(message, new_view=view + 1, prepared=(forged,))))
+        return result
+
+
 class NonceReorder(Behaviour):
     """As primary, puts a client's later nonce ahead of its earlier one in a batch (so honest
     replicas sign 'bad nonce' for it), then slips that same transaction into a later batch."""
@@ -1036,6 +1062,7 @@ BEHAVIOURS: dict[str, Callable[..., Behaviour]] = {
         ForgedViewChange,
         ViewChangeFlood,
         OldWindowFlood,
+        WithdrawnViewChange,
         NonceReorder,
         ExtremeTimestamps,
         LyingBlockServer,

@@ -44,13 +44,16 @@ class ViewChangeProtocol:
         self._check_view_change_quorum()
         self._try_new_view()
 
+    def _view_change_askers(self) -> int:
+        """How many replicas asked for this view or a later one. A replica that already moved on
+        to a later view still asked for this one: count it, or lost messages could leave the
+        others short of a quorum for good."""
+        return sum(1 for view_change in self.latest_view_changes.values() if view_change.new_view >= self.view)
+
     def _check_view_change_quorum(self) -> None:
         if self.view_active or self.view_change_started_ms is not None:
             return
-        # A replica that already moved on to a later view still asked for this one: count it, or
-        # lost messages could leave the others short of a quorum for good.
-        asking = sum(1 for view_change in self.latest_view_changes.values() if view_change.new_view >= self.view)
-        if asking >= self.quorum:
+        if self._view_change_askers() >= self.quorum:
             self.view_change_started_ms = self.now_ms
 
     def _on_view_change(self, sender: int, message: ViewChange) -> None:
@@ -116,6 +119,13 @@ class ViewChangeProtocol:
             del self.latest_view_changes[replica_id]
             self._refuse_view_change(message)
             self._reject("invalid view-change", f"from replica {replica_id}: {problem}")
+            if self.view_change_started_ms is not None and self._view_change_askers() < self.quorum:
+                # It had counted toward the quorum that started the NEW-VIEW timer (as a far
+                # VIEW-CHANGE, counted unchecked, or one its signer replaced by this one): without
+                # it no quorum asked, and a traitor must not make a replica time out alone into a
+                # view the others never asked for. Its signer cannot do this twice for one view:
+                # everything it sends up to this view is ignored from now on.
+                self.view_change_started_ms = None
             return
         for certificate in message.prepared:
             self._check_prepared_conflicts(certificate)

@@ -304,3 +304,22 @@ def test_a_planted_forged_late_vote_is_forgotten_when_a_conflict_shows_it_and_th
     evidence = core.take_effects().evidence
     assert [item.key for item in evidence] == [(3, "prepare", 0, 1)]
     evidence[0].verify(NETWORK)
+
+
+def test_a_refused_view_change_that_had_completed_the_quorum_stops_the_new_view_timer() -> None:
+    """Found in a review: the NEW-VIEW timer, started once a quorum asked for a view, kept running
+    when one of those VIEW-CHANGEs was later refused (its signer, a traitor, replaced it by one
+    for the next view with a bad certificate). The replica then timed out alone into a view that
+    no quorum had asked for. Now the timer stops until a quorum asks again."""
+    core = new_core(2)
+    core.receive_message(3, view_change(new_view=1, replica=3, signer=3))
+    core.receive_message(0, view_change(new_view=1, replica=0, signer=0))  # f + 1 ask: 2 joins view 1
+    assert core.view == 1 and not core.view_active and core.view_change_started_ms is not None
+    bad_certificate = prepared_certificate(prepare_signers=((1, 1), (2, 3)))  # replica 2's PREPARE signed by 3
+    core.receive_message(3, view_change(new_view=2, prepared=(bad_certificate,), replica=3, signer=3))
+    assert core.counters == {"invalid view-change": 1} and 3 not in core.latest_view_changes
+    assert core.view_change_started_ms is None
+    core.tick(10 * NETWORK.protocol.view_change_timeout_ms)
+    assert core.view == 1  # still asking for view 1, not running ahead alone
+    core.receive_message(1, view_change(new_view=1, replica=1, signer=1))  # a quorum again
+    assert core.view_change_started_ms is not None
