@@ -120,11 +120,12 @@ class ViewChangeProtocol:
             self._refuse_view_change(message)
             self._reject("invalid view-change", f"from replica {replica_id}: {problem}")
             if self.view_change_started_ms is not None and self._view_change_askers() < self.quorum:
-                # It had counted toward the quorum that started the NEW-VIEW timer (as a far
-                # VIEW-CHANGE, counted unchecked, or one its signer replaced by this one): without
-                # it no quorum asked, and a traitor must not make a replica time out alone into a
-                # view the others never asked for. Its signer cannot do this twice for one view:
-                # everything it sends up to this view is ignored from now on.
+                # Its signer's previous VIEW-CHANGE, which this one replaced, had counted toward
+                # the quorum that started the NEW-VIEW timer (a far one counted unchecked is only
+                # checked when the view moves, before the quorum is counted): without it no quorum
+                # asked, and a traitor must not make a replica time out alone into a view the
+                # others never asked for. Its signer cannot do this twice for one view: everything
+                # it sends up to this view is ignored from now on.
                 self.view_change_started_ms = None
             return
         for certificate in message.prepared:
